@@ -1,0 +1,104 @@
+"""Orbax checkpoints of a training run: params, optimizer state, step and run metadata.
+
+Layout: ``<out>/checkpoints/<step>/{params,opt_state,meta}``. ``params`` and
+``opt_state`` (GaLore projectors included) are separate items so ``eval`` and
+``sample`` restore the weights alone; ``meta`` is JSON: the model and
+optimizer configuration, the tokenizer's vocabulary size and hash, the seed
+and the data position (the step: batches are a pure function of seed and
+step). A checkpoint that cannot be read, or that belongs to another model,
+optimizer or tokenizer, raises :class:`CheckpointError`; nothing falls back
+to a fresh start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable or incompatible with the requested run."""
+
+
+def checkpoint_dir(path: str) -> str:
+  """Accepts a run directory (``--out``) or its ``checkpoints`` folder."""
+  path = os.path.abspath(path)
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def manager(path: str, *, max_to_keep: int | None = 3, create: bool = True
+            ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  return ocp.CheckpointManager(checkpoint_dir(path), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:
+  """Saves synchronously: when this returns, the checkpoint is committed on disk."""
+  meta = dict(meta, format=CHECKPOINT_FORMAT, step=int(step))
+  mngr.save(
+      int(step),
+      args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta),
+      ),
+      force=True,
+  )
+  mngr.wait_until_finished()
+
+
+def latest_step(path: str) -> int | None:
+  d = checkpoint_dir(path)
+  if not os.path.isdir(d):
+    return None
+  return manager(d, create=False).latest_step()
+
+
+def read_meta(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """The step and metadata of the latest (or given) checkpoint under ``path``."""
+  d = checkpoint_dir(path)
+  if not os.path.isdir(d):
+    raise CheckpointError(f"no checkpoint directory at {path}")
+  mngr = manager(d, create=False)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no complete checkpoint under {d}")
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
+    raise CheckpointError(f"checkpoint {d}/{step} is unreadable (corrupt or incomplete): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+  if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+    raise CheckpointError(f"checkpoint {d}/{step} has no galore-jax metadata (format "
+                          f"{CHECKPOINT_FORMAT})")
+  return step, meta
+
+
+def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+  """Restores the items named in ``abstract`` (``params``, ``opt_state``) onto its shardings.
+
+  ``abstract`` holds ``jax.ShapeDtypeStruct`` trees (with ``sharding`` set) of
+  the state the current run expects; a shape or structure mismatch is a
+  :class:`CheckpointError` naming the checkpoint.
+  """
+  d = checkpoint_dir(path)
+  mngr = manager(d, create=False)
+  args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"checkpoint {d}/{step} could not be restored into this run's "
+                          f"state (corrupt, or saved by a different configuration): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+  for k, v in abstract.items():
+    got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), out[k])
+    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), v)
+    if got != want:
+      raise CheckpointError(f"checkpoint {d}/{step}: {k} does not match this run's shapes")
+  return {k: out[k] for k in abstract}

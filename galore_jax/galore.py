@@ -1,0 +1,537 @@
+"""GaLore as an optax ``GradientTransformation`` that wraps an inner optimizer.
+
+Zhao, Zhang, Chen, Wang, Anandkumar & Tian, "GaLore: Memory-Efficient LLM
+Training by Gradient Low-Rank Projection", ICML 2024 (arXiv 2403.03507).
+
+For each selected weight ``W`` (an ``M x N`` matrix, or a batch of them) with
+gradient ``G_t`` the transform keeps an orthonormal basis ``P`` of rank ``r``
+and computes
+
+    P      <- top-r singular vectors of G_t           when the leaf refreshes
+    R_t     = project(G_t, P)                           (r x N, M x r or r x r)
+    N_t     = inner(R_t)                                (e.g. Adam on R's shape)
+    update  = scale * project_back(N_t, P)              (M x N)
+
+so the inner optimizer's state lives in the ``r``-dimensional subspace:
+``M r + 2 N r`` numbers for Adam on a wide matrix instead of ``2 M N``.
+
+Why a wrapper and not a member of ``optax.chain``: ``chain`` initialises every
+member on the full parameter shapes, so an Adam placed after a projection
+would still allocate full-size moments. Here the inner optimizer is
+initialised on the low-rank shapes, so its state really is small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import projector as proj
+
+MOMENT_POLICIES = ("keep", "reproject", "reset")
+REFRESH_SCHEDULES = ("synchronous", "staggered")
+
+# (path, leaf) -> (row_axes, col_axes) or None for the default (last two axes).
+MatrixAxesFn = Callable[[tuple, jax.Array], "tuple[tuple[int, ...], tuple[int, ...]] | None"]
+
+
+class GaLoreState(NamedTuple):
+  """State of :func:`galore`; a plain pytree.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar); leaves refresh
+      their projector when ``count`` (before the increment) hits their cadence.
+    projectors: the parameter tree's structure with, at each projected leaf,
+      its basis (one array, or a ``(U, Vh)`` pair for ``proj_type="full"``),
+      and ``None`` at every leaf that is not projected.
+    inner_state: the inner optimizer's state, initialised on the low-rank
+      shapes.
+  """
+
+  count: jax.Array
+  projectors: Any
+  inner_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts about one projected leaf, all derived from its shape."""
+
+  path: str
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]  # transposes the leaf to batch + row + col axes
+  batch_shape: tuple[int, ...]
+  row_shape: tuple[int, ...]
+  col_shape: tuple[int, ...]
+  side: str
+  rank: int
+  offset: int  # refresh phase in [0, update_proj_gap)
+
+  @property
+  def m(self) -> int:
+    return math.prod(self.row_shape)
+
+  @property
+  def n(self) -> int:
+    return math.prod(self.col_shape)
+
+  def to_matrices(self, x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, self.perm).reshape(self.batch_shape + (self.m, self.n))
+
+  def from_matrices(self, x: jax.Array) -> jax.Array:
+    x = x.reshape(self.batch_shape + self.row_shape + self.col_shape)
+    return jnp.transpose(x, _inverse(self.perm))
+
+  def low_rank_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + proj.low_rank_shape(self.side, self.m, self.n, self.rank)
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+  inv = [0] * len(perm)
+  for i, p in enumerate(perm):
+    inv[p] = i
+  return tuple(inv)
+
+
+def _normalize_axes(axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  out = tuple(a % ndim if -ndim <= a < ndim else None for a in axes)
+  if not axes or None in out:
+    raise ValueError(f"matrix_axes for leaf {path}: {what} {axes} invalid for ndim {ndim}")
+  return out
+
+
+def _leaf_plans(params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_gap,
+                refresh_schedule) -> list[_Plan | None]:
+  """One plan per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips."""
+  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  selected = jax.tree_util.tree_structure(params).flatten_up_to(mask_tree)
+  plans: list[_Plan | None] = []
+  for (path, leaf), use in zip(leaves_with_path, selected, strict=True):
+    name = jax.tree_util.keystr(path)
+    if not use:
+      plans.append(None)
+      continue
+    shape = tuple(leaf.shape)
+    spec = matrix_axes(path, leaf) if matrix_axes is not None else None
+    if spec is None:
+      if len(shape) < 2:
+        raise ValueError(
+            f"galore mask selects leaf {name} of shape {shape}; projected leaves need "
+            "ndim >= 2 (exclude it from `mask`)")
+      rows, cols = (len(shape) - 2,), (len(shape) - 1,)
+    else:
+      rows = _normalize_axes(spec[0], len(shape), "row axes", name)
+      cols = _normalize_axes(spec[1], len(shape), "col axes", name)
+      if set(rows) & set(cols):
+        raise ValueError(f"matrix_axes for leaf {name}: row and col axes overlap")
+    batch = tuple(a for a in range(len(shape)) if a not in rows and a not in cols)
+    m = math.prod(shape[a] for a in rows)
+    n = math.prod(shape[a] for a in cols)
+    side = proj.resolve_side(proj_type, m, n)
+    r = rank
+    if rank > min(m, n):
+      # Rank above the matrix's own rank: keep every singular direction.
+      warnings.warn(
+          f"galore rank {rank} > min dimension {min(m, n)} of leaf {name} {shape}; "
+          f"clipped to {min(m, n)}", stacklevel=4)
+      r = min(m, n)
+    plans.append(_Plan(name, shape, batch + rows + cols, tuple(shape[a] for a in batch),
+                       tuple(shape[a] for a in rows), tuple(shape[a] for a in cols),
+                       side, r, 0))
+  active = [i for i, p in enumerate(plans) if p is not None]
+  if refresh_schedule == "staggered":
+    for j, i in enumerate(active):
+      plans[i] = dataclasses.replace(plans[i], offset=(j * update_proj_gap) // len(active))
+  return plans
+
+
+class _ParamsSlot:
+  """Stand-in for the parameter tree, to find where an inner state keeps per-parameter trees."""
+
+
+jax.tree_util.register_pytree_node(_ParamsSlot, lambda _: ((), None), lambda *_: _ParamsSlot())
+
+
+def _map_param_trees(inner, fn, state, *others):
+  """Applies ``fn(path, subtree, *other_subtrees)`` to each per-parameter tree of ``state``.
+
+  An inner optimizer's state holds copies of the parameter tree (Adam's ``mu``
+  and ``nu``) next to scalars (``count``). Initialising it on a childless
+  placeholder shows where those copies are, whatever the inner optimizer is.
+  """
+  try:
+    slots = inner.init(_ParamsSlot())
+  except Exception as e:  # noqa: BLE001 - re-raised with context
+    raise ValueError(
+        "moment_policy 'reproject'/'reset' needs an inner optimizer whose init only maps "
+        f"over the parameter tree; {type(e).__name__}: {e}") from e
+  is_slot = lambda x: isinstance(x, _ParamsSlot)
+
+  def visit(path, slot, value, *rest):
+    return fn(path, value, *rest) if is_slot(slot) else value
+
+  return jax.tree_util.tree_map_with_path(visit, slots, state, *others, is_leaf=is_slot)
+
+
+def _is_first_moment(path) -> bool:
+  last = path[-1] if path else None
+  return isinstance(last, jax.tree_util.GetAttrKey) and last.name == "mu"
+
+
+def _default_mask(params):
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def galore(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    mask: Any = None,
+    matrix_axes: MatrixAxesFn | None = None,
+    svd: str = "exact",
+    oversample: int = 8,
+    power_iters: int = 2,
+    refresh_schedule: str = "synchronous",
+    moment_policy: str = "keep",
+    projector_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  r"""Gradient Low-Rank Projection around an inner optimizer (Zhao et al., 2024).
+
+  For a selected leaf with gradient :math:`G_t \in \mathbb{R}^{M \times N}`:
+
+  .. math::
+    P &\leftarrow \mathrm{top}_r\,\mathrm{SVD}(G_t) \quad
+        \text{if } t \equiv o \pmod T \text{ or } t = 0 \\
+    R_t &= \mathrm{project}(G_t, P), \qquad
+    N_t = \mathrm{inner}(R_t), \qquad
+    \Delta_t = \alpha\,\mathrm{project\_back}(N_t, P)
+
+  with :math:`t` the update count before it is incremented, :math:`T` =
+  ``update_proj_gap``, :math:`\alpha` = ``scale`` and :math:`o` the leaf's
+  refresh offset (0 unless ``refresh_schedule="staggered"``). Leaves that
+  ``mask`` does not select go through ``inner`` at full shape, unprojected, so
+  one transform serves a whole model. The inner optimizer is initialised on
+  the low-rank shapes, so its moments really are low-rank.
+
+  Args:
+    inner: any optax transformation, applied in the low-rank space. It
+      receives ``params`` expressed in the same low-rank coordinates
+      (``project(W, P)``), so shape-aware inner transforms work; decay the
+      full weight *outside* the wrapper (``optax.add_decayed_weights`` after
+      it), as :func:`galore_adamw` does.
+    rank: target rank ``r``. A leaf whose matrix has ``min(M, N) < r`` uses
+      rank ``min(M, N)`` (a warning says so): every direction is kept and the
+      transform is the inner optimizer in a rotated basis.
+    update_proj_gap: ``T``, steps between projector refreshes of one leaf.
+    scale: ``alpha``, multiplies the back-projected update.
+    proj_type: ``"std"`` (reference default: project the smaller dimension;
+      ``M >= N`` keeps ``P = Vh[:r]``, else ``U[:, :r]``), ``"reverse_std"``
+      (the other one), ``"left"``, ``"right"`` or ``"full"`` (both sides,
+      ``r x r`` core). Applied to the matrix view given by ``matrix_axes``.
+    mask: pytree of bools (or a callable returning one) choosing the leaves to
+      project. Default: every leaf with ``ndim >= 2``.
+    matrix_axes: optional ``fn(path, leaf) -> (row_axes, col_axes)`` naming
+      which axes form the matrix (several axes are flattened into one, e.g.
+      ``((0,), (1, 2))`` for a kernel stored as ``(embed, heads, head_dim)``);
+      the remaining axes are batch axes with one projector per slice. Return
+      ``None`` for the default: the last two axes are the matrix and leading
+      axes (e.g. layers stacked for a scan) are batch axes. To reproduce a
+      torch ``(out, in)`` weight's choice for a Flax ``(in, out)`` kernel, use
+      ``((1,), (0,))``.
+    svd: ``"exact"`` (float32 SVD, as the reference) or ``"randomized"`` (a
+      randomized range finder with ``oversample`` extra columns and
+      ``power_iters`` subspace iterations; much cheaper when ``r << min(M, N)``).
+    refresh_schedule: ``"synchronous"`` refreshes every leaf at counts ``0, T,
+      2T, ...`` (reference). ``"staggered"`` gives the ``k``-th of ``L``
+      projected leaves the phase ``o = floor(k T / L)``: it refreshes at 0 and
+      at ``o, o + T, ...``, so each leaf still refreshes every ``T`` steps but
+      no single step pays for all SVDs.
+    moment_policy: what the inner state does when a leaf's basis changes.
+      ``"keep"`` (reference): moments stay as they are, now read in the new
+      basis. ``"reproject"``: the first moment ``mu`` (any state field named
+      ``mu``) is rotated into the new basis, ``mu <- project(project_back(mu,
+      P_old), P_new)`` (right side: ``mu P_old P_new^T``; left side:
+      ``P_new^T P_old mu``), which keeps the part of the old momentum that lies
+      in the new subspace; other per-parameter fields (``nu``) are kept, as a
+      second moment has no linear change of basis. ``"reset"``: every
+      per-parameter field of the inner state for that leaf is re-initialised.
+    projector_dtype: dtype to store projectors in; default the leaf's dtype
+      (the reference keeps them in the gradient dtype, so bf16 in pure-bf16
+      training). The SVD is always computed in float32.
+    seed: seed of the randomized SVD's test matrices (derived per leaf and
+      step, so no key lives in the state).
+
+  Faults: if a refresh sees a non-finite gradient, or the SVD returns
+  non-finite values (non-convergence), the leaf keeps its previous projector;
+  before its first successful refresh that is the initial basis (the first
+  ``r`` coordinate axes). The update itself is still computed from the given
+  gradient, so a non-finite gradient gives a non-finite update and inner
+  state; wrap the optimizer in ``optax.apply_if_finite`` to skip such steps
+  (the trainer does). The reference instead stores the NaN projector and
+  trains on zeros until the next refresh.
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`GaLoreState`.
+  """
+  if not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+  if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+    raise ValueError(f"update_proj_gap must be an integer >= 1, got {update_proj_gap!r}")
+  if proj_type not in proj.PROJ_TYPES:
+    raise ValueError(f"proj_type must be one of {proj.PROJ_TYPES}, got {proj_type!r}")
+  if svd not in proj.SVD_METHODS:
+    raise ValueError(f"svd must be one of {proj.SVD_METHODS}, got {svd!r}")
+  if refresh_schedule not in REFRESH_SCHEDULES:
+    raise ValueError(
+        f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}")
+  if moment_policy not in MOMENT_POLICIES:
+    raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {moment_policy!r}")
+  if oversample < 0 or power_iters < 0:
+    raise ValueError("oversample and power_iters must be >= 0")
+
+  def plans_for(tree) -> list[_Plan | None]:
+    mask_tree = _default_mask(tree) if mask is None else (mask(tree) if callable(mask) else mask)
+    return _leaf_plans(tree, mask_tree, rank=rank, proj_type=proj_type,
+                       matrix_axes=matrix_axes, update_proj_gap=update_proj_gap,
+                       refresh_schedule=refresh_schedule)
+
+  def low_rank_zeros(leaf, plan):
+    if plan is None:
+      return jnp.zeros_like(leaf)
+    return jnp.zeros(plan.low_rank_shape(), leaf.dtype)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    plans = plans_for(params)
+    projectors = [
+        None if plan is None else proj.safe_basis(
+            plan.batch_shape, plan.side, plan.m, plan.n, plan.rank,
+            projector_dtype or leaf.dtype)
+        for leaf, plan in zip(leaves, plans, strict=True)
+    ]
+    inner_params = treedef.unflatten(
+        [low_rank_zeros(x, p) for x, p in zip(leaves, plans, strict=True)])
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        projectors=treedef.unflatten(projectors),
+        inner_state=inner.init(inner_params),
+    )
+
+  def new_basis(g_mats, plan: _Plan, leaf_index: int, count):
+    if svd == "exact":
+      return proj.exact_basis(g_mats, plan.side, plan.rank)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count)
+    return proj.randomized_basis(g_mats, plan.side, plan.rank, key,
+                                 oversample=oversample, power_iters=power_iters)
+
+  def refreshed(g_mats, old, plan, leaf_index, count):
+    """The leaf's basis after this step, and whether it changed."""
+    due = (count == 0) | ((count >= plan.offset)
+                          & ((count - plan.offset) % update_proj_gap == 0))
+
+    def compute(_):
+      ok = jnp.all(jnp.isfinite(g_mats))
+      # LAPACK's SVD can loop forever on NaN input: decompose zeros instead and discard.
+      fresh = new_basis(jnp.where(ok, g_mats, 0), plan, leaf_index, count)
+      for b in jax.tree.leaves(fresh):
+        ok &= jnp.all(jnp.isfinite(b))
+      return jax.tree.map(lambda f, o: jnp.where(ok, f.astype(o.dtype), o), fresh, old), ok
+
+    # lax.cond runs only the taken branch, so steps without a refresh pay no SVD.
+    return jax.lax.cond(due, compute, lambda _: (old, jnp.asarray(False)), None)
+
+  def update_fn(updates, state, params=None):
+    leaves, treedef = jax.tree.flatten(updates)
+    plans = plans_for(updates)
+    old_bases = treedef.flatten_up_to(state.projectors)
+    param_leaves = None if params is None else treedef.flatten_up_to(params)
+    count = state.count
+
+    low_rank, low_rank_params, bases, changed = [], [], [], []
+    for i, (g, plan, old) in enumerate(zip(leaves, plans, old_bases, strict=True)):
+      if plan is None:
+        low_rank.append(g)
+        low_rank_params.append(None if param_leaves is None else param_leaves[i])
+        bases.append(None)
+        changed.append(jnp.asarray(False))
+        continue
+      g_mats = plan.to_matrices(g)
+      basis, did_change = refreshed(g_mats, old, plan, i, count)
+      low_rank.append(proj.project(g_mats, basis, plan.side))
+      if param_leaves is not None:
+        p_mats = plan.to_matrices(param_leaves[i]).astype(g.dtype)
+        low_rank_params.append(proj.project(p_mats, basis, plan.side))
+      bases.append(basis)
+      changed.append(did_change)
+
+    inner_state = state.inner_state
+    if moment_policy != "keep":
+      inner_state = _adjust_moments(inner_state, treedef, plans, old_bases, bases, changed)
+
+    inner_params = None if params is None else treedef.unflatten(low_rank_params)
+    low_rank_updates, inner_state = inner.update(
+        treedef.unflatten(low_rank), inner_state, inner_params)
+
+    out = []
+    for u, plan, basis, g in zip(treedef.flatten_up_to(low_rank_updates), plans, bases, leaves,
+                                 strict=True):
+      if plan is None:
+        out.append(u)
+      else:
+        full = proj.project_back(u, basis, plan.side) * scale
+        out.append(plan.from_matrices(full).astype(g.dtype))
+    new_state = GaLoreState(
+        count=optax.safe_int32_increment(count),
+        projectors=treedef.unflatten(bases),
+        inner_state=inner_state,
+    )
+    return treedef.unflatten(out), new_state
+
+  def _adjust_moments(inner_state, treedef, plans, old_bases, bases, changed):
+    def per_leaf(path, tree):
+      if moment_policy == "reproject" and not _is_first_moment(path):
+        return tree
+      subtrees = treedef.flatten_up_to(tree)
+      out = []
+      for sub, plan, old, new, flag in zip(subtrees, plans, old_bases, bases, changed,
+                                           strict=True):
+        if plan is None:
+          out.append(sub)
+        elif moment_policy == "reset":
+          out.append(jax.tree.map(lambda x: jnp.where(flag, jnp.zeros_like(x), x), sub))
+        else:
+          if not isinstance(sub, jax.Array) or sub.shape != plan.low_rank_shape():
+            raise ValueError(
+                f"moment_policy='reproject' needs the inner first moment of {plan.path} as a "
+                f"plain array of shape {plan.low_rank_shape()}, got {type(sub).__name__}")
+          rotated = proj.change_of_basis(sub, old, new, plan.side)
+          out.append(jnp.where(flag, rotated, sub))
+      return treedef.unflatten(out)
+
+    return _map_param_trees(inner, per_leaf, inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdamHFState(NamedTuple):
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam_hf(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
+                     ) -> optax.GradientTransformation:
+  r"""Adam with ``eps`` added before bias correction, as Hugging Face's / galore-torch's AdamW.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t} + \epsilon}
+
+  This equals ``optax.scale_by_adam`` with an effective ``eps / sqrt(1 - b2^t)``;
+  it is what makes :func:`galore_adamw` reproduce the reference's numbers.
+  Moments take the dtype of the updates they are initialised on.
+  """
+
+  def init_fn(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return ScaleByAdamHFState(jnp.zeros([], jnp.int32), zeros, zeros)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_int32_increment(state.count)
+    mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
+    nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+                      state.nu, updates)
+    t = count.astype(jnp.float32)
+    step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+    out = jax.tree.map(
+        lambda m, v: (step * m.astype(jnp.float32)
+                      / (jnp.sqrt(v.astype(jnp.float32)) + eps)).astype(m.dtype), mu, nu)
+    return out, ScaleByAdamHFState(count, mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decay_updated_weights(learning_rate: optax.ScalarOrSchedule, weight_decay: float,
+                          mask: Any = None) -> optax.GradientTransformation:
+  r"""Decoupled weight decay applied to the *updated* weight, as galore-torch's AdamW does.
+
+  Placed after the learning-rate scaling: with ``u`` the incoming (already
+  lr-scaled, negative) update, the result is ``u - lr_t * wd * (p + u)``, i.e.
+  ``p <- (p + u)(1 - lr_t wd)``. ``optax.add_decayed_weights`` decays the old
+  weight instead; the two differ by ``lr^2 wd |u|``.
+  """
+  if weight_decay == 0.0:
+    return optax.identity()
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("weight decay needs params; pass them to update()")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    out = jax.tree.map(lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype),
+                       updates, params)
+    return out, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  return tx if mask is None else optax.masked(tx, mask)
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    inner: optax.GradientTransformation | None = None,
+    **galore_kwargs,
+) -> optax.GradientTransformation:
+  """The reference ``GaLoreAdamW`` (galore-torch 1.0) as one optax transformation.
+
+  Projected leaves (``mask``, default every leaf with ``ndim >= 2``) get
+  Adam in the rank-``rank`` subspace, their update scaled by ``scale``; every
+  other leaf gets plain Adam with the same learning rate and no scale, as the
+  reference's second parameter group does. Adam adds ``eps`` before bias
+  correction (:func:`scale_by_adam_hf`) and weight decay multiplies the
+  updated weight (:func:`decay_updated_weights`), both as the reference does,
+  so its numbers are reproduced exactly (see ``tests/test_reference_parity.py``).
+  Defaults are the reference's and the paper's (eps 1e-6, alpha 0.25, T 200).
+
+  ``inner`` replaces the float32 Adam (e.g. :func:`galore_jax.scale_by_adam8bit`);
+  extra keyword arguments go to :func:`galore`.
+  """
+  inner = inner if inner is not None else scale_by_adam_hf(b1=b1, b2=b2, eps=eps)
+  return optax.chain(
+      galore(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+             proj_type=proj_type, mask=mask, **galore_kwargs),
+      optax.scale_by_learning_rate(learning_rate),
+      decay_updated_weights(learning_rate, weight_decay),
+  )
+
+
+def state_bytes(state) -> int:
+  """Bytes held by the arrays of an optimizer state (works on ``jax.eval_shape`` output)."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+

@@ -1,0 +1,453 @@
+"""A LLaMA-style decoder in Flax NNX, sized like the GaLore paper's models.
+
+The paper pretrains LLaMA-style decoders (RMSNorm, SwiGLU, RoPE, no biases,
+untied LM head, N(0, 0.02) init) from 60M to 7B parameters. This module
+rebuilds that architecture with three constraints that the rest of the
+project relies on:
+
+* **Per-layer parameter paths.** GaLore projects only the attention and MLP
+  kernels, and the per-layer update path needs one gradient per weight, so
+  the blocks are kept unrolled (no ``nnx.scan`` over stacked weights) and the
+  module attributes carry the Hugging Face names (``q_proj`` ... ``down_proj``).
+  A kernel therefore lives at a path such as
+  ``('layers', 0, 'attn', 'q_proj', 'kernel')`` and an optimizer mask can
+  select it by name.
+* **Hugging Face parity.** RoPE uses the "rotate_half" layout of
+  ``transformers``' LLaMA, so a ``LlamaForCausalLM`` state dict loads with a
+  plain transpose (torch stores ``(out, in)``, Flax stores ``(in, out)``).
+* **Explicit dtypes.** Parameters may be float32 or bfloat16 (the paper trains
+  pure bf16); the compute dtype is separate; RMSNorm statistics and the
+  logits are always float32 because bf16 there costs accuracy for no memory.
+
+Shape suffixes in variable names: B batch, L sequence length, D hidden size,
+F MLP intermediate size, H heads, K head dim, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+GALORE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Module names whose kernels GaLore projects (attention and MLP weights)."""
+
+_REMAT_MODES = ("none", "full", "save_matmuls")
+_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of the decoder.
+
+  ``max_seq_len`` bounds the sequence length the model accepts (the RoPE
+  positions it is meant for); longer inputs are rejected rather than silently
+  extrapolated. ``remat`` trades compute for activation memory per block:
+  ``"full"`` recomputes everything in the backward pass, ``"save_matmuls"``
+  keeps the outputs of the weight matmuls and recomputes the cheap
+  element-wise work and attention. ``attention_impl`` chooses the backend of
+  ``jax.nn.dot_product_attention``: ``"auto"`` asks for cuDNN fused attention
+  on a GPU with a 16-bit compute dtype (``jax.nn.dot_product_attention`` with
+  ``implementation=None`` always uses XLA) and falls back to XLA when cuDNN
+  refuses the call.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 512
+  intermediate_size: int = 1376
+  num_heads: int = 8
+  num_layers: int = 8
+  max_seq_len: int = 1024
+  rms_eps: float = 1e-6
+  rope_base: float = 10000.0
+  init_std: float = 0.02
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+  remat: str = "none"
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if self.remat not in _REMAT_MODES:
+      raise ValueError(f"unknown remat mode {self.remat!r}; choose from {_REMAT_MODES}")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(
+          f"unknown attention_impl {self.attention_impl!r}; choose from {_ATTENTION_IMPLS}"
+      )
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def _sized(*, hidden: int, intermediate: int, heads: int, layers: int) -> LlamaConfig:
+  return LlamaConfig(
+      hidden_size=hidden, intermediate_size=intermediate, num_heads=heads, num_layers=layers
+  )
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    # Not in the paper: a model small enough for CPU tests and smoke runs.
+    "llama_tiny": _sized(hidden=256, intermediate=688, heads=4, layers=4),
+    # The paper's pretraining sizes (see REFERENCE.md, "Pretraining setup").
+    "llama_60m": _sized(hidden=512, intermediate=1376, heads=8, layers=8),
+    "llama_130m": _sized(hidden=768, intermediate=2048, heads=12, layers=12),
+    "llama_350m": _sized(hidden=1024, intermediate=2736, heads=16, layers=24),
+    "llama_1b": _sized(hidden=2048, intermediate=5461, heads=32, layers=24),
+    "llama_7b": _sized(hidden=4096, intermediate=11008, heads=32, layers=32),
+}
+
+
+def get_config(name: str, **overrides: Any) -> LlamaConfig:
+  """Returns the named config, with fields replaced by ``overrides``.
+
+  Overrides are how run-time facts reach the model, e.g. ``vocab_size`` from
+  the tokenizer or ``param_dtype=jnp.bfloat16`` for pure-bf16 training.
+  """
+  if name not in CONFIGS:
+    raise ValueError(f"unknown model {name!r}; choose from {sorted(CONFIGS)}")
+  return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def param_count(config: LlamaConfig) -> int:
+  """Number of parameters, computed from the config without building a model.
+
+  Embedding and LM head (untied) are ``V*D`` each; every block has four
+  ``D*D`` attention kernels, three ``D*F`` MLP kernels and two norm scales;
+  the final norm adds ``D``.
+  """
+  d, v = config.hidden_size, config.vocab_size
+  per_block = 2 * d  # attn_norm and mlp_norm scales
+  total = 2 * v * d + d + config.num_layers * per_block
+  return total + galore_target_count(config)
+
+
+def galore_target_count(config: LlamaConfig) -> int:
+  """Number of parameters in the kernels GaLore projects (``GALORE_TARGETS``)."""
+  d, f = config.hidden_size, config.intermediate_size
+  return config.num_layers * (4 * d * d + 3 * d * f)
+
+
+def _normal_init(config: LlamaConfig):
+  return nnx.initializers.normal(stddev=config.init_std)
+
+
+def _linear(
+    in_features: int,
+    out_features: int,
+    config: LlamaConfig,
+    rngs: nnx.Rngs,
+    preferred_element_type: Any = None,
+) -> nnx.Linear:
+  """A bias-free projection; Flax stores its kernel as (in, out)."""
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=False,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      kernel_init=_normal_init(config),
+      preferred_element_type=preferred_element_type,
+      rngs=rngs,
+  )
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale (initialised to ones).
+
+  The mean of squares is taken in float32 whatever the compute dtype: in
+  bf16 the sum over a 4096-wide row loses enough precision to shift the
+  normalisation noticeably.
+  """
+
+  def __init__(self, dim: int, config: LlamaConfig):
+    self.eps = config.rms_eps
+    self.dtype = config.dtype
+    self.scale = nnx.Param(jnp.ones((dim,), dtype=config.param_dtype))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x32_BxLxD = x_BxLxD.astype(jnp.float32)
+    ms_BxLx1 = jnp.mean(jnp.square(x32_BxLxD), axis=-1, keepdims=True)
+    y32_BxLxD = x32_BxLxD * jax.lax.rsqrt(ms_BxLx1 + self.eps)
+    y32_BxLxD = y32_BxLxD * self.scale[...].astype(jnp.float32)
+    return y32_BxLxD.astype(self.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+  """Rotary tables, each (seq_len, head_dim) float32, in the rotate_half layout.
+
+  Frequency ``i`` rotates the pair (i, i + head_dim/2), not the interleaved
+  pair (2i, 2i+1): this is how Hugging Face's LLaMA arranges q/k, so its
+  weights need no permutation. The tables depend only on static shapes, so
+  XLA folds them into constants.
+  """
+  inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  pos_L = jnp.arange(seq_len, dtype=jnp.float32)
+  angle_LxK2 = pos_L[:, None] * inv_freq_K2[None, :]
+  angle_LxK = jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1)
+  return jnp.cos(angle_LxK), jnp.sin(angle_LxK)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+  """Rotates q or k by position; computed in float32, returned in x's dtype."""
+  x32_BxLxHxK = x_BxLxHxK.astype(jnp.float32)
+  half = x_BxLxHxK.shape[-1] // 2
+  x1, x2 = x32_BxLxHxK[..., :half], x32_BxLxHxK[..., half:]
+  rotated_BxLxHxK = jnp.concatenate([-x2, x1], axis=-1)
+  cos_1xLx1xK = cos_LxK[None, :, None, :]
+  sin_1xLx1xK = sin_LxK[None, :, None, :]
+  out_BxLxHxK = x32_BxLxHxK * cos_1xLx1xK + rotated_BxLxHxK * sin_1xLx1xK
+  return out_BxLxHxK.astype(x_BxLxHxK.dtype)
+
+
+def _use_cudnn(impl: str, dtype: Any, head_dim: int) -> bool:
+  if impl == "cudnn":
+    return True
+  if impl == "xla":
+    return False
+  # "auto": cuDNN's fused kernels take fp16/bf16 only and head dims up to 128.
+  return (
+      jax.default_backend() == "gpu"
+      and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+      and head_dim % 8 == 0
+      and head_dim <= 128
+  )
+
+
+def causal_attention(
+    q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, impl: str
+) -> jax.Array:
+  """Causal softmax attention through ``jax.nn.dot_product_attention``.
+
+  With ``impl="auto"`` a cuDNN call that is rejected while tracing (no cuDNN,
+  unsupported shape or dtype) falls back to XLA; ``impl="cudnn"`` lets the
+  error through so a user who asked for it learns why.
+  """
+  if _use_cudnn(impl, q_BxLxHxK.dtype, q_BxLxHxK.shape[-1]):
+    try:
+      return jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn"
+      )
+    except (ValueError, RuntimeError, NotImplementedError, TypeError):
+      if impl == "cudnn":
+        raise
+  return jax.nn.dot_product_attention(
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla"
+  )
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with RoPE.
+
+  q/k/v are separate (D, D) kernels rather than one fused (D, 3D) kernel:
+  GaLore's projector is chosen per matrix, and a fused matrix would share one
+  subspace across q, k and v (and change which side gets projected).
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d = config.hidden_size
+    self.num_heads = config.num_heads
+    self.head_dim = config.head_dim
+    self.rope_base = config.rope_base
+    self.impl = config.attention_impl
+    self.q_proj = _linear(d, d, config, rngs)
+    self.k_proj = _linear(d, d, config, rngs)
+    self.v_proj = _linear(d, d, config, rngs)
+    self.o_proj = _linear(d, d, config, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    b, seq_len, d = x_BxLxD.shape
+    h, k = self.num_heads, self.head_dim
+    q_BxLxHxK = self.q_proj(x_BxLxD).reshape(b, seq_len, h, k)
+    k_BxLxHxK = self.k_proj(x_BxLxD).reshape(b, seq_len, h, k)
+    v_BxLxHxK = self.v_proj(x_BxLxD).reshape(b, seq_len, h, k)
+    cos_LxK, sin_LxK = rope_cos_sin(seq_len, k, self.rope_base)
+    q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxK, sin_LxK)
+    k_BxLxHxK = apply_rope(k_BxLxHxK, cos_LxK, sin_LxK)
+    out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.impl)
+    return self.o_proj(out_BxLxHxK.reshape(b, seq_len, d))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = _linear(d, f, config, rngs)
+    self.up_proj = _linear(d, f, config, rngs)
+    self.down_proj = _linear(f, d, config, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    gate_BxLxF = jax.nn.silu(self.gate_proj(x_BxLxD))
+    up_BxLxF = self.up_proj(x_BxLxD)
+    return self.down_proj(gate_BxLxF * up_BxLxF)
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.hidden_size, config)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return x_BxLxD
+
+
+def _block_runner(remat: str):
+  """Returns ``run(block, x)``, wrapped in ``jax.checkpoint`` as ``remat`` asks.
+
+  The checkpointed function takes the block's parameters as an explicit
+  pytree (split / merge) instead of closing over the module: a block's forward
+  pass mutates nothing, and this keeps remat usable when the model itself is
+  captured by an outer ``jax.jit`` / ``jax.make_jaxpr`` rather than passed
+  through ``nnx.jit``.
+  """
+  if remat == "none":
+    return lambda block, x_BxLxD: block(x_BxLxD)
+  if remat == "full":
+    policy = None
+  else:  # "save_matmuls"
+    # Weight matmuls are (B, L, D) x (D, F) dot_generals without batch dims
+    # and are saved; attention's score / value products have batch dims and
+    # are recomputed together with the element-wise work.
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+  def run(block: DecoderBlock, x_BxLxD: jax.Array) -> jax.Array:
+    graphdef, state = nnx.split(block)
+
+    def apply(state, x_BxLxD):
+      return nnx.merge(graphdef, state)(x_BxLxD)
+
+    return jax.checkpoint(apply, policy=policy)(state, x_BxLxD)
+
+  return run
+
+
+class Llama(nnx.Module):
+  """The decoder: embed -> blocks -> final norm -> untied LM head.
+
+  Blocks are an unrolled ``nnx.List`` so each layer has its own parameter
+  path and gradient; compile time grows with depth, which is acceptable at
+  the paper's sizes (<= 32 layers).
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = nnx.Embed(
+        config.vocab_size,
+        config.hidden_size,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        embedding_init=_normal_init(config),
+        rngs=rngs,
+    )
+    self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config)
+    # bf16 inputs with a float32 result keep the softmax / cross-entropy
+    # accurate without materialising a float32 copy of the (D, V) head.
+    self.lm_head = _linear(
+        config.hidden_size, config.vocab_size, config, rngs, preferred_element_type=jnp.float32
+    )
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    """Maps int tokens (B, L) to float32 next-token logits (B, L, V)."""
+    cfg = self.config
+    seq_len = tokens_BxL.shape[1]
+    if seq_len > cfg.max_seq_len:
+      raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {cfg.max_seq_len}")
+    run_block = _block_runner(cfg.remat)
+    x_BxLxD = self.embed(tokens_BxL)
+    for block in self.layers:
+      x_BxLxD = run_block(block, x_BxLxD)
+    x_BxLxD = self.final_norm(x_BxLxD)
+    logits_BxLxV = self.lm_head(x_BxLxD)
+    return logits_BxLxV.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# Hugging Face weights.
+
+
+def _hf_mapping(config: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
+  """HF state-dict key -> (our parameter path, whether to transpose)."""
+  mapping: dict[str, tuple[tuple[Any, ...], bool]] = {
+      "model.embed_tokens.weight": (("embed", "embedding"), False),
+      "model.norm.weight": (("final_norm", "scale"), False),
+      "lm_head.weight": (("lm_head", "kernel"), True),
+  }
+  for i in range(config.num_layers):
+    hf = f"model.layers.{i}"
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      mapping[f"{hf}.self_attn.{name}.weight"] = (("layers", i, "attn", name, "kernel"), True)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      mapping[f"{hf}.mlp.{name}.weight"] = (("layers", i, "mlp", name, "kernel"), True)
+    mapping[f"{hf}.input_layernorm.weight"] = (("layers", i, "attn_norm", "scale"), False)
+    mapping[f"{hf}.post_attention_layernorm.weight"] = (("layers", i, "mlp_norm", "scale"), False)
+  return mapping
+
+
+def _get_variable(model: Llama, path: tuple[Any, ...]) -> nnx.Variable:
+  node: Any = model
+  for key in path:
+    node = node[key] if isinstance(key, int) else getattr(node, key)
+  return node
+
+
+def _abbrev(keys: list[str], limit: int = 8) -> str:
+  return f"{keys[:limit]}{f' ... ({len(keys)} in all)' if len(keys) > limit else ''}"
+
+
+def load_hf_weights(model: Llama, state_dict: Mapping[str, np.ndarray]) -> None:
+  """Copies a Hugging Face ``LlamaForCausalLM`` state dict into ``model`` in place.
+
+  Linear weights are transposed from torch's (out, in) to Flax's (in, out);
+  RoPE needs no permutation because both sides use the rotate_half layout.
+  Everything is checked before anything is written, so a failed load leaves
+  the model untouched. Rotary ``inv_freq`` buffers are ignored (they are
+  recomputed); any other unknown key is an error, since it means the two
+  architectures differ (bias terms, more layers, ...).
+  """
+  mapping = _hf_mapping(model.config)
+  missing = sorted(k for k in mapping if k not in state_dict)
+  if missing:
+    hint = ""
+    if "lm_head.weight" in missing:
+      hint = " (a tied-embedding checkpoint has no lm_head.weight; this model is untied)"
+    raise ValueError(f"missing keys in state dict{hint}: {_abbrev(missing)}")
+  unexpected = sorted(
+      k for k in state_dict if k not in mapping and not k.endswith("rotary_emb.inv_freq")
+  )
+  if unexpected:
+    raise ValueError(f"unexpected keys in state dict: {_abbrev(unexpected)}")
+
+  updates: list[tuple[nnx.Variable, jax.Array]] = []
+  for hf_key, (path, transpose) in mapping.items():
+    value = np.asarray(state_dict[hf_key])
+    if transpose:
+      value = value.T
+    variable = _get_variable(model, path)
+    current = variable[...]
+    if value.shape != current.shape:
+      raise ValueError(
+          f"shape mismatch for {hf_key} -> {'.'.join(map(str, path))}: "
+          f"got {tuple(value.shape)}{' after transpose' if transpose else ''}, "
+          f"model has {tuple(current.shape)}"
+      )
+    updates.append((variable, jnp.asarray(value, dtype=current.dtype)))
+  for variable, value in updates:
+    variable[...] = value

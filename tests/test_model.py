@@ -1,0 +1,378 @@
+"""Tests of the LLaMA decoder in galore_jax.model (CPU, tiny sizes)."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+
+from galore_jax import model as M
+
+VOCAB = 97  # deliberately odd: catches V/D mix-ups in shapes.
+
+
+def _tiny(**overrides):
+  """A 2-layer, 64-wide model: compiles in about a second on CPU."""
+  base = dict(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_heads=4, num_layers=2,
+      max_seq_len=32,
+  )
+  base.update(overrides)
+  return M.get_config("llama_tiny", **base)
+
+
+def _tokens(batch=2, seq=16, seed=0, vocab=VOCAB):
+  return jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab, dtype=jnp.int32)
+
+
+def _flat_params(model):
+  return {path: v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _loss(model, tokens_BxL):
+  """Next-token cross-entropy; returns the logits as aux."""
+  logits_BxLxV = model(tokens_BxL)
+  logp = jax.nn.log_softmax(logits_BxLxV[:, :-1], axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1))
+  return loss, logits_BxLxV
+
+
+# XLA's CPU backend optimisations cost ~2x compile time and buy nothing at these
+# sizes; set per function so that other test files are unaffected.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
+def _fwd_bwd_jit(graphdef, params, tokens_BxL):
+  def loss_fn(p):
+    return _loss(nnx.merge(graphdef, p), tokens_BxL)
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, logits, grads
+
+
+def _fwd_bwd(model, tokens_BxL):
+  """(loss, logits, param grads); compiled once per model config and shape."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  return _fwd_bwd_jit(graphdef, params, tokens_BxL)
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
+def _forward_jit(graphdef, params, tokens_BxL):
+  return nnx.merge(graphdef, params)(tokens_BxL)
+
+
+def _forward(model, tokens_BxL):
+  """model(tokens) compiled once per config and shape (eager op-by-op is slower on CPU)."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  return _forward_jit(graphdef, params, tokens_BxL)
+
+
+@functools.cache
+def _graphdef(config):
+  return nnx.graphdef(nnx.eval_shape(lambda: M.Llama(config, rngs=nnx.Rngs(0))))
+
+
+@functools.cache
+def _init_fn(config):
+  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+  def init(key):
+    return nnx.state(M.Llama(config, rngs=nnx.Rngs(key)), nnx.Param)
+
+  return init
+
+
+def _model(config=None, seed=0):
+  """A fresh Llama (its own Variables) without an eager, op-by-op init.
+
+  remat / max_seq_len do not change the parameters, so every variant of a
+  config shares one compiled initialiser (and gets identical weights per seed).
+  """
+  config = config or _tiny()
+  params_config = dataclasses.replace(config, remat="none", max_seq_len=32)
+  params = _init_fn(params_config)(jax.random.key(seed))
+  return nnx.merge(_graphdef(config), params)
+
+
+def _export_hf(model):
+  """Our params as a Hugging Face-named numpy state dict (the inverse of load_hf_weights)."""
+  sd = {
+      "model.embed_tokens.weight": np.asarray(model.embed.embedding[...]),
+      "model.norm.weight": np.asarray(model.final_norm.scale[...]),
+      "lm_head.weight": np.asarray(model.lm_head.kernel[...]).T,
+  }
+  for i, block in enumerate(model.layers):
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      sd[f"model.layers.{i}.self_attn.{name}.weight"] = np.asarray(
+          getattr(block.attn, name).kernel[...]).T
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      sd[f"model.layers.{i}.mlp.{name}.weight"] = np.asarray(getattr(block.mlp, name).kernel[...]).T
+    sd[f"model.layers.{i}.input_layernorm.weight"] = np.asarray(block.attn_norm.scale[...])
+    sd[f"model.layers.{i}.post_attention_layernorm.weight"] = np.asarray(block.mlp_norm.scale[...])
+  return sd
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_named_configs_match_the_paper_table():
+  expected = {
+      "llama_tiny": (256, 688, 4, 4),
+      "llama_60m": (512, 1376, 8, 8),
+      "llama_130m": (768, 2048, 12, 12),
+      "llama_350m": (1024, 2736, 16, 24),
+      "llama_1b": (2048, 5461, 32, 24),
+      "llama_7b": (4096, 11008, 32, 32),
+  }
+  assert set(M.CONFIGS) == set(expected)
+  for name, (d, f, h, n) in expected.items():
+    c = M.get_config(name)
+    assert (c.hidden_size, c.intermediate_size, c.num_heads, c.num_layers) == (d, f, h, n)
+    assert c.vocab_size == 32000 and c.rms_eps == 1e-6 and c.rope_base == 10000.0
+    assert c.init_std == 0.02
+    assert c.head_dim == d // h
+
+
+def test_get_config_overrides_and_unknown_name():
+  c = M.get_config("llama_60m", vocab_size=32100, remat="full")
+  assert c.vocab_size == 32100 and c.remat == "full" and c.hidden_size == 512
+  assert M.CONFIGS["llama_60m"].vocab_size == 32000  # the registry is not mutated
+  with pytest.raises(ValueError, match="unknown model 'llama_3b'; choose from"):
+    M.get_config("llama_3b")
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="remat"):
+    M.get_config("llama_tiny", remat="some")
+  with pytest.raises(ValueError, match="divisible"):
+    M.get_config("llama_tiny", num_heads=3)
+  with pytest.raises(ValueError, match="attention_impl"):
+    M.get_config("llama_tiny", attention_impl="flash")
+
+
+# ------------------------------------------------------------ param counts
+
+
+# (params, GaLore-targeted) in millions, from the paper's table (REFERENCE.md).
+PAPER_COUNTS = {
+    "llama_60m": (58.1, 25.3),
+    "llama_130m": (134.1, 84.9),
+    "llama_350m": (368.0, 302.4),
+    "llama_1b": (1339.1, 1207.9),
+    "llama_7b": (6738.4, 6476.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+def test_param_count_matches_paper(name):
+  cfg = M.get_config(name)
+  total_m, target_m = PAPER_COUNTS[name]
+  assert round(M.param_count(cfg) / 1e6, 1) == total_m
+  assert round(M.galore_target_count(cfg) / 1e6, 1) == target_m
+
+
+@pytest.mark.parametrize("name", ["llama_tiny", "llama_60m"])
+def test_param_count_matches_abstract_model(name):
+  """The analytic count equals the shapes of a model built abstractly (no memory)."""
+  cfg = M.get_config(name)
+  abstract = nnx.eval_shape(lambda: M.Llama(cfg, rngs=nnx.Rngs(0)))
+  params = _flat_params(abstract)
+  assert sum(int(np.prod(v.shape)) for v in params.values()) == M.param_count(cfg)
+  targets = sum(
+      int(np.prod(v.shape))
+      for path, v in params.items()
+      if any(t in path for t in M.GALORE_TARGETS)
+  )
+  assert targets == M.galore_target_count(cfg)
+
+
+def test_param_count_matches_real_tiny_model():
+  cfg = _tiny()
+  model = _model(cfg)
+  params = _flat_params(model)
+  assert sum(v.size for v in params.values()) == M.param_count(cfg)
+  targets = sum(v.size for path, v in params.items() if any(t in path for t in M.GALORE_TARGETS))
+  assert targets == M.galore_target_count(cfg)
+
+
+# -------------------------------------------------------- structure / init
+
+
+def test_param_paths_shapes_and_init():
+  cfg = _tiny()
+  model = _model(cfg)
+  params = _flat_params(model)
+  d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  expected_shapes = {("embed", "embedding"): (v, d), ("final_norm", "scale"): (d,),
+                     ("lm_head", "kernel"): (d, v)}
+  for i in range(cfg.num_layers):
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      expected_shapes[("layers", i, "attn", name, "kernel")] = (d, d)
+    expected_shapes[("layers", i, "mlp", "gate_proj", "kernel")] = (d, f)  # (in, out)
+    expected_shapes[("layers", i, "mlp", "up_proj", "kernel")] = (d, f)
+    expected_shapes[("layers", i, "mlp", "down_proj", "kernel")] = (f, d)
+    expected_shapes[("layers", i, "attn_norm", "scale")] = (d,)
+    expected_shapes[("layers", i, "mlp_norm", "scale")] = (d,)
+  assert {p: tuple(x.shape) for p, x in params.items()} == expected_shapes
+  assert M.GALORE_TARGETS == (
+      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+  for path, x in params.items():
+    chex.assert_type(x, jnp.float32)
+    if path[-1] == "scale":
+      np.testing.assert_array_equal(x, 1.0)
+    else:  # every matrix, the embedding included, is N(0, 0.02)
+      assert abs(float(jnp.mean(x))) < 0.004, path
+      assert 0.017 < float(jnp.std(x)) < 0.023, path
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_output_shape_and_dtype():
+  model = _model()
+  logits = _forward(model, _tokens())
+  chex.assert_shape(logits, (2, 16, VOCAB))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_tree_all_finite(logits)
+  # Any batch / length up to max_seq_len (shape only: traced, not compiled).
+  out = jax.eval_shape(lambda t: model(t), jax.ShapeDtypeStruct((3, 32), jnp.int32))
+  assert out.shape == (3, 32, VOCAB) and out.dtype == jnp.float32
+
+
+def test_causality():
+  model = _model()
+  tokens = _tokens()
+  j = 9
+  changed = tokens.at[:, j].set((tokens[:, j] + 1) % VOCAB)
+  a, b = _forward(model, tokens), _forward(model, changed)
+  np.testing.assert_array_equal(a[:, :j], b[:, :j])  # the past does not see the future
+  assert float(jnp.max(jnp.abs(a[:, j:] - b[:, j:]))) > 1e-4  # the change is visible later
+
+
+def test_position_matters():
+  """RoPE is applied: the same token and prefix pattern at another position differs."""
+  model = _model()
+  tokens = jnp.tile(jnp.array([5, 7], jnp.int32), (2, 8))  # (2, 16): 5 7 5 7 ...
+  logits = _forward(model, tokens)
+  assert float(jnp.max(jnp.abs(logits[0, 2] - logits[0, 10]))) > 1e-5
+
+
+def test_too_long_sequence_is_an_error():
+  model = _model(_tiny(max_seq_len=8))
+  forward_shape = lambda seq: jax.eval_shape(
+      lambda t: model(t), jax.ShapeDtypeStruct((2, seq), jnp.int32))
+  forward_shape(8)  # exactly max_seq_len is fine
+  with pytest.raises(ValueError, match=r"seq_len 9.*max_seq_len 8"):
+    forward_shape(9)
+
+
+def test_bf16_params():
+  cfg16 = _tiny(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  abstract16 = nnx.eval_shape(lambda: M.Llama(cfg16, rngs=nnx.Rngs(0)))
+  for path, x in _flat_params(abstract16).items():
+    assert x.dtype == jnp.bfloat16, path  # initialised directly in bf16, no f32 copy
+  # Same weights (rounded to bf16) in both; then the logits agree to bf16 accuracy.
+  m32 = _model()
+  m16 = nnx.merge(
+      nnx.graphdef(abstract16),
+      jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32, nnx.Param)),
+  )
+  tokens = _tokens()
+  l32 = _forward(m32, tokens)
+  loss16, l16, grads16 = _fwd_bwd(m16, tokens)
+  chex.assert_type(l16, jnp.float32)
+  chex.assert_tree_all_finite((l16, loss16, grads16))
+  assert float(jnp.max(jnp.abs(l16 - l32))) < 0.02 * float(jnp.max(jnp.abs(l32))) + 0.01
+  for g in jax.tree.leaves(grads16):
+    chex.assert_type(g, jnp.bfloat16)
+
+
+def test_remat_modes_give_same_logits_and_grads():
+  tokens = _tokens()
+  base_loss, base_logits, base_grads = _fwd_bwd(_model(), tokens)
+  for mode in ("full", "save_matmuls"):
+    loss, logits, grads = _fwd_bwd(_model(_tiny(remat=mode)), tokens)
+    np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-5)
+    chex.assert_trees_all_close(grads, base_grads, rtol=1e-4, atol=1e-6)
+
+
+def _saved_matmul_outputs(remat, capsys):
+  """How many matmul results the backward pass keeps from the forward pass (traced only)."""
+  graphdef, state = nnx.split(_model(_tiny(remat=remat)))
+  capsys.readouterr()
+  print_saved_residuals(lambda s, t: jnp.mean(nnx.merge(graphdef, s)(t)), state, _tokens())
+  return capsys.readouterr().out.count("output of dot_general")
+
+
+def test_remat_policies_change_what_is_saved(capsys):
+  none = _saved_matmul_outputs("none", capsys)
+  full = _saved_matmul_outputs("full", capsys)
+  save_matmuls = _saved_matmul_outputs("save_matmuls", capsys)
+  assert full == 0  # everything inside a block is recomputed
+  # q, k, v, o, gate, up per layer at least (down feeds the residual sum, saved anyway)
+  assert save_matmuls >= 6 * _tiny().num_layers
+  assert none > 0  # without remat some matmul results are needed by the backward pass
+
+
+def test_remat_works_when_model_is_captured_by_jax_transforms():
+  """Tracing a closure over the model (jax.jit / make_jaxpr, not nnx.jit) works with remat."""
+  model = _model(_tiny(remat="full"))
+  jaxpr = jax.make_jaxpr(lambda t: model(t))(_tokens())
+  names = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+  assert any("remat" in n or "checkpoint" in n for n in names), names
+
+
+def test_per_layer_gradients_are_nonzero():
+  model = _model()
+  _, _, grads = _fwd_bwd(model, _tokens())
+  for path, g in nnx.to_flat_state(grads):
+    assert float(jnp.max(jnp.abs(g))) > 0, path
+
+
+# ---------------------------------------------------------- HF weight loading
+
+
+def test_load_hf_weights_round_trip():
+  src = _model(seed=1)
+  dst = _model(seed=2)
+  tokens = _tokens()
+  assert float(jnp.max(jnp.abs(_forward(src, tokens) - _forward(dst, tokens)))) > 1e-3
+  sd = _export_hf(src)
+  sd["model.rotary_emb.inv_freq"] = np.zeros(8, np.float32)  # buffers are ignored
+  M.load_hf_weights(dst, sd)
+  np.testing.assert_array_equal(_forward(src, tokens), _forward(dst, tokens))
+
+
+def test_load_hf_weights_errors_leave_model_untouched():
+  model = _model()
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  good = _export_hf(_model(seed=3))
+
+  missing = dict(good)
+  del missing["model.layers.1.mlp.down_proj.weight"]
+  with pytest.raises(ValueError, match="missing keys.*layers.1.mlp.down_proj"):
+    M.load_hf_weights(model, missing)
+
+  no_head = dict(good)
+  del no_head["lm_head.weight"]
+  with pytest.raises(ValueError, match="tied"):
+    M.load_hf_weights(model, no_head)
+
+  bad_shape = dict(good)
+  bad_shape["model.layers.0.mlp.gate_proj.weight"] = good["model.layers.0.mlp.gate_proj.weight"].T
+  with pytest.raises(ValueError, match="shape mismatch.*gate_proj"):
+    M.load_hf_weights(model, bad_shape)
+
+  extra = dict(good)
+  extra["model.layers.2.self_attn.q_proj.weight"] = good["model.layers.0.self_attn.q_proj.weight"]
+  with pytest.raises(ValueError, match="unexpected keys"):
+    M.load_hf_weights(model, extra)
+
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, nnx.state(model, nnx.Param)), before)

@@ -1,0 +1,139 @@
+"""galore_adamw against the reference galore-torch GaLoreAdamW, number for number.
+
+Needs the `reference` extra (torch, galore-torch); skipped with a reason without it.
+"""
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_jax
+import galore_jax.projector
+
+pytestmark = pytest.mark.reference
+torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[reference]'")
+
+
+def _load_reference():
+  """Imports galore_torch.adamw without the package __init__ (which needs bitsandbytes)."""
+  spec = importlib.util.find_spec("galore_torch")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("needs galore-torch: pip install -e '.[reference]'")
+  if "galore_torch" not in sys.modules:
+    pkg = types.ModuleType("galore_torch")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["galore_torch"] = pkg
+  adamw = importlib.import_module("galore_torch.adamw")
+  projector = importlib.import_module("galore_torch.galore_projector")
+  return adamw.AdamW, projector.GaLoreProjector
+
+
+def _canonical(x, axis):
+  """Same sign rule as galore_jax.projector.canonicalize_signs, in torch."""
+  idx = torch.argmax(torch.abs(x), dim=axis, keepdim=True)
+  peak = torch.gather(x, axis, idx)
+  return x * torch.where(peak < 0, -1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def reference(request):
+  adamw_cls, projector_cls = _load_reference()
+  original = projector_cls.get_orthogonal_matrix
+
+  def patched(self, weights, rank, type):  # noqa: A002 - the reference's argument name
+    out = original(self, weights, rank, type)
+    if type == "right":
+      return _canonical(out, 1)
+    if type == "left":
+      return _canonical(out, 0)
+    return [_canonical(out[0], 0), _canonical(out[1], 1)]
+
+  projector_cls.get_orthogonal_matrix = patched
+  request.addfinalizer(lambda: setattr(projector_cls, "get_orthogonal_matrix", original))
+  return adamw_cls
+
+
+SHAPES = {"tall": (48, 24), "wide": (24, 40), "square": (32, 32), "stack_free_bias": (24,)}
+
+
+def _gradients(steps, seed=0):
+  """A gradient sequence with a decaying spectrum, so the top-r subspace is well separated."""
+  rng = np.random.default_rng(seed)
+  seq = []
+  for _ in range(steps):
+    g = {}
+    for name, shape in SHAPES.items():
+      if len(shape) == 1:
+        g[name] = rng.normal(size=shape).astype(np.float32)
+        continue
+      m, n = shape
+      k = min(m, n)
+      u, _ = np.linalg.qr(rng.normal(size=(m, k)))
+      v, _ = np.linalg.qr(rng.normal(size=(n, k)))
+      s = 2.0 ** -np.arange(k, dtype=np.float64) * 3 + 1e-3
+      g[name] = ((u * s) @ v.T).astype(np.float32)
+    seq.append(g)
+  return seq
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+def test_matches_galore_torch(reference, proj_type):
+  steps, rank, gap, wd = 11, 6, 4, 0.1  # refreshes at 0, 4, 8: three of them
+  sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, steps, 1e-3)
+  grads = _gradients(steps)
+  rng = np.random.default_rng(1)
+  init = {k: rng.normal(size=s).astype(np.float32) * 0.1 for k, s in SHAPES.items()}
+
+  # Reference: matrices in a GaLore group, the bias in a plain group, as torchrun_main does.
+  tparams = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in init.items()}
+  matrices = [tparams[k] for k, s in SHAPES.items() if len(s) == 2]
+  groups = [
+      {"params": [tparams["stack_free_bias"]]},
+      {"params": matrices, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
+       "proj_type": proj_type},
+  ]
+  opt = reference(groups, lr=1.0, weight_decay=wd, no_deprecation_warning=True)
+  for t, g in enumerate(grads):
+    for group in opt.param_groups:
+      group["lr"] = float(sched(t))
+    for k, p in tparams.items():
+      p.grad = torch.tensor(g[k])
+    opt.step()
+  expected = {k: p.detach().numpy() for k, p in tparams.items()}
+
+  tx = galore_jax.galore_adamw(sched, rank=rank, update_proj_gap=gap, scale=0.25,
+                               proj_type=proj_type, weight_decay=wd)
+  params = jax.tree.map(jnp.asarray, init)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for g in grads:
+    params, state = step(params, state, jax.tree.map(jnp.asarray, g))
+
+  for k in SHAPES:
+    change = np.max(np.abs(expected[k] - init[k]))
+    err = np.max(np.abs(np.asarray(params[k]) - expected[k]))
+    assert change > 1e-3, k  # the comparison is about a real trajectory
+    assert err / change <= 1e-4, f"{proj_type}/{k}: rel err {err / change:.2e}"
+
+
+@pytest.mark.parametrize("name", ["tall", "wide", "square"])
+def test_basis_equals_torch_svd_after_canonicalisation(name):
+  """Both SVDs agree up to sign; the canonical sign rule makes them identical."""
+  g = _gradients(1)[0][name]
+  u_t, _, vh_t = torch.linalg.svd(torch.tensor(g), full_matrices=False)
+  right = galore_jax.projector.exact_basis(jnp.asarray(g), "right", 6)
+  left = galore_jax.projector.exact_basis(jnp.asarray(g), "left", 6)
+  np.testing.assert_allclose(np.asarray(right), _canonical(vh_t[:6], 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(left), _canonical(u_t[:, :6], 0).numpy(), atol=1e-5)
