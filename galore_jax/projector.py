@@ -2,7 +2,7 @@
 
 Everything here works on a batch of matrices ``x_...xMxN`` (any number of
 leading batch axes), so weights stacked for a scan over layers get one
-projector per slice. The optimizer wrapper in ``galore.py`` decides *when* to
+projector per slice. The optimizer wrapper in ``optimizer.py`` decides *when* to
 call these functions; this module only says *how*.
 
 Sides (Zhao et al. 2024, Sec. 4; reference ``GaLoreProjector``):

@@ -11,7 +11,7 @@ import pytest
 
 import galore_jax
 from galore_jax import projector as proj
-from galore_jax.galore import galore, scale_by_adam_hf
+from galore_jax.optimizer import galore, scale_by_adam_hf
 
 PARAMS = {
     "tall": jnp.zeros((24, 8)),

@@ -1,0 +1,693 @@
+"""Pretraining loop: one jit-compiled, sharded train step and the host loop around it.
+
+The state is three pytrees, ``params`` (a plain dict of the Flax NNX model's
+parameters), ``opt_state`` and ``step``; the model's graph definition is static
+and merged back inside the step (``nnx.merge``), so the step is a pure function
+compiled once. The same code runs on one device and on a ``data x fsdp``
+``jax.sharding.Mesh``: batches are split over both axes, parameters and every
+optimizer-state array (GaLore projectors included) over ``fsdp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from galore_jax import adam8bit, checkpoint, data, metrics
+from galore_jax import optimizer as galore
+from galore_jax import model as model_lib
+
+OPTIMIZERS = ("adamw", "galore_adamw", "adamw8bit", "galore_adamw8bit")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+  """A bad flag value; ``flag`` names it for the CLI's one-line error."""
+
+  def __init__(self, flag: str, message: str):
+    super().__init__(f"{flag}: {message}")
+    self.flag = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run depends on. Defaults: the main job (llama_tiny, GaLore, bundled corpus)."""
+
+  model: str = "llama_tiny"
+  optimizer: str = "galore_adamw"
+  rank: int = 64
+  update_proj_gap: int = 50  # the paper uses 200 over 10K+ steps; 50 refreshes the short main job 3 times
+  galore_scale: float = 0.25
+  svd: str = "exact"
+  refresh_schedule: str = "synchronous"
+  lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for full-rank Adam
+  warmup: int | None = None  # None: 10% of steps (paper)
+  min_lr_ratio: float = 0.1
+  steps: int = 150
+  batch_size: int = 8
+  seq_len: int = 128
+  grad_accum: int = 1
+  grad_clip: float = 0.0  # 0: off (the paper clips nothing at <= 1B)
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  data: str = "builtin"
+  tokenizer: str | None = None
+  packing: bool = True
+  eval_every: int = 50
+  eval_batches: int = 16
+  save_every: int = 100
+  log_every: int = 1
+  seed: int = 0
+  out: str | None = None  # None: runs/<model>_<optimizer>_<timestamp>
+  resume: bool = False
+  stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
+  mesh: str | None = None  # "data=N,fsdp=M"
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+  max_nonfinite: int = 20  # consecutive skipped steps before the run stops with an error
+  progress: bool = True
+
+  @property
+  def is_galore(self) -> bool:
+    return self.optimizer.startswith("galore")
+
+  @property
+  def peak_lr(self) -> float:
+    if self.lr is not None:
+      return self.lr
+    return 0.01 if self.is_galore else 1e-3
+
+  @property
+  def warmup_steps(self) -> int:
+    return self.warmup if self.warmup is not None else self.steps // 10
+
+
+# ---------------------------------------------------------------------------
+# Validation: every bad value is a ConfigError naming its flag.
+
+
+def parse_mesh(spec: str | None) -> tuple[int, int]:
+  """``"data=2,fsdp=4"`` -> (2, 4); ``None`` -> (1, 1)."""
+  if not spec:
+    return 1, 1
+  sizes = {"data": 1, "fsdp": 1}
+  for part in spec.split(","):
+    name, _, value = part.partition("=")
+    if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+      raise ConfigError("--mesh", f"expected data=N,fsdp=M with N, M >= 1, got {spec!r}")
+    sizes[name.strip()] = int(value)
+  return sizes["data"], sizes["fsdp"]
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
+  try:
+    return model_lib.get_config(cfg.model, vocab_size=vocab_size,
+                                param_dtype=DTYPES[cfg.param_dtype], dtype=DTYPES[cfg.dtype],
+                                remat=cfg.remat)
+  except ValueError as e:
+    raise ConfigError("--model", str(e)) from e
+
+
+def validate(cfg: TrainConfig) -> None:
+  """Checks flags that need no data or devices; raises ConfigError."""
+  if cfg.model not in model_lib.CONFIGS:
+    raise ConfigError("--model", f"unknown model {cfg.model!r}; choose from "
+                      f"{', '.join(model_lib.CONFIGS)}")
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ConfigError("--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from "
+                      f"{', '.join(OPTIMIZERS)}")
+  mc = model_lib.CONFIGS[cfg.model]
+  for flag, value in [("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
+                      ("--seq-len", cfg.seq_len), ("--grad-accum", cfg.grad_accum),
+                      ("--update-proj-gap", cfg.update_proj_gap), ("--rank", cfg.rank),
+                      ("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every)]:
+    if value < 1:
+      raise ConfigError(flag, f"must be >= 1, got {value}")
+  if cfg.seq_len > mc.max_seq_len:
+    raise ConfigError("--seq-len", f"{cfg.seq_len} exceeds {cfg.model}'s maximum sequence "
+                      f"length {mc.max_seq_len}")
+  smallest = min(mc.hidden_size, mc.intermediate_size)
+  if cfg.is_galore and cfg.rank > smallest:
+    raise ConfigError("--rank", f"{cfg.rank} is larger than the smallest projected matrix "
+                      f"dimension of {cfg.model} ({smallest})")
+  if cfg.lr is not None and not cfg.lr > 0:
+    raise ConfigError("--lr", f"must be > 0, got {cfg.lr}")
+  if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.steps:
+    raise ConfigError("--warmup", f"must be in [0, --steps], got {cfg.warmup}")
+  if cfg.grad_clip < 0:
+    raise ConfigError("--grad-clip", f"must be >= 0, got {cfg.grad_clip}")
+  if cfg.svd not in ("exact", "randomized"):
+    raise ConfigError("--svd", f"must be exact or randomized, got {cfg.svd!r}")
+  if cfg.refresh_schedule not in galore.REFRESH_SCHEDULES:
+    raise ConfigError("--refresh-schedule", f"must be one of {galore.REFRESH_SCHEDULES}")
+  if cfg.param_dtype not in DTYPES or cfg.dtype not in DTYPES:
+    raise ConfigError("--param-dtype", f"dtypes must be one of {', '.join(DTYPES)}")
+  if cfg.remat not in ("none", "full", "save_matmuls"):
+    raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
+  if cfg.stop_after is not None and cfg.stop_after < 1:
+    raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
+  data_n, fsdp_n = parse_mesh(cfg.mesh)
+  if data_n * fsdp_n > jax.device_count():
+    raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} "
+                      "available")
+  if cfg.batch_size % (data_n * fsdp_n):
+    raise ConfigError("--batch-size", f"{cfg.batch_size} is not divisible by the "
+                      f"{data_n * fsdp_n} devices of --mesh {cfg.mesh}")
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+
+
+def galore_mask(params) -> Any:
+  """True for the attention and MLP kernels (q, k, v, o, gate, up, down), as the paper does."""
+  def select(path, _):
+    names = [getattr(k, "key", None) for k in path]
+    return names[-1] == "kernel" and any(t in names for t in model_lib.GALORE_TARGETS)
+  return jax.tree_util.tree_map_with_path(select, params)
+
+
+def torch_side_axes(path, leaf):
+  """Projects a square Flax (in, out) kernel on the side torch's (out, in) weight would use.
+
+  For non-square kernels the reference's "project the smaller dimension" rule
+  already picks the same subspace on either layout; for square ones it picks
+  the output side on (in, out) but the input side on (out, in). Viewing the
+  square kernel as (out, in) restores the reference's choice.
+  """
+  del path
+  if leaf.ndim == 2 and leaf.shape[0] == leaf.shape[1]:
+    return (1,), (0,)
+  return None
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to ``min_lr_ratio`` of the peak (reference)."""
+  peak = cfg.peak_lr
+  if cfg.warmup_steps >= cfg.steps:
+    return optax.linear_schedule(0.0, peak, cfg.steps)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, cfg.warmup_steps, cfg.steps, end_value=peak * cfg.min_lr_ratio)
+
+
+def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  sched = lr_schedule(cfg)
+  if cfg.optimizer.endswith("8bit"):
+    inner = adam8bit.scale_by_adam8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  else:
+    inner = galore.scale_by_adam_hf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  if cfg.is_galore:
+    core = galore.galore(
+        inner, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale,
+        mask=galore_mask, matrix_axes=torch_side_axes, svd=cfg.svd,
+        refresh_schedule=cfg.refresh_schedule, seed=cfg.seed)
+  else:
+    core = inner
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts += [core, optax.scale_by_learning_rate(sched),
+            galore.decay_updated_weights(sched, cfg.weight_decay)]
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------
+# Sharding.
+
+
+def make_mesh(cfg: TrainConfig) -> Mesh:
+  data_n, fsdp_n = parse_mesh(cfg.mesh)
+  devices = np.asarray(jax.devices()[: data_n * fsdp_n]).reshape(data_n, fsdp_n)
+  return Mesh(devices, ("data", "fsdp"))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """Shards the largest axis that ``fsdp`` divides; replicates what cannot be split."""
+  if fsdp == 1 or not shape:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp == 0 and shape[axis] >= fsdp:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def shardings_for(tree, mesh: Mesh):
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  # (grad_accum, batch, seq): micro-batches are split over every device.
+  return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+
+
+# ---------------------------------------------------------------------------
+# The step.
+
+
+def _token_loss(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy over unmasked targets, and the number of them."""
+  logits_BxLxV = nnx.merge(graphdef, params)(batch["inputs"])
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  mask_BxL = batch["mask"].astype(jnp.float32)
+  return jnp.sum(ce_BxL * mask_BxL), jnp.sum(mask_BxL)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation):
+  """``step(params, opt_state, batch) -> (params, opt_state, metrics)``; not yet jitted.
+
+  ``batch`` arrays are (grad_accum, micro_batch, seq). Gradients of the summed
+  token loss are accumulated over micro-batches and divided by the total
+  token count, so accumulation gives the same update as one large batch.
+  A step whose loss or gradient is not finite changes nothing (``skipped`` is
+  1 in its metrics); the host loop stops the run after too many in a row.
+  """
+  grad_fn = jax.value_and_grad(lambda p, b: _token_loss(graphdef, p, b), has_aux=True)
+
+  def step(params, opt_state, batch):
+    accum = batch["inputs"].shape[0]
+    if accum == 1:
+      (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+    else:
+      def body(carry, micro):
+        (l, c), g = grad_fn(params, micro)
+        acc_l, acc_c, acc_g = carry
+        return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (loss_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), batch)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    loss = loss_sum / denom
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(args):
+      params, opt_state = args
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # cond, not where: a skipped step neither computes nor stores a second state.
+    params, opt_state = jax.lax.cond(finite, apply, lambda args: args, (params, opt_state))
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm,
+                               "skipped": (~finite).astype(jnp.int32), "tokens": count}
+
+  return step
+
+
+def make_eval_step(graphdef):
+  return lambda params, batch: _token_loss(graphdef, params, batch)
+
+
+# ---------------------------------------------------------------------------
+# Run setup.
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop, ``eval`` and ``sample`` need: model graph, shardings, compiled steps."""
+
+  cfg: TrainConfig
+  model_cfg: model_lib.LlamaConfig
+  graphdef: Any
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  param_sharding: Any
+  opt_sharding: Any
+  abstract_params: Any
+  abstract_opt: Any
+
+
+def abstract_model(model_cfg: model_lib.LlamaConfig, seed: int = 0):
+  """Graph definition and ShapeDtypeStruct params, allocating nothing."""
+  abstract = nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(seed)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def setup(cfg: TrainConfig, vocab_size: int) -> Run:
+  model_cfg = model_config(cfg, vocab_size)
+  mesh = make_mesh(cfg)
+  graphdef, abstract_params = abstract_model(model_cfg, cfg.seed)
+  tx = build_optimizer(cfg)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  param_sh = shardings_for(abstract_params, mesh)
+  opt_sh = shardings_for(abstract_opt, mesh)
+  with_sh = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  return Run(cfg, model_cfg, graphdef, mesh, tx, param_sh, opt_sh,
+             with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+
+
+def init_state(run: Run):
+  """Fresh params and optimizer state, created directly in their shardings."""
+  def init():
+    model = model_lib.Llama(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed))
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    return params, run.tx.init(params)
+  return jax.jit(init, out_shardings=(run.param_sharding, run.opt_sharding))()
+
+
+def compile_train_step(run: Run):
+  step = make_train_step(run.graphdef, run.tx)
+  return jax.jit(
+      step,
+      in_shardings=(run.param_sharding, run.opt_sharding, batch_sharding(run.mesh)),
+      out_shardings=(run.param_sharding, run.opt_sharding, None),
+      donate_argnums=(0, 1),
+  )
+
+
+def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int):
+  """Host batch (grad_accum * B, L) -> global device arrays (grad_accum, B, L).
+
+  On several hosts each process passes its own rows (``process_rows``) and
+  ``make_array_from_process_local_data`` assembles the global array.
+  """
+  sh = batch_sharding(run.mesh)
+  out = {}
+  for k, v in batch.items():
+    v = v.reshape((grad_accum, -1) + v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sh, process_rows(v))
+  return out
+
+
+def process_rows(x: np.ndarray) -> np.ndarray:
+  """This process's share of a global batch (axis 1), for multi-host runs."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return x
+  per = x.shape[1] // n
+  return x[:, i * per:(i + 1) * per]
+
+
+def tokenizer_hash(sp) -> str:
+  return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
+
+
+def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
+  """Checkpoint metadata; the ``compat`` part must match for a resume."""
+  return {
+      "compat": {
+          "model": cfg.model,
+          "model_config": {k: str(v) for k, v in dataclasses.asdict(run.model_cfg).items()},
+          "optimizer": cfg.optimizer,
+          "rank": cfg.rank if cfg.is_galore else None,
+          "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
+          "svd": cfg.svd if cfg.is_galore else None,
+          "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
+          "grad_clip": cfg.grad_clip > 0,
+          "weight_decay": cfg.weight_decay > 0,
+          "vocab_size": run.model_cfg.vocab_size,
+          "tokenizer_sha": tokenizer_hash(sp),
+      },
+      "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+      "data_position": {"seed": cfg.seed, "source": cfg.data, "batch_size": cfg.batch_size,
+                        "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len,
+                        "packing": cfg.packing},
+  }
+
+
+_COMPAT_FLAGS = {"model": "--model", "model_config": "--model", "optimizer": "--optimizer",
+                 "rank": "--rank", "update_proj_gap": "--update-proj-gap", "svd": "--svd",
+                 "refresh_schedule": "--refresh-schedule", "grad_clip": "--grad-clip",
+                 "weight_decay": "--weight-decay", "vocab_size": "--tokenizer",
+                 "tokenizer_sha": "--tokenizer"}
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+  """A resume must rebuild the same state and continue the same data order."""
+  a, b = saved.get("compat", {}), current["compat"]
+  for key in b:
+    if a.get(key) != b[key]:
+      raise ConfigError(_COMPAT_FLAGS[key], f"checkpoint {where} was saved with "
+                        f"{key}={a.get(key)!r}, this run has {b[key]!r}")
+  pos_a, pos_b = saved.get("data_position", {}), current["data_position"]
+  changed = sorted(k for k in pos_b if pos_a.get(k) != pos_b[k])
+  if changed:
+    flag = {"source": "--data"}.get(changed[0], "--" + changed[0].replace("_", "-"))
+    raise ConfigError(flag, f"checkpoint {where} was trained on data {pos_a}; resuming with "
+                      f"a different {', '.join(changed)} would not continue its data order")
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(run: Run, params, batches, eval_fn) -> tuple[float, float]:
+  total, count = 0.0, 0.0
+  for b in batches:
+    l, c = eval_fn(params, device_batch(run, b, 1))
+    total += float(l)
+    count += float(c)
+  loss = total / max(count, 1.0)
+  return loss, math.exp(min(loss, 50.0))
+
+
+def compile_eval_step(run: Run):
+  step = make_eval_step(run.graphdef)
+  return jax.jit(lambda p, b: step(p, jax.tree.map(lambda x: x[0], b)),
+                 in_shardings=(run.param_sharding, batch_sharding(run.mesh)))
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+class _Signals:
+  """Turns SIGINT / SIGTERM into a flag checked between steps (then save and exit)."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:  # a second signal: stop waiting
+      raise KeyboardInterrupt
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class TrainingInterrupted(Exception):
+  def __init__(self, signum: int, step: int, path: str):
+    super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved in "
+                     f"{path}; continue with --resume")
+    self.signum, self.step = signum, step
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+def _data_config(cfg: TrainConfig, batch_size: int) -> data.DataConfig:
+  return data.DataConfig(source=cfg.data, seq_len=cfg.seq_len, batch_size=batch_size,
+                         packing=cfg.packing, seed=cfg.seed, tokenizer=cfg.tokenizer)
+
+
+def load_data(cfg: TrainConfig):
+  """Tokenizer, training stream and fixed validation batches; bad --data is a ConfigError."""
+  try:
+    sp = data.load_tokenizer(cfg.tokenizer)
+  except (FileNotFoundError, OSError, RuntimeError) as e:
+    raise ConfigError("--tokenizer", str(e)) from e
+  try:
+    train_ds = data.make_dataset(_data_config(cfg, cfg.batch_size * cfg.grad_accum), "train")
+    val = data.eval_batches(_data_config(cfg, cfg.batch_size), cfg.eval_batches)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError("--data", str(e)) from e
+  return sp, train_ds, val
+
+
+def default_out(cfg: TrainConfig) -> str:
+  return os.path.join("runs", f"{cfg.model}_{cfg.optimizer}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
+  """Runs (or resumes) training; returns a summary with the final losses and paths."""
+  if cfg.out is None:
+    if cfg.resume:
+      raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
+    cfg = dataclasses.replace(cfg, out=default_out(cfg))
+  validate(cfg)
+  sp, train_ds, val_batches = load_data(cfg)
+  run = setup(cfg, sp.get_piece_size())
+  meta = run_meta(cfg, run, sp)
+  ckpt_dir = os.path.join(cfg.out, "checkpoints")
+
+  existing = checkpoint.latest_step(ckpt_dir)
+  if cfg.resume:
+    if existing is None:
+      raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt_dir}")
+    start, saved = checkpoint.read_meta(ckpt_dir, existing)
+    check_compatible(saved, meta, f"{ckpt_dir}/{start}")
+    restored = checkpoint.restore(ckpt_dir, start, {"params": run.abstract_params,
+                                                    "opt_state": run.abstract_opt})
+    params, opt_state = restored["params"], restored["opt_state"]
+    log(f"resumed from {ckpt_dir}/{start}")
+  else:
+    if existing is not None:
+      raise ConfigError("--out", f"{cfg.out} already holds checkpoints (step {existing}); "
+                        "pass --resume to continue it or choose another --out")
+    params, opt_state = init_state(run)
+    start = 0
+  if start >= cfg.steps:
+    log(f"checkpoint is at step {start} >= --steps {cfg.steps}; nothing to train")
+
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  log(f"model {cfg.model}: {n_params / 1e6:.2f}M params, vocab {run.model_cfg.vocab_size}; "
+      f"optimizer {cfg.optimizer}" + (f" rank {cfg.rank}" if cfg.is_galore else "")
+      + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}")
+
+  step_fn = compile_train_step(run)
+  eval_fn = compile_eval_step(run)
+  sched = lr_schedule(cfg)
+  mngr = checkpoint.manager(ckpt_dir)
+  writer = metrics.MetricsWriter(cfg.out)
+  tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+  end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+  losses: list[float] = []
+  last_eval: tuple[float, float] | None = None
+  consecutive_bad = 0
+  step = start
+
+  def save(at):
+    checkpoint.save(mngr, at, params, opt_state, meta)
+
+  bar = None
+  if cfg.progress:
+    from tqdm import tqdm  # lazy: library users may not want a progress bar
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               file=sys.stderr)
+  try:
+    with _Signals() as signals:
+      batches = train_ds.iterate(start)
+      t_last = time.perf_counter()
+      while step < end:
+        batch = device_batch(run, next(batches), cfg.grad_accum)
+        params, opt_state, m = step_fn(params, opt_state, batch)
+        m = jax.device_get(m)
+        lr_used = float(sched(step))
+        step += 1
+        now = time.perf_counter()
+        tps = tokens_per_step / max(now - t_last, 1e-9)
+        t_last = now
+        consecutive_bad = consecutive_bad + 1 if m["skipped"] else 0
+        loss = float(m["loss"])
+        losses.append(loss)
+        if step % cfg.log_every == 0 or step == end:
+          writer.write({"step": step, "loss": loss, "lr": lr_used, "tokens_per_s": tps,
+                        "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"])})
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        if consecutive_bad >= cfg.max_nonfinite:
+          raise TrainingDiverged(
+              f"{consecutive_bad} consecutive steps with non-finite loss or gradients (last at "
+              f"step {step}); those updates were skipped, the last checkpoint in {ckpt_dir} "
+              "is from before them. Lower --lr or enable --grad-clip.")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+          last_eval = evaluate(run, params, val_batches, eval_fn)
+          writer.write({"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1]})
+          if bar is not None:
+            bar.write(f"step {step}: eval loss {last_eval[0]:.4f}, ppl {last_eval[1]:.2f}")
+        if step % cfg.save_every == 0 or step == end:
+          save(step)
+        if signals.received is not None:
+          save(step)
+          raise TrainingInterrupted(signals.received, step, ckpt_dir)
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+    mngr.close()
+
+  summary = {"out": os.path.abspath(cfg.out), "start_step": start, "step": step,
+             "losses": losses, "metrics": os.path.abspath(writer.path), "checkpoints": os.path.abspath(ckpt_dir)}
+  if last_eval is not None:
+    summary.update(eval_loss=last_eval[0], eval_ppl=last_eval[1])
+  return summary
+
+
+# ---------------------------------------------------------------------------
+# Loading a trained model (eval / sample).
+
+
+def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | None = None):
+  """Model graph, params and tokenizer of the latest checkpoint under ``path``."""
+  step, meta = checkpoint.read_meta(path)
+  saved = meta.get("train_config", {})
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+  cfg = dataclasses.replace(cfg, mesh=mesh, tokenizer=tokenizer or cfg.tokenizer)
+  try:
+    sp = data.load_tokenizer(cfg.tokenizer)
+  except (FileNotFoundError, OSError) as e:
+    raise ConfigError("--tokenizer", str(e)) from e
+  want = meta["compat"]
+  if sp.get_piece_size() != want["vocab_size"] or tokenizer_hash(sp) != want["tokenizer_sha"]:
+    raise ConfigError("--tokenizer", f"tokenizer has vocabulary {sp.get_piece_size()} "
+                      f"(hash {tokenizer_hash(sp)}), the checkpoint was trained with "
+                      f"{want['vocab_size']} (hash {want['tokenizer_sha']})")
+  run = setup(cfg, sp.get_piece_size())
+  params = checkpoint.restore(path, step, {"params": run.abstract_params})["params"]
+  return run, params, sp, step
+
+
+def generate(run: Run, params, prompt_ids: list[int], *, max_new_tokens: int,
+             temperature: float = 0.8, top_k: int = 40, seed: int = 0,
+             eos_id: int | None = None) -> list[int]:
+  """Autoregressive sampling on a fixed-length buffer (one compilation, no KV cache).
+
+  The model is causal, so logits at position ``t`` ignore the padding after it;
+  recomputing the prefix each token is fine at the sizes this is used for.
+  """
+  max_len = min(run.model_cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
+  if len(prompt_ids) >= max_len:
+    raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most "
+                     f"{run.model_cfg.max_seq_len}")
+
+  @jax.jit
+  def next_token(params, buf, pos, key):
+    logits = nnx.merge(run.graphdef, params)(buf)[0, pos - 1]
+    if temperature <= 0:
+      return jnp.argmax(logits).astype(jnp.int32)
+    top, idx = jax.lax.top_k(logits / temperature, top_k)
+    return idx[jax.random.categorical(key, top)].astype(jnp.int32)
+
+  buf = np.zeros((1, max_len), np.int32)
+  buf[0, : len(prompt_ids)] = prompt_ids
+  key = jax.random.key(seed)
+  out = []
+  for pos in range(len(prompt_ids), max_len):
+    tok = int(next_token(params, jnp.asarray(buf), pos, jax.random.fold_in(key, pos)))
+    if eos_id is not None and tok == eos_id:
+      break
+    buf[0, pos] = tok
+    out.append(tok)
+  return out

@@ -1,0 +1,229 @@
+"""The training loop: resume exactness, sharding, accumulation, faults, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from galore_jax import checkpoint, metrics, train
+
+SMALL = dict(model="llama_tiny", batch_size=8, seq_len=32, eval_every=1000, eval_batches=2,
+             save_every=1000, progress=False, rank=16, update_proj_gap=2)
+
+
+def _cfg(tmp_path, name, **kw):
+  return train.TrainConfig(out=str(tmp_path / name), **{**SMALL, **kw})
+
+
+def _quiet(*_):
+  pass
+
+
+def test_resume_continues_exactly(tmp_path):
+  straight = train.train(_cfg(tmp_path, "straight", steps=6), log=_quiet)
+  first = train.train(_cfg(tmp_path, "split", steps=6, stop_after=3), log=_quiet)
+  assert first["step"] == 3
+  assert checkpoint.latest_step(str(tmp_path / "split")) == 3
+  second = train.train(_cfg(tmp_path, "split", steps=6, resume=True), log=_quiet)
+  assert second["start_step"] == 3 and second["step"] == 6
+  np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"], rtol=1e-6)
+  # One metrics file holds both halves.
+  steps = [r["step"] for r in metrics.read_metrics(str(tmp_path / "split")) if "loss" in r]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_mesh_matches_single_device(tmp_path):
+  assert jax.device_count() >= 8, "conftest sets 8 host devices"
+  single = train.train(_cfg(tmp_path, "one", steps=3), log=_quiet)
+  sharded = train.train(_cfg(tmp_path, "mesh", steps=3, mesh="data=2,fsdp=4"), log=_quiet)
+  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4, atol=1e-4)
+
+
+def test_mesh_shards_params_and_projectors(tmp_path):
+  run = train.setup(_cfg(tmp_path, "m", mesh="data=2,fsdp=4"), vocab_size=8192)
+  specs = [s.spec for s in jax.tree.leaves(run.opt_sharding)]
+  assert any("fsdp" in tuple(s) for s in specs)
+  galore_state = run.abstract_opt[0]
+  proj = galore_state.projectors["layers"][0]["mlp"]["up_proj"]["kernel"]
+  assert "fsdp" in tuple(proj.sharding.spec)
+
+
+def test_grad_accumulation_equals_large_batch(tmp_path):
+  big = train.train(_cfg(tmp_path, "big", steps=2, batch_size=8), log=_quiet)
+  acc = train.train(_cfg(tmp_path, "acc", steps=2, batch_size=4, grad_accum=2), log=_quiet)
+  np.testing.assert_allclose(acc["losses"], big["losses"], rtol=2e-5)
+
+
+def test_nonfinite_step_is_skipped(tmp_path):
+  run = train.setup(_cfg(tmp_path, "nan"), vocab_size=8192)
+  params, opt_state = train.init_state(run)
+  params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
+  before = jax.tree.map(np.asarray, (params, opt_state))
+  step = jax.jit(train.make_train_step(run.graphdef, run.tx))
+  batch = {k: jnp.zeros((1, 8, 32), jnp.int32 if k != "mask" else jnp.float32)
+           for k in ("inputs", "targets", "mask")}
+  batch["mask"] = jnp.ones((1, 8, 32))
+  new_params, new_opt, m = step(params, opt_state, batch)
+  assert int(m["skipped"]) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new_params, new_opt)), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_outputs_metrics_tensorboard_eval(tmp_path):
+  out = train.train(_cfg(tmp_path, "run", steps=4, eval_every=2), log=_quiet)
+  records = metrics.read_metrics(out["out"])
+  train_recs = [r for r in records if "loss" in r]
+  eval_recs = [r for r in records if "eval_loss" in r]
+  assert {"step", "loss", "lr", "tokens_per_s"} <= set(train_recs[0])
+  assert [r["step"] for r in eval_recs] == [2, 4]
+  assert eval_recs[-1]["eval_ppl"] == pytest.approx(np.exp(eval_recs[-1]["eval_loss"]))
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(out["out"], "tb")))
+  assert out["eval_ppl"] == pytest.approx(eval_recs[-1]["eval_ppl"])
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+  cfg = train.TrainConfig(steps=100, lr=0.01)
+  sched = train.lr_schedule(cfg)
+  assert float(sched(0)) == 0.0
+  assert float(sched(10)) == pytest.approx(0.01)
+  assert float(sched(100)) == pytest.approx(0.001)
+  assert train.TrainConfig(optimizer="adamw").peak_lr == 1e-3
+
+
+def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
+  run = train.setup(_cfg(tmp_path, "mask"), vocab_size=8192)
+  mask = train.galore_mask(run.abstract_params)
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  selected = sorted(k for k, v in flat.items() if v)
+  assert len(selected) == 7 * 4
+  assert not flat["['embed']['embedding']"] and not flat["['lm_head']['kernel']"]
+  # Square q kernel: projected on the input side as torch's (out, in) weight would be.
+  proj = run.abstract_opt[0].projectors["layers"][0]["attn"]["q_proj"]["kernel"]
+  assert proj.shape == (16, 256)
+  up = run.abstract_opt[0].projectors["layers"][0]["mlp"]["up_proj"]["kernel"]
+  assert up.shape == (256, 16)  # (in=256, out=688) kernel: the 256 side, as torch
+
+
+def test_sigint_saves_checkpoint_and_exits(tmp_path):
+  out = tmp_path / "sig"
+  cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out), "--steps", "500",
+         "--batch-size", "2", "--seq-len", "32", "--rank", "16", "--no-progress",
+         "--eval-every", "1000", "--save-every", "1000"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    mfile = out / "metrics.jsonl"
+    if mfile.exists() and len(mfile.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGINT, err
+  assert "checkpoint saved" in err and "Traceback" not in err
+  step = checkpoint.latest_step(str(out))
+  assert step is not None and step >= 2
+  _, meta = checkpoint.read_meta(str(out))
+  assert meta["step"] == step
+
+
+def _cli(*args):
+  from galore_jax import cli
+  return cli.main(list(args))
+
+
+def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
+  out = str(tmp_path / "cli")
+  assert _cli("train", "--out", out, "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+              "--rank", "16", "--no-progress", "--eval-every", "3", "--eval-batches", "2") == 0
+  text = capsys.readouterr().out
+  assert "final validation loss" in text and "perplexity" in text
+  assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["step"] == 3 and result["eval_ppl"] > 1
+  assert _cli("sample", "--checkpoint", out, "--prompt", "It is a truth",
+              "--max-new-tokens", "5") == 0
+  assert capsys.readouterr().out.startswith("It is a truth")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--model", "llama_huge"], "--model"),
+    (["--rank", "4096"], "--rank"),
+    (["--data", "/nonexistent/corpus.txt"], "--data"),
+    (["--seq-len", "100000"], "--seq-len"),
+    (["--mesh", "data=3,fsdp=5"], "--mesh"),
+    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, flag):
+  assert _cli("train", "--out", str(tmp_path / "bad"), "--no-progress", *args) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error: " + flag), err
+  assert len(err.splitlines()) == 1
+
+
+def test_cli_empty_data_file(tmp_path, capsys):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  assert _cli("train", "--out", str(tmp_path / "e"), "--data", str(empty)) == 2
+  assert capsys.readouterr().err.startswith("galore-jax: error: --data")
+
+
+def test_cli_unknown_optimizer_exit_2(capsys):
+  with pytest.raises(SystemExit) as e:
+    _cli("train", "--optimizer", "sgd")
+  assert e.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("done") / "run"
+  train.train(train.TrainConfig(out=str(out), steps=2, **{k: v for k, v in SMALL.items()}),
+              log=_quiet)
+  return out
+
+
+def test_existing_run_without_resume_is_refused(finished_run, capsys):
+  assert _cli("train", "--out", str(finished_run), "--steps", "2") == 2
+  assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_with_other_optimizer_is_refused(finished_run, capsys):
+  args = ["train", "--out", str(finished_run), "--resume", "--steps", "4", "--batch-size", "8",
+          "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2", "--no-progress"]
+  assert _cli(*args, "--optimizer", "adamw") == 2
+  assert capsys.readouterr().err.startswith("galore-jax: error: --optimizer")
+
+
+def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
+  import sentencepiece as spm
+  from galore_jax import data
+  prefix = tmp_path / "other"
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(data.builtin_documents("validation")), model_prefix=str(prefix),
+      vocab_size=300, model_type="bpe", minloglevel=2)
+  assert _cli("eval", "--checkpoint", str(finished_run), "--tokenizer",
+              f"{prefix}.model") == 2
+  assert capsys.readouterr().err.startswith("galore-jax: error: --tokenizer")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
+  import shutil
+  broken = tmp_path / "broken"
+  shutil.copytree(finished_run, broken)
+  step_dir = broken / "checkpoints" / "2" / "params"
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "r+b") as fh:
+        fh.truncate(max(0, os.path.getsize(p) // 3))
+  code = _cli("train", "--out", str(broken), "--resume", "--steps", "4", "--batch-size", "8",
+              "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2", "--no-progress")
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert "galore-jax: error:" in err and "Traceback" not in err
