@@ -11,11 +11,14 @@ random gradients with the parameter shapes; no model is built for these):
    (``2 x 4`` bytes per entry). Scalar step counters are left out of the comparison.
 
 2. **Time per update** of the jit-compiled ``tx.update`` (state donated,
-   ``jax.block_until_ready``), median over reps, every case measured in each rep of
-   one loop (order rotating) so that all ratios share the machine's conditions. The projector refresh is
-   chosen by writing the transform's ``count`` into the state before a call:
-   ``count = 1`` is an ordinary step, ``count = T`` a refresh (the SVD branch of the
-   ``lax.cond`` runs). Ratios are to ``optax.contrib.galore``'s step of the same kind.
+   ``jax.block_until_ready``), median over samples. Every case runs in each round of one
+   loop (order rotating), and a case's ratio to optax.contrib.galore's step of the same
+   kind is the median of the per-round ratios, so slow drifts of a shared machine cancel.
+   The projector refresh is chosen by writing the transform's ``count`` into the state
+   before a call: ``count = 1`` is an ordinary step, ``count = T`` a refresh (the SVD
+   branch of the ``lax.cond`` runs). The plain steps of the exact, randomized and
+   staggered variants are one program; how far apart they land is printed as the
+   machine's noise floor.
    ``refresh_schedule="staggered"`` spreads the refreshes of the ``L`` projected
    leaves over the ``T`` steps of a period (leaf ``k`` at phase ``floor(k T / L)``),
    so a period does the same SVD work as a synchronous one; what changes is the
@@ -45,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -53,6 +57,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+# Before numpy/jax load OpenBLAS: see galore_jax/__init__.py (oversubscribed CPU SVDs).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +81,19 @@ NONREFRESH_TOL = 1.05
 RANDOMIZED_MAX_FRACTION = 0.5
 
 # A model small enough that --smoke compiles and runs every case in seconds.
-SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=176, num_heads=2, num_layers=1,
-                    vocab_size=256)
+SMOKE_CONFIG = dict(
+  hidden_size=64, intermediate_size=176, num_heads=2, num_layers=1, vocab_size=256
+)
 SMOKE_RANK = 16
+# Smoke timings mean nothing; unoptimised XLA code halves its compile time.
+SMOKE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 SMOKE_GAP = 10
-SMOKE_ACCURACY = dict(config=dict(hidden_size=64, intermediate_size=176, num_heads=2,
-                                  num_layers=2), rank=8, seq_len=32, batch_size=2)
+SMOKE_ACCURACY = dict(
+  config=dict(hidden_size=64, intermediate_size=176, num_heads=2, num_layers=2),
+  rank=8,
+  seq_len=32,
+  batch_size=2,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,21 +145,27 @@ def _targets(params) -> list[tuple[str, tuple[int, ...]]]:
 def make_optimizers(params, rank: int, gap: int) -> dict[str, optax.GradientTransformation]:
   """Every optimizer measured, configured alike: lr, rank, T, alpha, eps, no weight decay."""
   mask = target_mask(params)
-  gj = lambda **kw: galore_jax.galore_adamw(LR, rank=rank, update_proj_gap=gap, scale=SCALE,
-                                            eps=EPS, weight_decay=0.0, mask=mask, **kw)
+  gj = lambda **kw: galore_jax.galore_adamw(
+    LR, rank=rank, update_proj_gap=gap, scale=SCALE, eps=EPS, weight_decay=0.0, mask=mask, **kw
+  )
   return {
-      "optax.adamw": optax.adamw(LR, eps=EPS, weight_decay=0.0),
-      "optax.contrib.galore": optax.contrib.galore(
-          LR, rank=rank, update_proj_gap=gap, scale=SCALE,
-          base_optimizer=optax.scale_by_adam(eps=EPS), weight_decay=0.0,
-          weight_dimension_numbers=optax_dimension_numbers(params)),
-      "galore_jax": gj(svd="exact"),
-      "galore_jax randomized": gj(svd="randomized"),
-      "galore_jax staggered": gj(refresh_schedule="staggered"),
-      "galore_jax staggered+randomized": gj(refresh_schedule="staggered", svd="randomized"),
-      # optax.contrib.galore projects the *longer* side (moments r x min(m, n)); this
-      # is the same choice in galore_jax, to separate "which side" from "how fast".
-      "galore_jax reverse_std": gj(proj_type="reverse_std"),
+    "optax.adamw": optax.adamw(LR, eps=EPS, weight_decay=0.0),
+    "optax.contrib.galore": optax.contrib.galore(
+      LR,
+      rank=rank,
+      update_proj_gap=gap,
+      scale=SCALE,
+      base_optimizer=optax.scale_by_adam(eps=EPS),
+      weight_decay=0.0,
+      weight_dimension_numbers=optax_dimension_numbers(params),
+    ),
+    "galore_jax": gj(svd="exact"),
+    "galore_jax randomized": gj(svd="randomized"),
+    "galore_jax staggered": gj(refresh_schedule="staggered"),
+    "galore_jax staggered+randomized": gj(refresh_schedule="staggered", svd="randomized"),
+    # optax.contrib.galore projects the *longer* side (moments r x min(m, n)); this
+    # is the same choice in galore_jax, to separate "which side" from "how fast".
+    "galore_jax reverse_std": gj(proj_type="reverse_std"),
   }
 
 
@@ -179,8 +199,9 @@ def formula_bytes(params, rank: int, *, projector_side: str = "min") -> int:
       m, n = x.shape
       r = min(rank, m, n)
       big, small = max(m, n), min(m, n)
-      total += itemsize * ((2 * r * big + r * small) if projector_side == "min"
-                           else (r * big + 2 * r * small))
+      total += itemsize * (
+        (2 * r * big + r * small) if projector_side == "min" else (r * big + 2 * r * small)
+      )
     else:
       total += 2 * itemsize * math.prod(x.shape)
   return total
@@ -197,15 +218,15 @@ def measure_memory(params, optimizers, rank: int) -> dict:
     rows[name] = {"bytes": total, "array_bytes": arrays, "scalar_bytes": scalars}
   gj = rows["galore_jax"]
   return {
-      "formula_bytes": formula,
-      "formula_bytes_optax_side": formula_optax,
-      "optimizers": rows,
-      "galore_jax_equals_formula": gj["array_bytes"] == formula,
-      "galore_jax_minus_formula": gj["bytes"] - formula,
-      "optax_galore_equals_its_formula":
-          rows["optax.contrib.galore"]["array_bytes"] == formula_optax,
-      "param_bytes": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                         for x in jax.tree.leaves(params)),
+    "formula_bytes": formula,
+    "formula_bytes_optax_side": formula_optax,
+    "optimizers": rows,
+    "galore_jax_equals_formula": gj["array_bytes"] == formula,
+    "galore_jax_minus_formula": gj["bytes"] - formula,
+    "optax_galore_equals_its_formula": rows["optax.contrib.galore"]["array_bytes"] == formula_optax,
+    "param_bytes": sum(
+      math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)
+    ),
   }
 
 
@@ -257,10 +278,12 @@ def staggered_counts(params, gap: int) -> dict:
   cost = lambda ks: sum(math.prod(targets[k][1]) * min(targets[k][1]) for k in ks)
   phase = max(groups, key=lambda o: (cost(groups[o]), -o))
   quiet = next((c for c in range(1, gap) if c not in groups), None)
-  return {"peak_count": phase if phase > 0 else gap,
-          "peak_leaves": [f"{targets[k][0]} {targets[k][1]}" for k in groups[phase]],
-          "max_leaves_per_step": max(len(v) for v in groups.values()),
-          "quiet_count": quiet}
+  return {
+    "peak_count": phase if phase > 0 else gap,
+    "peak_leaves": [f"{targets[k][0]} {targets[k][1]}" for k in groups[phase]],
+    "max_leaves_per_step": max(len(v) for v in groups.values()),
+    "quiet_count": quiet,
+  }
 
 
 @dataclasses.dataclass
@@ -280,15 +303,16 @@ def random_grads(params, seed: int = 0):
   numpy's generator avoids compiling one sampler per shape; the values do not matter.
   """
   rng = np.random.default_rng(seed)
-  return jax.block_until_ready(jax.tree.map(
-      lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32), x.dtype), params))
+  return jax.block_until_ready(
+    jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32), x.dtype), params)
+  )
 
 
-def _step_fn(tx: optax.GradientTransformation):
+def _step_fn(tx: optax.GradientTransformation, compiler_options: dict | None = None):
   def step(grads, state, params):
     return tx.update(grads, state, params)
 
-  return jax.jit(step, donate_argnums=(1,))
+  return jax.jit(step, donate_argnums=(1,), compiler_options=compiler_options)
 
 
 def _run(step, grads, state, count):
@@ -301,26 +325,41 @@ def _run(step, grads, state, count):
   return dt, state
 
 
-def measure_time(params, optimizers, gap: int, reps: int, case_budget_s: float,
-                 log: Callable[[str], None], plain_calls: int = 3) -> dict:
+def measure_time(
+  params,
+  optimizers,
+  gap: int,
+  reps: int,
+  case_budget_s: float,
+  log: Callable[[str], None],
+  plain_calls: int = 3,
+  compiler_options: dict | None = None,
+) -> dict:
   stag = staggered_counts(params, gap)
   cases = [
-      Case("optax.contrib.galore", "optax.contrib.galore", "optax", "plain", 1),
-      Case("optax.contrib.galore", "optax.contrib.galore", "optax", "refresh", gap),
-      Case("galore_jax exact", "galore_jax", "gj", "plain", 1),
-      Case("galore_jax exact", "galore_jax", "gj", "refresh", gap),
-      Case("galore_jax randomized", "galore_jax randomized", "gj", "plain", 1),
-      Case("galore_jax randomized", "galore_jax randomized", "gj", "refresh", gap),
-      Case("galore_jax staggered (exact)", "galore_jax staggered", "gj", "peak",
-           stag["peak_count"]),
-      Case("galore_jax staggered+randomized", "galore_jax staggered+randomized", "gj", "peak",
-           stag["peak_count"]),
-      Case("galore_jax reverse_std (optax's side)", "galore_jax reverse_std", "gj_rev", "plain",
-           1),
+    Case("optax.contrib.galore", "optax.contrib.galore", "optax", "plain", 1),
+    Case("optax.contrib.galore", "optax.contrib.galore", "optax", "refresh", gap),
+    Case("galore_jax exact", "galore_jax", "gj", "plain", 1),
+    Case("galore_jax exact", "galore_jax", "gj", "refresh", gap),
+    Case("galore_jax randomized", "galore_jax randomized", "gj", "plain", 1),
+    Case("galore_jax randomized", "galore_jax randomized", "gj", "refresh", gap),
+    Case("galore_jax staggered (exact)", "galore_jax staggered", "gj", "peak", stag["peak_count"]),
+    Case(
+      "galore_jax staggered+randomized",
+      "galore_jax staggered+randomized",
+      "gj",
+      "peak",
+      stag["peak_count"],
+    ),
+    Case("galore_jax reverse_std (optax's side)", "galore_jax reverse_std", "gj_rev", "plain", 1),
   ]
   if stag["quiet_count"] is not None:
-    cases.insert(6, Case("galore_jax staggered (exact)", "galore_jax staggered", "gj", "plain",
-                         stag["quiet_count"]))
+    cases.insert(
+      6,
+      Case(
+        "galore_jax staggered (exact)", "galore_jax staggered", "gj", "plain", stag["quiet_count"]
+      ),
+    )
 
   t0 = time.perf_counter()
   grads = random_grads(params)
@@ -328,9 +367,15 @@ def measure_time(params, optimizers, gap: int, reps: int, case_budget_s: float,
   # Load the LAPACK kernels once, so the first timed refresh does not pay for it.
   w = jnp.ones((8, 8)) + jnp.eye(8)
   jax.block_until_ready((jnp.linalg.svd(w), jnp.linalg.qr(w)))
-  steps = {name: _step_fn(optimizers[name]) for name in sorted({c.optimizer for c in cases})}
-  init_of = {"optax": "optax.contrib.galore", "gj": "galore_jax",
-             "gj_rev": "galore_jax reverse_std"}
+  steps = {
+    name: _step_fn(optimizers[name], compiler_options)
+    for name in sorted({c.optimizer for c in cases})
+  }
+  init_of = {
+    "optax": "optax.contrib.galore",
+    "gj": "galore_jax",
+    "gj_rev": "galore_jax reverse_std",
+  }
   states = {k: jax.jit(optimizers[v].init)(grads) for k, v in init_of.items()}
 
   # Compile every step function and run it once (an ordinary step) before timing.
@@ -349,12 +394,13 @@ def measure_time(params, optimizers, gap: int, reps: int, case_budget_s: float,
   # (other jobs on a shared CPU); ratio of medians where a round has no optax sample.
   plain = [c for c in cases if c.kind == "plain"]
   heavy = [c for c in cases if c.kind != "plain"]
-  rotate = lambda xs, k: xs[k % len(xs):] + xs[:k % len(xs)]
+  rotate = lambda xs, k: xs[k % len(xs) :] + xs[: k % len(xs)]
   rounds: dict[int, dict[int, float]] = {id(c): {} for c in cases}
   n_round = 0
   for rep in range(reps):
-    _, states[plain[0].state_key] = _run(steps[plain[0].optimizer], grads,
-                                         states[plain[0].state_key], 1)
+    _, states[plain[0].state_key] = _run(
+      steps[plain[0].optimizer], grads, states[plain[0].state_key], 1
+    )
     for i in range(plain_calls + 1):
       block = rotate(plain, rep * plain_calls + i) if i < plain_calls else rotate(heavy, rep)
       for c in block:
@@ -375,21 +421,31 @@ def measure_time(params, optimizers, gap: int, reps: int, case_budget_s: float,
     c = find(label, kind)
     return None if c is None else statistics.median(c.samples)
 
-  base = {"plain": find("optax.contrib.galore", "plain"),
-          "refresh": find("optax.contrib.galore", "refresh")}
+  base = {
+    "plain": find("optax.contrib.galore", "plain"),
+    "refresh": find("optax.contrib.galore", "refresh"),
+  }
   rows = []
   for c in cases:
     t = statistics.median(c.samples)
     ref = base["plain" if c.kind == "plain" else "refresh"]
     mine, theirs = rounds[id(c)], rounds[id(ref)]
     paired = [mine[k] / theirs[k] for k in mine if k in theirs]
-    row = {"label": c.label, "optimizer": c.optimizer, "kind": c.kind, "count": c.count,
-           "median_s": t, "min_s": min(c.samples), "samples_s": c.samples,
-           "reps": len(c.samples),
-           "ratio_vs_optax": (statistics.median(paired) if paired
-                              else t / statistics.median(ref.samples)),
-           "ratio_paired_rounds": len(paired),
-           "ratio_of_medians": t / statistics.median(ref.samples)}
+    row = {
+      "label": c.label,
+      "optimizer": c.optimizer,
+      "kind": c.kind,
+      "count": c.count,
+      "median_s": t,
+      "min_s": min(c.samples),
+      "samples_s": c.samples,
+      "reps": len(c.samples),
+      "ratio_vs_optax": (
+        statistics.median(paired) if paired else t / statistics.median(ref.samples)
+      ),
+      "ratio_paired_rounds": len(paired),
+      "ratio_of_medians": t / statistics.median(ref.samples),
+    }
     if c.kind == "refresh":  # one refresh per T steps
       row["amortised_s"] = ((gap - 1) * med(c.label, "plain") + t) / gap
     rows.append(row)
@@ -401,8 +457,29 @@ def measure_time(params, optimizers, gap: int, reps: int, case_budget_s: float,
       plain_t = med(row["label"], "plain") or med(sync, "plain")
       row["amortised_s"] = plain_t + (med(sync, "refresh") - med(sync, "plain")) / gap
       row["amortised_derived"] = True
-  return {"cases": rows, "staggered": stag, "compile_and_first_step_s": compile_s,
-          "gap": gap}
+  # Noise floor: the plain steps of "exact", "randomized" and "staggered" run the same
+  # computation (they differ only in the refresh branch, not taken), so their paired
+  # ratios to one another show how far apart identical programs land on this machine.
+  same = [
+    find(lab, "plain")
+    for lab in ("galore_jax exact", "galore_jax randomized", "galore_jax staggered (exact)")
+  ]
+  same = [c for c in same if c is not None]
+  spread = [
+    statistics.median([rounds[id(c)][k] / rounds[id(same[0])][k] for k in rounds[id(c)]])
+    for c in same[1:]
+  ]
+  noise = {
+    "same_program_paired_ratios": spread,
+    "max_deviation": max((abs(x - 1.0) for x in spread), default=0.0),
+  }
+  return {
+    "cases": rows,
+    "staggered": stag,
+    "compile_and_first_step_s": compile_s,
+    "noise": noise,
+    "gap": gap,
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -433,8 +510,13 @@ def real_gradient(config: M.LlamaConfig, seq_len: int, batch_size: int, seed: in
   return float(loss), nnx.to_pure_dict(grads), config
 
 
-def subspace_agreement(g: jax.Array, rank: int, key: jax.Array,
-                       power_iters_sweep: Sequence[int] = (0, 1, 2), oversample: int = 8) -> dict:
+def subspace_agreement(
+  g: jax.Array,
+  rank: int,
+  key: jax.Array,
+  power_iters_sweep: Sequence[int] = (0, 1, 2),
+  oversample: int = 8,
+) -> dict:
   """How well the randomized rank-r basis of ``g`` matches the exact one.
 
   Returns the exact basis's captured energy (``||project(G, P)||`` and ``||G||``) and,
@@ -452,18 +534,26 @@ def subspace_agreement(g: jax.Array, rank: int, key: jax.Array,
   for q in power_iters_sweep:
     rand = proj.randomized_basis(g, side, r, key, oversample=oversample, power_iters=q)
     cos = _principal_cosines(exact, rand, side)
-    out[f"q{q}"] = {"mean_cos": jnp.mean(cos), "min_cos": jnp.min(cos),
-                    "energy_ratio": jnp.linalg.norm(proj.project(g, rand, side)) / ref_energy}
+    out[f"q{q}"] = {
+      "mean_cos": jnp.mean(cos),
+      "min_cos": jnp.min(cos),
+      "energy_ratio": jnp.linalg.norm(proj.project(g, rand, side)) / ref_energy,
+    }
   return out
 
 
-def measure_accuracy(config: M.LlamaConfig, rank: int, seq_len: int, batch_size: int,
-                     power_iters_sweep: Sequence[int] = (0, 1, 2), oversample: int = 8) -> dict:
+def measure_accuracy(
+  config: M.LlamaConfig,
+  rank: int,
+  seq_len: int,
+  batch_size: int,
+  power_iters_sweep: Sequence[int] = (0, 1, 2),
+  oversample: int = 8,
+) -> dict:
   """Randomized vs exact rank-r subspace of each projected kernel's real gradient."""
   loss, grads, config = real_gradient(config, seq_len, batch_size)
   default_q = 2  # galore()'s default power_iters
-  compare = jax.jit(lambda g, key: subspace_agreement(g, rank, key, power_iters_sweep,
-                                                      oversample))
+  compare = jax.jit(lambda g, key: subspace_agreement(g, rank, key, power_iters_sweep, oversample))
 
   rows = []
   leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
@@ -473,26 +563,35 @@ def measure_accuracy(config: M.LlamaConfig, rank: int, seq_len: int, batch_size:
     res = jax.device_get(compare(g, jax.random.fold_in(jax.random.key(0), i)))
     m, n = g.shape
     names = [_key_name(k) for k in path]
-    rows.append({
+    rows.append(
+      {
         "name": f"{names[1]}.{names[3]}" if names[0] == "layers" else jax.tree_util.keystr(path),
         "shape": [m, n],
         "side": proj.resolve_side("std", m, n),
         "exact_energy_fraction": float(res["exact_energy"] / res["total_energy"]),
         **{f"q{q}": {k: float(v) for k, v in res[f"q{q}"].items()} for q in power_iters_sweep},
-    })
+      }
+    )
   summary = {}
   for q in power_iters_sweep:
     summary[f"q{q}"] = {
-        "mean_cos": float(np.mean([r[f"q{q}"]["mean_cos"] for r in rows])),
-        "min_cos": float(np.min([r[f"q{q}"]["min_cos"] for r in rows])),
-        "energy_ratio_mean": float(np.mean([r[f"q{q}"]["energy_ratio"] for r in rows])),
-        "energy_ratio_min": float(np.min([r[f"q{q}"]["energy_ratio"] for r in rows])),
+      "mean_cos": float(np.mean([r[f"q{q}"]["mean_cos"] for r in rows])),
+      "min_cos": float(np.min([r[f"q{q}"]["min_cos"] for r in rows])),
+      "energy_ratio_mean": float(np.mean([r[f"q{q}"]["energy_ratio"] for r in rows])),
+      "energy_ratio_min": float(np.min([r[f"q{q}"]["energy_ratio"] for r in rows])),
     }
-  return {"model": dataclasses.asdict(config) | {"param_dtype": str(config.param_dtype),
-                                                   "dtype": str(config.dtype)},
-          "rank": rank, "oversample": oversample, "default_power_iters": default_q,
-          "seq_len": seq_len, "batch_size": batch_size, "loss": loss,
-          "matrices": rows, "summary": summary}
+  return {
+    "model": dataclasses.asdict(config)
+    | {"param_dtype": str(config.param_dtype), "dtype": str(config.dtype)},
+    "rank": rank,
+    "oversample": oversample,
+    "default_power_iters": default_q,
+    "seq_len": seq_len,
+    "batch_size": batch_size,
+    "loss": loss,
+    "matrices": rows,
+    "summary": summary,
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,13 +601,16 @@ def measure_accuracy(config: M.LlamaConfig, rank: int, seq_len: int, batch_size:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool) -> str:
   cells = [[str(c) for c in r] for r in rows]
   if markdown:
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines = [
+      "| " + " | ".join(headers) + " |",
+      "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(lines)
   widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-  fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                            for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+  fmt = lambda r: "  ".join(
+    c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+  )
   return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
 
 
@@ -525,7 +627,7 @@ def memory_table(res: dict, markdown: bool) -> str:
   formula = mem["formula_bytes"]
   rows = [["paper formula (projector on the short side)", _mib(formula), "1.000", "—"]]
   for name, r in mem["optimizers"].items():
-    eq = ("equal" if r["array_bytes"] == formula else f"{r['array_bytes'] - formula:+,d} B")
+    eq = "equal" if r["array_bytes"] == formula else f"{r['array_bytes'] - formula:+,d} B"
     if name == "galore_jax" and r["array_bytes"] == formula:
       eq = f"equal (+{r['scalar_bytes']} B of scalar counters)"
     if name in ("optax.contrib.galore", "galore_jax reverse_std"):
@@ -537,37 +639,91 @@ def memory_table(res: dict, markdown: bool) -> str:
 
 def time_table(res: dict, markdown: bool) -> str:
   t = res["time"]
-  what = {"plain": "plain step (count=1)", "refresh": f"refresh step (count={t['gap']})",
-          "peak": "peak refresh step"}
+  what = {
+    "plain": "plain step (count=1)",
+    "refresh": f"refresh step (count={t['gap']})",
+    "peak": "peak refresh step",
+  }
   rows = []
   for r in t["cases"]:
-    kind = what[r["kind"]] if r["kind"] != "plain" or r["count"] == 1 else \
-        f"plain step (count={r['count']})"
+    kind = (
+      what[r["kind"]]
+      if r["kind"] != "plain" or r["count"] == 1
+      else f"plain step (count={r['count']})"
+    )
     if r["kind"] == "peak":
       kind += f" (count={r['count']})"
     am = r.get("amortised_s")
     am_s = "—" if am is None else _ms(am) + (" (derived)" if r.get("amortised_derived") else "")
-    rows.append([r["label"], kind, _ms(r["median_s"]), _ms(r["min_s"]), str(r["reps"]),
-                 f"{r['ratio_vs_optax']:.3f}", am_s])
-  return _table(["optimizer", "step", "median ms", "min ms", "n", "x optax same kind (paired)",
-                 f"amortised ms/step over T={t['gap']}"], rows, markdown)
+    rows.append(
+      [
+        r["label"],
+        kind,
+        _ms(r["median_s"]),
+        _ms(r["min_s"]),
+        str(r["reps"]),
+        f"{r['ratio_vs_optax']:.3f}",
+        am_s,
+      ]
+    )
+  return _table(
+    [
+      "optimizer",
+      "step",
+      "median ms",
+      "min ms",
+      "n",
+      "x optax same kind (paired)",
+      f"amortised ms/step over T={t['gap']}",
+    ],
+    rows,
+    markdown,
+  )
 
 
 def accuracy_table(acc: dict, markdown: bool) -> str:
   q = acc["default_power_iters"]
   rows = []
   for r in acc["matrices"]:
-    rows.append([r["name"], "x".join(map(str, r["shape"])), r["side"],
-                 f"{r['exact_energy_fraction']:.3f}", f"{r[f'q{q}']['mean_cos']:.4f}",
-                 f"{r[f'q{q}']['min_cos']:.4f}", f"{r[f'q{q}']['energy_ratio']:.4f}"])
-  head = ["matrix", "shape", "side", "||P_exact G||/||G||", "mean cos", "min cos",
-          "||P_rand G||/||P_exact G||"]
-  sweep = [[f"power_iters={k[1:]}", f"{v['mean_cos']:.4f}", f"{v['min_cos']:.4f}",
-            f"{v['energy_ratio_mean']:.4f}", f"{v['energy_ratio_min']:.4f}"]
-           for k, v in acc["summary"].items()]
-  return (_table(head, rows, markdown) + "\n\n"
-          + _table(["randomized SVD (all matrices)", "mean cos", "min cos", "energy mean",
-                    "energy min"], sweep, markdown))
+    rows.append(
+      [
+        r["name"],
+        "x".join(map(str, r["shape"])),
+        r["side"],
+        f"{r['exact_energy_fraction']:.3f}",
+        f"{r[f'q{q}']['mean_cos']:.4f}",
+        f"{r[f'q{q}']['min_cos']:.4f}",
+        f"{r[f'q{q}']['energy_ratio']:.4f}",
+      ]
+    )
+  head = [
+    "matrix",
+    "shape",
+    "side",
+    "||P_exact G||/||G||",
+    "mean cos",
+    "min cos",
+    "||P_rand G||/||P_exact G||",
+  ]
+  sweep = [
+    [
+      f"power_iters={k[1:]}",
+      f"{v['mean_cos']:.4f}",
+      f"{v['min_cos']:.4f}",
+      f"{v['energy_ratio_mean']:.4f}",
+      f"{v['energy_ratio_min']:.4f}",
+    ]
+    for k, v in acc["summary"].items()
+  ]
+  return (
+    _table(head, rows, markdown)
+    + "\n\n"
+    + _table(
+      ["randomized SVD (all matrices)", "mean cos", "min cos", "energy mean", "energy min"],
+      sweep,
+      markdown,
+    )
+  )
 
 
 def targets_of(res: dict) -> dict:
@@ -577,24 +733,36 @@ def targets_of(res: dict) -> dict:
   exact_r = cases[("galore_jax exact", "refresh")]["median_s"]
   rand = rand_r / exact_r
   # The refresh's own cost, the plain step taken off (both plain steps are the same program).
-  rand_svd = ((rand_r - cases[("galore_jax randomized", "plain")]["median_s"])
-              / (exact_r - cases[("galore_jax exact", "plain")]["median_s"]))
+  rand_svd = (rand_r - cases[("galore_jax randomized", "plain")]["median_s"]) / (
+    exact_r - cases[("galore_jax exact", "plain")]["median_s"]
+  )
   return {
-      "state_bytes_equal_formula": {"value": res["memory"]["galore_jax_equals_formula"],
-                                    "pass": bool(res["memory"]["galore_jax_equals_formula"])},
-      "plain_step_ratio_vs_optax": {"value": ratio, "limit": NONREFRESH_TOL,
-                                    "pass": ratio <= NONREFRESH_TOL},
-      "randomized_over_exact_refresh": {"value": rand, "limit": RANDOMIZED_MAX_FRACTION,
-                                        "pass": rand <= RANDOMIZED_MAX_FRACTION,
-                                        "svd_part_only": rand_svd},
+    "state_bytes_equal_formula": {
+      "value": res["memory"]["galore_jax_equals_formula"],
+      "pass": bool(res["memory"]["galore_jax_equals_formula"]),
+    },
+    "plain_step_ratio_vs_optax": {
+      "value": ratio,
+      "limit": NONREFRESH_TOL,
+      "pass": ratio <= NONREFRESH_TOL,
+    },
+    "randomized_over_exact_refresh": {
+      "value": rand,
+      "limit": RANDOMIZED_MAX_FRACTION,
+      "pass": rand <= RANDOMIZED_MAX_FRACTION,
+      "svd_part_only": rand_svd,
+    },
   }
 
 
 def targets_table(targets: dict, markdown: bool) -> str:
-  desc = {"state_bytes_equal_formula": "galore_jax state bytes == paper formula",
-          "plain_step_ratio_vs_optax": f"plain step / optax's <= {NONREFRESH_TOL}",
-          "randomized_over_exact_refresh":
-              f"randomized refresh / exact refresh <= {RANDOMIZED_MAX_FRACTION}"}
+  desc = {
+    "state_bytes_equal_formula": "galore_jax state bytes == paper formula",
+    "plain_step_ratio_vs_optax": f"plain step / optax's <= {NONREFRESH_TOL}",
+    "randomized_over_exact_refresh": (
+      f"randomized refresh / exact refresh <= {RANDOMIZED_MAX_FRACTION}"
+    ),
+  }
   rows = []
   for k, v in targets.items():
     val = v["value"] if isinstance(v["value"], bool) else f"{v['value']:.3f}"
@@ -609,24 +777,39 @@ def targets_table(targets: dict, markdown: bool) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="llama_60m,llama_350m",
-                 help="comma-separated names from galore_jax.model.CONFIGS")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--models",
+    default="llama_60m,llama_350m",
+    help="comma-separated names from galore_jax.model.CONFIGS",
+  )
   p.add_argument("--reps", type=int, default=5, help="timed reps per case (median)")
-  p.add_argument("--plain-calls", type=int, default=3,
-                 help="timed calls per plain-step case in each rep")
-  p.add_argument("--case-budget-s", type=float, default=60.0,
-                 help="stop repeating a case once its timed calls add up to this "
-                      "(it keeps at least one); bounds the CPU exact-SVD refreshes")
+  p.add_argument(
+    "--plain-calls", type=int, default=3, help="timed calls per plain-step case in each rep"
+  )
+  p.add_argument(
+    "--case-budget-s",
+    type=float,
+    default=60.0,
+    help="stop repeating a case once its timed calls add up to this "
+    "(it keeps at least one); bounds the CPU exact-SVD refreshes",
+  )
   p.add_argument("--json", type=Path, default=None, help="write every number here")
   p.add_argument("--markdown", action="store_true", help="print Markdown tables")
-  p.add_argument("--smoke", action="store_true",
-                 help=f"tiny model ({SMOKE_CONFIG}), rank {SMOKE_RANK}, T {SMOKE_GAP}, "
-                      "1 rep; accuracy off unless --accuracy")
-  p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=None,
-                 help="randomized-SVD accuracy on a real llama_tiny gradient "
-                      "(default: on, off with --smoke)")
+  p.add_argument(
+    "--smoke",
+    action="store_true",
+    help=f"tiny model ({SMOKE_CONFIG}), rank {SMOKE_RANK}, T {SMOKE_GAP}, "
+    "1 rep; accuracy off unless --accuracy",
+  )
+  p.add_argument(
+    "--accuracy",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="randomized-SVD accuracy on a real llama_tiny gradient (default: on, off with --smoke)",
+  )
   p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
   args = p.parse_args(argv)
   if args.reps < 1:
@@ -646,11 +829,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
   log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
   warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
   out: dict[str, Any] = {
-      "jax": jax.__version__, "optax": optax.__version__, "backend": jax.default_backend(),
-      "device": str(jax.devices()[0].device_kind), "machine": platform.machine(),
-      "smoke": args.smoke, "reps": args.reps, "plain_calls": args.plain_calls,
-      "case_budget_s": args.case_budget_s,
-      "scale": SCALE, "lr": LR, "eps": EPS, "models": {},
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+    "machine": platform.machine(),
+    "smoke": args.smoke,
+    "reps": args.reps,
+    "plain_calls": args.plain_calls,
+    "case_budget_s": args.case_budget_s,
+    "scale": SCALE,
+    "lr": LR,
+    "eps": EPS,
+    "models": {},
   }
   if args.smoke:
     models = {"smoke": (M.LlamaConfig(**SMOKE_CONFIG), SMOKE_RANK, SMOKE_GAP)}
@@ -664,39 +855,72 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log(f"[{name}] rank {rank}, T {gap}")
     params = param_shapes(config)
     optimizers = make_optimizers(params, rank, gap)
-    res = {"rank": rank, "gap": gap, "params": M.param_count(config),
-           "targets": len(_targets(params)),
-           "memory": measure_memory(params, optimizers, rank)}
-    res["time"] = measure_time(params, optimizers, gap, args.reps, args.case_budget_s, log,
-                               plain_calls=args.plain_calls)
+    res = {
+      "rank": rank,
+      "gap": gap,
+      "params": M.param_count(config),
+      "targets": len(_targets(params)),
+      "memory": measure_memory(params, optimizers, rank),
+    }
+    res["time"] = measure_time(
+      params,
+      optimizers,
+      gap,
+      args.reps,
+      args.case_budget_s,
+      log,
+      plain_calls=args.plain_calls,
+      compiler_options=SMOKE_COMPILER_OPTIONS if args.smoke else None,
+    )
     res["targets_check"] = targets_of(res)
     out["models"][name] = res
-    title = (f"{name}: {res['params'] / 1e6:.1f}M params, {res['targets']} projected kernels, "
-             f"rank {rank}, T {gap}, float32")
+    title = (
+      f"{name}: {res['params'] / 1e6:.1f}M params, {res['targets']} projected kernels, "
+      f"rank {rank}, T {gap}, float32"
+    )
     report.append(("## " if args.markdown else "== ") + title)
-    report += [memory_table(res, args.markdown), time_table(res, args.markdown),
-               targets_table(res["targets_check"], args.markdown)]
+    report += [
+      memory_table(res, args.markdown),
+      time_table(res, args.markdown),
+      targets_table(res["targets_check"], args.markdown),
+    ]
     stag = res["time"]["staggered"]
-    report.append(f"staggered: peak count {stag['peak_count']} refreshes "
-                  f"{', '.join(stag['peak_leaves'])}; at most {stag['max_leaves_per_step']} "
-                  "leaf/leaves per step")
+    noise = res["time"]["noise"]
+    report.append(
+      f"staggered: peak count {stag['peak_count']} refreshes "
+      f"{', '.join(stag['peak_leaves'])}; at most {stag['max_leaves_per_step']} "
+      "leaf/leaves per step. Noise floor: plain steps of the same program "
+      "(exact vs randomized vs staggered) differ by up to "
+      f"{100 * noise['max_deviation']:.1f}% (paired medians)."
+    )
     print("\n\n".join(report[-5:]) + "\n", flush=True)
 
   if args.accuracy:
     if args.smoke:
       cfg = M.get_config("llama_tiny", **SMOKE_ACCURACY["config"])
-      rank, seq, bs = SMOKE_ACCURACY["rank"], SMOKE_ACCURACY["seq_len"], \
-          SMOKE_ACCURACY["batch_size"]
+      rank, seq, bs = (
+        SMOKE_ACCURACY["rank"],
+        SMOKE_ACCURACY["seq_len"],
+        SMOKE_ACCURACY["batch_size"],
+      )
     else:
       cfg, rank, seq, bs = M.get_config("llama_tiny"), RANKS["llama_tiny"], 128, 8
     log(f"[accuracy] llama_tiny-like model, rank {rank}, batch {bs}x{seq}")
     acc = measure_accuracy(cfg, rank, seq, bs)
     out["accuracy"] = acc
-    head = (f"randomized vs exact rank-{rank} subspace, real gradient (loss {acc['loss']:.3f}) "
-            f"of llama_tiny at init, oversample {acc['oversample']}, power_iters "
-            f"{acc['default_power_iters']} (table)")
-    print(("## " if args.markdown else "== ") + head + "\n\n"
-          + accuracy_table(acc, args.markdown) + "\n", flush=True)
+    head = (
+      f"randomized vs exact rank-{rank} subspace, real gradient (loss {acc['loss']:.3f}) "
+      f"of llama_tiny at init, oversample {acc['oversample']}, power_iters "
+      f"{acc['default_power_iters']} (table)"
+    )
+    print(
+      ("## " if args.markdown else "== ")
+      + head
+      + "\n\n"
+      + accuracy_table(acc, args.markdown)
+      + "\n",
+      flush=True,
+    )
 
   if args.json is not None:
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -10,20 +10,20 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from galore_jax.optimizer import (
-    GaLoreState,
-    decay_updated_weights,
-    galore,
-    galore_adamw,
-    scale_by_adam_hf,
-    state_bytes,
+  GaLoreState,
+  decay_updated_weights,
+  galore,
+  galore_adamw,
+  scale_by_adam_hf,
+  state_bytes,
 )
 
 __all__ = [
-    "GaLoreState",
-    "decay_updated_weights",
-    "galore",
-    "galore_adamw",
-    "scale_by_adam_hf",
-    "state_bytes",
+  "GaLoreState",
+  "decay_updated_weights",
+  "galore",
+  "galore_adamw",
+  "scale_by_adam_hf",
+  "state_bytes",
 ]
 __version__ = "0.1.0"

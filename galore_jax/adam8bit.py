@@ -82,14 +82,14 @@ import numpy as np
 import optax
 
 __all__ = [
-    "QuantizedArray",
-    "ScaleByAdam8bitState",
-    "adamw8bit",
-    "dequantize",
-    "dynamic_code_map",
-    "quantize",
-    "scale_by_adam8bit",
-    "state_bytes",
+  "QuantizedArray",
+  "ScaleByAdam8bitState",
+  "adamw8bit",
+  "dequantize",
+  "dynamic_code_map",
+  "quantize",
+  "scale_by_adam8bit",
+  "state_bytes",
 ]
 
 _NUM_DECADES = 7  # exponents 10^-6 ... 10^0
@@ -97,36 +97,36 @@ _NUM_DECADES = 7  # exponents 10^-6 ... 10^0
 
 @functools.cache
 def _dynamic_map_np(signed: bool) -> np.ndarray:
-    values = [0.0, 1.0]
-    for k in range(_NUM_DECADES):
-        n_bins = 2**k if signed else 2 ** (k + 1)
-        edges = np.linspace(0.1, 1.0, n_bins + 1)
-        centres = 0.5 * (edges[:-1] + edges[1:]) * 10.0 ** (k - (_NUM_DECADES - 1))
-        values.extend(centres.tolist())
-        if signed:
-            values.extend((-centres).tolist())
-    code = np.sort(np.asarray(values, dtype=np.float64)).astype(np.float32)
-    if code.size != 256 or np.unique(code).size != 256:
-        raise AssertionError("dynamic code map must have 256 distinct entries")
-    return code
+  values = [0.0, 1.0]
+  for k in range(_NUM_DECADES):
+    n_bins = 2**k if signed else 2 ** (k + 1)
+    edges = np.linspace(0.1, 1.0, n_bins + 1)
+    centres = 0.5 * (edges[:-1] + edges[1:]) * 10.0 ** (k - (_NUM_DECADES - 1))
+    values.extend(centres.tolist())
+    if signed:
+      values.extend((-centres).tolist())
+  code = np.sort(np.asarray(values, dtype=np.float64)).astype(np.float32)
+  if code.size != 256 or np.unique(code).size != 256:
+    raise AssertionError("dynamic code map must have 256 distinct entries")
+  return code
 
 
 def dynamic_code_map(signed: bool) -> np.ndarray:
-    """The sorted 256-entry dynamic-exponent code map (float32 numpy array).
+  """The sorted 256-entry dynamic-exponent code map (float32 numpy array).
 
-    Signed: 127 negative values, 0, 127 positive values, and 1 (so the largest
-    negative magnitude is ~0.993). Unsigned: 0, 254 positive values, and 1.
+  Signed: 127 negative values, 0, 127 positive values, and 1 (so the largest
+  negative magnitude is ~0.993). Unsigned: 0, 254 positive values, and 1.
 
-    Args:
-        signed: whether to build the signed map (first moment) or the unsigned map
-            (second moment).
+  Args:
+      signed: whether to build the signed map (first moment) or the unsigned map
+          (second moment).
 
-    Returns:
-        A read-only copy of the sorted code map.
-    """
-    out = _dynamic_map_np(bool(signed)).copy()
-    out.setflags(write=False)
-    return out
+  Returns:
+      A read-only copy of the sorted code map.
+  """
+  out = _dynamic_map_np(bool(signed)).copy()
+  out.setflags(write=False)
+  return out
 
 
 # Signed codes are stored as int8 (index - 128), unsigned as uint8 (index); the
@@ -136,359 +136,357 @@ _ROUNDINGS = ("nonzero", "bitsandbytes")
 
 
 class QuantizedArray(NamedTuple):
-    """A block-wise 8-bit quantised tensor; a plain pytree of two arrays.
+  """A block-wise 8-bit quantised tensor; a plain pytree of two arrays.
 
-    Attributes:
-        codes: ``(num_blocks, block_size)`` one-byte indices into the dynamic code
-            map. ``int8`` (index - 128) means the signed map, ``uint8`` the unsigned
-            map. The flattened tensor is zero-padded to ``num_blocks * block_size``.
-        scales: ``(num_blocks,)`` float32 absolute maximum of each block.
+  Attributes:
+      codes: ``(num_blocks, block_size)`` one-byte indices into the dynamic code
+          map. ``int8`` (index - 128) means the signed map, ``uint8`` the unsigned
+          map. The flattened tensor is zero-padded to ``num_blocks * block_size``.
+      scales: ``(num_blocks,)`` float32 absolute maximum of each block.
 
-    Nothing else is stored: the block size is ``codes.shape[-1]``, the map is
-    given by ``codes.dtype`` and the logical shape comes from the caller (for the
-    optimizer, the shape of the incoming update), so the state has the same
-    structure for every leaf and survives ``jax.tree.map``, ``jit``,
-    ``jax.eval_shape`` and checkpointing. Blocks run over the flattened tensor,
-    so the codes can be sharded along the block axis, not along the param's
-    own axes.
-    """
+  Nothing else is stored: the block size is ``codes.shape[-1]``, the map is
+  given by ``codes.dtype`` and the logical shape comes from the caller (for the
+  optimizer, the shape of the incoming update), so the state has the same
+  structure for every leaf and survives ``jax.tree.map``, ``jit``,
+  ``jax.eval_shape`` and checkpointing. Blocks run over the flattened tensor,
+  so the codes can be sharded along the block axis, not along the param's
+  own axes.
+  """
 
-    codes: jax.Array
-    scales: jax.Array
+  codes: jax.Array
+  scales: jax.Array
 
 
 def _num_blocks(size: int, block_size: int) -> int:
-    return max(1, -(-size // block_size))
+  return max(1, -(-size // block_size))
 
 
 def _count_below(table: np.ndarray, y: jax.Array, *, inclusive: bool) -> jax.Array:
-    """Number of entries of the sorted 255-entry ``table`` that are < y (<= y).
+  """Number of entries of the sorted 255-entry ``table`` that are < y (<= y).
 
-    Branch-free binary search, unrolled over the 8 bits of the answer. The
-    first probe compares against a scalar, later probes gather at data-dependent
-    positions; unlike ``jnp.searchsorted`` this leaves XLA no leaf-sized
-    constant to fold at compile time.
-    """
-    assert table.shape == (255,)
-    below = jnp.less_equal if inclusive else jnp.less
-    pos = jnp.where(below(float(table[127]), y), 128, 0).astype(jnp.int32)
-    table = jnp.asarray(table)
-    for step in (64, 32, 16, 8, 4, 2, 1):
-        probe = jnp.take(table, pos + (step - 1), mode="clip")
-        pos = pos + jnp.where(below(probe, y), step, 0)
-    return pos
+  Branch-free binary search, unrolled over the 8 bits of the answer. The
+  first probe compares against a scalar, later probes gather at data-dependent
+  positions; unlike ``jnp.searchsorted`` this leaves XLA no leaf-sized
+  constant to fold at compile time.
+  """
+  assert table.shape == (255,)
+  below = jnp.less_equal if inclusive else jnp.less
+  pos = jnp.where(below(float(table[127]), y), 128, 0).astype(jnp.int32)
+  table = jnp.asarray(table)
+  for step in (64, 32, 16, 8, 4, 2, 1):
+    probe = jnp.take(table, pos + (step - 1), mode="clip")
+    pos = pos + jnp.where(below(probe, y), step, 0)
+  return pos
 
 
 def quantize(
-    x: jax.Array,
-    *,
-    signed: bool,
-    block_size: int,
-    rounding: str = "nonzero",
-    key: jax.Array | None = None,
+  x: jax.Array,
+  *,
+  signed: bool,
+  block_size: int,
+  rounding: str = "nonzero",
+  key: jax.Array | None = None,
 ) -> QuantizedArray:
-    """Block-wise dynamic 8-bit quantisation of ``x`` (any shape).
+  """Block-wise dynamic 8-bit quantisation of ``x`` (any shape).
 
-    Each block of ``block_size`` consecutive elements of ``x.ravel()`` is divided
-    by its absmax and rounded to the nearest entry of the dynamic code map, with
-    one exception for values that are nonzero but nearest to the code 0:
+  Each block of ``block_size`` consecutive elements of ``x.ravel()`` is divided
+  by its absmax and rounded to the nearest entry of the dynamic code map, with
+  one exception for values that are nonzero but nearest to the code 0:
 
-    * ``rounding="nonzero"`` (default): they go to the smallest code of their
-      own sign instead, so no nonzero value is stored as 0 or with a flipped
-      sign. For the second moment this matters: a ``v`` stored as 0 next to a
-      nonzero ``m`` gives an update ``m / (sqrt((1 - b2) g^2) + eps)``, up to
-      ``1 / sqrt(1 - b2) ~ 32`` times an Adam step, and ``m / eps`` when ``g = 0``.
-    * ``rounding="bitsandbytes"``: as the bitsandbytes 8-bit optimizer kernels
-      do it: only a negative value of the signed map is moved (to the smallest
-      negative code, so the stored first moment keeps its sign); positive values
-      and the unsigned map use plain round-to-nearest.
+  * ``rounding="nonzero"`` (default): they go to the smallest code of their
+    own sign instead, so no nonzero value is stored as 0 or with a flipped
+    sign. For the second moment this matters: a ``v`` stored as 0 next to a
+    nonzero ``m`` gives an update ``m / (sqrt((1 - b2) g^2) + eps)``, up to
+    ``1 / sqrt(1 - b2) ~ 32`` times an Adam step, and ``m / eps`` when ``g = 0``.
+  * ``rounding="bitsandbytes"``: as the bitsandbytes 8-bit optimizer kernels
+    do it: only a negative value of the signed map is moved (to the smallest
+    negative code, so the stored first moment keeps its sign); positive values
+    and the unsigned map use plain round-to-nearest.
 
-    Either way the value moves by less than 1e-6 of the block absmax.
+  Either way the value moves by less than 1e-6 of the block absmax.
 
-    With a PRNG ``key`` the rounding is stochastic instead: a value between two
-    adjacent codes ``q_lo <= y < q_hi`` (``y = x / absmax``) becomes ``q_hi`` with
-    probability ``(y - q_lo) / (q_hi - q_lo)``, so ``E[dequantize(quantize(x))] = x``
-    (the ``rounding`` rule for values next to 0 still applies afterwards).
+  With a PRNG ``key`` the rounding is stochastic instead: a value between two
+  adjacent codes ``q_lo <= y < q_hi`` (``y = x / absmax``) becomes ``q_hi`` with
+  probability ``(y - q_lo) / (q_hi - q_lo)``, so ``E[dequantize(quantize(x))] = x``
+  (the ``rounding`` rule for values next to 0 still applies afterwards).
 
-    Args:
-        x: array to quantise; computed in float32.
-        signed: signed map (values of either sign) or unsigned map (``x >= 0``;
-            negative inputs are rounded to 0).
-        block_size: number of elements sharing one absmax scale.
-        rounding: ``"nonzero"`` or ``"bitsandbytes"``, see above.
-        key: optional PRNG key; if given, round stochastically.
+  Args:
+      x: array to quantise; computed in float32.
+      signed: signed map (values of either sign) or unsigned map (``x >= 0``;
+          negative inputs are rounded to 0).
+      block_size: number of elements sharing one absmax scale.
+      rounding: ``"nonzero"`` or ``"bitsandbytes"``, see above.
+      key: optional PRNG key; if given, round stochastically.
 
-    Returns:
-        A :class:`QuantizedArray`.
-    """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
-    code = _dynamic_map_np(bool(signed))
-    flat = jnp.ravel(x).astype(jnp.float32)
-    nb = _num_blocks(flat.size, block_size)
-    flat = jnp.pad(flat, (0, nb * block_size - flat.size))
-    blocks = flat.reshape(nb, block_size)
-    scales = jnp.max(jnp.abs(blocks), axis=1)
-    safe = jnp.where(scales > 0, scales, 1.0)
-    normed = blocks / safe[:, None]
-    if key is None:  # nearest code = number of midpoints below y
-        idx = _count_below(0.5 * (code[:-1] + code[1:]), normed, inclusive=False)
-    else:  # bracket code[lo] <= y < code[lo + 1], then round up with prob. p
-        table = jnp.asarray(code)
-        lo = jnp.maximum(_count_below(code[:-1], normed, inclusive=True) - 1, 0)
-        q_lo, q_hi = table[lo], table[lo + 1]
-        p = jnp.clip((normed - q_lo) / (q_hi - q_lo), 0.0, 1.0)
-        idx = lo + (jax.random.uniform(key, normed.shape) < p).astype(lo.dtype)
-    zero = int(np.flatnonzero(code == 0.0)[0])
-    if signed:
-        idx = jnp.where((normed < 0) & (idx == zero), zero - 1, idx)
-    if rounding == "nonzero":
-        idx = jnp.where((normed > 0) & (idx == zero), zero + 1, idx)
-    if signed:
-        codes = (idx - _SIGNED_OFFSET).astype(jnp.int8)
-    else:
-        codes = idx.astype(jnp.uint8)
-    return QuantizedArray(codes=codes, scales=scales)
+  Returns:
+      A :class:`QuantizedArray`.
+  """
+  if block_size <= 0:
+    raise ValueError(f"block_size must be positive, got {block_size}")
+  if rounding not in _ROUNDINGS:
+    raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
+  code = _dynamic_map_np(bool(signed))
+  flat = jnp.ravel(x).astype(jnp.float32)
+  nb = _num_blocks(flat.size, block_size)
+  flat = jnp.pad(flat, (0, nb * block_size - flat.size))
+  blocks = flat.reshape(nb, block_size)
+  scales = jnp.max(jnp.abs(blocks), axis=1)
+  safe = jnp.where(scales > 0, scales, 1.0)
+  normed = blocks / safe[:, None]
+  if key is None:  # nearest code = number of midpoints below y
+    idx = _count_below(0.5 * (code[:-1] + code[1:]), normed, inclusive=False)
+  else:  # bracket code[lo] <= y < code[lo + 1], then round up with prob. p
+    table = jnp.asarray(code)
+    lo = jnp.maximum(_count_below(code[:-1], normed, inclusive=True) - 1, 0)
+    q_lo, q_hi = table[lo], table[lo + 1]
+    p = jnp.clip((normed - q_lo) / (q_hi - q_lo), 0.0, 1.0)
+    idx = lo + (jax.random.uniform(key, normed.shape) < p).astype(lo.dtype)
+  zero = int(np.flatnonzero(code == 0.0)[0])
+  if signed:
+    idx = jnp.where((normed < 0) & (idx == zero), zero - 1, idx)
+  if rounding == "nonzero":
+    idx = jnp.where((normed > 0) & (idx == zero), zero + 1, idx)
+  if signed:
+    codes = (idx - _SIGNED_OFFSET).astype(jnp.int8)
+  else:
+    codes = idx.astype(jnp.uint8)
+  return QuantizedArray(codes=codes, scales=scales)
 
 
 def dequantize(q: QuantizedArray, shape) -> jax.Array:
-    """Inverse of :func:`quantize`: float32 array of the given shape."""
-    shape = tuple(int(d) for d in shape)
-    size = math.prod(shape)
-    nb, block_size = q.codes.shape
-    if _num_blocks(size, block_size) != nb:
-        raise ValueError(f"shape {shape} does not match {nb} blocks of {block_size} codes")
-    signed = bool(jnp.dtype(q.codes.dtype) == jnp.int8)
-    code = jnp.asarray(_dynamic_map_np(signed))
-    idx = q.codes.astype(jnp.int32)
-    if signed:
-        idx = idx + _SIGNED_OFFSET
-    values = jnp.take(code, idx, axis=0) * q.scales[:, None]
-    return values.reshape(-1)[:size].reshape(shape)
+  """Inverse of :func:`quantize`: float32 array of the given shape."""
+  shape = tuple(int(d) for d in shape)
+  size = math.prod(shape)
+  nb, block_size = q.codes.shape
+  if _num_blocks(size, block_size) != nb:
+    raise ValueError(f"shape {shape} does not match {nb} blocks of {block_size} codes")
+  signed = bool(jnp.dtype(q.codes.dtype) == jnp.int8)
+  code = jnp.asarray(_dynamic_map_np(signed))
+  idx = q.codes.astype(jnp.int32)
+  if signed:
+    idx = idx + _SIGNED_OFFSET
+  values = jnp.take(code, idx, axis=0) * q.scales[:, None]
+  return values.reshape(-1)[:size].reshape(shape)
 
 
 def _zeros_quantized(size: int, *, signed: bool, block_size: int):
-    nb = _num_blocks(size, block_size)
-    if signed:
-        zero = int(np.flatnonzero(_dynamic_map_np(True) == 0.0)[0])
-        codes = jnp.full((nb, block_size), zero - _SIGNED_OFFSET, jnp.int8)
-    else:
-        codes = jnp.zeros((nb, block_size), jnp.uint8)
-    return QuantizedArray(codes=codes, scales=jnp.zeros((nb,), jnp.float32))
+  nb = _num_blocks(size, block_size)
+  if signed:
+    zero = int(np.flatnonzero(_dynamic_map_np(True) == 0.0)[0])
+    codes = jnp.full((nb, block_size), zero - _SIGNED_OFFSET, jnp.int8)
+  else:
+    codes = jnp.zeros((nb, block_size), jnp.uint8)
+  return QuantizedArray(codes=codes, scales=jnp.zeros((nb,), jnp.float32))
 
 
 class ScaleByAdam8bitState(NamedTuple):
-    """State of :func:`scale_by_adam8bit`.
+  """State of :func:`scale_by_adam8bit`.
 
-    ``mu`` / ``nu`` mirror the params tree, except that each leaf with at least
-    ``min_8bit_size`` elements is replaced by a :class:`QuantizedArray`
-    (``int8`` codes for ``mu``, ``uint8`` for ``nu``); smaller leaves hold float32
-    arrays of the param's shape.
-    """
+  ``mu`` / ``nu`` mirror the params tree, except that each leaf with at least
+  ``min_8bit_size`` elements is replaced by a :class:`QuantizedArray`
+  (``int8`` codes for ``mu``, ``uint8`` for ``nu``); smaller leaves hold float32
+  arrays of the param's shape.
+  """
 
-    count: jax.Array  # int32 step counter
-    mu: optax.Updates
-    nu: optax.Updates
+  count: jax.Array  # int32 step counter
+  mu: optax.Updates
+  nu: optax.Updates
 
 
 def scale_by_adam8bit(
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    eps_before_bias_correction: bool = True,
-    rounding: str = "nonzero",
-    stochastic_rounding: bool = False,
-    seed: int = 0,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  eps_before_bias_correction: bool = True,
+  rounding: str = "nonzero",
+  stochastic_rounding: bool = False,
+  seed: int = 0,
 ) -> optax.GradientTransformation:
-    r"""Adam preconditioning with block-wise 8-bit moment storage.
+  r"""Adam preconditioning with block-wise 8-bit moment storage.
 
-    With :math:`\hat{m}, \hat{v}` the dequantised stored moments and
-    :math:`c_1 = 1 - \beta_1^t`, :math:`c_2 = 1 - \beta_2^t`:
+  With :math:`\hat{m}, \hat{v}` the dequantised stored moments and
+  :math:`c_1 = 1 - \beta_1^t`, :math:`c_2 = 1 - \beta_2^t`:
 
-    .. math::
-        m_t = \beta_1 \hat{m}_{t-1} + (1 - \beta_1) g_t, \quad
-        v_t = \beta_2 \hat{v}_{t-1} + (1 - \beta_2) g_t^2
+  .. math::
+      m_t = \beta_1 \hat{m}_{t-1} + (1 - \beta_1) g_t, \quad
+      v_t = \beta_2 \hat{v}_{t-1} + (1 - \beta_2) g_t^2
 
-    and the returned update (without learning rate or sign) is
-    :math:`\frac{\sqrt{c_2}}{c_1} \frac{m_t}{\sqrt{v_t} + \epsilon}` if
-    ``eps_before_bias_correction`` (Hugging Face / galore-torch placement) or
-    :math:`\frac{m_t / c_1}{\sqrt{v_t / c_2} + \epsilon}` otherwise (optax and
-    bitsandbytes placement). :math:`m_t, v_t` are then stored with block-wise
-    dynamic 8-bit quantisation (see the module docstring).
+  and the returned update (without learning rate or sign) is
+  :math:`\frac{\sqrt{c_2}}{c_1} \frac{m_t}{\sqrt{v_t} + \epsilon}` if
+  ``eps_before_bias_correction`` (Hugging Face / galore-torch placement) or
+  :math:`\frac{m_t / c_1}{\sqrt{v_t / c_2} + \epsilon}` otherwise (optax and
+  bitsandbytes placement). :math:`m_t, v_t` are then stored with block-wise
+  dynamic 8-bit quantisation (see the module docstring).
 
-    Args:
-        b1: decay rate of the first moment.
-        b2: decay rate of the second moment.
-        eps: term added to the denominator.
-        block_size: elements per quantisation block (one float32 absmax each).
-        min_8bit_size: leaves with fewer elements keep float32 moments.
-        eps_before_bias_correction: where ``eps`` goes; see above.
-        rounding: how values nearest to the code 0 are stored, see :func:`quantize`.
-            ``"bitsandbytes"`` reproduces bitsandbytes' rounding exactly; the
-            default ``"nonzero"`` never stores a positive ``v`` as 0, which keeps
-            rare coordinates with tiny ``v`` from taking ``~1/sqrt(1-b2)`` times
-            oversized steps.
-        stochastic_rounding: round the second moment stochastically (unbiased)
-            instead of to the nearest code. Not in bitsandbytes. With nearest
-            rounding and ``b2 = 0.999`` a step changes ``v`` by ~0.1 %, less than
-            half a code gap (0.35 % of the block absmax at the top of the map),
-            so a ``v`` that should decay relative to its block's largest entry
-            stays put; the stale, too-large ``v`` shortens steps late in
-            training. Stochastic rounding removes that bias at the cost of
-            rounding noise. The first moment always rounds to nearest.
-        seed: seed of the stochastic rounding; the key of a step is derived
-            from it, the step count and the leaf's position.
+  Args:
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator.
+      block_size: elements per quantisation block (one float32 absmax each).
+      min_8bit_size: leaves with fewer elements keep float32 moments.
+      eps_before_bias_correction: where ``eps`` goes; see above.
+      rounding: how values nearest to the code 0 are stored, see :func:`quantize`.
+          ``"bitsandbytes"`` reproduces bitsandbytes' rounding exactly; the
+          default ``"nonzero"`` never stores a positive ``v`` as 0, which keeps
+          rare coordinates with tiny ``v`` from taking ``~1/sqrt(1-b2)`` times
+          oversized steps.
+      stochastic_rounding: round the second moment stochastically (unbiased)
+          instead of to the nearest code. Not in bitsandbytes. With nearest
+          rounding and ``b2 = 0.999`` a step changes ``v`` by ~0.1 %, less than
+          half a code gap (0.35 % of the block absmax at the top of the map),
+          so a ``v`` that should decay relative to its block's largest entry
+          stays put; the stale, too-large ``v`` shortens steps late in
+          training. Stochastic rounding removes that bias at the cost of
+          rounding noise. The first moment always rounds to nearest.
+      seed: seed of the stochastic rounding; the key of a step is derived
+          from it, the step count and the leaf's position.
 
-    Returns:
-        An ``optax.GradientTransformation``. Updates keep the dtype of the incoming
-        updates; all arithmetic is float32.
+  Returns:
+      An ``optax.GradientTransformation``. Updates keep the dtype of the incoming
+      updates; all arithmetic is float32.
 
-    References:
-        Dettmers et al., `8-bit Optimizers via Block-wise Quantization
-        <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+  References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
 
-        Kingma and Ba, `Adam: A Method for Stochastic Optimization
-        <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
-    """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+  """
+  if block_size <= 0:
+    raise ValueError(f"block_size must be positive, got {block_size}")
+  if rounding not in _ROUNDINGS:
+    raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
 
-    def is_8bit(size: int) -> bool:
-        return size >= min_8bit_size
+  def is_8bit(size: int) -> bool:
+    return size >= min_8bit_size
 
-    def init_fn(params):
-        def init_leaf(p, signed):
-            if is_8bit(p.size):
-                return _zeros_quantized(p.size, signed=signed, block_size=block_size)
-            return jnp.zeros(p.shape, jnp.float32)
+  def init_fn(params):
+    def init_leaf(p, signed):
+      if is_8bit(p.size):
+        return _zeros_quantized(p.size, signed=signed, block_size=block_size)
+      return jnp.zeros(p.shape, jnp.float32)
 
-        return ScaleByAdam8bitState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(functools.partial(init_leaf, signed=True), params),
-            nu=jax.tree.map(functools.partial(init_leaf, signed=False), params),
+    return ScaleByAdam8bitState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(functools.partial(init_leaf, signed=True), params),
+      nu=jax.tree.map(functools.partial(init_leaf, signed=False), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    step_key = jax.random.fold_in(jax.random.key(seed), count) if stochastic_rounding else None
+    t = count.astype(jnp.float32)
+    c1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
+    c2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
+
+    def leaf(i, g, m_stored, v_stored):
+      g32 = g.astype(jnp.float32)
+      quantised = is_8bit(g.size)
+      if quantised:
+        m_prev = dequantize(m_stored, g.shape)
+        v_prev = dequantize(v_stored, g.shape)
+      else:
+        m_prev, v_prev = m_stored, v_stored
+      m = b1 * m_prev + (1.0 - b1) * g32
+      v = b2 * v_prev + (1.0 - b2) * jnp.square(g32)
+      if eps_before_bias_correction:
+        u = (jnp.sqrt(c2) / c1) * m / (jnp.sqrt(v) + eps)
+      else:
+        u = (m / c1) / (jnp.sqrt(v / c2) + eps)
+      if quantised:
+        m_new = quantize(m, signed=True, block_size=block_size, rounding=rounding)
+        v_key = jax.random.fold_in(step_key, i) if stochastic_rounding else None
+        v_new = quantize(v, signed=False, block_size=block_size, rounding=rounding, key=v_key)
+      else:
+        m_new, v_new = m, v
+      return u.astype(g.dtype), m_new, v_new
+
+    treedef = jax.tree.structure(updates)
+    outs = [
+      leaf(i, g, m, v)
+      for i, (g, m, v) in enumerate(
+        zip(
+          treedef.flatten_up_to(updates),
+          treedef.flatten_up_to(state.mu),
+          treedef.flatten_up_to(state.nu),
+          strict=True,
         )
+      )
+    ]
+    new_updates = treedef.unflatten([o[0] for o in outs])
+    mu = treedef.unflatten([o[1] for o in outs])
+    nu = treedef.unflatten([o[2] for o in outs])
+    return new_updates, ScaleByAdam8bitState(count=count, mu=mu, nu=nu)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        step_key = jax.random.fold_in(jax.random.key(seed), count) if stochastic_rounding else None
-        t = count.astype(jnp.float32)
-        c1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
-        c2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
-
-        def leaf(i, g, m_stored, v_stored):
-            g32 = g.astype(jnp.float32)
-            quantised = is_8bit(g.size)
-            if quantised:
-                m_prev = dequantize(m_stored, g.shape)
-                v_prev = dequantize(v_stored, g.shape)
-            else:
-                m_prev, v_prev = m_stored, v_stored
-            m = b1 * m_prev + (1.0 - b1) * g32
-            v = b2 * v_prev + (1.0 - b2) * jnp.square(g32)
-            if eps_before_bias_correction:
-                u = (jnp.sqrt(c2) / c1) * m / (jnp.sqrt(v) + eps)
-            else:
-                u = (m / c1) / (jnp.sqrt(v / c2) + eps)
-            if quantised:
-                m_new = quantize(m, signed=True, block_size=block_size, rounding=rounding)
-                v_key = jax.random.fold_in(step_key, i) if stochastic_rounding else None
-                v_new = quantize(
-                    v, signed=False, block_size=block_size, rounding=rounding, key=v_key
-                )
-            else:
-                m_new, v_new = m, v
-            return u.astype(g.dtype), m_new, v_new
-
-        treedef = jax.tree.structure(updates)
-        outs = [
-            leaf(i, g, m, v)
-            for i, (g, m, v) in enumerate(
-                zip(
-                    treedef.flatten_up_to(updates),
-                    treedef.flatten_up_to(state.mu),
-                    treedef.flatten_up_to(state.nu),
-                    strict=True,
-                )
-            )
-        ]
-        new_updates = treedef.unflatten([o[0] for o in outs])
-        mu = treedef.unflatten([o[1] for o in outs])
-        nu = treedef.unflatten([o[2] for o in outs])
-        return new_updates, ScaleByAdam8bitState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adamw8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask: Any | None = None,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    eps_before_bias_correction: bool = True,
-    rounding: str = "nonzero",
-    stochastic_rounding: bool = False,
-    seed: int = 0,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask: Any | None = None,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  eps_before_bias_correction: bool = True,
+  rounding: str = "nonzero",
+  stochastic_rounding: bool = False,
+  seed: int = 0,
 ) -> optax.GradientTransformation:
-    """AdamW with block-wise 8-bit moments (Dettmers et al., 2022).
+  """AdamW with block-wise 8-bit moments (Dettmers et al., 2022).
 
-    ``chain(scale_by_adam8bit(...), add_decayed_weights(weight_decay, mask),
-    scale_by_learning_rate(learning_rate))``: decoupled weight decay as in
-    ``optax.adamw``. See :func:`scale_by_adam8bit` for the other arguments.
+  ``chain(scale_by_adam8bit(...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))``: decoupled weight decay as in
+  ``optax.adamw``. See :func:`scale_by_adam8bit` for the other arguments.
 
-    Args:
-        learning_rate: a fixed learning rate or a schedule.
-        b1: decay rate of the first moment.
-        b2: decay rate of the second moment.
-        eps: term added to the denominator.
-        weight_decay: decoupled weight decay coefficient.
-        mask: pytree (or callable returning one) of booleans selecting the leaves
-            weight decay applies to, as in ``optax.adamw``.
-        block_size: elements per quantisation block.
-        min_8bit_size: leaves with fewer elements keep float32 moments.
-        eps_before_bias_correction: ``eps`` placement, see
-            :func:`scale_by_adam8bit`.
-        rounding: ``"nonzero"`` or ``"bitsandbytes"``, see :func:`quantize`.
-        stochastic_rounding: stochastic rounding of the second moment, see
-            :func:`scale_by_adam8bit`.
-        seed: seed of the stochastic rounding.
+  Args:
+      learning_rate: a fixed learning rate or a schedule.
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator.
+      weight_decay: decoupled weight decay coefficient.
+      mask: pytree (or callable returning one) of booleans selecting the leaves
+          weight decay applies to, as in ``optax.adamw``.
+      block_size: elements per quantisation block.
+      min_8bit_size: leaves with fewer elements keep float32 moments.
+      eps_before_bias_correction: ``eps`` placement, see
+          :func:`scale_by_adam8bit`.
+      rounding: ``"nonzero"`` or ``"bitsandbytes"``, see :func:`quantize`.
+      stochastic_rounding: stochastic rounding of the second moment, see
+          :func:`scale_by_adam8bit`.
+      seed: seed of the stochastic rounding.
 
-    Returns:
-        An ``optax.GradientTransformation``.
-    """
-    return optax.chain(
-        scale_by_adam8bit(
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            block_size=block_size,
-            min_8bit_size=min_8bit_size,
-            eps_before_bias_correction=eps_before_bias_correction,
-            rounding=rounding,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-        ),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+  Returns:
+      An ``optax.GradientTransformation``.
+  """
+  return optax.chain(
+    scale_by_adam8bit(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      eps_before_bias_correction=eps_before_bias_correction,
+      rounding=rounding,
+      stochastic_rounding=stochastic_rounding,
+      seed=seed,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def state_bytes(state) -> int:
-    """Bytes held by the array leaves of ``state`` (works on ``eval_shape``)."""
-    total = 0
-    for leaf in jax.tree.leaves(state):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-    return total
+  """Bytes held by the array leaves of ``state`` (works on ``eval_shape``)."""
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+  return total

@@ -32,8 +32,9 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def manager(path: str, *, max_to_keep: int | None = 3, create: bool = True
-            ) -> ocp.CheckpointManager:
+def manager(
+  path: str, *, max_to_keep: int | None = 3, create: bool = True
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   return ocp.CheckpointManager(checkpoint_dir(path), options=options)
 
@@ -42,13 +43,13 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[s
   """Saves synchronously: when this returns, the checkpoint is committed on disk."""
   meta = dict(meta, format=CHECKPOINT_FORMAT, step=int(step))
   mngr.save(
-      int(step),
-      args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          opt_state=ocp.args.StandardSave(opt_state),
-          meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
+    int(step),
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta),
+    ),
+    force=True,
   )
   mngr.wait_until_finished()
 
@@ -72,11 +73,14 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
-    raise CheckpointError(f"checkpoint {d}/{step} is unreadable (corrupt or incomplete): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    raise CheckpointError(
+      f"checkpoint {d}/{step} is unreadable (corrupt or incomplete): "
+      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    ) from e
   if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-    raise CheckpointError(f"checkpoint {d}/{step} has no galore-jax metadata (format "
-                          f"{CHECKPOINT_FORMAT})")
+    raise CheckpointError(
+      f"checkpoint {d}/{step} has no galore-jax metadata (format {CHECKPOINT_FORMAT})"
+    )
   return step, meta
 
 
@@ -93,9 +97,11 @@ def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {d}/{step} could not be restored into this run's "
-                          f"state (corrupt, or saved by a different configuration): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    raise CheckpointError(
+      f"checkpoint {d}/{step} could not be restored into this run's "
+      f"state (corrupt, or saved by a different configuration): "
+      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    ) from e
   for k, v in abstract.items():
     got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), out[k])
     want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), v)

@@ -22,41 +22,61 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
-  p.add_argument("--update-proj-gap", type=int, default=d.update_proj_gap,
-                 help="steps between projector refreshes (T)")
+  p.add_argument(
+    "--update-proj-gap",
+    type=int,
+    default=d.update_proj_gap,
+    help="steps between projector refreshes (T)",
+  )
   p.add_argument("--galore-scale", type=float, default=d.galore_scale, help="alpha")
   p.add_argument("--svd", default=d.svd, choices=("exact", "randomized"))
-  p.add_argument("--refresh-schedule", default=d.refresh_schedule,
-                 choices=("synchronous", "staggered"))
-  p.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW)")
+  p.add_argument(
+    "--refresh-schedule", default=d.refresh_schedule, choices=("synchronous", "staggered")
+  )
+  p.add_argument(
+    "--lr",
+    type=float,
+    default=None,
+    help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW)",
+  )
   p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%%)")
   p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
-  p.add_argument("--batch-size", type=int, default=d.batch_size,
-                 help="sequences per micro-batch")
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
   p.add_argument("--seq-len", type=int, default=d.seq_len)
-  p.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                 help="micro-batches per optimizer step")
+  p.add_argument(
+    "--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step"
+  )
   p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global norm; 0 = off")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  p.add_argument("--data", default=d.data,
-                 help="builtin | PATH (txt / jsonl[.gz], glob ok) | tfds:NAME (e.g. tfds:c4/en)")
+  p.add_argument(
+    "--data",
+    default=d.data,
+    help="builtin | PATH (txt / jsonl[.gz], glob ok) | tfds:NAME (e.g. tfds:c4/en)",
+  )
   p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: bundled)")
-  p.add_argument("--no-packing", dest="packing", action="store_false",
-                 help="truncate / pad each document (the paper's C4 setup)")
+  p.add_argument(
+    "--no-packing",
+    dest="packing",
+    action="store_false",
+    help="truncate / pad each document (the paper's C4 setup)",
+  )
   p.add_argument("--eval-every", type=int, default=d.eval_every)
   p.add_argument("--eval-batches", type=int, default=d.eval_batches)
   p.add_argument("--save-every", type=int, default=d.save_every)
   p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--out", default=d.out,
-                 help="run directory (default: runs/<model>_<optimizer>_<timestamp>)")
+  p.add_argument(
+    "--out", default=d.out, help="run directory (default: runs/<model>_<optimizer>_<timestamp>)"
+  )
   p.add_argument("--resume", action="store_true", help="continue the run in --out")
-  p.add_argument("--stop-after", type=int, default=None,
-                 help="stop (saving a checkpoint) after this many steps in this invocation")
+  p.add_argument(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="stop (saving a checkpoint) after this many steps in this invocation",
+  )
   p.add_argument("--mesh", default=None, help="data=N,fsdp=M")
   p.add_argument("--param-dtype", default=d.param_dtype, choices=("float32", "bfloat16"))
-  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"),
-                 help="compute dtype")
+  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="compute dtype")
   p.add_argument("--remat", default=d.remat, choices=("none", "full", "save_matmuls"))
   p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -81,11 +101,12 @@ def _cmd_train(args) -> int:
   if losses:
     head = sum(losses[:10]) / len(losses[:10])
     tail = sum(losses[-10:]) / len(losses[-10:])
-    print(f"trained steps {summary['start_step']}..{summary['step']}: "
-          f"loss {head:.3f} (first 10) -> {tail:.3f} (last 10)")
+    print(
+      f"trained steps {summary['start_step']}..{summary['step']}: "
+      f"loss {head:.3f} (first 10) -> {tail:.3f} (last 10)"
+    )
   if "eval_ppl" in summary:
-    print(f"final validation loss {summary['eval_loss']:.4f}, "
-          f"perplexity {summary['eval_ppl']:.2f}")
+    print(f"final validation loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
   print(f"metrics: {summary['metrics']}  (TensorBoard: {os.path.join(summary['out'], 'tb')})")
   print(f"checkpoints: {summary['checkpoints']}")
   return 0
@@ -95,17 +116,21 @@ def _cmd_eval(args) -> int:
   from galore_jax import data, train
 
   run, params, _, step = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-  cfg = dataclasses.replace(run.cfg, data=args.data or run.cfg.data,
-                            batch_size=args.batch_size or run.cfg.batch_size)
+  cfg = dataclasses.replace(
+    run.cfg, data=args.data or run.cfg.data, batch_size=args.batch_size or run.cfg.batch_size
+  )
   try:
     batches = data.eval_batches(train._data_config(cfg, cfg.batch_size), args.eval_batches)
   except (FileNotFoundError, ValueError) as e:
     raise train.ConfigError("--data", str(e)) from e
   loss, ppl = train.evaluate(run, params, batches, train.compile_eval_step(run))
   result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
-  print(json.dumps(result) if args.json else
-        f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f} "
-        f"({len(batches)} batches of {cfg.batch_size} x {cfg.seq_len})")
+  print(
+    json.dumps(result)
+    if args.json
+    else f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f} "
+    f"({len(batches)} batches of {cfg.batch_size} x {cfg.seq_len})"
+  )
   return 0
 
 
@@ -115,21 +140,46 @@ def _cmd_sample(args) -> int:
   run, params, sp, _ = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
   ids = sp.encode(args.prompt)
   try:
-    out = train.generate(run, params, ids, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         eos_id=sp.eos_id())
+    out = train.generate(
+      run,
+      params,
+      ids,
+      max_new_tokens=args.max_new_tokens,
+      temperature=args.temperature,
+      top_k=args.top_k,
+      seed=args.seed,
+      eos_id=sp.eos_id(),
+    )
   except ValueError as e:
     raise train.ConfigError("--prompt", str(e)) from e
   print(args.prompt + sp.decode(out))
   return 0
 
 
+def _cmd_plan(args) -> int:
+  from galore_jax import plan, train
+
+  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+  cfg = train.TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  result = plan.plan(
+    cfg,
+    vocab_size=args.vocab_size,
+    gpu_memory=plan.parse_bytes(args.gpu_memory, "--gpu-memory"),
+    compile=args.compile,
+    per_layer_updates=args.per_layer_updates,
+  )
+  print(json.dumps(result) if args.json else plan.format_plan(result))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="galore-jax", description="GaLore pretraining of LLaMA-style models in JAX.")
+    prog="galore-jax", description="GaLore pretraining of LLaMA-style models in JAX."
+  )
   sub = parser.add_subparsers(dest="command")
-  p = sub.add_parser("train", help="pretrain a model (default: llama_tiny + GaLore on the "
-                     "bundled corpus)")
+  p = sub.add_parser(
+    "train", help="pretrain a model (default: llama_tiny + GaLore on the bundled corpus)"
+  )
   _add_train_flags(p)
   p.set_defaults(fn=_cmd_train)
 
@@ -151,6 +201,53 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tokenizer", default=None)
   p.set_defaults(fn=_cmd_sample)
+
+  from galore_jax.train import OPTIMIZERS, TrainConfig
+
+  d = TrainConfig()
+  p = sub.add_parser(
+    "plan",
+    help="predict peak GPU memory of a configuration without "
+    "allocating it (and what to shrink if it does not fit)",
+  )
+  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
+  p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+  p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
+  p.add_argument("--svd", default=d.svd, choices=("exact", "randomized"))
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+  p.add_argument("--seq-len", type=int, default=d.seq_len)
+  p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+  p.add_argument(
+    "--param-dtype",
+    default="bfloat16",
+    choices=("float32", "bfloat16"),
+    help="default bfloat16: the paper trains pure bf16",
+  )
+  p.add_argument(
+    "--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype"
+  )
+  p.add_argument("--remat", default=d.remat, choices=("none", "full", "save_matmuls"))
+  p.add_argument(
+    "--vocab-size",
+    type=int,
+    default=32000,
+    help="default 32000 (the paper's T5 tokenizer); no tokenizer is loaded",
+  )
+  p.add_argument("--gpu-memory", default="24GB", help="e.g. 24GB, 24GiB, 80000MB")
+  p.add_argument(
+    "--no-compile",
+    dest="compile",
+    action="store_false",
+    help="analytic estimate only (compiling llama_7b on a CPU takes minutes)",
+  )
+  p.add_argument(
+    "--per-layer-updates",
+    action="store_true",
+    help="what-if: plan a step that updates each weight as soon as its "
+    "gradient exists (train.py does not do this yet)",
+  )
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.set_defaults(fn=_cmd_plan)
   return parser
 
 

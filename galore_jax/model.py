@@ -74,7 +74,7 @@ class LlamaConfig:
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(
-          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+        f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
       )
     if self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
@@ -82,7 +82,7 @@ class LlamaConfig:
       raise ValueError(f"unknown remat mode {self.remat!r}; choose from {_REMAT_MODES}")
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(
-          f"unknown attention_impl {self.attention_impl!r}; choose from {_ATTENTION_IMPLS}"
+        f"unknown attention_impl {self.attention_impl!r}; choose from {_ATTENTION_IMPLS}"
       )
 
   @property
@@ -92,19 +92,19 @@ class LlamaConfig:
 
 def _sized(*, hidden: int, intermediate: int, heads: int, layers: int) -> LlamaConfig:
   return LlamaConfig(
-      hidden_size=hidden, intermediate_size=intermediate, num_heads=heads, num_layers=layers
+    hidden_size=hidden, intermediate_size=intermediate, num_heads=heads, num_layers=layers
   )
 
 
 CONFIGS: dict[str, LlamaConfig] = {
-    # Not in the paper: a model small enough for CPU tests and smoke runs.
-    "llama_tiny": _sized(hidden=256, intermediate=688, heads=4, layers=4),
-    # The paper's pretraining sizes (see REFERENCE.md, "Pretraining setup").
-    "llama_60m": _sized(hidden=512, intermediate=1376, heads=8, layers=8),
-    "llama_130m": _sized(hidden=768, intermediate=2048, heads=12, layers=12),
-    "llama_350m": _sized(hidden=1024, intermediate=2736, heads=16, layers=24),
-    "llama_1b": _sized(hidden=2048, intermediate=5461, heads=32, layers=24),
-    "llama_7b": _sized(hidden=4096, intermediate=11008, heads=32, layers=32),
+  # Not in the paper: a model small enough for CPU tests and smoke runs.
+  "llama_tiny": _sized(hidden=256, intermediate=688, heads=4, layers=4),
+  # The paper's pretraining sizes (see REFERENCE.md, "Pretraining setup").
+  "llama_60m": _sized(hidden=512, intermediate=1376, heads=8, layers=8),
+  "llama_130m": _sized(hidden=768, intermediate=2048, heads=12, layers=12),
+  "llama_350m": _sized(hidden=1024, intermediate=2736, heads=16, layers=24),
+  "llama_1b": _sized(hidden=2048, intermediate=5461, heads=32, layers=24),
+  "llama_7b": _sized(hidden=4096, intermediate=11008, heads=32, layers=32),
 }
 
 
@@ -143,22 +143,22 @@ def _normal_init(config: LlamaConfig):
 
 
 def _linear(
-    in_features: int,
-    out_features: int,
-    config: LlamaConfig,
-    rngs: nnx.Rngs,
-    preferred_element_type: Any = None,
+  in_features: int,
+  out_features: int,
+  config: LlamaConfig,
+  rngs: nnx.Rngs,
+  preferred_element_type: Any = None,
 ) -> nnx.Linear:
   """A bias-free projection; Flax stores its kernel as (in, out)."""
   return nnx.Linear(
-      in_features,
-      out_features,
-      use_bias=False,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      kernel_init=_normal_init(config),
-      preferred_element_type=preferred_element_type,
-      rngs=rngs,
+    in_features,
+    out_features,
+    use_bias=False,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    kernel_init=_normal_init(config),
+    preferred_element_type=preferred_element_type,
+    rngs=rngs,
   )
 
 
@@ -217,15 +217,15 @@ def _use_cudnn(impl: str, dtype: Any, head_dim: int) -> bool:
     return False
   # "auto": cuDNN's fused kernels take fp16/bf16 only and head dims up to 128.
   return (
-      jax.default_backend() == "gpu"
-      and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-      and head_dim % 8 == 0
-      and head_dim <= 128
+    jax.default_backend() == "gpu"
+    and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    and head_dim % 8 == 0
+    and head_dim <= 128
   )
 
 
 def causal_attention(
-    q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, impl: str
+  q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, impl: str
 ) -> jax.Array:
   """Causal softmax attention through ``jax.nn.dot_product_attention``.
 
@@ -236,13 +236,13 @@ def causal_attention(
   if _use_cudnn(impl, q_BxLxHxK.dtype, q_BxLxHxK.shape[-1]):
     try:
       return jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn"
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn"
       )
     except (ValueError, RuntimeError, NotImplementedError, TypeError):
       if impl == "cudnn":
         raise
   return jax.nn.dot_product_attention(
-      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla"
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla"
   )
 
 
@@ -349,19 +349,19 @@ class Llama(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embed = nnx.Embed(
-        config.vocab_size,
-        config.hidden_size,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        embedding_init=_normal_init(config),
-        rngs=rngs,
+      config.vocab_size,
+      config.hidden_size,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      embedding_init=_normal_init(config),
+      rngs=rngs,
     )
     self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(config.hidden_size, config)
     # bf16 inputs with a float32 result keep the softmax / cross-entropy
     # accurate without materialising a float32 copy of the (D, V) head.
     self.lm_head = _linear(
-        config.hidden_size, config.vocab_size, config, rngs, preferred_element_type=jnp.float32
+      config.hidden_size, config.vocab_size, config, rngs, preferred_element_type=jnp.float32
     )
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
@@ -386,9 +386,9 @@ class Llama(nnx.Module):
 def _hf_mapping(config: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
   """HF state-dict key -> (our parameter path, whether to transpose)."""
   mapping: dict[str, tuple[tuple[Any, ...], bool]] = {
-      "model.embed_tokens.weight": (("embed", "embedding"), False),
-      "model.norm.weight": (("final_norm", "scale"), False),
-      "lm_head.weight": (("lm_head", "kernel"), True),
+    "model.embed_tokens.weight": (("embed", "embedding"), False),
+    "model.norm.weight": (("final_norm", "scale"), False),
+    "lm_head.weight": (("lm_head", "kernel"), True),
   }
   for i in range(config.num_layers):
     hf = f"model.layers.{i}"
@@ -430,7 +430,7 @@ def load_hf_weights(model: Llama, state_dict: Mapping[str, np.ndarray]) -> None:
       hint = " (a tied-embedding checkpoint has no lm_head.weight; this model is untied)"
     raise ValueError(f"missing keys in state dict{hint}: {_abbrev(missing)}")
   unexpected = sorted(
-      k for k in state_dict if k not in mapping and not k.endswith("rotary_emb.inv_freq")
+    k for k in state_dict if k not in mapping and not k.endswith("rotary_emb.inv_freq")
   )
   if unexpected:
     raise ValueError(f"unexpected keys in state dict: {_abbrev(unexpected)}")
@@ -444,9 +444,9 @@ def load_hf_weights(model: Llama, state_dict: Mapping[str, np.ndarray]) -> None:
     current = variable[...]
     if value.shape != current.shape:
       raise ValueError(
-          f"shape mismatch for {hf_key} -> {'.'.join(map(str, path))}: "
-          f"got {tuple(value.shape)}{' after transpose' if transpose else ''}, "
-          f"model has {tuple(current.shape)}"
+        f"shape mismatch for {hf_key} -> {'.'.join(map(str, path))}: "
+        f"got {tuple(value.shape)}{' after transpose' if transpose else ''}, "
+        f"model has {tuple(current.shape)}"
       )
     updates.append((variable, jnp.asarray(value, dtype=current.dtype)))
   for variable, value in updates:

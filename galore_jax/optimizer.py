@@ -108,8 +108,9 @@ def _normalize_axes(axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
   return out
 
 
-def _leaf_plans(params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_gap,
-                refresh_schedule) -> list[_Plan | None]:
+def _leaf_plans(
+  params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_gap, refresh_schedule
+) -> list[_Plan | None]:
   """One plan per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips."""
   leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
   selected = jax.tree_util.tree_structure(params).flatten_up_to(mask_tree)
@@ -124,8 +125,9 @@ def _leaf_plans(params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_
     if spec is None:
       if len(shape) < 2:
         raise ValueError(
-            f"galore mask selects leaf {name} of shape {shape}; projected leaves need "
-            "ndim >= 2 (exclude it from `mask`)")
+          f"galore mask selects leaf {name} of shape {shape}; projected leaves need "
+          "ndim >= 2 (exclude it from `mask`)"
+        )
       rows, cols = (len(shape) - 2,), (len(shape) - 1,)
     else:
       rows = _normalize_axes(spec[0], len(shape), "row axes", name)
@@ -140,12 +142,24 @@ def _leaf_plans(params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_
     if rank > min(m, n):
       # Rank above the matrix's own rank: keep every singular direction.
       warnings.warn(
-          f"galore rank {rank} > min dimension {min(m, n)} of leaf {name} {shape}; "
-          f"clipped to {min(m, n)}", stacklevel=4)
+        f"galore rank {rank} > min dimension {min(m, n)} of leaf {name} {shape}; "
+        f"clipped to {min(m, n)}",
+        stacklevel=4,
+      )
       r = min(m, n)
-    plans.append(_Plan(name, shape, batch + rows + cols, tuple(shape[a] for a in batch),
-                       tuple(shape[a] for a in rows), tuple(shape[a] for a in cols),
-                       side, r, 0))
+    plans.append(
+      _Plan(
+        name,
+        shape,
+        batch + rows + cols,
+        tuple(shape[a] for a in batch),
+        tuple(shape[a] for a in rows),
+        tuple(shape[a] for a in cols),
+        side,
+        r,
+        0,
+      )
+    )
   active = [i for i, p in enumerate(plans) if p is not None]
   if refresh_schedule == "staggered":
     for j, i in enumerate(active):
@@ -171,8 +185,9 @@ def _map_param_trees(inner, fn, state, *others):
     slots = inner.init(_ParamsSlot())
   except Exception as e:  # noqa: BLE001 - re-raised with context
     raise ValueError(
-        "moment_policy 'reproject'/'reset' needs an inner optimizer whose init only maps "
-        f"over the parameter tree; {type(e).__name__}: {e}") from e
+      "moment_policy 'reproject'/'reset' needs an inner optimizer whose init only maps "
+      f"over the parameter tree; {type(e).__name__}: {e}"
+    ) from e
   is_slot = lambda x: isinstance(x, _ParamsSlot)
 
   def visit(path, slot, value, *rest):
@@ -191,21 +206,21 @@ def _default_mask(params):
 
 
 def galore(
-    inner: optax.GradientTransformation,
-    *,
-    rank: int,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    mask: Any = None,
-    matrix_axes: MatrixAxesFn | None = None,
-    svd: str = "exact",
-    oversample: int = 8,
-    power_iters: int = 2,
-    refresh_schedule: str = "synchronous",
-    moment_policy: str = "keep",
-    projector_dtype: Any = None,
-    seed: int = 0,
+  inner: optax.GradientTransformation,
+  *,
+  rank: int,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  proj_type: str = "std",
+  mask: Any = None,
+  matrix_axes: MatrixAxesFn | None = None,
+  svd: str = "exact",
+  oversample: int = 8,
+  power_iters: int = 2,
+  refresh_schedule: str = "synchronous",
+  moment_policy: str = "keep",
+  projector_dtype: Any = None,
+  seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""Gradient Low-Rank Projection around an inner optimizer (Zhao et al., 2024).
 
@@ -295,7 +310,8 @@ def galore(
     raise ValueError(f"svd must be one of {proj.SVD_METHODS}, got {svd!r}")
   if refresh_schedule not in REFRESH_SCHEDULES:
     raise ValueError(
-        f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}")
+      f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}"
+    )
   if moment_policy not in MOMENT_POLICIES:
     raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {moment_policy!r}")
   if oversample < 0 or power_iters < 0:
@@ -303,9 +319,15 @@ def galore(
 
   def plans_for(tree) -> list[_Plan | None]:
     mask_tree = _default_mask(tree) if mask is None else (mask(tree) if callable(mask) else mask)
-    return _leaf_plans(tree, mask_tree, rank=rank, proj_type=proj_type,
-                       matrix_axes=matrix_axes, update_proj_gap=update_proj_gap,
-                       refresh_schedule=refresh_schedule)
+    return _leaf_plans(
+      tree,
+      mask_tree,
+      rank=rank,
+      proj_type=proj_type,
+      matrix_axes=matrix_axes,
+      update_proj_gap=update_proj_gap,
+      refresh_schedule=refresh_schedule,
+    )
 
   def low_rank_zeros(leaf, plan):
     if plan is None:
@@ -316,30 +338,33 @@ def galore(
     leaves, treedef = jax.tree.flatten(params)
     plans = plans_for(params)
     projectors = [
-        None if plan is None else proj.safe_basis(
-            plan.batch_shape, plan.side, plan.m, plan.n, plan.rank,
-            projector_dtype or leaf.dtype)
-        for leaf, plan in zip(leaves, plans, strict=True)
+      None
+      if plan is None
+      else proj.safe_basis(
+        plan.batch_shape, plan.side, plan.m, plan.n, plan.rank, projector_dtype or leaf.dtype
+      )
+      for leaf, plan in zip(leaves, plans, strict=True)
     ]
     inner_params = treedef.unflatten(
-        [low_rank_zeros(x, p) for x, p in zip(leaves, plans, strict=True)])
+      [low_rank_zeros(x, p) for x, p in zip(leaves, plans, strict=True)]
+    )
     return GaLoreState(
-        count=jnp.zeros([], jnp.int32),
-        projectors=treedef.unflatten(projectors),
-        inner_state=inner.init(inner_params),
+      count=jnp.zeros([], jnp.int32),
+      projectors=treedef.unflatten(projectors),
+      inner_state=inner.init(inner_params),
     )
 
   def new_basis(g_mats, plan: _Plan, leaf_index: int, count):
     if svd == "exact":
       return proj.exact_basis(g_mats, plan.side, plan.rank)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count)
-    return proj.randomized_basis(g_mats, plan.side, plan.rank, key,
-                                 oversample=oversample, power_iters=power_iters)
+    return proj.randomized_basis(
+      g_mats, plan.side, plan.rank, key, oversample=oversample, power_iters=power_iters
+    )
 
   def refreshed(g_mats, old, plan, leaf_index, count):
     """The leaf's basis after this step, and whether it changed."""
-    due = (count == 0) | ((count >= plan.offset)
-                          & ((count - plan.offset) % update_proj_gap == 0))
+    due = (count == 0) | ((count >= plan.offset) & ((count - plan.offset) % update_proj_gap == 0))
 
     def compute(_):
       ok = jnp.all(jnp.isfinite(g_mats))
@@ -382,20 +407,22 @@ def galore(
 
     inner_params = None if params is None else treedef.unflatten(low_rank_params)
     low_rank_updates, inner_state = inner.update(
-        treedef.unflatten(low_rank), inner_state, inner_params)
+      treedef.unflatten(low_rank), inner_state, inner_params
+    )
 
     out = []
-    for u, plan, basis, g in zip(treedef.flatten_up_to(low_rank_updates), plans, bases, leaves,
-                                 strict=True):
+    for u, plan, basis, g in zip(
+      treedef.flatten_up_to(low_rank_updates), plans, bases, leaves, strict=True
+    ):
       if plan is None:
         out.append(u)
       else:
         full = proj.project_back(u, basis, plan.side) * scale
         out.append(plan.from_matrices(full).astype(g.dtype))
     new_state = GaLoreState(
-        count=optax.safe_int32_increment(count),
-        projectors=treedef.unflatten(bases),
-        inner_state=inner_state,
+      count=optax.safe_int32_increment(count),
+      projectors=treedef.unflatten(bases),
+      inner_state=inner_state,
     )
     return treedef.unflatten(out), new_state
 
@@ -405,17 +432,17 @@ def galore(
         return tree
       subtrees = treedef.flatten_up_to(tree)
       out = []
-      for sub, plan, old, new, flag in zip(subtrees, plans, old_bases, bases, changed,
-                                           strict=True):
+      for sub, plan, old, new, flag in zip(subtrees, plans, old_bases, bases, changed, strict=True):
         if plan is None:
           out.append(sub)
         elif moment_policy == "reset":
-          out.append(jax.tree.map(lambda x: jnp.where(flag, jnp.zeros_like(x), x), sub))
+          out.append(jax.tree.map(lambda x, f=flag: jnp.where(f, jnp.zeros_like(x), x), sub))
         else:
           if not isinstance(sub, jax.Array) or sub.shape != plan.low_rank_shape():
             raise ValueError(
-                f"moment_policy='reproject' needs the inner first moment of {plan.path} as a "
-                f"plain array of shape {plan.low_rank_shape()}, got {type(sub).__name__}")
+              f"moment_policy='reproject' needs the inner first moment of {plan.path} as a "
+              f"plain array of shape {plan.low_rank_shape()}, got {type(sub).__name__}"
+            )
           rotated = proj.change_of_basis(sub, old, new, plan.side)
           out.append(jnp.where(flag, rotated, sub))
       return treedef.unflatten(out)
@@ -431,8 +458,9 @@ class ScaleByAdamHFState(NamedTuple):
   nu: optax.Updates
 
 
-def scale_by_adam_hf(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
-                     ) -> optax.GradientTransformation:
+def scale_by_adam_hf(
+  *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
+) -> optax.GradientTransformation:
   r"""Adam with ``eps`` added before bias correction, as Hugging Face's / galore-torch's AdamW.
 
   .. math::
@@ -453,20 +481,26 @@ def scale_by_adam_hf(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
     del params
     count = optax.safe_int32_increment(state.count)
     mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
-    nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
-                      state.nu, updates)
+    nu = jax.tree.map(
+      lambda v, g: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype), state.nu, updates
+    )
     t = count.astype(jnp.float32)
     step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
     out = jax.tree.map(
-        lambda m, v: (step * m.astype(jnp.float32)
-                      / (jnp.sqrt(v.astype(jnp.float32)) + eps)).astype(m.dtype), mu, nu)
+      lambda m, v: (step * m.astype(jnp.float32) / (jnp.sqrt(v.astype(jnp.float32)) + eps)).astype(
+        m.dtype
+      ),
+      mu,
+      nu,
+    )
     return out, ScaleByAdamHFState(count, mu, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def decay_updated_weights(learning_rate: optax.ScalarOrSchedule, weight_decay: float,
-                          mask: Any = None) -> optax.GradientTransformation:
+def decay_updated_weights(
+  learning_rate: optax.ScalarOrSchedule, weight_decay: float, mask: Any = None
+) -> optax.GradientTransformation:
   r"""Decoupled weight decay applied to the *updated* weight, as galore-torch's AdamW does.
 
   Placed after the learning-rate scaling: with ``u`` the incoming (already
@@ -485,8 +519,9 @@ def decay_updated_weights(learning_rate: optax.ScalarOrSchedule, weight_decay: f
     if params is None:
       raise ValueError("weight decay needs params; pass them to update()")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    out = jax.tree.map(lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype),
-                       updates, params)
+    out = jax.tree.map(
+      lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype), updates, params
+    )
     return out, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
 
   tx = optax.GradientTransformation(init_fn, update_fn)
@@ -494,19 +529,19 @@ def decay_updated_weights(learning_rate: optax.ScalarOrSchedule, weight_decay: f
 
 
 def galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    mask: Any = None,
-    inner: optax.GradientTransformation | None = None,
-    **galore_kwargs,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  proj_type: str = "std",
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  weight_decay: float = 0.0,
+  mask: Any = None,
+  inner: optax.GradientTransformation | None = None,
+  **galore_kwargs,
 ) -> optax.GradientTransformation:
   """The reference ``GaLoreAdamW`` (galore-torch 1.0) as one optax transformation.
 
@@ -524,14 +559,20 @@ def galore_adamw(
   """
   inner = inner if inner is not None else scale_by_adam_hf(b1=b1, b2=b2, eps=eps)
   return optax.chain(
-      galore(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-             proj_type=proj_type, mask=mask, **galore_kwargs),
-      optax.scale_by_learning_rate(learning_rate),
-      decay_updated_weights(learning_rate, weight_decay),
+    galore(
+      inner,
+      rank=rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_type=proj_type,
+      mask=mask,
+      **galore_kwargs,
+    ),
+    optax.scale_by_learning_rate(learning_rate),
+    decay_updated_weights(learning_rate, weight_decay),
   )
 
 
 def state_bytes(state) -> int:
   """Bytes held by the arrays of an optimizer state (works on ``jax.eval_shape`` output)."""
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
-

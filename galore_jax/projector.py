@@ -82,13 +82,13 @@ def exact_basis(g: jax.Array, side: str, rank: int) -> Basis:
 
 
 def randomized_basis(
-    g: jax.Array,
-    side: str,
-    rank: int,
-    key: jax.Array,
-    *,
-    oversample: int = 8,
-    power_iters: int = 2,
+  g: jax.Array,
+  side: str,
+  rank: int,
+  key: jax.Array,
+  *,
+  oversample: int = 8,
+  power_iters: int = 2,
 ) -> Basis:
   """Top-``rank`` singular vectors of ``g`` by a randomized range finder.
 
@@ -181,6 +181,7 @@ def change_of_basis(r: jax.Array, old: Basis, new: Basis, side: str) -> jax.Arra
     out = (_t(new.astype(dt)) @ old.astype(dt)) @ x
   else:
     (u_old, vh_old), (u_new, vh_new) = old, new
-    out = (_t(u_new.astype(dt)) @ u_old.astype(dt)) @ x @ (
-        vh_old.astype(dt) @ _t(vh_new.astype(dt)))
+    out = (
+      (_t(u_new.astype(dt)) @ u_old.astype(dt)) @ x @ (vh_old.astype(dt) @ _t(vh_new.astype(dt)))
+    )
   return out.astype(r.dtype)

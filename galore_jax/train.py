@@ -27,9 +27,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from galore_jax import adam8bit, checkpoint, data, metrics
-from galore_jax import optimizer as galore
+from galore_jax import adam8bit, checkpoint, metrics
 from galore_jax import model as model_lib
+from galore_jax import optimizer as galore
 
 OPTIMIZERS = ("adamw", "galore_adamw", "adamw8bit", "galore_adamw8bit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,7 +50,7 @@ class TrainConfig:
   model: str = "llama_tiny"
   optimizer: str = "galore_adamw"
   rank: int = 64
-  update_proj_gap: int = 50  # the paper uses 200 over 10K+ steps; 50 refreshes the short main job 3 times
+  update_proj_gap: int = 50  # paper: 200 over 10K+ steps; 50 refreshes the main job 3 times
   galore_scale: float = 0.25
   svd: str = "exact"
   refresh_schedule: str = "synchronous"
@@ -118,9 +118,13 @@ def parse_mesh(spec: str | None) -> tuple[int, int]:
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
   try:
-    return model_lib.get_config(cfg.model, vocab_size=vocab_size,
-                                param_dtype=DTYPES[cfg.param_dtype], dtype=DTYPES[cfg.dtype],
-                                remat=cfg.remat)
+    return model_lib.get_config(
+      cfg.model,
+      vocab_size=vocab_size,
+      param_dtype=DTYPES[cfg.param_dtype],
+      dtype=DTYPES[cfg.dtype],
+      remat=cfg.remat,
+    )
   except ValueError as e:
     raise ConfigError("--model", str(e)) from e
 
@@ -128,25 +132,37 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
 def validate(cfg: TrainConfig) -> None:
   """Checks flags that need no data or devices; raises ConfigError."""
   if cfg.model not in model_lib.CONFIGS:
-    raise ConfigError("--model", f"unknown model {cfg.model!r}; choose from "
-                      f"{', '.join(model_lib.CONFIGS)}")
+    raise ConfigError(
+      "--model", f"unknown model {cfg.model!r}; choose from {', '.join(model_lib.CONFIGS)}"
+    )
   if cfg.optimizer not in OPTIMIZERS:
-    raise ConfigError("--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from "
-                      f"{', '.join(OPTIMIZERS)}")
+    raise ConfigError(
+      "--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
+    )
   mc = model_lib.CONFIGS[cfg.model]
-  for flag, value in [("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
-                      ("--seq-len", cfg.seq_len), ("--grad-accum", cfg.grad_accum),
-                      ("--update-proj-gap", cfg.update_proj_gap), ("--rank", cfg.rank),
-                      ("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every)]:
+  for flag, value in [
+    ("--steps", cfg.steps),
+    ("--batch-size", cfg.batch_size),
+    ("--seq-len", cfg.seq_len),
+    ("--grad-accum", cfg.grad_accum),
+    ("--update-proj-gap", cfg.update_proj_gap),
+    ("--rank", cfg.rank),
+    ("--eval-every", cfg.eval_every),
+    ("--save-every", cfg.save_every),
+  ]:
     if value < 1:
       raise ConfigError(flag, f"must be >= 1, got {value}")
   if cfg.seq_len > mc.max_seq_len:
-    raise ConfigError("--seq-len", f"{cfg.seq_len} exceeds {cfg.model}'s maximum sequence "
-                      f"length {mc.max_seq_len}")
+    raise ConfigError(
+      "--seq-len", f"{cfg.seq_len} exceeds {cfg.model}'s maximum sequence length {mc.max_seq_len}"
+    )
   smallest = min(mc.hidden_size, mc.intermediate_size)
   if cfg.is_galore and cfg.rank > smallest:
-    raise ConfigError("--rank", f"{cfg.rank} is larger than the smallest projected matrix "
-                      f"dimension of {cfg.model} ({smallest})")
+    raise ConfigError(
+      "--rank",
+      f"{cfg.rank} is larger than the smallest projected matrix "
+      f"dimension of {cfg.model} ({smallest})",
+    )
   if cfg.lr is not None and not cfg.lr > 0:
     raise ConfigError("--lr", f"must be > 0, got {cfg.lr}")
   if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.steps:
@@ -165,11 +181,12 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
   data_n, fsdp_n = parse_mesh(cfg.mesh)
   if data_n * fsdp_n > jax.device_count():
-    raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} "
-                      "available")
+    raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} available")
   if cfg.batch_size % (data_n * fsdp_n):
-    raise ConfigError("--batch-size", f"{cfg.batch_size} is not divisible by the "
-                      f"{data_n * fsdp_n} devices of --mesh {cfg.mesh}")
+    raise ConfigError(
+      "--batch-size",
+      f"{cfg.batch_size} is not divisible by the {data_n * fsdp_n} devices of --mesh {cfg.mesh}",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -178,9 +195,11 @@ def validate(cfg: TrainConfig) -> None:
 
 def galore_mask(params) -> Any:
   """True for the attention and MLP kernels (q, k, v, o, gate, up, down), as the paper does."""
+
   def select(path, _):
     names = [getattr(k, "key", None) for k in path]
     return names[-1] == "kernel" and any(t in names for t in model_lib.GALORE_TARGETS)
+
   return jax.tree_util.tree_map_with_path(select, params)
 
 
@@ -204,7 +223,8 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
   if cfg.warmup_steps >= cfg.steps:
     return optax.linear_schedule(0.0, peak, cfg.steps)
   return optax.warmup_cosine_decay_schedule(
-      0.0, peak, cfg.warmup_steps, cfg.steps, end_value=peak * cfg.min_lr_ratio)
+    0.0, peak, cfg.warmup_steps, cfg.steps, end_value=peak * cfg.min_lr_ratio
+  )
 
 
 def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -215,14 +235,24 @@ def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     inner = galore.scale_by_adam_hf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   if cfg.is_galore:
     core = galore.galore(
-        inner, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale,
-        mask=galore_mask, matrix_axes=torch_side_axes, svd=cfg.svd,
-        refresh_schedule=cfg.refresh_schedule, seed=cfg.seed)
+      inner,
+      rank=cfg.rank,
+      update_proj_gap=cfg.update_proj_gap,
+      scale=cfg.galore_scale,
+      mask=galore_mask,
+      matrix_axes=torch_side_axes,
+      svd=cfg.svd,
+      refresh_schedule=cfg.refresh_schedule,
+      seed=cfg.seed,
+    )
   else:
     core = inner
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts += [core, optax.scale_by_learning_rate(sched),
-            galore.decay_updated_weights(sched, cfg.weight_decay)]
+  parts += [
+    core,
+    optax.scale_by_learning_rate(sched),
+    galore.decay_updated_weights(sched, cfg.weight_decay),
+  ]
   return optax.chain(*parts)
 
 
@@ -286,10 +316,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
     if accum == 1:
       (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
     else:
+
       def body(carry, micro):
-        (l, c), g = grad_fn(params, micro)
+        (loss_i, count_i), g = grad_fn(params, micro)
         acc_l, acc_c, acc_g = carry
-        return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+        return (acc_l + loss_i, acc_c + count_i, jax.tree.map(jnp.add, acc_g, g)), None
+
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       (loss_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), batch)
     denom = jnp.maximum(count, 1.0)
@@ -305,8 +337,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
 
     # cond, not where: a skipped step neither computes nor stores a second state.
     params, opt_state = jax.lax.cond(finite, apply, lambda args: args, (params, opt_state))
-    return params, opt_state, {"loss": loss, "grad_norm": grad_norm,
-                               "skipped": (~finite).astype(jnp.int32), "tokens": count}
+    return (
+      params,
+      opt_state,
+      {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "skipped": (~finite).astype(jnp.int32),
+        "tokens": count,
+      },
+    )
 
   return step
 
@@ -350,27 +390,39 @@ def setup(cfg: TrainConfig, vocab_size: int) -> Run:
   param_sh = shardings_for(abstract_params, mesh)
   opt_sh = shardings_for(abstract_opt, mesh)
   with_sh = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  return Run(cfg, model_cfg, graphdef, mesh, tx, param_sh, opt_sh,
-             with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
+  )
+  return Run(
+    cfg,
+    model_cfg,
+    graphdef,
+    mesh,
+    tx,
+    param_sh,
+    opt_sh,
+    with_sh(abstract_params, param_sh),
+    with_sh(abstract_opt, opt_sh),
+  )
 
 
 def init_state(run: Run):
   """Fresh params and optimizer state, created directly in their shardings."""
+
   def init():
     model = model_lib.Llama(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed))
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     return params, run.tx.init(params)
+
   return jax.jit(init, out_shardings=(run.param_sharding, run.opt_sharding))()
 
 
 def compile_train_step(run: Run):
   step = make_train_step(run.graphdef, run.tx)
   return jax.jit(
-      step,
-      in_shardings=(run.param_sharding, run.opt_sharding, batch_sharding(run.mesh)),
-      out_shardings=(run.param_sharding, run.opt_sharding, None),
-      donate_argnums=(0, 1),
+    step,
+    in_shardings=(run.param_sharding, run.opt_sharding, batch_sharding(run.mesh)),
+    out_shardings=(run.param_sharding, run.opt_sharding, None),
+    donate_argnums=(0, 1),
   )
 
 
@@ -394,7 +446,7 @@ def process_rows(x: np.ndarray) -> np.ndarray:
   if n == 1:
     return x
   per = x.shape[1] // n
-  return x[:, i * per:(i + 1) * per]
+  return x[:, i * per : (i + 1) * per]
 
 
 def tokenizer_hash(sp) -> str:
@@ -404,31 +456,44 @@ def tokenizer_hash(sp) -> str:
 def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
   """Checkpoint metadata; the ``compat`` part must match for a resume."""
   return {
-      "compat": {
-          "model": cfg.model,
-          "model_config": {k: str(v) for k, v in dataclasses.asdict(run.model_cfg).items()},
-          "optimizer": cfg.optimizer,
-          "rank": cfg.rank if cfg.is_galore else None,
-          "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
-          "svd": cfg.svd if cfg.is_galore else None,
-          "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
-          "grad_clip": cfg.grad_clip > 0,
-          "weight_decay": cfg.weight_decay > 0,
-          "vocab_size": run.model_cfg.vocab_size,
-          "tokenizer_sha": tokenizer_hash(sp),
-      },
-      "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
-      "data_position": {"seed": cfg.seed, "source": cfg.data, "batch_size": cfg.batch_size,
-                        "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len,
-                        "packing": cfg.packing},
+    "compat": {
+      "model": cfg.model,
+      "model_config": {k: str(v) for k, v in dataclasses.asdict(run.model_cfg).items()},
+      "optimizer": cfg.optimizer,
+      "rank": cfg.rank if cfg.is_galore else None,
+      "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
+      "svd": cfg.svd if cfg.is_galore else None,
+      "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
+      "grad_clip": cfg.grad_clip > 0,
+      "weight_decay": cfg.weight_decay > 0,
+      "vocab_size": run.model_cfg.vocab_size,
+      "tokenizer_sha": tokenizer_hash(sp),
+    },
+    "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+    "data_position": {
+      "seed": cfg.seed,
+      "source": cfg.data,
+      "batch_size": cfg.batch_size,
+      "grad_accum": cfg.grad_accum,
+      "seq_len": cfg.seq_len,
+      "packing": cfg.packing,
+    },
   }
 
 
-_COMPAT_FLAGS = {"model": "--model", "model_config": "--model", "optimizer": "--optimizer",
-                 "rank": "--rank", "update_proj_gap": "--update-proj-gap", "svd": "--svd",
-                 "refresh_schedule": "--refresh-schedule", "grad_clip": "--grad-clip",
-                 "weight_decay": "--weight-decay", "vocab_size": "--tokenizer",
-                 "tokenizer_sha": "--tokenizer"}
+_COMPAT_FLAGS = {
+  "model": "--model",
+  "model_config": "--model",
+  "optimizer": "--optimizer",
+  "rank": "--rank",
+  "update_proj_gap": "--update-proj-gap",
+  "svd": "--svd",
+  "refresh_schedule": "--refresh-schedule",
+  "grad_clip": "--grad-clip",
+  "weight_decay": "--weight-decay",
+  "vocab_size": "--tokenizer",
+  "tokenizer_sha": "--tokenizer",
+}
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -436,14 +501,19 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
   a, b = saved.get("compat", {}), current["compat"]
   for key in b:
     if a.get(key) != b[key]:
-      raise ConfigError(_COMPAT_FLAGS[key], f"checkpoint {where} was saved with "
-                        f"{key}={a.get(key)!r}, this run has {b[key]!r}")
+      raise ConfigError(
+        _COMPAT_FLAGS[key],
+        f"checkpoint {where} was saved with {key}={a.get(key)!r}, this run has {b[key]!r}",
+      )
   pos_a, pos_b = saved.get("data_position", {}), current["data_position"]
   changed = sorted(k for k in pos_b if pos_a.get(k) != pos_b[k])
   if changed:
     flag = {"source": "--data"}.get(changed[0], "--" + changed[0].replace("_", "-"))
-    raise ConfigError(flag, f"checkpoint {where} was trained on data {pos_a}; resuming with "
-                      f"a different {', '.join(changed)} would not continue its data order")
+    raise ConfigError(
+      flag,
+      f"checkpoint {where} was trained on data {pos_a}; resuming with "
+      f"a different {', '.join(changed)} would not continue its data order",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -453,17 +523,19 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
 def evaluate(run: Run, params, batches, eval_fn) -> tuple[float, float]:
   total, count = 0.0, 0.0
   for b in batches:
-    l, c = eval_fn(params, device_batch(run, b, 1))
-    total += float(l)
-    count += float(c)
+    loss_sum, n = eval_fn(params, device_batch(run, b, 1))
+    total += float(loss_sum)
+    count += float(n)
   loss = total / max(count, 1.0)
   return loss, math.exp(min(loss, 50.0))
 
 
 def compile_eval_step(run: Run):
   step = make_eval_step(run.graphdef)
-  return jax.jit(lambda p, b: step(p, jax.tree.map(lambda x: x[0], b)),
-                 in_shardings=(run.param_sharding, batch_sharding(run.mesh)))
+  return jax.jit(
+    lambda p, b: step(p, jax.tree.map(lambda x: x[0], b)),
+    in_shardings=(run.param_sharding, batch_sharding(run.mesh)),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -495,8 +567,10 @@ class _Signals:
 
 class TrainingInterrupted(Exception):
   def __init__(self, signum: int, step: int, path: str):
-    super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved in "
-                     f"{path}; continue with --resume")
+    super().__init__(
+      f"interrupted by signal {signum} at step {step}; checkpoint saved in "
+      f"{path}; continue with --resume"
+    )
     self.signum, self.step = signum, step
 
 
@@ -504,13 +578,23 @@ class TrainingDiverged(RuntimeError):
   pass
 
 
-def _data_config(cfg: TrainConfig, batch_size: int) -> data.DataConfig:
-  return data.DataConfig(source=cfg.data, seq_len=cfg.seq_len, batch_size=batch_size,
-                         packing=cfg.packing, seed=cfg.seed, tokenizer=cfg.tokenizer)
+def _data_config(cfg: TrainConfig, batch_size: int):
+  from galore_jax import data  # lazy: grain is not needed to build or benchmark a step
+
+  return data.DataConfig(
+    source=cfg.data,
+    seq_len=cfg.seq_len,
+    batch_size=batch_size,
+    packing=cfg.packing,
+    seed=cfg.seed,
+    tokenizer=cfg.tokenizer,
+  )
 
 
 def load_data(cfg: TrainConfig):
   """Tokenizer, training stream and fixed validation batches; bad --data is a ConfigError."""
+  from galore_jax import data
+
   try:
     sp = data.load_tokenizer(cfg.tokenizer)
   except (FileNotFoundError, OSError, RuntimeError) as e:
@@ -545,23 +629,30 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt_dir}")
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
-    restored = checkpoint.restore(ckpt_dir, start, {"params": run.abstract_params,
-                                                    "opt_state": run.abstract_opt})
+    restored = checkpoint.restore(
+      ckpt_dir, start, {"params": run.abstract_params, "opt_state": run.abstract_opt}
+    )
     params, opt_state = restored["params"], restored["opt_state"]
     log(f"resumed from {ckpt_dir}/{start}")
   else:
     if existing is not None:
-      raise ConfigError("--out", f"{cfg.out} already holds checkpoints (step {existing}); "
-                        "pass --resume to continue it or choose another --out")
+      raise ConfigError(
+        "--out",
+        f"{cfg.out} already holds checkpoints (step {existing}); "
+        "pass --resume to continue it or choose another --out",
+      )
     params, opt_state = init_state(run)
     start = 0
   if start >= cfg.steps:
     log(f"checkpoint is at step {start} >= --steps {cfg.steps}; nothing to train")
 
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  log(f"model {cfg.model}: {n_params / 1e6:.2f}M params, vocab {run.model_cfg.vocab_size}; "
-      f"optimizer {cfg.optimizer}" + (f" rank {cfg.rank}" if cfg.is_galore else "")
-      + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}")
+  log(
+    f"model {cfg.model}: {n_params / 1e6:.2f}M params, vocab {run.model_cfg.vocab_size}; "
+    f"optimizer {cfg.optimizer}"
+    + (f" rank {cfg.rank}" if cfg.is_galore else "")
+    + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
+  )
 
   step_fn = compile_train_step(run)
   eval_fn = compile_eval_step(run)
@@ -582,8 +673,9 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   if cfg.progress:
     from tqdm import tqdm  # lazy: library users may not want a progress bar
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(
+      total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
   try:
     with _Signals() as signals:
       batches = train_ds.iterate(start)
@@ -601,16 +693,25 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         loss = float(m["loss"])
         losses.append(loss)
         if step % cfg.log_every == 0 or step == end:
-          writer.write({"step": step, "loss": loss, "lr": lr_used, "tokens_per_s": tps,
-                        "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"])})
+          writer.write(
+            {
+              "step": step,
+              "loss": loss,
+              "lr": lr_used,
+              "tokens_per_s": tps,
+              "grad_norm": float(m["grad_norm"]),
+              "skipped": int(m["skipped"]),
+            }
+          )
         if bar is not None:
           bar.update(1)
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         if consecutive_bad >= cfg.max_nonfinite:
           raise TrainingDiverged(
-              f"{consecutive_bad} consecutive steps with non-finite loss or gradients (last at "
-              f"step {step}); those updates were skipped, the last checkpoint in {ckpt_dir} "
-              "is from before them. Lower --lr or enable --grad-clip.")
+            f"{consecutive_bad} consecutive steps with non-finite loss or gradients (last at "
+            f"step {step}); those updates were skipped, the last checkpoint in {ckpt_dir} "
+            "is from before them. Lower --lr or enable --grad-clip."
+          )
         if step % cfg.eval_every == 0 or step == cfg.steps:
           last_eval = evaluate(run, params, val_batches, eval_fn)
           writer.write({"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1]})
@@ -627,8 +728,16 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     writer.close()
     mngr.close()
 
-  summary = {"out": os.path.abspath(cfg.out), "start_step": start, "step": step,
-             "losses": losses, "metrics": os.path.abspath(writer.path), "checkpoints": os.path.abspath(ckpt_dir)}
+  summary = {
+    "out": os.path.abspath(cfg.out),
+    "start_step": start,
+    "step": step,
+    "losses": losses,
+    "metrics": os.path.abspath(writer.path),
+    "checkpoints": os.path.abspath(ckpt_dir),
+    # Compiled variants of the train step: 1 unless something forced a retrace.
+    "step_compilations": getattr(step_fn, "_cache_size", lambda: None)(),
+  }
   if last_eval is not None:
     summary.update(eval_loss=last_eval[0], eval_ppl=last_eval[1])
   return summary
@@ -645,23 +754,36 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
   cfg = dataclasses.replace(cfg, mesh=mesh, tokenizer=tokenizer or cfg.tokenizer)
+  from galore_jax import data
+
   try:
     sp = data.load_tokenizer(cfg.tokenizer)
   except (FileNotFoundError, OSError) as e:
     raise ConfigError("--tokenizer", str(e)) from e
   want = meta["compat"]
   if sp.get_piece_size() != want["vocab_size"] or tokenizer_hash(sp) != want["tokenizer_sha"]:
-    raise ConfigError("--tokenizer", f"tokenizer has vocabulary {sp.get_piece_size()} "
-                      f"(hash {tokenizer_hash(sp)}), the checkpoint was trained with "
-                      f"{want['vocab_size']} (hash {want['tokenizer_sha']})")
+    raise ConfigError(
+      "--tokenizer",
+      f"tokenizer has vocabulary {sp.get_piece_size()} "
+      f"(hash {tokenizer_hash(sp)}), the checkpoint was trained with "
+      f"{want['vocab_size']} (hash {want['tokenizer_sha']})",
+    )
   run = setup(cfg, sp.get_piece_size())
   params = checkpoint.restore(path, step, {"params": run.abstract_params})["params"]
   return run, params, sp, step
 
 
-def generate(run: Run, params, prompt_ids: list[int], *, max_new_tokens: int,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0,
-             eos_id: int | None = None) -> list[int]:
+def generate(
+  run: Run,
+  params,
+  prompt_ids: list[int],
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.8,
+  top_k: int = 40,
+  seed: int = 0,
+  eos_id: int | None = None,
+) -> list[int]:
   """Autoregressive sampling on a fixed-length buffer (one compilation, no KV cache).
 
   The model is causal, so logits at position ``t`` ignore the padding after it;
@@ -669,8 +791,9 @@ def generate(run: Run, params, prompt_ids: list[int], *, max_new_tokens: int,
   """
   max_len = min(run.model_cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
   if len(prompt_ids) >= max_len:
-    raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most "
-                     f"{run.model_cfg.max_seq_len}")
+    raise ValueError(
+      f"prompt has {len(prompt_ids)} tokens; the model takes at most {run.model_cfg.max_seq_len}"
+    )
 
   @jax.jit
   def next_token(params, buf, pos, key):

@@ -1,7 +1,7 @@
 """Test setup, applied before the first jax import.
 
 - 8 host CPU devices, for the sharding tests.
-- Single-threaded OpenBLAS (see galore_jax/__init__.py: oversubscription makes CPU SVDs 100x slower).
+- Single-threaded OpenBLAS (galore_jax/__init__.py: oversubscribed, CPU SVDs get 100x slower).
 - A persistent compilation cache shared by the session and its subprocesses: many tests
   compile the same train step, and on a 2-core machine compilation dominates their time.
 """

@@ -20,252 +20,252 @@ KEYS = ("inputs", "targets", "mask")
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
-    """Token caches go to a per-session temp dir, not ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
+  """Token caches go to a per-session temp dir, not ~/.cache."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
 
 
 @pytest.fixture(scope="session")
 def sp():
-    return load_tokenizer()
+  return load_tokenizer()
 
 
 def _same(a: dict, b: dict) -> bool:
-    return all(np.array_equal(a[k], b[k]) for k in KEYS)
+  return all(np.array_equal(a[k], b[k]) for k in KEYS)
 
 
 def _check_batch(b: dict, cfg: DataConfig, vocab: int):
-    assert set(b) == set(KEYS)
-    for k in KEYS:
-        assert b[k].shape == (cfg.batch_size, cfg.seq_len), k
-    assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
-    assert b["mask"].dtype == np.float32
-    assert set(np.unique(b["mask"])) <= {0.0, 1.0}
-    for k in ("inputs", "targets"):
-        assert b[k].min() >= 0 and b[k].max() < vocab
-    # targets are the inputs shifted by one (each row is one window of seq_len + 1 tokens)
-    np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
+  assert set(b) == set(KEYS)
+  for k in KEYS:
+    assert b[k].shape == (cfg.batch_size, cfg.seq_len), k
+  assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
+  assert b["mask"].dtype == np.float32
+  assert set(np.unique(b["mask"])) <= {0.0, 1.0}
+  for k in ("inputs", "targets"):
+    assert b[k].min() >= 0 and b[k].max() < vocab
+  # targets are the inputs shifted by one (each row is one window of seq_len + 1 tokens)
+  np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
 
 
 # ---------------------------------------------------------------------------- tokenizer
 
 
 def test_tokenizer_ids_and_round_trip(sp):
-    assert sp.get_piece_size() == 8192
-    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
-    texts = [
-        "Emma Woodhouse, handsome, clever, and rich,\nwith a comfortable home",
-        "  From fairest creatures we desire increase,\n\n  That thereby beauty's rose",
-        "Caf\u00e9 na\u00efve \u2014 \u00c6thelred, 1,234,567 \U0001f600 \u4e2d\u6587",
-        "\ttab  two  spaces, trailing \n",
-        "",
-    ]
-    for t in texts:
-        ids = sp.encode(t)
-        assert sp.unk_id() not in ids  # byte fallback covers everything
-        assert sp.decode(ids) == t
-    assert sp.encode("said.\nEmma", out_type=str) == ["\u2581said", ".", "\n", "Emma"]
-    assert sp.encode("1234", out_type=str) == ["\u2581", "1", "2", "3", "4"]  # split digits
+  assert sp.get_piece_size() == 8192
+  assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
+  texts = [
+    "Emma Woodhouse, handsome, clever, and rich,\nwith a comfortable home",
+    "  From fairest creatures we desire increase,\n\n  That thereby beauty's rose",
+    "Caf\u00e9 na\u00efve \u2014 \u00c6thelred, 1,234,567 \U0001f600 \u4e2d\u6587",
+    "\ttab  two  spaces, trailing \n",
+    "",
+  ]
+  for t in texts:
+    ids = sp.encode(t)
+    assert sp.unk_id() not in ids  # byte fallback covers everything
+    assert sp.decode(ids) == t
+  assert sp.encode("said.\nEmma", out_type=str) == ["\u2581said", ".", "\n", "Emma"]
+  assert sp.encode("1234", out_type=str) == ["\u2581", "1", "2", "3", "4"]  # split digits
 
 
 def test_load_tokenizer_missing(tmp_path):
-    missing = tmp_path / "nope.model"
-    with pytest.raises(FileNotFoundError, match="nope.model"):
-        load_tokenizer(str(missing))
+  missing = tmp_path / "nope.model"
+  with pytest.raises(FileNotFoundError, match="nope.model"):
+    load_tokenizer(str(missing))
 
 
 def test_bundled_tokenizer_is_reproducible():
-    """Retraining with experiments/train_tokenizer.py gives the shipped file byte for byte."""
-    spec = importlib.util.spec_from_file_location(
-        "train_tokenizer", REPO / "experiments" / "train_tokenizer.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model, _ = mod.train_model()
-    assert model == gd.BUILTIN_TOKENIZER.read_bytes()
+  """Retraining with experiments/train_tokenizer.py gives the shipped file byte for byte."""
+  spec = importlib.util.spec_from_file_location(
+    "train_tokenizer", REPO / "experiments" / "train_tokenizer.py"
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  model, _ = mod.train_model()
+  assert model == gd.BUILTIN_TOKENIZER.read_bytes()
 
 
 # ---------------------------------------------------------------------------- builtin split
 
 
 def test_builtin_split_fixed_and_disjoint():
-    train = gd.builtin_documents("train")
-    val = gd.builtin_documents("validation")
-    # The rule is fixed: these sizes change only if the rule (or the corpus) does.
-    assert (len(train), len(val)) == (6477, 284)
-    assert not set(train) & set(val)
-    assert train[0].startswith("EMMA\n\nBy Jane Austen")
-    assert all(len(d) >= gd.DOC_MIN_CHARS for d in train + val)
-    # Recomputing from the files gives the same documents.
-    gd._builtin_sections.cache_clear()
-    assert gd.builtin_documents("validation") == val
-    # Whole chapters / scenes are held out: each validation document opens a section or
-    # continues the previous validation document's section.
-    assert val[0].startswith(("CHAPTER", "Chapter"))
-    with pytest.raises(ValueError, match="split"):
-        gd.builtin_documents("test")
+  train = gd.builtin_documents("train")
+  val = gd.builtin_documents("validation")
+  # The rule is fixed: these sizes change only if the rule (or the corpus) does.
+  assert (len(train), len(val)) == (6477, 284)
+  assert not set(train) & set(val)
+  assert train[0].startswith("EMMA\n\nBy Jane Austen")
+  assert all(len(d) >= gd.DOC_MIN_CHARS for d in train + val)
+  # Recomputing from the files gives the same documents.
+  gd._builtin_sections.cache_clear()
+  assert gd.builtin_documents("validation") == val
+  # Whole chapters / scenes are held out: each validation document opens a section or
+  # continues the previous validation document's section.
+  assert val[0].startswith(("CHAPTER", "Chapter"))
+  with pytest.raises(ValueError, match="split"):
+    gd.builtin_documents("test")
 
 
 def test_builtin_batches_deterministic():
-    cfg = DataConfig(seq_len=64, batch_size=4, seed=3)
-    a, b = make_dataset(cfg, "train"), make_dataset(cfg, "train")
-    assert a.vocab_size == 8192 and a.steps_per_epoch == a.num_examples // 4
-    steps = [0, 1, a.steps_per_epoch - 1, a.steps_per_epoch, 10 * a.steps_per_epoch + 7]
-    for s in steps:
-        x = a.batch(s)
-        _check_batch(x, cfg, a.vocab_size)
-        assert x["mask"].all()  # packed windows are full
-        assert _same(x, b.batch(s))
-    # the token stream was cached outside the package
-    cached = list(gd.cache_dir().glob("tokens/*.npz"))
-    assert cached and all(gd.PACKAGE_DATA not in p.parents for p in cached)
-    # another epoch is another order
-    assert not _same(a.batch(0), a.batch(a.steps_per_epoch))
-    # a different seed gives different batches
-    c = make_dataset(DataConfig(seq_len=64, batch_size=4, seed=4), "train")
-    assert not _same(a.batch(0), c.batch(0))
-    # iterate(start) == batch(start), batch(start + 1), ...
-    it = a.iterate(41)
-    for s in range(41, 45):
-        assert _same(next(it), a.batch(s))
-    assert _same(next(iter(a)), a.batch(0))
-    with pytest.raises(ValueError):
-        a.batch(-1)
+  cfg = DataConfig(seq_len=64, batch_size=4, seed=3)
+  a, b = make_dataset(cfg, "train"), make_dataset(cfg, "train")
+  assert a.vocab_size == 8192 and a.steps_per_epoch == a.num_examples // 4
+  steps = [0, 1, a.steps_per_epoch - 1, a.steps_per_epoch, 10 * a.steps_per_epoch + 7]
+  for s in steps:
+    x = a.batch(s)
+    _check_batch(x, cfg, a.vocab_size)
+    assert x["mask"].all()  # packed windows are full
+    assert _same(x, b.batch(s))
+  # the token stream was cached outside the package
+  cached = list(gd.cache_dir().glob("tokens/*.npz"))
+  assert cached and all(gd.PACKAGE_DATA not in p.parents for p in cached)
+  # another epoch is another order
+  assert not _same(a.batch(0), a.batch(a.steps_per_epoch))
+  # a different seed gives different batches
+  c = make_dataset(DataConfig(seq_len=64, batch_size=4, seed=4), "train")
+  assert not _same(a.batch(0), c.batch(0))
+  # iterate(start) == batch(start), batch(start + 1), ...
+  it = a.iterate(41)
+  for s in range(41, 45):
+    assert _same(next(it), a.batch(s))
+  assert _same(next(iter(a)), a.batch(0))
+  with pytest.raises(ValueError):
+    a.batch(-1)
 
 
 def test_builtin_validation_and_eval_batches():
-    cfg = DataConfig(seq_len=128, batch_size=8)
-    val = make_dataset(cfg, "validation")
-    train = make_dataset(cfg, "train")
-    assert val.num_tokens < train.num_tokens / 10
-    ev = eval_batches(cfg, 3)
-    assert len(ev) == 3
-    assert all(_same(x, y) for x, y in zip(ev, eval_batches(cfg, 3), strict=True))
-    for x in ev:
-        _check_batch(x, cfg, val.vocab_size)
-    # unshuffled: the first window is the start of the first validation document
-    sp = val.tokenizer
-    first = sp.encode(gd.builtin_documents("validation")[0])[: cfg.seq_len]
-    np.testing.assert_array_equal(ev[0]["inputs"][0], first)
-    # all batches: the last one is padded with fully masked rows
-    allb = eval_batches(cfg, None)
-    assert len(allb) == -(-val.num_examples // cfg.batch_size)
-    assert allb[-1]["mask"].sum() == (val.num_examples % 8 or 8) * cfg.seq_len
+  cfg = DataConfig(seq_len=128, batch_size=8)
+  val = make_dataset(cfg, "validation")
+  train = make_dataset(cfg, "train")
+  assert val.num_tokens < train.num_tokens / 10
+  ev = eval_batches(cfg, 3)
+  assert len(ev) == 3
+  assert all(_same(x, y) for x, y in zip(ev, eval_batches(cfg, 3), strict=True))
+  for x in ev:
+    _check_batch(x, cfg, val.vocab_size)
+  # unshuffled: the first window is the start of the first validation document
+  sp = val.tokenizer
+  first = sp.encode(gd.builtin_documents("validation")[0])[: cfg.seq_len]
+  np.testing.assert_array_equal(ev[0]["inputs"][0], first)
+  # all batches: the last one is padded with fully masked rows
+  allb = eval_batches(cfg, None)
+  assert len(allb) == -(-val.num_examples // cfg.batch_size)
+  assert allb[-1]["mask"].sum() == (val.num_examples % 8 or 8) * cfg.seq_len
 
 
 def test_builtin_unpacked_mask(sp):
-    cfg = DataConfig(seq_len=512, batch_size=16, packing=False, seed=1)
-    ds = make_dataset(cfg, "train")
-    assert ds.num_examples == len(gd.builtin_documents("train"))
-    x = ds.batch(5)
-    _check_batch(x, cfg, ds.vocab_size)
-    for row in range(cfg.batch_size):
-        n = int(x["mask"][row].sum())
-        assert x["mask"][row, :n].all()  # a prefix of real targets, then padding
-        if n < cfg.seq_len:  # short document: ends with EOS, then pad
-            assert x["targets"][row, n - 1] == sp.eos_id()
-            assert (x["inputs"][row, n + 1 :] == sp.pad_id()).all()
+  cfg = DataConfig(seq_len=512, batch_size=16, packing=False, seed=1)
+  ds = make_dataset(cfg, "train")
+  assert ds.num_examples == len(gd.builtin_documents("train"))
+  x = ds.batch(5)
+  _check_batch(x, cfg, ds.vocab_size)
+  for row in range(cfg.batch_size):
+    n = int(x["mask"][row].sum())
+    assert x["mask"][row, :n].all()  # a prefix of real targets, then padding
+    if n < cfg.seq_len:  # short document: ends with EOS, then pad
+      assert x["targets"][row, n - 1] == sp.eos_id()
+      assert (x["inputs"][row, n + 1 :] == sp.pad_id()).all()
 
 
 # ---------------------------------------------------------------------------- path sources
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    words = "the of and to a in that it was her his she he you not be with as had for".split()
-    return [
-        f"Doc {i}: " + " ".join(rng.choice(words, size=int(rng.integers(5, 120)))) for i in range(n)
-    ]
+  rng = np.random.default_rng(seed)
+  words = "the of and to a in that it was her his she he you not be with as had for".split()
+  return [
+    f"Doc {i}: " + " ".join(rng.choice(words, size=int(rng.integers(5, 120)))) for i in range(n)
+  ]
 
 
 def test_jsonl_gz_source(tmp_path, sp):
-    docs = _docs(400)
-    path = tmp_path / "shard.jsonl.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"text": d, "id": i}) + "\n")
-    train = gd.path_documents(str(path), "train")
-    val = gd.path_documents(str(path), "validation")
-    assert len(train) + len(val) == len(docs) and not set(train) & set(val)
-    assert val == [d for d in docs if gd._doc_hash(d) % 100 == 0] and 1 <= len(val) <= 15
-    # packing=False: each row is one document (+ EOS), truncated / padded
-    cfg = DataConfig(source=str(path), seq_len=32, batch_size=4, packing=False, seed=0)
-    ds = make_dataset(cfg, "train")
-    assert ds.num_examples == len(train)
-    x = ds.batch(3)
-    _check_batch(x, cfg, ds.vocab_size)
-    for row in range(4):
-        text = sp.decode(x["inputs"][row][x["mask"][row] > 0].tolist())
-        assert text.startswith("Doc ")
-        full = next(d for d in train if d.startswith(text.split(":")[0] + ":"))
-        ids = sp.encode(full) + [sp.eos_id()]
-        n = min(len(ids), 33) - 1
-        assert x["mask"][row].sum() == n
-        np.testing.assert_array_equal(x["inputs"][row, :n], ids[:n])
-        np.testing.assert_array_equal(x["targets"][row, :n], ids[1 : n + 1])
-    assert make_dataset(cfg, "train").batch(3)["inputs"].tolist() == x["inputs"].tolist()
+  docs = _docs(400)
+  path = tmp_path / "shard.jsonl.gz"
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    for i, d in enumerate(docs):
+      f.write(json.dumps({"text": d, "id": i}) + "\n")
+  train = gd.path_documents(str(path), "train")
+  val = gd.path_documents(str(path), "validation")
+  assert len(train) + len(val) == len(docs) and not set(train) & set(val)
+  assert val == [d for d in docs if gd._doc_hash(d) % 100 == 0] and 1 <= len(val) <= 15
+  # packing=False: each row is one document (+ EOS), truncated / padded
+  cfg = DataConfig(source=str(path), seq_len=32, batch_size=4, packing=False, seed=0)
+  ds = make_dataset(cfg, "train")
+  assert ds.num_examples == len(train)
+  x = ds.batch(3)
+  _check_batch(x, cfg, ds.vocab_size)
+  for row in range(4):
+    text = sp.decode(x["inputs"][row][x["mask"][row] > 0].tolist())
+    assert text.startswith("Doc ")
+    full = next(d for d in train if d.startswith(text.split(":")[0] + ":"))
+    ids = sp.encode(full) + [sp.eos_id()]
+    n = min(len(ids), 33) - 1
+    assert x["mask"][row].sum() == n
+    np.testing.assert_array_equal(x["inputs"][row, :n], ids[:n])
+    np.testing.assert_array_equal(x["targets"][row, :n], ids[1 : n + 1])
+  assert make_dataset(cfg, "train").batch(3)["inputs"].tolist() == x["inputs"].tolist()
 
 
 def test_txt_json_dir_and_glob_sources(tmp_path):
-    docs = _docs(60, seed=1)
-    (tmp_path / "a.txt").write_text("\n\n".join(docs[:30]) + "\n", encoding="utf-8")
-    (tmp_path / "b.json").write_text(json.dumps([{"text": d} for d in docs[30:45]]))
-    (tmp_path / "c.txt.xz").write_bytes(lzma.compress("\n\n".join(docs[45:]).encode()))
-    (tmp_path / "d.json").write_text(json.dumps({"text": "one pretty-printed object"}, indent=2))
-    (tmp_path / "notes.md").write_text("ignored in a directory")
-    all_docs = gd.path_documents(str(tmp_path), "train") + gd.path_documents(
-        str(tmp_path), "validation"
-    )
-    # a .txt file is cut into paragraph groups of >= 1000 characters
-    txt_docs = gd.split_paragraph_documents((tmp_path / "a.txt").read_text())
-    assert len(txt_docs) < 30 and "\n\n".join(txt_docs) == "\n\n".join(docs[:30])
-    assert set(docs[30:45]) <= set(all_docs)
-    assert "one pretty-printed object" in all_docs
-    for source in (str(tmp_path), str(tmp_path / "*.t*"), str(tmp_path / "b.json")):
-        cfg = DataConfig(source=source, seq_len=16, batch_size=2)
-        x = make_dataset(cfg, "train").batch(0)
-        _check_batch(x, cfg, 8192)
-        assert len(eval_batches(cfg, 2)) >= 1
+  docs = _docs(60, seed=1)
+  (tmp_path / "a.txt").write_text("\n\n".join(docs[:30]) + "\n", encoding="utf-8")
+  (tmp_path / "b.json").write_text(json.dumps([{"text": d} for d in docs[30:45]]))
+  (tmp_path / "c.txt.xz").write_bytes(lzma.compress("\n\n".join(docs[45:]).encode()))
+  (tmp_path / "d.json").write_text(json.dumps({"text": "one pretty-printed object"}, indent=2))
+  (tmp_path / "notes.md").write_text("ignored in a directory")
+  all_docs = gd.path_documents(str(tmp_path), "train") + gd.path_documents(
+    str(tmp_path), "validation"
+  )
+  # a .txt file is cut into paragraph groups of >= 1000 characters
+  txt_docs = gd.split_paragraph_documents((tmp_path / "a.txt").read_text())
+  assert len(txt_docs) < 30 and "\n\n".join(txt_docs) == "\n\n".join(docs[:30])
+  assert set(docs[30:45]) <= set(all_docs)
+  assert "one pretty-printed object" in all_docs
+  for source in (str(tmp_path), str(tmp_path / "*.t*"), str(tmp_path / "b.json")):
+    cfg = DataConfig(source=source, seq_len=16, batch_size=2)
+    x = make_dataset(cfg, "train").batch(0)
+    _check_batch(x, cfg, 8192)
+    assert len(eval_batches(cfg, 2)) >= 1
 
 
 def test_epoch_is_a_permutation(tmp_path):
-    (tmp_path / "d.txt").write_text("\n\n".join(_docs(40, seed=2)))
-    cfg = DataConfig(source=str(tmp_path / "d.txt"), seq_len=8, batch_size=1, seed=7)
-    ds = make_dataset(cfg, "train")
-    n = ds.steps_per_epoch
-    assert n == ds.num_examples > 10
-    rows = [tuple(ds.batch(s)["inputs"][0]) for s in range(2 * n)]
-    assert sorted(rows[:n]) == sorted(rows[n:])  # same windows each epoch
-    assert rows[:n] != rows[n:]  # in a new order
+  (tmp_path / "d.txt").write_text("\n\n".join(_docs(40, seed=2)))
+  cfg = DataConfig(source=str(tmp_path / "d.txt"), seq_len=8, batch_size=1, seed=7)
+  ds = make_dataset(cfg, "train")
+  n = ds.steps_per_epoch
+  assert n == ds.num_examples > 10
+  rows = [tuple(ds.batch(s)["inputs"][0]) for s in range(2 * n)]
+  assert sorted(rows[:n]) == sorted(rows[n:])  # same windows each epoch
+  assert rows[:n] != rows[n:]  # in a new order
 
 
 def test_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
-        make_dataset(DataConfig(source=str(tmp_path / "missing_dir" / "x.jsonl")), "train")
-    with pytest.raises(FileNotFoundError, match=r"\*\.jsonl"):
-        make_dataset(DataConfig(source=str(tmp_path / "*.jsonl")), "train")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n  \n")
-    with pytest.raises(ValueError, match="empty.txt"):
-        make_dataset(DataConfig(source=str(empty)), "train")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        make_dataset(DataConfig(source=str(bad)), "train")
-    with pytest.raises(ValueError, match="unsupported"):
-        (tmp_path / "x.csv").write_text("a,b")
-        make_dataset(DataConfig(source=str(tmp_path / "x.csv")), "train")
-    small = tmp_path / "small.txt"
-    small.write_text("\n\n".join(_docs(3)))
-    with pytest.raises(ValueError, match="too small"):
-        make_dataset(DataConfig(source=str(small), seq_len=256, batch_size=64), "train")
-    one = tmp_path / "one.jsonl"
-    one.write_text('{"text": "a single document"}\n')
-    with pytest.raises(ValueError, match="validation"):
-        eval_batches(DataConfig(source=str(one), seq_len=4, batch_size=1), 1)
-    with pytest.raises(ValueError):
-        DataConfig(seq_len=0)
+  with pytest.raises(FileNotFoundError, match="missing_dir"):
+    make_dataset(DataConfig(source=str(tmp_path / "missing_dir" / "x.jsonl")), "train")
+  with pytest.raises(FileNotFoundError, match=r"\*\.jsonl"):
+    make_dataset(DataConfig(source=str(tmp_path / "*.jsonl")), "train")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n  \n")
+  with pytest.raises(ValueError, match="empty.txt"):
+    make_dataset(DataConfig(source=str(empty)), "train")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+  with pytest.raises(ValueError, match="bad.jsonl:2"):
+    make_dataset(DataConfig(source=str(bad)), "train")
+  with pytest.raises(ValueError, match="unsupported"):
+    (tmp_path / "x.csv").write_text("a,b")
+    make_dataset(DataConfig(source=str(tmp_path / "x.csv")), "train")
+  small = tmp_path / "small.txt"
+  small.write_text("\n\n".join(_docs(3)))
+  with pytest.raises(ValueError, match="too small"):
+    make_dataset(DataConfig(source=str(small), seq_len=256, batch_size=64), "train")
+  one = tmp_path / "one.jsonl"
+  one.write_text('{"text": "a single document"}\n')
+  with pytest.raises(ValueError, match="validation"):
+    eval_batches(DataConfig(source=str(one), seq_len=4, batch_size=1), 1)
+  with pytest.raises(ValueError):
+    DataConfig(seq_len=0)
 
 
 # ---------------------------------------------------------------------------- tfds
@@ -275,96 +275,90 @@ _TFDS_BUILDER = None
 
 
 def _tiny_tfds_builder():
-    """A real TFDS GeneratorBasedBuilder, prepared as array_record (no TensorFlow, no
-    network): name 'galore_jax_tiny_text', config 'plain', splits train/validation."""
-    global _TFDS_BUILDER
-    if _TFDS_BUILDER is not None:
-        return _TFDS_BUILDER
-    tfds = pytest.importorskip("tensorflow_datasets")
+  """A real TFDS GeneratorBasedBuilder, prepared as array_record (no TensorFlow, no
+  network): name 'galore_jax_tiny_text', config 'plain', splits train/validation."""
+  global _TFDS_BUILDER
+  if _TFDS_BUILDER is not None:
+    return _TFDS_BUILDER
+  tfds = pytest.importorskip("tensorflow_datasets")
 
-    class GaloreJaxTinyText(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="plain")]
+  class GaloreJaxTinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="plain")]
 
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-            )
+    def _info(self):
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+      )
 
-        def _split_generators(self, dl_manager):
-            return {
-                "train": self._generate_examples("train", 120),
-                "validation": self._generate_examples("validation", 20),
-            }
+    def _split_generators(self, dl_manager):
+      return {
+        "train": self._generate_examples("train", 120),
+        "validation": self._generate_examples("validation", 20),
+      }
 
-        def _generate_examples(self, split, n):
-            for i, text in enumerate(_docs(n, seed=0 if split == "train" else 1)):
-                yield i, {"text": f"{split} {text}"}
+    def _generate_examples(self, split, n):
+      for i, text in enumerate(_docs(n, seed=0 if split == "train" else 1)):
+        yield i, {"text": f"{split} {text}"}
 
-    _TFDS_BUILDER = GaloreJaxTinyText
-    return GaloreJaxTinyText
+  _TFDS_BUILDER = GaloreJaxTinyText
+  return GaloreJaxTinyText
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    data_dir = tmp_path_factory.mktemp("tfds")
-    builder = _tiny_tfds_builder()(
-        config="plain", data_dir=str(data_dir), file_format="array_record"
-    )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-    files = sorted(
-        p.name for p in (data_dir / "galore_jax_tiny_text" / "plain" / "1.0.0").iterdir()
-    )
-    assert any(".array_record-" in f for f in files), files
-    return data_dir
+  tfds = pytest.importorskip("tensorflow_datasets")
+  data_dir = tmp_path_factory.mktemp("tfds")
+  builder = _tiny_tfds_builder()(config="plain", data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  files = sorted(p.name for p in (data_dir / "galore_jax_tiny_text" / "plain" / "1.0.0").iterdir())
+  assert any(".array_record-" in f for f in files), files
+  return data_dir
 
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_tfds_source_end_to_end(tfds_dir, monkeypatch, sp, packing):
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
-    cfg = DataConfig(
-        source="tfds:galore_jax_tiny_text/plain", seq_len=32, batch_size=4, packing=packing, seed=5
-    )
-    ds = make_dataset(cfg, "train")
-    assert ds.num_documents == 120
-    for s in (0, 1, ds.steps_per_epoch, 3 * ds.steps_per_epoch + 1):
-        x = ds.batch(s)
-        _check_batch(x, cfg, ds.vocab_size)
-        assert _same(x, make_dataset(cfg, "train").batch(s))
-    it = ds.iterate(2)
-    assert _same(next(it), ds.batch(2)) and _same(next(it), ds.batch(3))
-    assert not _same(ds.batch(0), ds.batch(ds.steps_per_epoch))
-    text = sp.decode(ds.batch(0)["inputs"][0].tolist())
-    assert "train Doc" in text and "validation" not in text
-    if packing:
-        assert ds.batch(0)["mask"].mean() > 0.5
-        assert sp.eos_id() in ds.batch(0)["inputs"]  # several documents per row
-    else:
-        assert ds.num_examples == 120 and ds.steps_per_epoch == 30
-    # validation comes from the dataset's 'validation' split, in stored order
-    import tensorflow_datasets as tfds
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+  cfg = DataConfig(
+    source="tfds:galore_jax_tiny_text/plain", seq_len=32, batch_size=4, packing=packing, seed=5
+  )
+  ds = make_dataset(cfg, "train")
+  assert ds.num_documents == 120
+  for s in (0, 1, ds.steps_per_epoch, 3 * ds.steps_per_epoch + 1):
+    x = ds.batch(s)
+    _check_batch(x, cfg, ds.vocab_size)
+    assert _same(x, make_dataset(cfg, "train").batch(s))
+  it = ds.iterate(2)
+  assert _same(next(it), ds.batch(2)) and _same(next(it), ds.batch(3))
+  assert not _same(ds.batch(0), ds.batch(ds.steps_per_epoch))
+  text = sp.decode(ds.batch(0)["inputs"][0].tolist())
+  assert "train Doc" in text and "validation" not in text
+  if packing:
+    assert ds.batch(0)["mask"].mean() > 0.5
+    assert sp.eos_id() in ds.batch(0)["inputs"]  # several documents per row
+  else:
+    assert ds.num_examples == 120 and ds.steps_per_epoch == 30
+  # validation comes from the dataset's 'validation' split, in stored order
+  import tensorflow_datasets as tfds
 
-    src = tfds.data_source(
-        "galore_jax_tiny_text/plain", split="validation", data_dir=str(tfds_dir), download=False
-    )
-    first_doc = src[0]["text"].decode()
-    assert first_doc.startswith("validation Doc ")
-    ev = eval_batches(cfg, 2)
-    assert len(ev) == 2
-    first = sp.decode(ev[0]["inputs"][0][ev[0]["mask"][0] > 0].tolist())
-    assert first_doc.startswith(first) and len(first) > 20
+  src = tfds.data_source(
+    "galore_jax_tiny_text/plain", split="validation", data_dir=str(tfds_dir), download=False
+  )
+  first_doc = src[0]["text"].decode()
+  assert first_doc.startswith("validation Doc ")
+  ev = eval_batches(cfg, 2)
+  assert len(ev) == 2
+  first = sp.decode(ev[0]["inputs"][0][ev[0]["mask"][0] > 0].tolist())
+  assert first_doc.startswith(first) and len(first) > 20
 
 
 def test_tfds_errors(tfds_dir, monkeypatch):
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
-    with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz"):
-        make_dataset(DataConfig(source="tfds:no_such_dataset_xyz"), "train")
-    with pytest.raises(ValueError, match="too small"):
-        make_dataset(
-            DataConfig(source="tfds:galore_jax_tiny_text/plain", batch_size=512, packing=False),
-            "train",
-        )
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+  with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz"):
+    make_dataset(DataConfig(source="tfds:no_such_dataset_xyz"), "train")
+  with pytest.raises(ValueError, match="too small"):
+    make_dataset(
+      DataConfig(source="tfds:galore_jax_tiny_text/plain", batch_size=512, packing=False),
+      "train",
+    )

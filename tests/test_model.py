@@ -19,8 +19,12 @@ VOCAB = 97  # deliberately odd: catches V/D mix-ups in shapes.
 def _tiny(**overrides):
   """A 2-layer, 64-wide model: compiles in about a second on CPU."""
   base = dict(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_heads=4, num_layers=2,
-      max_seq_len=32,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=176,
+    num_heads=4,
+    num_layers=2,
+    max_seq_len=32,
   )
   base.update(overrides)
   return M.get_config("llama_tiny", **base)
@@ -102,14 +106,15 @@ def _model(config=None, seed=0):
 def _export_hf(model):
   """Our params as a Hugging Face-named numpy state dict (the inverse of load_hf_weights)."""
   sd = {
-      "model.embed_tokens.weight": np.asarray(model.embed.embedding[...]),
-      "model.norm.weight": np.asarray(model.final_norm.scale[...]),
-      "lm_head.weight": np.asarray(model.lm_head.kernel[...]).T,
+    "model.embed_tokens.weight": np.asarray(model.embed.embedding[...]),
+    "model.norm.weight": np.asarray(model.final_norm.scale[...]),
+    "lm_head.weight": np.asarray(model.lm_head.kernel[...]).T,
   }
   for i, block in enumerate(model.layers):
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
       sd[f"model.layers.{i}.self_attn.{name}.weight"] = np.asarray(
-          getattr(block.attn, name).kernel[...]).T
+        getattr(block.attn, name).kernel[...]
+      ).T
     for name in ("gate_proj", "up_proj", "down_proj"):
       sd[f"model.layers.{i}.mlp.{name}.weight"] = np.asarray(getattr(block.mlp, name).kernel[...]).T
     sd[f"model.layers.{i}.input_layernorm.weight"] = np.asarray(block.attn_norm.scale[...])
@@ -122,12 +127,12 @@ def _export_hf(model):
 
 def test_named_configs_match_the_paper_table():
   expected = {
-      "llama_tiny": (256, 688, 4, 4),
-      "llama_60m": (512, 1376, 8, 8),
-      "llama_130m": (768, 2048, 12, 12),
-      "llama_350m": (1024, 2736, 16, 24),
-      "llama_1b": (2048, 5461, 32, 24),
-      "llama_7b": (4096, 11008, 32, 32),
+    "llama_tiny": (256, 688, 4, 4),
+    "llama_60m": (512, 1376, 8, 8),
+    "llama_130m": (768, 2048, 12, 12),
+    "llama_350m": (1024, 2736, 16, 24),
+    "llama_1b": (2048, 5461, 32, 24),
+    "llama_7b": (4096, 11008, 32, 32),
   }
   assert set(M.CONFIGS) == set(expected)
   for name, (d, f, h, n) in expected.items():
@@ -160,11 +165,11 @@ def test_config_validation():
 
 # (params, GaLore-targeted) in millions, from the paper's table (REFERENCE.md).
 PAPER_COUNTS = {
-    "llama_60m": (58.1, 25.3),
-    "llama_130m": (134.1, 84.9),
-    "llama_350m": (368.0, 302.4),
-    "llama_1b": (1339.1, 1207.9),
-    "llama_7b": (6738.4, 6476.0),
+  "llama_60m": (58.1, 25.3),
+  "llama_130m": (134.1, 84.9),
+  "llama_350m": (368.0, 302.4),
+  "llama_1b": (1339.1, 1207.9),
+  "llama_7b": (6738.4, 6476.0),
 }
 
 
@@ -184,9 +189,7 @@ def test_param_count_matches_abstract_model(name):
   params = _flat_params(abstract)
   assert sum(int(np.prod(v.shape)) for v in params.values()) == M.param_count(cfg)
   targets = sum(
-      int(np.prod(v.shape))
-      for path, v in params.items()
-      if any(t in path for t in M.GALORE_TARGETS)
+    int(np.prod(v.shape)) for path, v in params.items() if any(t in path for t in M.GALORE_TARGETS)
   )
   assert targets == M.galore_target_count(cfg)
 
@@ -208,8 +211,11 @@ def test_param_paths_shapes_and_init():
   model = _model(cfg)
   params = _flat_params(model)
   d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  expected_shapes = {("embed", "embedding"): (v, d), ("final_norm", "scale"): (d,),
-                     ("lm_head", "kernel"): (d, v)}
+  expected_shapes = {
+    ("embed", "embedding"): (v, d),
+    ("final_norm", "scale"): (d,),
+    ("lm_head", "kernel"): (d, v),
+  }
   for i in range(cfg.num_layers):
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
       expected_shapes[("layers", i, "attn", name, "kernel")] = (d, d)
@@ -220,7 +226,14 @@ def test_param_paths_shapes_and_init():
     expected_shapes[("layers", i, "mlp_norm", "scale")] = (d,)
   assert {p: tuple(x.shape) for p, x in params.items()} == expected_shapes
   assert M.GALORE_TARGETS == (
-      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+  )
 
   for path, x in params.items():
     chex.assert_type(x, jnp.float32)
@@ -266,7 +279,8 @@ def test_position_matters():
 def test_too_long_sequence_is_an_error():
   model = _model(_tiny(max_seq_len=8))
   forward_shape = lambda seq: jax.eval_shape(
-      lambda t: model(t), jax.ShapeDtypeStruct((2, seq), jnp.int32))
+    lambda t: model(t), jax.ShapeDtypeStruct((2, seq), jnp.int32)
+  )
   forward_shape(8)  # exactly max_seq_len is fine
   with pytest.raises(ValueError, match=r"seq_len 9.*max_seq_len 8"):
     forward_shape(9)
@@ -280,8 +294,8 @@ def test_bf16_params():
   # Same weights (rounded to bf16) in both; then the logits agree to bf16 accuracy.
   m32 = _model()
   m16 = nnx.merge(
-      nnx.graphdef(abstract16),
-      jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32, nnx.Param)),
+    nnx.graphdef(abstract16),
+    jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32, nnx.Param)),
   )
   tokens = _tokens()
   l32 = _forward(m32, tokens)

@@ -20,9 +20,11 @@ from galore_jax import model as M
 pytestmark = pytest.mark.reference
 
 torch = pytest.importorskip(
-    "torch", reason="torch is not installed (pip install 'galore-jax[reference]')")
+  "torch", reason="torch is not installed (pip install 'galore-jax[reference]')"
+)
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (pip install 'galore-jax[reference]')")
+  "transformers", reason="transformers is not installed (pip install 'galore-jax[reference]')"
+)
 
 HIDDEN, INTERMEDIATE, HEADS, LAYERS, VOCAB = 64, 176, 4, 2, 128
 ROPE_THETA, EPS = 10000.0, 1e-6
@@ -31,10 +33,18 @@ ROPE_THETA, EPS = 10000.0, 1e-6
 def _hf_config():
   """transformers.LlamaConfig across 4.x (``rope_theta``) and 5.x (``rope_parameters``)."""
   kwargs = dict(
-      vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-      num_attention_heads=HEADS, num_key_value_heads=HEADS, num_hidden_layers=LAYERS,
-      max_position_embeddings=64, rms_norm_eps=EPS, hidden_act="silu",
-      tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_attention_heads=HEADS,
+    num_key_value_heads=HEADS,
+    num_hidden_layers=LAYERS,
+    max_position_embeddings=64,
+    rms_norm_eps=EPS,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
   )
   params = inspect.signature(transformers.LlamaConfig.__init__).parameters
   if "rope_parameters" in params:
@@ -48,8 +58,10 @@ def _hf_config():
   theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
   assert theta == ROPE_THETA, (rope, getattr(config, "rope_theta", None))
   assert rope.get("rope_type", "default") == "default"
-  assert not getattr(config, "rope_scaling", None) or config.rope_scaling.get(
-      "rope_type", "default") == "default"
+  assert (
+    not getattr(config, "rope_scaling", None)
+    or config.rope_scaling.get("rope_type", "default") == "default"
+  )
   assert not config.tie_word_embeddings
   # Eager softmax attention: the plain reference, whatever the installed default.
   config._attn_implementation = "eager"
@@ -75,8 +87,14 @@ def _state_dict_numpy(model):
 
 def _our_model():
   config = M.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS,
-      num_layers=LAYERS, max_seq_len=64, rms_eps=EPS, rope_base=ROPE_THETA,
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_heads=HEADS,
+    num_layers=LAYERS,
+    max_seq_len=64,
+    rms_eps=EPS,
+    rope_base=ROPE_THETA,
   )
   return M.Llama(config, rngs=nnx.Rngs(0))
 
@@ -105,10 +123,13 @@ def test_hf_weights_are_transposed_kernels(hf_model):
   sd = _state_dict_numpy(hf_model)
   M.load_hf_weights(ours, sd)
   np.testing.assert_array_equal(
-      ours.layers[1].attn.q_proj.kernel[...], sd["model.layers.1.self_attn.q_proj.weight"].T)
+    ours.layers[1].attn.q_proj.kernel[...], sd["model.layers.1.self_attn.q_proj.weight"].T
+  )
   np.testing.assert_array_equal(
-      ours.layers[0].mlp.down_proj.kernel[...], sd["model.layers.0.mlp.down_proj.weight"].T)
+    ours.layers[0].mlp.down_proj.kernel[...], sd["model.layers.0.mlp.down_proj.weight"].T
+  )
   np.testing.assert_array_equal(ours.embed.embedding[...], sd["model.embed_tokens.weight"])
   np.testing.assert_array_equal(ours.lm_head.kernel[...], sd["lm_head.weight"].T)
   np.testing.assert_array_equal(
-      ours.layers[1].mlp_norm.scale[...], sd["model.layers.1.post_attention_layernorm.weight"])
+    ours.layers[1].mlp_norm.scale[...], sd["model.layers.1.post_attention_layernorm.weight"]
+  )

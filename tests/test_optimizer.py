@@ -14,19 +14,23 @@ from galore_jax import projector as proj
 from galore_jax.optimizer import galore, scale_by_adam_hf
 
 PARAMS = {
-    "tall": jnp.zeros((24, 8)),
-    "wide": jnp.zeros((8, 24)),
-    "square": jnp.zeros((12, 12)),
-    "stacked": jnp.zeros((3, 10, 16)),
-    "bias": jnp.zeros((8,)),
+  "tall": jnp.zeros((24, 8)),
+  "wide": jnp.zeros((8, 24)),
+  "square": jnp.zeros((12, 12)),
+  "stacked": jnp.zeros((3, 10, 16)),
+  "bias": jnp.zeros((8,)),
 }
 
 
 def _grads(key, params=PARAMS):
   keys = jax.random.split(key, len(jax.tree.leaves(params)))
-  return jax.tree.unflatten(jax.tree.structure(params),
-                            [jax.random.normal(k, x.shape, x.dtype)
-                             for k, x in zip(keys, jax.tree.leaves(params))])
+  return jax.tree.unflatten(
+    jax.tree.structure(params),
+    [
+      jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, jax.tree.leaves(params), strict=True)
+    ],
+  )
 
 
 def _run(tx, steps, params=PARAMS, seed=0):
@@ -47,14 +51,16 @@ def _run(tx, steps, params=PARAMS, seed=0):
 
 def test_state_shapes_tall_wide_square_stacked():
   state = galore(scale_by_adam_hf(), rank=4).init(PARAMS)
-  chex.assert_shape(state.projectors["tall"], (4, 8))       # m >= n: P = Vh[:r]
-  chex.assert_shape(state.projectors["wide"], (8, 4))       # m < n: P = U[:, :r]
-  chex.assert_shape(state.projectors["square"], (4, 12))    # square: right, as reference
+  chex.assert_shape(state.projectors["tall"], (4, 8))  # m >= n: P = Vh[:r]
+  chex.assert_shape(state.projectors["wide"], (8, 4))  # m < n: P = U[:, :r]
+  chex.assert_shape(state.projectors["square"], (4, 12))  # square: right, as reference
   chex.assert_shape(state.projectors["stacked"], (3, 10, 4))
   assert state.projectors["bias"] is None
   mu = state.inner_state.mu
-  chex.assert_shape([mu["tall"], mu["wide"], mu["square"], mu["stacked"], mu["bias"]],
-                    [(24, 4), (4, 24), (12, 4), (3, 4, 16), (8,)])
+  chex.assert_shape(
+    [mu["tall"], mu["wide"], mu["square"], mu["stacked"], mu["bias"]],
+    [(24, 4), (4, 24), (12, 4), (3, 4, 16), (8,)],
+  )
 
 
 def test_state_bytes_follow_reference_formula():
@@ -95,8 +101,9 @@ def test_refresh_cadence_synchronous():
 
 def test_refresh_cadence_staggered():
   gap = 8
-  _, states, _ = _run(galore(scale_by_adam_hf(), rank=4, update_proj_gap=gap,
-                             refresh_schedule="staggered"), 20)
+  _, states, _ = _run(
+    galore(scale_by_adam_hf(), rank=4, update_proj_gap=gap, refresh_schedule="staggered"), 20
+  )
   names = ("square", "stacked", "tall", "wide")  # flatten (sorted-key) order
   offsets = [k * gap // len(names) for k in range(len(names))]
   for name, off in zip(names, offsets, strict=True):
@@ -175,12 +182,17 @@ def test_custom_mask_pytree_and_callable():
     chex.assert_shape(state.inner_state.mu["wide"], (8, 24))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(rank=0), "rank"), (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
-    (dict(rank=4, proj_type="diag"), "proj_type"), (dict(rank=4, svd="qr"), "svd"),
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(rank=0), "rank"),
+    (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
+    (dict(rank=4, proj_type="diag"), "proj_type"),
+    (dict(rank=4, svd="qr"), "svd"),
     (dict(rank=4, moment_policy="zero"), "moment_policy"),
     (dict(rank=4, refresh_schedule="random"), "refresh_schedule"),
-])
+  ],
+)
 def test_invalid_hyperparameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
     galore(scale_by_adam_hf(), **kwargs)
@@ -239,6 +251,7 @@ def test_failed_svd_keeps_previous_projector(monkeypatch):
   def failing_svd(g, side, rank):
     good = proj.canonicalize_signs(jnp.eye(g.shape[-1])[:rank], axis=-1)
     return good * jnp.nan
+
   tx = galore(optax.identity(), rank=4)
   g = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
   state = tx.init(g)
@@ -282,25 +295,31 @@ def test_moment_policy_reset_and_reproject(side_shape):
   chex.assert_trees_all_close(_inner_mu(s1), b1 * _inner_mu(s0) + (1 - b1) * r1, atol=1e-6)
   chex.assert_trees_all_close(_inner_mu(results["reset"][1]), (1 - b1) * r1, atol=1e-6)
   rotated = proj.change_of_basis(_inner_mu(s0), p0, p1, side)
-  chex.assert_trees_all_close(_inner_mu(results["reproject"][1]),
-                              b1 * rotated + (1 - b1) * r1, atol=1e-6)
+  chex.assert_trees_all_close(
+    _inner_mu(results["reproject"][1]), b1 * rotated + (1 - b1) * r1, atol=1e-6
+  )
   # The second moment is kept by reproject (no linear change of basis for it).
-  chex.assert_trees_all_close(results["reproject"][1].inner_state.nu["w"],
-                              s1.inner_state.nu["w"], atol=1e-6)
+  chex.assert_trees_all_close(
+    results["reproject"][1].inner_state.nu["w"], s1.inner_state.nu["w"], atol=1e-6
+  )
 
 
 def test_randomized_svd_trains_like_exact():
   # A fixed low-rank-dominated gradient field: both SVDs find the same subspace.
-  target = {"w": jax.random.normal(jax.random.key(5), (32, 4))
-            @ jax.random.normal(jax.random.key(6), (4, 48))}
+  target = {
+    "w": jax.random.normal(jax.random.key(5), (32, 4))
+    @ jax.random.normal(jax.random.key(6), (4, 48))
+  }
+
   def loss(p):
     return 0.5 * jnp.sum((p["w"] - target["w"]) ** 2)
+
   finals = {}
   for method in ("exact", "randomized"):
     tx = galore_jax.galore_adamw(0.1, rank=4, update_proj_gap=10, svd=method, scale=1.0)
     p = {"w": jnp.zeros((32, 48))}
     s = tx.init(p)
-    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(loss)(p), s, p))
     for _ in range(60):
       u, s = step(p, s)
       p = optax.apply_updates(p, u)
@@ -312,10 +331,10 @@ def test_randomized_svd_trains_like_exact():
 def test_composed_chain_matches_galore_adamw_structure():
   sched = optax.constant_schedule(1e-2)
   tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      galore(optax.scale_by_adam(), rank=4, update_proj_gap=200, scale=0.25),
-      optax.add_decayed_weights(0.0),
-      optax.scale_by_learning_rate(sched),
+    optax.clip_by_global_norm(1.0),
+    galore(optax.scale_by_adam(), rank=4, update_proj_gap=200, scale=0.25),
+    optax.add_decayed_weights(0.0),
+    optax.scale_by_learning_rate(sched),
   )
   state = tx.init(PARAMS)
   chex.assert_shape(state[1].inner_state.mu["tall"], (24, 4))

@@ -18,11 +18,20 @@ def _low_rank_plus_noise(key, shape, rank, noise=1e-3):
   return (a * s) @ b + noise * jax.random.normal(k3, shape)
 
 
-@pytest.mark.parametrize("proj_type,m,n,side", [
-    ("std", 8, 4, "right"), ("std", 4, 8, "left"), ("std", 6, 6, "right"),
-    ("reverse_std", 8, 4, "left"), ("reverse_std", 4, 8, "right"), ("reverse_std", 6, 6, "left"),
-    ("left", 8, 4, "left"), ("right", 4, 8, "right"), ("full", 4, 8, "full"),
-])
+@pytest.mark.parametrize(
+  "proj_type,m,n,side",
+  [
+    ("std", 8, 4, "right"),
+    ("std", 4, 8, "left"),
+    ("std", 6, 6, "right"),
+    ("reverse_std", 8, 4, "left"),
+    ("reverse_std", 4, 8, "right"),
+    ("reverse_std", 6, 6, "left"),
+    ("left", 8, 4, "left"),
+    ("right", 4, 8, "right"),
+    ("full", 4, 8, "full"),
+  ],
+)
 def test_resolve_side_follows_reference(proj_type, m, n, side):
   assert proj.resolve_side(proj_type, m, n) == side
 
@@ -48,8 +57,9 @@ def test_canonical_signs_make_largest_entry_positive():
 def test_exact_basis_is_orthonormal_and_spans_top_subspace(shape, side):
   g = _low_rank_plus_noise(jax.random.key(1), shape, rank=4)
   basis = proj.exact_basis(g, side, 4)
-  for b, vec_axis in ([(basis, -2 if side == "left" else -1)] if side != "full"
-                      else [(basis[0], -2), (basis[1], -1)]):
+  for b, vec_axis in (
+    [(basis, -2 if side == "left" else -1)] if side != "full" else [(basis[0], -2), (basis[1], -1)]
+  ):
     gram = (jnp.swapaxes(b, -1, -2) @ b) if vec_axis == -2 else (b @ jnp.swapaxes(b, -1, -2))
     chex.assert_trees_all_close(gram, jnp.broadcast_to(jnp.eye(4), gram.shape), atol=1e-5)
   # g is (nearly) rank 4, so projecting and back loses only the noise.

@@ -95,9 +95,14 @@ def test_matches_galore_torch(reference, proj_type):
   tparams = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in init.items()}
   matrices = [tparams[k] for k, s in SHAPES.items() if len(s) == 2]
   groups = [
-      {"params": [tparams["stack_free_bias"]]},
-      {"params": matrices, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
-       "proj_type": proj_type},
+    {"params": [tparams["stack_free_bias"]]},
+    {
+      "params": matrices,
+      "rank": rank,
+      "update_proj_gap": gap,
+      "scale": 0.25,
+      "proj_type": proj_type,
+    },
   ]
   opt = reference(groups, lr=1.0, weight_decay=wd, no_deprecation_warning=True)
   for t, g in enumerate(grads):
@@ -108,8 +113,9 @@ def test_matches_galore_torch(reference, proj_type):
     opt.step()
   expected = {k: p.detach().numpy() for k, p in tparams.items()}
 
-  tx = galore_jax.galore_adamw(sched, rank=rank, update_proj_gap=gap, scale=0.25,
-                               proj_type=proj_type, weight_decay=wd)
+  tx = galore_jax.galore_adamw(
+    sched, rank=rank, update_proj_gap=gap, scale=0.25, proj_type=proj_type, weight_decay=wd
+  )
   params = jax.tree.map(jnp.asarray, init)
   state = tx.init(params)
 

@@ -14,8 +14,17 @@ import pytest
 
 from galore_jax import checkpoint, metrics, train
 
-SMALL = dict(model="llama_tiny", batch_size=8, seq_len=32, eval_every=1000, eval_batches=2,
-             save_every=1000, progress=False, rank=16, update_proj_gap=2)
+SMALL = dict(
+  model="llama_tiny",
+  batch_size=8,
+  seq_len=32,
+  eval_every=1000,
+  eval_batches=2,
+  save_every=1000,
+  progress=False,
+  rank=16,
+  update_proj_gap=2,
+)
 
 
 def _cfg(tmp_path, name, **kw):
@@ -30,6 +39,7 @@ def test_resume_continues_exactly(tmp_path):
   straight = train.train(_cfg(tmp_path, "straight", steps=6), log=_quiet)
   first = train.train(_cfg(tmp_path, "split", steps=6, stop_after=3), log=_quiet)
   assert first["step"] == 3
+  assert straight["step_compilations"] == 1  # no recompilation after the first step
   assert checkpoint.latest_step(str(tmp_path / "split")) == 3
   second = train.train(_cfg(tmp_path, "split", steps=6, resume=True), log=_quiet)
   assert second["start_step"] == 3 and second["step"] == 6
@@ -67,8 +77,10 @@ def test_nonfinite_step_is_skipped(tmp_path):
   params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
   before = jax.tree.map(np.asarray, (params, opt_state))
   step = jax.jit(train.make_train_step(run.graphdef, run.tx))
-  batch = {k: jnp.zeros((1, 8, 32), jnp.int32 if k != "mask" else jnp.float32)
-           for k in ("inputs", "targets", "mask")}
+  batch = {
+    k: jnp.zeros((1, 8, 32), jnp.int32 if k != "mask" else jnp.float32)
+    for k in ("inputs", "targets", "mask")
+  }
   batch["mask"] = jnp.ones((1, 8, 32))
   new_params, new_opt, m = step(params, opt_state, batch)
   assert int(m["skipped"]) == 1
@@ -113,9 +125,27 @@ def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
 
 def test_sigint_saves_checkpoint_and_exits(tmp_path):
   out = tmp_path / "sig"
-  cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out), "--steps", "500",
-         "--batch-size", "2", "--seq-len", "32", "--rank", "16", "--no-progress",
-         "--eval-every", "1000", "--save-every", "1000"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "galore_jax.cli",
+    "train",
+    "--out",
+    str(out),
+    "--steps",
+    "500",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--rank",
+    "16",
+    "--no-progress",
+    "--eval-every",
+    "1000",
+    "--save-every",
+    "1000",
+  ]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -135,31 +165,55 @@ def test_sigint_saves_checkpoint_and_exits(tmp_path):
 
 def _cli(*args):
   from galore_jax import cli
+
   return cli.main(list(args))
 
 
 def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
   out = str(tmp_path / "cli")
-  assert _cli("train", "--out", out, "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-              "--rank", "16", "--no-progress", "--eval-every", "3", "--eval-batches", "2") == 0
+  assert (
+    _cli(
+      "train",
+      "--out",
+      out,
+      "--steps",
+      "3",
+      "--batch-size",
+      "2",
+      "--seq-len",
+      "32",
+      "--rank",
+      "16",
+      "--no-progress",
+      "--eval-every",
+      "3",
+      "--eval-batches",
+      "2",
+    )
+    == 0
+  )
   text = capsys.readouterr().out
   assert "final validation loss" in text and "perplexity" in text
   assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["step"] == 3 and result["eval_ppl"] > 1
-  assert _cli("sample", "--checkpoint", out, "--prompt", "It is a truth",
-              "--max-new-tokens", "5") == 0
+  assert (
+    _cli("sample", "--checkpoint", out, "--prompt", "It is a truth", "--max-new-tokens", "5") == 0
+  )
   assert capsys.readouterr().out.startswith("It is a truth")
 
 
-@pytest.mark.parametrize("args,flag", [
+@pytest.mark.parametrize(
+  "args,flag",
+  [
     (["--model", "llama_huge"], "--model"),
     (["--rank", "4096"], "--rank"),
     (["--data", "/nonexistent/corpus.txt"], "--data"),
     (["--seq-len", "100000"], "--seq-len"),
     (["--mesh", "data=3,fsdp=5"], "--mesh"),
     (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer"),
-])
+  ],
+)
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, flag):
   assert _cli("train", "--out", str(tmp_path / "bad"), "--no-progress", *args) == 2
   err = capsys.readouterr().err.strip()
@@ -183,8 +237,9 @@ def test_cli_unknown_optimizer_exit_2(capsys):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("done") / "run"
-  train.train(train.TrainConfig(out=str(out), steps=2, **{k: v for k, v in SMALL.items()}),
-              log=_quiet)
+  train.train(
+    train.TrainConfig(out=str(out), steps=2, **{k: v for k, v in SMALL.items()}), log=_quiet
+  )
   return out
 
 
@@ -194,26 +249,47 @@ def test_existing_run_without_resume_is_refused(finished_run, capsys):
 
 
 def test_resume_with_other_optimizer_is_refused(finished_run, capsys):
-  args = ["train", "--out", str(finished_run), "--resume", "--steps", "4", "--batch-size", "8",
-          "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2", "--no-progress"]
+  args = [
+    "train",
+    "--out",
+    str(finished_run),
+    "--resume",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--rank",
+    "16",
+    "--update-proj-gap",
+    "2",
+    "--no-progress",
+  ]
   assert _cli(*args, "--optimizer", "adamw") == 2
   assert capsys.readouterr().err.startswith("galore-jax: error: --optimizer")
 
 
 def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
   import sentencepiece as spm
+
   from galore_jax import data
+
   prefix = tmp_path / "other"
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(data.builtin_documents("validation")), model_prefix=str(prefix),
-      vocab_size=300, model_type="bpe", minloglevel=2)
-  assert _cli("eval", "--checkpoint", str(finished_run), "--tokenizer",
-              f"{prefix}.model") == 2
+    sentence_iterator=iter(data.builtin_documents("validation")),
+    model_prefix=str(prefix),
+    vocab_size=300,
+    model_type="bpe",
+    minloglevel=2,
+  )
+  assert _cli("eval", "--checkpoint", str(finished_run), "--tokenizer", f"{prefix}.model") == 2
   assert capsys.readouterr().err.startswith("galore-jax: error: --tokenizer")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
   import shutil
+
   broken = tmp_path / "broken"
   shutil.copytree(finished_run, broken)
   step_dir = broken / "checkpoints" / "2" / "params"
@@ -222,8 +298,23 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
       p = os.path.join(root, f)
       with open(p, "r+b") as fh:
         fh.truncate(max(0, os.path.getsize(p) // 3))
-  code = _cli("train", "--out", str(broken), "--resume", "--steps", "4", "--batch-size", "8",
-              "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2", "--no-progress")
+  code = _cli(
+    "train",
+    "--out",
+    str(broken),
+    "--resume",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--rank",
+    "16",
+    "--update-proj-gap",
+    "2",
+    "--no-progress",
+  )
   err = capsys.readouterr().err
   assert code == 2, err
   assert "galore-jax: error:" in err and "Traceback" not in err

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Everything owed on one GPU, in one call of the device tool (about 9 minutes at most).
+# Results go to $OUT (at most 8 files come back): gpu_checks.txt (this output),
+# gpu_bench.json and gpu_bench.log (experiments/gpu_bench.py), plus what the memory
+# planner checks below write.
+#
+# Prepare on the development machine, once (runs/ is git-ignored, so carry it):
+#   pip download galore-torch==1.0 --no-deps -d runs/wheels/
+# Run with the device tool:
+#   command: bash experiments/gpu_checks.sh    carry: ["runs/wheels"]    timeout_s: 580
+# The GPU image's python3 has jax (CUDA), flax, optax, orbax, torch, transformers and
+# sentencepiece, but no grain, tensorflow-datasets or galore-torch (the wheel is
+# imported in place: gpu_bench.py --galore-torch).
+#
+# Budget (GPU_CHECKS_BUDGET, default 540 s): the memory planner checks first (at most
+# PLANNER_S, default 60 s), then gpu_bench.py with whatever is left (it orders its
+# cases by priority and records those it had no time for as skipped), its table last.
+# GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke --optimizers
+# galore_adamw" GPU_CHECKS_BUDGET=150 OUT=/tmp/gc bash experiments/gpu_checks.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_checks_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECKS_BUDGET:-540}
+PLANNER_S=${PLANNER_S:-60}
+
+main() {
+  echo "== gpu_checks: $(date -u +%FT%TZ), budget ${BUDGET} s"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
+  "$PY" - <<'PYEOF' || true
+import importlib.util
+for m in ("jax", "flax", "optax", "orbax.checkpoint", "torch", "transformers", "sentencepiece",
+          "grain", "tensorflow_datasets", "galore_torch", "bitsandbytes"):
+    try:
+        found = importlib.util.find_spec(m) is not None
+    except ModuleNotFoundError:
+        found = False
+    ver = ""
+    if found and m in ("jax", "torch", "transformers", "flax", "optax"):
+        ver = __import__(m).__version__
+    print(f"  {m:<20} {'yes ' + ver if found else 'MISSING'}")
+PYEOF
+
+  WHEEL=${GALORE_TORCH:-$(ls runs/wheels/galore_torch-*.whl wheels/galore_torch-*.whl 2>/dev/null | head -n 1)}
+  if [ -z "$WHEEL" ]; then
+    echo "WARNING: no galore_torch wheel carried (runs/wheels/): the reference cases will fail"
+  else
+    echo "  galore_torch from   $WHEEL"
+  fi
+
+  # -------------------------------------------------------------------------
+  # >>> MEMORY PLANNER CHECKS: PLACEHOLDER, to be added by the memory-planner engineer. <<<
+  # Keep them under ${PLANNER_S} s (wrap in `timeout "$PLANNER_S"`), write at most 4 files
+  # to "$OUT" (8 come back in all), e.g.:
+  #   timeout "$PLANNER_S" "$PY" <planner check> --json "$OUT/memory_plan.json" \
+  #     || echo "memory planner checks: rc=$?"
+  echo "== memory planner checks: placeholder, nothing run yet"
+  # -------------------------------------------------------------------------
+
+  local left=$(( BUDGET - SECONDS - 20 ))
+  echo "== gpu_bench: ${left} s (elapsed ${SECONDS} s)"
+  timeout $(( left + 15 )) "$PY" experiments/gpu_bench.py --refresh-cost \
+      --json "$OUT/gpu_bench.json" --time-budget "$left" ${WHEEL:+--galore-torch "$WHEEL"} \
+      ${GPU_BENCH_ARGS:-}
+  echo "== gpu_bench rc=$? after ${SECONDS} s"
+}
+
+main 2>&1 | tee "$OUT/gpu_checks.txt"

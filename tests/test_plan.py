@@ -1,0 +1,229 @@
+"""galore_jax.plan, the ``galore-jax plan`` command and experiments/memory_table.py.
+
+Small configurations only; the two compile tests use a 2-layer, 128-wide model.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from galore_jax import cli, plan, train
+from galore_jax import model as model_lib
+from galore_jax import optimizer as galore
+
+SMALL = ["--model", "llama_tiny", "--vocab-size", "512", "--batch-size", "2", "--seq-len", "32"]
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_layers": 2}
+
+
+def _cli_json(capsys, *flags):
+  assert cli.main(["plan", *SMALL, "--no-compile", "--json", *flags]) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def _cfg(**kw):
+  base = dict(
+    model="llama_tiny",
+    optimizer="galore_adamw8bit",
+    rank=32,
+    batch_size=2,
+    seq_len=32,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+  )
+  return train.TrainConfig(**(base | kw))
+
+
+def test_json_fields(capsys):
+  r = _cli_json(capsys, "--optimizer", "galore_adamw8bit", "--rank", "32")
+  for key in (
+    "weights_bytes",
+    "optimizer_bytes",
+    "peak_bytes",
+    "fits",
+    "optimizer_breakdown",
+    "gradients_at_peak_bytes",
+    "activation_bytes",
+    "gpu_memory_bytes",
+    "analytic",
+    "peak_source",
+  ):
+    assert key in r, key
+  assert r["config"]["param_dtype"] == r["config"]["dtype"] == "bfloat16"  # plan's defaults
+  assert r["peak_source"] == "analytic"
+  opt = r["optimizer_breakdown"]
+  assert opt["projector_bytes"] > 0 and opt["moment_bytes"] > 0
+  assert sum(opt.values()) == r["optimizer_bytes"]
+  assert r["peak_bytes"] > r["weights_bytes"] + r["optimizer_bytes"] + r["gradients_at_peak_bytes"]
+
+
+def test_weights_are_param_count_times_two_in_bf16():
+  r = plan.plan(_cfg(), vocab_size=512, compile=False)
+  mc = model_lib.get_config("llama_tiny", vocab_size=512)
+  assert r["params"] == model_lib.param_count(mc)
+  assert r["weights_bytes"] == 2 * model_lib.param_count(mc)
+  r32 = plan.plan(_cfg(param_dtype="float32", dtype="float32"), vocab_size=512, compile=False)
+  assert r32["weights_bytes"] == 4 * model_lib.param_count(mc)
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+def test_optimizer_bytes_match_eval_shape_of_init(optimizer):
+  cfg = _cfg(optimizer=optimizer)
+  r = plan.plan(cfg, vocab_size=512, compile=False, suggest=False)
+  mc = model_lib.get_config(
+    "llama_tiny", vocab_size=512, param_dtype=jax.numpy.bfloat16, dtype=jax.numpy.bfloat16
+  )
+  _, params = train.abstract_model(mc)
+  expected = galore.state_bytes(jax.eval_shape(train.build_optimizer(cfg).init, params))
+  assert r["optimizer_bytes"] == expected
+  assert (r["optimizer_breakdown"]["projector_bytes"] > 0) == optimizer.startswith("galore")
+
+
+def test_fits_flips_with_gpu_memory(capsys):
+  big = _cli_json(capsys, "--gpu-memory", "80GB")
+  assert big["fits"] and big["gpu_memory_bytes"] == 80 * 10**9 and "suggestions" not in big
+  small = _cli_json(capsys, "--gpu-memory", "1MB")
+  assert not small["fits"] and small["headroom_bytes"] < 0
+  assert small["peak_bytes"] == big["peak_bytes"]
+  gib = _cli_json(capsys, "--gpu-memory", "2GiB")
+  assert gib["gpu_memory_bytes"] == 2 * 2**30
+
+
+def test_suggestions_when_it_does_not_fit(capsys):
+  r = _cli_json(capsys, "--optimizer", "adamw", "--gpu-memory", "10MB")
+  assert not r["fits"]
+  changes = {s["change"] for s in r["suggestions"]}
+  assert any("8-bit" in c for c in changes) and any("GaLore" in c for c in changes)
+  assert any("remat" in c for c in changes) and any("per-layer" in c for c in changes)
+  assert all(s["peak_bytes"] > 0 for s in r["suggestions"])
+  assert min(s["peak_bytes"] for s in r["suggestions"]) < r["peak_bytes"]
+  # Re-planning with a suggestion reproduces its figure.
+  eight = next(s for s in r["suggestions"] if "8-bit" in s["change"])
+  again = _cli_json(capsys, "--optimizer", eight["flags"]["optimizer"], "--gpu-memory", "10MB")
+  assert again["peak_bytes"] == eight["peak_bytes"]
+
+
+def test_text_output(capsys):
+  assert cli.main(["plan", *SMALL, "--no-compile", "--gpu-memory", "1MB"]) == 0
+  out = capsys.readouterr().out
+  assert "DOES NOT FIT" in out and "to shrink it" in out and "projectors" in out
+
+
+def test_per_layer_updates_what_if():
+  # Short sequences: activations small next to the gradient (per-layer updates overlap the
+  # update's temporaries with the activations, so with large activations they gain little).
+  cfg = _cfg(batch_size=1, seq_len=16)
+  full = plan.plan(cfg, vocab_size=512, compile=False)
+  per = plan.plan(cfg, vocab_size=512, compile=False, per_layer_updates=True)
+  assert per["gradients_at_peak_bytes"] < full["gradients_at_peak_bytes"]
+  assert per["gradients_at_peak_bytes"] == per["analytic"]["largest_layer_gradient_bytes"]
+  assert per["peak_bytes"] < full["peak_bytes"]
+
+
+@pytest.mark.parametrize(
+  "flags, flag",
+  [
+    (["--gpu-memory", "lots"], "--gpu-memory"),
+    (["--gpu-memory", "0GB"], "--gpu-memory"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--rank", "100000", "--optimizer", "galore_adamw"], "--rank"),
+    (["--model", "llama_3t"], "--model"),
+    (["--vocab-size", "0"], "--vocab-size"),
+    (["--seq-len", "100000"], "--seq-len"),
+    (["--per-layer-updates", "--grad-accum", "2"], "--per-layer-updates"),
+  ],
+)
+def test_bad_flags_exit_2(capsys, flags, flag):
+  assert cli.main(["plan", *SMALL, "--no-compile", *flags]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"galore-jax: error: {flag}:") and "\n" not in err
+
+
+def test_argparse_choice_errors_exit_2():
+  with pytest.raises(SystemExit) as e:
+    cli.main(["plan", "--optimizer", "sgd"])
+  assert e.value.code == 2
+
+
+def test_parse_bytes():
+  assert plan.parse_bytes("24GB") == 24 * 10**9
+  assert plan.parse_bytes("24 GiB") == 24 * 2**30
+  assert plan.parse_bytes("24") == 24 * 10**9
+  assert plan.parse_bytes("80000MB") == 80 * 10**9
+  with pytest.raises(train.ConfigError):
+    plan.parse_bytes("24 bananas")
+
+
+def _compiled(**kw):
+  cfg = _cfg(optimizer="galore_adamw", rank=16, batch_size=1, seq_len=16, **kw)
+  return plan.plan(cfg, vocab_size=128, overrides=TINY, suggest=False)
+
+
+@pytest.fixture(scope="module")
+def compiled_bf16():
+  return _compiled()
+
+
+def test_compiled_estimate_and_cpu_correction(compiled_bf16):
+  """XLA's figure is replayed faithfully; bf16 loses only the CPU-only f32 dot copies."""
+  bf16 = compiled_bf16
+  x = bf16["xla"]
+  for key in (
+    "argument_bytes",
+    "output_bytes",
+    "alias_bytes",
+    "temp_bytes",
+    "compile_seconds",
+    "corrected_peak_bytes",
+    "live_at_corrected_peak",
+  ):
+    assert key in x, key
+  batch = 3 * 1 * 16 * 4  # inputs, targets, mask: int32 (1, 1, 16)
+  assert x["argument_bytes"] == bf16["weights_bytes"] + bf16["optimizer_bytes"] + batch
+  assert abs(x["replayed_cpu_peak_bytes"] - x["peak_bytes"]) < 0.05 * x["peak_bytes"]
+  assert x["cpu_only_buffers"] > 0
+  assert x["corrected_peak_bytes"] < x["replayed_cpu_peak_bytes"]
+  assert bf16["peak_source"] == "xla_corrected"
+  assert bf16["peak_bytes"] == x["corrected_peak_bytes"]
+  # The whole gradient is alive at the peak of the train step (its update waits for all of it).
+  assert x["corrected_peak_bytes"] >= (
+    bf16["weights_bytes"] + bf16["optimizer_bytes"] + bf16["gradient_bytes"]
+  )
+  # float32 has nothing to correct.
+  f32 = _compiled(param_dtype="float32", dtype="float32")
+  assert f32["xla"]["cpu_only_buffers"] == 0
+  assert f32["xla"]["corrected_peak_bytes"] == f32["xla"]["replayed_cpu_peak_bytes"]
+
+
+def test_interleaved_step_frees_gradients_early(compiled_bf16):
+  """Without the train step's all-or-nothing ``lax.cond``, XLA updates each weight as its
+  gradient arrives: the compiled peak drops by more than the whole gradient."""
+  barrier = compiled_bf16
+  cfg = _cfg(optimizer="galore_adamw", rank=16, batch_size=1, seq_len=16)
+  interleaved = plan.plan(
+    cfg, vocab_size=128, overrides=TINY, suggest=False, per_layer_updates=True
+  )
+  assert interleaved["xla"]["step"].startswith("interleaved")
+  assert interleaved["peak_bytes"] + barrier["gradient_bytes"] < barrier["peak_bytes"]
+
+
+def test_memory_table_runs(capsys):
+  path = Path(__file__).resolve().parents[1] / "experiments" / "memory_table.py"
+  spec = importlib.util.spec_from_file_location("memory_table", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["memory_table"] = module
+  try:
+    spec.loader.exec_module(module)
+    assert module.main(["--models", "llama_60m"]) == 0
+    out = capsys.readouterr().out
+    assert "llama_60m" in out and "GiB" in out
+    rows = module.rows({"llama_60m"})
+    assert {r["optimizer"] for r in rows} == {"adamw", "galore_adamw"}
+    full = next(r for r in rows if r["optimizer"] == "adamw")
+    # Pure bf16 Adam: weights + two bf16 moments = 6 bytes per parameter (+ step counters).
+    assert abs(full["total_bytes"] - 6 * full["weights_bytes"] / 2) < 64
+  finally:
+    sys.modules.pop("memory_table", None)
