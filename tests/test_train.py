@@ -318,3 +318,20 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2, err
   assert "galore-jax: error:" in err and "Traceback" not in err
+
+
+def test_diverging_run_stops_with_clear_error(tmp_path, monkeypatch):
+  # Every step's loss is NaN: each is skipped, and after `max_nonfinite` of them in a row the
+  # run stops with an error instead of idling through the remaining steps.
+  real_loss = train._token_loss
+
+  def nan_loss(graphdef, params, batch):
+    loss_sum, count = real_loss(graphdef, params, batch)
+    return loss_sum * jnp.nan, count
+
+  monkeypatch.setattr(train, "_token_loss", nan_loss)
+  cfg = _cfg(tmp_path, "diverge", steps=40, max_nonfinite=3)
+  with pytest.raises(train.TrainingDiverged, match="3 consecutive steps"):
+    train.train(cfg, log=_quiet)
+  records = [r for r in metrics.read_metrics(cfg.out) if "loss" in r]
+  assert [r["skipped"] for r in records] == [1, 1, 1]
