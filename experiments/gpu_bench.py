@@ -476,14 +476,22 @@ def _refresh_reps(
   return times
 
 
-def worker_jax(spec, res, save):
+def _jax_env() -> dict:
+  """What every JAX worker records about the software and device it measured on."""
   import jax
+
+  return {
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+  }
+
+
+def worker_jax(spec, res, save):
 
   train, model_lib, galore, stubbed = _import_trainer()
   res.update(
-    jax_version=jax.__version__,
-    backend=jax.default_backend(),
-    device=jax.devices()[0].device_kind,
+    **_jax_env(),
     data_module_stubbed=stubbed,
   )
   _register_model(spec, model_lib)
@@ -539,13 +547,10 @@ def worker_jax(spec, res, save):
 
 def worker_refresh(spec, res, save):
   """Refresh cost of several (svd, schedule) variants of the GaLore step, one model."""
-  import jax
 
   train, model_lib, galore, stubbed = _import_trainer()
   res.update(
-    jax_version=jax.__version__,
-    backend=jax.default_backend(),
-    device=jax.devices()[0].device_kind,
+    **_jax_env(),
     data_module_stubbed=stubbed,
     variants={},
   )
@@ -683,9 +688,7 @@ def worker_peak(spec, res, save):
     out.block_until_ready()
     times.append((time.perf_counter() - t) / spec["inner"])
   res.update(
-    jax_version=jax.__version__,
-    backend=jax.default_backend(),
-    device=jax.devices()[0].device_kind,
+    **_jax_env(),
     n=n,
     dtype=str(dtype),
     times_s=times,

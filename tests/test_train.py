@@ -234,6 +234,23 @@ def test_cli_unknown_optimizer_exit_2(capsys):
   assert e.value.code == 2
 
 
+# Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 4 steps).
+RESUME_ARGS = [
+  "--resume",
+  "--steps",
+  "4",
+  "--batch-size",
+  "8",
+  "--seq-len",
+  "32",
+  "--rank",
+  "16",
+  "--update-proj-gap",
+  "2",
+  "--no-progress",
+]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("done") / "run"
@@ -249,24 +266,7 @@ def test_existing_run_without_resume_is_refused(finished_run, capsys):
 
 
 def test_resume_with_other_optimizer_is_refused(finished_run, capsys):
-  args = [
-    "train",
-    "--out",
-    str(finished_run),
-    "--resume",
-    "--steps",
-    "4",
-    "--batch-size",
-    "8",
-    "--seq-len",
-    "32",
-    "--rank",
-    "16",
-    "--update-proj-gap",
-    "2",
-    "--no-progress",
-  ]
-  assert _cli(*args, "--optimizer", "adamw") == 2
+  assert _cli("train", "--out", str(finished_run), *RESUME_ARGS, "--optimizer", "adamw") == 2
   assert capsys.readouterr().err.startswith("galore-jax: error: --optimizer")
 
 
@@ -298,23 +298,7 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
       p = os.path.join(root, f)
       with open(p, "r+b") as fh:
         fh.truncate(max(0, os.path.getsize(p) // 3))
-  code = _cli(
-    "train",
-    "--out",
-    str(broken),
-    "--resume",
-    "--steps",
-    "4",
-    "--batch-size",
-    "8",
-    "--seq-len",
-    "32",
-    "--rank",
-    "16",
-    "--update-proj-gap",
-    "2",
-    "--no-progress",
-  )
+  code = _cli("train", "--out", str(broken), *RESUME_ARGS)
   err = capsys.readouterr().err
   assert code == 2, err
   assert "galore-jax: error:" in err and "Traceback" not in err
