@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything owed on one GPU, in one call of the device tool (about 9 minutes at most).
 # Results go to $OUT (at most 8 files come back): gpu_checks.txt (this output),
-# gpu_bench.json and gpu_bench.log (experiments/gpu_bench.py), plus what the memory
-# planner checks below write.
+# gpu_bench.json and gpu_bench.log (experiments/gpu_bench.py), memory_check.json
+# (experiments/gpu_memory_check.py).
 #
 # Prepare on the development machine, once (runs/ is git-ignored, so carry it):
 #   pip download galore-torch==1.0 --no-deps -d runs/wheels/
@@ -12,8 +12,9 @@
 # sentencepiece, but no grain, tensorflow-datasets or galore-torch (the wheel is
 # imported in place: gpu_bench.py --galore-torch).
 #
-# Budget (GPU_CHECKS_BUDGET, default 540 s): the memory planner checks first (at most
-# PLANNER_S, default 60 s), then gpu_bench.py with whatever is left (it orders its
+# Budget (GPU_CHECKS_BUDGET, default 540 s): the memory check first
+# (experiments/gpu_memory_check.py, at most PLANNER_S, default 240 s), then
+# gpu_bench.py with whatever is left (it orders its
 # cases by priority and records those it had no time for as skipped), its table last.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke --optimizers
 # galore_adamw" GPU_CHECKS_BUDGET=150 OUT=/tmp/gc bash experiments/gpu_checks.sh).
@@ -23,7 +24,7 @@ OUT=${OUT:-/tmp/gpu_checks_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECKS_BUDGET:-540}
-PLANNER_S=${PLANNER_S:-60}
+PLANNER_S=${PLANNER_S:-240}
 
 main() {
   echo "== gpu_checks: $(date -u +%FT%TZ), budget ${BUDGET} s"
@@ -49,14 +50,12 @@ PYEOF
     echo "  galore_torch from   $WHEEL"
   fi
 
-  # -------------------------------------------------------------------------
-  # >>> MEMORY PLANNER CHECKS: PLACEHOLDER, to be added by the memory-planner engineer. <<<
-  # Keep them under ${PLANNER_S} s (wrap in `timeout "$PLANNER_S"`), write at most 4 files
-  # to "$OUT" (8 come back in all), e.g.:
-  #   timeout "$PLANNER_S" "$PY" <planner check> --json "$OUT/memory_plan.json" \
-  #     || echo "memory planner checks: rc=$?"
-  echo "== memory planner checks: placeholder, nothing run yet"
-  # -------------------------------------------------------------------------
+  # Issue #4: llama_7b and llama_1b, 8-bit GaLore, bf16, 1 x 256 tokens, 3 train steps each
+  # in a subprocess capped at 24 GB; planned vs measured peak_bytes_in_use, s/step.
+  echo "== memory check (24 GB cap): at most ${PLANNER_S} s"
+  timeout "$PLANNER_S" "$PY" experiments/gpu_memory_check.py --cases llama_7b,llama_1b \
+      --timeout $(( PLANNER_S / 2 - 5 )) --json "$OUT/memory_check.json" \
+      || echo "== memory check rc=$?"
 
   local left=$(( BUDGET - SECONDS - 20 ))
   echo "== gpu_bench: ${left} s (elapsed ${SECONDS} s)"

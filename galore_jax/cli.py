@@ -78,7 +78,24 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--param-dtype", default=d.param_dtype, choices=("float32", "bfloat16"))
   p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="compute dtype")
   p.add_argument("--remat", default=d.remat, choices=("none", "full", "save_matmuls"))
+  _add_memory_flags(p)
   p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "--projector-dtype",
+    default=None,
+    choices=("float32", "bfloat16"),
+    help="dtype of GaLore's projectors (default: the param dtype, as the reference)",
+  )
+  p.add_argument(
+    "--no-per-layer-updates",
+    dest="per_layer_updates",
+    action="store_false",
+    help="update after the whole gradient exists (per-layer updates are the default "
+    "unless --grad-accum > 1 or --grad-clip is set, which need the whole gradient)",
+  )
 
 
 def _train_config(args):
@@ -166,7 +183,6 @@ def _cmd_plan(args) -> int:
     vocab_size=args.vocab_size,
     gpu_memory=plan.parse_bytes(args.gpu_memory, "--gpu-memory"),
     compile=args.compile,
-    per_layer_updates=args.per_layer_updates,
   )
   print(json.dumps(result) if args.json else plan.format_plan(result))
   return 0
@@ -217,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
   p.add_argument("--seq-len", type=int, default=d.seq_len)
   p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+  p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global norm; 0 = off")
   p.add_argument(
     "--param-dtype",
     default="bfloat16",
@@ -240,12 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_false",
     help="analytic estimate only (compiling llama_7b on a CPU takes minutes)",
   )
-  p.add_argument(
-    "--per-layer-updates",
-    action="store_true",
-    help="what-if: plan a step that updates each weight as soon as its "
-    "gradient exists (train.py does not do this yet)",
-  )
+  _add_memory_flags(p)
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.set_defaults(fn=_cmd_plan)
   return parser

@@ -162,6 +162,37 @@ def _linear(
   )
 
 
+def embed_lookup(table_VxD: jax.Array, tokens_BxL: jax.Array, dtype: Any) -> jax.Array:
+  """Rows of the embedding table for each token, cast to the compute ``dtype``.
+
+  Same values as ``nnx.Embed``; only the backward pass differs. Autodiff of a
+  gather scatters the cotangent into a zero table created by a broadcast that
+  depends on nothing, so XLA may allocate that (V, D) buffer at the start of
+  the backward pass and hold it throughout. Here the zeros are derived from
+  the incoming cotangent, so the table-sized gradient exists only once the
+  backward pass has reached the embedding: with per-layer updates it is then
+  consumed at once.
+  """
+  vocab, dim = table_VxD.shape
+  param_dtype = table_VxD.dtype
+
+  @jax.custom_vjp
+  def lookup(table_VxD, tokens_BxL):
+    return jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
+
+  def lookup_fwd(table_VxD, tokens_BxL):
+    return lookup(table_VxD, tokens_BxL), tokens_BxL
+
+  def lookup_bwd(tokens_BxL, d_BxLxD):
+    zero = (jnp.ravel(d_BxLxD)[0] * 0).astype(param_dtype)  # data dependence, not a constant
+    rows_NxD = d_BxLxD.reshape(-1, dim).astype(param_dtype)
+    grad_VxD = jnp.broadcast_to(zero, (vocab, dim)).at[jnp.ravel(tokens_BxL)].add(rows_NxD)
+    return grad_VxD, None
+
+  lookup.defvjp(lookup_fwd, lookup_bwd)
+  return lookup(table_VxD, tokens_BxL)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square norm with a learned scale (initialised to ones).
 
@@ -303,9 +334,31 @@ class DecoderBlock(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
-    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-    return x_BxLxD
+    return self.mlp_residual(self.attention_residual(x_BxLxD))
+
+  # The two halves are separate stages of the per-layer train step.
+  ATTENTION = ("attn_norm", "attn")
+  MLP = ("mlp_norm", "mlp")
+
+  def attention_residual(self, x_BxLxD: jax.Array) -> jax.Array:
+    return x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+
+  def mlp_residual(self, x_BxLxD: jax.Array) -> jax.Array:
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+
+def checkpointed(fn, remat: str):
+  """``fn`` wrapped in ``jax.checkpoint`` as the ``remat`` mode asks ("none": unchanged)."""
+  if remat == "none":
+    return fn
+  if remat == "full":
+    policy = None
+  else:  # "save_matmuls"
+    # Weight matmuls are (B, L, D) x (D, F) dot_generals without batch dims
+    # and are saved; attention's score / value products have batch dims and
+    # are recomputed together with the element-wise work.
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return jax.checkpoint(fn, policy=policy)
 
 
 def _block_runner(remat: str):
@@ -319,13 +372,6 @@ def _block_runner(remat: str):
   """
   if remat == "none":
     return lambda block, x_BxLxD: block(x_BxLxD)
-  if remat == "full":
-    policy = None
-  else:  # "save_matmuls"
-    # Weight matmuls are (B, L, D) x (D, F) dot_generals without batch dims
-    # and are saved; attention's score / value products have batch dims and
-    # are recomputed together with the element-wise work.
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
   def run(block: DecoderBlock, x_BxLxD: jax.Array) -> jax.Array:
     graphdef, state = nnx.split(block)
@@ -333,7 +379,7 @@ def _block_runner(remat: str):
     def apply(state, x_BxLxD):
       return nnx.merge(graphdef, state)(x_BxLxD)
 
-    return jax.checkpoint(apply, policy=policy)(state, x_BxLxD)
+    return checkpointed(apply, remat)(state, x_BxLxD)
 
   return run
 
@@ -371,12 +417,14 @@ class Llama(nnx.Module):
     if seq_len > cfg.max_seq_len:
       raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {cfg.max_seq_len}")
     run_block = _block_runner(cfg.remat)
-    x_BxLxD = self.embed(tokens_BxL)
+    x_BxLxD = embed_lookup(self.embed.embedding[...], tokens_BxL, cfg.dtype)
     for block in self.layers:
       x_BxLxD = run_block(block, x_BxLxD)
-    x_BxLxD = self.final_norm(x_BxLxD)
-    logits_BxLxV = self.lm_head(x_BxLxD)
-    return logits_BxLxV.astype(jnp.float32)
+    return self.head(x_BxLxD)
+
+  def head(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Final norm and LM head: last hidden states (B, L, D) -> float32 logits (B, L, V)."""
+    return self.lm_head(self.final_norm(x_BxLxD)).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------

@@ -108,16 +108,26 @@ def _normalize_axes(axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
   return out
 
 
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
 def _leaf_plans(
   params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_gap, refresh_schedule
 ) -> list[_Plan | None]:
-  """One plan per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips."""
-  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
-  selected = jax.tree_util.tree_structure(params).flatten_up_to(mask_tree)
+  """One plan per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips.
+
+  ``optax.MaskedNode`` placeholders count as leaves (and get ``None``), so a
+  leaf's index, and with it its refresh phase and random key, is the same
+  whether the whole tree or only part of it is updated (per-layer updates).
+  """
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+  selected = treedef.flatten_up_to(mask_tree)
+  num_leaves = len(leaves_with_path)
   plans: list[_Plan | None] = []
-  for (path, leaf), use in zip(leaves_with_path, selected, strict=True):
+  for index, ((path, leaf), use) in enumerate(zip(leaves_with_path, selected, strict=True)):
     name = jax.tree_util.keystr(path)
-    if not use:
+    if _is_masked(leaf) or _is_masked(use) or not use:
       plans.append(None)
       continue
     shape = tuple(leaf.shape)
@@ -157,13 +167,9 @@ def _leaf_plans(
         tuple(shape[a] for a in cols),
         side,
         r,
-        0,
+        (index * update_proj_gap) // num_leaves if refresh_schedule == "staggered" else 0,
       )
     )
-  active = [i for i, p in enumerate(plans) if p is not None]
-  if refresh_schedule == "staggered":
-    for j, i in enumerate(active):
-      plans[i] = dataclasses.replace(plans[i], offset=(j * update_proj_gap) // len(active))
   return plans
 
 
@@ -185,8 +191,8 @@ def _map_param_trees(inner, fn, state, *others):
     slots = inner.init(_ParamsSlot())
   except Exception as e:  # noqa: BLE001 - re-raised with context
     raise ValueError(
-      "moment_policy 'reproject'/'reset' needs an inner optimizer whose init only maps "
-      f"over the parameter tree; {type(e).__name__}: {e}"
+      "this needs an optimizer whose init only maps over the parameter tree "
+      f"(as optax's transforms do); {type(e).__name__}: {e}"
     ) from e
   is_slot = lambda x: isinstance(x, _ParamsSlot)
 
@@ -194,6 +200,45 @@ def _map_param_trees(inner, fn, state, *others):
     return fn(path, value, *rest) if is_slot(slot) else value
 
   return jax.tree_util.tree_map_with_path(visit, slots, state, *others, is_leaf=is_slot)
+
+
+def restrict_state(tx: optax.GradientTransformation, state, keep):
+  """``state`` with every per-parameter entry outside ``keep`` replaced by ``optax.MaskedNode``.
+
+  ``keep`` is a tree of bools with the parameters' structure. Together with
+  the updates and params masked the same way, the result can be passed to
+  ``tx.update`` to update only the kept leaves: GaLore, Adam, 8-bit Adam and
+  optax's element-wise transforms treat ``MaskedNode`` as an absent leaf.
+  Scalars such as step counts are kept. Transforms that reduce over the
+  whole tree (``clip_by_global_norm``) must not be updated this way.
+  """
+  treedef = jax.tree.structure(keep)
+  flags = treedef.flatten_up_to(keep)
+
+  def restrict(path, tree):
+    del path
+    parts = treedef.flatten_up_to(tree)
+    kept = [p if k else optax.MaskedNode() for p, k in zip(parts, flags, strict=True)]
+    return treedef.unflatten(kept)
+
+  return _map_param_trees(tx, restrict, state)
+
+
+def merge_state(tx: optax.GradientTransformation, state, part, keep):
+  """Writes the kept leaves of ``part`` (from :func:`restrict_state`) back into ``state``.
+
+  Scalars (step counts) are taken from ``part``: updating any part of the
+  tree advances them exactly as a whole-tree update does.
+  """
+  treedef = jax.tree.structure(keep)
+  flags = treedef.flatten_up_to(keep)
+
+  def merge(path, new, old):
+    del path
+    news, olds = treedef.flatten_up_to(new), treedef.flatten_up_to(old)
+    return treedef.unflatten([n if k else o for n, o, k in zip(news, olds, flags, strict=True)])
+
+  return _map_param_trees(tx, merge, part, state)
 
 
 def _is_first_moment(path) -> bool:
@@ -269,10 +314,12 @@ def galore(
       randomized range finder with ``oversample`` extra columns and
       ``power_iters`` subspace iterations; much cheaper when ``r << min(M, N)``).
     refresh_schedule: ``"synchronous"`` refreshes every leaf at counts ``0, T,
-      2T, ...`` (reference). ``"staggered"`` gives the ``k``-th of ``L``
-      projected leaves the phase ``o = floor(k T / L)``: it refreshes at 0 and
-      at ``o, o + T, ...``, so each leaf still refreshes every ``T`` steps but
-      no single step pays for all SVDs.
+      2T, ...`` (reference). ``"staggered"`` gives leaf ``k`` of the ``L``
+      leaves of the tree (flatten order, projected or not) the phase
+      ``o = floor(k T / L)``: it refreshes at 0 and at ``o, o + T, ...``, so
+      each leaf still refreshes every ``T`` steps but no single step pays for
+      all SVDs. Counting every leaf, not only projected ones, keeps a leaf's
+      phase fixed when only part of the tree is updated at a time.
     moment_policy: what the inner state does when a leaf's basis changes.
       ``"keep"`` (reference): moments stay as they are, now read in the new
       basis. ``"reproject"``: the first moment ``mu`` (any state field named
@@ -378,7 +425,7 @@ def galore(
     return jax.lax.cond(due, compute, lambda _: (old, jnp.asarray(False)), None)
 
   def update_fn(updates, state, params=None):
-    leaves, treedef = jax.tree.flatten(updates)
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
     plans = plans_for(updates)
     old_bases = treedef.flatten_up_to(state.projectors)
     param_leaves = None if params is None else treedef.flatten_up_to(params)
@@ -389,7 +436,7 @@ def galore(
       if plan is None:
         low_rank.append(g)
         low_rank_params.append(None if param_leaves is None else param_leaves[i])
-        bases.append(None)
+        bases.append(old)
         changed.append(jnp.asarray(False))
         continue
       g_mats = plan.to_matrices(g)

@@ -35,10 +35,11 @@ the 16-bit value) and reports that as the prediction. Everything else about
 the CPU schedule (which operations run when) is kept; a GPU compile may
 schedule differently.
 
-``per_layer_updates=True`` plans :func:`make_interleaved_step` instead of the
-train step: the same update without the all-or-nothing ``lax.cond`` that
-makes the train step wait for the whole gradient, which lets XLA update each
-weight as soon as its gradient exists.
+The step planned is the one ``train.compile_train_step`` would run: the
+per-layer step (``train.make_layerwise_step``: each decoder block updated
+right after its gradient, so one block's gradient is alive at a time) unless
+``--grad-accum`` > 1, ``--grad-clip`` or ``--no-per-layer-updates`` asks for
+the whole-gradient step.
 
 ``plan()`` returns a JSON-serialisable dict; ``format_plan()`` renders it.
 """
@@ -60,7 +61,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from galore_jax import model as model_lib
 from galore_jax import train
@@ -298,8 +298,9 @@ def _block_gradient_bytes(p: Planned) -> int:
   return max(sizes)
 
 
-def analytic(p: Planned, *, per_layer_updates: bool = False) -> dict[str, Any]:
+def analytic(p: Planned) -> dict[str, Any]:
   cfg, mc = p.cfg, p.model_cfg
+  per_layer_updates = train.per_layer_updates(cfg)
   weights = _tree_bytes(p.params)
   optimizer = _tree_bytes(p.opt_state)
   n_params = sum(x.size for x in jax.tree.leaves(p.params))
@@ -436,11 +437,16 @@ def _cpu_artifacts(instrs: dict[str, _Instr]) -> dict[str, float]:
     for o in ins.operands:
       users.setdefault(o, []).append(ins)
 
+  def inserted(ins: _Instr) -> bool:
+    # XLA's own converts carry no metadata or the metadata of the dot they serve; one
+    # the program asked for is named after jax's convert_element_type.
+    return ins.op_name is None or not ins.op_name.endswith("convert_element_type")
+
   def inserted_upcast(ins: _Instr) -> bool:
     src = instrs.get(ins.operands[0]) if ins.operands else None
     return (
       ins.opcode == "convert"
-      and ins.op_name is None
+      and inserted(ins)
       and ins.dtype == "f32"
       and src is not None
       and src.dtype in _NARROW_FLOATS
@@ -450,7 +456,7 @@ def _cpu_artifacts(instrs: dict[str, _Instr]) -> dict[str, float]:
     src = instrs.get(ins.operands[0]) if ins.operands else None
     return (
       ins.opcode == "convert"
-      and ins.op_name is None
+      and inserted(ins)
       and ins.dtype in _NARROW_FLOATS
       and src is not None
       and src.dtype == "f32"
@@ -679,9 +685,15 @@ def compile_estimate(
   """Lowers and compiles the real train step (donating params and optimizer state) on
   abstract inputs; returns XLA's memory analysis, timings and the replayed peaks.
 
-  ``step_fn`` replaces ``train.make_train_step(graphdef, tx)`` (experiments).
+  ``step_fn`` replaces the trainer's step (experiments).
   """
-  step = step_fn or train.make_train_step(p.graphdef, p.tx)
+  if step_fn is None:
+    step_fn = (
+      train.make_layerwise_step(p.graphdef, p.tx, remat=p.cfg.remat)
+      if train.per_layer_updates(p.cfg)
+      else train.make_train_step(p.graphdef, p.tx)
+    )
+  step = step_fn
   jitted = jax.jit(step, donate_argnums=(0, 1))
   t0 = time.perf_counter()
   with warnings.catch_warnings():
@@ -717,48 +729,6 @@ def compile_estimate(
       shutil.rmtree(dump_dir, ignore_errors=True)
 
 
-def make_interleaved_step(graphdef, tx):
-  """``train.make_train_step`` without its barrier between backward pass and update.
-
-  The train step skips a step whose loss or gradient norm is not finite with one
-  ``lax.cond`` around the whole update; a conditional runs as one unit once all
-  its operands exist, so every gradient is alive when the update starts. Here
-  the skip depends on the loss alone (known before the backward pass) and is a
-  per-leaf ``where``, so nothing orders the updates after the last gradient and
-  XLA's scheduler is free to update each weight as soon as its gradient is
-  ready and free that gradient: per-layer updates, by scheduling. The gradient
-  norm stays a metric (a reduction does not keep its inputs alive). Semantics
-  differ from the train step only for a finite loss with a non-finite gradient,
-  which this step applies. Micro-batch accumulation needs the full gradient, so
-  this is for ``grad_accum == 1``.
-  """
-  grad_fn = jax.value_and_grad(lambda p, b: train._token_loss(graphdef, p, b), has_aux=True)
-
-  def step(params, opt_state, batch):
-    (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    loss = loss_sum / denom
-    ok = jnp.isfinite(loss)
-    updates, new_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(ok, new, old)
-    return (
-      jax.tree.map(keep, new_params, params),
-      jax.tree.map(keep, new_state, opt_state),
-      {
-        "loss": loss,
-        "grad_norm": jnp.sqrt(
-          sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
-        ),
-        "skipped": (~ok).astype(jnp.int32),
-        "tokens": count,
-      },
-    )
-
-  return step
-
-
 # ---------------------------------------------------------------------------
 # The plan.
 
@@ -772,7 +742,6 @@ def suggestions(
   *,
   vocab_size: int,
   overrides: dict | None,
-  per_layer_updates: bool,
   gpu_memory: int,
   scale: float | None = None,
 ) -> list[dict[str, Any]]:
@@ -802,23 +771,18 @@ def suggestions(
     cands.append((f"batch {half} x grad-accum {accum}", {"batch_size": half, "grad_accum": accum}))
   if cfg.param_dtype == "float32" or cfg.dtype == "float32":
     cands.append(("bf16 weights and compute", {"param_dtype": "bfloat16", "dtype": "bfloat16"}))
-  runs = [
-    (label, change, dataclasses.replace(cfg, **change), per_layer_updates)
-    for label, change in cands
-  ]
-  if not per_layer_updates and cfg.grad_accum == 1:
-    runs.append(
-      (
-        "per-layer weight updates (--per-layer-updates; not in train.py yet)",
-        {"per_layer_updates": True},
-        cfg,
-        True,
-      )
-    )
+  if not train.per_layer_updates(cfg):
+    change = {"per_layer_updates": True, "grad_clip": 0.0}
+    label = "per-layer weight updates (drop --no-per-layer-updates / --grad-clip"
+    if cfg.grad_accum > 1:
+      change.update(batch_size=cfg.batch_size * cfg.grad_accum, grad_accum=1)
+      label += f", batch {cfg.batch_size * cfg.grad_accum} without accumulation"
+    cands.append((label + ")", change))
   out = []
-  for label, change, new, per_layer in runs:
+  for label, change in cands:
     try:
-      peak = analytic(build(new, vocab_size, overrides), per_layer_updates=per_layer)["peak_bytes"]
+      new = dataclasses.replace(cfg, **change)
+      peak = analytic(build(new, vocab_size, overrides))["peak_bytes"]
     except train.ConfigError:
       continue
     entry = {
@@ -840,7 +804,6 @@ def plan(
   vocab_size: int = DEFAULT_VOCAB,
   gpu_memory: int | str = DEFAULT_GPU_MEMORY,
   compile: bool = True,
-  per_layer_updates: bool = False,
   overrides: dict | None = None,
   suggest: bool = True,
 ) -> dict[str, Any]:
@@ -848,14 +811,10 @@ def plan(
   gpu = parse_bytes(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
   if gpu <= 0:
     raise train.ConfigError("--gpu-memory", f"must be > 0, got {gpu_memory!r}")
-  if per_layer_updates and cfg.grad_accum > 1:
-    raise train.ConfigError(
-      "--per-layer-updates",
-      "needs --grad-accum 1 (accumulating micro-batches keeps the whole gradient)",
-    )
   p = build(cfg, vocab_size, overrides)
+  per_layer_updates = train.per_layer_updates(cfg)
   opt = optimizer_breakdown(p.opt_state)
-  an = analytic(p, per_layer_updates=per_layer_updates)
+  an = analytic(p)
   n_params = sum(x.size for x in jax.tree.leaves(p.params))
   result: dict[str, Any] = {
     "config": {
@@ -882,9 +841,8 @@ def plan(
     "per_layer_updates": per_layer_updates,
   }
   if compile:
-    step = make_interleaved_step(p.graphdef, p.tx) if per_layer_updates else None
-    xla = compile_estimate(p, step_fn=step)
-    xla["step"] = "interleaved (what-if)" if per_layer_updates else "train.make_train_step"
+    xla = compile_estimate(p)
+    xla["step"] = "train.make_layerwise_step" if per_layer_updates else "train.make_train_step"
     result["xla"] = xla
     result["peak_bytes"] = xla.get("corrected_peak_bytes", xla["peak_bytes"])
     result["peak_source"] = (
@@ -906,7 +864,6 @@ def plan(
       cfg,
       vocab_size=vocab_size,
       overrides=overrides,
-      per_layer_updates=per_layer_updates,
       gpu_memory=gpu,
       scale=scale,
     )
@@ -923,7 +880,7 @@ def format_plan(r: dict[str, Any]) -> str:
     + f", batch {c['batch_size']} x {c['seq_len']}"
     + (f" x accum {c['grad_accum']}" if c["grad_accum"] > 1 else "")
     + f", params {c['param_dtype']}, compute {c['dtype']}, remat {c['remat']}"
-    + (", per-layer updates (what-if)" if per_layer else ""),
+    + (", per-layer updates" if per_layer else ", whole-gradient step"),
     f"  weights                 {fmt_bytes(r['weights_bytes'])}",
     f"  optimizer state         {fmt_bytes(r['optimizer_bytes'])}"
     f"  (moments {fmt_bytes(opt['moment_bytes'])}, projectors "
@@ -932,7 +889,7 @@ def format_plan(r: dict[str, Any]) -> str:
     + (
       "  (one layer)"
       if per_layer
-      else "  (all of them: the train step computes the whole gradient, then updates)"
+      else "  (all of them: this step computes the whole gradient, then updates)"
     ),
     f"  activations             {fmt_bytes(r['activation_bytes'])}  (saved residuals"
     + (", + one block recomputed)" if c["remat"] != "none" else ")"),

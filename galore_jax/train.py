@@ -81,6 +81,9 @@ class TrainConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
+  # Update each layer as soon as its gradient exists (needs grad_accum 1, no clipping).
+  per_layer_updates: bool = True
+  projector_dtype: str | None = None  # None: the param dtype (reference)
   max_nonfinite: int = 20  # consecutive skipped steps before the run stops with an error
   progress: bool = True
 
@@ -175,6 +178,8 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--refresh-schedule", f"must be one of {galore.REFRESH_SCHEDULES}")
   if cfg.param_dtype not in DTYPES or cfg.dtype not in DTYPES:
     raise ConfigError("--param-dtype", f"dtypes must be one of {', '.join(DTYPES)}")
+  if cfg.projector_dtype is not None and cfg.projector_dtype not in DTYPES:
+    raise ConfigError("--projector-dtype", f"must be one of {', '.join(DTYPES)}")
   if cfg.remat not in ("none", "full", "save_matmuls"):
     raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
   if cfg.stop_after is not None and cfg.stop_after < 1:
@@ -243,6 +248,7 @@ def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       matrix_axes=torch_side_axes,
       svd=cfg.svd,
       refresh_schedule=cfg.refresh_schedule,
+      projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,
     )
   else:
@@ -292,12 +298,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # The step.
 
 
+def _summed_cross_entropy(logits_BxLxV, batch) -> jax.Array:
+  """Cross-entropy summed over the unmasked targets of ``batch``."""
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  return jnp.sum(ce_BxL * batch["mask"].astype(jnp.float32))
+
+
 def _token_loss(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy over unmasked targets, and the number of them."""
   logits_BxLxV = nnx.merge(graphdef, params)(batch["inputs"])
-  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-  mask_BxL = batch["mask"].astype(jnp.float32)
-  return jnp.sum(ce_BxL * mask_BxL), jnp.sum(mask_BxL)
+  return _summed_cross_entropy(logits_BxLxV, batch), jnp.sum(batch["mask"].astype(jnp.float32))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation):
@@ -349,6 +359,156 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
     )
 
   return step
+
+
+def _replace_at(tree: dict, path: tuple, value) -> dict:
+  """Copy of nested dict ``tree`` with ``tree[path[0]][path[1]]... = value`` (no array copies)."""
+  if not path:
+    return value
+  return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], value)}
+
+
+def _get_at(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: str = "none"):
+  """Train step with per-layer updates: each weight is updated as soon as its gradient exists.
+
+  Same signature and result as :func:`make_train_step` (``batch`` with one
+  micro-batch), computed differently. The forward pass keeps one ``jax.vjp``
+  per stage: the embedding, the attention half and the MLP half of each
+  decoder block, and final norm + LM head + loss. The backward pass walks them
+  in reverse; right after a stage's pullback it updates the stage's weights
+  one at a time, each by the optimizer on that weight alone (``MaskedNode``
+  everywhere else, :func:`galore_jax.optimizer.restrict_state`).
+  ``optimization_barrier``s chain each update to the next one and to the
+  cotangent flowing into the previous stage, so XLA can neither postpone an
+  update nor run several at once: at most one half-block's gradient and one
+  weight's update temporaries are alive, never the model's gradient. The
+  optimizer and its state are unchanged (same numbers as the whole-tree
+  update, refresh phases and random keys included).
+
+  Non-finite values: if the loss is not finite nothing changes (``skipped``
+  is 1), as in :func:`make_train_step`. If the loss is finite but a weight's
+  gradient is not, that weight keeps its value and optimizer state and the
+  others are updated; ``nonfinite_grads`` counts such weights. Whole-tree
+  reductions (global-norm clipping) and micro-batch accumulation need every
+  gradient before the first update, so the trainer uses
+  :func:`make_train_step` for them.
+  """
+
+  def step(params, opt_state, batch):
+    if batch["inputs"].shape[0] != 1:
+      raise ValueError("per-layer updates need grad_accum == 1")
+    micro = jax.tree.map(lambda x: x[0], batch)
+    model = nnx.merge(graphdef, params)
+    model_gd = nnx.graphdef(model)
+    block_gds = [nnx.graphdef(block) for block in model.layers]
+
+    def half_block(i, method):
+      def run(half_params, x_BxLxD):
+        block = nnx.merge(block_gds[i], {**params["layers"][i], **half_params})
+        return getattr(block, method)(x_BxLxD)
+
+      return model_lib.checkpointed(run, remat)
+
+    def head_loss(head_params, x_BxLxD):
+      logits_BxLxV = nnx.merge(model_gd, {**params, **head_params}).head(x_BxLxD)
+      return _summed_cross_entropy(logits_BxLxV, micro)
+
+    # Forward, keeping each stage's pullback: (path prefix of its weights, pullback).
+    embed = lambda p: model_lib.embed_lookup(p["embedding"], micro["inputs"], model.config.dtype)
+    x_BxLxD, embed_pullback = jax.vjp(embed, params["embed"])
+    stages = [(("embed",), lambda d: (embed_pullback(d)[0], None))]
+    for i in range(len(block_gds)):
+      for method, keys in (
+        ("attention_residual", model_lib.DecoderBlock.ATTENTION),
+        ("mlp_residual", model_lib.DecoderBlock.MLP),
+      ):
+        half = {k: params["layers"][i][k] for k in keys}
+        x_BxLxD, pullback = jax.vjp(half_block(i, method), half, x_BxLxD)
+        stages.append((("layers", i), pullback))
+    head = {k: params[k] for k in ("final_norm", "lm_head")}
+    loss_sum, pullback = jax.vjp(head_loss, head, x_BxLxD)
+    stages.append(((), pullback))
+    count = jnp.sum(micro["mask"].astype(jnp.float32))
+    denom = jnp.maximum(count, 1.0)
+    loss = loss_sum / denom
+    loss_ok = jnp.isfinite(loss)
+
+    placeholders = jax.tree.map(lambda _: optax.MaskedNode(), params)
+    no_leaves = jax.tree.map(lambda _: False, params)
+    new_params, new_state = params, opt_state
+    sq_norm = jnp.zeros([], jnp.float32)
+    nonfinite = jnp.zeros([], jnp.int32)
+
+    def update_weight(path, g):
+      """Optimizer step for the one weight at ``path``: its new value and state part."""
+      nonlocal sq_norm, nonfinite
+      p = _get_at(params, path)
+      g = g.astype(p.dtype)
+      g_sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
+      ok = loss_ok & jnp.isfinite(g_sq)
+      sq_norm += g_sq
+      nonfinite += (loss_ok & ~ok).astype(jnp.int32)
+      keep = _replace_at(no_leaves, path, True)
+
+      def apply(operands):
+        g, old_part, p = operands
+        updates, part = tx.update(
+          _replace_at(placeholders, path, g), old_part, _replace_at(placeholders, path, p)
+        )
+        return optax.apply_updates(p, _get_at(updates, path)), part
+
+      # A cond, not a where: the skipped branch needs no second copy of the weight's
+      # state, so the 8-bit update can overwrite the stored codes in place.
+      old_part = galore.restrict_state(tx, opt_state, keep)
+      new_p, part = jax.lax.cond(ok, apply, lambda ops: (ops[2], ops[1]), (g, old_part, p))
+      return new_p, part, keep
+
+    # Backward: after each stage's pullback, update its weights one after another.
+    d_BxLxD = (1.0 / denom).astype(loss_sum.dtype)
+    for prefix, stage_pullback in reversed(stages):
+      grads, d_BxLxD = stage_pullback(d_BxLxD)
+      leaves = [
+        (prefix + tuple(k.key for k in keypath), g)
+        for keypath, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+      ]
+      for k, (path, g) in enumerate(leaves):
+        new_p, part, keep = update_weight(path, g)
+        rest = [g for _, g in leaves[k + 1 :]]
+        d_BxLxD, rest, new_p, part = jax.lax.optimization_barrier((d_BxLxD, rest, new_p, part))
+        leaves[k + 1 :] = [(q, g) for (q, _), g in zip(leaves[k + 1 :], rest, strict=True)]
+        new_params = _replace_at(new_params, path, new_p)
+        new_state = galore.merge_state(tx, new_state, part, keep)
+
+    # Step counters advance once, unless the whole step was skipped: an update of no
+    # leaves at all advances only them.
+    old_counts = galore.restrict_state(tx, opt_state, no_leaves)
+    _, counts = tx.update(placeholders, old_counts, placeholders)
+    counts = jax.tree.map(lambda new, old: jnp.where(loss_ok, new, old), counts, old_counts)
+    new_state = galore.merge_state(tx, new_state, counts, no_leaves)
+    return (
+      new_params,
+      new_state,
+      {
+        "loss": loss,
+        "grad_norm": jnp.sqrt(sq_norm),
+        "skipped": (~loss_ok).astype(jnp.int32),
+        "nonfinite_grads": nonfinite,
+        "tokens": count,
+      },
+    )
+
+  return step
+
+
+def per_layer_updates(cfg: TrainConfig) -> bool:
+  """Whether the run uses :func:`make_layerwise_step` (else :func:`make_train_step`)."""
+  return cfg.per_layer_updates and cfg.grad_accum == 1 and cfg.grad_clip == 0
 
 
 def make_eval_step(graphdef):
@@ -417,7 +577,10 @@ def init_state(run: Run):
 
 
 def compile_train_step(run: Run):
-  step = make_train_step(run.graphdef, run.tx)
+  if per_layer_updates(run.cfg):
+    step = make_layerwise_step(run.graphdef, run.tx, remat=run.cfg.remat)
+  else:
+    step = make_train_step(run.graphdef, run.tx)
   return jax.jit(
     step,
     in_shardings=(run.param_sharding, run.opt_sharding, batch_sharding(run.mesh)),
@@ -464,6 +627,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
       "svd": cfg.svd if cfg.is_galore else None,
       "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
+      "projector_dtype": cfg.projector_dtype if cfg.is_galore else None,
       "grad_clip": cfg.grad_clip > 0,
       "weight_decay": cfg.weight_decay > 0,
       "vocab_size": run.model_cfg.vocab_size,
@@ -489,6 +653,7 @@ _COMPAT_FLAGS = {
   "update_proj_gap": "--update-proj-gap",
   "svd": "--svd",
   "refresh_schedule": "--refresh-schedule",
+  "projector_dtype": "--projector-dtype",
   "grad_clip": "--grad-clip",
   "weight_decay": "--weight-decay",
   "vocab_size": "--tokenizer",
@@ -689,7 +854,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         now = time.perf_counter()
         tps = tokens_per_step / max(now - t_last, 1e-9)
         t_last = now
-        consecutive_bad = consecutive_bad + 1 if m["skipped"] else 0
+        bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
+        consecutive_bad = consecutive_bad + 1 if bad else 0
         loss = float(m["loss"])
         losses.append(loss)
         if step % cfg.log_every == 0 or step == end:
@@ -701,6 +867,9 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
               "tokens_per_s": tps,
               "grad_norm": float(m["grad_norm"]),
               "skipped": int(m["skipped"]),
+              **(
+                {"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}
+              ),
             }
           )
         if bar is not None:

@@ -11,7 +11,7 @@ import pytest
 
 import galore_jax
 from galore_jax import projector as proj
-from galore_jax.optimizer import galore, scale_by_adam_hf
+from galore_jax.optimizer import galore, merge_state, restrict_state, scale_by_adam_hf
 
 PARAMS = {
   "tall": jnp.zeros((24, 8)),
@@ -104,8 +104,9 @@ def test_refresh_cadence_staggered():
   _, states, _ = _run(
     galore(scale_by_adam_hf(), rank=4, update_proj_gap=gap, refresh_schedule="staggered"), 20
   )
-  names = ("square", "stacked", "tall", "wide")  # flatten (sorted-key) order
-  offsets = [k * gap // len(names) for k in range(len(names))]
+  # Phases count every leaf in flatten (sorted-key) order, "bias" (index 0) included.
+  names = ("square", "stacked", "tall", "wide")
+  offsets = [k * gap // 5 for k in range(1, 5)]
   for name, off in zip(names, offsets, strict=True):
     expected = sorted({0} | {t for t in range(20) if t >= off and (t - off) % gap == 0})
     assert _changes(states, name) == expected, name
@@ -356,3 +357,36 @@ def test_inner_receives_low_rank_params():
   p = state.projectors["w"]
   chex.assert_trees_all_close(seen["params"]["w"], params["w"] @ p.T, atol=1e-6)
   chex.assert_trees_all_equal(seen["params"]["b"], params["b"])
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_updating_the_tree_in_parts_equals_one_update(svd):
+  # Per-layer updates: each part of the tree updated on its own (MaskedNode elsewhere,
+  # restrict_state / merge_state) gives the whole-tree update, refresh phases and keys included.
+  tx = optax.chain(
+    galore(scale_by_adam_hf(), rank=4, update_proj_gap=3, svd=svd, refresh_schedule="staggered"),
+    optax.scale_by_learning_rate(0.01),
+  )
+  parts = [{"bias", "tall"}, {"wide"}, {"square", "stacked"}]
+
+  @jax.jit
+  def in_parts(g, state):
+    new_state, updates = state, {}
+    for names in parts:
+      keep = {k: k in names for k in PARAMS}
+      mask = lambda tree, keep=keep: {
+        k: v if keep[k] else optax.MaskedNode() for k, v in tree.items()
+      }
+      u, part = tx.update(mask(g), restrict_state(tx, state, keep), mask(PARAMS))
+      updates.update({k: v for k, v in u.items() if keep[k]})
+      new_state = merge_state(tx, new_state, part, keep)
+    return updates, new_state
+
+  whole = jax.jit(lambda g, state: tx.update(g, state, PARAMS))
+  state_whole = state_parts = tx.init(PARAMS)
+  for t in range(7):
+    g = _grads(jax.random.key(t))
+    u_whole, state_whole = whole(g, state_whole)
+    u_parts, state_parts = in_parts(g, state_parts)
+    chex.assert_trees_all_close(u_parts, u_whole, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(state_parts, state_whole, rtol=1e-6, atol=1e-7)

@@ -93,7 +93,7 @@ def test_fits_flips_with_gpu_memory(capsys):
 
 
 def test_suggestions_when_it_does_not_fit(capsys):
-  r = _cli_json(capsys, "--optimizer", "adamw", "--gpu-memory", "10MB")
+  r = _cli_json(capsys, "--optimizer", "adamw", "--gpu-memory", "10MB", "--no-per-layer-updates")
   assert not r["fits"]
   changes = {s["change"] for s in r["suggestions"]}
   assert any("8-bit" in c for c in changes) and any("GaLore" in c for c in changes)
@@ -102,7 +102,14 @@ def test_suggestions_when_it_does_not_fit(capsys):
   assert min(s["peak_bytes"] for s in r["suggestions"]) < r["peak_bytes"]
   # Re-planning with a suggestion reproduces its figure.
   eight = next(s for s in r["suggestions"] if "8-bit" in s["change"])
-  again = _cli_json(capsys, "--optimizer", eight["flags"]["optimizer"], "--gpu-memory", "10MB")
+  again = _cli_json(
+    capsys,
+    "--optimizer",
+    eight["flags"]["optimizer"],
+    "--gpu-memory",
+    "10MB",
+    "--no-per-layer-updates",
+  )
   assert again["peak_bytes"] == eight["peak_bytes"]
 
 
@@ -112,15 +119,21 @@ def test_text_output(capsys):
   assert "DOES NOT FIT" in out and "to shrink it" in out and "projectors" in out
 
 
-def test_per_layer_updates_what_if():
+def test_per_layer_updates_are_planned_by_default():
   # Short sequences: activations small next to the gradient (per-layer updates overlap the
   # update's temporaries with the activations, so with large activations they gain little).
   cfg = _cfg(batch_size=1, seq_len=16)
-  full = plan.plan(cfg, vocab_size=512, compile=False)
-  per = plan.plan(cfg, vocab_size=512, compile=False, per_layer_updates=True)
-  assert per["gradients_at_peak_bytes"] < full["gradients_at_peak_bytes"]
+  per = plan.plan(cfg, vocab_size=512, compile=False)
+  assert per["per_layer_updates"]
   assert per["gradients_at_peak_bytes"] == per["analytic"]["largest_layer_gradient_bytes"]
-  assert per["peak_bytes"] < full["peak_bytes"]
+  for whole_cfg in [
+    _cfg(batch_size=1, seq_len=16, per_layer_updates=False),
+    _cfg(batch_size=1, seq_len=16, grad_clip=1.0),  # clipping needs the whole gradient
+  ]:
+    whole = plan.plan(whole_cfg, vocab_size=512, compile=False)
+    assert not whole["per_layer_updates"]
+    assert per["gradients_at_peak_bytes"] < whole["gradients_at_peak_bytes"]
+    assert per["peak_bytes"] < whole["peak_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -133,7 +146,6 @@ def test_per_layer_updates_what_if():
     (["--model", "llama_3t"], "--model"),
     (["--vocab-size", "0"], "--vocab-size"),
     (["--seq-len", "100000"], "--seq-len"),
-    (["--per-layer-updates", "--grad-accum", "2"], "--per-layer-updates"),
   ],
 )
 def test_bad_flags_exit_2(capsys, flags, flag):
@@ -158,6 +170,7 @@ def test_parse_bytes():
 
 
 def _compiled(**kw):
+  kw = {"per_layer_updates": False, **kw}
   cfg = _cfg(optimizer="galore_adamw", rank=16, batch_size=1, seq_len=16, **kw)
   return plan.plan(cfg, vocab_size=128, overrides=TINY, suggest=False)
 
@@ -198,16 +211,13 @@ def test_compiled_estimate_and_cpu_correction(compiled_bf16):
   assert f32["xla"]["corrected_peak_bytes"] == f32["xla"]["replayed_cpu_peak_bytes"]
 
 
-def test_interleaved_step_frees_gradients_early(compiled_bf16):
-  """Without the train step's all-or-nothing ``lax.cond``, XLA updates each weight as its
-  gradient arrives: the compiled peak drops by more than the whole gradient."""
-  barrier = compiled_bf16
-  cfg = _cfg(optimizer="galore_adamw", rank=16, batch_size=1, seq_len=16)
-  interleaved = plan.plan(
-    cfg, vocab_size=128, overrides=TINY, suggest=False, per_layer_updates=True
-  )
-  assert interleaved["xla"]["step"].startswith("interleaved")
-  assert interleaved["peak_bytes"] + barrier["gradient_bytes"] < barrier["peak_bytes"]
+def test_layerwise_step_frees_gradients_early(compiled_bf16):
+  """The trainer's default step updates each weight as its gradient arrives: its compiled
+  peak is below the whole-gradient step's by more than the whole gradient."""
+  whole = compiled_bf16
+  per_layer = _compiled(per_layer_updates=True)
+  assert per_layer["xla"]["step"] == "train.make_layerwise_step"
+  assert per_layer["peak_bytes"] + whole["gradient_bytes"] < whole["peak_bytes"]
 
 
 def test_memory_table_runs(capsys):

@@ -1,0 +1,210 @@
+"""Measured peak memory of the real train step next to the planner's prediction (issue #4).
+
+For each configuration this runs, in a fresh subprocess whose JAX memory pool is
+capped (``XLA_PYTHON_CLIENT_MEM_FRACTION`` = cap / device memory, preallocation
+off, as a 24 GB card would be):
+
+1. ``galore_jax.plan.plan`` on the device itself (the step compiled for this
+   backend; on a GPU nothing is corrected);
+2. the model and optimizer state initialised on the device (``train.init_state``)
+   and ``--steps`` train steps on random tokens, timed after the first
+   (device-synchronised), then ``device.memory_stats()["peak_bytes_in_use"]``.
+
+An out-of-memory error is a result ("OOM"), not a crash of the script. Defaults
+are the issue's two targets: ``llama_7b`` and ``llama_1b`` with 8-bit GaLore,
+bf16, token batch 1 x 256, under 24 GB. ``--cpu-smoke`` runs the same harness
+on ``llama_tiny`` on the CPU (the cap is then not enforced: the CPU backend has
+no pool; the peak comes from the live-buffer count instead).
+
+    python experiments/gpu_memory_check.py --json $OUT/memory_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the GPU image has galore_jax only as this checkout
+  sys.path.insert(0, str(REPO))
+
+CASES = {
+  # name: (model, rank, batch, remat)
+  "llama_7b": ("llama_7b", 1024, 1, "none"),
+  "llama_7b_16x256_remat": ("llama_7b", 1024, 16, "full"),
+  "llama_1b": ("llama_1b", 512, 1, "none"),
+}
+
+
+def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len: int, vocab: int):
+  """In the capped child process: plan, then train ``steps`` steps; returns a dict."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from galore_jax import plan, train
+
+  cfg = train.TrainConfig(
+    model=model,
+    optimizer="galore_adamw8bit",
+    rank=rank,
+    batch_size=batch,
+    seq_len=seq_len,
+    remat=remat,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+    steps=max(steps, 10),
+    update_proj_gap=200,
+    progress=False,
+  )
+  out: dict = {"model": model, "rank": rank, "batch": batch, "seq_len": seq_len, "remat": remat}
+  t0 = time.perf_counter()
+  predicted = plan.plan(cfg, vocab_size=vocab, suggest=False)
+  out.update(
+    planned_peak_bytes=predicted["peak_bytes"],
+    planned_source=predicted["peak_source"],
+    plan_seconds=round(time.perf_counter() - t0, 1),
+    weights_bytes=predicted["weights_bytes"],
+    optimizer_bytes=predicted["optimizer_bytes"],
+  )
+  run = train.setup(cfg, vocab_size=vocab)
+  params, opt_state = train.init_state(run)
+  step = train.compile_train_step(run)
+  rng = np.random.default_rng(0)
+  times = []
+  for _ in range(steps):
+    tokens = rng.integers(0, vocab, size=(1, batch, seq_len + 1), dtype=np.int32)
+    batch_arrays = {
+      "inputs": jnp.asarray(tokens[..., :-1]),
+      "targets": jnp.asarray(tokens[..., 1:]),
+      "mask": jnp.ones((1, batch, seq_len), jnp.float32),
+    }
+    t = time.perf_counter()
+    params, opt_state, m = step(params, opt_state, batch_arrays)
+    jax.block_until_ready((params, opt_state, m))
+    times.append(time.perf_counter() - t)
+    out.setdefault("losses", []).append(float(m["loss"]))
+  stats = jax.devices()[0].memory_stats() or {}
+  out.update(
+    backend=jax.default_backend(),
+    device=str(jax.devices()[0].device_kind),
+    first_step_seconds=round(times[0], 2),  # includes compilation
+    seconds_per_step=round(float(np.median(times[1:])), 3) if len(times) > 1 else None,
+    peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+    bytes_limit=stats.get("bytes_limit"),
+  )
+  return out
+
+
+def child(args) -> int:
+  try:
+    result = run_case(
+      args.model, args.rank, args.batch, args.remat, args.steps, args.seq_len, args.vocab_size
+    )
+  except Exception as e:  # noqa: BLE001 - reported, including out-of-memory
+    text = f"{type(e).__name__}: {e}"
+    result = {
+      "model": args.model,
+      "error": ("OOM: " if "RESOURCE_EXHAUSTED" in text else "") + text[:2000],
+    }
+  print("RESULT " + json.dumps(result), flush=True)
+  return 0
+
+
+def device_memory() -> int | None:
+  """Total memory of GPU 0 in bytes (nvidia-smi), or None without a GPU."""
+  try:
+    text = subprocess.run(
+      ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    ).stdout
+    return int(text.split()[0]) * 2**20
+  except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    return None
+
+
+def parent(args) -> int:
+  total = device_memory()
+  cap = int(float(args.cap_gb) * 1e9)
+  names = args.cases.split(",")
+  if args.cpu_smoke:
+    names = ["smoke"]
+  results = []
+  for name in names:
+    if args.cpu_smoke:
+      model, rank, batch, remat = "llama_tiny", 32, 1, "none"
+    elif name in CASES:
+      model, rank, batch, remat = CASES[name]
+    else:
+      raise SystemExit(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if total:
+      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(cap / total, 0.95):.4f}"
+    cmd = [
+      sys.executable,
+      __file__,
+      "--child",
+      "--model", model,
+      "--rank", str(rank),
+      "--batch", str(batch),
+      "--remat", remat,
+      "--steps", str(args.steps),
+      "--seq-len", str(args.seq_len),
+      "--vocab-size", str(args.vocab_size if not args.cpu_smoke else 512),
+    ]  # fmt: skip
+    t = time.perf_counter()
+    try:
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+      result = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-2000:]}
+    except subprocess.TimeoutExpired:
+      result = {"model": model, "error": f"timeout after {args.timeout} s"}
+    result.update(case=name, wall_seconds=round(time.perf_counter() - t, 1), cap_bytes=cap)
+    results.append(result)
+    print(format_row(result), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device_memory_bytes": total, "cap_bytes": cap, "results": results}, f, indent=1)
+  return 0
+
+
+def format_row(r: dict) -> str:
+  gb = lambda b: f"{b / 1e9:.2f} GB" if isinstance(b, int | float) else "n/a"
+  if "error" in r:
+    return f"{r['case']:<24} ERROR {r['error'][:300]}"
+  return (
+    f"{r['case']:<24} planned {gb(r['planned_peak_bytes'])} ({r['planned_source']}), "
+    f"measured peak_bytes_in_use {gb(r['peak_bytes_in_use'])} (limit {gb(r['bytes_limit'])}), "
+    f"{r['seconds_per_step']} s/step, losses {[round(x, 3) for x in r['losses']]}"
+  )
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--cases", default="llama_7b,llama_1b", help=", ".join(CASES))
+  ap.add_argument("--cap-gb", default="24", help="memory cap in GB (the paper's RTX 4090)")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--seq-len", type=int, default=256)
+  ap.add_argument("--vocab-size", type=int, default=32000)
+  ap.add_argument("--timeout", type=int, default=400, help="seconds per case")
+  ap.add_argument("--json", default=None)
+  ap.add_argument("--cpu-smoke", action="store_true")
+  ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--model", help=argparse.SUPPRESS)
+  ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+  ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  ap.add_argument("--remat", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  return child(args) if args.child else parent(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
