@@ -413,7 +413,27 @@ def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: st
         block = nnx.merge(block_gds[i], {**params["layers"][i], **half_params})
         return getattr(block, method)(x_BxLxD)
 
-      return model_lib.checkpointed(run, remat)
+      return run
+
+    def forward_stage(fn, stage_params, x_BxLxD):
+      """``fn``'s output and its pullback ``d -> (d stage_params, d x)``.
+
+      With ``remat="full"`` nothing inside the stage is saved: the pullback
+      recomputes the stage from its input. The input is made to depend on the
+      incoming cotangent (``+ 0 * d[0]``, which XLA does not fold for floats) so
+      the recomputation cannot start before the backward pass reaches the
+      stage; otherwise XLA may run every stage's recomputation early and hold
+      all of them at once (the CPU backend does, optimization barriers
+      notwithstanding).
+      """
+      if remat != "full":
+        return jax.vjp(model_lib.checkpointed(fn, remat), stage_params, x_BxLxD)
+
+      def recompute_and_pull(d_BxLxD):
+        x_later = x_BxLxD + (jnp.ravel(d_BxLxD)[0] * 0).astype(x_BxLxD.dtype)
+        return jax.vjp(fn, stage_params, x_later)[1](d_BxLxD)
+
+      return fn(stage_params, x_BxLxD), recompute_and_pull
 
     def head_loss(head_params, x_BxLxD):
       logits_BxLxV = nnx.merge(model_gd, {**params, **head_params}).head(x_BxLxD)
@@ -429,7 +449,7 @@ def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: st
         ("mlp_residual", model_lib.DecoderBlock.MLP),
       ):
         half = {k: params["layers"][i][k] for k in keys}
-        x_BxLxD, pullback = jax.vjp(half_block(i, method), half, x_BxLxD)
+        x_BxLxD, pullback = forward_stage(half_block(i, method), half, x_BxLxD)
         stages.append((("layers", i), pullback))
     head = {k: params[k] for k in ("final_norm", "lm_head")}
     loss_sum, pullback = jax.vjp(head_loss, head, x_BxLxD)
