@@ -265,16 +265,19 @@ def with_count(state, count: int):
 def staggered_counts(params, gap: int) -> dict:
   """Refresh counts of ``refresh_schedule="staggered"`` from its documented phases.
 
-  Leaf ``k`` of the ``L`` projected leaves (flatten order) refreshes at counts
-  ``o_k, o_k + T, ...`` with ``o_k = floor(k T / L)``. Returns the count in ``[1, T]``
-  whose refreshing leaves have the largest exact-SVD cost (``m n min(m, n)`` summed),
-  the leaves refreshing then, and a count in ``[1, T)`` without any refresh (or None).
+  Leaf ``k`` of the ``L`` leaves of the tree (flatten order, projected or not)
+  refreshes at counts ``o_k, o_k + T, ...`` with ``o_k = floor(k T / L)``. Returns the
+  count in ``[1, T]`` whose refreshing projected leaves have the largest exact-SVD cost
+  (``m n min(m, n)`` summed), those leaves, and a count in ``[1, T)`` without any refresh
+  (or None).
   """
-  targets = _targets(params)
-  n_leaves = len(targets)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  targets = {
+    k: (jax.tree_util.keystr(p), tuple(x.shape)) for k, (p, x) in enumerate(leaves) if is_target(p)
+  }
   groups: dict[int, list[int]] = {}
-  for k in range(n_leaves):
-    groups.setdefault((k * gap) // n_leaves, []).append(k)
+  for k in targets:
+    groups.setdefault((k * gap) // len(leaves), []).append(k)
   cost = lambda ks: sum(math.prod(targets[k][1]) * min(targets[k][1]) for k in ks)
   phase = max(groups, key=lambda o: (cost(groups[o]), -o))
   quiet = next((c for c in range(1, gap) if c not in groups), None)

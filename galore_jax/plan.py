@@ -287,14 +287,14 @@ def svd_transient_bytes(p: Planned) -> int:
 
 
 def _block_gradient_bytes(p: Planned) -> int:
-  """Largest gradient one per-layer update would hold: one decoder block, or the
-  embedding / LM head on their own."""
-  sizes = (
-    [_tree_bytes(b) for b in p.params["layers"].values()]
-    if isinstance(p.params.get("layers"), dict)
-    else [_tree_bytes(b) for b in p.params["layers"]]
-  )
-  sizes += [_tree_bytes(v) for k, v in p.params.items() if k != "layers"]
+  """Largest gradient the per-layer step holds at once: one stage's, i.e. the attention or
+  MLP half of a decoder block, or the embedding, or final norm + LM head."""
+  layers = p.params["layers"]
+  blocks = layers.values() if isinstance(layers, dict) else layers
+  halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
+  sizes = [sum(_tree_bytes(b[k]) for k in keys) for b in blocks for keys in halves]
+  sizes.append(_tree_bytes(p.params["embed"]))
+  sizes.append(_tree_bytes(p.params["final_norm"]) + _tree_bytes(p.params["lm_head"]))
   return max(sizes)
 
 
@@ -887,7 +887,7 @@ def format_plan(r: dict[str, Any]) -> str:
     f"{fmt_bytes(opt['projector_bytes'])}, other {opt['other_bytes']} B)",
     f"  gradients at peak       {fmt_bytes(r['gradients_at_peak_bytes'])}"
     + (
-      "  (one layer)"
+      "  (one stage: half a block, or the embedding / head)"
       if per_layer
       else "  (all of them: this step computes the whole gradient, then updates)"
     ),
@@ -898,7 +898,7 @@ def format_plan(r: dict[str, Any]) -> str:
     f"unprojected leaf); SVD refresh {fmt_bytes(an['svd_transient_bytes'])}",
     f"  analytic peak           {fmt_bytes(an['peak_bytes'])}  (weights + optimizer + "
     + (
-      "activations + d(logits) + one layer's gradient + update temporaries)"
+      "activations + d(logits) + one stage's gradient + update temporaries)"
       if per_layer
       else "max(activations + d(logits), whole gradient + update temporaries))"
     ),

@@ -415,25 +415,42 @@ def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: st
 
       return run
 
-    def forward_stage(fn, stage_params, x_BxLxD):
-      """``fn``'s output and its pullback ``d -> (d stage_params, d x)``.
+    def after(d_BxLxD, tree):
+      """``tree`` made data-dependent on the cotangent ``d`` (``+ 0 * d[0]``; XLA does not
+      fold that for floats), so what is computed from it waits for the backward pass."""
+      zero = jnp.ravel(d_BxLxD)[0] * 0
+      return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
-      With ``remat="full"`` nothing inside the stage is saved: the pullback
-      recomputes the stage from its input. The input is made to depend on the
-      incoming cotangent (``+ 0 * d[0]``, which XLA does not fold for floats) so
-      the recomputation cannot start before the backward pass reaches the
-      stage; otherwise XLA may run every stage's recomputation early and hold
-      all of them at once (the CPU backend does, optimization barriers
-      notwithstanding).
+    def forward_block(i, x_BxLxD):
+      """Block ``i``'s output and the pullbacks of its MLP and attention halves.
+
+      With ``remat="full"`` only the block's input is kept: the MLP pullback
+      recomputes the block from it and leaves the attention half's pullback for
+      the next stage. The input and the block's vector weights (norm scales)
+      are made to depend on the incoming cotangent (:func:`after`): XLA would
+      otherwise run every block's recomputation, or broadcasts of its norm
+      scales, at the start of the backward pass and hold them all at once (the
+      CPU backend does, optimization barriers notwithstanding).
       """
+      attn = {k: params["layers"][i][k] for k in model_lib.DecoderBlock.ATTENTION}
+      mlp = {k: params["layers"][i][k] for k in model_lib.DecoderBlock.MLP}
+      run_attn = half_block(i, "attention_residual")
+      run_mlp = half_block(i, "mlp_residual")
       if remat != "full":
-        return jax.vjp(model_lib.checkpointed(fn, remat), stage_params, x_BxLxD)
+        h_BxLxD, attn_pullback = jax.vjp(model_lib.checkpointed(run_attn, remat), attn, x_BxLxD)
+        y_BxLxD, mlp_pullback = jax.vjp(model_lib.checkpointed(run_mlp, remat), mlp, h_BxLxD)
+        return y_BxLxD, mlp_pullback, attn_pullback
+      saved = {}
+      vectors_later = lambda d, tree: {
+        k: jax.tree.map(lambda w, d=d: after(d, w) if w.ndim < 2 else w, v) for k, v in tree.items()
+      }
 
-      def recompute_and_pull(d_BxLxD):
-        x_later = x_BxLxD + (jnp.ravel(d_BxLxD)[0] * 0).astype(x_BxLxD.dtype)
-        return jax.vjp(fn, stage_params, x_later)[1](d_BxLxD)
+      def mlp_pullback(d_BxLxD):
+        x_later = after(d_BxLxD, x_BxLxD)
+        h_BxLxD, saved["attn"] = jax.vjp(run_attn, vectors_later(d_BxLxD, attn), x_later)
+        return jax.vjp(run_mlp, vectors_later(d_BxLxD, mlp), h_BxLxD)[1](d_BxLxD)
 
-      return fn(stage_params, x_BxLxD), recompute_and_pull
+      return run_mlp(mlp, run_attn(attn, x_BxLxD)), mlp_pullback, lambda d: saved["attn"](d)
 
     def head_loss(head_params, x_BxLxD):
       logits_BxLxV = nnx.merge(model_gd, {**params, **head_params}).head(x_BxLxD)
@@ -444,13 +461,8 @@ def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: st
     x_BxLxD, embed_pullback = jax.vjp(embed, params["embed"])
     stages = [(("embed",), lambda d: (embed_pullback(d)[0], None))]
     for i in range(len(block_gds)):
-      for method, keys in (
-        ("attention_residual", model_lib.DecoderBlock.ATTENTION),
-        ("mlp_residual", model_lib.DecoderBlock.MLP),
-      ):
-        half = {k: params["layers"][i][k] for k in keys}
-        x_BxLxD, pullback = forward_stage(half_block(i, method), half, x_BxLxD)
-        stages.append((("layers", i), pullback))
+      x_BxLxD, mlp_pullback, attn_pullback = forward_block(i, x_BxLxD)
+      stages += [(("layers", i), attn_pullback), (("layers", i), mlp_pullback)]
     head = {k: params[k] for k in ("final_norm", "lm_head")}
     loss_sum, pullback = jax.vjp(head_loss, head, x_BxLxD)
     stages.append(((), pullback))

@@ -86,7 +86,7 @@ def test_gpu_checks_script_is_valid_bash():
   script = _SCRIPT.with_name("gpu_checks.sh")
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
   text = script.read_text()
-  assert "MEMORY PLANNER CHECKS" in text and "gpu_bench.py --refresh-cost" in text
+  assert "gpu_memory_check.py" in text and "gpu_bench.py --refresh-cost" in text
 
 
 # ---------------------------------------------------------------------------
