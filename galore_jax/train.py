@@ -310,6 +310,31 @@ def _token_loss(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
   return _summed_cross_entropy(logits_BxLxV, batch), jnp.sum(batch["mask"].astype(jnp.float32))
 
 
+def mean_token_gradient(graphdef, params, batch):
+  """Mean token loss, token count and gradient over the micro-batches of ``batch``.
+
+  ``batch`` arrays are (grad_accum, micro_batch, seq). Gradients of the summed
+  token loss are accumulated (float32) over micro-batches and divided by the
+  total token count, so accumulation gives the gradient of one large batch.
+  Gradients are returned in the params' dtypes.
+  """
+  grad_fn = jax.value_and_grad(lambda p, b: _token_loss(graphdef, p, b), has_aux=True)
+  if batch["inputs"].shape[0] == 1:
+    (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+  else:
+
+    def body(carry, micro):
+      (loss_i, count_i), g = grad_fn(params, micro)
+      acc_l, acc_c, acc_g = carry
+      return (acc_l + loss_i, acc_c + count_i, jax.tree.map(jnp.add, acc_g, g)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), batch)
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+  return loss_sum / denom, count, grads
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation):
   """``step(params, opt_state, batch) -> (params, opt_state, metrics)``; not yet jitted.
 
@@ -319,24 +344,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
   A step whose loss or gradient is not finite changes nothing (``skipped`` is
   1 in its metrics); the host loop stops the run after too many in a row.
   """
-  grad_fn = jax.value_and_grad(lambda p, b: _token_loss(graphdef, p, b), has_aux=True)
 
   def step(params, opt_state, batch):
-    accum = batch["inputs"].shape[0]
-    if accum == 1:
-      (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-    else:
-
-      def body(carry, micro):
-        (loss_i, count_i), g = grad_fn(params, micro)
-        acc_l, acc_c, acc_g = carry
-        return (acc_l + loss_i, acc_c + count_i, jax.tree.map(jnp.add, acc_g, g)), None
-
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      (loss_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), batch)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    loss = loss_sum / denom
+    loss, count, grads = mean_token_gradient(graphdef, params, batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

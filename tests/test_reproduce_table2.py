@@ -1,0 +1,341 @@
+"""experiments/reproduce_table2.py and galore_jax/lowrank.py: the baselines' math, the
+optimizer shared with the trainer, the sweep's bookkeeping and a smoke run of the script."""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from galore_jax import checkpoint, lowrank, metrics, train
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reproduce_table2.py"
+# The end-to-end run: every method but GaLore at rank r (the same code as GaLore at d/2, one
+# more compilation), and two lrs for AdamW.
+SMOKE_METHODS = "adamw,galore_d2,lowrank,lora,relora"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """XLA's optimisation passes dominate these tiny runs on a 2-core CPU; the numbers compared
+  here are all computed under the same setting, so skip them for this module."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def t2():
+  spec = importlib.util.spec_from_file_location("reproduce_table2", _SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["reproduce_table2"] = module
+  spec.loader.exec_module(module)
+  yield module
+  sys.modules.pop("reproduce_table2", None)
+
+
+def _dense(key, d=16, f=24):
+  """A two-projection parameter dict shaped like the model's (one target per kind)."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {
+    "embed": {"embedding": jax.random.normal(k1, (32, d))},
+    "layers": {
+      0: {
+        "attn": {"q_proj": {"kernel": 0.02 * jax.random.normal(k2, (d, d))}},
+        "mlp": {"up_proj": {"kernel": 0.02 * jax.random.normal(k3, (d, f))}},
+        "mlp_norm": {"scale": jnp.ones((d,))},
+      }
+    },
+  }
+
+
+def _apply(params, x_BxD):
+  """A stand-in network that uses every kernel: the function the merge must preserve."""
+  layer = params["layers"][0]
+  h_BxD = x_BxD @ layer["attn"]["q_proj"]["kernel"]
+  return jnp.tanh(h_BxD) @ layer["mlp"]["up_proj"]["kernel"]
+
+
+# ---------------------------------------------------------------- parametrisations
+
+
+def test_lora_at_init_is_the_frozen_dense_model():
+  dense = _dense(jax.random.key(0))
+  spec = lowrank.Spec("lora", rank=4, alpha=32.0)
+  trainable, frozen = lowrank.init(dense, spec, jax.random.key(1))
+  assert sorted(frozen) == ["layers/0/attn/q_proj/kernel", "layers/0/mlp/up_proj/kernel"]
+  q = trainable["layers"][0]["attn"]["q_proj"]["kernel"]
+  assert isinstance(q, lowrank.Factors) and q.a.shape == (16, 4) and q.b.shape == (4, 16)
+  assert not np.any(np.asarray(q.b))  # B = 0: LoRA starts as the frozen model
+  assert np.std(np.asarray(q.a)) > 0
+  # Exactly the dense weights, and non-target leaves are the same arrays.
+  chex.assert_trees_all_equal(lowrank.materialize(trainable, frozen, spec), dense)
+  assert spec.scale == 8.0  # alpha / r
+
+
+def test_lora_gradient_reaches_only_b_at_init_and_changes_the_function():
+  dense = _dense(jax.random.key(0))
+  spec = lowrank.Spec("lora", rank=4)
+  trainable, frozen = lowrank.init(dense, spec, jax.random.key(1))
+  x_BxD = jax.random.normal(jax.random.key(2), (5, 16))
+  loss = lambda t: jnp.sum(_apply(lowrank.materialize(t, frozen, spec), x_BxD) ** 2)
+  g = jax.grad(loss)(trainable)["layers"][0]["attn"]["q_proj"]["kernel"]
+  assert not np.any(np.asarray(g.a))  # dL/dA = s W-grad B^T = 0 while B = 0
+  assert np.any(np.asarray(g.b))
+
+
+def test_merge_preserves_the_function_and_restarts_the_factors():
+  dense = _dense(jax.random.key(0))
+  spec = lowrank.Spec("lora", rank=4)
+  trainable, frozen = lowrank.init(dense, spec, jax.random.key(1))
+  # Pretend training moved both factors.
+  trainable = jax.tree.map(
+    lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), trainable
+  )
+  x_BxD = jax.random.normal(jax.random.key(2), (5, 16))
+  before = _apply(lowrank.materialize(trainable, frozen, spec), x_BxD)
+  merged, new_frozen = lowrank.merge(trainable, frozen, spec, jax.random.key(4))
+  after = _apply(lowrank.materialize(merged, new_frozen, spec), x_BxD)
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+  q_old = trainable["layers"][0]["attn"]["q_proj"]["kernel"]
+  q_new = merged["layers"][0]["attn"]["q_proj"]["kernel"]
+  assert not np.any(np.asarray(q_new.b))
+  assert not np.allclose(q_new.a, q_old.a)  # A is redrawn
+  name = "layers/0/attn/q_proj/kernel"
+  np.testing.assert_allclose(
+    new_frozen[name], frozen[name] + spec.scale * q_old.a @ q_old.b, rtol=1e-5, atol=1e-6
+  )
+  # The embedding (not factored) is untouched.
+  chex.assert_trees_all_equal(merged["embed"], trainable["embed"])
+
+
+def test_reset_zeroes_the_factor_moments_only():
+  dense = _dense(jax.random.key(0))
+  spec = lowrank.Spec("lora", rank=4)
+  trainable, frozen = lowrank.init(dense, spec, jax.random.key(1))
+  tx = train.build_optimizer(train.TrainConfig(optimizer="adamw", steps=10, warmup=0))
+  state = tx.init(trainable)
+  grads = jax.tree.map(jnp.ones_like, trainable)
+  _, state = tx.update(grads, state, trainable)
+  reset = lowrank.reset_factor_moments(state)
+  flat_old = jax.tree_util.tree_flatten_with_path(state)[0]
+  flat_new = jax.tree_util.tree_flatten_with_path(reset)[0]
+  zeroed = kept = 0
+  for (path, old), (_, new) in zip(flat_old, flat_new, strict=True):
+    in_factors = any(getattr(k, "name", None) in ("a", "b") for k in path)
+    if in_factors:
+      assert not np.any(np.asarray(new)), jax.tree_util.keystr(path)
+      zeroed += 1
+    else:
+      np.testing.assert_array_equal(new, old)  # counters and the dense leaves' moments
+      kept += 1
+  assert zeroed == 8  # (mu, nu) x (q, up) x (a, b)
+  assert kept >= 5  # Adam's count, mu / nu of the embedding and the norm
+  with pytest.raises(ValueError, match="mode 'lora'"):
+    lowrank.merge(trainable, frozen, lowrank.Spec("lowrank", 4), jax.random.key(0))
+
+
+def test_lowrank_factors_replace_the_kernels():
+  dense = _dense(jax.random.key(0), d=64, f=96)
+  spec = lowrank.Spec("lowrank", rank=8)
+  trainable, frozen = lowrank.init(dense, spec, jax.random.key(1), init_std=0.02)
+  assert frozen == {}
+  # r (m + n) per kernel instead of m n: (64 + 64) * 8 + (64 + 96) * 8.
+  assert lowrank.factor_count(trainable) == 8 * (64 + 64) + 8 * (64 + 96)
+  assert lowrank.count(trainable) == 32 * 64 + 64 + 8 * (128 + 160)
+  w = lowrank.materialize(trainable, frozen, spec)["layers"][0]["mlp"]["up_proj"]["kernel"]
+  assert w.shape == (64, 96)
+  assert np.linalg.matrix_rank(np.asarray(w)) == 8
+  assert 0.015 < float(jnp.std(w)) < 0.025  # the dense init's scale (0.02)
+  with pytest.raises(ValueError, match="exceeds"):
+    lowrank.init(dense, lowrank.Spec("lowrank", 65), jax.random.key(1))
+
+
+# ---------------------------------------------------------------- the shared optimizer
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore_adamw"])
+def test_unit_lr_optimizer_times_lr_is_the_trainers_update(t2, optimizer):
+  scale = t2.smoke_scale()
+  method = "adamw" if optimizer == "adamw" else "galore_d2"
+  rs = t2.RunSpec(scale, scale.models[0], method, 3e-3)
+  cfg = dataclasses.replace(rs.train_config(), steps=8, rank=4, update_proj_gap=3)
+  key = jax.random.key(0)
+  params = {
+    "layers": {0: {"attn": {"q_proj": {"kernel": jax.random.normal(key, (12, 8))}}}},
+    "lm_head": {"kernel": jax.random.normal(jax.random.key(1), (8, 20))},
+  }
+  real, unit = train.build_optimizer(cfg), t2._unit_lr_optimizer(cfg)
+  sched = train.lr_schedule(cfg)
+  p_real, s_real = params, real.init(params)
+  p_unit, s_unit = params, unit.init(params)
+  for t in range(6):
+    g = jax.tree.map(lambda x, t=t: jnp.cos(x * (t + 1)), p_real)
+    u_real, s_real = real.update(g, s_real, p_real)
+    u_unit, s_unit = unit.update(g, s_unit, p_unit)
+    u_unit = jax.tree.map(lambda u, t=t: sched(t) * u, u_unit)
+    chex.assert_trees_all_close(u_unit, u_real, rtol=1e-6, atol=1e-9)
+    p_real = optax.apply_updates(p_real, u_real)
+    p_unit = optax.apply_updates(p_unit, u_unit)
+
+
+def test_relora_lr_rewarms_after_each_merge(t2):
+  scale = dataclasses.replace(t2.smoke_scale(), steps=(100,))
+  relora = t2.RunSpec(scale, scale.models[0], "relora", 1e-2)
+  lora = t2.RunSpec(scale, scale.models[0], "lora", 1e-2)
+  assert relora.relora_every == 25 and relora.relora_rewarm == 1
+  scale = dataclasses.replace(scale, steps=(1000,))
+  relora = t2.RunSpec(scale, scale.models[0], "relora", 1e-2)
+  lora = t2.RunSpec(scale, scale.models[0], "lora", 1e-2)
+  assert relora.relora_every == 250 and relora.relora_rewarm == 10
+  a, b = t2.lr_values(relora), t2.lr_values(lora)
+  np.testing.assert_array_equal(a[:250], b[:250])  # first cycle: the global warm-up only
+  np.testing.assert_allclose(a[250], b[250] / 10, rtol=1e-6)  # restarts low ...
+  np.testing.assert_allclose(a[259:500], b[259:500], rtol=1e-6)  # ... and is back after 10 steps
+  assert a[500] < 0.2 * b[500] and a[750] < 0.2 * b[750]
+  assert b.max() == pytest.approx(1e-2, rel=1e-6) and b[-1] == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_bf16_memory_accounting(t2):
+  tree = {
+    "w": jax.ShapeDtypeStruct((10, 10), jnp.float32),
+    "count": jax.ShapeDtypeStruct((), jnp.int32),
+  }
+  assert t2.bf16_bytes(tree) == 200 + 4
+
+
+# ---------------------------------------------------------------- the script end to end
+
+
+@pytest.fixture(scope="module")
+def smoke(t2, tmp_path_factory):
+  out = tmp_path_factory.mktemp("table2")
+  rc = t2.main(["--scale", "smoke", "--out", str(out), "--methods", SMOKE_METHODS, "--quiet"])
+  assert rc == 0
+  return out
+
+
+def _results(out):
+  return json.loads((out / "results.json").read_text())
+
+
+def test_smoke_writes_table_plot_json_and_run_dirs(t2, smoke):
+  summary = _results(smoke)
+  names = [r["run"]["name"] for r in summary["runs"]]
+  assert names == summary["planned_runs"] and len(names) == 6
+  assert all(r["status"] == "ok" and math.isfinite(r["eval_ppl"]) for r in summary["runs"])
+  # The best AdamW run is the lower-perplexity one of its two lrs.
+  adamw = [r for r in summary["runs"] if r["run"]["method"] == "adamw"]
+  best = min(adamw, key=lambda r: r["eval_loss"])
+  assert summary["best"]["llama_micro"]["adamw"] == best["run"]["name"]
+  assert set(summary["best"]["llama_micro"]) == set(SMOKE_METHODS.split(","))
+  table = (smoke / "table2.md").read_text()
+  for label in ("Full-rank AdamW", "GaLore (rank d/2)", "Low-rank", "LoRA (", "ReLoRA"):
+    assert label in table
+  assert f"{best['eval_ppl']:.2f}" in table
+  png = (smoke / "curves.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+  # Every run is a normal run directory: metrics.jsonl (+ TensorBoard) and its config.
+  relora = next(r for r in summary["runs"] if r["run"]["method"] == "relora")
+  run_dir = smoke / "llama_micro" / f"relora_lr{relora['run']['lr']:g}"
+  records = metrics.read_metrics(str(run_dir))
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+  assert [r["relora_merge"] for r in records if "relora_merge" in r] == [1, 2, 3, 4, 5]
+  assert list((run_dir / "tb").iterdir())
+  assert json.loads((run_dir / "config.json").read_text())["method"] == "relora"
+  # Same data, init and token budget for every method: all but low-rank start from the dense
+  # model (LoRA's B = 0), so their first-step losses are identical; equal token counts.
+  first = {r["run"]["method"]: r["train_loss"][0] for r in summary["runs"]}
+  assert len({v for k, v in first.items() if k != "lowrank"}) == 1
+  assert first["lowrank"] != first["adamw"]
+  assert len({r["tokens"] for r in summary["runs"]}) == 1
+
+
+def test_smoke_memory_ranks_the_methods_like_the_paper(smoke):
+  best = _results(smoke)["runs"]
+  mem = {r["run"]["method"]: r["weights_bytes"] + r["optimizer_bytes"] for r in best}
+  opt = {r["run"]["method"]: r["optimizer_bytes"] for r in best}
+  weights = {r["run"]["method"]: r["weights_bytes"] for r in best}
+  assert opt["galore_d2"] < opt["adamw"]
+  assert opt["lowrank"] == opt["lora"] == opt["relora"] < opt["adamw"]  # Adam on the factors
+  assert weights["lowrank"] < weights["adamw"] < weights["lora"] == weights["relora"]
+  assert mem["galore_d2"] < mem["adamw"] and mem["lowrank"] < mem["lora"]
+
+
+def test_rerun_skips_finished_runs_and_redoes_only_unfinished_ones(t2, smoke, capsys):
+  victim = smoke / "llama_micro" / "adamw_lr0.001"
+  old = json.loads((victim / "result.json").read_text())
+  (victim / "result.json").unlink()  # as if interrupted before it finished
+  rc = t2.main(["--scale", "smoke", "--out", str(smoke), "--methods", SMOKE_METHODS])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert out.count("finished before, skipped") == 5
+  assert "run 2/6 llama_micro/adamw_lr0.001 ... ETA" in out
+  new = json.loads((victim / "result.json").read_text())
+  assert new["eval_loss"] == pytest.approx(old["eval_loss"], rel=1e-6)  # deterministic
+  # A finished run of another configuration is an error, never silently mixed in.
+  rc = t2.main(["--scale", "smoke", "--out", str(smoke), "--methods", "adamw", "--steps", "4"])
+  assert rc == 2
+  assert "different configuration (differs in " in capsys.readouterr().err
+
+
+def test_edge_extension_continues_the_half_decade_grid(t2):
+  assert [t2.next_lr(x, up=False) for x in (3e-3, 1e-3, 3e-4)] == [1e-3, 3e-4, 1e-4]
+  assert [t2.next_lr(x, up=True) for x in (3e-3, 1e-2, 3e-2)] == [1e-2, 3e-2, 1e-1]
+  scale = t2.smoke_scale()
+  runs = t2.plan_runs(scale, list(scale.models), ["adamw", "lowrank"])
+
+  def result(rs, loss):
+    return {
+      "run": {"name": rs.name, "model": rs.model.name, "method": rs.method, "lr": rs.lr},
+      "eval_loss": loss,
+    }
+
+  # AdamW's best is its lowest lr (an edge): one lower lr is added. lowrank has one lr only.
+  results = [result(runs[0], 5.0), result(runs[1], 4.0), result(runs[2], 6.0)]
+  extra = t2.edge_extensions(runs, results)
+  assert [(rs.method, rs.lr) for rs in extra] == [("adamw", 3e-4)]
+  results[0]["eval_loss"] = 3.0  # now the highest lr is best: extend upwards
+  assert [rs.lr for rs in t2.edge_extensions(runs, results)] == [1e-2]
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(t2, tmp_path, monkeypatch):
+  """With --save-every, a run stopped mid-way continues from its checkpoint and ends with the
+  losses of an uninterrupted run (ReLoRA: factors, frozen weights and merges included)."""
+  scale = dataclasses.replace(t2.smoke_scale(), eval_every=0)
+  model = scale.models[0]
+  ctx = t2.ModelContext(scale, model, {})
+  straight_rs = t2.RunSpec(scale, model, "relora", 3e-3)
+  progress = t2.Progress([straight_rs], True, {model.name: 1.0})
+  straight = t2.train_run(ctx, straight_rs, tmp_path / "straight", progress, [])
+  rs = dataclasses.replace(straight_rs, scale=dataclasses.replace(scale, save_every=4))
+
+  real_iterate = ctx.train_ds.iterate
+
+  def interrupted(start):
+    for i, batch in enumerate(real_iterate(start)):
+      if i == 5:
+        raise KeyboardInterrupt  # Ctrl-C after 5 steps; the last checkpoint is step 4
+      yield batch
+
+  split = tmp_path / "split"
+  monkeypatch.setattr(ctx.train_ds, "iterate", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    t2.train_run(ctx, rs, split, progress, [])
+  assert not (split / "result.json").exists()
+  assert checkpoint.latest_step(str(split / "checkpoints")) == 4
+  monkeypatch.setattr(ctx.train_ds, "iterate", real_iterate)
+  resumed = t2.train_run(ctx, rs, split, progress, [])
+  np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
+  assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
+  assert not (split / "checkpoints").exists()  # a finished run keeps its result, not its state
