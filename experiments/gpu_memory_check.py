@@ -4,11 +4,16 @@ For each configuration this runs, in a fresh subprocess whose JAX memory pool is
 capped (``XLA_PYTHON_CLIENT_MEM_FRACTION`` = cap / device memory, preallocation
 off, as a 24 GB card would be):
 
-1. ``galore_jax.plan.plan`` on the device itself (the step compiled for this
-   backend; on a GPU nothing is corrected);
+1. the trainer's step (``train.compile_train_step``) lowered and compiled once for
+   this backend; its ``memory_analysis()`` (arguments + outputs - aliased + temp)
+   is the compiler's own prediction for this device. The same executable is then
+   run, so the 7B step is traced and compiled once (the CPU planner's figure,
+   ``galore-jax plan``, is compiled on the development machine and compared in
+   the README);
 2. the model and optimizer state initialised on the device (``train.init_state``)
    and ``--steps`` train steps on random tokens, timed after the first
-   (device-synchronised), then ``device.memory_stats()["peak_bytes_in_use"]``.
+   (device-synchronised), then ``device.memory_stats()["peak_bytes_in_use"]``
+   (the init's own peak is recorded separately, before the first step).
 
 An out-of-memory error is a result ("OOM"), not a crash of the script. Defaults
 are the issue's two targets: ``llama_7b`` and ``llama_1b`` with 8-bit GaLore,
@@ -35,9 +40,10 @@ if str(REPO) not in sys.path:  # the GPU image has galore_jax only as this check
 
 CASES = {
   # name: (model, rank, batch, remat)
-  "llama_7b": ("llama_7b", 1024, 1, "none"),
-  "llama_7b_16x256_remat": ("llama_7b", 1024, 16, "full"),
-  "llama_1b": ("llama_1b", 512, 1, "none"),
+  "llama_7b": ("llama_7b", 1024, 1, "full"),
+  "llama_7b_16x256": ("llama_7b", 1024, 16, "full"),
+  "llama_1b": ("llama_1b", 512, 1, "full"),
+  "llama_7b_no_remat": ("llama_7b", 1024, 1, "none"),
 }
 
 
@@ -47,7 +53,7 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
   import jax.numpy as jnp
   import numpy as np
 
-  from galore_jax import plan, train
+  from galore_jax import train
 
   cfg = train.TrainConfig(
     model=model,
@@ -63,27 +69,49 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
     progress=False,
   )
   out: dict = {"model": model, "rank": rank, "batch": batch, "seq_len": seq_len, "remat": remat}
-  t0 = time.perf_counter()
-  predicted = plan.plan(cfg, vocab_size=vocab, suggest=False)
-  out.update(
-    planned_peak_bytes=predicted["peak_bytes"],
-    planned_source=predicted["peak_source"],
-    plan_seconds=round(time.perf_counter() - t0, 1),
-    weights_bytes=predicted["weights_bytes"],
-    optimizer_bytes=predicted["optimizer_bytes"],
-  )
+  device = jax.devices()[0]
   run = train.setup(cfg, vocab_size=vocab)
-  params, opt_state = train.init_state(run)
-  step = train.compile_train_step(run)
   rng = np.random.default_rng(0)
-  times = []
-  for _ in range(steps):
+
+  def random_batch():
     tokens = rng.integers(0, vocab, size=(1, batch, seq_len + 1), dtype=np.int32)
-    batch_arrays = {
+    return {
       "inputs": jnp.asarray(tokens[..., :-1]),
       "targets": jnp.asarray(tokens[..., 1:]),
       "mask": jnp.ones((1, batch, seq_len), jnp.float32),
     }
+
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch())
+  t0 = time.perf_counter()
+  lowered = train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, spec)
+  t1 = time.perf_counter()
+  step = lowered.compile()
+  ma = step.memory_analysis()
+  out.update(
+    lower_seconds=round(t1 - t0, 1),
+    compile_seconds=round(time.perf_counter() - t1, 1),
+    planned_peak_bytes=int(
+      ma.argument_size_in_bytes
+      + ma.output_size_in_bytes
+      - ma.alias_size_in_bytes
+      + ma.temp_size_in_bytes
+    ),
+    planned_temp_bytes=int(ma.temp_size_in_bytes),
+    planned_source=f"memory_analysis ({jax.default_backend()})",
+    weights_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_params)),
+    optimizer_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_opt)),
+  )
+  print("PROGRESS " + json.dumps(out), flush=True)
+  params, opt_state = train.init_state(run)
+  jax.block_until_ready((params, opt_state))
+  after_init = device.memory_stats() or {}
+  out.update(
+    init_bytes_in_use=after_init.get("bytes_in_use"),
+    init_peak_bytes=after_init.get("peak_bytes_in_use"),
+  )
+  times = []
+  for _ in range(steps):
+    batch_arrays = random_batch()
     t = time.perf_counter()
     params, opt_state, m = step(params, opt_state, batch_arrays)
     jax.block_until_ready((params, opt_state, m))
@@ -93,7 +121,7 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
   out.update(
     backend=jax.default_backend(),
     device=str(jax.devices()[0].device_kind),
-    first_step_seconds=round(times[0], 2),  # includes compilation
+    first_step_seconds=round(times[0], 3),
     seconds_per_step=round(float(np.median(times[1:])), 3) if len(times) > 1 else None,
     peak_bytes_in_use=stats.get("peak_bytes_in_use"),
     bytes_limit=stats.get("bytes_limit"),
@@ -138,6 +166,7 @@ def parent(args) -> int:
   if args.cpu_smoke:
     names = ["smoke"]
   results = []
+  deadline = time.monotonic() + args.budget if args.budget else None
   for name in names:
     if args.cpu_smoke:
       model, rank, batch, remat = "llama_tiny", 32, 1, "none"
@@ -160,30 +189,54 @@ def parent(args) -> int:
       "--seq-len", str(args.seq_len),
       "--vocab-size", str(args.vocab_size if not args.cpu_smoke else 512),
     ]  # fmt: skip
+    timeout = args.timeout
+    if deadline is not None:
+      timeout = min(timeout, int(deadline - time.monotonic()))
+      if timeout < 20:
+        results.append({"case": name, "model": model, "error": "skipped: --budget spent"})
+        print(format_row(results[-1]), flush=True)
+        continue
     t = time.perf_counter()
     try:
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-      result = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-2000:]}
-    except subprocess.TimeoutExpired:
-      result = {"model": model, "error": f"timeout after {args.timeout} s"}
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+      result = _child_result(proc.stdout, proc.stderr)
+    except subprocess.TimeoutExpired as e:
+      result = _child_result(e.stdout, None)
+      result["error"] = f"timeout after {timeout} s"
     result.update(case=name, wall_seconds=round(time.perf_counter() - t, 1), cap_bytes=cap)
     results.append(result)
     print(format_row(result), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device_memory_bytes": total, "cap_bytes": cap, "results": results}, f, indent=1)
+    if args.json:  # after every case: an outer timeout keeps what was measured
+      with open(args.json, "w") as f:
+        json.dump({"device_memory_bytes": total, "cap_bytes": cap, "results": results}, f, indent=1)
   return 0
+
+
+def _child_result(stdout, stderr) -> dict:
+  """The child's RESULT line, else its last PROGRESS line (what it got to), else stderr."""
+  if isinstance(stdout, bytes):
+    stdout = stdout.decode(errors="replace")
+  lines = (stdout or "").splitlines()
+  for tag in ("RESULT ", "PROGRESS "):
+    found = [ln for ln in lines if ln.startswith(tag)]
+    if found:
+      result = json.loads(found[-1][len(tag) :])
+      if tag == "PROGRESS ":
+        result["error"] = "no result: " + (stderr or "")[-1500:]
+      return result
+  return {"error": (stderr or "no output")[-2000:]}
 
 
 def format_row(r: dict) -> str:
   gb = lambda b: f"{b / 1e9:.2f} GB" if isinstance(b, int | float) else "n/a"
   if "error" in r:
-    return f"{r['case']:<24} ERROR {r['error'][:300]}"
+    got = f" (compiled: planned {gb(r['planned_peak_bytes'])})" if "planned_peak_bytes" in r else ""
+    return f"{r['case']:<24} ERROR{got} {r['error'][:300]}"
   return (
     f"{r['case']:<24} planned {gb(r['planned_peak_bytes'])} ({r['planned_source']}), "
-    f"measured peak_bytes_in_use {gb(r['peak_bytes_in_use'])} (limit {gb(r['bytes_limit'])}), "
-    f"{r['seconds_per_step']} s/step, losses {[round(x, 3) for x in r['losses']]}"
+    f"measured peak_bytes_in_use {gb(r['peak_bytes_in_use'])} (limit {gb(r['bytes_limit'])}; "
+    f"after init {gb(r['init_peak_bytes'])}), {r['seconds_per_step']} s/step, "
+    f"compile {r['compile_seconds']} s, losses {[round(x, 3) for x in r['losses']]}"
   )
 
 
@@ -194,7 +247,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--seq-len", type=int, default=256)
   ap.add_argument("--vocab-size", type=int, default=32000)
-  ap.add_argument("--timeout", type=int, default=400, help="seconds per case")
+  ap.add_argument("--timeout", type=int, default=400, help="seconds per case at most")
+  ap.add_argument("--budget", type=int, default=0, help="seconds for all cases (0: no bound)")
   ap.add_argument("--json", default=None)
   ap.add_argument("--cpu-smoke", action="store_true")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

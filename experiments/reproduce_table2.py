@@ -1214,7 +1214,9 @@ def plot(scale: Scale, runs: list[RunSpec], results: list[dict], path: Path) -> 
     ax.set_xlabel(f"training tokens ({unit_name})" if unit_name else "training tokens")
     ax.set_ylabel(f"training loss (moving average, {window} steps)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, title="method @ best lr: validation ppl", title_fontsize=7.5)
+    ax.legend(
+      fontsize=7.5, title="method @ best lr: validation ppl", title_fontsize=7.5, loc="upper right"
+    )
   fig.suptitle(f"GaLore Table 2 reproduction, --scale {scale.name} (same data, init, tokens)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -1294,6 +1296,25 @@ def build_scale(args) -> Scale:
       raise SystemExit(f"--micro-batch {args.micro_batch} does not divide the batch {total}")
     changes.update(batch_size=args.micro_batch, grad_accum=total // args.micro_batch)
     changes.setdefault("eval_batch_size", args.micro_batch)
+  if args.ranks:
+    ranks = {}
+    for spec in args.ranks:
+      name, _, values = spec.partition("=")
+      try:
+        r, r2 = (int(v) for v in values.split(","))
+      except ValueError:
+        raise SystemExit(f"--ranks: expected MODEL=r,r_d2, got {spec!r}") from None
+      ranks[name] = (r, r2)
+    models = changes.get("models", scale.models)
+    unknown = sorted(set(ranks) - {m.name for m in models})
+    if unknown:
+      raise SystemExit(f"--ranks: unknown models {unknown}")
+    changes["models"] = tuple(
+      dataclasses.replace(m, rank=ranks[m.name][0], rank_d2=ranks[m.name][1])
+      if m.name in ranks
+      else m
+      for m in models
+    )
   if args.lrs:
     grids = dict(scale.lr_grids)
     grids.update(_parse_lrs(args.lrs))
@@ -1353,6 +1374,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--models", default=None, help="comma-separated subset of the scale's models")
   ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
   ap.add_argument("--lrs", action="append", default=[], help="METHOD=lr1,lr2 (replaces a grid)")
+  ap.add_argument(
+    "--ranks",
+    action="append",
+    default=[],
+    help="MODEL=r,r_d2: the main rank and the 'd/2' rank of a model (diagnostics)",
+  )
   ap.add_argument(
     "--extend-edges",
     type=int,

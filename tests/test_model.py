@@ -244,6 +244,37 @@ def test_param_paths_shapes_and_init():
       assert 0.017 < float(jnp.std(x)) < 0.023, path
 
 
+def test_init_params_matches_the_module_and_compiles_once_per_part(caplog):
+  """init_params: the module's tree, shapes, dtypes and init distribution; four
+  compiled initialisers (embedding, block, norm, head) at any depth."""
+
+  def compiles(cfg):
+    caplog.clear()
+    with caplog.at_level("WARNING"), jax.log_compiles():
+      params = M.init_params(cfg, seed=3)
+    return params, sum("Compiling jit(init)" in r.getMessage() for r in caplog.records)
+
+  cfg = _tiny(param_dtype=jnp.bfloat16)
+  params, n_shallow = compiles(cfg)
+  _, n_deep = compiles(dataclasses.replace(cfg, num_layers=5))
+  assert n_shallow == n_deep == 4
+
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: M.Llama(cfg, rngs=nnx.Rngs(0)))))
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, abstract)
+  flat = {path: x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for path, x in flat.items():
+    x = np.asarray(x, np.float32)
+    if path[-1].key == "scale":
+      np.testing.assert_array_equal(x, 1.0)
+    else:
+      assert abs(float(x.mean())) < 0.004 and 0.017 < float(x.std()) < 0.023, path
+  # Each part has its own key: layers differ, and the same seed gives the same values.
+  q = lambda p, i: np.asarray(p["layers"][i]["attn"]["q_proj"]["kernel"], np.float32)
+  assert not np.allclose(q(params, 0), q(params, 1))
+  chex.assert_trees_all_equal(params, M.init_params(cfg, seed=3))
+  assert not np.allclose(q(params, 0), q(M.init_params(cfg, seed=4), 0))
+
+
 # ---------------------------------------------------------------- forward
 
 
