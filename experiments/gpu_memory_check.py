@@ -53,7 +53,8 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
   import jax.numpy as jnp
   import numpy as np
 
-  from galore_jax import train
+  from galore_jax import optimizer as galore
+  from galore_jax import plan, train
 
   cfg = train.TrainConfig(
     model=model,
@@ -86,20 +87,15 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
   lowered = train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, spec)
   t1 = time.perf_counter()
   step = lowered.compile()
-  ma = step.memory_analysis()
+  memory = plan.compiled_memory(step)
   out.update(
     lower_seconds=round(t1 - t0, 1),
     compile_seconds=round(time.perf_counter() - t1, 1),
-    planned_peak_bytes=int(
-      ma.argument_size_in_bytes
-      + ma.output_size_in_bytes
-      - ma.alias_size_in_bytes
-      + ma.temp_size_in_bytes
-    ),
-    planned_temp_bytes=int(ma.temp_size_in_bytes),
+    planned_peak_bytes=memory["peak_bytes"],
+    planned_temp_bytes=memory["temp_bytes"],
     planned_source=f"memory_analysis ({jax.default_backend()})",
-    weights_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_params)),
-    optimizer_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_opt)),
+    weights_bytes=galore.state_bytes(run.abstract_params),
+    optimizer_bytes=galore.state_bytes(run.abstract_opt),
   )
   print("PROGRESS " + json.dumps(out), flush=True)
   params, opt_state = train.init_state(run)
@@ -117,10 +113,10 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
     jax.block_until_ready((params, opt_state, m))
     times.append(time.perf_counter() - t)
     out.setdefault("losses", []).append(float(m["loss"]))
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = device.memory_stats() or {}
   out.update(
     backend=jax.default_backend(),
-    device=str(jax.devices()[0].device_kind),
+    device=str(device.device_kind),
     first_step_seconds=round(times[0], 3),
     seconds_per_step=round(float(np.median(times[1:])), 3) if len(times) > 1 else None,
     peak_bytes_in_use=stats.get("peak_bytes_in_use"),

@@ -451,14 +451,11 @@ def init_params(config: LlamaConfig, seed: int = 0, shardings: Any = None) -> di
   """
   root = jax.random.key(seed)
 
-  def build(make):
+  def jitted(make, sharding):
     def init(key):
       return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(key)), nnx.Param))
 
-    return init
-
-  def jitted(make, sharding):
-    return jax.jit(build(make), out_shardings=sharding)
+    return jax.jit(init, out_shardings=sharding)
 
   sh = shardings or {}
   get = lambda *path: _subtree(sh, path)

@@ -99,6 +99,22 @@ def fmt_bytes(n: float) -> str:
   return f"{n / GB:.2f} GB" if abs(n) >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
+def compiled_memory(compiled) -> dict[str, int]:
+  """A compiled executable's ``memory_analysis()`` in bytes, with its peak: arguments
+  + outputs - outputs aliased to (donated) arguments + temporaries."""
+  ma = compiled.memory_analysis()
+  out = {
+    "argument_bytes": int(ma.argument_size_in_bytes),
+    "output_bytes": int(ma.output_size_in_bytes),
+    "alias_bytes": int(ma.alias_size_in_bytes),
+    "temp_bytes": int(ma.temp_size_in_bytes),
+  }
+  out["peak_bytes"] = (
+    out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  )
+  return out
+
+
 def _tree_bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -705,19 +721,12 @@ def compile_estimate(
     options = {"xla_dump_to": dump_dir} if replay else None
     compiled = lowered.compile(options) if options else lowered.compile()
     t2 = time.perf_counter()
-    ma = compiled.memory_analysis()
     out = {
       "backend": jax.default_backend(),
       "lower_seconds": round(t1 - t0, 1),
       "compile_seconds": round(t2 - t1, 1),
-      "argument_bytes": int(ma.argument_size_in_bytes),
-      "output_bytes": int(ma.output_size_in_bytes),
-      "alias_bytes": int(ma.alias_size_in_bytes),
-      "temp_bytes": int(ma.temp_size_in_bytes),
+      **compiled_memory(compiled),
     }
-    out["peak_bytes"] = (
-      out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
-    )
     if replay:
       try:
         out.update(_replay(dump_dir))

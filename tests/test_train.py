@@ -329,7 +329,9 @@ def _batch(key, batch=4, seq=32, vocab=8192):
 
 # AdamW alone is not a case of its own: GaLore's embedding, norms and head are updated
 # by its inner AdamW, through the same partial-tree path (suite time on 2 CPU cores).
-@pytest.mark.parametrize("optimizer,remat", [("galore_adamw", "none"), ("galore_adamw8bit", "full")])
+@pytest.mark.parametrize(
+  "optimizer,remat", [("galore_adamw", "none"), ("galore_adamw8bit", "full")]
+)
 def test_layerwise_step_equals_whole_gradient_step(tmp_path, optimizer, remat):
   # Per-layer updates change when each weight is updated, not the numbers: 4 steps
   # (projector refreshes at counts 0 and 2) agree with the whole-gradient step.
