@@ -13,7 +13,12 @@ off, as a 24 GB card would be):
 2. the model and optimizer state initialised on the device (``train.init_state``)
    and ``--steps`` train steps on random tokens, timed after the first
    (device-synchronised), then ``device.memory_stats()["peak_bytes_in_use"]``
-   (the init's own peak is recorded separately, before the first step).
+   (the init's own peak is recorded separately, before the first step). The first
+   step (count 0) refreshes every projector (with ``--svd subspace``, the default,
+   that first refresh is the randomized one);
+3. after those figures are written, one more step with the GaLore count set to
+   ``T``: the refresh every later period pays (with ``--svd subspace`` the
+   warm-started power step), timed, and the peak after it.
 
 An out-of-memory error is a result ("OOM"), not a crash of the script. Defaults
 are the issue's two targets: ``llama_7b`` and ``llama_1b`` with 8-bit GaLore,
@@ -47,7 +52,31 @@ CASES = {
 }
 
 
-def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len: int, vocab: int):
+def with_galore_count(opt_state, count: int):
+  """``opt_state`` with the GaLore transform's refresh clock set to ``count``."""
+  import jax
+  import jax.numpy as jnp
+
+  from galore_jax import optimizer as galore
+
+  is_galore = lambda x: isinstance(x, galore.GaLoreState)
+  return jax.tree.map(
+    lambda x: x._replace(count=jnp.full_like(x.count, count)) if is_galore(x) else x,
+    opt_state,
+    is_leaf=is_galore,
+  )
+
+
+def run_case(
+  model: str,
+  rank: int,
+  batch: int,
+  remat: str,
+  steps: int,
+  seq_len: int,
+  vocab: int,
+  svd: str = "subspace",
+):
   """In the capped child process: plan, then train ``steps`` steps; returns a dict."""
   import jax
   import jax.numpy as jnp
@@ -67,9 +96,17 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
     dtype="bfloat16",
     steps=max(steps, 10),
     update_proj_gap=200,
+    svd=svd,
     progress=False,
   )
-  out: dict = {"model": model, "rank": rank, "batch": batch, "seq_len": seq_len, "remat": remat}
+  out: dict = {
+    "model": model,
+    "rank": rank,
+    "batch": batch,
+    "seq_len": seq_len,
+    "remat": remat,
+    "svd": svd,
+  }
   device = jax.devices()[0]
   run = train.setup(cfg, vocab_size=vocab)
   rng = np.random.default_rng(0)
@@ -122,13 +159,32 @@ def run_case(model: str, rank: int, batch: int, remat: str, steps: int, seq_len:
     peak_bytes_in_use=stats.get("peak_bytes_in_use"),
     bytes_limit=stats.get("bytes_limit"),
   )
+  print("PROGRESS " + json.dumps(out), flush=True)
+  # A later period's refresh (count = T), after the steady figures are safe.
+  opt_state = with_galore_count(opt_state, cfg.update_proj_gap)
+  t = time.perf_counter()
+  params, opt_state, m = step(params, opt_state, random_batch())
+  jax.block_until_ready((params, opt_state, m))
+  stats = device.memory_stats() or {}
+  out.update(
+    refresh_step_seconds=round(time.perf_counter() - t, 3),
+    refresh_loss=float(m["loss"]),
+    peak_bytes_after_refresh=stats.get("peak_bytes_in_use"),
+  )
   return out
 
 
 def child(args) -> int:
   try:
     result = run_case(
-      args.model, args.rank, args.batch, args.remat, args.steps, args.seq_len, args.vocab_size
+      args.model,
+      args.rank,
+      args.batch,
+      args.remat,
+      args.steps,
+      args.seq_len,
+      args.vocab_size,
+      args.svd,
     )
   except Exception as e:  # noqa: BLE001 - reported, including out-of-memory
     text = f"{type(e).__name__}: {e}"
@@ -184,6 +240,7 @@ def parent(args) -> int:
       "--steps", str(args.steps),
       "--seq-len", str(args.seq_len),
       "--vocab-size", str(args.vocab_size if not args.cpu_smoke else 512),
+      "--svd", args.svd,
     ]  # fmt: skip
     timeout = args.timeout
     if deadline is not None:
@@ -233,6 +290,12 @@ def format_row(r: dict) -> str:
     f"measured peak_bytes_in_use {gb(r['peak_bytes_in_use'])} (limit {gb(r['bytes_limit'])}; "
     f"after init {gb(r['init_peak_bytes'])}), {r['seconds_per_step']} s/step, "
     f"compile {r['compile_seconds']} s, losses {[round(x, 3) for x in r['losses']]}"
+    + (
+      f"; refresh step (count T, svd {r.get('svd')}) {r['refresh_step_seconds']} s, "
+      f"peak after it {gb(r['peak_bytes_after_refresh'])}"
+      if "refresh_step_seconds" in r
+      else ""
+    )
   )
 
 
@@ -246,6 +309,7 @@ def main(argv=None) -> int:
   ap.add_argument("--timeout", type=int, default=400, help="seconds per case at most")
   ap.add_argument("--budget", type=int, default=0, help="seconds for all cases (0: no bound)")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--svd", default="subspace", choices=("exact", "randomized", "subspace"))
   ap.add_argument("--cpu-smoke", action="store_true")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--model", help=argparse.SUPPRESS)

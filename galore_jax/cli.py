@@ -16,7 +16,7 @@ EXIT_USAGE = 2
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-  from galore_jax.train import OPTIMIZERS, TrainConfig
+  from galore_jax.train import OPTIMIZERS, SVD_METHODS, TrainConfig
 
   d = TrainConfig()
   p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
@@ -29,7 +29,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="steps between projector refreshes (T)",
   )
   p.add_argument("--galore-scale", type=float, default=d.galore_scale, help="alpha")
-  p.add_argument("--svd", default=d.svd, choices=("exact", "randomized"))
+  p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
+  p.add_argument(
+    "--subspace-iters",
+    type=int,
+    default=d.subspace_iters,
+    help="block power rounds per refresh with --svd subspace",
+  )
   p.add_argument(
     "--refresh-schedule", default=d.refresh_schedule, choices=("synchronous", "staggered")
   )
@@ -218,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", default=None)
   p.set_defaults(fn=_cmd_sample)
 
-  from galore_jax.train import OPTIMIZERS, TrainConfig
+  from galore_jax.train import OPTIMIZERS, SVD_METHODS, TrainConfig
 
   d = TrainConfig()
   p = sub.add_parser(
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
-  p.add_argument("--svd", default=d.svd, choices=("exact", "randomized"))
+  p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
   p.add_argument("--seq-len", type=int, default=d.seq_len)
   p.add_argument("--grad-accum", type=int, default=d.grad_accum)

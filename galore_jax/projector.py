@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SVD_METHODS = ("exact", "randomized")
+SVD_METHODS = ("exact", "randomized", "subspace")
 
 Basis = jax.Array | tuple[jax.Array, jax.Array]
 
@@ -81,42 +81,249 @@ def exact_basis(g: jax.Array, side: str, rank: int) -> Basis:
   return _select(u, vh, side, rank)
 
 
+# --- Matmul-only orthonormalisation ------------------------------------------------------------
+#
+# On a GPU, jnp.linalg.svd and jnp.linalg.qr of a matrix with a side over 1024 run cuSOLVER
+# one matrix at a time (gesvd / geqrf); Cholesky QR needs a Gram matrix (a matmul), the
+# Cholesky factor of an r x r matrix and a triangular solve (a matmul-like trsm), all of which
+# batch. Its orthogonality error grows like eps * cond(X)^2, so it is done twice (CholeskyQR2,
+# Yamamoto et al. 2015); inputs too ill-conditioned for that get a shifted first pass
+# (shifted CholeskyQR3, Fukaya et al. 2020) and, if even that is not finite, Householder QR.
+
+
+def _gram(x_BxNxR: jax.Array) -> jax.Array:
+  return jnp.einsum("...nr,...ns->...rs", x_BxNxR, x_BxNxR, precision=jax.lax.Precision.HIGHEST)
+
+
+def _cholesky_qr_pass(x_BxNxR: jax.Array, shift: jax.Array | float = 0.0):
+  """One CholeskyQR pass: ``X = Q R`` with ``R = chol(X^T X + shift I)^T``; also the Gram."""
+  gram = _gram(x_BxNxR)
+  r = gram.shape[-1]
+  factor = jnp.linalg.cholesky(gram + shift * jnp.eye(r, dtype=gram.dtype))
+  # Q = X L^{-T}: solve Q L^T = X.
+  q = jax.lax.linalg.triangular_solve(
+    factor, x_BxNxR, left_side=False, lower=True, transpose_a=True
+  )
+  return q, gram
+
+
+def _per_matrix(ok: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.where(ok[..., None, None], a, b)
+
+
+def _orthogonality_error(gram: jax.Array) -> jax.Array:
+  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+  return jnp.max(jnp.abs(gram - eye), axis=(-2, -1))
+
+
+def _finite(q: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(q), axis=(-2, -1))
+
+
+def _cholesky_qr2(x_BxNxR: jax.Array):
+  """Two CholeskyQR passes; ``ok`` per matrix: finite, and the first pass was near-orthogonal."""
+  q1, _ = _cholesky_qr_pass(x_BxNxR)
+  q2, gram2 = _cholesky_qr_pass(q1)
+  return q2, _finite(q2) & (_orthogonality_error(gram2) < 0.5)
+
+
+def _shifted_cholesky_qr3(x_BxNxR: jax.Array):
+  """A shifted first pass (factorises whenever ``X`` is finite and non-zero), then CholeskyQR2."""
+  shift = 10 * jnp.finfo(jnp.float32).eps * jnp.trace(_gram(x_BxNxR), axis1=-2, axis2=-1)
+  q0, _ = _cholesky_qr_pass(x_BxNxR, shift[..., None, None])
+  return _cholesky_qr2(q0)
+
+
+def _householder_qr(x_BxNxR: jax.Array) -> jax.Array:
+  q, r = jnp.linalg.qr(x_BxNxR)
+  d = jnp.diagonal(r, axis1=-2, axis2=-1)
+  return q * jnp.where(d < 0, -1.0, 1.0)[..., None, :]
+
+
+def orthonormalize(x_BxNxR: jax.Array) -> jax.Array:
+  """Orthonormal columns spanning those of ``x`` (a batch of tall ``N x R``), in float32.
+
+  Equal to the ``Q`` of a QR decomposition whose ``R`` has a positive diagonal (Gram-Schmidt
+  order and signs: column ``j`` of ``Q`` has a positive inner product with column ``j`` of
+  ``x``), computed with matmuls and ``R x R`` factorisations only:
+
+  1. CholeskyQR2: two CholeskyQR passes on ``x`` with unit-norm columns (scaling columns does
+     not change ``Q`` but keeps the Gram matrix in range). The second pass's Gram matrix is
+     the first ``Q``'s orthogonality defect; if it is under 0.5 the result is orthonormal to
+     a few float32 ulps.
+  2. Otherwise (``cond(x)`` beyond about ``eps^-1/2``): shifted CholeskyQR3, a first pass on
+     ``X^T X + s I`` with ``s = 10 eps trace(X^T X)``, which factorises for any finite,
+     non-zero ``x`` and leaves a ``Q`` conditioned well enough for CholeskyQR2.
+  3. If that fails too (a non-finite or all-zero input): Householder QR with the same sign
+     convention (non-finite matrices are replaced by zeros first, which LAPACK handles).
+
+  Each fallback is a ``lax.cond`` on the whole batch, so well-conditioned inputs (the
+  normal case for a warm-started subspace iteration) pay for step 1 only.
+  """
+  x = x_BxNxR.astype(jnp.float32)
+  norms = jnp.linalg.norm(x, axis=-2, keepdims=True)
+  x = x / jnp.where(norms > 0, norms, 1.0)
+
+  def repair(args):
+    q, ok = args
+    q_s, ok_s = _shifted_cholesky_qr3(x)
+    q, ok = _per_matrix(ok, q, q_s), ok | ok_s
+    return jax.lax.cond(
+      jnp.all(ok),
+      lambda: q,
+      lambda: _per_matrix(ok, q, _householder_qr(_per_matrix(_finite(x), x, 0.0))),
+    )
+
+  q, ok = _cholesky_qr2(x)
+  return jax.lax.cond(jnp.all(ok), lambda args: args[0], repair, (q, ok))
+
+
+# --- Randomized and warm-started subspace iteration --------------------------------------------
+
+
+def _oriented(g: jax.Array, side: str) -> jax.Array:
+  """``g`` in float32, transposed so that the wanted vectors are its right singular vectors.
+
+  ``"right"`` and ``"full"`` want ``V`` (right); ``"left"`` wants ``U``, the right singular
+  vectors of ``g^T``.
+  """
+  a = g.astype(jnp.float32)
+  return _t(a) if side == "left" else a
+
+
+def _normal_operator(a: jax.Array, v: jax.Array) -> jax.Array:
+  """``A^T A V``, the block power step for right singular vectors."""
+  return _t(a) @ (a @ v)
+
+
+def _from_right_vectors(g: jax.Array, v: jax.Array, side: str) -> Basis:
+  """The basis of ``side`` from right singular vectors ``v`` (``d x r``) of ``_oriented(g)``."""
+  if side == "left":
+    return v  # U of g, M x r
+  if side == "right":
+    return _t(v)  # Vh rows, r x N
+  u = orthonormalize(g.astype(jnp.float32) @ v)  # A v_j = s_j u_j
+  return (u, _t(v))
+
+
+def test_matrix_shape(
+  batch_shape: tuple[int, ...], side: str, m: int, n: int, rank: int, oversample: int
+) -> tuple[int, ...]:
+  """Shape of the Gaussian test matrix :func:`randomized_basis` draws for a batch of ``m x n``."""
+  d = m if side == "left" else n
+  return batch_shape + (d, min(rank + oversample, d))
+
+
 def randomized_basis(
   g: jax.Array,
   side: str,
   rank: int,
-  key: jax.Array,
+  key: jax.Array | None = None,
   *,
   oversample: int = 8,
   power_iters: int = 2,
+  test_matrix: jax.Array | None = None,
 ) -> Basis:
-  """Top-``rank`` singular vectors of ``g`` by a randomized range finder.
+  """Top-``rank`` singular vectors of ``g`` by a randomized range finder, without an SVD.
 
-  Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1: sketch the column space
-  with a Gaussian test matrix of ``k = rank + oversample`` columns, sharpen it
-  with ``power_iters`` subspace iterations (re-orthonormalised by QR each time,
-  which keeps them stable in float32), then take an exact SVD of the small
-  ``k x N`` matrix ``Q^T G``. Cost ``O(MNk(2q + 2))`` instead of the exact
-  SVD's ``O(MN min(M, N))``. The matrix is oriented tall first, so the one
-  exact SVD left is of a ``k x min(M, N)`` matrix.
+  Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.3, on the side that is projected: a
+  Gaussian test matrix of ``k = rank + oversample`` columns, ``power_iters + 1`` block
+  power steps ``Q <- orth(A^T A Q)``, each orthonormalised by :func:`orthonormalize`
+  (matmuls and ``k x k`` Cholesky factors, no Householder QR of the large matrix), then a
+  Rayleigh-Ritz step: the eigenvectors of the ``k x k`` matrix ``(A Q)^T (A Q)`` rotate
+  ``Q`` onto approximate singular vectors, sorted, of which the top ``rank`` are kept. The
+  only dense decomposition is that small symmetric eigenproblem. Cost ``O(M N k (2q + 3))``
+  against the exact SVD's ``O(M N min(M, N))``. Signs are canonicalised as for the exact
+  SVD (each draw starts afresh, so there is no earlier basis to stay close to).
+
+  The test matrix is drawn from ``key``, or given as ``test_matrix`` (shape
+  :func:`test_matrix_shape`), e.g. to draw each member of a batch from its own key.
+  """
+  a = _oriented(g, side)
+  if test_matrix is None:
+    shape = test_matrix_shape(g.shape[:-2], side, *g.shape[-2:], rank, oversample)
+    test_matrix = jax.random.normal(key, shape, jnp.float32)
+  # A loop, not unrolled: the orthonormalisation (with its fallbacks) is compiled once.
+  q = jax.lax.fori_loop(
+    0, power_iters + 1, lambda _, q: orthonormalize(_normal_operator(a, q)), test_matrix
+  )
+  return rayleigh_ritz(g, side, q, rank)
+
+
+def rayleigh_ritz(g: jax.Array, side: str, vectors: jax.Array, rank: int | None = None) -> Basis:
+  """Rotates orthonormal columns onto ``g``'s approximate singular vectors, largest first.
+
+  ``vectors`` (``d x k``, the projected side's space, columns orthonormal) span a subspace;
+  the eigenvectors ``W`` of the ``k x k`` matrix ``(A Q)^T (A Q)`` turn ``Q`` into the
+  singular vectors of ``A`` restricted to it (Ritz vectors), sorted by Ritz value; the
+  top ``rank`` (default all ``k``) are kept and their signs canonicalised like the exact
+  SVD's. This matters for GaLore: Adam normalises each coordinate of the low-rank
+  gradient on its own, so a basis rotated within the right subspace still trains
+  differently from the singular vectors. The only decomposition is the small symmetric
+  eigenproblem.
+  """
+  a = _oriented(g, side)
+  b = a @ vectors
+  _, w = jnp.linalg.eigh(
+    jnp.einsum("...mk,...ml->...kl", b, b, precision=jax.lax.Precision.HIGHEST)
+  )
+  w = w[..., :, ::-1]  # eigh sorts ascending
+  v = vectors @ (w if rank is None else w[..., :, :rank])
+  basis = _from_right_vectors(g, canonicalize_signs(v, axis=-2), side)
+  if side == "full":
+    return (canonicalize_signs(basis[0], axis=-2), basis[1])
+  return basis
+
+
+def subspace_basis(
+  g: jax.Array, side: str, previous: Basis, *, iters: int | jax.Array = 1
+) -> Basis:
+  """The top-``r`` subspace of ``g`` by block power iteration warm-started at ``previous``.
+
+  Orthogonal (subspace) iteration, ``V <- orth(A^T A V + delta V)`` for ``iters`` rounds,
+  started from the leaf's current basis; ``A`` is ``g`` oriented so that the projected side
+  holds its right singular vectors. Gradients change slowly between refreshes, so the
+  current basis is already close to the new top subspace and one round (two matmuls with
+  ``g`` and one :func:`orthonormalize`) tracks it (LDAdam, Robert et al. 2024, arXiv
+  2410.16103, use one such step per update; GaLore 2, Su et al. 2025, arXiv 2504.20437,
+  and Q-GaLore, Zhang et al. 2024, arXiv 2407.08296, report that successive GaLore
+  subspaces largely agree). Because Gram-Schmidt keeps column order, repeated refreshes are
+  also steps of the classical orthogonal iteration, which orders the columns by singular
+  value. ``previous`` need not be orthonormal (a Gaussian start works: the first round
+  orthonormalises), and ``iters`` may be a traced integer (the rounds are a loop).
+
+  ``delta = eps ||A||_F^2`` keeps the old direction where ``g`` has no energy (a
+  rank-deficient gradient), so null-space columns stay put instead of becoming rounding
+  noise; directions with energy are unaffected (``delta`` is below any ``s_j^2`` that
+  carries more than ``eps`` of the gradient's energy).
+
+  Signs are *not* re-canonicalised: ``orthonormalize`` returns each column with a positive
+  inner product with the column it came from, i.e. with the same orientation as the
+  previous basis vector, so Adam's moments, which persist across refreshes, keep meaning
+  the same direction. (A largest-entry rule can flip a slowly rotating vector whenever two
+  entries of opposite sign trade places.)
+
+  ``full`` alternates the two sides: ``U <- orth(A V)``, ``V <- orth(A^T U)``.
   """
   a = g.astype(jnp.float32)
-  transposed = a.shape[-2] < a.shape[-1]
-  if transposed:  # sketch the longer side's range: (N x M) with N > M
-    a = jnp.swapaxes(a, -1, -2)
-  n = a.shape[-1]
-  k = min(rank + oversample, n)
-  omega = jax.random.normal(key, a.shape[:-2] + (n, k), jnp.float32)
-  q, _ = jnp.linalg.qr(a @ omega)
-  at = jnp.swapaxes(a, -1, -2)
-  for _ in range(power_iters):
-    q, _ = jnp.linalg.qr(at @ q)
-    q, _ = jnp.linalg.qr(a @ q)
-  ub, _, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ a, full_matrices=False)
-  u = q @ ub
-  if transposed:  # a = g^T, so g = vh^T s u^T
-    u, vh = jnp.swapaxes(vh, -1, -2), jnp.swapaxes(u, -1, -2)
-  return _select(u, vh, side, rank)
+  delta = jnp.finfo(jnp.float32).eps * jnp.sum(jnp.square(a), axis=(-2, -1))[..., None, None]
+  if side == "full":
+    root = jnp.sqrt(delta)
+
+    def both(_, uv):
+      u, v = uv
+      u = orthonormalize(a @ v + root * u)
+      return u, orthonormalize(_t(a) @ u + root * v)
+
+    u, vh = previous
+    u, v = jax.lax.fori_loop(0, iters, both, (u.astype(jnp.float32), _t(vh).astype(jnp.float32)))
+    return (u, _t(v))
+  a = _oriented(g, side)
+  v = (previous if side == "left" else _t(previous)).astype(jnp.float32)
+  v = jax.lax.fori_loop(
+    0, iters, lambda _, v: orthonormalize(_normal_operator(a, v) + delta * v), v
+  )
+  return v if side == "left" else _t(v)
 
 
 def safe_basis(batch_shape: tuple[int, ...], side: str, m: int, n: int, rank: int, dtype) -> Basis:

@@ -27,11 +27,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from galore_jax import adam8bit, checkpoint, metrics
+from galore_jax import adam8bit, checkpoint, metrics, projector
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 
 OPTIMIZERS = ("adamw", "galore_adamw", "adamw8bit", "galore_adamw8bit")
+SVD_METHODS = projector.SVD_METHODS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -53,6 +54,7 @@ class TrainConfig:
   update_proj_gap: int = 50  # paper: 200 over 10K+ steps; 50 refreshes the main job 3 times
   galore_scale: float = 0.25
   svd: str = "exact"
+  subspace_iters: int = 1  # block power rounds per refresh with svd="subspace"
   refresh_schedule: str = "synchronous"
   lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for full-rank Adam
   warmup: int | None = None  # None: 10% of steps (paper)
@@ -172,8 +174,10 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--warmup", f"must be in [0, --steps], got {cfg.warmup}")
   if cfg.grad_clip < 0:
     raise ConfigError("--grad-clip", f"must be >= 0, got {cfg.grad_clip}")
-  if cfg.svd not in ("exact", "randomized"):
-    raise ConfigError("--svd", f"must be exact or randomized, got {cfg.svd!r}")
+  if cfg.svd not in SVD_METHODS:
+    raise ConfigError("--svd", f"must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
+  if cfg.subspace_iters < 1:
+    raise ConfigError("--subspace-iters", f"must be >= 1, got {cfg.subspace_iters}")
   if cfg.refresh_schedule not in galore.REFRESH_SCHEDULES:
     raise ConfigError("--refresh-schedule", f"must be one of {galore.REFRESH_SCHEDULES}")
   if cfg.param_dtype not in DTYPES or cfg.dtype not in DTYPES:
@@ -247,6 +251,7 @@ def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       mask=galore_mask,
       matrix_axes=torch_side_axes,
       svd=cfg.svd,
+      subspace_iters=cfg.subspace_iters,
       refresh_schedule=cfg.refresh_schedule,
       projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,

@@ -84,6 +84,9 @@ def test_smoke_json_fields_and_state_bytes(smoke):
     ("galore_jax staggered (exact)", "plain"),
     ("galore_jax staggered (exact)", "peak"),
     ("galore_jax staggered+randomized", "peak"),
+    ("galore_jax subspace", "plain"),
+    ("galore_jax subspace", "refresh"),
+    ("galore_jax staggered+subspace", "peak"),
     ("galore_jax reverse_std (optax's side)", "plain"),
   ]:
     c = cases[key]
@@ -106,6 +109,7 @@ def test_smoke_json_fields_and_state_bytes(smoke):
     "state_bytes_equal_formula",
     "plain_step_ratio_vs_optax",
     "randomized_over_exact_refresh",
+    "subspace_excess_over_exact_excess",
   }
   assert all(isinstance(v["pass"], bool) for v in checks.values())
   assert checks["state_bytes_equal_formula"]["pass"] is True

@@ -140,16 +140,24 @@ def test_smoke_refresh_cost(smoke):
   _, data = smoke
   rep = data["refresh_cost"]["models"]["bench_smoke"]
   variants = rep["variants"]
-  assert set(variants) == {"exact:synchronous", "randomized:synchronous", "randomized:staggered"}
+  assert set(variants) == {
+    "exact:synchronous",
+    "subspace:synchronous",
+    "subspace:staggered",
+    "randomized:staggered",
+  }
   assert variants["exact:synchronous"]["source"] == "bench_smoke/jax/galore_adamw"
   for name, v in variants.items():
     assert v["status"] == "ok", (name, v.get("traceback"))
     assert isinstance(v["amortised_share"], float) and _positive(v["step_s"]), name
-  stag = variants["randomized:staggered"]
+  stag = variants["subspace:staggered"]
   assert stag["leaves"] == 7 and stag["phases_with_refresh"] == 7  # 7 kernels, T = 16
   assert len(stag["period"]["step_times_s"]) == data["refresh_cost"]["update_proj_gap"]
   assert _positive(stag["svd_probe"]["sum_over_leaves_s"])
   assert isinstance(rep["target_met"], bool)
+  assert isinstance(rep["subspace_target_met"], bool) and _positive(
+    rep["subspace_refresh_over_step"]
+  )
 
 
 def test_refresh_reps_skip_a_refresh_predicted_past_the_case_time(bench):

@@ -228,8 +228,9 @@ def test_identity_inner_is_projection_times_scale():
   chex.assert_trees_all_close(p, proj.exact_basis(g["w"], "right", 3))
 
 
-def test_nonfinite_gradient_keeps_previous_projector():
-  tx = galore(scale_by_adam_hf(), rank=4, update_proj_gap=2)
+@pytest.mark.parametrize("svd", ["exact", "randomized", "subspace"])
+def test_nonfinite_gradient_keeps_previous_projector(svd):
+  tx = galore(scale_by_adam_hf(), rank=4, update_proj_gap=2, svd=svd)
   params = {"w": jnp.zeros((16, 8))}
   state = tx.init(params)
   initial = state.projectors["w"]
@@ -316,7 +317,7 @@ def test_randomized_svd_trains_like_exact():
     return 0.5 * jnp.sum((p["w"] - target["w"]) ** 2)
 
   finals = {}
-  for method in ("exact", "randomized"):
+  for method in ("exact", "randomized", "subspace"):
     tx = galore_jax.galore_adamw(0.1, rank=4, update_proj_gap=10, svd=method, scale=1.0)
     p = {"w": jnp.zeros((32, 48))}
     s = tx.init(p)
@@ -327,6 +328,7 @@ def test_randomized_svd_trains_like_exact():
     finals[method] = float(loss(p))
   assert finals["exact"] < 0.2 * float(loss({"w": jnp.zeros((32, 48))}))
   assert finals["randomized"] == pytest.approx(finals["exact"], rel=0.01)
+  assert finals["subspace"] == pytest.approx(finals["exact"], rel=0.01)
 
 
 def test_composed_chain_matches_galore_adamw_structure():
@@ -359,7 +361,7 @@ def test_inner_receives_low_rank_params():
   chex.assert_trees_all_equal(seen["params"]["b"], params["b"])
 
 
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
+@pytest.mark.parametrize("svd", ["exact", "randomized", "subspace"])
 def test_updating_the_tree_in_parts_equals_one_update(svd):
   # Per-layer updates: each part of the tree updated on its own (MaskedNode elsewhere,
   # restrict_state / merge_state) gives the whole-tree update, refresh phases and keys included.
@@ -390,3 +392,72 @@ def test_updating_the_tree_in_parts_equals_one_update(svd):
     u_parts, state_parts = in_parts(g, state_parts)
     chex.assert_trees_all_close(u_parts, u_whole, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(state_parts, state_whole, rtol=1e-6, atol=1e-7)
+
+
+# Three leaves of one shape (one of them a stack of two matrices), one of another shape.
+SAME_SHAPES = {
+  "a": jnp.zeros((24, 8)),
+  "b": jnp.zeros((24, 8)),
+  "c": jnp.zeros((2, 24, 8)),
+  "d": jnp.zeros((8, 20)),
+}
+
+
+def _top_level_conds(tx, grads, state):
+  jaxpr = jax.make_jaxpr(tx.update)(grads, state).jaxpr
+  return sum(e.primitive.name == "cond" for e in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized", "subspace"])
+def test_batched_refresh_equals_per_leaf_refresh(svd, monkeypatch):
+  from galore_jax import optimizer
+
+  grads = [_grads(jax.random.key(t), SAME_SHAPES) for t in range(5)]
+  # One leaf's gradient is non-finite at a refresh: that leaf alone keeps its basis.
+  grads[2] = {**grads[2], "b": grads[2]["b"].at[0, 0].set(jnp.nan)}
+
+  def run():
+    # A new transform each time: jit and make_jaxpr cache traces by function.
+    tx = galore(scale_by_adam_hf(), rank=3, update_proj_gap=2, svd=svd)
+    state, outs = tx.init(SAME_SHAPES), []
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state)
+      outs.append((u, state.projectors))
+    return outs, _top_level_conds(tx, grads[0], tx.init(SAME_SHAPES))
+
+  batched, conds_batched = run()
+  monkeypatch.setattr(optimizer, "_REFRESH_GROUP_ELEMENTS", 1)  # every leaf on its own
+  per_leaf, conds_per_leaf = run()
+  assert (conds_batched, conds_per_leaf) == (2, 4)
+  for (u_b, p_b), (u_l, p_l) in zip(batched, per_leaf, strict=True):
+    chex.assert_trees_all_close(p_b, p_l, atol=1e-5)
+    for k in SAME_SHAPES:
+      if k != "b":  # b's updates are NaN after step 2 in both
+        chex.assert_trees_all_close(u_b[k], u_l[k], atol=1e-5)
+  # The bad refresh (count 2) kept b's basis and changed the others'.
+  chex.assert_trees_all_equal(batched[2][1]["b"], batched[1][1]["b"])
+  assert np.abs(np.asarray(batched[2][1]["a"]) - np.asarray(batched[1][1]["a"])).max() > 1e-3
+
+
+def test_subspace_refresh_starts_from_the_current_projector():
+  tx = galore(optax.identity(), rank=3, update_proj_gap=2, svd="subspace")
+  g = {"w": jax.random.normal(jax.random.key(0), (24, 8))}
+  state = tx.init(g)
+  _, state = tx.update(g, state)  # count 0: the randomized first refresh
+  _, state = tx.update(g, state)  # count 1: no refresh
+  start = proj.orthonormalize(jax.random.normal(jax.random.key(1), (8, 3))).T
+  state = state._replace(projectors={"w": start})
+  _, state = tx.update(g, state)  # count 2: one power step from `start`
+  want = proj.subspace_basis(g["w"], "right", start, iters=1)
+  chex.assert_trees_all_close(state.projectors["w"], want, atol=1e-6)
+  fresh = proj.randomized_basis(g["w"], "right", 3, jax.random.key(2))
+  assert np.abs(np.asarray(want) - np.asarray(fresh)).max() > 1e-2
+
+
+def test_all_zero_gradient_keeps_previous_projector():
+  tx = galore(optax.identity(), rank=3, update_proj_gap=1, svd="subspace")
+  g = {"w": jax.random.normal(jax.random.key(0), (24, 8))}
+  _, state = tx.update(g, tx.init(g))
+  before = state.projectors["w"]
+  _, state = tx.update({"w": jnp.zeros((24, 8))}, state)
+  chex.assert_trees_all_equal(state.projectors["w"], before)
