@@ -54,7 +54,7 @@ class TrainConfig:
   update_proj_gap: int = 50  # paper: 200 over 10K+ steps; 50 refreshes the main job 3 times
   galore_scale: float = 0.25
   svd: str = "exact"
-  subspace_iters: int = 1  # block power rounds per refresh with svd="subspace"
+  subspace_iters: int = 2  # block power rounds per refresh with svd="subspace"
   refresh_schedule: str = "synchronous"
   lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for full-rank Adam
   warmup: int | None = None  # None: 10% of steps (paper)
