@@ -1,7 +1,8 @@
 """``galore-jax``: train, eval and sample from the command line.
 
 Bad flag values end in one line, ``galore-jax: error: --flag: why``, and exit
-code 2 (argparse's convention), never in a traceback.
+code 2 (argparse's convention), never in a traceback. A diverged run exits 1; SIGINT
+and SIGTERM exit 130 and 143 (128 + the signal, as a shell reports a killed process).
 """
 
 from __future__ import annotations

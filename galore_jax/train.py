@@ -945,6 +945,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       if e.step is None and created:  # interrupted before the first step: leave no trace
         shutil.rmtree(cfg.out, ignore_errors=True)
       raise
+    except (ConfigError, checkpoint.CheckpointError):  # refused before writing anything
+      if created:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise
 
 
 def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
