@@ -93,7 +93,11 @@ def drill_kill(work: str, steps: int, sig: signal.Signals, save_every: int) -> l
   wait_for_records(out, steps // 2, proc)
   proc.send_signal(sig)
   _, err = proc.communicate()
-  rows = [(sig.name, "train, signal mid-run", exit_code(proc.returncode), "-", last_line(err))]
+  done = len(train_records(out))
+  note = last_line(err) or f"killed with {done} metrics records, no message"
+  rows = [
+    (sig.name, f"train, {sig.name} after step ~{done}", exit_code(proc.returncode), "-", note)
+  ]
   res = run(args + ["--resume"])
   rows.append(
     (sig.name, "train --resume", res.returncode, resumed_from(res.stdout), metrics_ok(out, steps))
@@ -165,7 +169,8 @@ def main() -> None:
   )
   print("|---|---|---|---|---|")
   for row in rows:
-    print("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+    cells = [str(c).replace("|", "/").replace(work + "/", "") for c in row]
+    print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ class CheckpointError(ValueError):
 def _step_dir(path: str) -> tuple[str, int] | None:
   """``(checkpoints folder, step)`` if ``path`` is one step's folder (``.../checkpoints/35``)."""
   head, tail = os.path.split(os.path.abspath(path))
-  if tail.isdigit() and os.path.isdir(os.path.join(path, "meta")):
+  if tail.isdigit() and (
+    os.path.isdir(os.path.join(path, "meta")) or os.path.basename(head) == "checkpoints"
+  ):
     return head, int(tail)
   return None
 
@@ -95,6 +97,9 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no complete checkpoint under {d}")
+  if step not in mngr.all_steps():
+    have = ", ".join(map(str, sorted(mngr.all_steps()))) or "none"
+    raise CheckpointError(f"no checkpoint of step {step} in {d} (steps there: {have})")
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - any read failure means the same to the user

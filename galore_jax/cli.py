@@ -330,24 +330,35 @@ class _Interrupted(BaseException):
     self.signum = signum
 
 
-def _interrupt(signum, frame):
-  del frame
-  raise _Interrupted(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   # Until train() installs its own handlers (which save and exit), a signal ends the
   # command with one line and 128 + signum; nothing is being written then.
-  old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+  received: list[int] = []
+  armed = False
+
+  def interrupt(signum, frame):
+    del frame
+    received.append(signum)
+    if armed:
+      raise _Interrupted(signum)
+
+  old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
+    # The heavy imports (jax) with signals only recorded: an exception raised inside a C
+    # extension's initialisation aborts the interpreter (nanobind: std::terminate).
+    import galore_jax.train  # noqa: F401
+
+    armed = True
+    if received:
+      raise _Interrupted(received[0])
     return _main(argv)
-  except (_Interrupted, KeyboardInterrupt) as e:
-    signum = getattr(e, "signum", signal.SIGINT)
-    print(
-      f"galore-jax: interrupted by {signal.Signals(signum).name}; nothing was written",
-      file=sys.stderr,
-    )
+  except BaseException as e:
+    if not received and not isinstance(e, KeyboardInterrupt):
+      raise
+    signum = received[0] if received else signal.SIGINT
+    name = signal.Signals(signum).name
+    print(f"galore-jax: interrupted by {name}; nothing was written", file=sys.stderr)
     return 128 + signum
   finally:
     for sig, handler in old.items():

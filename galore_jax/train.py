@@ -921,6 +921,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     if cfg.resume:
       raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
     cfg = dataclasses.replace(cfg, out=default_out(cfg))
+  if not cfg.out.strip():
+    raise ConfigError("--out", "must name a directory, got ''")
   validate(cfg)
   # Absolute paths: eval, sample and --resume may run from another directory.
   cfg = dataclasses.replace(
