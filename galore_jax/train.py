@@ -198,6 +198,8 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--projector-dtype", f"must be one of {', '.join(DTYPES)}")
   if cfg.remat not in ("none", "full", "save_matmuls"):
     raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
+  if cfg.resume and cfg.overwrite:
+    raise ConfigError("--overwrite", "cannot be combined with --resume")
   if cfg.stop_after is not None and cfg.stop_after < 1:
     raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
   data_n, fsdp_n = parse_mesh(cfg.mesh)
@@ -873,8 +875,8 @@ def default_out(cfg: TrainConfig) -> str:
 
 def absolute_source(source: str) -> str:
   """``--data`` as stored in a run: paths made absolute (``eval`` may run elsewhere)."""
-  if source.strip() == "builtin" or source.startswith("tfds:"):
-    return source
+  if not source.strip() or source.strip() == "builtin" or source.startswith("tfds:"):
+    return source  # (an empty one is refused by the data pipeline)
   return os.path.abspath(os.path.expanduser(source))
 
 

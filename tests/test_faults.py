@@ -171,9 +171,10 @@ def test_eval_flags_are_named(lines_run, capsys):
     (["--eval-batches", "0"], "--eval-batches"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints"),
     (["--max-nonfinite", "0"], "--max-nonfinite"),
+    (["--resume", "--overwrite"], "--overwrite"),
   ],
 )
-def test_bad_numbers_are_refused(tmp_path, capsys, args, flag):
+def test_bad_flags_are_refused(tmp_path, capsys, args, flag):
   code, _, err = _cli(capsys, "train", "--out", tmp_path / "r", *args)
   assert code == 2
   _one_line_error(err, flag)
