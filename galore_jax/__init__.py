@@ -9,14 +9,6 @@ import os
 # set OPENBLAS_NUM_THREADS yourself to override.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from galore_jax.optimizer import (
-  GaLoreState,
-  decay_updated_weights,
-  galore,
-  galore_adamw,
-  scale_by_adam_hf,
-  state_bytes,
-)
 
 __all__ = [
   "GaLoreState",
@@ -27,3 +19,14 @@ __all__ = [
   "state_bytes",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # Lazy (PEP 562): `import galore_jax.cli` must not import jax, so that the CLI installs
+  # its SIGINT / SIGTERM handlers within milliseconds of starting (a Ctrl-C that lands
+  # inside jax's C-extension imports can crash the interpreter instead of exiting 130).
+  if name in __all__:
+    from galore_jax import optimizer
+
+    return getattr(optimizer, name)
+  raise AttributeError(f"module 'galore_jax' has no attribute {name!r}")

@@ -19,23 +19,49 @@ import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_FORMAT = 1
+KEEP_CHECKPOINTS = 3  # --keep-checkpoints default
 
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable or incompatible with the requested run."""
 
 
+def _step_dir(path: str) -> tuple[str, int] | None:
+  """``(checkpoints folder, step)`` if ``path`` is one step's folder (``.../checkpoints/35``)."""
+  head, tail = os.path.split(os.path.abspath(path))
+  if tail.isdigit() and (
+    os.path.isdir(os.path.join(path, "meta")) or os.path.basename(head) == "checkpoints"
+  ):
+    return head, int(tail)
+  return None
+
+
 def checkpoint_dir(path: str) -> str:
-  """Accepts a run directory (``--out``) or its ``checkpoints`` folder."""
+  """Accepts a run directory (``--out``), its ``checkpoints`` folder or one step's folder."""
+  step_dir = _step_dir(path)
+  if step_dir is not None:
+    return step_dir[0]
   path = os.path.abspath(path)
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
 
 
+def step_in_path(path: str) -> int | None:
+  """The step named by ``path`` if it is one step's folder, else None (the latest)."""
+  step_dir = _step_dir(path)
+  return None if step_dir is None else step_dir[1]
+
+
 def manager(
-  path: str, *, max_to_keep: int | None = 3, create: bool = True
+  path: str, *, keep: int | None = KEEP_CHECKPOINTS, create: bool = True
 ) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  """``keep``: how many of the newest checkpoints rotation keeps (None: all).
+
+  The trainer saves only after a healthy step (finite loss and gradients, no skipped
+  step in the current streak), so the ``keep`` newest checkpoints always include the
+  newest one a diverged run can go back to.
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   return ocp.CheckpointManager(checkpoint_dir(path), options=options)
 
 
@@ -67,9 +93,13 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   if not os.path.isdir(d):
     raise CheckpointError(f"no checkpoint directory at {path}")
   mngr = manager(d, create=False)
+  step = step_in_path(path) if step is None else step
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no complete checkpoint under {d}")
+  if step not in mngr.all_steps():
+    have = ", ".join(map(str, sorted(mngr.all_steps()))) or "none"
+    raise CheckpointError(f"no checkpoint of step {step} in {d} (steps there: {have})")
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - any read failure means the same to the user

@@ -1,7 +1,8 @@
 """``galore-jax``: train, eval and sample from the command line.
 
 Bad flag values end in one line, ``galore-jax: error: --flag: why``, and exit
-code 2 (argparse's convention), never in a traceback.
+code 2 (argparse's convention), never in a traceback. A diverged run exits 1; SIGINT
+and SIGTERM exit 130 and 143 (128 + the signal, as a shell reports a killed process).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
 
 EXIT_USAGE = 2
@@ -69,11 +72,28 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--eval-every", type=int, default=d.eval_every)
   p.add_argument("--eval-batches", type=int, default=d.eval_batches)
   p.add_argument("--save-every", type=int, default=d.save_every)
+  p.add_argument(
+    "--keep-checkpoints",
+    type=int,
+    default=d.keep_checkpoints,
+    help="newest checkpoints kept (default %(default)s); older ones are deleted",
+  )
+  p.add_argument(
+    "--max-nonfinite",
+    type=int,
+    default=d.max_nonfinite,
+    help="consecutive non-finite (skipped) steps that stop the run (default %(default)s)",
+  )
   p.add_argument("--seed", type=int, default=d.seed)
   p.add_argument(
     "--out", default=d.out, help="run directory (default: runs/<model>_<optimizer>_<timestamp>)"
   )
   p.add_argument("--resume", action="store_true", help="continue the run in --out")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="delete the checkpoints, metrics and TensorBoard events in --out and start over",
+  )
   p.add_argument(
     "--stop-after",
     type=int,
@@ -119,7 +139,7 @@ def _cmd_train(args) -> int:
     summary = train.train(cfg)
   except train.TrainingInterrupted as e:
     print(f"galore-jax: {e}", file=sys.stderr)
-    return 128 + e.signum
+    return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
   losses = summary["losses"]
   if losses:
     head = sum(losses[:10]) / len(losses[:10])
@@ -129,7 +149,10 @@ def _cmd_train(args) -> int:
       f"loss {head:.3f} (first 10) -> {tail:.3f} (last 10)"
     )
   if "eval_ppl" in summary:
-    print(f"final validation loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
+    print(
+      f"final validation loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f} "
+      f"({summary['eval_batches']} batches of {cfg.batch_size} x {cfg.seq_len})"
+    )
   print(f"metrics: {summary['metrics']}  (TensorBoard: {os.path.join(summary['out'], 'tb')})")
   print(f"checkpoints: {summary['checkpoints']}")
   return 0
@@ -138,12 +161,19 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
   from galore_jax import data, train
 
+  if args.batch_size is not None and args.batch_size < 1:
+    raise train.ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
+  n_batches = _eval_batches_flag(args.eval_batches)
   run, params, _, step = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
   cfg = dataclasses.replace(
-    run.cfg, data=args.data or run.cfg.data, batch_size=args.batch_size or run.cfg.batch_size
+    run.cfg,
+    data=train.absolute_source(args.data) if args.data else run.cfg.data,
+    batch_size=args.batch_size or run.cfg.batch_size,
   )
+  if n_batches == "run":  # what train reported for this run
+    n_batches = run.cfg.eval_batches
   try:
-    batches = data.eval_batches(train._data_config(cfg, cfg.batch_size), args.eval_batches)
+    batches = data.eval_batches(train._data_config(cfg, cfg.batch_size), n_batches)
   except (FileNotFoundError, ValueError) as e:
     raise train.ConfigError("--data", str(e)) from e
   loss, ppl = train.evaluate(run, params, batches, train.compile_eval_step(run))
@@ -157,11 +187,36 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _eval_batches_flag(value: str | None) -> int | str | None:
+  """``--eval-batches``: None -> the run's own count ("run"), ``all`` -> None, else N >= 1."""
+  if value is None:
+    return "run"
+  if value == "all":
+    return None
+  if not value.isdigit() or int(value) < 1:
+    from galore_jax.train import ConfigError
+
+    raise ConfigError("--eval-batches", f"expected a number >= 1 or 'all', got {value!r}")
+  return int(value)
+
+
 def _cmd_sample(args) -> int:
   from galore_jax import train
 
+  if args.max_new_tokens < 1:
+    raise train.ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+  if not (math.isfinite(args.temperature) and args.temperature >= 0):
+    raise train.ConfigError(
+      "--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}"
+    )
   run, params, sp, _ = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-  ids = sp.encode(args.prompt)
+  if not 1 <= args.top_k <= sp.get_piece_size():
+    raise train.ConfigError(
+      "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
+    )
+  # An empty prompt starts a new document: training puts EOS before every document
+  # (documents are EOS-separated, no BOS is ever added), so EOS is the context it knows.
+  ids = sp.encode(args.prompt) if args.prompt else [sp.eos_id()]
   try:
     out = train.generate(
       run,
@@ -210,13 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", default=None, help="default: the data the run trained on")
   p.add_argument("--tokenizer", default=None)
   p.add_argument("--batch-size", type=int, default=None)
-  p.add_argument("--eval-batches", type=int, default=None, help="default: all")
+  p.add_argument(
+    "--eval-batches",
+    default=None,
+    help="N or 'all' (default: the run's --eval-batches, the count train reported)",
+  )
   p.add_argument("--json", action="store_true")
   p.set_defaults(fn=_cmd_eval)
 
   p = sub.add_parser("sample", help="generate text from a checkpoint")
   p.add_argument("--checkpoint", required=True)
-  p.add_argument("--prompt", required=True)
+  p.add_argument("--prompt", required=True, help="'' starts a new document")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=40)
@@ -269,8 +328,50 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _Interrupted(BaseException):
+  """SIGINT / SIGTERM outside the training loop (imports, start-up, eval, sample)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  # Until train() installs its own handlers (which save and exit), a signal ends the
+  # command with one line and 128 + signum; nothing is being written then.
+  received: list[int] = []
+  armed = False
+
+  def interrupt(signum, frame):
+    del frame
+    received.append(signum)
+    if armed:
+      raise _Interrupted(signum)
+
+  old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    # The heavy imports (jax) with signals only recorded: an exception raised inside a C
+    # extension's initialisation aborts the interpreter (nanobind: std::terminate).
+    import galore_jax.train  # noqa: F401
+
+    armed = True
+    if received:
+      raise _Interrupted(received[0])
+    return _main(argv)
+  except BaseException as e:
+    if not received and not isinstance(e, KeyboardInterrupt):
+      raise
+    signum = received[0] if received else signal.SIGINT
+    name = signal.Signals(signum).name
+    print(f"galore-jax: interrupted by {name}; nothing was written", file=sys.stderr)
+    return 128 + signum
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
+
+
+def _main(argv: list[str]) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:

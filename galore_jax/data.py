@@ -68,7 +68,7 @@ CORPUS_FILES = ("austen.txt.xz", "shakespeare.txt.xz")
 SPLITS = ("train", "validation")
 
 # --- fixed split rules (bump DATA_FORMAT_VERSION whenever one changes: it keys caches) ---
-DATA_FORMAT_VERSION = "1"
+DATA_FORMAT_VERSION = "2"  # 2: .txt paragraphs over DOC_MIN_CHARS are cut at line ends
 # Builtin corpus: every VALIDATION_EVERY-th section (chapter / scene / work preamble),
 # counting from 0 in corpus order, goes to validation: section_index % 20 == 19.
 VALIDATION_EVERY = 20
@@ -132,17 +132,46 @@ def _paragraphs(lines: Sequence[str]) -> list[str]:
   return out
 
 
-def split_paragraph_documents(text: str, min_chars: int = DOC_MIN_CHARS) -> list[str]:
+def _line_groups(para: str, min_chars: int) -> list[str]:
+  """A paragraph cut at line ends into groups of >= ``min_chars`` characters (a shorter
+  tail joins the previous group); a single long line stays whole."""
+  groups: list[list[str]] = []
+  cur: list[str] = []
+  size = 0
+  for line in para.split("\n"):
+    size += len(line) + (1 if cur else 0)
+    cur.append(line)
+    if size >= min_chars:
+      groups.append(cur)
+      cur, size = [], 0
+  if cur:
+    if groups:
+      groups[-1] += cur
+    else:
+      groups.append(cur)
+  return ["\n".join(g) for g in groups]
+
+
+def split_paragraph_documents(
+  text: str, min_chars: int = DOC_MIN_CHARS, *, cut_long_paragraphs: bool = False
+) -> list[str]:
   """Groups whole consecutive paragraphs into documents of >= ``min_chars`` characters.
 
   Paragraphs are separated by blank lines; inside a document they are joined by one
   blank line. A tail shorter than ``min_chars`` joins the previous document (so only
   a text shorter than ``min_chars`` as a whole gives a shorter document).
+
+  ``cut_long_paragraphs`` (``--data`` .txt files): a paragraph longer than
+  ``min_chars`` is first cut at line ends into groups of >= ``min_chars``, so a file
+  without blank lines (one sentence per line) still gives many documents.
   """
   docs: list[str] = []
   cur: list[str] = []
   size = 0
-  for para in _paragraphs(text.replace("\r\n", "\n").replace("\r", "\n").split("\n")):
+  paras = _paragraphs(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+  if cut_long_paragraphs:
+    paras = [g for p in paras for g in (_line_groups(p, min_chars) if len(p) > min_chars else [p])]
+  for para in paras:
     size += len(para) + (2 if cur else 0)  # == len("\n\n".join(cur))
     cur.append(para)
     if size >= min_chars:
@@ -450,8 +479,9 @@ def _record_text(rec: Any, where: str) -> str:
 
 
 def _file_documents(path: Path) -> list[str]:
-  """Documents of one file: a .txt file is cut into paragraph-group documents
-  (``split_paragraph_documents``); a JSON record is one document."""
+  """Documents of one file: a .txt file is cut into documents of >= 1000 characters at
+  blank lines, or at line ends inside longer paragraphs (``split_paragraph_documents``);
+  a JSON record is one document."""
   fmt, comp = _file_kind(path)
   raw = path.read_bytes()
   if comp:
@@ -464,7 +494,7 @@ def _file_documents(path: Path) -> list[str]:
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text: {e}") from e
   if fmt == ".txt":
-    return split_paragraph_documents(text)
+    return split_paragraph_documents(text, cut_long_paragraphs=True)
   docs: list[str] = []
   whole: Any = None
   if fmt == ".json":  # a JSON array / object, or JSON lines (C4's *.json.gz files)
@@ -516,7 +546,8 @@ def path_documents(source: str, split: str) -> list[str]:
   if not out:
     raise ValueError(
       f"--data {source!r}: split {split!r} is empty ({len(docs)} document(s) in all; "
-      "the validation split needs at least two documents)"
+      f"the validation split needs at least two. A .txt file gives one document per "
+      f"{DOC_MIN_CHARS} characters, cut at blank lines or line ends; a JSON record is one)"
     )
   return out
 

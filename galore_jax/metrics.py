@@ -58,3 +58,30 @@ def read_metrics(out_dir: str) -> list[dict[str, Any]]:
   """All records of a run directory, in the order they were written."""
   with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_after(out_dir: str, step: int) -> int:
+  """Removes the records of steps after ``step`` (a resumed run replays them); returns
+  how many were dropped. The file is rewritten atomically (a temporary file, then
+  ``os.replace``), so a crash leaves either the old or the new file, never a mix."""
+  path = os.path.join(out_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)["step"]) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass  # a record cut short by a crash mid-write: dropped with the replayed ones
+  if len(keep) == len(lines):
+    return 0
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(lines) - len(keep)

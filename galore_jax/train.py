@@ -10,10 +10,12 @@ optimizer-state array (GaLore projectors included) over ``fsdp``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from galore_jax import adam8bit, checkpoint, metrics, projector
+from galore_jax import adam8bit, checkpoint, metrics, projector, rundir
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 
@@ -87,6 +89,8 @@ class TrainConfig:
   per_layer_updates: bool = True
   projector_dtype: str | None = None  # None: the param dtype (reference)
   max_nonfinite: int = 20  # consecutive skipped steps before the run stops with an error
+  keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS  # newest checkpoints kept by rotation
+  overwrite: bool = False  # start over in an --out that holds a previous run's outputs
   progress: bool = True
 
   @property
@@ -153,7 +157,10 @@ def validate(cfg: TrainConfig) -> None:
     ("--update-proj-gap", cfg.update_proj_gap),
     ("--rank", cfg.rank),
     ("--eval-every", cfg.eval_every),
+    ("--eval-batches", cfg.eval_batches),
     ("--save-every", cfg.save_every),
+    ("--keep-checkpoints", cfg.keep_checkpoints),
+    ("--max-nonfinite", cfg.max_nonfinite),
   ]:
     if value < 1:
       raise ConfigError(flag, f"must be >= 1, got {value}")
@@ -168,12 +175,21 @@ def validate(cfg: TrainConfig) -> None:
       f"{cfg.rank} is larger than the smallest projected matrix "
       f"dimension of {cfg.model} ({smallest})",
     )
-  if cfg.lr is not None and not cfg.lr > 0:
-    raise ConfigError("--lr", f"must be > 0, got {cfg.lr}")
+  # NaN compares false with everything: `not x > 0` rejects it, `x < 0` would not.
+  for flag, value, low, strict in [
+    ("--lr", cfg.lr, 0.0, True),
+    ("--galore-scale", cfg.galore_scale, 0.0, True),
+    ("--grad-clip", cfg.grad_clip, 0.0, False),
+    ("--weight-decay", cfg.weight_decay, 0.0, False),
+  ]:
+    if value is None:
+      continue
+    if not math.isfinite(value) or not (value > low if strict else value >= low):
+      raise ConfigError(
+        flag, f"must be a finite number {'>' if strict else '>='} {low:g}, got {value}"
+      )
   if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.steps:
     raise ConfigError("--warmup", f"must be in [0, --steps], got {cfg.warmup}")
-  if cfg.grad_clip < 0:
-    raise ConfigError("--grad-clip", f"must be >= 0, got {cfg.grad_clip}")
   if cfg.svd not in SVD_METHODS:
     raise ConfigError("--svd", f"must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
   if cfg.subspace_iters < 1:
@@ -186,6 +202,8 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--projector-dtype", f"must be one of {', '.join(DTYPES)}")
   if cfg.remat not in ("none", "full", "save_matmuls"):
     raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
+  if cfg.resume and cfg.overwrite:
+    raise ConfigError("--overwrite", "cannot be combined with --resume")
   if cfg.stop_after is not None and cfg.stop_after < 1:
     raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
   data_n, fsdp_n = parse_mesh(cfg.mesh)
@@ -666,8 +684,13 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
   """Checkpoint metadata; the ``compat`` part must match for a resume."""
   return {
     "compat": {
+      # The tokenizer first: another vocabulary also changes the model's shapes.
+      "vocab_size": run.model_cfg.vocab_size,
+      "tokenizer_sha": tokenizer_hash(sp),
       "model": cfg.model,
-      "model_config": {k: str(v) for k, v in dataclasses.asdict(run.model_cfg).items()},
+      "model_config": {
+        k: str(v) for k, v in dataclasses.asdict(run.model_cfg).items() if k not in _NOT_IN_STATE
+      },
       "optimizer": cfg.optimizer,
       "rank": cfg.rank if cfg.is_galore else None,
       "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
@@ -676,8 +699,6 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "projector_dtype": cfg.projector_dtype if cfg.is_galore else None,
       "grad_clip": cfg.grad_clip > 0,
       "weight_decay": cfg.weight_decay > 0,
-      "vocab_size": run.model_cfg.vocab_size,
-      "tokenizer_sha": tokenizer_hash(sp),
     },
     "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
     "data_position": {
@@ -690,6 +711,11 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
     },
   }
 
+
+# Model settings that change no saved array (compute dtype, rematerialisation) may differ
+# on resume; the vocabulary is compared as the tokenizer's.
+_NOT_IN_STATE = ("dtype", "remat", "vocab_size")
+_MODEL_CONFIG_FLAGS = {"param_dtype": "--param-dtype"}
 
 _COMPAT_FLAGS = {
   "model": "--model",
@@ -711,12 +737,25 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
   """A resume must rebuild the same state and continue the same data order."""
   a, b = saved.get("compat", {}), current["compat"]
   for key in b:
+    if key == "model_config" and a.get("model") == b["model"]:
+      # One field at a time, naming its flag (not the whole dict); fields a newer
+      # version stopped comparing (_NOT_IN_STATE) are ignored.
+      old = a.get(key) or {}
+      for field, value in b[key].items():
+        if old.get(field) != value:
+          raise ConfigError(
+            _MODEL_CONFIG_FLAGS.get(field, "--model"),
+            f"checkpoint {where} was saved with {field}={old.get(field)}, this run has {value}",
+          )
+      continue
     if a.get(key) != b[key]:
       raise ConfigError(
         _COMPAT_FLAGS[key],
         f"checkpoint {where} was saved with {key}={a.get(key)!r}, this run has {b[key]!r}",
       )
-  pos_a, pos_b = saved.get("data_position", {}), current["data_position"]
+  pos_a, pos_b = dict(saved.get("data_position", {})), current["data_position"]
+  if "source" in pos_a:  # older runs stored a relative --data as typed
+    pos_a["source"] = absolute_source(pos_a["source"])
   changed = sorted(k for k in pos_b if pos_a.get(k) != pos_b[k])
   if changed:
     flag = {"source": "--data"}.get(changed[0], "--" + changed[0].replace("_", "-"))
@@ -754,11 +793,17 @@ def compile_eval_step(run: Run):
 
 
 class _Signals:
-  """Turns SIGINT / SIGTERM into a flag checked between steps (then save and exit)."""
+  """Turns SIGINT / SIGTERM into a flag checked between steps (then save and exit).
+
+  A second signal stops waiting for the current step (``KeyboardInterrupt``), except
+  while a checkpoint is being written (:meth:`saving`): it then waits for the save,
+  so that a checkpoint is never cut short by the user's own Ctrl-C.
+  """
 
   def __init__(self):
     self.received: int | None = None
     self._old = {}
+    self._saving = False
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -767,9 +812,18 @@ class _Signals:
 
   def _handle(self, signum, frame):
     del frame
-    if self.received is not None:  # a second signal: stop waiting
+    if self.received is None:
+      self.received = signum
+    elif not self._saving:  # a second signal: stop waiting
       raise KeyboardInterrupt
-    self.received = signum
+
+  @contextlib.contextmanager
+  def saving(self):
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -777,11 +831,11 @@ class _Signals:
 
 
 class TrainingInterrupted(Exception):
-  def __init__(self, signum: int, step: int, path: str):
-    super().__init__(
-      f"interrupted by signal {signum} at step {step}; checkpoint saved in "
-      f"{path}; continue with --resume"
-    )
+  """Stopped by SIGINT / SIGTERM; the CLI exits with ``128 + signum`` (130 / 143)."""
+
+  def __init__(self, signum: int, step: int | None, message: str):
+    at = "" if step is None else f" at step {step}"
+    super().__init__(f"interrupted by {signal.Signals(signum).name}{at}; {message}")
     self.signum, self.step = signum, step
 
 
@@ -810,6 +864,8 @@ def load_data(cfg: TrainConfig):
     sp = data.load_tokenizer(cfg.tokenizer)
   except (FileNotFoundError, OSError, RuntimeError) as e:
     raise ConfigError("--tokenizer", str(e)) from e
+  if sp.eos_id() < 0:
+    raise ConfigError("--tokenizer", "the tokenizer has no EOS piece; documents need a separator")
   try:
     train_ds = data.make_dataset(_data_config(cfg, cfg.batch_size * cfg.grad_accum), "train")
     val = data.eval_batches(_data_config(cfg, cfg.batch_size), cfg.eval_batches)
@@ -822,22 +878,104 @@ def default_out(cfg: TrainConfig) -> str:
   return os.path.join("runs", f"{cfg.model}_{cfg.optimizer}_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
-  """Runs (or resumes) training; returns a summary with the final losses and paths."""
-  if cfg.out is None:
-    if cfg.resume:
-      raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
-    cfg = dataclasses.replace(cfg, out=default_out(cfg))
-  validate(cfg)
-  sp, train_ds, val_batches = load_data(cfg)
-  run = setup(cfg, sp.get_piece_size())
-  meta = run_meta(cfg, run, sp)
-  ckpt_dir = os.path.join(cfg.out, "checkpoints")
+def absolute_source(source: str) -> str:
+  """``--data`` as stored in a run: paths made absolute (``eval`` may run elsewhere)."""
+  if not source.strip() or source.strip() == "builtin" or source.startswith("tfds:"):
+    return source  # (an empty one is refused by the data pipeline)
+  return os.path.abspath(os.path.expanduser(source))
 
+
+# What a previous run leaves in --out; a new run (no --resume) refuses to mix with it.
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb")
+
+
+def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
+  """The latest checkpoint step to resume from (None: a fresh start); refuses to mix
+  runs. With ``--overwrite`` a previous run's outputs are deleted (under the lock)."""
   existing = checkpoint.latest_step(ckpt_dir)
   if cfg.resume:
     if existing is None:
       raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt_dir}")
+    return existing
+  found = [n for n in _RUN_OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
+  if found and cfg.overwrite:
+    for name in found:
+      path = os.path.join(cfg.out, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  elif existing is not None:
+    raise ConfigError(
+      "--out",
+      f"{cfg.out} already holds checkpoints (step {existing}); "
+      "pass --resume to continue it, --overwrite to start over, or choose another --out",
+    )
+  elif found:
+    raise ConfigError(
+      "--out",
+      f"{cfg.out} already holds a run's outputs ({', '.join(found)}) but no checkpoint; "
+      "pass --overwrite to start over or choose another --out",
+    )
+  return None
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
+  """Runs (or resumes) training; returns a summary with the final losses and paths.
+
+  The run directory is locked for the whole call (:func:`galore_jax.rundir.locked`);
+  SIGINT / SIGTERM raise :class:`TrainingInterrupted` after saving (or, before the
+  first step, after removing a run directory this call created).
+  """
+  if cfg.out is None:
+    if cfg.resume:
+      raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
+    cfg = dataclasses.replace(cfg, out=default_out(cfg))
+  if not cfg.out.strip():
+    raise ConfigError("--out", "must name a directory, got ''")
+  validate(cfg)
+  # Absolute paths: eval, sample and --resume may run from another directory.
+  cfg = dataclasses.replace(
+    cfg,
+    data=absolute_source(cfg.data),
+    tokenizer=os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else None,
+  )
+  with _Signals() as signals, contextlib.ExitStack() as stack:
+    try:
+      created = stack.enter_context(rundir.locked(cfg.out))
+    except rundir.RunDirError as e:
+      raise ConfigError("--out", str(e)) from None
+    try:
+      return _train(cfg, signals, log)
+    except KeyboardInterrupt:  # a second signal before the first step ended
+      if created:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise TrainingInterrupted(
+        signals.received or signal.SIGINT, None, "stopped during start-up"
+      ) from None
+    except TrainingInterrupted as e:
+      if e.step is None and created:  # interrupted before the first step: leave no trace
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise
+    except (ConfigError, checkpoint.CheckpointError):  # refused before writing anything
+      if created:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise
+
+
+def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
+  ckpt_dir = os.path.join(cfg.out, "checkpoints")
+  existing = _check_out(cfg, ckpt_dir)
+
+  def startup_check():
+    if signals.received is not None:
+      raise TrainingInterrupted(
+        signals.received, None, "before the first step; nothing was written"
+      )
+
+  sp, train_ds, val_batches = load_data(cfg)
+  startup_check()
+  run = setup(cfg, sp.get_piece_size())
+  meta = run_meta(cfg, run, sp)
+
+  if cfg.resume:
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
     restored = checkpoint.restore(
@@ -846,12 +984,6 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     params, opt_state = restored["params"], restored["opt_state"]
     log(f"resumed from {ckpt_dir}/{start}")
   else:
-    if existing is not None:
-      raise ConfigError(
-        "--out",
-        f"{cfg.out} already holds checkpoints (step {existing}); "
-        "pass --resume to continue it or choose another --out",
-      )
     params, opt_state = init_state(run)
     start = 0
   if start >= cfg.steps:
@@ -865,10 +997,15 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
   )
 
+  startup_check()
+  if cfg.resume:  # the steps after the checkpoint are replayed: their old records go
+    dropped = metrics.drop_after(cfg.out, start)
+    if dropped:
+      log(f"dropped {dropped} metrics records after step {start} (replayed now)")
   step_fn = compile_train_step(run)
   eval_fn = compile_eval_step(run)
   sched = lr_schedule(cfg)
-  mngr = checkpoint.manager(ckpt_dir)
+  mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
   writer = metrics.MetricsWriter(cfg.out)
   tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
   end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
@@ -876,9 +1013,29 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   last_eval: tuple[float, float] | None = None
   consecutive_bad = 0
   step = start
+  # Every checkpoint follows a healthy step (save() below), so the newest one on disk is
+  # where a diverged or interrupted run can go back to.
+  saved_at = start if cfg.resume else None
 
-  def save(at):
-    checkpoint.save(mngr, at, params, opt_state, meta)
+  def save(at) -> bool:
+    """Saves unless the current streak of non-finite steps is non-zero (returns False).
+
+    Skipped updates leave the state of the streak's start; a checkpoint from inside the
+    streak would only push good ones out of rotation (``--keep-checkpoints``).
+    """
+    nonlocal saved_at
+    if consecutive_bad:
+      return False
+    if saved_at != at:  # a signal at a save step: already on disk
+      with signals.saving():  # a second signal waits for the save
+        checkpoint.save(mngr, at, params, opt_state, meta)
+      saved_at = at
+    return True
+
+  def newest_checkpoint() -> str:
+    if saved_at is None:
+      return f"no checkpoint was saved in {ckpt_dir}"
+    return f"the newest checkpoint is {ckpt_dir}/{saved_at}"
 
   bar = None
   if cfg.progress:
@@ -888,61 +1045,92 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
   try:
-    with _Signals() as signals:
-      batches = train_ds.iterate(start)
-      t_last = time.perf_counter()
-      while step < end:
-        batch = device_batch(run, next(batches), cfg.grad_accum)
-        params, opt_state, m = step_fn(params, opt_state, batch)
-        m = jax.device_get(m)
-        lr_used = float(sched(step))
-        step += 1
-        now = time.perf_counter()
-        tps = tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
-        consecutive_bad = consecutive_bad + 1 if bad else 0
-        loss = float(m["loss"])
-        losses.append(loss)
-        if step % cfg.log_every == 0 or step == end:
-          writer.write(
-            {
-              "step": step,
-              "loss": loss,
-              "lr": lr_used,
-              "tokens_per_s": tps,
-              "grad_norm": float(m["grad_norm"]),
-              "skipped": int(m["skipped"]),
-              **(
-                {"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}
-              ),
-            }
-          )
+    batches = train_ds.iterate(start)
+    t_last = time.perf_counter()
+    while step < end:
+      if step == start:
+        startup_check()
+      batch = device_batch(run, next(batches), cfg.grad_accum)
+      params, opt_state, m = step_fn(params, opt_state, batch)
+      m = jax.device_get(m)
+      lr_used = float(sched(step))
+      step += 1
+      now = time.perf_counter()
+      tps = tokens_per_step / max(now - t_last, 1e-9)
+      t_last = now
+      bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
+      consecutive_bad = consecutive_bad + 1 if bad else 0
+      loss = float(m["loss"])
+      losses.append(loss)
+      if step % cfg.log_every == 0 or step == end:
+        writer.write(
+          {
+            "step": step,
+            "loss": loss,
+            "lr": lr_used,
+            "tokens_per_s": tps,
+            "grad_norm": float(m["grad_norm"]),
+            "skipped": int(m["skipped"]),
+            **({"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}),
+          }
+        )
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+      if consecutive_bad >= cfg.max_nonfinite:
+        raise TrainingDiverged(
+          f"{consecutive_bad} consecutive steps with non-finite loss or gradients (steps "
+          f"{step - consecutive_bad + 1}..{step}, not saved); {newest_checkpoint()}. "
+          "Lower --lr or enable --grad-clip."
+        )
+      if step % cfg.eval_every == 0 or step == cfg.steps:
+        last_eval = evaluate(run, params, val_batches, eval_fn)
+        writer.write(
+          {
+            "step": step,
+            "eval_loss": last_eval[0],
+            "eval_ppl": last_eval[1],
+            "eval_batches": len(val_batches),
+          }
+        )
         if bar is not None:
-          bar.update(1)
-          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-        if consecutive_bad >= cfg.max_nonfinite:
-          raise TrainingDiverged(
-            f"{consecutive_bad} consecutive steps with non-finite loss or gradients (last at "
-            f"step {step}); those updates were skipped, the last checkpoint in {ckpt_dir} "
-            "is from before them. Lower --lr or enable --grad-clip."
+          bar.write(
+            f"step {step}: eval loss {last_eval[0]:.4f}, ppl {last_eval[1]:.2f} "
+            f"({len(val_batches)} batches)"
           )
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-          last_eval = evaluate(run, params, val_batches, eval_fn)
-          writer.write({"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1]})
-          if bar is not None:
-            bar.write(f"step {step}: eval loss {last_eval[0]:.4f}, ppl {last_eval[1]:.2f}")
-        if step % cfg.save_every == 0 or step == end:
-          save(step)
-        if signals.received is not None:
-          save(step)
-          raise TrainingInterrupted(signals.received, step, ckpt_dir)
+      if step % cfg.save_every == 0 or step == end:
+        save(step)
+      if signals.received is not None:
+        if save(step):
+          why = f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
+        else:
+          why = (
+            f"not saved (the last {consecutive_bad} steps were not finite); " + newest_checkpoint()
+          )
+        raise TrainingInterrupted(signals.received, step, why)
+  except KeyboardInterrupt:  # a second signal, during a step
+    if step == start:
+      raise  # before the first step ended: train() cleans up
+    raise TrainingInterrupted(
+      signals.received or signal.SIGINT,
+      step,
+      f"stopped during step {step + 1}; {newest_checkpoint()}; continue with --resume",
+    ) from None
   finally:
     if bar is not None:
       bar.close()
     writer.close()
     mngr.close()
 
+  if consecutive_bad:
+    raise TrainingDiverged(
+      f"the last {consecutive_bad} steps (to step {step}) had non-finite loss or gradients "
+      f"and were not saved; {newest_checkpoint()}. Lower --lr or enable --grad-clip."
+    )
+  if last_eval is not None and not math.isfinite(last_eval[0]):
+    raise TrainingDiverged(
+      f"the final validation loss is not finite ({last_eval[0]}); {newest_checkpoint()}"
+    )
   summary = {
     "out": os.path.abspath(cfg.out),
     "start_step": start,
@@ -954,7 +1142,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     "step_compilations": getattr(step_fn, "_cache_size", lambda: None)(),
   }
   if last_eval is not None:
-    summary.update(eval_loss=last_eval[0], eval_ppl=last_eval[1])
+    summary.update(eval_loss=last_eval[0], eval_ppl=last_eval[1], eval_batches=len(val_batches))
   return summary
 
 
@@ -963,7 +1151,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
 
 
 def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | None = None):
-  """Model graph, params and tokenizer of the latest checkpoint under ``path``."""
+  """Model graph, params and tokenizer of the latest checkpoint under ``path``, or of the
+  step ``path`` names (``RUN/checkpoints/35``)."""
   step, meta = checkpoint.read_meta(path)
   saved = meta.get("train_config", {})
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -974,6 +1163,11 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
   try:
     sp = data.load_tokenizer(cfg.tokenizer)
   except (FileNotFoundError, OSError) as e:
+    if tokenizer is None:  # the user passed none: say where the path came from
+      raise ConfigError(
+        "--tokenizer",
+        f"the run's tokenizer {cfg.tokenizer!r} (from its checkpoint) is missing; pass --tokenizer",
+      ) from e
     raise ConfigError("--tokenizer", str(e)) from e
   want = meta["compat"]
   if sp.get_piece_size() != want["vocab_size"] or tokenizer_hash(sp) != want["tokenizer_sha"]:

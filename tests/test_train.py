@@ -125,7 +125,9 @@ def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
   assert up.shape == (256, 16)  # (in=256, out=688) kernel: the 256 side, as torch
 
 
-def test_sigint_saves_checkpoint_and_exits(tmp_path):
+def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
+  # --save-every 1: the signal always lands on a step that is saved anyway (it used to
+  # save it twice: StepAlreadyExistsError, a traceback and exit 1).
   out = tmp_path / "sig"
   cmd = [
     sys.executable,
@@ -146,7 +148,7 @@ def test_sigint_saves_checkpoint_and_exits(tmp_path):
     "--eval-every",
     "1000",
     "--save-every",
-    "1000",
+    "1",
   ]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
@@ -155,14 +157,17 @@ def test_sigint_saves_checkpoint_and_exits(tmp_path):
     if mfile.exists() and len(mfile.read_text().splitlines()) >= 2:
       break
     time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 128 + signal.SIGINT, err
+  assert proc.returncode == 128 + signal.SIGTERM, err
   assert "checkpoint saved" in err and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1, err
   step = checkpoint.latest_step(str(out))
   assert step is not None and step >= 2
   _, meta = checkpoint.read_meta(str(out))
   assert meta["step"] == step
+  records = [r["step"] for r in metrics.read_metrics(str(out)) if "loss" in r]
+  assert records == list(range(1, step + 1))
 
 
 def _cli(*args):

@@ -1,0 +1,334 @@
+"""Runs that cannot lose work (issue #12): locking, divergence, signals, exit codes, paths.
+
+Cost on 2 CPU cores: one shared tiny run (module fixture) and in-process CLI calls; real
+processes only where the guarantee is about processes (the lock, Ctrl-C at start-up).
+The SIGTERM-at-a-save-step test is ``test_train.py::test_sigterm_at_a_save_step...``.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from galore_jax import checkpoint, cli, data, metrics, train
+
+# The tiny configuration of test_train.py (same shapes: its compiled steps are cached).
+SMALL = dict(
+  model="llama_tiny",
+  batch_size=8,
+  seq_len=32,
+  eval_every=1000,
+  eval_batches=2,
+  save_every=1000,
+  progress=False,
+  rank=16,
+  update_proj_gap=2,
+)
+SMALL_ARGS = [
+  "--batch-size", "8", "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2",
+  "--eval-every", "1000", "--eval-batches", "2", "--no-progress",
+]  # fmt: skip
+
+
+def _quiet(*_):
+  pass
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+  code = cli.main([str(a) for a in args])
+  out, err = capsys.readouterr()
+  return code, out, err.strip()
+
+
+def _one_line_error(err: str, flag: str) -> None:
+  assert err.startswith(f"galore-jax: error: {flag}:"), err
+  assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------------------
+# One run for several tests: a .txt file with one sentence per line and no blank line
+# (item 8), passed as relative --data / --tokenizer paths (item 6), stopped after step 3,
+# its checkpoint 3 lost as in a crash, and resumed to step 4 (item 7).
+
+
+def _sentences(n: int) -> str:
+  words = "the a of and to in is was it that he she her his had with for not be".split()
+  return "".join(
+    " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)).capitalize() + ".\n"
+    for i in range(n)
+  )
+
+
+@pytest.fixture(scope="module")
+def lines_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lines")
+  (root / "corpus").mkdir()
+  (root / "corpus" / "lines.txt").write_text(_sentences(4000))
+  shutil.copy(data.BUILTIN_TOKENIZER, root / "tok.model")
+  cfg = train.TrainConfig(
+    out="run", data="corpus/lines.txt", tokenizer="tok.model", steps=4, **SMALL
+  )
+  with contextlib.chdir(root):
+    train.train(dataclasses.replace(cfg, save_every=2, stop_after=3), log=_quiet)
+    shutil.rmtree("run/checkpoints/3")  # as a crash would: the metrics reach step 3
+    summary = train.train(dataclasses.replace(cfg, resume=True), log=_quiet)
+  return root, summary
+
+
+def test_txt_without_blank_lines_is_cut_into_documents(lines_run):
+  root, _ = lines_run
+  docs = data.path_documents(str(root / "corpus" / "lines.txt"), "train")
+  assert len(docs) > 50 and all(len(d) >= data.DOC_MIN_CHARS for d in docs)
+
+
+def test_resume_drops_replayed_metrics(lines_run):
+  root, summary = lines_run
+  assert summary["start_step"] == 2 and summary["step"] == 4
+  steps = [r["step"] for r in metrics.read_metrics(str(root / "run")) if "loss" in r]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_paths_are_stored_absolute_and_eval_works_elsewhere(
+  lines_run, tmp_path, capsys, monkeypatch
+):
+  root, _ = lines_run
+  _, meta = checkpoint.read_meta(str(root / "run"))
+  assert meta["train_config"]["data"] == str(root / "corpus" / "lines.txt")
+  assert meta["train_config"]["tokenizer"] == str(root / "tok.model")
+  monkeypatch.chdir(tmp_path)
+  code, out, err = _cli(capsys, "eval", "--checkpoint", root / "run", "--json")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  # The run's own --eval-batches (2) by default: the figure train reported.
+  assert result["step"] == 4 and result["batches"] == 2
+  code, out, err = _cli(
+    capsys, "eval", "--checkpoint", root / "run", "--eval-batches", "all", "--batch-size", "2"
+  )
+  assert code == 0, err
+  assert "batches of 2 x 32" in out and "(2 batches" not in out, out
+
+
+def test_eval_records_name_their_batch_count(lines_run):
+  root, summary = lines_run
+  evals = [r for r in metrics.read_metrics(str(root / "run")) if "eval_loss" in r]
+  assert evals and all(r["eval_batches"] == 2 for r in evals)
+  assert summary["eval_batches"] == 2
+
+
+def test_sample_flags_are_named(lines_run, capsys):
+  run = lines_run[0] / "run"
+  for args, flag in [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-k", "100000"], "--top-k"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "-1"], "--temperature"),
+  ]:
+    code, _, err = _cli(capsys, "sample", "--checkpoint", run, "--prompt", "It is", *args)
+    assert code == 2
+    _one_line_error(err, flag)
+  code, out, err = _cli(
+    capsys, "sample", "--checkpoint", run, "--prompt", "", "--max-new-tokens", "3"
+  )
+  assert code == 0, err  # an empty prompt starts a new document
+
+
+def test_eval_flags_are_named(lines_run, capsys):
+  run = lines_run[0] / "run"
+  for args, flag in [
+    (["--batch-size", "-2"], "--batch-size"),
+    (["--eval-batches", "0"], "--eval-batches"),
+    (["--eval-batches", "some"], "--eval-batches"),
+  ]:
+    code, _, err = _cli(capsys, "eval", "--checkpoint", run, *args)
+    assert code == 2
+    _one_line_error(err, flag)
+
+
+# --------------------------------------------------------------------------------------
+# Bad flags: one line, exit 2, before anything is loaded or written.
+
+
+@pytest.mark.parametrize(
+  "args,flag",
+  [
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--galore-scale", "nan"], "--galore-scale"),
+    (["--galore-scale", "-1"], "--galore-scale"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--grad-clip", "inf"], "--grad-clip"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--eval-batches", "0"], "--eval-batches"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    (["--max-nonfinite", "0"], "--max-nonfinite"),
+    (["--resume", "--overwrite"], "--overwrite"),
+  ],
+)
+def test_bad_flags_are_refused(tmp_path, capsys, args, flag):
+  code, _, err = _cli(capsys, "train", "--out", tmp_path / "r", *args)
+  assert code == 2
+  _one_line_error(err, flag)
+  assert not (tmp_path / "r").exists()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+  (tmp_path / "f").write_text("not a directory")
+  for out in (tmp_path / "f", tmp_path / "f" / "run"):
+    code, _, err = _cli(capsys, "train", "--out", out, *SMALL_ARGS)
+    assert code == 2
+    _one_line_error(err, "--out")
+
+
+def test_metrics_without_checkpoint_are_refused_or_overwritten(tmp_path, capsys):
+  out = tmp_path / "stale"
+  out.mkdir()
+  (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+  code, _, err = _cli(capsys, "train", "--out", out, *SMALL_ARGS)
+  assert code == 2
+  _one_line_error(err, "--out")
+  assert "--overwrite" in err
+  cfg = train.TrainConfig(out=str(out), overwrite=True)
+  assert train._check_out(cfg, str(out / "checkpoints")) is None
+  assert not (out / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Resume compatibility: the right flag is named; remat / dtype do not block a resume.
+
+
+@pytest.fixture(scope="module")
+def no_eos_tokenizer(tmp_path_factory):
+  import sentencepiece as spm
+
+  prefix = tmp_path_factory.mktemp("tok") / "noeos"
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(data.builtin_documents("validation")[:200]),
+    model_prefix=str(prefix),
+    vocab_size=300,
+    model_type="bpe",
+    eos_id=-1,
+    minloglevel=2,
+  )
+  return f"{prefix}.model"
+
+
+def test_resume_compatibility_names_the_flag(tmp_path, no_eos_tokenizer):
+  sp = data.load_tokenizer()
+  base = train.TrainConfig(out=str(tmp_path / "c"), **SMALL)
+
+  def meta(cfg, tok=sp):
+    return train.run_meta(cfg, train.setup(cfg, tok.get_piece_size()), tok)
+
+  saved = meta(base)
+  # Compute dtype and rematerialisation change no saved array: a resume may change them.
+  train.check_compatible(
+    saved, meta(dataclasses.replace(base, remat="full", dtype="bfloat16")), "c"
+  )
+  with pytest.raises(train.ConfigError) as e:
+    train.check_compatible(saved, meta(dataclasses.replace(base, param_dtype="bfloat16")), "c")
+  assert e.value.flag == "--param-dtype" and len(str(e.value)) < 200
+  with pytest.raises(train.ConfigError) as e:
+    train.check_compatible(saved, meta(base, data.load_tokenizer(no_eos_tokenizer)), "c")
+  assert e.value.flag == "--tokenizer"
+
+
+def test_tokenizer_without_eos_is_blamed_on_tokenizer(tmp_path, capsys, no_eos_tokenizer):
+  code, _, err = _cli(
+    capsys, "train", "--out", tmp_path / "r", "--tokenizer", no_eos_tokenizer, *SMALL_ARGS
+  )
+  assert code == 2
+  _one_line_error(err, "--tokenizer")
+
+
+# --------------------------------------------------------------------------------------
+# Divergence: no checkpoint inside a non-finite streak, rotation keeps the last good one,
+# the error names it and it evaluates to a finite loss; a short diverged run exits 1.
+
+
+def test_divergence_keeps_and_names_the_last_good_checkpoint(tmp_path, capsys):
+  out = tmp_path / "div"
+  code, _, err = _cli(
+    capsys, "train", "--out", out, "--lr", "1e9", "--steps", "6", "--save-every", "1",
+    "--keep-checkpoints", "1", *SMALL_ARGS,
+  )  # fmt: skip
+  # Step 1's update (lr 1e9) breaks the weights: steps 2..6 have non-finite gradients,
+  # fewer than --max-nonfinite (20), so the run ends in the streak: exit 1, not 0.
+  assert code == 1, err
+  assert err.startswith("galore-jax: error: training diverged") and len(err.splitlines()) == 1
+  assert f"{out / 'checkpoints'}/1" in err or "checkpoints/1" in err, err
+  assert sorted(os.listdir(out / "checkpoints")) == ["1"]
+  code, got, err = _cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "1", "--json")
+  assert code == 0, err
+  result = json.loads(got.strip().splitlines()[-1])
+  assert result["step"] == 1 and math.isfinite(result["eval_loss"])
+
+
+# --------------------------------------------------------------------------------------
+# Signals and the lock, with real processes.
+
+
+def test_second_signal_waits_for_a_save():
+  with train._Signals() as signals:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.received == signal.SIGTERM
+    with signals.saving():
+      os.kill(os.getpid(), signal.SIGTERM)  # during a save: waits for it
+      time.sleep(0.01)
+    with pytest.raises(KeyboardInterrupt):  # outside a save: stops waiting for the step
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)
+
+
+_HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("rundir", sys.argv[1])
+rundir = importlib.util.module_from_spec(spec); spec.loader.exec_module(rundir)
+with rundir.locked(sys.argv[2]):
+  print("locked", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_second_process_on_a_run_directory_is_refused(tmp_path, capsys):
+  out = tmp_path / "run"
+  rundir_py = os.path.join(os.path.dirname(train.__file__), "rundir.py")
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD_LOCK, rundir_py, str(out)], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = sorted(os.listdir(out))
+    code, _, err = _cli(capsys, "train", "--out", out, *SMALL_ARGS)
+    assert code == 2
+    _one_line_error(err, "--out")
+    assert f"process {holder.pid}" in err
+    assert sorted(os.listdir(out)) == before == [".lock"]  # the second one touched nothing
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops the lock with the process
+    holder.wait()
+  with train.rundir.locked(str(out)) as created:  # no stale lock
+    assert not created
+
+
+def test_ctrl_c_during_start_up_exits_130_and_writes_nothing(tmp_path):
+  out = tmp_path / "new"
+  cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out), *SMALL_ARGS]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not out.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)  # the directory appears when train() holds it: loading starts
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("galore-jax: ")
+  assert not out.exists()
