@@ -389,12 +389,14 @@ def load_pretrained(
   the directory's. ``shardings``: a pytree of shardings shaped like the params (the
   trainer's); default: the first device.
 
-  Memory: the files are memory-mapped by ``safetensors`` and each parameter is built
-  with ``jax.make_array_from_callback``, whose callback asks ``safe_open(...).get_slice``
-  for exactly the rows and columns of one device's shard (in torch's (out, in) layout,
-  transposed to Flax's (in, out) on the slice) and casts that slice to the target dtype.
-  So host memory holds at most one device-shard of one tensor at a time, in the source and
-  the target dtype, never the model: the file pages are the OS page cache's, not a copy.
+  Memory: the model is never in host memory twice, not even once outside the devices.
+  ``safetensors`` memory-maps each file; each parameter is created by
+  ``jax.make_array_from_callback`` on its target sharding, whose callback reads, through
+  ``safe_open(...).get_slice``, only the rows and columns of one device's shard (in
+  torch's (out, in) layout, the mirrored slice of Flax's (in, out)), then transposes and
+  casts it in one copy. So the host holds at most one device-shard of one tensor, in the
+  file's dtype and in the target dtype, while it is handed to its device; the mapped file
+  pages belong to the OS page cache. Nothing is read twice or converted after loading.
   """
   from safetensors import safe_open
 
@@ -460,8 +462,8 @@ def _read_param(tensor, key: str, file: Path, leaf, transpose: bool, sharding) -
       part = tensor[tuple(index[::-1]) if transpose else tuple(index)]
     except Exception as e:  # noqa: BLE001 - a short read inside the data section
       raise CheckpointFormatError(f"{file}: cannot read tensor {key} ({e})") from e
-    part = np.asarray(part)
-    return np.ascontiguousarray((part.T if transpose else part).astype(target, copy=False))
+    # One copy: transpose and cast in the same pass.
+    return np.ascontiguousarray(np.asarray(part).T if transpose else part, dtype=target)
 
   return jax.make_array_from_callback(tuple(leaf.shape), sharding, read)
 
@@ -603,6 +605,8 @@ class HFTokenizer:
       mcfg = json.loads((folder / CONFIG_FILE).read_text())
     self.config = tcfg
     self.chat_template = tcfg.get("chat_template")
+    if self.chat_template is None and (folder / "chat_template.jinja").is_file():
+      self.chat_template = (folder / "chat_template.jinja").read_text()  # transformers 5
     self._eos = self._special(tcfg.get("eos_token"), mcfg.get("eos_token_id"), self._EOS_NAMES)
     self._bos = self._special(tcfg.get("bos_token"), mcfg.get("bos_token_id"), self._BOS_NAMES)
     self._pad = self._special(tcfg.get("pad_token"), mcfg.get("pad_token_id"), ())
@@ -653,7 +657,8 @@ class HFTokenizer:
 
   def files(self) -> list[Path]:
     folder = self.file.parent
-    extra = [folder / n for n in ("tokenizer_config.json", "special_tokens_map.json")]
+    names = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    extra = [folder / n for n in names]
     return [self.file] + [f for f in extra if f.is_file()]
 
 
