@@ -108,6 +108,8 @@ _INERT_FIELDS = {
   "begin_suppress_tokens",
   "_attn_implementation",
   "_attn_implementation_autoset",
+  "is_llama_config",  # SmolLM's configs
+  "max_sequence_length",  # LLaMA-1 conversions: a duplicate of max_position_embeddings
 }
 _MODEL_FIELDS = {
   "vocab_size",
@@ -128,6 +130,7 @@ _MODEL_FIELDS = {
   "rope_scaling",
   "rope_parameters",
   "sliding_window",
+  "rope_interleaved",
 }
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -209,6 +212,8 @@ def config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") -> mode
       raise bad(field, "biases are not supported")
   if cfg.get("attention_dropout", 0.0):
     raise bad("attention_dropout", "dropout is not supported")
+  if cfg.get("rope_interleaved", False):
+    raise bad("rope_interleaved", "only the rotate_half RoPE layout of transformers' LLaMA")
   heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
   if hidden % heads:
     raise bad("num_attention_heads", f"{heads} does not divide hidden_size {hidden}")

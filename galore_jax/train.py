@@ -916,7 +916,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
 
   n_params = sum(x.size for x in jax.tree.leaves(params))
   log(
-    f"model {cfg.init_from or cfg.model}: {n_params / 1e6:.2f}M params, vocab {run.model_cfg.vocab_size}; "
+    f"model {cfg.init_from or cfg.model}: {n_params / 1e6:.2f}M params, "
+    f"vocab {run.model_cfg.vocab_size}; "
     f"optimizer {cfg.optimizer}"
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"

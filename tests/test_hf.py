@@ -164,8 +164,9 @@ def _tensors(path):
   return out
 
 
-def test_round_trip_is_bit_exact_and_sharded_files_load(hf_models, tmp_path):
-  path, ref = hf_models["llama3_rope"]
+@pytest.mark.parametrize("case", ["gqa", "tied", "llama3_rope"])
+def test_round_trip_is_bit_exact(hf_models, tmp_path, case):
+  path, _ = hf_models[case]
   config, params = hf.load_pretrained(path)
   out = tmp_path / "exported"
   hf.save_pretrained(out, config, params, dtype="float32")
@@ -175,6 +176,11 @@ def test_round_trip_is_bit_exact_and_sharded_files_load(hf_models, tmp_path):
     assert a[name].dtype == b[name].dtype == np.float32
     assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
   assert hf.read_config(out) == hf.read_config(path)
+
+
+def test_sharded_files_load(hf_models, tmp_path):
+  path, ref = hf_models["llama3_rope"]
+  config, params = hf.load_pretrained(path)
 
   # Our sharded export: several files and an index; we and transformers read it back.
   sharded = tmp_path / "sharded"
@@ -253,6 +259,7 @@ def test_bad_checkpoints_give_one_line_errors(hf_models, tmp_path):
       {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
     ),
     ("head_dim", {"head_dim": 32}),
+    ("unknown_field", {"unknown_field": 1}),
     ("quantization_config", {"quantization_config": {"quant_method": "gptq"}}),
   ]:
     d = variant(field, config=change)
@@ -438,3 +445,23 @@ def test_default_config_record_is_unchanged():
   assert not {"num_kv_heads", "tie_embeddings", "rope_scaling"} & set(record)
   assert M.config_record(M.get_config("llama_tiny", num_kv_heads=2))["num_kv_heads"] == "2"
   assert os.path.basename(hf.__file__) == "hf.py"
+
+
+def test_tied_model_trains_with_the_whole_gradient_step(hf_models, tok_dir, tmp_path, capsys):
+  """A tied table gets gradient from the lookup and the head: per-layer updates cannot apply,
+  the trainer takes the whole-gradient step. No tokenizer in the directory: --tokenizer
+  must name one (here a tokenizer.json)."""
+  path, _ = hf_models["tied"]
+  corpus = _write_jsonl(tmp_path / "c.jsonl", [{"text": s} for s in _sentences(300)])
+  args = ["train", "--init-from", str(path), "--data", str(corpus), "--optimizer", "adamw"]
+  args += ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+  args += ["--out", str(tmp_path / "run"), "--no-progress"]
+  assert cli.main(args) == 2
+  assert "--tokenizer" in capsys.readouterr().err
+  tokfile = str(tok_dir / "tokenizer.json")
+  cfg = cli._train_config(cli.build_parser().parse_args([*args, "--tokenizer", tokfile]))
+  summary = train.train(cfg, log=lambda *a: None)
+  assert summary["step"] == 2 and np.isfinite(summary["losses"]).all()
+  run, params, _, _ = train.load_for_inference(str(tmp_path / "run"))
+  assert run.model_cfg.tie_embeddings and "lm_head" not in params
+  assert not train.per_layer_updates(cfg) or run.model_cfg.tie_embeddings
