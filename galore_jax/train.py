@@ -877,6 +877,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
       raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
     cfg = dataclasses.replace(cfg, out=default_out(cfg))
   validate(cfg)
+  if cfg.init_from:  # absolute: a resume may run from another directory
+    cfg = dataclasses.replace(cfg, init_from=os.path.abspath(os.path.expanduser(cfg.init_from)))
   if cfg.init_from and cfg.tokenizer is None:  # the model's own tokenizer, if it has one
     from galore_jax import hf
 

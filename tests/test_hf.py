@@ -410,19 +410,21 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   # windows (eval --data FILE --no-packing; the windows rebuilt here by the data module).
   capsys.readouterr()
   args = ["eval", "--checkpoint", str(r["run"]), "--data", str(r["held"]), "--no-packing"]
+  args += ["--eval-batches", "2"]
   assert cli.main([*args, "--json"]) == 0
   ours = json.loads(capsys.readouterr().out)
   exported = transformers.AutoModelForCausalLM.from_pretrained(r["out"], dtype=torch.float32)
   windows = data.eval_batches(
     data.DataConfig(
       source=str(r["held"]), seq_len=32, batch_size=4, packing=False, tokenizer=tokfile
-    )
+    ),
+    2,
   )
   sums = [_hf_loss(exported.eval(), b) for b in windows]
   theirs = sum(s for s, _ in sums) / sum(n for _, n in sums)
-  assert len(windows) == ours["batches"] and sum(n for _, n in sums) > 32
+  assert len(windows) == ours["batches"] == 2 and sum(n for _, n in sums) > 64
   assert abs(ours["eval_loss"] - theirs) <= 1e-3, (ours["eval_loss"], theirs)
-  print(f"eval loss: galore-jax {ours['eval_loss']:.6f}, transformers {theirs:.6f}")
+  print(f"eval loss: galore-jax {ours['eval_loss']:.7f}, transformers {theirs:.7f}")
 
   # Training changed the weights, and the export carries the run's tokenizer.
   a, b = _tensors(r["init"]), _tensors(r["out"])
