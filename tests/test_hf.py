@@ -467,3 +467,17 @@ def test_tied_model_trains_with_the_whole_gradient_step(hf_models, tok_dir, tmp_
   run, params, _, _ = train.load_for_inference(str(tmp_path / "run"))
   assert run.model_cfg.tie_embeddings and "lm_head" not in params
   assert not train.per_layer_updates(cfg) or run.model_cfg.tie_embeddings
+
+
+def test_config_spellings_and_sliding_window(hf_models):
+  """transformers 4's rope_theta / rope_scaling (what export writes) and 5's rope_parameters
+  read alike; a Mistral sliding window caps the sequence length, so attention never
+  reaches past it."""
+  cfg = hf.read_config_dict(hf_models["llama3_rope"][0])
+  v4 = hf.config_to_dict(hf.config_from_dict(cfg))
+  assert "rope_parameters" not in v4 and v4["rope_scaling"]["rope_type"] == "llama3"
+  assert hf.config_from_dict(v4) == hf.config_from_dict(cfg)
+  mistral = hf.read_config_dict(hf_models["mistral"][0])
+  assert hf.config_from_dict({**mistral, "sliding_window": 128}).max_seq_len == 128
+  with pytest.raises(ValueError, match="sliding_window"):
+    hf.config_from_dict({**mistral, "sliding_window": 0})
