@@ -23,6 +23,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
   d = TrainConfig()
   p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
+  p.add_argument(
+    "--init-from",
+    default=None,
+    help="Hugging Face model directory (config.json + safetensors) to fine-tune; "
+    "replaces --model, its tokenizer is the default",
+  )
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
   p.add_argument(
@@ -60,9 +66,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--data",
     default=d.data,
-    help="builtin | PATH (txt / jsonl[.gz], glob ok) | tfds:NAME (e.g. tfds:c4/en)",
+    help="builtin | PATH (txt / jsonl[.gz], glob ok; jsonl with prompt/completion "
+    "fields trains on the completions) | tfds:NAME (e.g. tfds:c4/en)",
   )
-  p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: bundled)")
+  p.add_argument(
+    "--tokenizer",
+    default=None,
+    help="SentencePiece .model or tokenizer.json (default: --init-from's, else bundled)",
+  )
   p.add_argument(
     "--no-packing",
     dest="packing",
@@ -169,6 +180,7 @@ def _cmd_eval(args) -> int:
     run.cfg,
     data=train.absolute_source(args.data) if args.data else run.cfg.data,
     batch_size=args.batch_size or run.cfg.batch_size,
+    packing=run.cfg.packing if args.packing is None else args.packing,
   )
   if n_batches == "run":  # what train reported for this run
     n_batches = run.cfg.eval_batches
@@ -234,6 +246,20 @@ def _cmd_sample(args) -> int:
   return 0
 
 
+def _cmd_export(args) -> int:
+  from galore_jax import hf, train
+
+  if os.path.isdir(args.out) and os.listdir(args.out):
+    raise train.ConfigError("--out", f"{args.out} exists and is not empty")
+  run, params, sp, step = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+  try:
+    files = hf.save_pretrained(args.out, run.model_cfg, params, dtype=args.dtype, tokenizer=sp)
+  except OSError as e:
+    raise train.ConfigError("--out", str(e)) from e
+  print(f"exported step {step} to {os.path.abspath(args.out)} ({len(files)} files)")
+  return 0
+
+
 def _cmd_plan(args) -> int:
   from galore_jax import plan, train
 
@@ -270,8 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="N or 'all' (default: the run's --eval-batches, the count train reported)",
   )
+  p.add_argument(
+    "--no-packing",
+    dest="packing",
+    action="store_const",
+    const=False,
+    default=None,
+    help="one document per window, from its first token (default: as the run trained)",
+  )
   p.add_argument("--json", action="store_true")
   p.set_defaults(fn=_cmd_eval)
+
+  p = sub.add_parser(
+    "export", help="write a checkpoint as a Hugging Face model directory (safetensors)"
+  )
+  p.add_argument("--checkpoint", required=True, help="run directory or its checkpoints/")
+  p.add_argument("--out", required=True, help="directory to create")
+  p.add_argument(
+    "--dtype", default=None, choices=("float32", "bfloat16"), help="default: the params' dtype"
+  )
+  p.add_argument("--tokenizer", default=None, help="default: the run's")
+  p.set_defaults(fn=_cmd_export)
 
   p = sub.add_parser("sample", help="generate text from a checkpoint")
   p.add_argument("--checkpoint", required=True)

@@ -6,7 +6,8 @@ Three kinds of source (``DataConfig.source``, the ``--data`` value):
   Shakespeare's complete works, ``galore_jax/data/corpus``), split into documents
   and into a train / validation split by a fixed rule (see ``builtin_documents``).
 * a path, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` files (each optionally
-  ``.gz`` or ``.xz`` compressed). JSON records need a ``"text"`` field.
+  ``.gz`` or ``.xz`` compressed). JSON records need a ``"text"`` field, or are
+  instruction records (``prompt`` / ``completion`` or ``messages``, ``galore_jax.sft``).
 * ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``) -- an already prepared TFDS dataset in
   array_record format, read with ``tfds.data_source`` from ``$TFDS_DATA_DIR``
   (never downloaded), tokenized on the fly.
@@ -93,7 +94,12 @@ _GLUED_TITLE = re.compile(r"^(.*?)([A-Z][A-Z0-9 ,;:'.\-]*)$")
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> spm.SentencePieceProcessor:
-  """Loads a SentencePiece model; ``None`` -> the bundled 8k BPE model."""
+  """Loads a SentencePiece model; ``None`` -> the bundled 8k BPE model. A ``tokenizer.json``
+  or a model directory goes to :func:`galore_jax.hf.load_tokenizer` (same interface)."""
+  if path is not None and (str(path).endswith(".json") or Path(path).expanduser().is_dir()):
+    from galore_jax import hf
+
+    return hf.load_tokenizer(path)
   p = Path(path).expanduser() if path is not None else BUILTIN_TOKENIZER
   if not p.is_file():
     raise FileNotFoundError(f"tokenizer model not found: {str(p)!r}")
@@ -827,6 +833,10 @@ def _plan(config: DataConfig, split: str, sp: spm.SentencePieceProcessor) -> _Pl
     docs = _cached_tokens(key, lambda: _tokenize_docs(sp, builtin_documents(split)))
   else:
     files = _resolve_paths(source)
+    from galore_jax import sft  # lazy: sft builds on this module
+
+    if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
+      return sft.plan(config, split, sp, files, eos, pad)
     key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
     key += [tok_hash, split]
     docs = _cached_tokens(key, lambda: _tokenize_docs(sp, path_documents(source, split)))

@@ -26,6 +26,7 @@ F MLP intermediate size, H heads, K head dim, V vocabulary size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +71,14 @@ class LlamaConfig:
   dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: str = "auto"
+  # Fields a Hugging Face checkpoint can set (``galore_jax.hf``). The defaults are the
+  # paper's model, so existing configs, parameter trees and checkpoints are unchanged.
+  num_kv_heads: int | None = None  # grouped-query attention: K/V heads; None = num_heads
+  tie_embeddings: bool = False  # the LM head reuses the embedding table (no lm_head param)
+  # Llama-3 RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings); None = plain RoPE. A tuple, not a dict: the config
+  # is a static attribute of the NNX graph and must stay hashable.
+  rope_scaling: tuple[float, float, float, int] | None = None
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -84,10 +93,25 @@ class LlamaConfig:
       raise ValueError(
         f"unknown attention_impl {self.attention_impl!r}; choose from {_ATTENTION_IMPLS}"
       )
+    if self.num_kv_heads is not None and (
+      self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads
+    ):
+      raise ValueError(
+        f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+      )
+    if self.rope_scaling is not None and len(self.rope_scaling) != 4:
+      raise ValueError(
+        "rope_scaling must be (factor, low_freq_factor, high_freq_factor, "
+        f"original_max_position_embeddings), got {self.rope_scaling!r}"
+      )
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
 
 def _sized(*, hidden: int, intermediate: int, heads: int, layers: int) -> LlamaConfig:
@@ -119,23 +143,39 @@ def get_config(name: str, **overrides: Any) -> LlamaConfig:
   return dataclasses.replace(CONFIGS[name], **overrides)
 
 
+# Fields added after checkpoints existed; a checkpoint's record leaves them out at their
+# defaults, so an older checkpoint of the same model still matches on resume.
+_LATER_FIELDS = {"num_kv_heads": None, "tie_embeddings": False, "rope_scaling": None}
+
+
+def config_record(config: LlamaConfig) -> dict[str, str]:
+  """The config as strings, for checkpoint metadata (compared on resume)."""
+  return {
+    k: str(v)
+    for k, v in dataclasses.asdict(config).items()
+    if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])
+  }
+
+
 def param_count(config: LlamaConfig) -> int:
   """Number of parameters, computed from the config without building a model.
 
   Embedding and LM head (untied) are ``V*D`` each; every block has four
-  ``D*D`` attention kernels, three ``D*F`` MLP kernels and two norm scales;
-  the final norm adds ``D``.
+  ``D*D`` attention kernels (k and v ``D*KV`` with grouped-query attention),
+  three ``D*F`` MLP kernels and two norm scales; the final norm adds ``D``.
   """
   d, v = config.hidden_size, config.vocab_size
   per_block = 2 * d  # attn_norm and mlp_norm scales
-  total = 2 * v * d + d + config.num_layers * per_block
+  tables = 1 if config.tie_embeddings else 2
+  total = tables * v * d + d + config.num_layers * per_block
   return total + galore_target_count(config)
 
 
 def galore_target_count(config: LlamaConfig) -> int:
   """Number of parameters in the kernels GaLore projects (``GALORE_TARGETS``)."""
   d, f = config.hidden_size, config.intermediate_size
-  return config.num_layers * (4 * d * d + 3 * d * f)
+  kv = config.kv_heads * config.head_dim
+  return config.num_layers * (2 * d * d + 2 * d * kv + 3 * d * f)
 
 
 def _normal_init(config: LlamaConfig):
@@ -232,15 +272,37 @@ class RMSNorm(nnx.Module):
     return y32_BxLxD.astype(self.dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+def llama3_inv_freq(inv_freq_K2: jax.Array, scaling: tuple[float, float, float, int]):
+  """Llama-3's RoPE frequency scaling (the ``"llama3"`` rope type of Hugging Face).
+
+  Wavelengths longer than ``original_max / low_freq_factor`` are divided by
+  ``factor``, shorter than ``original_max / high_freq_factor`` are kept, and
+  the band between is interpolated smoothly. Float32 throughout, as transformers.
+  """
+  factor, low, high, original_max = scaling
+  wavelen_K2 = 2 * math.pi / inv_freq_K2
+  low_wavelen, high_wavelen = original_max / low, original_max / high
+  scaled_K2 = jnp.where(wavelen_K2 > low_wavelen, inv_freq_K2 / factor, inv_freq_K2)
+  smooth_K2 = (original_max / wavelen_K2 - low) / (high - low)
+  smoothed_K2 = (1 - smooth_K2) * scaled_K2 / factor + smooth_K2 * scaled_K2
+  medium_K2 = ~(wavelen_K2 < high_wavelen) & ~(wavelen_K2 > low_wavelen)
+  return jnp.where(medium_K2, smoothed_K2, scaled_K2)
+
+
+def rope_cos_sin(
+  seq_len: int, head_dim: int, base: float, scaling: tuple | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Rotary tables, each (seq_len, head_dim) float32, in the rotate_half layout.
 
   Frequency ``i`` rotates the pair (i, i + head_dim/2), not the interleaved
   pair (2i, 2i+1): this is how Hugging Face's LLaMA arranges q/k, so its
   weights need no permutation. The tables depend only on static shapes, so
-  XLA folds them into constants.
+  XLA folds them into constants. ``scaling``: Llama-3 frequency scaling
+  (:func:`llama3_inv_freq`), or None.
   """
   inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is not None:
+    inv_freq_K2 = llama3_inv_freq(inv_freq_K2, scaling)
   pos_L = jnp.arange(seq_len, dtype=jnp.float32)
   angle_LxK2 = pos_L[:, None] * inv_freq_K2[None, :]
   angle_LxK = jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1)
@@ -300,27 +362,33 @@ class Attention(nnx.Module):
 
   q/k/v are separate (D, D) kernels rather than one fused (D, 3D) kernel:
   GaLore's projector is chosen per matrix, and a fused matrix would share one
-  subspace across q, k and v (and change which side gets projected).
+  subspace across q, k and v (and change which side gets projected). With
+  grouped-query attention (``num_kv_heads`` < ``num_heads``) k and v are
+  (D, KV * K) and each K/V head serves ``num_heads / num_kv_heads`` query heads
+  (``jax.nn.dot_product_attention`` broadcasts the groups itself).
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     d = config.hidden_size
+    kv_dim = config.kv_heads * config.head_dim
     self.num_heads = config.num_heads
+    self.num_kv_heads = config.kv_heads
     self.head_dim = config.head_dim
     self.rope_base = config.rope_base
+    self.rope_scaling = config.rope_scaling
     self.impl = config.attention_impl
     self.q_proj = _linear(d, d, config, rngs)
-    self.k_proj = _linear(d, d, config, rngs)
-    self.v_proj = _linear(d, d, config, rngs)
+    self.k_proj = _linear(d, kv_dim, config, rngs)
+    self.v_proj = _linear(d, kv_dim, config, rngs)
     self.o_proj = _linear(d, d, config, rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     b, seq_len, d = x_BxLxD.shape
-    h, k = self.num_heads, self.head_dim
+    h, k, g = self.num_heads, self.head_dim, self.num_kv_heads
     q_BxLxHxK = self.q_proj(x_BxLxD).reshape(b, seq_len, h, k)
-    k_BxLxHxK = self.k_proj(x_BxLxD).reshape(b, seq_len, h, k)
-    v_BxLxHxK = self.v_proj(x_BxLxD).reshape(b, seq_len, h, k)
-    cos_LxK, sin_LxK = rope_cos_sin(seq_len, k, self.rope_base)
+    k_BxLxHxK = self.k_proj(x_BxLxD).reshape(b, seq_len, g, k)
+    v_BxLxHxK = self.v_proj(x_BxLxD).reshape(b, seq_len, g, k)
+    cos_LxK, sin_LxK = rope_cos_sin(seq_len, k, self.rope_base, self.rope_scaling)
     q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxK, sin_LxK)
     k_BxLxHxK = apply_rope(k_BxLxHxK, cos_LxK, sin_LxK)
     out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.impl)
@@ -403,7 +471,7 @@ def _block_runner(remat: str):
 
 
 class Llama(nnx.Module):
-  """The decoder: embed -> blocks -> final norm -> untied LM head.
+  """The decoder: embed -> blocks -> final norm -> LM head (untied unless ``tie_embeddings``).
 
   Blocks are an unrolled ``nnx.List`` so each layer has its own parameter
   path and gradient; compile time grows with depth, which is acceptable at
@@ -415,7 +483,8 @@ class Llama(nnx.Module):
     self.embed = _embedding(config, rngs)
     self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(config.hidden_size, config)
-    self.lm_head = _lm_head(config, rngs)
+    if not config.tie_embeddings:
+      self.lm_head = _lm_head(config, rngs)
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Maps int tokens (B, L) to float32 next-token logits (B, L, V)."""
@@ -431,7 +500,11 @@ class Llama(nnx.Module):
 
   def head(self, x_BxLxD: jax.Array) -> jax.Array:
     """Final norm and LM head: last hidden states (B, L, D) -> float32 logits (B, L, V)."""
-    return self.lm_head(self.final_norm(x_BxLxD)).astype(jnp.float32)
+    h_BxLxD = self.final_norm(x_BxLxD)
+    if self.config.tie_embeddings:  # logits = h @ E^T, in the compute dtype like the untied head
+      table_VxD = self.embed.embedding[...].astype(self.config.dtype)
+      return jnp.einsum("bld,vd->blv", h_BxLxD, table_VxD).astype(jnp.float32)
+    return self.lm_head(h_BxLxD).astype(jnp.float32)
 
 
 def init_params(config: LlamaConfig, seed: int = 0, shardings: Any = None) -> dict:
@@ -474,9 +547,10 @@ def init_params(config: LlamaConfig, seed: int = 0, shardings: Any = None) -> di
   params["final_norm"] = jitted(lambda r: RMSNorm(config.hidden_size, config), get("final_norm"))(
     jax.random.fold_in(root, 1 + config.num_layers)
   )
-  params["lm_head"] = jitted(lambda r: _lm_head(config, r), get("lm_head"))(
-    jax.random.fold_in(root, 2 + config.num_layers)
-  )
+  if not config.tie_embeddings:
+    params["lm_head"] = jitted(lambda r: _lm_head(config, r), get("lm_head"))(
+      jax.random.fold_in(root, 2 + config.num_layers)
+    )
   return params
 
 
@@ -497,8 +571,9 @@ def _hf_mapping(config: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
   mapping: dict[str, tuple[tuple[Any, ...], bool]] = {
     "model.embed_tokens.weight": (("embed", "embedding"), False),
     "model.norm.weight": (("final_norm", "scale"), False),
-    "lm_head.weight": (("lm_head", "kernel"), True),
   }
+  if not config.tie_embeddings:
+    mapping["lm_head.weight"] = (("lm_head", "kernel"), True)
   for i in range(config.num_layers):
     hf = f"model.layers.{i}"
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -538,8 +613,12 @@ def load_hf_weights(model: Llama, state_dict: Mapping[str, np.ndarray]) -> None:
     if "lm_head.weight" in missing:
       hint = " (a tied-embedding checkpoint has no lm_head.weight; this model is untied)"
     raise ValueError(f"missing keys in state dict{hint}: {_abbrev(missing)}")
+  # A tied model's state dict also lists the shared table as lm_head.weight.
+  tied_alias = "lm_head.weight" if model.config.tie_embeddings else None
   unexpected = sorted(
-    k for k in state_dict if k not in mapping and not k.endswith("rotary_emb.inv_freq")
+    k
+    for k in state_dict
+    if k not in mapping and not k.endswith("rotary_emb.inv_freq") and k != tied_alias
   )
   if unexpected:
     raise ValueError(f"unexpected keys in state dict: {_abbrev(unexpected)}")

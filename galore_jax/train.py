@@ -51,6 +51,9 @@ class TrainConfig:
   """Everything a run depends on. Defaults: the main job (llama_tiny, GaLore, bundled corpus)."""
 
   model: str = "llama_tiny"
+  # A Hugging Face model directory to start from: its config.json replaces --model, its
+  # weights replace the random init, its tokenizer is the default one (galore_jax.hf).
+  init_from: str | None = None
   optimizer: str = "galore_adamw"
   rank: int = 64
   update_proj_gap: int = 50  # paper: 200 over 10K+ steps; 50 refreshes the main job 3 times
@@ -125,22 +128,50 @@ def parse_mesh(spec: str | None) -> tuple[int, int]:
   return sizes["data"], sizes["fsdp"]
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.LlamaConfig:
+def base_model_config(cfg: TrainConfig, hf_config: dict | None = None) -> model_lib.LlamaConfig:
+  """The architecture: ``--init-from``'s config.json (or ``hf_config``, the copy a
+  checkpoint keeps of it), else the named ``--model``."""
+  if not cfg.init_from:
+    return model_lib.get_config(cfg.model)
+  from galore_jax import hf
+
   try:
-    return model_lib.get_config(
-      cfg.model,
+    if hf_config is not None:
+      return hf.config_from_dict(hf_config, where=f"{cfg.init_from}/config.json")
+    return hf.read_config(cfg.init_from)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--init-from", str(e)) from e
+
+
+def model_config(
+  cfg: TrainConfig, vocab_size: int, hf_config: dict | None = None
+) -> model_lib.LlamaConfig:
+  try:
+    base = base_model_config(cfg, hf_config)
+    if cfg.init_from:  # the checkpoint's vocabulary; the tokenizer may use fewer ids
+      if vocab_size > base.vocab_size:
+        raise ConfigError(
+          "--tokenizer",
+          f"vocabulary of {vocab_size} is larger than the model's {base.vocab_size} "
+          f"({cfg.init_from})",
+        )
+      vocab_size = base.vocab_size
+    return dataclasses.replace(
+      base,
       vocab_size=vocab_size,
       param_dtype=DTYPES[cfg.param_dtype],
       dtype=DTYPES[cfg.dtype],
       remat=cfg.remat,
     )
+  except ConfigError:
+    raise
   except ValueError as e:
     raise ConfigError("--model", str(e)) from e
 
 
 def validate(cfg: TrainConfig) -> None:
   """Checks flags that need no data or devices; raises ConfigError."""
-  if cfg.model not in model_lib.CONFIGS:
+  if cfg.model not in model_lib.CONFIGS and not cfg.init_from:
     raise ConfigError(
       "--model", f"unknown model {cfg.model!r}; choose from {', '.join(model_lib.CONFIGS)}"
     )
@@ -148,7 +179,7 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError(
       "--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
     )
-  mc = model_lib.CONFIGS[cfg.model]
+  mc = base_model_config(cfg)
   for flag, value in [
     ("--steps", cfg.steps),
     ("--batch-size", cfg.batch_size),
@@ -606,8 +637,8 @@ def abstract_model(model_cfg: model_lib.LlamaConfig, seed: int = 0):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def setup(cfg: TrainConfig, vocab_size: int) -> Run:
-  model_cfg = model_config(cfg, vocab_size)
+def setup(cfg: TrainConfig, vocab_size: int, hf_config: dict | None = None) -> Run:
+  model_cfg = model_config(cfg, vocab_size, hf_config)
   mesh = make_mesh(cfg)
   graphdef, abstract_params = abstract_model(model_cfg, cfg.seed)
   tx = build_optimizer(cfg)
@@ -634,14 +665,27 @@ def init_state(run: Run):
   """Fresh params and optimizer state, created directly in their shardings.
 
   The params come part by part (``model.init_params``: one compiled block
-  initialiser for every layer, so compile time does not grow with depth).
+  initialiser for every layer, so compile time does not grow with depth), or from
+  ``--init-from``'s safetensors, read tensor by tensor into their shardings.
   """
-  params = model_lib.init_params(run.model_cfg, run.cfg.seed, run.param_sharding)
+  if run.cfg.init_from:
+    from galore_jax import hf
+
+    try:
+      params = hf.load_pretrained(
+        run.cfg.init_from, config=run.model_cfg, shardings=run.param_sharding
+      )[1]
+    except (OSError, ValueError) as e:
+      raise ConfigError("--init-from", str(e)) from e
+  else:
+    params = model_lib.init_params(run.model_cfg, run.cfg.seed, run.param_sharding)
   return params, jax.jit(run.tx.init, out_shardings=run.opt_sharding)(params)
 
 
 def compile_train_step(run: Run):
-  if per_layer_updates(run.cfg):
+  # A tied embedding gets gradient from two stages (lookup and head), so it cannot be
+  # updated right after one of them: tied models take the whole-gradient step.
+  if per_layer_updates(run.cfg) and not run.model_cfg.tie_embeddings:
     step = make_layerwise_step(run.graphdef, run.tx, remat=run.cfg.remat)
   else:
     step = make_train_step(run.graphdef, run.tx)
@@ -689,7 +733,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "tokenizer_sha": tokenizer_hash(sp),
       "model": cfg.model,
       "model_config": {
-        k: str(v) for k, v in dataclasses.asdict(run.model_cfg).items() if k not in _NOT_IN_STATE
+        k: v for k, v in model_lib.config_record(run.model_cfg).items() if k not in _NOT_IN_STATE
       },
       "optimizer": cfg.optimizer,
       "rank": cfg.rank if cfg.is_galore else None,
@@ -701,6 +745,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "weight_decay": cfg.weight_decay > 0,
     },
     "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+    **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
     "data_position": {
       "seed": cfg.seed,
       "source": cfg.data,
@@ -731,6 +776,14 @@ _COMPAT_FLAGS = {
   "vocab_size": "--tokenizer",
   "tokenizer_sha": "--tokenizer",
 }
+
+
+def _init_config(cfg: TrainConfig) -> dict:
+  """``--init-from``'s config.json, kept in the checkpoint so eval / export / resume do not
+  need the directory any more."""
+  from galore_jax import hf
+
+  return hf.read_config_dict(cfg.init_from)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -862,7 +915,7 @@ def load_data(cfg: TrainConfig):
 
   try:
     sp = data.load_tokenizer(cfg.tokenizer)
-  except (FileNotFoundError, OSError, RuntimeError) as e:
+  except (OSError, RuntimeError, ValueError) as e:
     raise ConfigError("--tokenizer", str(e)) from e
   if sp.eos_id() < 0:
     raise ConfigError("--tokenizer", "the tokenizer has no EOS piece; documents need a separator")
@@ -937,6 +990,17 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     data=absolute_source(cfg.data),
     tokenizer=os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else None,
   )
+  if cfg.init_from:  # absolute: a resume may run from another directory
+    cfg = dataclasses.replace(cfg, init_from=os.path.abspath(os.path.expanduser(cfg.init_from)))
+  if cfg.init_from and cfg.tokenizer is None:  # the model's own tokenizer, if it has one
+    from galore_jax import hf
+
+    found = hf.find_tokenizer(cfg.init_from)
+    if found is None:
+      raise ConfigError(
+        "--tokenizer", f"{cfg.init_from} has no tokenizer.json or tokenizer.model; name one"
+      )
+    cfg = dataclasses.replace(cfg, tokenizer=str(found.resolve()))
   with _Signals() as signals, contextlib.ExitStack() as stack:
     try:
       created = stack.enter_context(rundir.locked(cfg.out))
@@ -991,7 +1055,8 @@ def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
 
   n_params = sum(x.size for x in jax.tree.leaves(params))
   log(
-    f"model {cfg.model}: {n_params / 1e6:.2f}M params, vocab {run.model_cfg.vocab_size}; "
+    f"model {cfg.init_from or cfg.model}: {n_params / 1e6:.2f}M params, "
+    f"vocab {run.model_cfg.vocab_size}; "
     f"optimizer {cfg.optimizer}"
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
@@ -1162,7 +1227,7 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
 
   try:
     sp = data.load_tokenizer(cfg.tokenizer)
-  except (FileNotFoundError, OSError) as e:
+  except (OSError, ValueError) as e:
     if tokenizer is None:  # the user passed none: say where the path came from
       raise ConfigError(
         "--tokenizer",
@@ -1170,14 +1235,18 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
       ) from e
     raise ConfigError("--tokenizer", str(e)) from e
   want = meta["compat"]
-  if sp.get_piece_size() != want["vocab_size"] or tokenizer_hash(sp) != want["tokenizer_sha"]:
+  # An --init-from model may have more embedding rows than its tokenizer has ids.
+  vocab_ok = sp.get_piece_size() == want["vocab_size"] or (
+    cfg.init_from and sp.get_piece_size() < want["vocab_size"]
+  )
+  if not vocab_ok or tokenizer_hash(sp) != want["tokenizer_sha"]:
     raise ConfigError(
       "--tokenizer",
       f"tokenizer has vocabulary {sp.get_piece_size()} "
       f"(hash {tokenizer_hash(sp)}), the checkpoint was trained with "
       f"{want['vocab_size']} (hash {want['tokenizer_sha']})",
     )
-  run = setup(cfg, sp.get_piece_size())
+  run = setup(cfg, sp.get_piece_size(), meta.get("hf_config"))
   params = checkpoint.restore(path, step, {"params": run.abstract_params})["params"]
   return run, params, sp, step
 

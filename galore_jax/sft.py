@@ -1,0 +1,216 @@
+"""Instruction data for fine-tuning: the loss is taken on the answers only.
+
+A ``--data`` file of JSON lines (or a JSON array; ``.gz`` / ``.xz`` allowed) whose records
+are either
+
+* ``{"prompt": "...", "completion": "..."}``: one example is ``[BOS] prompt completion
+  EOS`` (BOS when the tokenizer has one), prompt and completion tokenized separately so
+  the boundary is exact; the targets that are completion tokens or the final EOS are
+  trained, the prompt's are not; or
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``: the conversation rendered with
+  the tokenizer's chat template (``chat_template`` in ``tokenizer_config.json``); the text
+  of every assistant turn, as the template renders it (its end-of-turn token included),
+  is trained, everything else is not.
+
+**No packing.** Each example is one row of ``seq_len + 1`` tokens, truncated at the end and
+padded (padding masked), whatever ``--no-packing`` says: examples never share a row, so no
+example attends to another and no segment ids are needed in attention. Instruction
+examples are short, so the padding costs less than it would for pretraining text.
+
+Masking is the batch's ``mask`` (1.0 on trained targets), which the train step already
+multiplies into the token loss: a prompt token contributes nothing to the loss and gets
+no gradient. The train / validation split is the path rule of ``galore_jax.data`` applied
+to each record's canonical JSON (1 in 100 by content hash, at least one record).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galore_jax import data
+
+
+def _read_records(path: Path) -> list[tuple[Any, str]]:
+  """(record, where) for every JSON record of a .jsonl / .json file (compressed or not)."""
+  fmt, comp = data._file_kind(path)
+  raw = path.read_bytes()
+  if comp:
+    raw = data._COMPRESSION[comp](raw)
+  text = raw.decode("utf-8")
+  if fmt == ".json":
+    try:
+      whole = json.loads(text)
+      if isinstance(whole, list):
+        return [(r, f"{path} [item {i}]") for i, r in enumerate(whole)]
+      return [(whole, str(path))]
+    except json.JSONDecodeError:
+      pass  # JSON lines in a .json file
+  out = []
+  for lineno, line in enumerate(text.splitlines(), 1):
+    if line.strip():
+      try:
+        out.append((json.loads(line), f"{path}:{lineno}"))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+  return out
+
+
+def _kind(record: Any) -> str | None:
+  if isinstance(record, dict):
+    if "prompt" in record and "completion" in record:
+      return "prompt"
+    if "messages" in record:
+      return "messages"
+  return None
+
+
+def is_instruction_data(files: Sequence[Path]) -> bool:
+  """Whether the first record of the first JSON file is a prompt/completion or chat record."""
+  for f in files:
+    fmt, _ = data._file_kind(f)
+    if fmt == ".txt":
+      return False
+    try:
+      records = _read_records(f)
+    except (ValueError, OSError, EOFError):
+      return False  # let the text reader report it
+    if records:
+      return _kind(records[0][0]) is not None
+  return False
+
+
+def render_chat(template: str, messages: list, *, add_generation_prompt: bool, **specials) -> str:
+  """A chat template rendered as transformers renders it (sandboxed Jinja, trimmed blocks)."""
+  import jinja2.sandbox
+
+  def raise_exception(message):
+    raise ValueError(f"chat template: {message}")
+
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  return env.from_string(template).render(
+    messages=messages, add_generation_prompt=add_generation_prompt, **specials
+  )
+
+
+def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
+  """The rendered conversation as (text, trained) pieces: assistant turns are trained.
+
+  Turn ``i``'s text is what rendering ``messages[: i + 1]`` adds to rendering
+  ``messages[:i]`` with the generation prompt; every rendering must extend the previous
+  one (true of ordinary templates), otherwise the turn boundaries are unknown.
+  """
+  template = getattr(tok, "chat_template", None)
+  if not template:
+    raise ValueError(
+      f'{where}: "messages" records need a tokenizer with a chat template '
+      "(chat_template in tokenizer_config.json)"
+    )
+  messages = rec["messages"]
+  if not isinstance(messages, list) or not all(
+    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+  ):
+    raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+  specials = {}
+  for name, fn in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
+    i = getattr(tok, fn)()
+    specials[name] = tok.id_to_piece(i) if i >= 0 else ""
+  render = lambda msgs, gen: render_chat(template, msgs, add_generation_prompt=gen, **specials)
+  full = render(messages, False)
+  pieces: list[tuple[str, bool]] = []
+  done = 0
+  for i, m in enumerate(messages):
+    if m.get("role") != "assistant":
+      continue
+    start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+    if not (full.startswith(render(messages[: i + 1], False)) and done <= start <= end):
+      raise ValueError(f"{where}: the chat template does not render turn by turn")
+    pieces += [(full[done:start], False), (full[start:end], True)]
+    done = end
+  pieces.append((full[done:], False))
+  return [(t, trained) for t, trained in pieces if t]
+
+
+def tokenize_examples(
+  records: Sequence[tuple[Any, str]], tok
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Each record -> (tokens int32, trained bool per token); see the module docstring."""
+  eos, bos = tok.eos_id(), tok.bos_id()
+  prefix = [bos] if bos >= 0 else []
+  out: list[tuple[np.ndarray, np.ndarray]] = []
+  prompts = [(r, w) for r, w in records if _kind(r) == "prompt"]
+  for r, w in prompts:
+    if not (isinstance(r["prompt"], str) and isinstance(r["completion"], str)):
+      raise ValueError(f'{w}: "prompt" and "completion" must be strings')
+  p_ids = tok.encode([r["prompt"] for r, _ in prompts]) if prompts else []
+  c_ids = tok.encode([r["completion"] for r, _ in prompts]) if prompts else []
+  by_prompt = iter(zip(p_ids, c_ids, strict=True))
+  for r, w in records:
+    kind = _kind(r)
+    if kind == "prompt":
+      p, c = next(by_prompt)
+      toks = prefix + list(p) + list(c) + [eos]
+      trained = [False] * (len(prefix) + len(p)) + [True] * (len(c) + 1)
+    elif kind == "messages":
+      toks, trained = [], []
+      for text, flag in _chat_segments(r, w, tok):
+        ids = tok.encode(text)
+        toks += ids
+        trained += [flag] * len(ids)
+    else:
+      raise ValueError(
+        f'{w}: expected {{"prompt", "completion"}} or {{"messages"}} like the first record'
+      )
+    out.append((np.asarray(toks, np.int32), np.asarray(trained, bool)))
+  return out
+
+
+def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
+  """The path-source split rule (``galore_jax.data.path_documents``) on canonical JSON."""
+  hashes = [data._doc_hash(json.dumps(r, sort_keys=True)) for r, _ in records]
+  is_val = [h % data.PATH_VALIDATION_MODULUS == 0 for h in hashes]
+  if not any(is_val) and len(records) >= 2:
+    is_val[int(np.argmin(np.array(hashes, dtype=np.uint64)))] = True
+  want = split == "validation"
+  return [r for r, v in zip(records, is_val, strict=True) if v == want]
+
+
+class _ExampleBatch(data._Rows):
+  """Example indices -> one example per row; ``mask`` is 1 where the target is trained."""
+
+  def __init__(self, examples, batch_size: int, seq_len: int, pad: int):
+    super().__init__(batch_size, seq_len, pad)
+    self.examples = examples
+
+  def __call__(self, idx) -> dict[str, np.ndarray]:
+    buf, mask = self.empty()
+    for r, i in enumerate(np.asarray(idx, dtype=np.int64).reshape(-1)):
+      toks, trained = self.examples[int(i)]
+      n = min(len(toks), self.seq_len + 1)
+      buf[r, :n] = toks[:n]
+      mask[r, : max(n - 1, 0)] = trained[1:n]  # target j is token j + 1
+    return self.finish(buf, mask)
+
+
+def plan(config: data.DataConfig, split: str, tok, files: Sequence[Path], eos: int, pad: int):
+  """The ``data._Plan`` of an instruction file set (one example per row, never packed)."""
+  del eos  # placed by tokenize_examples
+  records = [rw for f in files for rw in _read_records(f)]
+  if not records:
+    raise ValueError(f"--data {config.source!r}: no records")
+  chosen = split_records(records, split)
+  if not chosen:
+    raise ValueError(
+      f"--data {config.source!r}: split {split!r} is empty ({len(records)} record(s) in all; "
+      "the validation split needs at least two)"
+    )
+  examples = tokenize_examples(chosen, tok)
+  n = len(examples)
+  n_tok = int(sum(len(t) for t, _ in examples))
+  B, L = config.batch_size, config.seq_len
+  return data._Plan(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)

@@ -1,0 +1,483 @@
+"""Hugging Face checkpoints in and out (``galore_jax.hf``), fine-tuning data (``galore_jax.sft``).
+
+Every model is a tiny random one built here with transformers and saved with its own
+``save_pretrained`` (offline, nothing downloaded): transformers is the independent
+reference for the logits, the file layout and the loss of an exported model.
+"""
+
+import dataclasses
+import inspect
+import json
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from galore_jax import cli, data, hf, sft, train
+from galore_jax import model as M
+
+pytestmark = pytest.mark.reference
+
+torch = pytest.importorskip("torch", reason="needs the reference extra")
+transformers = pytest.importorskip("transformers", reason="needs the reference extra")
+tokenizers = pytest.importorskip("tokenizers")
+safetensors = pytest.importorskip("safetensors")
+
+WORDS = (
+  "the a cat dog sat ran on under mat tree red blue big small and then it was one two three "
+  "four five six seven eight nine ten add plus is answer what why how sun moon star sky"
+).split()
+CHAT_TEMPLATE = (
+  "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+  "{% else %}Bot: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+  "{% if add_generation_prompt %}Bot:{% endif %}"
+)
+
+
+def _sentences(n, seed=0):
+  rng = random.Random(seed)
+  return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+  """A 200-id BPE tokenizer.json (tokenizers library) with BOS / EOS and a chat template."""
+  d = tmp_path_factory.mktemp("tok")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  tok.decoder = tokenizers.decoders.Metaspace()
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+  )
+  tok.train_from_iterator(_sentences(500), trainer)
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(
+    json.dumps(
+      {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+      }
+    )
+  )
+  return d
+
+
+def _llama_config(arch="llama", *, kv=4, tie=False, theta=10000.0, llama3=None, vocab=256):
+  """A transformers config across 4.x (rope_theta / rope_scaling) and 5.x (rope_parameters)."""
+  cls = transformers.MistralConfig if arch == "mistral" else transformers.LlamaConfig
+  kwargs = dict(
+    vocab_size=vocab,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=kv,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=tie,
+    initializer_range=0.05,  # logits of order 1, so 1e-5 parity is a real check
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  if arch == "mistral":
+    kwargs["sliding_window"] = None
+  rope = {"rope_type": "default"}
+  if llama3:
+    rope = {"rope_type": "llama3", **llama3}
+  if "rope_parameters" in inspect.signature(cls.__init__).parameters:
+    kwargs["rope_parameters"] = {**rope, "rope_theta": theta}
+  else:
+    kwargs["rope_theta"] = theta
+    kwargs["rope_scaling"] = rope if llama3 else None
+  return cls(**kwargs)
+
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+LLAMA3["original_max_position_embeddings"] = 16  # short, so scaling matters at 48 positions
+CASES = {
+  "gqa": dict(kv=2),
+  "tied": dict(tie=True),
+  "llama3_rope": dict(kv=2, theta=500000.0, llama3=LLAMA3),
+  "mistral": dict(arch="mistral", kv=2),
+}
+
+
+def _save_hf(path, seed=0, **kw):
+  torch.manual_seed(seed)
+  config = _llama_config(**kw)
+  cls = (
+    transformers.MistralForCausalLM
+    if kw.get("arch") == "mistral"
+    else transformers.LlamaForCausalLM
+  )
+  model = cls(config).eval()
+  model.save_pretrained(path)
+  return model
+
+
+def _logits(config, params, tokens):
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: M.Llama(config, rngs=nnx.Rngs(0))), nnx.Param)
+  return np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
+
+
+TOKENS = np.random.RandomState(0).randint(0, 256, (2, 48))
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hf")
+  return {name: (root / name, _save_hf(root / name, **kw)) for name, kw in CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logit_parity_with_transformers(hf_models, case):
+  path, ref = hf_models[case]
+  config, params = hf.load_pretrained(path)
+  ours = _logits(config, params, TOKENS)
+  with torch.no_grad():
+    theirs = ref(torch.tensor(TOKENS)).logits.numpy()
+  err = np.abs(ours - theirs).max()
+  assert np.abs(theirs).max() > 0.5  # not a vacuous comparison of near-zero logits
+  assert err <= 1e-5, (case, err)
+  if case == "llama3_rope":  # the scaling is really applied: without it the logits differ
+    plain = _logits(dataclasses.replace(config, rope_scaling=None), params, TOKENS)
+    assert np.abs(plain - theirs).max() > 1e-3
+  if case == "tied":
+    assert "lm_head" not in params and config.tie_embeddings
+  if case in ("gqa", "llama3_rope", "mistral"):
+    assert params["layers"][0]["attn"]["k_proj"]["kernel"].shape == (64, 32)
+
+
+def _tensors(path):
+  files = hf.weight_files(path)
+  out = {}
+  for name, file in files.items():
+    with safetensors.safe_open(str(file), "numpy") as f:
+      out[name] = f.get_tensor(name)
+  return out
+
+
+@pytest.mark.parametrize("case", ["gqa", "tied", "llama3_rope"])
+def test_round_trip_is_bit_exact(hf_models, tmp_path, case):
+  path, _ = hf_models[case]
+  config, params = hf.load_pretrained(path)
+  out = tmp_path / "exported"
+  hf.save_pretrained(out, config, params, dtype="float32")
+  a, b = _tensors(path), _tensors(out)
+  assert sorted(a) == sorted(b)
+  for name in a:
+    assert a[name].dtype == b[name].dtype == np.float32
+    assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
+  assert hf.read_config(out) == hf.read_config(path)
+
+
+def test_sharded_files_load(hf_models, tmp_path):
+  path, ref = hf_models["llama3_rope"]
+  config, params = hf.load_pretrained(path)
+
+  # Our sharded export: several files and an index; we and transformers read it back.
+  sharded = tmp_path / "sharded"
+  hf.save_pretrained(sharded, config, params, max_shard_bytes=40_000)
+  index = json.loads((sharded / hf.INDEX_FILE).read_text())
+  assert len(set(index["weight_map"].values())) > 2
+  _, again = hf.load_pretrained(sharded)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), params, again))
+  back = transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
+  with torch.no_grad():
+    diff = (back(torch.tensor(TOKENS)).logits - ref(torch.tensor(TOKENS)).logits).abs().max()
+  assert float(diff) == 0.0
+
+  # transformers' own sharded layout loads too, straight into an fsdp sharding and bf16.
+  theirs = tmp_path / "theirs"
+  ref.save_pretrained(theirs, max_shard_size="40KB")
+  assert (theirs / hf.INDEX_FILE).is_file()
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("data", "fsdp"))
+  abstract = hf._abstract_params(config)
+  shardings = train.shardings_for(abstract, mesh)
+  _, split = hf.load_pretrained(theirs, shardings=shardings, param_dtype=jnp.bfloat16)
+  q = split["layers"][1]["attn"]["q_proj"]["kernel"]
+  assert (
+    q.dtype == jnp.bfloat16
+    and q.sharding.spec == shardings["layers"][1]["attn"]["q_proj"]["kernel"].spec
+  )
+  assert len(q.sharding.device_set) == 2
+  want = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), params)
+  assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, np.asarray(y)), want, split))
+
+
+def _one_line_error(fn, exc=ValueError):
+  with pytest.raises(exc) as info:
+    fn()
+  msg = str(info.value)
+  assert "\n" not in msg and msg
+  return msg
+
+
+def test_bad_checkpoints_give_one_line_errors(hf_models, tmp_path):
+  import shutil
+
+  src, _ = hf_models["gqa"]
+  blob = (src / hf.SINGLE_FILE).read_bytes()
+
+  def variant(name, data=None, config=None):
+    d = tmp_path / name
+    shutil.copytree(src, d)
+    if data is not None:
+      (d / hf.SINGLE_FILE).write_bytes(data)
+    if config is not None:
+      cfg = json.loads((d / "config.json").read_text())
+      cfg.update(config)
+      (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+  d = variant("truncated", blob[: len(blob) // 2])
+  assert "model.safetensors" in _one_line_error(lambda: hf.load_pretrained(d))
+  d = variant("corrupt", b"\x20\0\0\0\0\0\0\0" + b"{this is not a header}" + blob[40:])
+  assert "corrupt or truncated" in _one_line_error(lambda: hf.load_pretrained(d))
+
+  d = tmp_path / "shards"
+  config, params = hf.load_pretrained(src)
+  hf.save_pretrained(d, config, params, max_shard_bytes=40_000)
+  shards = sorted(set(json.loads((d / hf.INDEX_FILE).read_text())["weight_map"].values()))
+  assert len(shards) > 2
+  (d / shards[1]).unlink()
+  msg = _one_line_error(lambda: hf.load_pretrained(d), FileNotFoundError)
+  assert shards[1] in msg and "missing" in msg
+
+  for field, change in [
+    ("architectures", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}),
+    ("attention_bias", {"attention_bias": True}),
+    (
+      "rope_scaling",
+      {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
+    ),
+    ("head_dim", {"head_dim": 32}),
+    ("unknown_field", {"unknown_field": 1}),
+    ("quantization_config", {"quantization_config": {"quant_method": "gptq"}}),
+  ]:
+    d = variant(field, config=change)
+    assert field in _one_line_error(lambda d=d: hf.load_pretrained(d)), field
+
+  # The CLI: galore-jax: error: --init-from: why, exit code 2, no traceback.
+  d = variant("cli", config={"mlp_bias": True})
+  import contextlib
+  import io
+
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    code = cli.main(["train", "--init-from", str(d), "--out", str(tmp_path / "run")])
+  lines = err.getvalue().strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("galore-jax: error: --init-from:")
+  assert "mlp_bias" in lines[0]
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+def _arith(n, seed=0):
+  rng = random.Random(seed)
+  num = lambda k: WORDS[17 + k]  # one .. ten
+  out = []
+  for _ in range(n):
+    a, b = rng.randint(1, 4), rng.randint(1, 5)
+    out.append({"prompt": f"what is {num(a)} add {num(b)} ?", "completion": f" {num(a + b)}"})
+  return out
+
+
+def test_prompt_tokens_get_no_gradient(tok_dir, tmp_path):
+  tok = data.load_tokenizer(str(tok_dir / "tokenizer.json"))
+  recs = [{"prompt": "what is one add two ?", "completion": " three and then the sun"}] * 3
+  recs += [{"prompt": s, "completion": " it was big"} for s in _sentences(40, seed=1)]
+  f = _write_jsonl(tmp_path / "sft.jsonl", recs)
+  cfg = data.DataConfig(
+    source=str(f), seq_len=24, batch_size=4, tokenizer=str(tok_dir / "tokenizer.json")
+  )
+  ds = data.make_dataset(cfg, "train")
+  batch = ds.batch(0)
+
+  # The mask: 0 on every target inside [BOS] + prompt, 1 on the completion and its EOS.
+  for row in range(4):
+    inputs, mask = batch["inputs"][row], batch["mask"][row]
+    assert inputs[0] == tok.bos_id()
+    n_trained = int(mask.sum())
+    first = int(np.argmax(mask))
+    assert n_trained > 0 and mask[first : first + n_trained].all() and mask[:first].sum() == 0
+    assert batch["targets"][row][first + n_trained - 1] == tok.eos_id()
+
+  # The gradient: changing the prompt's targets changes neither loss nor gradient, and
+  # the logits at prompt positions get exactly zero gradient.
+  config = M.LlamaConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_layers=1
+  )
+  params = M.init_params(config, seed=0)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: M.Llama(config, rngs=nnx.Rngs(0))), nnx.Param)
+  stacked = {k: v[None] for k, v in batch.items()}
+  scrambled = dict(stacked, targets=np.where(stacked["mask"] > 0, stacked["targets"], 7))
+
+  @jax.jit
+  def both(params, a, b):
+    logits = nnx.merge(graphdef, params)(a["inputs"][0])
+    d_logits = jax.grad(lambda lg: train._summed_cross_entropy(lg, jax.tree.map(lambda x: x[0], a)))
+    return (
+      train.mean_token_gradient(graphdef, params, a),
+      train.mean_token_gradient(graphdef, params, b),
+      d_logits(logits),
+    )
+
+  (loss, count, grads), (loss2, _, grads2), g = jax.device_get(both(params, stacked, scrambled))
+  assert float(count) == float(batch["mask"].sum())
+  assert float(loss) == float(loss2)
+  assert jax.tree.all(jax.tree.map(np.array_equal, grads, grads2))
+  prompt = batch["mask"] == 0
+  assert np.abs(g[prompt]).max() == 0.0
+  assert (np.abs(g[~prompt]).max(axis=-1) > 0).all()
+
+
+def test_chat_messages_train_on_assistant_turns(tok_dir, tmp_path):
+  tok = data.load_tokenizer(str(tok_dir))
+  conv = {
+    "messages": [
+      {"role": "user", "content": "what is two add two ?"},
+      {"role": "assistant", "content": "four"},
+      {"role": "user", "content": "and one add one ?"},
+      {"role": "assistant", "content": "two"},
+    ]
+  }
+  ((toks, trained),) = sft.tokenize_examples([(conv, "rec")], tok)
+  text = tok.decode(toks[trained].tolist())
+  assert text.replace(" ", "") == "fourtwo"  # both answers, each with its EOS (skipped here)
+  assert (toks[trained] == tok.eos_id()).sum() == 2
+  assert toks[0] == tok.bos_id() and not trained[0]
+  with pytest.raises(ValueError, match="chat template"):
+    sft.tokenize_examples([(conv, "rec")], data.load_tokenizer(None))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tok_dir, tmp_path_factory):
+  """train --init-from (GaLore, per-layer updates) -> export, on instruction data."""
+  root = tmp_path_factory.mktemp("e2e")
+  init = root / "init"
+  # 256 embedding rows for a 200-id tokenizer: a checkpoint may pad its vocabulary.
+  _save_hf(init, seed=1, kv=2, theta=500000.0, llama3=LLAMA3)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (init / name).write_bytes((tok_dir / name).read_bytes())
+  sft_file = _write_jsonl(root / "sft.jsonl", _arith(300))
+  docs = [" ".join(_sentences(4, seed=i)) for i in range(700)]  # longer than one window
+  held = _write_jsonl(root / "held.jsonl", [{"text": d} for d in docs])
+  run = root / "run"
+  args = ["train", "--init-from", str(init), "--data", str(sft_file), "--steps", "4"]
+  args += ["--batch-size", "4", "--seq-len", "32", "--rank", "8", "--update-proj-gap", "2"]
+  args += ["--lr", "0.01", "--eval-every", "4", "--eval-batches", "1", "--save-every", "4"]
+  args += ["--out", str(run), "--no-progress"]
+  assert cli.main(args) == 0
+  out = root / "exported"
+  assert cli.main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+  return dict(init=init, run=run, out=out, sft=sft_file, held=held)
+
+
+def _hf_loss(model, batch):
+  with torch.no_grad():
+    logits = model(torch.tensor(batch["inputs"], dtype=torch.long)).logits.double()
+  logp = torch.log_softmax(logits, -1)
+  nll = -logp.gather(-1, torch.tensor(batch["targets"], dtype=torch.long)[..., None])[..., 0]
+  mask = torch.tensor(batch["mask"], dtype=torch.float64)
+  return float((nll * mask).sum()), float(mask.sum())
+
+
+def test_init_from_export_matches_transformers(trained_run, capsys):
+  r = trained_run
+  tokfile = str(r["init"] / "tokenizer.json")
+  # Training started from the checkpoint's weights: step 1's loss is transformers' loss
+  # of the initial model on the same batch.
+  init_model = transformers.AutoModelForCausalLM.from_pretrained(r["init"], dtype=torch.float32)
+  first = data.make_dataset(
+    data.DataConfig(source=str(r["sft"]), seq_len=32, batch_size=4, tokenizer=tokfile)
+  ).batch(0)
+  s, n = _hf_loss(init_model.eval(), first)
+  metrics = [json.loads(x) for x in (r["run"] / "metrics.jsonl").read_text().splitlines()]
+  assert abs(metrics[0]["loss"] - s / n) < 1e-4, (metrics[0]["loss"], s / n)
+
+  # The export is a transformers model whose loss equals galore-jax eval's on the same
+  # windows (eval --data FILE --no-packing; the windows rebuilt here by the data module).
+  capsys.readouterr()
+  args = ["eval", "--checkpoint", str(r["run"]), "--data", str(r["held"]), "--no-packing"]
+  args += ["--eval-batches", "2"]
+  assert cli.main([*args, "--json"]) == 0
+  ours = json.loads(capsys.readouterr().out)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(r["out"], dtype=torch.float32)
+  windows = data.eval_batches(
+    data.DataConfig(
+      source=str(r["held"]), seq_len=32, batch_size=4, packing=False, tokenizer=tokfile
+    ),
+    2,
+  )
+  sums = [_hf_loss(exported.eval(), b) for b in windows]
+  theirs = sum(s for s, _ in sums) / sum(n for _, n in sums)
+  assert len(windows) == ours["batches"] == 2 and sum(n for _, n in sums) > 64
+  assert abs(ours["eval_loss"] - theirs) <= 1e-3, (ours["eval_loss"], theirs)
+  print(f"eval loss: galore-jax {ours['eval_loss']:.7f}, transformers {theirs:.7f}")
+
+  # Training changed the weights, and the export carries the run's tokenizer.
+  a, b = _tensors(r["init"]), _tensors(r["out"])
+  assert not np.array_equal(
+    a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"]
+  )
+  cfg = json.loads((r["out"] / "config.json").read_text())
+  assert cfg["eos_token_id"] == 2 and cfg["vocab_size"] == 256
+  hf_tok = transformers.AutoTokenizer.from_pretrained(r["out"])
+  assert hf_tok("the cat sat", add_special_tokens=False)["input_ids"] == data.load_tokenizer(
+    tokfile
+  ).encode("the cat sat")
+  # Export refuses to overwrite.
+  assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
+
+
+def test_default_config_record_is_unchanged():
+  """Checkpoints saved before the Hugging Face fields existed still match on resume."""
+  record = M.config_record(M.get_config("llama_tiny"))
+  assert not {"num_kv_heads", "tie_embeddings", "rope_scaling"} & set(record)
+  assert M.config_record(M.get_config("llama_tiny", num_kv_heads=2))["num_kv_heads"] == "2"
+  assert os.path.basename(hf.__file__) == "hf.py"
+
+
+def test_tied_model_trains_with_the_whole_gradient_step(hf_models, tok_dir, tmp_path, capsys):
+  """A tied table gets gradient from the lookup and the head: per-layer updates cannot apply,
+  the trainer takes the whole-gradient step. No tokenizer in the directory: --tokenizer
+  must name one (here a tokenizer.json)."""
+  path, _ = hf_models["tied"]
+  corpus = _write_jsonl(tmp_path / "c.jsonl", [{"text": s} for s in _sentences(300)])
+  args = ["train", "--init-from", str(path), "--data", str(corpus), "--optimizer", "adamw"]
+  args += ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+  args += ["--out", str(tmp_path / "run"), "--no-progress"]
+  assert cli.main(args) == 2
+  assert "--tokenizer" in capsys.readouterr().err
+  tokfile = str(tok_dir / "tokenizer.json")
+  cfg = cli._train_config(cli.build_parser().parse_args([*args, "--tokenizer", tokfile]))
+  summary = train.train(cfg, log=lambda *a: None)
+  assert summary["step"] == 2 and np.isfinite(summary["losses"]).all()
+  run, params, _, _ = train.load_for_inference(str(tmp_path / "run"))
+  assert run.model_cfg.tie_embeddings and "lm_head" not in params
+  assert not train.per_layer_updates(cfg) or run.model_cfg.tie_embeddings
+
+
+def test_config_spellings_and_sliding_window(hf_models):
+  """transformers 4's rope_theta / rope_scaling (what export writes) and 5's rope_parameters
+  read alike; a Mistral sliding window caps the sequence length, so attention never
+  reaches past it."""
+  cfg = hf.read_config_dict(hf_models["llama3_rope"][0])
+  v4 = hf.config_to_dict(hf.config_from_dict(cfg))
+  assert "rope_parameters" not in v4 and v4["rope_scaling"]["rope_type"] == "llama3"
+  assert hf.config_from_dict(v4) == hf.config_from_dict(cfg)
+  mistral = hf.read_config_dict(hf_models["mistral"][0])
+  assert hf.config_from_dict({**mistral, "sliding_window": 128}).max_seq_len == 128
+  with pytest.raises(ValueError, match="sliding_window"):
+    hf.config_from_dict({**mistral, "sliding_window": 0})
