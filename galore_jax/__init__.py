@@ -10,14 +10,24 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-__all__ = [
-  "GaLoreState",
-  "decay_updated_weights",
-  "galore",
-  "galore_adamw",
-  "scale_by_adam_hf",
-  "state_bytes",
-]
+# Public name -> the module that defines it. Imported on first access (PEP 562, see below).
+_EXPORTS = {
+  "GaLoreState": "optimizer",
+  "STATIC_ARGS": "optimizer",
+  "decay_updated_weights": "optimizer",
+  "galore": "optimizer",
+  "galore_adamw": "optimizer",
+  "scale_and_decay_updated_weights": "optimizer",
+  "scale_by_adam_hf": "optimizer",
+  "scale_by_galore": "optimizer",
+  "state_bytes": "optimizer",
+  "adamw8bit": "adam8bit",
+  "scale_by_adam8bit": "adam8bit",
+  "LLAMA_TARGETS": "targets",
+  "llama_targets": "targets",
+  "reference_side_axes": "targets",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
@@ -25,8 +35,13 @@ def __getattr__(name: str):
   # Lazy (PEP 562): `import galore_jax.cli` must not import jax, so that the CLI installs
   # its SIGINT / SIGTERM handlers within milliseconds of starting (a Ctrl-C that lands
   # inside jax's C-extension imports can crash the interpreter instead of exiting 130).
-  if name in __all__:
-    from galore_jax import optimizer
+  module = _EXPORTS.get(name)
+  if module is not None:
+    import importlib
 
-    return getattr(optimizer, name)
+    return getattr(importlib.import_module(f"galore_jax.{module}"), name)
   raise AttributeError(f"module 'galore_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

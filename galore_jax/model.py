@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-GALORE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Module names whose kernels GaLore projects (attention and MLP weights)."""
+from galore_jax.targets import LLAMA_TARGETS as GALORE_TARGETS  # noqa: F401 - re-exported
 
 _REMAT_MODES = ("none", "full", "save_matmuls")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")

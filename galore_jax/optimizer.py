@@ -295,6 +295,45 @@ def _is_first_moment(path) -> bool:
   return isinstance(last, jax.tree_util.GetAttrKey) and last.name == "mu"
 
 
+STATIC_ARGS = (
+  "rank",
+  "update_proj_gap",
+  "mask",
+  "matrix_axes",
+  "oversample",
+  "power_iters",
+  "subspace_iters",
+  "subspace_first_iters",
+  "projector_dtype",
+  "seed",
+)
+"""Arguments of :func:`galore` and :func:`galore_adamw` that ``optax.inject_hyperparams`` must
+leave alone: ``optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)``.
+
+``inject_hyperparams`` stores every number it is given in the optimizer state and rebuilds the
+transform from those (traced) values at each update, and treats every callable as a schedule.
+Ranks, oversampling and loop counts fix array shapes and the compiled program, refresh gaps fix
+the staggered phases, and masks / axis functions / dtypes are callables, not schedules; so they
+have to stay Python values. Everything else (``learning_rate``, ``scale``, ``b1``, ``b2``,
+``eps``, ``weight_decay``) can be injected and changed mid-run.
+"""
+
+
+def _check_static_int(name: str, value, minimum: int | None) -> None:
+  if isinstance(value, int) and not isinstance(value, bool):
+    if minimum is not None and value < minimum:
+      raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return
+  hint = ""
+  if isinstance(value, (jax.Array, jax.core.Tracer)) or hasattr(value, "dtype"):
+    hint = (
+      f"; {name} fixes shapes or the compiled program, so it cannot be an array "
+      "(optax.inject_hyperparams turns numbers into arrays: pass "
+      "static_args=galore_jax.STATIC_ARGS)"
+    )
+  raise ValueError(f"{name} must be a Python integer, got {value!r}{hint}")
+
+
 def _default_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
@@ -415,10 +454,8 @@ def galore(
   Returns:
     An ``optax.GradientTransformation`` with :class:`GaLoreState`.
   """
-  if not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-  if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
-    raise ValueError(f"update_proj_gap must be an integer >= 1, got {update_proj_gap!r}")
+  _check_static_int("rank", rank, 1)
+  _check_static_int("update_proj_gap", update_proj_gap, 1)
   if proj_type not in proj.PROJ_TYPES:
     raise ValueError(f"proj_type must be one of {proj.PROJ_TYPES}, got {proj_type!r}")
   if svd not in proj.SVD_METHODS:
@@ -429,14 +466,11 @@ def galore(
     )
   if moment_policy not in MOMENT_POLICIES:
     raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {moment_policy!r}")
-  if oversample < 0 or power_iters < 0:
-    raise ValueError("oversample and power_iters must be >= 0")
-  for name, v in (
-    ("subspace_iters", subspace_iters),
-    ("subspace_first_iters", subspace_first_iters),
-  ):
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+  _check_static_int("oversample", oversample, 0)
+  _check_static_int("power_iters", power_iters, 0)
+  _check_static_int("subspace_iters", subspace_iters, 1)
+  _check_static_int("subspace_first_iters", subspace_first_iters, 1)
+  _check_static_int("seed", seed, None)
 
   def plans_for(tree) -> list[_Plan | None]:
     mask_tree = _default_mask(tree) if mask is None else (mask(tree) if callable(mask) else mask)
@@ -451,12 +485,17 @@ def galore(
     )
 
   def low_rank_zeros(leaf, plan):
+    if _is_masked(leaf):
+      return leaf
     if plan is None:
       return jnp.zeros_like(leaf)
     return jnp.zeros(plan.low_rank_shape(), leaf.dtype)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
+    # `optax.masked` / `optax.multi_transform` hand over the tree with `MaskedNode` at the
+    # leaves of other groups. They are leaves here, as in `_leaf_plans` and `update_fn`, so
+    # the plans line up with the leaves, and each one stays a `MaskedNode` in the inner state.
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
     plans = plans_for(params)
     projectors = [
       None
@@ -705,6 +744,16 @@ def scale_by_adam_hf(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _decay_updated(u, p, lr, weight_decay):
+  return (u - lr * weight_decay * (p + u)).astype(u.dtype)
+
+
+def _is_static_zero(x) -> bool:
+  # A Python 0 skips the decay; an array (e.g. injected by `optax.inject_hyperparams`) may
+  # change mid-run, so it is always applied.
+  return isinstance(x, (int, float)) and x == 0
+
+
 def decay_updated_weights(
   learning_rate: optax.ScalarOrSchedule, weight_decay: float, mask: Any = None
 ) -> optax.GradientTransformation:
@@ -714,8 +763,13 @@ def decay_updated_weights(
   lr-scaled, negative) update, the result is ``u - lr_t * wd * (p + u)``, i.e.
   ``p <- (p + u)(1 - lr_t wd)``. ``optax.add_decayed_weights`` decays the old
   weight instead; the two differ by ``lr^2 wd |u|``.
+
+  This transform reads ``learning_rate`` itself, a second copy next to the one that scaled
+  ``u``: a learning rate injected into or changed in that other transform does not reach the
+  decay. :func:`scale_and_decay_updated_weights` does both with one read and is what
+  :func:`galore_adamw` uses; this one is kept for chains (and checkpoints) built around it.
   """
-  if weight_decay == 0.0:
+  if _is_static_zero(weight_decay):
     return optax.identity()
 
   def init_fn(params):
@@ -726,13 +780,60 @@ def decay_updated_weights(
     if params is None:
       raise ValueError("weight decay needs params; pass them to update()")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    out = jax.tree.map(
-      lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype), updates, params
-    )
+    out = jax.tree.map(lambda u, p: _decay_updated(u, p, lr, weight_decay), updates, params)
     return out, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
+
+
+def scale_and_decay_updated_weights(
+  learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, mask: Any = None
+) -> optax.GradientTransformation:
+  r"""``optax.scale_by_learning_rate`` then :func:`decay_updated_weights`, reading the lr once.
+
+  With ``n`` the incoming update: ``u = -lr_t n``, then ``u - lr_t wd (p + u)`` on the
+  leaves ``mask`` selects (default all), i.e. ``p <- (p - lr_t n)(1 - lr_t wd)``.
+
+  Why one transform and not two: the decay must use the learning rate that scaled the update.
+  As two members of a chain each holds its own copy (and its own schedule count), so a rate
+  injected with ``optax.inject_hyperparams`` into one of them, or changed in its state
+  mid-run, never reaches the other. Here the schedule is evaluated once per step and that
+  value is used for both, so ``optax.inject_hyperparams(scale_and_decay_updated_weights)``
+  (or ``inject_hyperparams(galore_adamw)``) changes the step and the decay together. The state
+  (one count) does not depend on ``weight_decay``, so injecting it keeps the state's shape.
+
+  Args:
+    learning_rate: a fixed learning rate or a schedule of the update count.
+    weight_decay: decay coefficient, applied to the updated weight.
+    mask: pytree of bools (or a callable returning one) selecting the leaves to decay; the
+      learning rate scales every leaf.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
+    out = [u if _is_masked(u) else jnp.asarray(-lr, dtype=u.dtype) * u for u in leaves]
+    if not _is_static_zero(weight_decay):
+      if params is None:
+        raise ValueError("weight decay needs params; pass them to update()")
+      param_leaves = treedef.flatten_up_to(params)
+      if mask is None:
+        flags = [True] * len(leaves)
+      else:
+        flags = treedef.flatten_up_to(mask(params) if callable(mask) else mask)
+      out = [
+        u if _is_masked(u) or _is_masked(f) or not f else _decay_updated(u, p, lr, weight_decay)
+        for u, p, f in zip(out, param_leaves, flags, strict=True)
+      ]
+    count = optax.safe_int32_increment(state.count)
+    return treedef.unflatten(out), optax.ScaleByScheduleState(count=count)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def galore_adamw(
@@ -748,7 +849,16 @@ def galore_adamw(
   weight_decay: float = 0.0,
   mask: Any = None,
   inner: optax.GradientTransformation | None = None,
-  **galore_kwargs,
+  matrix_axes: MatrixAxesFn | None = None,
+  svd: str = "exact",
+  oversample: int = 8,
+  power_iters: int = 2,
+  subspace_iters: int = 2,
+  subspace_first_iters: int = 4,
+  refresh_schedule: str = "synchronous",
+  moment_policy: str = "keep",
+  projector_dtype: Any = None,
+  seed: int = 0,
 ) -> optax.GradientTransformation:
   """The reference ``GaLoreAdamW`` (galore-torch 1.0) as one optax transformation.
 
@@ -757,12 +867,15 @@ def galore_adamw(
   other leaf gets plain Adam with the same learning rate and no scale, as the
   reference's second parameter group does. Adam adds ``eps`` before bias
   correction (:func:`scale_by_adam_hf`) and weight decay multiplies the
-  updated weight (:func:`decay_updated_weights`), both as the reference does,
+  updated weight (:func:`scale_and_decay_updated_weights`), both as the reference does,
   so its numbers are reproduced exactly (see ``tests/test_reference_parity.py``).
   Defaults are the reference's and the paper's (eps 1e-6, alpha 0.25, T 200).
 
-  ``inner`` replaces the float32 Adam (e.g. :func:`galore_jax.scale_by_adam8bit`);
-  extra keyword arguments go to :func:`galore`.
+  ``inner`` replaces the float32 Adam (e.g. :func:`galore_jax.scale_by_adam8bit`; ``b1``,
+  ``b2``, ``eps`` then do nothing); the arguments after it are :func:`galore`'s. They are
+  spelled out (no ``**kwargs``) so that ``optax.inject_hyperparams(galore_adamw,
+  static_args=galore_jax.STATIC_ARGS)(learning_rate=...)`` can bind them; the learning rate
+  it injects reaches both the step and the weight decay.
   """
   inner = inner if inner is not None else scale_by_adam_hf(b1=b1, b2=b2, eps=eps)
   return optax.chain(
@@ -773,11 +886,23 @@ def galore_adamw(
       scale=scale,
       proj_type=proj_type,
       mask=mask,
-      **galore_kwargs,
+      matrix_axes=matrix_axes,
+      svd=svd,
+      oversample=oversample,
+      power_iters=power_iters,
+      subspace_iters=subspace_iters,
+      subspace_first_iters=subspace_first_iters,
+      refresh_schedule=refresh_schedule,
+      moment_policy=moment_policy,
+      projector_dtype=projector_dtype,
+      seed=seed,
     ),
-    optax.scale_by_learning_rate(learning_rate),
-    decay_updated_weights(learning_rate, weight_decay),
+    scale_and_decay_updated_weights(learning_rate, weight_decay),
   )
+
+
+scale_by_galore = galore
+"""Alias of :func:`galore` under optax's naming: the transform applies no learning rate."""
 
 
 def state_bytes(state) -> int:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from galore_jax import adam8bit, checkpoint, metrics, projector, rundir
+from galore_jax import adam8bit, checkpoint, metrics, projector, rundir, targets
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 
@@ -251,28 +251,10 @@ def validate(cfg: TrainConfig) -> None:
 # Optimizer.
 
 
-def galore_mask(params) -> Any:
-  """True for the attention and MLP kernels (q, k, v, o, gate, up, down), as the paper does."""
-
-  def select(path, _):
-    names = [getattr(k, "key", None) for k in path]
-    return names[-1] == "kernel" and any(t in names for t in model_lib.GALORE_TARGETS)
-
-  return jax.tree_util.tree_map_with_path(select, params)
-
-
-def torch_side_axes(path, leaf):
-  """Projects a square Flax (in, out) kernel on the side torch's (out, in) weight would use.
-
-  For non-square kernels the reference's "project the smaller dimension" rule
-  already picks the same subspace on either layout; for square ones it picks
-  the output side on (in, out) but the input side on (out, in). Viewing the
-  square kernel as (out, in) restores the reference's choice.
-  """
-  del path
-  if leaf.ndim == 2 and leaf.shape[0] == leaf.shape[1]:
-    return (1,), (0,)
-  return None
+# The paper's mask and the reference's projection side are public (galore_jax.targets); these
+# names stay for the callers that use them (plan.py, experiments/).
+galore_mask = targets.llama_targets
+torch_side_axes = targets.reference_side_axes
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
