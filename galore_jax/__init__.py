@@ -10,7 +10,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-# Public name -> the module that defines it. Imported on first access (PEP 562, see below).
+# Public name -> the module that defines it (or (module, name there)). Imported on first access (PEP 562, see below).
 _EXPORTS = {
   "GaLoreState": "optimizer",
   "STATIC_ARGS": "optimizer",
@@ -21,6 +21,7 @@ _EXPORTS = {
   "scale_by_adam_hf": "optimizer",
   "scale_by_galore": "optimizer",
   "state_bytes": "optimizer",
+  "ADAM8BIT_STATIC_ARGS": ("adam8bit", "STATIC_ARGS"),
   "adamw8bit": "adam8bit",
   "scale_by_adam8bit": "adam8bit",
   "LLAMA_TARGETS": "targets",
@@ -35,11 +36,12 @@ def __getattr__(name: str):
   # Lazy (PEP 562): `import galore_jax.cli` must not import jax, so that the CLI installs
   # its SIGINT / SIGTERM handlers within milliseconds of starting (a Ctrl-C that lands
   # inside jax's C-extension imports can crash the interpreter instead of exiting 130).
-  module = _EXPORTS.get(name)
-  if module is not None:
+  where = _EXPORTS.get(name)
+  if where is not None:
     import importlib
 
-    return getattr(importlib.import_module(f"galore_jax.{module}"), name)
+    module, attr = where if isinstance(where, tuple) else (where, name)
+    return getattr(importlib.import_module(f"galore_jax.{module}"), attr)
   raise AttributeError(f"module 'galore_jax' has no attribute {name!r}")
 
 

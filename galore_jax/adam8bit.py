@@ -83,6 +83,7 @@ import optax
 
 __all__ = [
   "QuantizedArray",
+  "STATIC_ARGS",
   "ScaleByAdam8bitState",
   "adamw8bit",
   "dequantize",
@@ -91,6 +92,11 @@ __all__ = [
   "scale_by_adam8bit",
   "state_bytes",
 ]
+
+STATIC_ARGS = ("block_size", "min_8bit_size", "seed", "chunk_size")
+"""Arguments of :func:`scale_by_adam8bit` / :func:`adamw8bit` that fix the state's layout or the
+compiled program, so ``optax.inject_hyperparams`` must leave them Python values:
+``optax.inject_hyperparams(adamw8bit, static_args=galore_jax.ADAM8BIT_STATIC_ARGS)``."""
 
 _NUM_DECADES = 7  # exponents 10^-6 ... 10^0
 

@@ -1,0 +1,313 @@
+"""The optax contract: every public transform through optax's combinators.
+
+In the spirit of optax's ``contrib/_common_test.py``: each public transform (GaLore around
+three inner optimizers, ``galore_adamw``, the 8-bit Adams, ``scale_by_adam_hf`` and both
+weight decays) is run through jit, ``jax.eval_shape(init)``, ``optax.masked``,
+``optax.multi_transform`` with two groups of different hyperparameters (different ranks for
+GaLore), ``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.inject_hyperparams`` with a
+value changed mid-run, float32 and bfloat16 parameters, and ``nnx.Optimizer``. Every check is
+numeric: the combinator's result is compared with the transform applied by hand.
+
+Shapes are tiny (8 x 12) and runs are 2-3 steps, so the file runs in seconds.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import galore_jax
+from galore_jax import adam8bit
+
+F32_PARAMS = {
+  "w": jax.random.normal(jax.random.key(1), (8, 12)),
+  "v": jax.random.normal(jax.random.key(2), (12, 8)),
+  "b": jax.random.normal(jax.random.key(3), (12,)),
+}
+
+
+def _grads(step, params=F32_PARAMS):
+  """Gradient number ``step`` for the leaves of ``params`` (a leaf's value never depends on
+  which other leaves are present, so sub-trees see the same gradients)."""
+  keys = dict(
+    zip(F32_PARAMS, jax.random.split(jax.random.key(100 + step), len(F32_PARAMS)), strict=True)
+  )
+  return {
+    k: jax.random.normal(keys[k], p.shape, jnp.float32).astype(p.dtype) for k, p in params.items()
+  }
+
+
+def _sub(tree, keys):
+  return {k: tree[k] for k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One public transform: its factory, arguments, and what the combinators vary."""
+
+  name: str
+  make: Callable[..., optax.GradientTransformation]
+  kwargs: dict
+  groups: tuple[dict, dict]  # two parameter groups for multi_transform
+  inject: dict  # hyperparameters changed mid-run under inject_hyperparams
+  static: tuple[str, ...] = ()
+
+  def build(self, **overrides) -> optax.GradientTransformation:
+    return self.make(**{**self.kwargs, **overrides})
+
+
+def _galore(inner_name, inner):
+  return Case(
+    f"galore[{inner_name}]",
+    galore_jax.galore,
+    {"inner": inner, "rank": 2, "update_proj_gap": 2},
+    ({"rank": 2}, {"rank": 3}),
+    {"scale": 0.5},
+    galore_jax.STATIC_ARGS,
+  )
+
+
+_TINY_8BIT = {"min_8bit_size": 0, "block_size": 16}  # so the tiny leaves really are 8-bit
+
+CASES = [
+  _galore("adam_hf", galore_jax.scale_by_adam_hf()),
+  _galore("factored_rms", optax.scale_by_factored_rms(min_dim_size_to_factor=2)),
+  _galore("adam8bit", galore_jax.scale_by_adam8bit(**_TINY_8BIT)),
+  Case(
+    "galore_adamw",
+    galore_jax.galore_adamw,
+    {"learning_rate": 0.01, "rank": 2, "update_proj_gap": 2, "weight_decay": 0.1},
+    ({"rank": 2}, {"rank": 3}),
+    {"learning_rate": 0.03},
+    galore_jax.STATIC_ARGS,
+  ),
+  Case(
+    "adamw8bit",
+    galore_jax.adamw8bit,
+    {"learning_rate": 0.01, "weight_decay": 0.1, **_TINY_8BIT},
+    ({"learning_rate": 0.01}, {"learning_rate": 0.02}),
+    {"learning_rate": 0.03},
+    galore_jax.ADAM8BIT_STATIC_ARGS,
+  ),
+  Case(
+    "scale_by_adam8bit",
+    galore_jax.scale_by_adam8bit,
+    dict(_TINY_8BIT),
+    ({"b1": 0.9}, {"b1": 0.8}),
+    {"b1": 0.5},
+    galore_jax.ADAM8BIT_STATIC_ARGS,
+  ),
+  Case(
+    "scale_by_adam_hf", galore_jax.scale_by_adam_hf, {}, ({"b1": 0.9}, {"b1": 0.8}), {"b1": 0.5}
+  ),
+  Case(
+    "decay_updated_weights",
+    galore_jax.decay_updated_weights,
+    {"learning_rate": 0.01, "weight_decay": 0.1},
+    ({"weight_decay": 0.1}, {"weight_decay": 0.2}),
+    {"learning_rate": 0.03},
+  ),
+  Case(
+    "scale_and_decay_updated_weights",
+    galore_jax.scale_and_decay_updated_weights,
+    {"learning_rate": 0.01, "weight_decay": 0.1},
+    ({"weight_decay": 0.1}, {"weight_decay": 0.2}),
+    {"learning_rate": 0.03},
+  ),
+]
+by_name = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+
+
+def _close(a, b, atol=1e-6):
+  chex.assert_trees_all_close(a, b, atol=atol, rtol=1e-5)
+
+
+def _steps(tx, n, params=F32_PARAMS, state=None, first=0):
+  """``n`` updates of ``tx`` from ``state`` (params held fixed, so runs are easy to compare).
+
+  Traceable: each test puts all of its runs in one ``jax.jit`` program, so it pays one
+  compilation (compiling dominates on these shapes, and jit is faster than op-by-op).
+  """
+  state = tx.init(params) if state is None else state
+  out = []
+  for t in range(first, first + n):
+    u, state = tx.update(_grads(t, params), state, params)
+    out.append(u)
+  return out, state
+
+
+@by_name
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_jit_eval_shape_and_dtypes(case, dtype):
+  params = jax.tree.map(lambda p: p.astype(dtype), F32_PARAMS)
+  tx = case.build()
+  shapes = jax.eval_shape(tx.init, params)
+  updates, state = jax.jit(lambda: _steps(tx, 3, params))()
+  chex.assert_trees_all_equal_shapes_and_dtypes(shapes, state)
+  for u in updates:
+    chex.assert_trees_all_equal_dtypes(u, params)
+    chex.assert_tree_all_finite(u)
+  # Jit must not change the numbers: one step traced op by op (the cheapest transforms only,
+  # op-by-op GaLore is slow) and jitted agree.
+  if dtype == jnp.float32 and "galore" not in case.name:
+    (eager,), _ = _steps(tx, 1, params)
+    _close(eager, updates[0], atol=1e-5)
+
+
+@by_name
+def test_masked(case):
+  mask = {"w": True, "v": False, "b": True}
+
+  def run():
+    (masked,), _ = _steps(optax.masked(case.build(), mask), 1)
+    (alone,), _ = _steps(case.build(), 1, _sub(F32_PARAMS, ["w", "b"]))
+    return masked, alone
+
+  masked, alone = jax.jit(run)()
+  _close(_sub(masked, ["w", "b"]), alone)
+  _close(masked["v"], _grads(0)["v"])  # masked-out leaves pass through
+
+
+@by_name
+def test_multi_transform_two_groups(case):
+  def run():
+    tx = optax.multi_transform(
+      {"a": case.build(**case.groups[0]), "b": case.build(**case.groups[1]), "c": optax.sgd(0.1)},
+      {"w": "a", "v": "b", "b": "c"},
+    )
+    together, _ = _steps(tx, 3)
+    alone = [
+      _steps(case.build(**case.groups[i]), 3, _sub(F32_PARAMS, [k]))[0]
+      for i, k in [(0, "w"), (1, "v")]
+    ]
+    return together, alone
+
+  together, (alone_w, alone_v) = jax.jit(run)()
+  _close([u["w"] for u in together], [a["w"] for a in alone_w])
+  _close([u["v"] for u in together], [a["v"] for a in alone_v])
+  _close(together[-1]["b"], -0.1 * _grads(2)["b"])
+
+
+@by_name
+def test_multi_steps_equals_one_step_on_the_mean_gradient(case):
+  def run():
+    tx = optax.MultiSteps(case.build(), every_k_schedule=2)
+    (first, second), _ = _steps(tx, 2)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, _grads(0), _grads(1))
+    inner = case.build()
+    want, _ = inner.update(mean, inner.init(F32_PARAMS), F32_PARAMS)
+    return first, second, want
+
+  first, second, want = jax.jit(run)()
+  chex.assert_trees_all_equal(first, jax.tree.map(jnp.zeros_like, first))
+  _close(second, want)
+
+
+@by_name
+def test_apply_if_finite_skips_a_nan_step(case):
+  def run():
+    tx = optax.apply_if_finite(case.build(), max_consecutive_errors=3)
+    _, state = _steps(tx, 1)
+    kept = state.inner_state
+    bad = dict(_grads(1), w=_grads(1)["w"].at[0, 0].set(jnp.nan))
+    skipped, state = tx.update(bad, state, F32_PARAMS)
+    skipped_state = state
+    (after,), _ = _steps(tx, 1, state=state, first=2)
+    (want,), _ = _steps(case.build(), 1, state=kept, first=2)
+    return skipped, skipped_state, kept, after, want
+
+  skipped, state, kept, after, want = jax.jit(run)()
+  chex.assert_trees_all_equal(skipped, jax.tree.map(jnp.zeros_like, skipped))
+  chex.assert_trees_all_equal(state.inner_state, kept)
+  assert int(state.notfinite_count) == 1
+  _close(after, want)
+
+
+@by_name
+def test_inject_hyperparams_change_reaches_the_update(case):
+  def run():
+    tx = optax.inject_hyperparams(case.make, static_args=case.static)(**case.kwargs)
+    _, state = _steps(tx, 1)
+    for k, v in case.inject.items():
+      state.hyperparams[k] = jnp.asarray(v, state.hyperparams[k].dtype)
+    (changed,), _ = _steps(tx, 1, state=state, first=1)
+    (want,), _ = _steps(case.build(**case.inject), 1, state=state.inner_state, first=1)
+    (unchanged,), _ = _steps(case.build(), 1, state=state.inner_state, first=1)
+    return changed, want, unchanged
+
+  changed, want, unchanged = jax.jit(run)()
+  _close(changed, want)
+  assert not np.allclose(changed["w"], unchanged["w"], atol=1e-6)
+
+
+def test_injected_learning_rate_reaches_the_weight_decay():
+  """galore_adamw's step and decay both use the injected lr: u = -lr n - lr wd (p - lr n)."""
+  lr, wd = 0.05, 0.3
+  kwargs = {"rank": 2, "update_proj_gap": 2}
+
+  def run():
+    tx = optax.inject_hyperparams(galore_jax.galore_adamw, static_args=galore_jax.STATIC_ARGS)(
+      learning_rate=0.01, weight_decay=wd, **kwargs
+    )
+    _, state = _steps(tx, 1)
+    state.hyperparams["learning_rate"] = jnp.asarray(lr)
+    (got,), _ = _steps(tx, 1, state=state, first=1)
+    # The direction n: the same transform with lr 1 and no decay, from the same state.
+    plain = galore_jax.galore_adamw(1.0, weight_decay=0.0, **kwargs)
+    (neg_n,), _ = _steps(plain, 1, state=state.inner_state, first=1)
+    return got, neg_n
+
+  got, neg_n = jax.jit(run)()
+  want = jax.tree.map(lambda m, p: lr * m - lr * wd * (p + lr * m), neg_n, F32_PARAMS)
+  _close(got, want)
+
+
+def test_plain_inject_hyperparams_names_the_static_argument():
+  tx = optax.inject_hyperparams(galore_jax.galore_adamw)(learning_rate=0.01, rank=2)
+  with pytest.raises(ValueError, match=r"rank .*static_args=galore_jax.STATIC_ARGS"):
+    tx.init(F32_PARAMS)
+
+
+class _TwoLayer(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(8, 12, rngs=rngs)
+    self.down = nnx.Linear(12, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jax.nn.relu(self.up(x)))
+
+
+@by_name
+def test_nnx_optimizer(case):
+  model = _TwoLayer(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(5), (4, 8))
+  tx = case.build()
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    params = nnx.state(model, nnx.Param)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    want = optax.apply_updates(params, updates)
+    opt.update(model, grads)
+    return want
+
+  want = step(model, opt)
+  _close(nnx.state(model, nnx.Param), want)
+
+
+def test_scale_by_galore_is_galore():
+  assert galore_jax.scale_by_galore is galore_jax.galore
+
+
+def test_exports_are_the_8bit_transforms():
+  assert galore_jax.scale_by_adam8bit is adam8bit.scale_by_adam8bit
+  assert galore_jax.adamw8bit is adam8bit.adamw8bit
+  assert set(galore_jax.__all__) <= set(dir(galore_jax))
