@@ -1,0 +1,27 @@
+"""The README's "In your own Flax model" examples run as written."""
+
+import pathlib
+import re
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _section_blocks(start: str, end: str) -> list[str]:
+  text = README.read_text()
+  section = text[text.index(start) : text.index(end)]
+  return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_own_model_examples_run():
+  blocks = _section_blocks("### In your own Flax model", "### 8-bit states")
+  assert len(blocks) == 3  # the loop, the parameter groups, inject_hyperparams
+  namespace: dict = {}
+  for block in blocks:  # later blocks reuse the model and step of the first
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
+  assert float(namespace["state"].hyperparams["learning_rate"]) == pytest.approx(3e-3)
+  # The parameter-group optimizer projected q (rank 4) and the MLP (rank 8), not the biases.
+  opt_state = namespace["optimizer"].opt_state[0].inner_states
+  assert opt_state["attn"].inner_state.projectors["q_proj"]["kernel"].shape == (4, 16)
+  assert opt_state["mlp"].inner_state.projectors["up_proj"]["kernel"].shape == (16, 8)
