@@ -10,7 +10,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-# Public name -> the module that defines it (or (module, name there)). Imported on first access (PEP 562, see below).
+# Public name -> the module that defines it (or (module, its name there)); imported on first
+# access (PEP 562, see below).
 _EXPORTS = {
   "GaLoreState": "optimizer",
   "STATIC_ARGS": "optimizer",

@@ -325,7 +325,7 @@ def _check_static_int(name: str, value, minimum: int | None) -> None:
       raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return
   hint = ""
-  if isinstance(value, (jax.Array, jax.core.Tracer)) or hasattr(value, "dtype"):
+  if hasattr(value, "dtype"):  # an array or a tracer
     hint = (
       f"; {name} fixes shapes or the compiled program, so it cannot be an array "
       "(optax.inject_hyperparams turns numbers into arrays: pass "
@@ -391,7 +391,11 @@ def galore(
       (the other one), ``"left"``, ``"right"`` or ``"full"`` (both sides,
       ``r x r`` core). Applied to the matrix view given by ``matrix_axes``.
     mask: pytree of bools (or a callable returning one) choosing the leaves to
-      project. Default: every leaf with ``ndim >= 2``.
+      project. Default: every leaf with ``ndim >= 2``. The transform also works
+      inside ``optax.masked`` and ``optax.multi_transform`` (parameter groups,
+      e.g. one ``galore`` per rank): leaves of other groups arrive as
+      ``optax.MaskedNode`` and are kept as absent leaves. Under
+      ``optax.inject_hyperparams`` pass ``static_args=STATIC_ARGS``.
     matrix_axes: optional ``fn(path, leaf) -> (row_axes, col_axes)`` naming
       which axes form the matrix (several axes are flattened into one, e.g.
       ``((0,), (1, 2))`` for a kernel stored as ``(embed, heads, head_dim)``);
