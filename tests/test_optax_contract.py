@@ -175,11 +175,6 @@ def test_jit_eval_shape_and_dtypes(case):
     for u in updates:
       chex.assert_trees_all_equal_dtypes(u, params)
       chex.assert_tree_all_finite(u)
-  # Jit must not change the numbers: one step op by op and jitted agree (checked on the
-  # transforms that are cheap op by op; GaLore and the 8-bit Adams compile per operation).
-  if "galore" not in case.name and "8bit" not in case.name:
-    (eager,), _ = _steps(tx, 1)
-    _close(eager, runs["f32"][0][0], atol=1e-5)
 
 
 @by_name
