@@ -307,31 +307,52 @@ STATIC_ARGS = (
   "projector_dtype",
   "seed",
 )
-"""Arguments of :func:`galore` and :func:`galore_adamw` that ``optax.inject_hyperparams`` must
-leave alone: ``optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)``.
+"""Arguments of :func:`galore` and :func:`galore_adamw` to keep out of ``optax.inject_hyperparams``:
+``optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)``.
 
 ``inject_hyperparams`` stores every number it is given in the optimizer state and rebuilds the
 transform from those (traced) values at each update, and treats every callable as a schedule.
-Ranks, oversampling and loop counts fix array shapes and the compiled program, refresh gaps fix
-the staggered phases, and masks / axis functions / dtypes are callables, not schedules; so they
-have to stay Python values. Everything else (``learning_rate``, ``scale``, ``b1``, ``b2``,
-``eps``, ``weight_decay``) can be injected and changed mid-run.
+Without ``static_args`` GaLore copes: the rank is read when the state is created and then from
+the stored projectors, and the refresh gap, iteration counts and seed work traced. Naming them
+is needed to create the state under ``jit`` / ``jax.eval_shape``, for
+``refresh_schedule="staggered"`` and ``svd="randomized"``, and for a callable ``mask``,
+``matrix_axes`` or ``projector_dtype``. Everything else (``learning_rate``, ``scale``, ``b1``,
+``b2``, ``eps``, ``weight_decay``) can be injected and changed mid-run.
 """
 
 
-def _check_static_int(name: str, value, minimum: int | None) -> None:
-  if isinstance(value, int) and not isinstance(value, bool):
-    if minimum is not None and value < minimum:
-      raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return
-  hint = ""
-  if hasattr(value, "dtype"):  # an array or a tracer
-    hint = (
-      f"; {name} fixes shapes or the compiled program, so it cannot be an array "
-      "(optax.inject_hyperparams turns numbers into arrays: pass "
-      "static_args=galore_jax.STATIC_ARGS)"
-    )
-  raise ValueError(f"{name} must be a Python integer, got {value!r}{hint}")
+def _int_arg(name: str, value, minimum: int | None) -> int | None:
+  """``value`` as a Python int (concrete 0-d arrays too); ``None`` if it is a traced array.
+
+  ``optax.inject_hyperparams`` without ``static_args`` hands integers over as arrays: concrete
+  when the state is created, traced inside a jit-compiled update.
+  """
+  if hasattr(value, "dtype") and not isinstance(value, bool):
+    if isinstance(value, jax.core.Tracer):
+      return None
+    if jnp.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+      value = int(value)
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return value
+
+
+def _int_or_traced(name: str, value, minimum: int | None):
+  """A Python int, or the traced array itself (for values only used in arithmetic / loops)."""
+  concrete = _int_arg(name, value, minimum)
+  return value if concrete is None else concrete
+
+
+_NEEDS_STATIC = (
+  "optax.inject_hyperparams turns numbers into arrays: pass static_args=galore_jax.STATIC_ARGS"
+)
+
+
+def _stored_rank(side: str, basis) -> int:
+  first = jax.tree.leaves(basis)[0]  # (.., m, r) on the left and for "full"'s U; (.., r, n)
+  return first.shape[-1] if side in ("left", "full") else first.shape[-2]
 
 
 def _default_mask(params):
@@ -458,8 +479,17 @@ def galore(
   Returns:
     An ``optax.GradientTransformation`` with :class:`GaLoreState`.
   """
-  _check_static_int("rank", rank, 1)
-  _check_static_int("update_proj_gap", update_proj_gap, 1)
+  # Under `optax.inject_hyperparams` (without static_args) the integers below arrive as
+  # arrays, traced in a jit-compiled update. Those that are only used in arithmetic or as
+  # loop counts (refresh gap, iterations, seed) work traced; the rank fixes shapes, so it is
+  # read when the state is created (concrete then) and afterwards from the stored projectors.
+  rank = _int_arg("rank", rank, 1)
+  gap = _int_arg("update_proj_gap", update_proj_gap, 1)
+  update_proj_gap = update_proj_gap if gap is None else gap
+  if gap is None and refresh_schedule == "staggered":
+    raise ValueError(
+      f"update_proj_gap is traced; refresh_schedule='staggered' needs it static ({_NEEDS_STATIC})"
+    )
   if proj_type not in proj.PROJ_TYPES:
     raise ValueError(f"proj_type must be one of {proj.PROJ_TYPES}, got {proj_type!r}")
   if svd not in proj.SVD_METHODS:
@@ -470,23 +500,40 @@ def galore(
     )
   if moment_policy not in MOMENT_POLICIES:
     raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {moment_policy!r}")
-  _check_static_int("oversample", oversample, 0)
-  _check_static_int("power_iters", power_iters, 0)
-  _check_static_int("subspace_iters", subspace_iters, 1)
-  _check_static_int("subspace_first_iters", subspace_first_iters, 1)
-  _check_static_int("seed", seed, None)
+  over = _int_arg("oversample", oversample, 0)
+  if over is None and svd == "randomized":
+    raise ValueError(f"oversample is traced; svd='randomized' needs it static ({_NEEDS_STATIC})")
+  oversample = oversample if over is None else over
+  power_iters = _int_or_traced("power_iters", power_iters, 0)
+  subspace_iters = _int_or_traced("subspace_iters", subspace_iters, 1)
+  subspace_first_iters = _int_or_traced("subspace_first_iters", subspace_first_iters, 1)
+  seed = _int_or_traced("seed", seed, None)
 
-  def plans_for(tree) -> list[_Plan | None]:
+  def plans_for(tree, bases=None) -> list[_Plan | None]:
     mask_tree = _default_mask(tree) if mask is None else (mask(tree) if callable(mask) else mask)
-    return _leaf_plans(
+    if rank is None and bases is None:
+      raise ValueError(
+        "rank is a traced array when the optimizer state is created; it fixes the state's "
+        f"shapes, so create the state outside jit / eval_shape, or {_NEEDS_STATIC}"
+      )
+    plans = _leaf_plans(
       tree,
       mask_tree,
-      rank=rank,
+      rank=1 if rank is None else rank,
       proj_type=proj_type,
       matrix_axes=matrix_axes,
       update_proj_gap=update_proj_gap,
       refresh_schedule=refresh_schedule,
     )
+    if rank is None:
+      # Traced rank: each leaf keeps the rank its projector was created with.
+      plans = [
+        p if p is None else dataclasses.replace(p, rank=_stored_rank(p.side, b))
+        for p, b in zip(
+          plans, jax.tree.structure(tree, is_leaf=_is_masked).flatten_up_to(bases), strict=True
+        )
+      ]
+    return plans
 
   def low_rank_zeros(leaf, plan):
     if _is_masked(leaf):
@@ -620,7 +667,7 @@ def galore(
 
   def update_fn(updates, state, params=None):
     leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
-    plans = plans_for(updates)
+    plans = plans_for(updates, state.projectors)
     old_bases = treedef.flatten_up_to(state.projectors)
     param_leaves = None if params is None else treedef.flatten_up_to(params)
     count = state.count

@@ -283,10 +283,41 @@ def test_injected_learning_rate_reaches_the_weight_decay():
   _close(got, want)
 
 
-def test_plain_inject_hyperparams_names_the_static_argument():
-  tx = optax.inject_hyperparams(galore_jax.galore_adamw)(learning_rate=0.01, rank=2)
+def test_plain_inject_hyperparams_of_galore_adamw():
+  """Without static_args the integers arrive as arrays: the rank is read when the state is
+  created and from the projectors afterwards; an lr change still reaches the update."""
+  kwargs = {"rank": 2, "update_proj_gap": 2, "weight_decay": 0.1}
+  tx = optax.inject_hyperparams(galore_jax.galore_adamw)(learning_rate=0.01, **kwargs)
+  state = tx.init(F32_PARAMS)
+  assert state.inner_state[0].projectors["w"].shape == (8, 2)
+
+  def run(state):
+    _, state = _steps(tx, 1, state=state)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.03)
+    (changed,), _ = _steps(tx, 1, state=state, first=1)
+    (want,), _ = _steps(
+      galore_jax.galore_adamw(0.03, **kwargs), 1, state=state.inner_state, first=1
+    )
+    return changed, want
+
+  changed, want = _jit(run)(state)
+  _close(changed, want)
+  # Creating the state needs the rank's value: a traced one is refused, naming the fix.
   with pytest.raises(ValueError, match=r"rank .*static_args=galore_jax.STATIC_ARGS"):
-    tx.init(F32_PARAMS)
+    jax.eval_shape(tx.init, F32_PARAMS)
+
+
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [({"refresh_schedule": "staggered"}, "update_proj_gap"), ({"svd": "randomized"}, "oversample")],
+)
+def test_traced_structural_argument_is_refused_where_it_must_be_static(kwargs, name):
+  def build(value):
+    galore_jax.galore(optax.identity(), rank=2, **{name: value}, **kwargs)
+    return value
+
+  with pytest.raises(ValueError, match=rf"{name} is traced.*static_args=galore_jax.STATIC_ARGS"):
+    jax.eval_shape(build, jnp.asarray(4))
 
 
 class _TwoLayer(nnx.Module):
