@@ -1,13 +1,17 @@
 """Run metrics: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard.
 
-Training records carry ``step``, ``loss``, ``lr``, ``tokens_per_s`` (and
-``grad_norm``, ``skipped``); evaluation records carry ``step``, ``eval_loss``
-and ``eval_ppl``. ``step`` counts optimizer updates done when the record was
-written, so a record with ``step: 1`` describes the first update.
+Training records carry ``step``, ``loss``, ``lr``, ``step_s``, ``tokens_per_s``,
+``mfu``, ``peak_bytes``, ``bytes_in_use`` (and ``grad_norm``, ``skipped``);
+evaluation records carry ``step``, ``eval_loss`` and ``eval_ppl``; each start writes
+one record with ``compile_s`` and ``startup_s``. ``step`` counts optimizer updates done
+when the record was written, so a record with ``step: 1`` describes the first update.
+A value the backend does not report (device memory on CPU, MFU without a known peak)
+is ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,6 +48,89 @@ class MetricsWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s per device, matched
+# against ``jax.Device.device_kind`` in this order (first match wins).
+PEAK_TFLOPS = (
+  ("h100 pcie", 756.0),
+  ("h100", 989.0),
+  ("h200", 989.0),
+  ("a100", 312.0),
+  ("rtx 4090", 165.2),
+)
+
+
+def default_peak_tflops(device_kind: str) -> float | None:
+  """The datasheet peak for a known accelerator (H100, H200, A100, RTX 4090), else None."""
+  kind = device_kind.lower()
+  for name, tflops in PEAK_TFLOPS:
+    if name in kind:
+      return tflops
+  return None
+
+
+def mfu(n_params: int, tokens_per_s: float, peak_tflops: float | None, n_devices: int):
+  """Model FLOPs utilisation: 6 FLOPs per parameter per token (forward 2, backward 4)
+  over the devices' peak; None without a peak."""
+  if not peak_tflops:
+    return None
+  return 6.0 * n_params * tokens_per_s / (peak_tflops * 1e12 * n_devices)
+
+
+def device_memory(devices) -> dict[str, int | None]:
+  """``peak_bytes`` and ``bytes_in_use``, the largest over ``devices``, where the backend
+  reports them (``Device.memory_stats()``: GPUs and TPUs; None on CPU)."""
+  out: dict[str, int | None] = {"peak_bytes": None, "bytes_in_use": None}
+  for d in devices:
+    try:
+      stats = d.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without the query
+      stats = {}
+    for key, name in (("peak_bytes", "peak_bytes_in_use"), ("bytes_in_use", "bytes_in_use")):
+      if name in stats:
+        out[key] = max(out[key] or 0, int(stats[name]))
+  return out
+
+
+# JAX's monitoring events of a compilation: tracing, lowering to StableHLO, XLA compiling
+# (or loading from the persistent cache).
+COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileTimer:
+  """Seconds spent compiling while it listens (``with CompileTimer() as t: ...; t.seconds``)."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    self._listening = False
+
+  def _listen(self, event: str, duration: float, **_) -> None:
+    if self._listening and event in COMPILE_EVENTS:
+      self.seconds += duration
+
+  def __enter__(self) -> CompileTimer:
+    import jax
+
+    self._listening = True
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def stop(self) -> None:
+    """Stops counting (idempotent)."""
+    import jax
+
+    if self._listening:
+      self._listening = False
+      with contextlib.suppress(AttributeError, ValueError, AssertionError):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
 
 
 def _jsonable(v: Any) -> Any:
