@@ -130,6 +130,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     metavar="A:B",
     help="write a jax.profiler trace of steps A+1..B into --out/tb (TensorBoard's profile tab)",
   )
+  p.add_argument(
+    "--wandb",
+    action="store_true",
+    help="also log to Weights & Biases (pip install 'galore-jax[wandb]'; offline without "
+    "network or API key; project $WANDB_PROJECT, default galore-jax)",
+  )
   p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

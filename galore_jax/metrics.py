@@ -15,17 +15,23 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 
 class MetricsWriter:
-  """Appends records to ``<out>/metrics.jsonl`` and TensorBoard events under ``<out>/tb``.
+  """Appends records to ``<out>/metrics.jsonl`` and TensorBoard events under ``<out>/tb``;
+  with ``wandb_config`` (the run's configuration) also to Weights & Biases.
 
   Appending (never truncating) keeps the history of a resumed run in one file.
   """
 
-  def __init__(self, out_dir: str, *, tensorboard: bool = True):
+  def __init__(
+    self, out_dir: str, *, tensorboard: bool = True, wandb_config: dict[str, Any] | None = None
+  ):
     os.makedirs(out_dir, exist_ok=True)
+    # W&B first: if it cannot start, nothing else has been written.
+    self._wandb = start_wandb(out_dir, wandb_config) if wandb_config is not None else None
     self.path = os.path.join(out_dir, "metrics.jsonl")
     self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
     self._tb = None
@@ -38,16 +44,84 @@ class MetricsWriter:
     clean = {k: _jsonable(v) for k, v in record.items()}
     self._file.write(json.dumps(clean) + "\n")
     self._file.flush()
+    scalars = {
+      k: v for k, v in clean.items() if k != "step" and isinstance(v, int | float) and v is not None
+    }
     if self._tb is not None:
-      step = int(clean["step"])
-      for key, value in clean.items():
-        if key != "step" and isinstance(value, int | float) and value is not None:
-          self._tb.add_scalar(key, value, step)
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, value, int(clean["step"]))
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=int(clean["step"]))
 
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+class WandbError(RuntimeError):
+  """W&B could not start a run (a one-line reason)."""
+
+
+WANDB_DIR = "wandb"  # in the run directory: W&B's files and the run's id (a resume continues it)
+
+
+def wandb_mode() -> str:
+  """``$WANDB_MODE`` if set; else ``online`` when an API key is configured and the W&B
+  server answers within 3 s, else ``offline`` (``wandb sync`` uploads the run later)."""
+  import netrc
+  import socket
+  from urllib.parse import urlparse
+
+  if os.environ.get("WANDB_MODE"):
+    return os.environ["WANDB_MODE"]
+  host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+  key = os.environ.get("WANDB_API_KEY")
+  if not key:
+    with contextlib.suppress(OSError, netrc.NetrcParseError):
+      key = (netrc.netrc().authenticators(host) or (None, None, None))[2]
+  if not key:
+    return "offline"
+  try:
+    socket.create_connection((host, 443), timeout=3).close()
+  except OSError:
+    return "offline"
+  return "online"
+
+
+def start_wandb(out_dir: str, config: dict[str, Any]):
+  """A W&B run for ``out_dir`` (project ``$WANDB_PROJECT``, default ``galore-jax``); a
+  resumed run directory continues the W&B run it started."""
+  import wandb  # lazy: an optional extra (pip install 'galore-jax[wandb]')
+
+  run_dir = os.path.join(out_dir, WANDB_DIR)
+  created = not os.path.exists(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  id_file = os.path.join(run_dir, "run-id")
+  if os.path.exists(id_file):
+    with open(id_file, encoding="ascii") as f:
+      run_id = f.read().strip()
+  else:
+    run_id = os.urandom(6).hex()
+    with open(id_file, "w", encoding="ascii") as f:
+      f.write(run_id + "\n")
+  try:
+    return wandb.init(
+      project=os.environ.get("WANDB_PROJECT", "galore-jax"),
+      name=os.path.basename(os.path.abspath(out_dir)),
+      id=run_id,
+      resume="allow",
+      dir=run_dir,
+      config=config,
+      mode=wandb_mode(),
+    )
+  except Exception as e:  # noqa: BLE001 - wandb's errors (auth, network, usage) vary
+    if created:
+      shutil.rmtree(run_dir, ignore_errors=True)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise WandbError(f"wandb.init failed: {first}") from e
 
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s per device, matched

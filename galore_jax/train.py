@@ -97,6 +97,7 @@ class TrainConfig:
   progress: bool = True
   peak_tflops: float | None = None  # per device, for mfu; None: known GPUs' datasheet peak
   profile_steps: str | None = None  # "A:B": a jax.profiler trace of steps A+1..B
+  wandb: bool = False  # also log to Weights & Biases (the `wandb` extra)
 
   @property
   def is_galore(self) -> bool:
@@ -253,6 +254,13 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.resume and cfg.overwrite:
     raise ConfigError("--overwrite", "cannot be combined with --resume")
   parse_profile_steps(cfg.profile_steps, cfg.steps)
+  if cfg.wandb:
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      raise ConfigError(
+        "--wandb", "needs the wandb package: pip install 'galore-jax[wandb]'"
+      ) from None
   if cfg.peak_tflops is not None and not (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops > 0):
     raise ConfigError("--peak-tflops", f"must be a finite number > 0, got {cfg.peak_tflops}")
   if cfg.stop_after is not None and cfg.stop_after < 1:
@@ -959,7 +967,7 @@ def absolute_source(source: str) -> str:
 
 
 # What a previous run leaves in --out; a new run (no --resume) refuses to mix with it.
-_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb")
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", metrics.WANDB_DIR)
 
 
 def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
@@ -1097,7 +1105,13 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
   eval_fn = compile_eval_step(run)
   sched = lr_schedule(cfg)
   mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
-  writer = metrics.MetricsWriter(cfg.out)
+  try:
+    writer = metrics.MetricsWriter(
+      cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None
+    )
+  except metrics.WandbError as e:
+    mngr.close()
+    raise ConfigError("--wandb", str(e)) from e
   tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
   devices = list(run.mesh.devices.flat)
   local_devices = [d for d in devices if d.process_index == jax.process_index()]

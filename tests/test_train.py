@@ -108,8 +108,30 @@ def _tensorboard_tags(tb_dir) -> set[str]:
   return tags
 
 
-def test_outputs_metrics_tensorboard_eval(tmp_path):
-  cfg = _cfg(tmp_path, "run", steps=4, eval_every=2, peak_tflops=50.0, profile_steps="1:3")
+class _FakeWandb:
+  """Stands in for the ``wandb`` module: records ``init`` arguments and logged scalars."""
+
+  def __init__(self):
+    self.inits, self.logged, self.finished = [], [], 0
+
+  def init(self, **kw):
+    self.inits.append(kw)
+    return self
+
+  def log(self, data, step):
+    self.logged.append((step, data))
+
+  def finish(self):
+    self.finished += 1
+
+
+def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  cfg = _cfg(
+    tmp_path, "run", steps=4, eval_every=2, peak_tflops=50.0, profile_steps="1:3", wandb=True
+  )
   out = train.train(cfg, log=_quiet)
   records = metrics.read_metrics(out["out"])
   train_recs = [r for r in records if "loss" in r]
@@ -137,6 +159,13 @@ def test_outputs_metrics_tensorboard_eval(tmp_path):
   # --profile-steps 1:3: a jax.profiler trace of steps 2..3, where TensorBoard looks.
   traces = list((tmp_path / "run" / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
+  # --wandb: the same scalars, offline here, the run's configuration attached.
+  (init,) = fake.inits
+  assert init["mode"] == "offline" and init["config"]["model"] == "llama_tiny"
+  assert init["dir"] == str(tmp_path / "run" / "wandb") and fake.finished == 1
+  logged = [(step, d) for step, d in fake.logged if "loss" in d]
+  assert [step for step, _ in logged] == [1, 2, 3, 4]
+  assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and "peak_bytes" not in logged[0][1]
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -555,3 +584,23 @@ def test_second_start_compiles_nothing_new(finished_run, tmp_path):
   assert sorted(os.listdir(cache)) == entries
   assert "Persistent compilation cache hit" in second.stderr
   assert second.stdout == first.stdout
+
+
+def test_cli_wandb_without_the_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+  assert _cli("train", "--out", str(tmp_path / "w"), "--wandb") == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error: --wandb: ") and "galore-jax[wandb]" in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_wandb_is_offline_without_network_or_api_key(tmp_path, monkeypatch):
+  monkeypatch.delenv("WANDB_MODE", raising=False)
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+  assert metrics.wandb_mode() == "offline"
+  monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+  monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens on :443
+  assert metrics.wandb_mode() == "offline"
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  assert metrics.wandb_mode() == "disabled"
