@@ -132,6 +132,14 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
   cfg = _cfg(
     tmp_path, "run", steps=4, eval_every=2, peak_tflops=50.0, profile_steps="1:3", wandb=True
   )
+  evaluate, slept = train.evaluate, []
+
+  def slow_first_evaluate(*a, **k):  # step_s must not include evaluation
+    if not slept:
+      slept.append(time.sleep(2.5))
+    return evaluate(*a, **k)
+
+  monkeypatch.setattr(train, "evaluate", slow_first_evaluate)
   out = train.train(cfg, log=_quiet)
   records = metrics.read_metrics(out["out"])
   train_recs = [r for r in records if "loss" in r]
@@ -144,6 +152,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
   assert out["eval_ppl"] == pytest.approx(eval_recs[-1]["eval_ppl"])
   # Speed, utilisation and memory per logged step; device memory is not reported on CPU.
   n_params = 7_358_720  # llama_tiny with the bundled 8192-piece tokenizer
+  assert train_recs[2]["step_s"] < 2.5  # the step after the (slowed) evaluation at step 2
   for r in train_recs:
     assert r["step_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
@@ -159,6 +168,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
   # --profile-steps 1:3: a jax.profiler trace of steps 2..3, where TensorBoard looks.
   traces = list((tmp_path / "run" / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert list(traces[0].parent.glob("*.trace.json.gz"))  # Chrome trace, for Perfetto
   # --wandb: the same scalars, offline here, the run's configuration attached.
   (init,) = fake.inits
   assert init["mode"] == "offline" and init["config"]["model"] == "llama_tiny"
@@ -544,6 +554,36 @@ def test_peak_tflops_defaults_and_device_memory():
   assert metrics.device_memory(jax.devices()[:1]) == {"peak_bytes": None, "bytes_in_use": None}
 
 
+def test_compile_cache_flag_on_train_eval_sample_plan():
+  from galore_jax import cli
+
+  parser = cli.build_parser()
+  for argv in (
+    ["train"],
+    ["eval", "--checkpoint", "r"],
+    ["sample", "--checkpoint", "r", "--prompt", ""],
+    ["plan"],
+  ):
+    assert parser.parse_args(argv).compile_cache is None
+    assert parser.parse_args([*argv, "--compile-cache", "none"]).compile_cache == "none"
+
+
+def test_compile_cache_keeps_jax_dir_and_caches_short_compiles(monkeypatch):
+  from galore_jax import compile_cache
+
+  names = ("jax_persistent_cache_min_compile_time_secs", "jax_enable_compilation_cache")
+  names += ("jax_persistent_cache_min_entry_size_bytes",)
+  before = {n: getattr(jax.config, n) for n in names}
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+  try:
+    given = jax.config.jax_compilation_cache_dir  # conftest's JAX_COMPILATION_CACHE_DIR
+    assert given and compile_cache.enable(None) == given
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
+
+
 def test_compile_cache_default_dir_and_none(monkeypatch, tmp_path):
   from galore_jax import compile_cache
 
@@ -604,3 +644,15 @@ def test_wandb_is_offline_without_network_or_api_key(tmp_path, monkeypatch):
   assert metrics.wandb_mode() == "offline"
   monkeypatch.setenv("WANDB_MODE", "disabled")
   assert metrics.wandb_mode() == "disabled"
+
+
+def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monkeypatch):
+  (tmp_path / "old" / "wandb").mkdir(parents=True)
+  assert _cli("train", "--out", str(tmp_path / "old"), "--steps", "2") == 2
+  assert "wandb" in capsys.readouterr().err
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  for _ in range(2):  # a resume continues the same W&B run
+    metrics.start_wandb(str(tmp_path / "new"), {"model": "llama_tiny"})
+  assert fake.inits[0]["id"] == fake.inits[1]["id"] and fake.inits[1]["resume"] == "allow"
