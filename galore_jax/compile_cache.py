@@ -11,6 +11,7 @@ when those are set); ``--compile-cache DIR`` puts it elsewhere and
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 NONE = "none"
@@ -42,6 +43,8 @@ def enable(spec: str | None) -> str | None:
     if spec is not None and not spec.strip():
       raise ValueError("expected a directory or 'none', got ''")
     path = os.path.abspath(os.path.expanduser(spec if spec is not None else default_dir()))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{path} is not a directory")
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -52,8 +55,12 @@ def enable(spec: str | None) -> str | None:
   jax.config.update("jax_enable_compilation_cache", True)
   # JAX's defaults cache only compilations over 1 s: most of a CPU run's, and the many
   # small ones of a GPU start-up, would be compiled again every time.
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  # (A jax without one of these settings keeps its default: the cache still works.)
+  for name, value in (
+    ("jax_persistent_cache_min_compile_time_secs", 0.0),
+    ("jax_persistent_cache_min_entry_size_bytes", -1),
+  ):
+    if name.upper() not in os.environ:
+      with contextlib.suppress(AttributeError):
+        jax.config.update(name, value)
   return path

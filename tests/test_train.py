@@ -532,6 +532,7 @@ def test_cli_compile_cache_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
   assert _cli("plan", "--no-compile", "--compile-cache", str(afile)) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("galore-jax: error: --compile-cache: ") and len(err.splitlines()) == 1
+  assert "is not a directory" in err
 
 
 def test_peak_tflops_defaults_and_device_memory():
