@@ -1180,15 +1180,6 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
           bar.write(where)
         else:
           log(where)
-      if step == start + 1:
-        compile_timer.stop()
-        writer.write(
-          {
-            "step": step,
-            "compile_s": compile_timer.seconds,
-            "startup_s": now - t_start,
-          }
-        )
       memory = metrics.device_memory(local_devices)
       bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
       consecutive_bad = consecutive_bad + 1 if bad else 0
@@ -1207,6 +1198,15 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
             "grad_norm": float(m["grad_norm"]),
             "skipped": int(m["skipped"]),
             **({"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}),
+          }
+        )
+      if step == start + 1:  # after the step's own record: line 1 stays step 1's
+        compile_timer.stop()
+        writer.write(
+          {
+            "step": step,
+            "compile_s": compile_timer.seconds,
+            "startup_s": now - t_start,
           }
         )
       if bar is not None:
