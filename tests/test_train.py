@@ -1,5 +1,6 @@
 """The training loop: resume exactness, sharding, accumulation, faults, outputs."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -126,7 +127,7 @@ class _FakeWandb:
     self.finished += 1
 
 
-def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
+def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   fake = _FakeWandb()
   monkeypatch.setitem(sys.modules, "wandb", fake)
   monkeypatch.setenv("WANDB_MODE", "offline")
@@ -141,7 +142,12 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
     return evaluate(*a, **k)
 
   monkeypatch.setattr(train, "evaluate", slow_first_evaluate)
-  out = train.train(cfg, log=_quiet)
+  # As a GPU reports it (CPU devices report no memory: test_peak_tflops_defaults_and_...).
+  gpu_memory = {"peak_bytes": 3 << 30, "bytes_in_use": 1 << 30}
+  monkeypatch.setattr(metrics, "device_memory", lambda devices: dict(gpu_memory))
+  out = train.train(dataclasses.replace(cfg, progress=True), log=_quiet)
+  bar = capsys.readouterr().err
+  assert "tok_s=" in bar and "mem=3.00GiB" in bar
   records = metrics.read_metrics(out["out"])
   train_recs = [r for r in records if "loss" in r]
   eval_recs = [r for r in records if "eval_loss" in r]
@@ -151,14 +157,14 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
   tb = os.path.join(out["out"], "tb")
   assert any(f.startswith("events") for f in os.listdir(tb))
   assert out["eval_ppl"] == pytest.approx(eval_recs[-1]["eval_ppl"])
-  # Speed, utilisation and memory per logged step; device memory is not reported on CPU.
+  # Speed, utilisation and memory per logged step.
   n_params = 7_358_720  # llama_tiny with the bundled 8192-piece tokenizer
   assert train_recs[2]["step_s"] < 2.5  # the step after the (slowed) evaluation at step 2
   for r in train_recs:
     assert r["step_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
     assert r["mfu"] == pytest.approx(6 * n_params * r["tokens_per_s"] / 50e12)
-    assert r["peak_bytes"] is None and r["bytes_in_use"] is None
+    assert r["peak_bytes"] == 3 << 30 and r["bytes_in_use"] == 1 << 30
   # One compile record per start, written when the first step ends.
   (rec,) = [r for r in records if "compile_s" in r]
   assert rec["step"] == 1 and 0 < rec["compile_s"] <= rec["startup_s"]
@@ -176,7 +182,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch):
   assert init["dir"] == str(tmp_path / "run" / "wandb") and fake.finished == 1
   logged = [(step, d) for step, d in fake.logged if "loss" in d]
   assert [step for step, _ in logged] == [1, 2, 3, 4]
-  assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and "peak_bytes" not in logged[0][1]
+  assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and logged[0][1]["peak_bytes"] == 3 << 30
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -658,3 +664,8 @@ def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monk
   for _ in range(2):  # a resume continues the same W&B run
     metrics.start_wandb(str(tmp_path / "new"), {"model": "llama_tiny"})
   assert fake.inits[0]["id"] == fake.inits[1]["id"] and fake.inits[1]["resume"] == "allow"
+  writer = metrics.MetricsWriter(str(tmp_path / "new"), tensorboard=False, wandb_config={})
+  writer.write({"step": 1, "loss": 2.0, "mfu": None, "peak_bytes": None})
+  writer.close()
+  assert fake.logged == [(1, {"loss": 2.0})]  # nulls are left out, as in TensorBoard
+  assert metrics.read_metrics(str(tmp_path / "new"))[0]["mfu"] is None
