@@ -1384,7 +1384,7 @@ def parse_args(argv):
     args.stagger_period = True
   for v in args.refresh_variants:
     svd, _, sched = v.partition(":")
-    if svd not in ("exact", "randomized") or sched not in ("synchronous", "staggered"):
+    if svd not in ("exact", "randomized", "subspace") or sched not in ("synchronous", "staggered"):
       p.error(f"--refresh-variants: {v!r} is not svd:schedule")
   if args.json is None and os.environ.get("OUT"):
     args.json = os.path.join(os.environ["OUT"], "gpu_bench.json")

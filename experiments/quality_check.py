@@ -104,10 +104,12 @@ def config(variant: str, out: str, steps: int, data: str = "builtin") -> train.T
   )
 
 
-def run(variant: str, out: str, steps: int, data: str = "builtin") -> None:
-  cfg = config(variant, out, steps, data)
+def run(
+  variant: str, out: str, steps: int, data: str = "builtin", stop_after: int | None = None
+) -> None:
+  cfg = dataclasses.replace(config(variant, out, steps, data), stop_after=stop_after)
   done = checkpoint.latest_step(os.path.join(cfg.out, "checkpoints"))
-  if done is not None and done >= steps:
+  if done is not None and (done >= steps or (stop_after is not None and done >= stop_after)):
     print(f"{variant}: finished earlier ({cfg.out})", flush=True)
     return
   print(f"{variant}: training {'(resuming)' if done else ''}", flush=True)
@@ -158,6 +160,12 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=1000)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--data", default="builtin", help="builtin, stdlib, or a trainer --data value")
+  ap.add_argument(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="train only up to this step of the --steps schedule (resume later to finish)",
+  )
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   variants = args.variants.split(",")
@@ -165,7 +173,7 @@ def main(argv=None) -> int:
   if data == "stdlib":
     data = stdlib_docstrings(os.path.join(args.out, "stdlib_docstrings.jsonl"))
   for v in variants:  # several invocations with different --variants can run side by side
-    run(v, args.out, args.steps, data)
+    run(v, args.out, args.steps, data, args.stop_after)
   variants = ["exact"] + [
     v for v in VARIANTS if v != "exact" and os.path.exists(os.path.join(args.out, v))
   ]

@@ -116,7 +116,37 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="compute dtype")
   p.add_argument("--remat", default=d.remat, choices=("none", "full", "save_matmuls"))
   _add_memory_flags(p)
+  _add_compile_cache_flag(p)
+  p.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=None,
+    help="per-device peak TFLOP/s for the mfu metric (default: the bf16 datasheet peak of an "
+    "H100, H200, A100 or RTX 4090; none otherwise)",
+  )
+  p.add_argument(
+    "--profile-steps",
+    default=None,
+    metavar="A:B",
+    help="write a jax.profiler trace of steps A+1..B into --out/tb (TensorBoard's profile tab)",
+  )
+  p.add_argument(
+    "--wandb",
+    action="store_true",
+    help="also log to Weights & Biases (pip install 'galore-jax[wandb]'; offline without "
+    "network or API key; project $WANDB_PROJECT, default galore-jax)",
+  )
   p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "--compile-cache",
+    default=None,
+    metavar="DIR|none",
+    help="JAX's persistent compilation cache (default: jax-cache in $GALORE_JAX_CACHE_DIR, "
+    "else $XDG_CACHE_HOME/galore_jax, else ~/.cache/galore_jax); 'none' turns it off",
+  )
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
@@ -305,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="one document per window, from its first token (default: as the run trained)",
   )
   p.add_argument("--json", action="store_true")
+  _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_eval)
 
   p = sub.add_parser(
@@ -326,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tokenizer", default=None)
+  _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_sample)
 
   from galore_jax.train import OPTIMIZERS, SVD_METHODS, TrainConfig
@@ -369,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   _add_memory_flags(p)
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_plan)
   return parser
 
@@ -427,6 +460,13 @@ def _main(argv: list[str]) -> int:
   from galore_jax.train import ConfigError, TrainingDiverged
 
   try:
+    if hasattr(args, "compile_cache"):  # before the first compilation
+      from galore_jax import compile_cache
+
+      try:
+        compile_cache.enable(args.compile_cache)
+      except ValueError as e:
+        raise ConfigError("--compile-cache", str(e)) from e
     return args.fn(args)
   except ConfigError as e:
     print(f"galore-jax: error: {e}", file=sys.stderr)

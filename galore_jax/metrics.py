@@ -1,27 +1,37 @@
 """Run metrics: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard.
 
-Training records carry ``step``, ``loss``, ``lr``, ``tokens_per_s`` (and
-``grad_norm``, ``skipped``); evaluation records carry ``step``, ``eval_loss``
-and ``eval_ppl``. ``step`` counts optimizer updates done when the record was
-written, so a record with ``step: 1`` describes the first update.
+Training records carry ``step``, ``loss``, ``lr``, ``step_s``, ``tokens_per_s``,
+``mfu``, ``peak_bytes``, ``bytes_in_use`` (and ``grad_norm``, ``skipped``);
+evaluation records carry ``step``, ``eval_loss`` and ``eval_ppl``; each start writes
+one record with ``compile_s`` and ``startup_s``. ``step`` counts optimizer updates done
+when the record was written, so a record with ``step: 1`` describes the first update.
+A value the backend does not report (device memory on CPU, MFU without a known peak)
+is ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 
 class MetricsWriter:
-  """Appends records to ``<out>/metrics.jsonl`` and TensorBoard events under ``<out>/tb``.
+  """Appends records to ``<out>/metrics.jsonl`` and TensorBoard events under ``<out>/tb``;
+  with ``wandb_config`` (the run's configuration) also to Weights & Biases.
 
   Appending (never truncating) keeps the history of a resumed run in one file.
   """
 
-  def __init__(self, out_dir: str, *, tensorboard: bool = True):
+  def __init__(
+    self, out_dir: str, *, tensorboard: bool = True, wandb_config: dict[str, Any] | None = None
+  ):
     os.makedirs(out_dir, exist_ok=True)
+    # W&B first: if it cannot start, nothing else has been written.
+    self._wandb = start_wandb(out_dir, wandb_config) if wandb_config is not None else None
     self.path = os.path.join(out_dir, "metrics.jsonl")
     self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
     self._tb = None
@@ -34,16 +44,167 @@ class MetricsWriter:
     clean = {k: _jsonable(v) for k, v in record.items()}
     self._file.write(json.dumps(clean) + "\n")
     self._file.flush()
+    scalars = {
+      k: v for k, v in clean.items() if k != "step" and isinstance(v, int | float) and v is not None
+    }
     if self._tb is not None:
-      step = int(clean["step"])
-      for key, value in clean.items():
-        if key != "step" and isinstance(value, int | float) and value is not None:
-          self._tb.add_scalar(key, value, step)
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, value, int(clean["step"]))
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=int(clean["step"]))
 
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+class WandbError(RuntimeError):
+  """W&B could not start a run (a one-line reason)."""
+
+
+WANDB_DIR = "wandb"  # in the run directory: W&B's files and the run's id (a resume continues it)
+
+
+def wandb_mode() -> str:
+  """``$WANDB_MODE`` if set; else ``online`` when an API key is configured and the W&B
+  server answers within 3 s, else ``offline`` (``wandb sync`` uploads the run later)."""
+  import netrc
+  import socket
+  from urllib.parse import urlparse
+
+  if os.environ.get("WANDB_MODE"):
+    return os.environ["WANDB_MODE"]
+  host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+  key = os.environ.get("WANDB_API_KEY")
+  if not key:
+    with contextlib.suppress(OSError, netrc.NetrcParseError):
+      key = (netrc.netrc().authenticators(host) or (None, None, None))[2]
+  if not key:
+    return "offline"
+  try:
+    socket.create_connection((host, 443), timeout=3).close()
+  except OSError:
+    return "offline"
+  return "online"
+
+
+def start_wandb(out_dir: str, config: dict[str, Any]):
+  """A W&B run for ``out_dir`` (project ``$WANDB_PROJECT``, default ``galore-jax``); a
+  resumed run directory continues the W&B run it started."""
+  import wandb  # lazy: an optional extra (pip install 'galore-jax[wandb]')
+
+  run_dir = os.path.join(out_dir, WANDB_DIR)
+  created = not os.path.exists(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  id_file = os.path.join(run_dir, "run-id")
+  if os.path.exists(id_file):
+    with open(id_file, encoding="ascii") as f:
+      run_id = f.read().strip()
+  else:
+    run_id = os.urandom(6).hex()
+    with open(id_file, "w", encoding="ascii") as f:
+      f.write(run_id + "\n")
+  try:
+    return wandb.init(
+      project=os.environ.get("WANDB_PROJECT", "galore-jax"),
+      name=os.path.basename(os.path.abspath(out_dir)),
+      id=run_id,
+      resume="allow",
+      dir=run_dir,
+      config=config,
+      mode=wandb_mode(),
+    )
+  except Exception as e:  # noqa: BLE001 - wandb's errors (auth, network, usage) vary
+    if created:
+      shutil.rmtree(run_dir, ignore_errors=True)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise WandbError(f"wandb.init failed: {first}") from e
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s per device, matched
+# against ``jax.Device.device_kind`` in this order (first match wins).
+PEAK_TFLOPS = (
+  ("h100 pcie", 756.0),
+  ("h100", 989.0),
+  ("h200", 989.0),
+  ("a100", 312.0),
+  ("rtx 4090", 165.2),
+)
+
+
+def default_peak_tflops(device_kind: str) -> float | None:
+  """The datasheet peak for a known accelerator (H100, H200, A100, RTX 4090), else None."""
+  kind = device_kind.lower()
+  for name, tflops in PEAK_TFLOPS:
+    if name in kind:
+      return tflops
+  return None
+
+
+def mfu(n_params: int, tokens_per_s: float, peak_tflops: float | None, n_devices: int):
+  """Model FLOPs utilisation: 6 FLOPs per parameter per token (forward 2, backward 4)
+  over the devices' peak; None without a peak."""
+  if not peak_tflops:
+    return None
+  return 6.0 * n_params * tokens_per_s / (peak_tflops * 1e12 * n_devices)
+
+
+def device_memory(devices) -> dict[str, int | None]:
+  """``peak_bytes`` and ``bytes_in_use``, the largest over ``devices``, where the backend
+  reports them (``Device.memory_stats()``: GPUs and TPUs; None on CPU)."""
+  out: dict[str, int | None] = {"peak_bytes": None, "bytes_in_use": None}
+  for d in devices:
+    try:
+      stats = d.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without the query
+      stats = {}
+    for key, name in (("peak_bytes", "peak_bytes_in_use"), ("bytes_in_use", "bytes_in_use")):
+      if name in stats:
+        out[key] = max(out[key] or 0, int(stats[name]))
+  return out
+
+
+# JAX's monitoring events of a compilation: tracing, lowering to StableHLO, XLA compiling
+# (or loading from the persistent cache).
+COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileTimer:
+  """Seconds spent compiling while it listens (``with CompileTimer() as t: ...; t.seconds``)."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    self._listening = False
+
+  def _listen(self, event: str, duration: float, **_) -> None:
+    if self._listening and event in COMPILE_EVENTS:
+      self.seconds += duration
+
+  def __enter__(self) -> CompileTimer:
+    import jax
+
+    self._listening = True
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def stop(self) -> None:
+    """Stops counting (idempotent)."""
+    import jax
+
+    if self._listening:
+      self._listening = False
+      with contextlib.suppress(AttributeError, ValueError, AssertionError):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
 
 
 def _jsonable(v: Any) -> Any:

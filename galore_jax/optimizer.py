@@ -464,8 +464,9 @@ def galore(
     projector_dtype: dtype to store projectors in; default the leaf's dtype
       (the reference keeps them in the gradient dtype, so bf16 in pure-bf16
       training). The SVD is always computed in float32.
-    seed: seed of the randomized SVD's test matrices (derived per leaf and
-      step, so no key lives in the state).
+    seed: seed of the random matrices of ``svd="randomized"`` and of the first
+      ``svd="subspace"`` refresh (derived per leaf and step, so no key lives in the
+      state).
 
   Faults: if a refresh sees a non-finite or all-zero gradient, or the SVD returns
   non-finite values (non-convergence), the leaf keeps its previous projector;

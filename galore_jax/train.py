@@ -95,6 +95,9 @@ class TrainConfig:
   keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS  # newest checkpoints kept by rotation
   overwrite: bool = False  # start over in an --out that holds a previous run's outputs
   progress: bool = True
+  peak_tflops: float | None = None  # per device, for mfu; None: known GPUs' datasheet peak
+  profile_steps: str | None = None  # "A:B": a jax.profiler trace of steps A+1..B
+  wandb: bool = False  # also log to Weights & Biases (the `wandb` extra)
 
   @property
   def is_galore(self) -> bool:
@@ -126,6 +129,21 @@ def parse_mesh(spec: str | None) -> tuple[int, int]:
       raise ConfigError("--mesh", f"expected data=N,fsdp=M with N, M >= 1, got {spec!r}")
     sizes[name.strip()] = int(value)
   return sizes["data"], sizes["fsdp"]
+
+
+def parse_profile_steps(spec: str | None, steps: int) -> tuple[int, int] | None:
+  """``"A:B"`` -> (A, B): trace the updates after step A up to step B (0 <= A < B <= steps)."""
+  if spec is None:
+    return None
+  a, sep, b = spec.partition(":")
+  if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+    raise ConfigError("--profile-steps", f"expected A:B with whole numbers A < B, got {spec!r}")
+  a_i, b_i = int(a), int(b)
+  if not a_i < b_i:
+    raise ConfigError("--profile-steps", f"A must be less than B, got {spec!r}")
+  if b_i > steps:
+    raise ConfigError("--profile-steps", f"B must be <= --steps {steps}, got {spec!r}")
+  return a_i, b_i
 
 
 def base_model_config(cfg: TrainConfig, hf_config: dict | None = None) -> model_lib.LlamaConfig:
@@ -235,6 +253,16 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
   if cfg.resume and cfg.overwrite:
     raise ConfigError("--overwrite", "cannot be combined with --resume")
+  parse_profile_steps(cfg.profile_steps, cfg.steps)
+  if cfg.wandb:
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      raise ConfigError(
+        "--wandb", "needs the wandb package: pip install 'galore-jax[wandb]'"
+      ) from None
+  if cfg.peak_tflops is not None and not (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops > 0):
+    raise ConfigError("--peak-tflops", f"must be a finite number > 0, got {cfg.peak_tflops}")
   if cfg.stop_after is not None and cfg.stop_after < 1:
     raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
   data_n, fsdp_n = parse_mesh(cfg.mesh)
@@ -921,7 +949,7 @@ def absolute_source(source: str) -> str:
 
 
 # What a previous run leaves in --out; a new run (no --resume) refuses to mix with it.
-_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb")
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", metrics.WANDB_DIR)
 
 
 def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
@@ -1007,6 +1035,12 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
+  t_start = time.perf_counter()
+  with metrics.CompileTimer() as compile_timer:  # until the first step ends (below)
+    return _train_loop(cfg, signals, log, t_start, compile_timer)
+
+
+def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -> dict[str, Any]:
   ckpt_dir = os.path.join(cfg.out, "checkpoints")
   existing = _check_out(cfg, ckpt_dir)
 
@@ -1053,8 +1087,19 @@ def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
   eval_fn = compile_eval_step(run)
   sched = lr_schedule(cfg)
   mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
-  writer = metrics.MetricsWriter(cfg.out)
+  try:
+    writer = metrics.MetricsWriter(
+      cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None
+    )
+  except metrics.WandbError as e:
+    mngr.close()
+    raise ConfigError("--wandb", str(e)) from e
   tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+  devices = list(run.mesh.devices.flat)
+  local_devices = [d for d in devices if d.process_index == jax.process_index()]
+  peak_tflops = cfg.peak_tflops or metrics.default_peak_tflops(devices[0].device_kind)
+  profile = parse_profile_steps(cfg.profile_steps, cfg.steps)
+  profiling = False
   end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
   losses: list[float] = []
   last_eval: tuple[float, float] | None = None
@@ -1093,18 +1138,31 @@ def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
     )
   try:
     batches = train_ds.iterate(start)
-    t_last = time.perf_counter()
     while step < end:
       if step == start:
         startup_check()
+      if profile is not None and not profiling and profile[0] <= step < profile[1]:
+        jax.profiler.start_trace(os.path.join(cfg.out, "tb"))
+        profiling = True
+      t_step = time.perf_counter()  # the step and its batch; not evaluation or saving
       batch = device_batch(run, next(batches), cfg.grad_accum)
       params, opt_state, m = step_fn(params, opt_state, batch)
       m = jax.device_get(m)
       lr_used = float(sched(step))
       step += 1
       now = time.perf_counter()
-      tps = tokens_per_step / max(now - t_last, 1e-9)
-      t_last = now
+      step_s = max(now - t_step, 1e-9)
+      tps = tokens_per_step / step_s
+      if profiling and step >= profile[1]:
+        jax.block_until_ready((params, opt_state))
+        jax.profiler.stop_trace()
+        profiling = False
+        where = f"profile of steps {profile[0] + 1}..{step}: {os.path.join(cfg.out, 'tb')}"
+        if bar is not None:
+          bar.write(where)
+        else:
+          log(where)
+      memory = metrics.device_memory(local_devices)
       bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
       consecutive_bad = consecutive_bad + 1 if bad else 0
       loss = float(m["loss"])
@@ -1115,15 +1173,32 @@ def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
             "step": step,
             "loss": loss,
             "lr": lr_used,
+            "step_s": step_s,
             "tokens_per_s": tps,
+            "mfu": metrics.mfu(n_params, tps, peak_tflops, len(devices)),
+            **memory,
             "grad_norm": float(m["grad_norm"]),
             "skipped": int(m["skipped"]),
             **({"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}),
           }
         )
+      if step == start + 1:  # after the step's own record: line 1 stays step 1's
+        compile_timer.stop()
+        writer.write(
+          {
+            "step": step,
+            "compile_s": compile_timer.seconds,
+            "startup_s": now - t_start,
+          }
+        )
       if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        mem = memory["peak_bytes"]
+        bar.set_postfix(
+          loss=f"{loss:.3f}",
+          tok_s=f"{tps:,.0f}",
+          **({"mem": f"{mem / 2**30:.2f}GiB"} if mem is not None else {}),
+        )
       if consecutive_bad >= cfg.max_nonfinite:
         raise TrainingDiverged(
           f"{consecutive_bad} consecutive steps with non-finite loss or gradients (steps "
@@ -1164,6 +1239,8 @@ def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
       f"stopped during step {step + 1}; {newest_checkpoint()}; continue with --resume",
     ) from None
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     if bar is not None:
       bar.close()
     writer.close()

@@ -4,6 +4,8 @@
 - Single-threaded OpenBLAS (galore_jax/__init__.py: oversubscribed, CPU SVDs get 100x slower).
 - A persistent compilation cache shared by the session and its subprocesses: many tests
   compile the same train step, and on a 2-core machine compilation dominates their time.
+  The CLI keeps a cache directory JAX was given, so no test (in-process or a subprocess)
+  writes the user's default one (~/.cache/galore_jax/jax-cache).
 """
 
 import os

@@ -1,11 +1,13 @@
 """The training loop: resume exactness, sharding, accumulation, faults, outputs."""
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -90,16 +92,97 @@ def test_nonfinite_step_is_skipped(tmp_path, layerwise):
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_outputs_metrics_tensorboard_eval(tmp_path):
-  out = train.train(_cfg(tmp_path, "run", steps=4, eval_every=2), log=_quiet)
+def _tensorboard_tags(tb_dir) -> set[str]:
+  """Scalar tags in the TensorBoard event files of ``tb_dir`` (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+
+  tags = set()
+  for name in os.listdir(tb_dir):
+    if not name.startswith("events"):
+      continue
+    raw = (Path(tb_dir) / name).read_bytes()
+    pos = 0
+    while pos < len(raw):
+      n = int.from_bytes(raw[pos : pos + 8], "little")
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + n])
+      tags |= {v.tag for v in event.summary.value}
+      pos += 12 + n + 4
+  return tags
+
+
+class _FakeWandb:
+  """Stands in for the ``wandb`` module: records ``init`` arguments and logged scalars."""
+
+  def __init__(self):
+    self.inits, self.logged, self.finished = [], [], 0
+
+  def init(self, **kw):
+    self.inits.append(kw)
+    return self
+
+  def log(self, data, step):
+    self.logged.append((step, data))
+
+  def finish(self):
+    self.finished += 1
+
+
+def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  cfg = _cfg(
+    tmp_path, "run", steps=4, eval_every=2, peak_tflops=50.0, profile_steps="1:3", wandb=True
+  )
+  evaluate, slept = train.evaluate, []
+
+  def slow_first_evaluate(*a, **k):  # step_s must not include evaluation
+    if not slept:
+      slept.append(time.sleep(2.5))
+    return evaluate(*a, **k)
+
+  monkeypatch.setattr(train, "evaluate", slow_first_evaluate)
+  # As a GPU reports it (CPU devices report no memory: test_peak_tflops_defaults_and_...).
+  gpu_memory = {"peak_bytes": 3 << 30, "bytes_in_use": 1 << 30}
+  monkeypatch.setattr(metrics, "device_memory", lambda devices: dict(gpu_memory))
+  out = train.train(dataclasses.replace(cfg, progress=True), log=_quiet)
+  bar = capsys.readouterr().err
+  assert "tok_s=" in bar and "mem=3.00GiB" in bar
   records = metrics.read_metrics(out["out"])
   train_recs = [r for r in records if "loss" in r]
   eval_recs = [r for r in records if "eval_loss" in r]
   assert {"step", "loss", "lr", "tokens_per_s"} <= set(train_recs[0])
   assert [r["step"] for r in eval_recs] == [2, 4]
   assert eval_recs[-1]["eval_ppl"] == pytest.approx(np.exp(eval_recs[-1]["eval_loss"]))
-  assert any(f.startswith("events") for f in os.listdir(os.path.join(out["out"], "tb")))
+  tb = os.path.join(out["out"], "tb")
+  assert any(f.startswith("events") for f in os.listdir(tb))
   assert out["eval_ppl"] == pytest.approx(eval_recs[-1]["eval_ppl"])
+  # Speed, utilisation and memory per logged step.
+  n_params = 7_358_720  # llama_tiny with the bundled 8192-piece tokenizer
+  assert train_recs[2]["step_s"] < 2.5  # the step after the (slowed) evaluation at step 2
+  for r in train_recs:
+    assert r["step_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
+    assert r["mfu"] == pytest.approx(6 * n_params * r["tokens_per_s"] / 50e12)
+    assert r["peak_bytes"] == 3 << 30 and r["bytes_in_use"] == 1 << 30
+  # One compile record per start, written when the first step ends.
+  (rec,) = [r for r in records if "compile_s" in r]
+  assert rec["step"] == 1 and 0 < rec["compile_s"] <= rec["startup_s"]
+  assert rec["compile_s"] < train_recs[0]["step_s"] + rec["startup_s"]
+  assert {"step_s", "tokens_per_s", "mfu", "compile_s", "startup_s", "loss"} <= (
+    _tensorboard_tags(tb)
+  )
+  # --profile-steps 1:3: a jax.profiler trace of steps 2..3, where TensorBoard looks.
+  traces = list((tmp_path / "run" / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert list(traces[0].parent.glob("*.trace.json.gz"))  # Chrome trace, for Perfetto
+  # --wandb: the same scalars, offline here, the run's configuration attached.
+  (init,) = fake.inits
+  assert init["mode"] == "offline" and init["config"]["model"] == "llama_tiny"
+  assert init["dir"] == str(tmp_path / "run" / "wandb") and fake.finished == 1
+  logged = [(step, d) for step, d in fake.logged if "loss" in d]
+  assert [step for step, _ in logged] == [1, 2, 3, 4]
+  assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and logged[0][1]["peak_bytes"] == 3 << 30
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -154,7 +237,7 @@ def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     mfile = out / "metrics.jsonl"
-    if mfile.exists() and len(mfile.read_text().splitlines()) >= 2:
+    if mfile.exists() and mfile.read_text().count('"loss"') >= 2:  # two steps done
       break
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
@@ -428,3 +511,161 @@ def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
     temp[name] = compiled.memory_analysis().temp_size_in_bytes
   assert temp["whole"] > nbytes(params), (temp, nbytes(params))
   assert temp["layerwise"] < 3 * block and 3 * temp["layerwise"] < temp["whole"], (temp, block)
+
+
+@pytest.mark.parametrize(
+  "args,why",
+  [
+    (["--profile-steps", "3"], "expected A:B"),
+    (["--profile-steps", "3:2"], "less than"),
+    (["--profile-steps", "2:2"], "less than"),
+    (["--profile-steps=-1:2"], "expected A:B"),
+    (["--profile-steps", "1:9"], "--steps 5"),
+    (["--peak-tflops", "0"], "> 0"),
+    (["--peak-tflops", "nan"], "> 0"),
+  ],
+)
+def test_cli_bad_observability_flags_are_one_line_exit_2(tmp_path, capsys, args, why):
+  assert _cli("train", "--out", str(tmp_path / "bad"), "--steps", "5", *args) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"galore-jax: error: {args[0].split('=')[0]}: ") and why in err, err
+  assert len(err.splitlines()) == 1
+  assert not (tmp_path / "bad").exists()
+
+
+def test_cli_compile_cache_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
+  afile = tmp_path / "file"
+  afile.write_text("")
+  assert _cli("plan", "--no-compile", "--compile-cache", str(afile)) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error: --compile-cache: ") and len(err.splitlines()) == 1
+  assert "is not a directory" in err
+
+
+def test_peak_tflops_defaults_and_device_memory():
+  assert metrics.default_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert metrics.default_peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert metrics.default_peak_tflops("NVIDIA H200") == 989.0
+  assert metrics.default_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert metrics.default_peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
+  assert metrics.default_peak_tflops(jax.devices()[0].device_kind) is None  # cpu
+  assert metrics.mfu(10, 100.0, None, 1) is None
+
+  class Gpu:
+    def __init__(self, peak, used):
+      self.stats = {"peak_bytes_in_use": peak, "bytes_in_use": used, "bytes_limit": 1 << 40}
+
+    def memory_stats(self):
+      return self.stats
+
+  assert metrics.device_memory([Gpu(5, 3), Gpu(7, 2)]) == {"peak_bytes": 7, "bytes_in_use": 3}
+  assert metrics.device_memory(jax.devices()[:1]) == {"peak_bytes": None, "bytes_in_use": None}
+
+
+def test_compile_cache_flag_on_train_eval_sample_plan():
+  from galore_jax import cli
+
+  parser = cli.build_parser()
+  for argv in (
+    ["train"],
+    ["eval", "--checkpoint", "r"],
+    ["sample", "--checkpoint", "r", "--prompt", ""],
+    ["plan"],
+  ):
+    assert parser.parse_args(argv).compile_cache is None
+    assert parser.parse_args([*argv, "--compile-cache", "none"]).compile_cache == "none"
+
+
+def test_compile_cache_keeps_jax_dir_and_caches_short_compiles(monkeypatch):
+  from galore_jax import compile_cache
+
+  names = ("jax_persistent_cache_min_compile_time_secs", "jax_enable_compilation_cache")
+  names += ("jax_persistent_cache_min_entry_size_bytes",)
+  before = {n: getattr(jax.config, n) for n in names}
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+  try:
+    given = jax.config.jax_compilation_cache_dir  # conftest's JAX_COMPILATION_CACHE_DIR
+    assert given and compile_cache.enable(None) == given
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
+
+
+def test_compile_cache_default_dir_and_none(monkeypatch, tmp_path):
+  from galore_jax import compile_cache
+
+  monkeypatch.delenv("GALORE_JAX_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache.default_dir() == str(tmp_path / "xdg" / "galore_jax" / "jax-cache")
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert compile_cache.default_dir() == str(tmp_path / "home" / ".cache/galore_jax/jax-cache")
+  before = jax.config.jax_enable_compilation_cache
+  try:
+    assert compile_cache.enable("none") is None
+    assert jax.config.jax_enable_compilation_cache is False
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+def test_second_start_compiles_nothing_new(finished_run, tmp_path):
+  # A fresh process each time, with the default cache directory (GALORE_JAX_CACHE_DIR) and
+  # the thresholds the CLI sets (JAX's defaults cache no CPU compilation under 1 s).
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  }
+  env["GALORE_JAX_CACHE_DIR"] = str(tmp_path / "home")
+  cache = tmp_path / "home" / "jax-cache"
+  cmd = [sys.executable, "-m", "galore_jax.cli", "eval", "--checkpoint", str(finished_run)]
+  cmd += ["--eval-batches", "1"]
+  first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr
+  entries = sorted(os.listdir(cache))
+  assert entries, "the first start wrote nothing to the cache"
+  second = subprocess.run(
+    cmd, env={**env, "JAX_LOG_COMPILES": "1"}, capture_output=True, text=True, timeout=300
+  )
+  assert second.returncode == 0, second.stderr
+  assert sorted(os.listdir(cache)) == entries
+  assert "Persistent compilation cache hit" in second.stderr
+  assert second.stdout == first.stdout
+
+
+def test_cli_wandb_without_the_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+  assert _cli("train", "--out", str(tmp_path / "w"), "--wandb") == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error: --wandb: ") and "galore-jax[wandb]" in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_wandb_is_offline_without_network_or_api_key(tmp_path, monkeypatch):
+  monkeypatch.delenv("WANDB_MODE", raising=False)
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+  assert metrics.wandb_mode() == "offline"
+  monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+  monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens on :443
+  assert metrics.wandb_mode() == "offline"
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  assert metrics.wandb_mode() == "disabled"
+
+
+def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monkeypatch):
+  (tmp_path / "old" / "wandb").mkdir(parents=True)
+  assert _cli("train", "--out", str(tmp_path / "old"), "--steps", "2") == 2
+  assert "wandb" in capsys.readouterr().err
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  for _ in range(2):  # a resume continues the same W&B run
+    metrics.start_wandb(str(tmp_path / "new"), {"model": "llama_tiny"})
+  assert fake.inits[0]["id"] == fake.inits[1]["id"] and fake.inits[1]["resume"] == "allow"
+  writer = metrics.MetricsWriter(str(tmp_path / "new"), tensorboard=False, wandb_config={})
+  writer.write({"step": 1, "loss": 2.0, "mfu": None, "peak_bytes": None})
+  writer.close()
+  assert fake.logged == [(1, {"loss": 2.0})]  # nulls are left out, as in TensorBoard
+  assert metrics.read_metrics(str(tmp_path / "new"))[0]["mfu"] is None
