@@ -8,14 +8,17 @@ import pytest
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _section_blocks(start: str, end: str) -> list[str]:
+def _section_blocks(heading: str) -> list[str]:
+  """The python blocks of the README section under ``heading`` (up to the next heading)."""
   text = README.read_text()
-  section = text[text.index(start) : text.index(end)]
+  start = text.index(heading) + len(heading)
+  end = re.search(r"^#{2,3} ", text[start:], flags=re.M)
+  section = text[start : start + end.start()] if end else text[start:]
   return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 def test_own_model_examples_run():
-  blocks = _section_blocks("### In your own Flax model", "### 8-bit states")
+  blocks = _section_blocks("### In your own Flax model")
   assert len(blocks) == 3  # the loop, the parameter groups, inject_hyperparams
   namespace: dict = {}
   for block in blocks:  # later blocks reuse the model and step of the first
