@@ -136,6 +136,9 @@ def measure(args) -> dict:
       res = analyse(g, p_new, p_old, key, side=side, rank=rank)
       rows.append({"kernel": name, **{k: float(v) for k, v in res.items()}})
     refreshes.append({"step": step, "loss": float(m["loss"]), "kernels": rows})
+    if args.json:  # after every refresh: a run stopped early keeps what it measured
+      with open(args.json, "w") as f:
+        json.dump({"config": vars(args), "refreshes": refreshes}, f, indent=1)
     summary = summarize(refreshes[-1])
     print(
       f"refresh at count {step:5d} (loss {float(m['loss']):.3f}, "
