@@ -572,19 +572,24 @@ def galore(
     if svd == "exact":
       return proj.exact_basis(g_BxMxN, side, r)
 
-    def randomized():
+    def per_leaf_normal(salt, shape):
       # One key per leaf, so a leaf's draw does not depend on what it is batched with.
-      omegas = [
-        jax.random.normal(
-          jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), count),
-          proj.test_matrix_shape((b,), side, group.m, group.n, r, oversample),
-          jnp.float32,
-        )
-        for i, b in zip(group.leaf_indices, group.sizes, strict=True)
-      ]
-      return proj.randomized_basis(
-        g_BxMxN, side, r, power_iters=power_iters, test_matrix=jnp.concatenate(omegas)
+      return jnp.concatenate(
+        [
+          jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), salt),
+            (b,) + shape,
+            jnp.float32,
+          )
+          for i, b in zip(group.leaf_indices, group.sizes, strict=True)
+        ]
       )
+
+    def randomized():
+      omega = per_leaf_normal(
+        count, proj.test_matrix_shape((), side, group.m, group.n, r, oversample)
+      )
+      return proj.randomized_basis(g_BxMxN, side, r, power_iters=power_iters, test_matrix=omega)
 
     if svd == "randomized":
       return randomized()
@@ -594,14 +599,8 @@ def galore(
     # starts from a Gaussian matrix, one per leaf, and runs more rounds. One loop serves
     # both, so the orthonormalisation is compiled once per group.
     def gaussian():
-      mats = []
-      for j, shape in enumerate(proj.basis_shapes(side, group.m, group.n, r)):
-        key = lambda i, j=j: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j)
-        draws = [
-          jax.random.normal(key(i), (b,) + shape, jnp.float32)
-          for i, b in zip(group.leaf_indices, group.sizes, strict=True)
-        ]
-        mats.append(jnp.concatenate(draws))
+      shapes = proj.basis_shapes(side, group.m, group.n, r)
+      mats = [per_leaf_normal(j, shape) for j, shape in enumerate(shapes)]
       return mats[0] if side != "full" else tuple(mats)
 
     first = count == 0
