@@ -268,12 +268,6 @@ def _jax_memory():
   return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
 
 
-def _tree_bytes(tree) -> int:
-  import jax
-
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
 def _register_model(spec, model_lib):
   if spec.get("model_overrides"):
     model_lib.CONFIGS[spec["model"]] = model_lib.get_config(
@@ -325,9 +319,11 @@ class _JaxCase:
     self.params, self.opt_state = train.init_state(self.run)
     jax.block_until_ready((self.params, self.opt_state))
     self.init_s = time.perf_counter() - t
+    from galore_jax.tree import tree_bytes
+
     self.state_bytes = {
-      "params": _tree_bytes(self.params),
-      "opt_state": _tree_bytes(self.opt_state),
+      "params": tree_bytes(self.params),
+      "opt_state": tree_bytes(self.opt_state),
     }
     progress(init_s=self.init_s, state_bytes=self.state_bytes)
     rng = np.random.default_rng(0)

@@ -22,6 +22,7 @@ import json
 import sys
 
 from galore_jax import plan, train
+from galore_jax import tree as tree_lib
 
 # (model, optimizer, rank, paper figure in "G"), paper Table 2 and Section 5.3.
 PAPER = [
@@ -47,7 +48,7 @@ def rows(models: set[str] | None = None) -> list[dict]:
       model=model, optimizer=optimizer, rank=rank or 64, param_dtype="bfloat16", dtype="bfloat16"
     )
     p = plan.build(cfg, vocab_size=plan.DEFAULT_VOCAB)
-    weights = plan._tree_bytes(p.params)
+    weights = tree_lib.tree_bytes(p.params)
     opt = plan.optimizer_breakdown(p.opt_state)
     total = weights + sum(opt.values())
     out.append(

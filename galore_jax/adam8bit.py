@@ -81,6 +81,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import tree as tree_lib
+
 __all__ = [
   "QuantizedArray",
   "STATIC_ARGS",
@@ -588,8 +590,4 @@ def adamw8bit(
 
 def state_bytes(state) -> int:
   """Bytes held by the array leaves of ``state`` (works on ``eval_shape``)."""
-  total = 0
-  for leaf in jax.tree.leaves(state):
-    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-      total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-  return total
+  return tree_lib.tree_bytes(state)

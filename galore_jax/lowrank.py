@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from galore_jax import model as model_lib
+from galore_jax import tree as tree_lib
 
 MODES = ("lowrank", "lora")
 
@@ -180,7 +181,7 @@ def reset_factor_moments(opt_state):
 
 def count(tree) -> int:
   """Number of array elements in a pytree (works on ``jax.eval_shape`` output)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  return tree_lib.tree_size(tree)
 
 
 def factor_count(trainable) -> int:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import projector as proj
+from galore_jax import tree as tree_lib
 
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 REFRESH_SCHEDULES = ("synchronous", "staggered")
@@ -958,4 +959,4 @@ scale_by_galore = galore
 
 def state_bytes(state) -> int:
   """Bytes held by the arrays of an optimizer state (works on ``jax.eval_shape`` output)."""
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+  return tree_lib.tree_bytes(state)

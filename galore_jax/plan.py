@@ -64,6 +64,7 @@ import numpy as np
 
 from galore_jax import model as model_lib
 from galore_jax import train
+from galore_jax.tree import tree_bytes
 
 GB = 1e9
 GIB = 2**30
@@ -113,10 +114,6 @@ def compiled_memory(compiled) -> dict[str, int]:
     out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   )
   return out
-
-
-def _tree_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _path_names(path) -> list[str]:
@@ -308,17 +305,17 @@ def _block_gradient_bytes(p: Planned) -> int:
   layers = p.params["layers"]
   blocks = layers.values() if isinstance(layers, dict) else layers
   halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
-  sizes = [sum(_tree_bytes(b[k]) for k in keys) for b in blocks for keys in halves]
-  sizes.append(_tree_bytes(p.params["embed"]))
-  sizes.append(_tree_bytes(p.params["final_norm"]) + _tree_bytes(p.params["lm_head"]))
+  sizes = [sum(tree_bytes(b[k]) for k in keys) for b in blocks for keys in halves]
+  sizes.append(tree_bytes(p.params["embed"]))
+  sizes.append(tree_bytes(p.params["final_norm"]) + tree_bytes(p.params["lm_head"]))
   return max(sizes)
 
 
 def analytic(p: Planned) -> dict[str, Any]:
   cfg, mc = p.cfg, p.model_cfg
   per_layer_updates = train.per_layer_updates(cfg)
-  weights = _tree_bytes(p.params)
-  optimizer = _tree_bytes(p.opt_state)
+  weights = tree_bytes(p.params)
+  optimizer = tree_bytes(p.opt_state)
   n_params = sum(x.size for x in jax.tree.leaves(p.params))
   acts = activation_bytes(mc, cfg.batch_size, cfg.seq_len)
   full_grad = weights  # gradients are cast to the param dtype
@@ -329,7 +326,7 @@ def analytic(p: Planned) -> dict[str, Any]:
   update = update_transient_bytes(p)
   svd = svd_transient_bytes(p)
   update_phase = max(update, svd)
-  head_grad = _tree_bytes(p.params["lm_head"])
+  head_grad = tree_bytes(p.params["lm_head"])
   if per_layer_updates:
     grads_at_peak = block_grad
     dynamic = acts["total_bytes"] + loss_transient + block_grad + update_phase

@@ -16,3 +16,34 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="galore_jax_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="session")
+def load_experiment():
+  """``load_experiment("gpu_bench")`` imports ``experiments/gpu_bench.py`` once per session.
+
+  The module is registered in ``sys.modules`` under its name, as a script run directly would
+  be, so its dataclasses and pickled objects resolve.
+  """
+  loaded = {}
+
+  def load(name: str):
+    if name not in loaded:
+      spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[name] = module
+      spec.loader.exec_module(module)
+      loaded[name] = module
+    return loaded[name]
+
+  yield load
+  for name in loaded:
+    sys.modules.pop(name, None)

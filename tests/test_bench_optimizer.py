@@ -1,10 +1,7 @@
 """experiments/bench_optimizer.py: the smoke run, its JSON, and the helpers it relies on."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,17 +11,10 @@ import pytest
 
 import galore_jax
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_optimizer.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-  spec = importlib.util.spec_from_file_location("bench_optimizer", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["bench_optimizer"] = module
-  spec.loader.exec_module(module)
-  yield module
-  sys.modules.pop("bench_optimizer", None)
+def bench(load_experiment):
+  return load_experiment("bench_optimizer")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import lzma
 from pathlib import Path
@@ -75,13 +74,9 @@ def test_load_tokenizer_missing(tmp_path):
     load_tokenizer(str(missing))
 
 
-def test_bundled_tokenizer_is_reproducible():
+def test_bundled_tokenizer_is_reproducible(load_experiment):
   """Retraining with experiments/train_tokenizer.py gives the shipped file byte for byte."""
-  spec = importlib.util.spec_from_file_location(
-    "train_tokenizer", REPO / "experiments" / "train_tokenizer.py"
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_experiment("train_tokenizer")
   model, _ = mod.train_model()
   assert model == gd.BUILTIN_TOKENIZER.read_bytes()
 

@@ -7,7 +7,6 @@ at toy size and reports every field and ratio the GPU run is read for.
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,8 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 @pytest.fixture(scope="module")
-def bench():
-  spec = importlib.util.spec_from_file_location("gpu_bench", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["gpu_bench"] = module
-  spec.loader.exec_module(module)
-  yield module
-  sys.modules.pop("gpu_bench", None)
+def bench(load_experiment):
+  return load_experiment("gpu_bench")
 
 
 @pytest.fixture(scope="module")

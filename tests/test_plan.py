@@ -3,10 +3,7 @@
 Small configurations only; the two compile tests use a 2-layer, 128-wide model.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -220,20 +217,13 @@ def test_layerwise_step_frees_gradients_early(compiled_bf16):
   assert per_layer["peak_bytes"] + whole["gradient_bytes"] < whole["peak_bytes"]
 
 
-def test_memory_table_runs(capsys):
-  path = Path(__file__).resolve().parents[1] / "experiments" / "memory_table.py"
-  spec = importlib.util.spec_from_file_location("memory_table", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["memory_table"] = module
-  try:
-    spec.loader.exec_module(module)
-    assert module.main(["--models", "llama_60m"]) == 0
-    out = capsys.readouterr().out
-    assert "llama_60m" in out and "GiB" in out
-    rows = module.rows({"llama_60m"})
-    assert {r["optimizer"] for r in rows} == {"adamw", "galore_adamw"}
-    full = next(r for r in rows if r["optimizer"] == "adamw")
-    # Pure bf16 Adam: weights + two bf16 moments = 6 bytes per parameter (+ step counters).
-    assert abs(full["total_bytes"] - 6 * full["weights_bytes"] / 2) < 64
-  finally:
-    sys.modules.pop("memory_table", None)
+def test_memory_table_runs(capsys, load_experiment):
+  module = load_experiment("memory_table")
+  assert module.main(["--models", "llama_60m"]) == 0
+  out = capsys.readouterr().out
+  assert "llama_60m" in out and "GiB" in out
+  rows = module.rows({"llama_60m"})
+  assert {r["optimizer"] for r in rows} == {"adamw", "galore_adamw"}
+  full = next(r for r in rows if r["optimizer"] == "adamw")
+  # Pure bf16 Adam: weights + two bf16 moments = 6 bytes per parameter (+ step counters).
+  assert abs(full["total_bytes"] - 6 * full["weights_bytes"] / 2) < 64

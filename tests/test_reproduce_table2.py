@@ -2,11 +2,8 @@
 optimizer shared with the trainer, the sweep's bookkeeping and a smoke run of the script."""
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -17,7 +14,6 @@ import pytest
 
 from galore_jax import checkpoint, lowrank, metrics, train
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reproduce_table2.py"
 # The end-to-end run: every method but GaLore at rank r (the same code as GaLore at d/2, one
 # more compilation), and two lrs for AdamW.
 SMOKE_METHODS = "adamw,galore_d2,lowrank,lora,relora"
@@ -34,13 +30,8 @@ def _fast_compiles():
 
 
 @pytest.fixture(scope="module")
-def t2():
-  spec = importlib.util.spec_from_file_location("reproduce_table2", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["reproduce_table2"] = module
-  spec.loader.exec_module(module)
-  yield module
-  sys.modules.pop("reproduce_table2", None)
+def t2(load_experiment):
+  return load_experiment("reproduce_table2")
 
 
 def _dense(key, d=16, f=24):
