@@ -383,17 +383,37 @@ def replay_live_ranges(dump_dir: str) -> dict[str, Any]:
   }
 
 
+def _compile_with_dump(lowered, dump_dir: str):
+  """Compiles with ``xla_dump_to``, bypassing JAX's persistent compilation cache: a cache
+  hit loads the executable without compiling it, so XLA would write no dump. The cache
+  is switched back on (and re-read from its directory) afterwards."""
+  options = {"xla_dump_to": dump_dir}
+  if not jax.config.jax_enable_compilation_cache:
+    return lowered.compile(options)
+  from jax.experimental.compilation_cache import compilation_cache
+
+  # JAX decides once per process whether the cache is in use: reset that decision.
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    return lowered.compile(options)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+
+
 def compile_and_replay(
   lowered, *, replay: bool = True, keep_dump: str | None = None
 ) -> dict[str, Any]:
   """Compiles ``lowered`` (a ``jax.stages.Lowered``) and returns the backend, the compile
   seconds, :func:`compiled_memory` and, with ``replay``, the :func:`replay_live_ranges` figures (or
   ``replay_error`` if the dump cannot be read). The dump goes to a temporary directory
-  that is removed afterwards, or to ``keep_dump``, which is kept."""
+  that is removed afterwards, or to ``keep_dump``, which is kept. With ``replay`` the
+  compile never comes from (nor goes to) the persistent compilation cache."""
   dump_dir = (keep_dump or tempfile.mkdtemp(prefix="galore_plan_")) if replay else None
   try:
     t0 = time.perf_counter()
-    compiled = lowered.compile({"xla_dump_to": dump_dir}) if replay else lowered.compile()
+    compiled = _compile_with_dump(lowered, dump_dir) if replay else lowered.compile()
     out = {
       "backend": jax.default_backend(),
       "compile_seconds": round(time.perf_counter() - t0, 1),

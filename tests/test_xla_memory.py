@@ -149,3 +149,24 @@ def test_compile_and_replay_matches_memory_analysis(tmp_path):
   assert "replay_error" not in out, out.get("replay_error")
   assert abs(out["replayed_cpu_peak_bytes"] - out["peak_bytes"]) <= 0.05 * out["peak_bytes"]
   assert out["cpu_only_buffers"] == 0  # float32: nothing to correct
+
+
+def test_replay_survives_a_persistent_cache_hit():
+  """A persistent-cache hit loads the executable without compiling it, so XLA writes no
+  dump: the second plan of a configuration lost its replay (and its CPU correction)."""
+  if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
+    pytest.skip("needs the persistent compilation cache (tests/conftest.py sets one)")
+
+  def g(w, x):
+    return jnp.cos(x @ w).sum(), w + 1.0
+
+  args = (jax.ShapeDtypeStruct((32, 48), jnp.float32), jax.ShapeDtypeStruct((4, 32), jnp.float32))
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even this one
+  try:
+    first, second = (xla_memory.compile_and_replay(jax.jit(g).lower(*args)) for _ in range(2))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+  assert "replay_error" not in second, second["replay_error"]
+  assert second["replayed_cpu_peak_bytes"] == first["replayed_cpu_peak_bytes"] > 0
+  assert jax.config.jax_enable_compilation_cache  # left as it was
