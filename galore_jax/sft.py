@@ -197,8 +197,10 @@ class _ExampleBatch(data._Rows):
     return self.finish(buf, mask)
 
 
-def plan(config: data.DataConfig, split: str, tok, files: Sequence[Path], eos: int, pad: int):
-  """The ``data._Plan`` of an instruction file set (one example per row, never packed)."""
+def split_index(
+  config: data.DataConfig, split: str, tok, files: Sequence[Path], eos: int, pad: int
+):
+  """The ``data._SplitIndex`` of an instruction file set (one example per row, never packed)."""
   del eos  # placed by tokenize_examples
   records = [rw for f in files for rw in _read_records(f)]
   if not records:
@@ -213,4 +215,7 @@ def plan(config: data.DataConfig, split: str, tok, files: Sequence[Path], eos: i
   n = len(examples)
   n_tok = int(sum(len(t) for t, _ in examples))
   B, L = config.batch_size, config.seq_len
-  return data._Plan(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
+  return data._SplitIndex(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
+
+
+plan = split_index  # its name before data._Plan became data._SplitIndex

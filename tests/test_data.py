@@ -1,11 +1,10 @@
-"""Tests for galore_jax.data: tokenizer, bundled corpus split, grain loaders, sources."""
+"""Tests for galore_jax.data.batching: grain loaders over the builtin, path and TFDS sources."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import lzma
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from galore_jax import data as gd
 from galore_jax.data import DataConfig, eval_batches, load_tokenizer, make_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 KEYS = ("inputs", "targets", "mask")
 
 
@@ -45,61 +43,6 @@ def _check_batch(b: dict, cfg: DataConfig, vocab: int):
     assert b[k].min() >= 0 and b[k].max() < vocab
   # targets are the inputs shifted by one (each row is one window of seq_len + 1 tokens)
   np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
-
-
-# ---------------------------------------------------------------------------- tokenizer
-
-
-def test_tokenizer_ids_and_round_trip(sp):
-  assert sp.get_piece_size() == 8192
-  assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
-  texts = [
-    "Emma Woodhouse, handsome, clever, and rich,\nwith a comfortable home",
-    "  From fairest creatures we desire increase,\n\n  That thereby beauty's rose",
-    "Caf\u00e9 na\u00efve \u2014 \u00c6thelred, 1,234,567 \U0001f600 \u4e2d\u6587",
-    "\ttab  two  spaces, trailing \n",
-    "",
-  ]
-  for t in texts:
-    ids = sp.encode(t)
-    assert sp.unk_id() not in ids  # byte fallback covers everything
-    assert sp.decode(ids) == t
-  assert sp.encode("said.\nEmma", out_type=str) == ["\u2581said", ".", "\n", "Emma"]
-  assert sp.encode("1234", out_type=str) == ["\u2581", "1", "2", "3", "4"]  # split digits
-
-
-def test_load_tokenizer_missing(tmp_path):
-  missing = tmp_path / "nope.model"
-  with pytest.raises(FileNotFoundError, match="nope.model"):
-    load_tokenizer(str(missing))
-
-
-def test_bundled_tokenizer_is_reproducible(load_experiment):
-  """Retraining with experiments/train_tokenizer.py gives the shipped file byte for byte."""
-  mod = load_experiment("train_tokenizer")
-  model, _ = mod.train_model()
-  assert model == gd.BUILTIN_TOKENIZER.read_bytes()
-
-
-# ---------------------------------------------------------------------------- builtin split
-
-
-def test_builtin_split_fixed_and_disjoint():
-  train = gd.builtin_documents("train")
-  val = gd.builtin_documents("validation")
-  # The rule is fixed: these sizes change only if the rule (or the corpus) does.
-  assert (len(train), len(val)) == (6477, 284)
-  assert not set(train) & set(val)
-  assert train[0].startswith("EMMA\n\nBy Jane Austen")
-  assert all(len(d) >= gd.DOC_MIN_CHARS for d in train + val)
-  # Recomputing from the files gives the same documents.
-  gd._builtin_sections.cache_clear()
-  assert gd.builtin_documents("validation") == val
-  # Whole chapters / scenes are held out: each validation document opens a section or
-  # continues the previous validation document's section.
-  assert val[0].startswith(("CHAPTER", "Chapter"))
-  with pytest.raises(ValueError, match="split"):
-    gd.builtin_documents("test")
 
 
 def test_builtin_batches_deterministic():
