@@ -393,7 +393,7 @@ class _JaxCase:
   def plans(self, train, schedule: str):
     """The optimizer's per-leaf plan (shapes, refresh phases) for ``schedule``."""
     params = self.run.abstract_params
-    plans = self.galore._leaf_plans(
+    plans = self.galore.leaf_layouts(
       params,
       train.galore_mask(params),
       rank=self.cfg.rank,
