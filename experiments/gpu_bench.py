@@ -345,17 +345,7 @@ class _JaxCase:
     self.losses: list[float] = []
 
   def set_count(self, value: int) -> None:
-    jax, galore = self.jax, self.galore
-
-    def fix(x):
-      if isinstance(x, galore.GaLoreState):
-        c = jax.device_put(jax.numpy.asarray(value, x.count.dtype), x.count.sharding)
-        return x._replace(count=c)
-      return x
-
-    self.opt_state = jax.tree.map(
-      fix, self.opt_state, is_leaf=lambda x: isinstance(x, galore.GaLoreState)
-    )
+    self.opt_state = self.galore.with_galore_count(self.opt_state, value)
 
   def timed_step(self, count: int | None = None) -> float:
     """One step (at GaLore ``count`` if given), synchronised; returns seconds."""

@@ -983,3 +983,44 @@ scale_by_galore = galore
 def state_bytes(state) -> int:
   """Bytes held by the arrays of an optimizer state (works on ``jax.eval_shape`` output)."""
   return tree_lib.tree_bytes(state)
+
+
+def _state_types(state_types) -> tuple[type, ...]:
+  return (GaLoreState,) if state_types is None else tuple(state_types)
+
+
+def galore_states(opt_state, *, state_types=None) -> list[GaLoreState]:
+  """Every :class:`GaLoreState` inside ``opt_state``, in flatten order.
+
+  Searches the whole pytree, so the state may sit inside any optax wrapper: ``chain``'s
+  tuple (:func:`galore_adamw`), ``masked`` / ``multi_transform`` (one per parameter group),
+  ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``. ``state_types`` replaces the
+  types looked for (e.g. ``(GaLoreState, optax.contrib.GaLoreState)``: any NamedTuple with a
+  ``count`` field).
+  """
+  types = _state_types(state_types)
+  is_state = lambda x: isinstance(x, types)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def with_galore_count(opt_state, count, *, state_types=None):
+  """``opt_state`` with the ``count`` of every :func:`galore_states` entry set to ``count``.
+
+  ``count`` is the refresh clock (a leaf refreshes when it reaches the leaf's phase modulo
+  ``update_proj_gap``), so benchmarks set it to time a refresh step or a plain one without
+  running ``T`` steps. The new count keeps the old one's dtype and, for a concrete array, its
+  sharding, so a compiled step takes the state as before. The inner optimizer's own counters
+  (Adam's bias correction) and the wrappers' (``inject_hyperparams``) are left alone.
+  """
+  types = _state_types(state_types)
+  is_state = lambda x: isinstance(x, types)
+
+  def set_count(x):
+    if not is_state(x):
+      return x
+    new = jnp.asarray(count, jnp.result_type(x.count))
+    if isinstance(x.count, jax.Array) and not isinstance(x.count, jax.core.Tracer):
+      new = jax.device_put(new, x.count.sharding)
+    return x._replace(count=new)
+
+  return jax.tree.map(set_count, opt_state, is_leaf=is_state)
