@@ -56,7 +56,7 @@ randomized SVD, synchronous and staggered:
 * staggered (leaf ``k`` of ``L`` refreshes at phase ``floor(k T / L)``): a period does
   the same SVD work as a synchronous one, spread so that a step refreshes about
   ``L / T`` leaves (at most one when ``L <= T``). The phases are read from the
-  optimizer's own plan; phases whose refreshing leaves have the same shapes cost the
+  optimizer's own layout; phases whose refreshing leaves have the same shapes cost the
   same, so one step per distinct set of shapes is timed (``count = kT + phase``, 3
   times, each after a plain step at a free phase: the excess ``t(phase) - step_s`` is
   the median of the paired differences) and the amortised share is

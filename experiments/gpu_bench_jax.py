@@ -194,10 +194,10 @@ class _JaxCase:
     self.skipped += int(m["skipped"])
     self.losses.append(float(m["loss"]))
 
-  def plans(self, train, schedule: str):
-    """The optimizer's per-leaf plan (shapes, refresh phases) for ``schedule``."""
+  def layouts(self, train, schedule: str):
+    """The optimizer's per-leaf layouts (shapes, refresh phases) for ``schedule``."""
     params = self.run.abstract_params
-    plans = self.galore.leaf_layouts(
+    layouts = self.galore.leaf_layouts(
       params,
       train.galore_mask(params),
       rank=self.cfg.rank,
@@ -208,7 +208,7 @@ class _JaxCase:
     )
     return [
       {"offset": p.offset, "m": p.m, "n": p.n, "side": p.side, "rank": p.rank, "path": p.path}
-      for p in plans
+      for p in layouts
       if p is not None
     ]
 
@@ -272,7 +272,7 @@ def _safe_probe(leaves_fn, svd: str, dtype) -> dict:
   """``_jax_svd_probe``, or ``{"error": ...}``: a failed probe leaves the refresh unguarded."""
   try:
     return _jax_svd_probe(leaves_fn(), svd, dtype)
-  except Exception as e:  # noqa: BLE001 - e.g. the optimizer's private plan API changed
+  except Exception as e:  # noqa: BLE001 - e.g. optimizer.leaf_layouts changed
     return {"error": f"{type(e).__name__}: {e}", "sum_over_leaves_s": None}
 
 
@@ -330,7 +330,7 @@ def worker_jax(spec, res, save):
   save()
   if cfg.is_galore and spec["refresh_reps"] > 0:
     probe = _safe_probe(
-      lambda: case.plans(train, "synchronous"), cfg.svd, case.run.model_cfg.param_dtype
+      lambda: case.layouts(train, "synchronous"), cfg.svd, case.run.model_cfg.param_dtype
     )
     res["svd_probe"] = probe
     res["refresh_predicted_s"] = (
@@ -379,7 +379,7 @@ def worker_refresh(spec, res, save):
       case = _JaxCase(spec, cfg, train, model_lib, galore, progress=_progress(out, save))
       T = cfg.update_proj_gap
       out.update(compile_s=case.compile_s, n_params=case.n_params)
-      leaves = case.plans(train, schedule)
+      leaves = case.layouts(train, schedule)
       offsets = [leaf["offset"] for leaf in leaves]
       counts = quiet_counts(offsets, T, start=T + 1)
       try:
