@@ -171,6 +171,10 @@ SMOKE_OVERRIDES = {
 GIB = 2.0**30
 
 
+# ---------------------------------------------------------------------------
+# Worker side: ``gpu_bench.py --worker SPEC`` runs one job (its own process: peak device
+# memory per case) and writes its result file as it goes.
+
 WORKERS = {"jax": worker_jax, "torch": worker_torch, "peak": worker_peak, "refresh": worker_refresh}
 
 

@@ -16,11 +16,13 @@ from typing import Any
 
 
 def median(xs):
+  """Median of the values that are not None; None if there are none (nothing measured)."""
   xs = [x for x in xs if x is not None]
   return statistics.median(xs) if xs else None
 
 
 def ratio(a, b):
+  """``a / b``, or None when either is missing or ``b`` is 0."""
   return a / b if a is not None and b not in (None, 0) else None
 
 
