@@ -248,22 +248,11 @@ def with_count(state, count: int):
   Works on both libraries' states (a ``GaLoreState`` inside optax's chain tuple); the
   inner Adam's own counter is left alone (it only sets the bias correction).
   """
-  found = 0
-
-  def visit(node):
-    nonlocal found
-    if isinstance(node, _galore_state_types()):
-      found += 1
-      return node._replace(count=jnp.asarray(count, jnp.asarray(node.count).dtype))
-    if isinstance(node, tuple):
-      children = [visit(c) for c in node]
-      return type(node)(*children) if hasattr(node, "_fields") else tuple(children)
-    return node
-
-  out = visit(state)
+  types = _galore_state_types()
+  found = len(galore_jax.galore_states(state, state_types=types))
   if found != 1:
     raise ValueError(f"expected one GaLore state in the optimizer state, found {found}")
-  return out
+  return galore_jax.with_galore_count(state, count, state_types=types)
 
 
 def staggered_counts(params, gap: int) -> dict:

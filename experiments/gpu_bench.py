@@ -56,7 +56,7 @@ randomized SVD, synchronous and staggered:
 * staggered (leaf ``k`` of ``L`` refreshes at phase ``floor(k T / L)``): a period does
   the same SVD work as a synchronous one, spread so that a step refreshes about
   ``L / T`` leaves (at most one when ``L <= T``). The phases are read from the
-  optimizer's own plan; phases whose refreshing leaves have the same shapes cost the
+  optimizer's own layout; phases whose refreshing leaves have the same shapes cost the
   same, so one step per distinct set of shapes is timed (``count = kT + phase``, 3
   times, each after a plain step at a free phase: the excess ``t(phase) - step_s`` is
   the median of the paired differences) and the amortised share is
@@ -91,6 +91,11 @@ the GPU image has no grain. The workers read no data: if importing ``galore_jax.
 fails on one of those modules, they register an empty stand-in ``galore_jax.data`` and
 import it again (``data_module_stubbed`` in the JSON says which module was missing).
 
+Files: this one is the entry point (options, job list, subprocesses, summary and tables);
+the workers are ``gpu_bench_jax.py`` (``jax``, ``refresh``, ``peak``) and
+``gpu_bench_torch.py`` (``torch``); ``gpu_bench_common.py`` holds the schedule and timing
+helpers both sides use; ``torch_reference.py`` loads galore-torch.
+
 Usage:
   python experiments/gpu_bench.py --refresh-cost                       # the GPU run
   python experiments/gpu_bench.py --models llama_60m --batch-size 8
@@ -100,28 +105,40 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib
-import importlib.util
 import json
-import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-import types
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the GPU image has galore_jax only as this checkout
   sys.path.insert(0, str(REPO))
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # the worker modules next to this file, when it is imported by path
+  sys.path.append(HERE)
+
+import gpu_bench_common as common  # noqa: E402
+import gpu_bench_jax  # noqa: E402
+import gpu_bench_torch  # noqa: E402
+import torch_reference  # noqa: E402
+
+ratio, write_json = common.ratio, common.write_json
+# Defined in this file before it was split (the tests use them from here).
+quiet_counts, stagger_groups = common.quiet_counts, common.stagger_groups
+amortised_share, _refresh_reps = common.amortised_share, common.refresh_reps
+find_galore_torch = torch_reference.find_galore_torch
+load_galore_torch = torch_reference.load_galore_torch
+GALORE_TARGETS = gpu_bench_torch.GALORE_TARGETS
+worker_jax, worker_refresh = gpu_bench_jax.worker_jax, gpu_bench_jax.worker_refresh
+worker_peak, worker_torch = gpu_bench_jax.worker_peak, gpu_bench_torch.worker_torch
 
 MODELS = ("llama_60m", "llama_350m", "llama_1b")
 JAX_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit")
@@ -133,7 +150,6 @@ RANKS = {
   "llama_1b": 512,
   "llama_7b": 1024,
 }
-GALORE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Subspace first: issue #11's targets; the exact variant is the bench's own GaLore case.
 REFRESH_VARIANTS = (
   "subspace:synchronous",
@@ -156,796 +172,8 @@ GIB = 2.0**30
 
 
 # ---------------------------------------------------------------------------
-# Small helpers shared by the parent and the workers.
-
-
-def _median(xs):
-  xs = [x for x in xs if x is not None]
-  return statistics.median(xs) if xs else None
-
-
-def _ratio(a, b):
-  return a / b if a is not None and b not in (None, 0) else None
-
-
-def _write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Atomic write, so that a killed worker leaves its last complete record."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-  os.replace(tmp, path)
-
-
-def quiet_counts(offsets: list[int], period: int, start: int = 1):
-  """Yields GaLore counts >= ``start`` on which no leaf refreshes (none if every phase is used).
-
-  A leaf with phase ``o`` refreshes at count 0 and at ``o, o + T, ...``
-  (``galore_jax.optimizer.galore``); synchronous refresh is every phase 0.
-  """
-  used = {o % period for o in offsets}
-  if len(used) >= period:
-    return
-  c = max(start, 1)
-  while True:
-    if c % period not in used:
-      yield c
-    c += 1
-
-
-def stagger_groups(leaves: list[dict], period: int) -> list[dict]:
-  """Groups a staggered schedule's phases by the shapes of the leaves refreshing at them.
-
-  ``leaves``: one ``{"offset", "m", "n", "side", "rank"}`` per projected leaf. Returns
-  one group per distinct multiset of shapes: ``{"signature", "phases", "phase"}`` where
-  ``phase`` is the representative to time and ``phases`` how many phases of the period
-  share the signature. Phases where no leaf refreshes are left out (they cost nothing).
-  """
-  by_phase: dict[int, list] = {}
-  for leaf in leaves:
-    key = (leaf["m"], leaf["n"], leaf["side"], leaf["rank"])
-    by_phase.setdefault(leaf["offset"] % period, []).append(key)
-  groups: dict[tuple, dict] = {}
-  for phase in sorted(by_phase):
-    sig = tuple(sorted(by_phase[phase]))
-    g = groups.setdefault(sig, {"signature": [list(s) for s in sig], "phases": 0, "phase": phase})
-    g["phases"] += 1
-  return list(groups.values())
-
-
-def amortised_share(step_s, excess_s_per_period, period):
-  """Refresh cost per step, as a share of a plain step: ``excess / T / step_s``."""
-  if step_s in (None, 0) or excess_s_per_period is None:
-    return None
-  return excess_s_per_period / period / step_s
-
-
-# ---------------------------------------------------------------------------
-# Workers (each runs in its own process: peak device memory per case).
-
-
-def _import_trainer():
-  """``galore_jax.train``, with a stand-in ``galore_jax.data`` if its imports are missing.
-
-  Returns ``(train, model_lib, galore, stubbed)``. The data pipeline needs grain and
-  sentencepiece, which the GPU image may lack (it has no grain); the workers read no
-  data. The trainer imports ``galore_jax.data`` lazily now; a version that imports it
-  at module level gets an empty stand-in module instead of failing.
-  """
-  try:
-    from galore_jax import train
-
-    stubbed = False
-  except ModuleNotFoundError as e:
-    if e.name not in ("grain", "sentencepiece", "tensorflow_datasets"):
-      raise
-    for mod in ("galore_jax.train", "galore_jax.data"):
-      sys.modules.pop(mod, None)
-    stub = types.ModuleType("galore_jax.data")
-    stub.__doc__ = f"gpu_bench stand-in: the benchmark reads no data ({e.name} is missing)"
-    sys.modules["galore_jax.data"] = stub
-    import galore_jax
-
-    galore_jax.data = stub
-    from galore_jax import train
-
-    stubbed = e.name
-  from galore_jax import model as model_lib
-  from galore_jax import optimizer as galore
-
-  return train, model_lib, galore, stubbed
-
-
-def _jax_memory():
-  import jax
-
-  try:
-    stats = jax.devices()[0].memory_stats()
-  except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-    stats = None
-  if not stats:
-    return None
-  return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
-
-
-def _register_model(spec, model_lib):
-  if spec.get("model_overrides"):
-    model_lib.CONFIGS[spec["model"]] = model_lib.get_config(
-      spec.get("base_model", "llama_tiny"), **spec["model_overrides"]
-    )
-
-
-def _train_config(spec, train, **kw):
-  fields = dict(
-    model=spec["model"],
-    optimizer=spec.get("optimizer", "galore_adamw"),
-    rank=spec["rank"],
-    update_proj_gap=spec["update_proj_gap"],
-    galore_scale=spec["galore_scale"],
-    lr=spec["lr"],
-    # A long run's schedule: lr ramps up from 0 over 1000 steps, so the few steps
-    # timed here stay far from divergence (a non-finite step is skipped, which would
-    # make it look fast). The work per step does not depend on the lr.
-    steps=1_000_000,
-    warmup=1000,
-    batch_size=spec["batch_size"],
-    seq_len=spec["seq_len"],
-    param_dtype=spec["dtype"],
-    dtype=spec["dtype"],
-    progress=False,
-    seed=0,
-  )
-  fields.update(kw)
-  cfg = train.TrainConfig(**fields)
-  train.validate(cfg)
-  return cfg
-
-
-class _JaxCase:
-  """One compiled trainer step with its state, stepped at chosen GaLore counts."""
-
-  def __init__(self, spec, cfg, train, model_lib, galore, progress=None):
-    """``progress(**numbers)`` is called after init and after compilation, so a case
-    killed by its timeout still reports how far it got (GPU compiles take minutes)."""
-    import jax
-    import numpy as np
-
-    progress = progress or (lambda **kw: None)
-
-    self.jax, self.galore, self.cfg = jax, galore, cfg
-    self.run = train.setup(cfg, spec["vocab_size"])
-    self.n_params = model_lib.param_count(self.run.model_cfg)
-    t = time.perf_counter()
-    self.params, self.opt_state = train.init_state(self.run)
-    jax.block_until_ready((self.params, self.opt_state))
-    self.init_s = time.perf_counter() - t
-    from galore_jax.tree import tree_bytes
-
-    self.state_bytes = {
-      "params": tree_bytes(self.params),
-      "opt_state": tree_bytes(self.opt_state),
-    }
-    progress(init_s=self.init_s, state_bytes=self.state_bytes)
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, spec["vocab_size"], (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
-    host = {
-      "inputs": toks[:, :-1],
-      "targets": toks[:, 1:],
-      "mask": np.ones((cfg.batch_size, cfg.seq_len), np.float32),
-    }
-    self.batch = train.device_batch(self.run, host, 1)
-    step = train.compile_train_step(self.run)
-    t = time.perf_counter()
-    lowered = step.lower(self.params, self.opt_state, self.batch)
-    lower_s = time.perf_counter() - t
-    self.step = lowered.compile()
-    self.compile_s = time.perf_counter() - t
-    progress(lower_s=lower_s, compile_s=self.compile_s)
-    self.skipped = 0
-    self.losses: list[float] = []
-
-  def set_count(self, value: int) -> None:
-    jax, galore = self.jax, self.galore
-
-    def fix(x):
-      if isinstance(x, galore.GaLoreState):
-        c = jax.device_put(jax.numpy.asarray(value, x.count.dtype), x.count.sharding)
-        return x._replace(count=c)
-      return x
-
-    self.opt_state = jax.tree.map(
-      fix, self.opt_state, is_leaf=lambda x: isinstance(x, galore.GaLoreState)
-    )
-
-  def timed_step(self, count: int | None = None) -> float:
-    """One step (at GaLore ``count`` if given), synchronised; returns seconds."""
-    if count is not None and self.cfg.is_galore:
-      self.set_count(count)
-      self.jax.block_until_ready(self.opt_state)
-    t = time.perf_counter()
-    self.params, self.opt_state, m = self.step(self.params, self.opt_state, self.batch)
-    self.jax.block_until_ready((self.params, self.opt_state, m))
-    dt = time.perf_counter() - t
-    self._record(m)
-    return dt
-
-  def loop(self, n: int, start_count: int | None) -> float:
-    """``n`` consecutive steps synchronised only at the end; mean seconds per step."""
-    if start_count is not None and self.cfg.is_galore:
-      self.set_count(start_count)
-      self.jax.block_until_ready(self.opt_state)
-    ms = []
-    t = time.perf_counter()
-    for _ in range(n):
-      self.params, self.opt_state, m = self.step(self.params, self.opt_state, self.batch)
-      ms.append(m)
-    self.jax.block_until_ready((self.params, self.opt_state, ms))
-    dt = (time.perf_counter() - t) / max(n, 1)
-    for m in ms:
-      self._record(m)
-    return dt
-
-  def _record(self, m) -> None:
-    m = self.jax.device_get(m)
-    self.skipped += int(m["skipped"])
-    self.losses.append(float(m["loss"]))
-
-  def plans(self, train, schedule: str):
-    """The optimizer's per-leaf plan (shapes, refresh phases) for ``schedule``."""
-    params = self.run.abstract_params
-    plans = self.galore._leaf_plans(
-      params,
-      train.galore_mask(params),
-      rank=self.cfg.rank,
-      proj_type="std",
-      matrix_axes=train.torch_side_axes,
-      update_proj_gap=self.cfg.update_proj_gap,
-      refresh_schedule=schedule,
-    )
-    return [
-      {"offset": p.offset, "m": p.m, "n": p.n, "side": p.side, "rank": p.rank, "path": p.path}
-      for p in plans
-      if p is not None
-    ]
-
-
-def _time_normal(
-  case: _JaxCase, counts, warmup: int, steps: int, loop_steps: int, period: int, loop_ok: bool
-):
-  for _ in range(warmup):
-    case.timed_step(next(counts))
-  times = [case.timed_step(next(counts)) for _ in range(steps)]
-  loop_s = None
-  if loop_steps and loop_ok:
-    # consecutive counts: start after the last multiple of T so none falls inside.
-    start = next(counts)
-    while any((start + i) % period == 0 for i in range(loop_steps)):
-      start = next(counts)
-    loop_s = case.loop(loop_steps, start)
-  return times, loop_s
-
-
-def _jax_svd_probe(leaves: list[dict], svd: str, dtype, seed: int = 0) -> dict:
-  """Seconds of one projector computation per distinct leaf shape, and their sum over leaves.
-
-  A refresh step cannot be interrupted once dispatched, and an exact SVD of a large
-  matrix can take long on a GPU; the probe predicts the step's cost so that a refresh
-  that would not finish in the time left is skipped (and predicted) instead.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  from galore_jax import projector as proj
-
-  per_shape: dict[tuple, float] = {}
-  for leaf in leaves:
-    key = (leaf["m"], leaf["n"], leaf["side"], leaf["rank"])
-    if key in per_shape:
-      continue
-    m, n, side, rank = key
-    g = jax.random.normal(jax.random.key(seed), (m, n), jnp.float32).astype(dtype)
-    if svd == "exact":
-      f = jax.jit(lambda g, side=side, rank=rank: proj.exact_basis(g, side, rank))
-    elif svd == "subspace":  # one warm-started power step from a valid basis
-      start = proj.safe_basis((), side, m, n, rank, dtype)
-      f = jax.jit(lambda g, side=side, start=start: proj.subspace_basis(g, side, start))
-    else:
-      f = jax.jit(
-        lambda g, side=side, rank=rank: proj.randomized_basis(g, side, rank, jax.random.key(1))
-      )
-    jax.block_until_ready(f(g))  # compiles
-    t = time.perf_counter()
-    jax.block_until_ready(f(g))
-    per_shape[key] = time.perf_counter() - t
-  total = sum(per_shape[(x["m"], x["n"], x["side"], x["rank"])] for x in leaves)
-  return {
-    "per_shape_s": {"x".join(map(str, k)): v for k, v in per_shape.items()},
-    "sum_over_leaves_s": total,
-  }
-
-
-def _safe_probe(leaves_fn, svd: str, dtype) -> dict:
-  """``_jax_svd_probe``, or ``{"error": ...}``: a failed probe leaves the refresh unguarded."""
-  try:
-    return _jax_svd_probe(leaves_fn(), svd, dtype)
-  except Exception as e:  # noqa: BLE001 - e.g. the optimizer's private plan API changed
-    return {"error": f"{type(e).__name__}: {e}", "sum_over_leaves_s": None}
-
-
-def _refresh_reps(
-  step_once, reps: int, kill_at: float, predicted_s: float | None, res: dict, save
-) -> list[float]:
-  """Times ``step_once(k)`` for k = 1..reps while each is predicted to end before ``kill_at``."""
-  times: list[float] = []
-  for k in range(1, reps + 1):
-    guess = times[-1] if times else predicted_s
-    if guess is not None and time.time() + 1.5 * guess + 10 > kill_at:
-      if not times:
-        res["refresh_skipped"] = (
-          f"predicted {guess:.1f} s, {kill_at - time.time():.0f} s left in this case's time"
-        )
-      break
-    times.append(step_once(k))
-    res.update(refresh_times_s=times, refresh_s=_median(times))
-    save()
-  return times
-
-
-def _jax_env() -> dict:
-  """What every JAX worker records about the software and device it measured on."""
-  import jax
-
-  return {
-    "jax_version": jax.__version__,
-    "backend": jax.default_backend(),
-    "device": jax.devices()[0].device_kind,
-  }
-
-
-def _progress(res: dict, save):
-  """A ``_JaxCase`` progress callback: record the numbers and write the result file."""
-
-  def report(**numbers):
-    res.update(numbers)
-    save()
-
-  return report
-
-
-def worker_jax(spec, res, save):
-
-  train, model_lib, galore, stubbed = _import_trainer()
-  res.update(
-    **_jax_env(),
-    data_module_stubbed=stubbed,
-  )
-  _register_model(spec, model_lib)
-  cfg = _train_config(spec, train, optimizer=spec["optimizer"])
-  case = _JaxCase(spec, cfg, train, model_lib, galore, progress=_progress(res, save))
-  res.update(
-    n_params=case.n_params,
-    init_s=case.init_s,
-    compile_s=case.compile_s,
-    state_bytes=case.state_bytes,
-    memory_after_init=_jax_memory(),
-  )
-  save()
-  T = cfg.update_proj_gap
-  counts = quiet_counts([0], T, start=1)
-  times, loop_s = _time_normal(
-    case, counts, spec["warmup"], spec["steps"], spec["loop_steps"], T, loop_ok=True
-  )
-  mem = _jax_memory()
-  res.update(
-    step_times_s=times,
-    step_s=_median(times),
-    loop_step_s=loop_s,
-    peak_bytes_steady=mem and mem["peak_bytes_in_use"],
-  )
-  save()
-  if cfg.is_galore and spec["refresh_reps"] > 0:
-    probe = _safe_probe(
-      lambda: case.plans(train, "synchronous"), cfg.svd, case.run.model_cfg.param_dtype
-    )
-    res["svd_probe"] = probe
-    res["refresh_predicted_s"] = (
-      None if probe["sum_over_leaves_s"] is None else res["step_s"] + probe["sum_over_leaves_s"]
-    )
-    save()
-    _refresh_reps(
-      lambda k: case.timed_step(k * T),
-      spec["refresh_reps"],
-      spec["kill_at"],
-      res["refresh_predicted_s"],
-      res,
-      save,
-    )
-  mem = _jax_memory()
-  res.update(
-    peak_bytes=mem and mem["peak_bytes_in_use"],
-    memory_end=mem,
-    skipped_steps=case.skipped,
-    loss_first=case.losses[0],
-    loss_last=case.losses[-1],
-  )
-
-
-def worker_refresh(spec, res, save):
-  """Refresh cost of several (svd, schedule) variants of the GaLore step, one model."""
-
-  train, model_lib, galore, stubbed = _import_trainer()
-  res.update(
-    **_jax_env(),
-    data_module_stubbed=stubbed,
-    variants={},
-  )
-  _register_model(spec, model_lib)
-  sync_step: dict[str, float] = {}
-  for variant in spec["variants"]:
-    svd, schedule = variant.split(":")
-    out: dict[str, Any] = {"svd": svd, "schedule": schedule}
-    res["variants"][variant] = out
-    if time.time() + 20 > spec["kill_at"]:
-      out["status"] = "skipped (time budget)"
-      save()
-      continue
-    try:
-      cfg = _train_config(spec, train, optimizer="galore_adamw", svd=svd, refresh_schedule=schedule)
-      case = _JaxCase(spec, cfg, train, model_lib, galore, progress=_progress(out, save))
-      T = cfg.update_proj_gap
-      out.update(compile_s=case.compile_s, n_params=case.n_params)
-      leaves = case.plans(train, schedule)
-      offsets = [leaf["offset"] for leaf in leaves]
-      counts = quiet_counts(offsets, T, start=T + 1)
-      try:
-        first = next(counts)
-      except StopIteration:
-        first = None
-      if first is not None:
-        counts = quiet_counts(offsets, T, start=first)
-        times, _ = _time_normal(case, counts, spec["warmup"], spec["steps"], 0, T, False)
-        out["step_s"] = _median(times)
-        out["step_s_source"] = "measured at counts where no leaf refreshes"
-      else:
-        for _ in range(spec["warmup"]):
-          case.timed_step(T)  # compiles nothing new; warms the refresh path
-        out["step_s"] = sync_step.get(svd)
-        out["step_s_source"] = (
-          f"every count refreshes a leaf (L={len(leaves)} >= T={T}): "
-          f"the {svd}:synchronous variant's plain step"
-        )
-      if schedule == "synchronous":
-        sync_step[svd] = out["step_s"]
-        probe = _safe_probe(lambda v=leaves: v, svd, case.run.model_cfg.param_dtype)
-        out["svd_probe"] = probe
-        out["refresh_predicted_s"] = (
-          None
-          if probe["sum_over_leaves_s"] is None
-          else (out["step_s"] or 0.0) + probe["sum_over_leaves_s"]
-        )
-        refresh = _refresh_reps(
-          lambda k, c=case, t=T: c.timed_step(k * t),
-          spec["refresh_reps"],
-          spec["kill_at"],
-          out["refresh_predicted_s"],
-          out,
-          save,
-        )
-        out["refresh_s"] = _median(refresh)
-        worst = out["refresh_s"]
-        if worst is None:  # skipped: too slow for the time left; use the probe's prediction
-          worst, out["estimated"] = out["refresh_predicted_s"], True
-        excess = None if worst is None or out["step_s"] is None else worst - out["step_s"]
-        out["excess_per_period_s"] = excess
-        out["amortised_share"] = amortised_share(out["step_s"], excess, T)
-        out["worst_step_s"] = worst
-        out["worst_step_share"] = _ratio(excess, out["step_s"])
-      else:
-        groups = stagger_groups(leaves, T)
-        excess_total = 0.0
-        # Each timed refresh step is paired with a plain step just before it (when the
-        # schedule leaves a phase free): the excess is the median paired difference,
-        # which cancels drift in the machine's speed between the two measurements.
-        quiet = quiet_counts(offsets, T, start=T + 1) if first is not None else None
-        for g in groups:
-          reps, plain = [], []
-          for k in range(1, max(3, spec["refresh_reps"]) + 1):
-            if quiet is not None:
-              c = next(quiet)
-              plain.append(case.timed_step(c))
-            reps.append(case.timed_step(k * T + g["phase"]))
-          g["step_times_s"] = reps
-          g["step_s"] = _median(reps)
-          if plain:
-            g["plain_times_s"] = plain
-            g["excess_s"] = _median([a - b for a, b in zip(reps, plain, strict=True)])
-          else:
-            g["excess_s"] = None if out["step_s"] is None else g["step_s"] - out["step_s"]
-          if g["excess_s"] is not None:
-            excess_total += g["phases"] * g["excess_s"]
-          save()
-        out["groups"] = groups
-        out["leaves"] = len(leaves)
-        out["phases_with_refresh"] = sum(g["phases"] for g in groups)
-        worst = max((g["step_s"] for g in groups), default=None)
-        out["worst_step_s"] = worst
-        out["worst_step_share"] = (
-          None if worst is None or not out["step_s"] else (worst - out["step_s"]) / out["step_s"]
-        )
-        out["excess_per_period_s"] = excess_total if out["step_s"] is not None else None
-        out["amortised_share"] = amortised_share(out["step_s"], out["excess_per_period_s"], T)
-        probe = _safe_probe(lambda v=leaves: v, svd, case.run.model_cfg.param_dtype)
-        out["svd_probe"] = probe
-        out["probe_amortised_share"] = amortised_share(out["step_s"], probe["sum_over_leaves_s"], T)
-        if spec.get("stagger_period"):
-          per = [case.timed_step(T + c) for c in range(T)]
-          out["period"] = {
-            "step_times_s": per,
-            "max_s": max(per),
-            "total_s": sum(per),
-            "amortised_share": amortised_share(
-              out["step_s"], None if out["step_s"] is None else sum(per) - T * out["step_s"], T
-            ),
-          }
-      out.update(skipped_steps=case.skipped, status="ok")
-      case = None  # frees this variant's device buffers before the next compiles
-    except Exception as e:  # noqa: BLE001 - recorded, next variant still runs
-      out.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-    save()
-
-
-def worker_peak(spec, res, save):
-  import jax
-  import jax.numpy as jnp
-
-  n, dtype = spec["n"], jnp.dtype(spec["dtype"])
-  k1, k2 = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: a @ b)
-  for _ in range(3):
-    f(a, b).block_until_ready()
-  times = []
-  for _ in range(spec["reps"]):
-    t = time.perf_counter()
-    for _ in range(spec["inner"]):
-      out = f(a, b)
-    out.block_until_ready()
-    times.append((time.perf_counter() - t) / spec["inner"])
-  res.update(
-    **_jax_env(),
-    n=n,
-    dtype=str(dtype),
-    times_s=times,
-    peak_flops=2.0 * n**3 / statistics.median(times),
-  )
-
-
-def load_galore_torch(path: str | None):
-  """``(AdamW, GaLoreProjector, location)`` of galore_torch, without its ``__init__``.
-
-  The package ``__init__`` imports the 8-bit optimizer, which needs bitsandbytes.
-
-  ``path``: a ``.whl`` (imported in place), or a directory holding ``galore_torch/``,
-  or the ``galore_torch`` directory itself; None: an installed galore_torch.
-  """
-  if path:
-    p = os.path.abspath(path)
-    if os.path.isdir(p) and os.path.basename(p.rstrip("/")) == "galore_torch":
-      p = os.path.dirname(p.rstrip("/"))
-    if not (p.endswith(".whl") or os.path.isdir(os.path.join(p, "galore_torch"))):
-      raise FileNotFoundError(
-        f"--galore-torch {path}: expected a galore_torch wheel or a "
-        "directory containing galore_torch/adamw.py"
-      )
-    sys.path.insert(0, p)
-  spec = importlib.util.find_spec("galore_torch")
-  if spec is None or not spec.submodule_search_locations:
-    raise ModuleNotFoundError(
-      "galore_torch not found: `pip download galore-torch==1.0 --no-deps -d runs/wheels/` "
-      "and pass --galore-torch runs/wheels/galore_torch-1.0-py3-none-any.whl"
-    )
-  if "galore_torch" not in sys.modules:
-    pkg = types.ModuleType("galore_torch")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["galore_torch"] = pkg
-  adamw = importlib.import_module("galore_torch.adamw")
-  projector = importlib.import_module("galore_torch.galore_projector")
-  return adamw.AdamW, projector.GaLoreProjector, list(spec.submodule_search_locations)[0]
-
-
-def _hf_config(transformers, spec):
-  import inspect
-
-  mc = spec["model_shape"]
-  kwargs = dict(
-    vocab_size=spec["vocab_size"],
-    hidden_size=mc["hidden_size"],
-    intermediate_size=mc["intermediate_size"],
-    num_hidden_layers=mc["num_layers"],
-    num_attention_heads=mc["num_heads"],
-    num_key_value_heads=mc["num_heads"],
-    max_position_embeddings=mc["max_seq_len"],
-    rms_norm_eps=mc["rms_eps"],
-    hidden_act="silu",
-    initializer_range=0.02,
-    tie_word_embeddings=False,
-    attention_bias=False,
-    mlp_bias=False,
-    use_cache=False,
-  )
-  params = inspect.signature(transformers.LlamaConfig.__init__).parameters
-  if "rope_parameters" in params:  # transformers 5.x
-    kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": mc["rope_base"]}
-  else:
-    kwargs["rope_theta"] = mc["rope_base"]
-  return transformers.LlamaConfig(**kwargs)
-
-
-def worker_torch(spec, res, save):
-  try:
-    import torch
-    import transformers
-  except ImportError as e:
-    res.update(status="unavailable", error=f"{type(e).__name__}: {e}")
-    return
-  adamw_cls, projector_cls, origin = load_galore_torch(spec.get("galore_torch"))
-  import torch.nn.functional as F
-
-  cuda = torch.cuda.is_available() and spec["device"] != "cpu"
-  dev = torch.device("cuda" if cuda else "cpu")
-  dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec["dtype"]]
-  if spec.get("torch_threads"):
-    torch.set_num_threads(spec["torch_threads"])
-  torch.manual_seed(0)
-  res.update(
-    torch_threads=torch.get_num_threads(),
-    torch_version=torch.__version__,
-    transformers_version=transformers.__version__,
-    galore_torch=origin,
-    backend=dev.type,
-    device=torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-  )
-  sync = torch.cuda.synchronize if cuda else (lambda: None)
-  config = _hf_config(transformers, spec)
-  t = time.perf_counter()
-  with dev:
-    model = transformers.LlamaForCausalLM(config)
-  model.to(dtype)
-  model.train()
-  sync()
-  res["init_s"] = time.perf_counter() - t
-  res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-  res["n_params"] = sum(p.numel() for p in model.parameters())
-  galore_params = [
-    m.weight
-    for name, m in model.named_modules()
-    if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in GALORE_TARGETS
-  ]
-  ids = {id(p) for p in galore_params}
-  regular = [p for p in model.parameters() if id(p) not in ids]
-  T = spec["update_proj_gap"]
-  opt = adamw_cls(
-    [
-      {"params": regular},
-      {
-        "params": galore_params,
-        "rank": spec["rank"],
-        "update_proj_gap": T,
-        "scale": spec["galore_scale"],
-        "proj_type": "std",
-      },
-    ],
-    lr=spec["lr"],
-    weight_decay=0.0,
-    no_deprecation_warning=True,
-  )
-  res["galore_params"] = len(galore_params)
-  g = torch.Generator().manual_seed(0)
-  toks = torch.randint(
-    0, spec["vocab_size"], (spec["batch_size"], spec["seq_len"] + 1), generator=g
-  ).to(dev)
-  inputs, targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
-  vocab = spec["vocab_size"]
-  losses = []
-
-  def fwd_bwd():
-    logits = model(input_ids=inputs, use_cache=False).logits
-    loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
-    loss.backward()
-    return loss
-
-  def step():
-    loss = fwd_bwd()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
-
-  def timed():
-    sync()
-    t = time.perf_counter()
-    loss = step()
-    sync()
-    dt = time.perf_counter() - t
-    losses.append(float(loss))
-    return dt
-
-  # Kernels, cuBLAS handles and the allocator warm up on two passes without an update.
-  for _ in range(2):
-    fwd_bwd()
-    model.zero_grad(set_to_none=True)
-  sync()
-  # The reference computes its projectors on its first step (an SVD per GaLore weight).
-  # As on the JAX side (count 1, initial basis), start from step 1 with a valid basis,
-  # so the plain steps are timed first and the refresh (possibly slow) comes last.
-  for w in galore_params:
-    st = opt.state[w]
-    st["step"] = 1
-    pr = projector_cls(spec["rank"], update_proj_gap=T, scale=spec["galore_scale"], proj_type="std")
-    m, n = w.shape
-    r = min(spec["rank"], m, n)
-    # "std": m >= n projects on the right (rank x n), else on the left (m x rank).
-    pr.ortho_matrix = (
-      torch.eye(r, n, dtype=w.dtype, device=w.device)
-      if m >= n
-      else torch.eye(m, r, dtype=w.dtype, device=w.device)
-    )
-    st["projector"] = pr
-  if cuda:
-    torch.cuda.reset_peak_memory_stats()
-  for _ in range(spec["warmup"]):
-    timed()
-  times = [timed() for _ in range(spec["steps"])]
-  loop_s = None
-  if spec["loop_steps"]:
-    sync()
-    t = time.perf_counter()
-    for _ in range(spec["loop_steps"]):
-      loss = step()
-    sync()
-    loop_s = (time.perf_counter() - t) / spec["loop_steps"]
-    losses.append(float(loss))
-  steady = torch.cuda.max_memory_allocated() if cuda else None
-  res.update(
-    step_times_s=times, step_s=_median(times), loop_step_s=loop_s, peak_bytes_steady=steady
-  )
-  save()
-  if spec["refresh_reps"] > 0:
-    shapes: dict[tuple, float] = {}
-    for w in galore_params:
-      if tuple(w.shape) not in shapes:
-        a = torch.randn(*w.shape, device=dev, dtype=torch.float32)
-        torch.linalg.svd(a, full_matrices=False)  # the reference's call (float32)
-        sync()
-        t = time.perf_counter()
-        torch.linalg.svd(a, full_matrices=False)
-        sync()
-        shapes[tuple(w.shape)] = time.perf_counter() - t
-    total = sum(shapes[tuple(w.shape)] for w in galore_params)
-    res["svd_probe"] = {
-      "per_shape_s": {"x".join(map(str, k)): v for k, v in shapes.items()},
-      "sum_over_leaves_s": total,
-    }
-    res["refresh_predicted_s"] = res["step_s"] + total
-    save()
-
-    def refresh_step(k):
-      for st in opt.state.values():
-        if "step" in st:
-          st["step"] = k * T  # the projector refreshes when step % T == 0
-      return timed()
-
-    _refresh_reps(
-      refresh_step, spec["refresh_reps"], spec["kill_at"], res["refresh_predicted_s"], res, save
-    )
-  peak = torch.cuda.max_memory_allocated() if cuda else None
-  res.update(
-    peak_bytes=peak,
-    loss_first=losses[0],
-    loss_last=losses[-1],
-    nonfinite_loss=any(not math.isfinite(x) for x in losses),
-  )
-
+# Worker side: ``gpu_bench.py --worker SPEC`` runs one job (its own process: peak device
+# memory per case) and writes its result file as it goes.
 
 WORKERS = {"jax": worker_jax, "torch": worker_torch, "peak": worker_peak, "refresh": worker_refresh}
 
@@ -953,7 +181,7 @@ WORKERS = {"jax": worker_jax, "torch": worker_torch, "peak": worker_peak, "refre
 def worker_main(spec_path: str) -> int:
   spec = json.loads(Path(spec_path).read_text())
   res: dict[str, Any] = {"status": "running", "started": time.time()}
-  save = lambda: _write_json(spec["out"], res)
+  save = lambda: write_json(spec["out"], res)
   save()
   try:
     WORKERS[spec["kind"]](spec, res, save)
@@ -984,20 +212,6 @@ def _model_shape(name: str, overrides: dict | None) -> dict:
     "rms_eps": mc.rms_eps,
     "rope_base": mc.rope_base,
   }
-
-
-def find_galore_torch(explicit: str | None) -> str | None:
-  if explicit:
-    return explicit
-  if os.environ.get("GALORE_TORCH"):
-    return os.environ["GALORE_TORCH"]
-  if importlib.util.find_spec("galore_torch") is not None:
-    return None  # installed
-  for pattern in ("wheels/galore_torch-*.whl", "runs/wheels/galore_torch-*.whl"):
-    hits = sorted(glob.glob(str(REPO / pattern)))
-    if hits:
-      return hits[-1]
-  return None
 
 
 def build_jobs(args) -> list[dict]:
@@ -1093,7 +307,7 @@ def run_job(job: dict, *, timeout: float, deadline: float, env: dict, log, workd
   out = os.path.join(workdir, job["name"].replace("/", "__") + ".json")
   spec = dict(job, deadline=deadline, kill_at=time.time() + timeout, out=out)
   spec_path = spec["out"] + ".spec"
-  _write_json(spec_path, spec)
+  write_json(spec_path, spec)
   log.write(f"\n===== {job['name']} (timeout {timeout:.0f} s) =====\n")
   log.flush()
   t = time.time()
@@ -1162,14 +376,14 @@ def summarize(results: dict[str, dict], args) -> dict:
         continue
       impl = name.split("/", 1)[1]
       step_s = res.get("step_s")
-      tps = _ratio(tokens, step_s)
+      tps = ratio(tokens, step_s)
       n = res.get("n_params")
       m[impl] = {
         "status": res.get("status"),
         "step_s": step_s,
         "tokens_per_s": tps,
         "loop_step_s": res.get("loop_step_s"),
-        "loop_tokens_per_s": _ratio(tokens, res.get("loop_step_s")),
+        "loop_tokens_per_s": ratio(tokens, res.get("loop_step_s")),
         "refresh_s": res.get("refresh_s"),
         "refresh_predicted_s": res.get("refresh_predicted_s"),
         "peak_bytes": res.get("peak_bytes"),
@@ -1180,11 +394,11 @@ def summarize(results: dict[str, dict], args) -> dict:
       }
     jx, ref = m.get("jax/galore_adamw", {}), m.get("torch/galore_adamw", {})
     m["ratios"] = {
-      "tokens_per_s": _ratio(jx.get("tokens_per_s"), ref.get("tokens_per_s")),
-      "loop_tokens_per_s": _ratio(jx.get("loop_tokens_per_s"), ref.get("loop_tokens_per_s")),
-      "peak_memory": _ratio(jx.get("peak_bytes"), ref.get("peak_bytes")),
-      "peak_memory_steady": _ratio(jx.get("peak_bytes_steady"), ref.get("peak_bytes_steady")),
-      "refresh_s": _ratio(jx.get("refresh_s"), ref.get("refresh_s")),
+      "tokens_per_s": ratio(jx.get("tokens_per_s"), ref.get("tokens_per_s")),
+      "loop_tokens_per_s": ratio(jx.get("loop_tokens_per_s"), ref.get("loop_tokens_per_s")),
+      "peak_memory": ratio(jx.get("peak_bytes"), ref.get("peak_bytes")),
+      "peak_memory_steady": ratio(jx.get("peak_bytes_steady"), ref.get("peak_bytes_steady")),
+      "refresh_s": ratio(jx.get("refresh_s"), ref.get("refresh_s")),
       "same_param_count": (
         None
         if None in (jx.get("n_params"), ref.get("n_params"))
@@ -1215,12 +429,12 @@ def refresh_report(results: dict[str, dict], args) -> dict:
         "estimated": bench.get("refresh_s") is None,
         "excess_per_period_s": excess,
         "amortised_share": amortised_share(bench["step_s"], excess, T),
-        "worst_step_share": _ratio(excess, bench["step_s"]),
+        "worst_step_share": ratio(excess, bench["step_s"]),
       }
     rows.update(results.get(f"{model}/refresh", {}).get("variants", {}))
     target = rows.get("randomized:staggered", {}).get("amortised_share")
     sub = rows.get("subspace:synchronous", {})
-    sub_ratio = _ratio(sub.get("worst_step_s"), sub.get("step_s"))
+    sub_ratio = ratio(sub.get("worst_step_s"), sub.get("step_s"))
     report["models"][model] = {
       "variants": rows,
       "target_met": None if target is None else target <= TARGET_SHARE,
@@ -1492,7 +706,7 @@ def main(argv=None) -> dict:
     "results": results,
   }
   if args.json:
-    _write_json(args.json, report)
+    write_json(args.json, report)
   print(format_tables(summary, refresh, results, args), flush=True)
   if args.json:
     print(f"wrote {args.json} (worker log {log_path})", flush=True)

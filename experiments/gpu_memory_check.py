@@ -52,21 +52,6 @@ CASES = {
 }
 
 
-def with_galore_count(opt_state, count: int):
-  """``opt_state`` with the GaLore transform's refresh clock set to ``count``."""
-  import jax
-  import jax.numpy as jnp
-
-  from galore_jax import optimizer as galore
-
-  is_galore = lambda x: isinstance(x, galore.GaLoreState)
-  return jax.tree.map(
-    lambda x: x._replace(count=jnp.full_like(x.count, count)) if is_galore(x) else x,
-    opt_state,
-    is_leaf=is_galore,
-  )
-
-
 def run_case(
   model: str,
   rank: int,
@@ -161,7 +146,7 @@ def run_case(
   )
   print("PROGRESS " + json.dumps(out), flush=True)
   # A later period's refresh (count = T), after the steady figures are safe.
-  opt_state = with_galore_count(opt_state, cfg.update_proj_gap)
+  opt_state = galore.with_galore_count(opt_state, cfg.update_proj_gap)
   t = time.perf_counter()
   params, opt_state, m = step(params, opt_state, random_batch())
   jax.block_until_ready((params, opt_state, m))

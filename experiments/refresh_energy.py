@@ -48,16 +48,6 @@ from galore_jax import projector as proj  # noqa: E402
 from galore_jax import train  # noqa: E402
 
 
-def galore_state(opt_state) -> galore.GaLoreState:
-  found = [
-    x
-    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, galore.GaLoreState))
-    if isinstance(x, galore.GaLoreState)
-  ]
-  assert len(found) == 1, "expected one GaLore transform in the optimizer"
-  return found[0]
-
-
 def kernel_views(grads, projectors):
   """(name, matrix view of the gradient, projector) for every projected leaf."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
@@ -119,13 +109,15 @@ def measure(args) -> dict:
     batch = train.device_batch(run, next(batches), cfg.grad_accum)
     if step % cfg.update_proj_gap == 0:
       grads = grad_fn(params, batch)
-      old = jax.tree.map(jnp.copy, galore_state(opt_state).projectors)
+      (galore_state,) = galore.galore_states(opt_state)  # the trainer has one
+      old = jax.tree.map(jnp.copy, galore_state.projectors)
     params, opt_state, m = step_fn(params, opt_state, batch)
     if step % cfg.update_proj_gap != 0:
       if step % 50 == 0:
         print(f"  step {step} ({time.perf_counter() - t0:.0f} s)", flush=True)
       continue
-    new = galore_state(opt_state).projectors
+    (galore_state,) = galore.galore_states(opt_state)
+    new = galore_state.projectors
     rows = []
     key = jax.random.key(step)
     for (name, g, p_new), (_, _, p_old) in zip(

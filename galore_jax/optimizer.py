@@ -63,8 +63,11 @@ class GaLoreState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-  """Static facts about one projected leaf, all derived from its shape."""
+class _LeafLayout:
+  """How :func:`galore` lays out one projected leaf: matrix view, side, rank, refresh phase.
+
+  All of it follows from the leaf's shape and :func:`galore`'s static arguments.
+  """
 
   path: str
   shape: tuple[int, ...]
@@ -114,10 +117,14 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _leaf_plans(
+def leaf_layouts(
   params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_gap, refresh_schedule
-) -> list[_Plan | None]:
-  """One plan per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips.
+) -> list[_LeafLayout | None]:
+  """One layout per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips.
+
+  The arguments are :func:`galore`'s (``mask_tree`` resolved to a tree of bools). Public so
+  that tools can read the refresh schedule (``offset``) and matrix shapes (``m``, ``n``,
+  ``side``, ``rank``) the transform uses, e.g. ``experiments/gpu_bench.py``.
 
   ``optax.MaskedNode`` placeholders count as leaves (and get ``None``), so a
   leaf's index, and with it its refresh phase and random key, is the same
@@ -126,11 +133,11 @@ def _leaf_plans(
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
   selected = treedef.flatten_up_to(mask_tree)
   num_leaves = len(leaves_with_path)
-  plans: list[_Plan | None] = []
+  layouts: list[_LeafLayout | None] = []
   for index, ((path, leaf), use) in enumerate(zip(leaves_with_path, selected, strict=True)):
     name = jax.tree_util.keystr(path)
     if _is_masked(leaf) or _is_masked(use) or not use:
-      plans.append(None)
+      layouts.append(None)
       continue
     shape = tuple(leaf.shape)
     spec = matrix_axes(path, leaf) if matrix_axes is not None else None
@@ -159,8 +166,8 @@ def _leaf_plans(
         stacklevel=4,
       )
       r = min(m, n)
-    plans.append(
-      _Plan(
+    layouts.append(
+      _LeafLayout(
         name,
         shape,
         batch + rows + cols,
@@ -172,7 +179,7 @@ def _leaf_plans(
         (index * update_proj_gap) // num_leaves if refresh_schedule == "staggered" else 0,
       )
     )
-  return plans
+  return layouts
 
 
 # Upper bound on the elements of one stacked refresh batch: stacking copies the gradients, and
@@ -194,28 +201,36 @@ class _RefreshGroup:
   offset: int
 
 
-def _refresh_groups(plans, g_mats, old_bases) -> list[_RefreshGroup]:
+def _refresh_groups(layouts, g_mats, old_bases) -> list[_RefreshGroup]:
   """Batches of leaves that refresh together, in flatten order of their first leaf."""
   buckets: dict[tuple, list[int]] = {}
-  for i, plan in enumerate(plans):
-    if plan is None:
+  for i, layout in enumerate(layouts):
+    if layout is None:
       continue
     basis_dtypes = tuple(str(b.dtype) for b in jax.tree.leaves(old_bases[i]))
-    key = (plan.side, plan.m, plan.n, plan.rank, plan.offset, str(g_mats[i].dtype), basis_dtypes)
+    key = (
+      layout.side,
+      layout.m,
+      layout.n,
+      layout.rank,
+      layout.offset,
+      str(g_mats[i].dtype),
+      basis_dtypes,
+    )
     buckets.setdefault(key, []).append(i)
   groups = []
   for indices in buckets.values():
-    p = plans[indices[0]]
+    p = layouts[indices[0]]
     chunk: list[int] = []
     for i in indices + [None]:
-      size = None if i is None else math.prod(plans[i].batch_shape)
+      size = None if i is None else math.prod(layouts[i].batch_shape)
       full = chunk and (
         i is None
-        or (sum(math.prod(plans[j].batch_shape) for j in chunk) + size) * p.m * p.n
+        or (sum(math.prod(layouts[j].batch_shape) for j in chunk) + size) * p.m * p.n
         > _REFRESH_GROUP_ELEMENTS
       )
       if full:
-        sizes = tuple(math.prod(plans[j].batch_shape) for j in chunk)
+        sizes = tuple(math.prod(layouts[j].batch_shape) for j in chunk)
         groups.append(_RefreshGroup(tuple(chunk), sizes, p.side, p.m, p.n, p.rank, p.offset))
         chunk = []
       if i is not None:
@@ -511,14 +526,14 @@ def galore(
   subspace_first_iters = _int_or_traced("subspace_first_iters", subspace_first_iters, 1)
   seed = _int_or_traced("seed", seed, None)
 
-  def plans_for(tree, bases=None) -> list[_Plan | None]:
+  def layouts_for(tree, bases=None) -> list[_LeafLayout | None]:
     mask_tree = _default_mask(tree) if mask is None else (mask(tree) if callable(mask) else mask)
     if rank is None and bases is None:
       raise ValueError(
         "rank is a traced array when the optimizer state is created; it fixes the state's "
         f"shapes, so create the state outside jit / eval_shape, or {_NEEDS_STATIC}"
       )
-    plans = _leaf_plans(
+    layouts = leaf_layouts(
       tree,
       mask_tree,
       rank=1 if rank is None else rank,
@@ -529,37 +544,42 @@ def galore(
     )
     if rank is None:
       # Traced rank: each leaf keeps the rank its projector was created with.
-      plans = [
+      layouts = [
         p if p is None else dataclasses.replace(p, rank=_stored_rank(p.side, b))
         for p, b in zip(
-          plans, jax.tree.structure(tree, is_leaf=_is_masked).flatten_up_to(bases), strict=True
+          layouts, jax.tree.structure(tree, is_leaf=_is_masked).flatten_up_to(bases), strict=True
         )
       ]
-    return plans
+    return layouts
 
-  def low_rank_zeros(leaf, plan):
+  def low_rank_zeros(leaf, layout):
     if _is_masked(leaf):
       return leaf
-    if plan is None:
+    if layout is None:
       return jnp.zeros_like(leaf)
-    return jnp.zeros(plan.low_rank_shape(), leaf.dtype)
+    return jnp.zeros(layout.low_rank_shape(), leaf.dtype)
 
   def init_fn(params):
     # `optax.masked` / `optax.multi_transform` hand over the tree with `MaskedNode` at the
-    # leaves of other groups. They are leaves here, as in `_leaf_plans` and `update_fn`, so
-    # the plans line up with the leaves, and each one stays a `MaskedNode` in the inner state.
+    # leaves of other groups. They are leaves here, as in `leaf_layouts` and `update_fn`, so
+    # the layouts line up with the leaves, and each one stays a `MaskedNode` in the inner state.
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
-    plans = plans_for(params)
+    layouts = layouts_for(params)
     projectors = [
       None
-      if plan is None
+      if layout is None
       else proj.safe_basis(
-        plan.batch_shape, plan.side, plan.m, plan.n, plan.rank, projector_dtype or leaf.dtype
+        layout.batch_shape,
+        layout.side,
+        layout.m,
+        layout.n,
+        layout.rank,
+        projector_dtype or leaf.dtype,
       )
-      for leaf, plan in zip(leaves, plans, strict=True)
+      for leaf, layout in zip(leaves, layouts, strict=True)
     ]
     inner_params = treedef.unflatten(
-      [low_rank_zeros(x, p) for x, p in zip(leaves, plans, strict=True)]
+      [low_rank_zeros(x, p) for x, p in zip(leaves, layouts, strict=True)]
     )
     return GaLoreState(
       count=jnp.zeros([], jnp.int32),
@@ -668,17 +688,18 @@ def galore(
 
   def update_fn(updates, state, params=None):
     leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
-    plans = plans_for(updates, state.projectors)
+    layouts = layouts_for(updates, state.projectors)
     old_bases = treedef.flatten_up_to(state.projectors)
     param_leaves = None if params is None else treedef.flatten_up_to(params)
     count = state.count
 
     g_mats = [
-      None if plan is None else plan.to_matrices(g) for g, plan in zip(leaves, plans, strict=True)
+      None if layout is None else layout.to_matrices(g)
+      for g, layout in zip(leaves, layouts, strict=True)
     ]
     bases = list(old_bases)
     changed = [jnp.asarray(False)] * len(leaves)
-    for group in _refresh_groups(plans, g_mats, old_bases):
+    for group in _refresh_groups(layouts, g_mats, old_bases):
       new, flags = refresh_group(
         group,
         [g_mats[i] for i in group.leaf_indices],
@@ -689,19 +710,19 @@ def galore(
         bases[i], changed[i] = new[j], flags[j]
 
     low_rank, low_rank_params = [], []
-    for i, (g, plan) in enumerate(zip(leaves, plans, strict=True)):
-      if plan is None:
+    for i, (g, layout) in enumerate(zip(leaves, layouts, strict=True)):
+      if layout is None:
         low_rank.append(g)
         low_rank_params.append(None if param_leaves is None else param_leaves[i])
         continue
-      low_rank.append(proj.project(g_mats[i], bases[i], plan.side))
+      low_rank.append(proj.project(g_mats[i], bases[i], layout.side))
       if param_leaves is not None:
-        p_mats = plan.to_matrices(param_leaves[i]).astype(g.dtype)
-        low_rank_params.append(proj.project(p_mats, bases[i], plan.side))
+        p_mats = layout.to_matrices(param_leaves[i]).astype(g.dtype)
+        low_rank_params.append(proj.project(p_mats, bases[i], layout.side))
 
     inner_state = state.inner_state
     if moment_policy != "keep":
-      inner_state = _adjust_moments(inner_state, treedef, plans, old_bases, bases, changed)
+      inner_state = _adjust_moments(inner_state, treedef, layouts, old_bases, bases, changed)
 
     inner_params = None if params is None else treedef.unflatten(low_rank_params)
     low_rank_updates, inner_state = inner.update(
@@ -709,14 +730,14 @@ def galore(
     )
 
     out = []
-    for u, plan, basis, g in zip(
-      treedef.flatten_up_to(low_rank_updates), plans, bases, leaves, strict=True
+    for u, layout, basis, g in zip(
+      treedef.flatten_up_to(low_rank_updates), layouts, bases, leaves, strict=True
     ):
-      if plan is None:
+      if layout is None:
         out.append(u)
       else:
-        full = proj.project_back(u, basis, plan.side) * scale
-        out.append(plan.from_matrices(full).astype(g.dtype))
+        full = proj.project_back(u, basis, layout.side) * scale
+        out.append(layout.from_matrices(full).astype(g.dtype))
     new_state = GaLoreState(
       count=optax.safe_int32_increment(count),
       projectors=treedef.unflatten(bases),
@@ -724,24 +745,26 @@ def galore(
     )
     return treedef.unflatten(out), new_state
 
-  def _adjust_moments(inner_state, treedef, plans, old_bases, bases, changed):
+  def _adjust_moments(inner_state, treedef, layouts, old_bases, bases, changed):
     def per_leaf(path, tree):
       if moment_policy == "reproject" and not _is_first_moment(path):
         return tree
       subtrees = treedef.flatten_up_to(tree)
       out = []
-      for sub, plan, old, new, flag in zip(subtrees, plans, old_bases, bases, changed, strict=True):
-        if plan is None:
+      for sub, layout, old, new, flag in zip(
+        subtrees, layouts, old_bases, bases, changed, strict=True
+      ):
+        if layout is None:
           out.append(sub)
         elif moment_policy == "reset":
           out.append(jax.tree.map(lambda x, f=flag: jnp.where(f, jnp.zeros_like(x), x), sub))
         else:
-          if not isinstance(sub, jax.Array) or sub.shape != plan.low_rank_shape():
+          if not isinstance(sub, jax.Array) or sub.shape != layout.low_rank_shape():
             raise ValueError(
-              f"moment_policy='reproject' needs the inner first moment of {plan.path} as a "
-              f"plain array of shape {plan.low_rank_shape()}, got {type(sub).__name__}"
+              f"moment_policy='reproject' needs the inner first moment of {layout.path} as a "
+              f"plain array of shape {layout.low_rank_shape()}, got {type(sub).__name__}"
             )
-          rotated = proj.change_of_basis(sub, old, new, plan.side)
+          rotated = proj.change_of_basis(sub, old, new, layout.side)
           out.append(jnp.where(flag, rotated, sub))
       return treedef.unflatten(out)
 
@@ -960,3 +983,44 @@ scale_by_galore = galore
 def state_bytes(state) -> int:
   """Bytes held by the arrays of an optimizer state (works on ``jax.eval_shape`` output)."""
   return tree_lib.tree_bytes(state)
+
+
+def _state_types(state_types) -> tuple[type, ...]:
+  return (GaLoreState,) if state_types is None else tuple(state_types)
+
+
+def galore_states(opt_state, *, state_types=None) -> list[GaLoreState]:
+  """Every :class:`GaLoreState` inside ``opt_state``, in flatten order.
+
+  Searches the whole pytree, so the state may sit inside any optax wrapper: ``chain``'s
+  tuple (:func:`galore_adamw`), ``masked`` / ``multi_transform`` (one per parameter group),
+  ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``. ``state_types`` replaces the
+  types looked for (e.g. ``(GaLoreState, optax.contrib.GaLoreState)``: any NamedTuple with a
+  ``count`` field).
+  """
+  types = _state_types(state_types)
+  is_state = lambda x: isinstance(x, types)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def with_galore_count(opt_state, count, *, state_types=None):
+  """``opt_state`` with the ``count`` of every :func:`galore_states` entry set to ``count``.
+
+  ``count`` is the refresh clock (a leaf refreshes when it reaches the leaf's phase modulo
+  ``update_proj_gap``), so benchmarks set it to time a refresh step or a plain one without
+  running ``T`` steps. The new count keeps the old one's dtype and, for a concrete array, its
+  sharding, so a compiled step takes the state as before. The inner optimizer's own counters
+  (Adam's bias correction) and the wrappers' (``inject_hyperparams``) are left alone.
+  """
+  types = _state_types(state_types)
+  is_state = lambda x: isinstance(x, types)
+
+  def set_count(x):
+    if not is_state(x):
+      return x
+    new = jnp.asarray(count, jnp.result_type(x.count))
+    if isinstance(x.count, jax.Array) and not isinstance(x.count, jax.core.Tracer):
+      new = jax.device_put(new, x.count.sharding)
+    return x._replace(count=new)
+
+  return jax.tree.map(set_count, opt_state, is_leaf=is_state)

@@ -461,3 +461,60 @@ def test_all_zero_gradient_keeps_previous_projector():
   before = state.projectors["w"]
   _, state = tx.update({"w": jnp.zeros((24, 8))}, state)
   chex.assert_trees_all_equal(state.projectors["w"], before)
+
+
+def _wrapped(rank=2):
+  """GaLore inside each optax state wrapper the helpers must see through."""
+  adam = scale_by_adam_hf()
+  return {
+    "chain": galore_jax.galore_adamw(1e-2, rank=rank),
+    "inject_hyperparams": optax.inject_hyperparams(
+      galore_jax.galore_adamw, static_args=galore_jax.STATIC_ARGS
+    )(learning_rate=1e-2, rank=rank),
+    "multi_transform": optax.multi_transform(
+      {"a": galore(adam, rank=rank), "b": galore(adam, rank=rank + 1)},
+      {"tall": "a", "wide": "b", "square": "a", "stacked": "b", "bias": "a"},
+    ),
+    "masked_in_multisteps": optax.MultiSteps(
+      optax.masked(galore(adam, rank=rank), {k: k != "bias" for k in PARAMS}), 2
+    ),
+    "apply_if_finite": optax.apply_if_finite(galore_jax.galore_adamw(1e-2, rank=rank), 3),
+  }
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["chain", "inject_hyperparams", "multi_transform", "masked_in_multisteps", "apply_if_finite"],
+)
+def test_with_galore_count_sets_only_the_galore_clocks(name):
+  state = _wrapped()[name].init(PARAMS)
+  found = galore_jax.galore_states(state)
+  assert len(found) == (2 if name == "multi_transform" else 1)
+  assert all(isinstance(s, galore_jax.GaLoreState) for s in found)
+  new = galore_jax.with_galore_count(state, 7)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  assert [int(s.count) for s in galore_jax.galore_states(new)] == [7] * len(found)
+  assert all(s.count.dtype == jnp.int32 for s in galore_jax.galore_states(new))
+  # Every other leaf (Adam's count, the wrappers' counters, moments, bases) is unchanged.
+  changed = [
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new), strict=True)
+  ]
+  assert sum(changed) == len(found)
+
+
+def test_with_galore_count_moves_the_refresh_clock_and_keeps_sharding():
+  tx = galore(scale_by_adam_hf(), rank=4, update_proj_gap=10)
+  _, states, step = _run(tx, 1)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = states[-1]._replace(count=jax.device_put(states[-1].count, replicated))
+  for count, refreshes in ((10, True), (3, False)):
+    at = galore_jax.with_galore_count(state, count)
+    assert at.count.sharding == replicated
+    _, after = step(PARAMS, at, jax.random.key(5))
+    moved = not np.array_equal(after.projectors["tall"], state.projectors["tall"])
+    assert moved == refreshes, count
+    assert int(after.count) == count + 1
+  traced = jax.jit(lambda s: galore_jax.with_galore_count(s, 4))(state)
+  assert int(traced.count) == 4

@@ -3,11 +3,6 @@
 Needs the `reference` extra (torch, galore-torch); skipped with a reason without it.
 """
 
-import importlib
-import importlib.util
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,18 +16,15 @@ pytestmark = pytest.mark.reference
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[reference]'")
 
 
-def _load_reference():
-  """Imports galore_torch.adamw without the package __init__ (which needs bitsandbytes)."""
-  spec = importlib.util.find_spec("galore_torch")
-  if spec is None or not spec.submodule_search_locations:
+def _load_reference(load_experiment):
+  """galore_torch's AdamW and GaLoreProjector (``experiments/torch_reference.py``)."""
+  try:
+    adamw_cls, projector_cls, _ = load_experiment("torch_reference").load_galore_torch()
+  except ModuleNotFoundError as e:
+    if e.name != "galore_torch":  # installed, but something it imports is missing
+      raise
     pytest.skip("needs galore-torch: pip install -e '.[reference]'")
-  if "galore_torch" not in sys.modules:
-    pkg = types.ModuleType("galore_torch")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["galore_torch"] = pkg
-  adamw = importlib.import_module("galore_torch.adamw")
-  projector = importlib.import_module("galore_torch.galore_projector")
-  return adamw.AdamW, projector.GaLoreProjector
+  return adamw_cls, projector_cls
 
 
 def _canonical(x, axis):
@@ -43,8 +35,8 @@ def _canonical(x, axis):
 
 
 @pytest.fixture(scope="module")
-def reference(request):
-  adamw_cls, projector_cls = _load_reference()
+def reference(request, load_experiment):
+  adamw_cls, projector_cls = _load_reference(load_experiment)
   original = projector_cls.get_orthogonal_matrix
 
   def patched(self, weights, rank, type):  # noqa: A002 - the reference's argument name
