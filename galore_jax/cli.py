@@ -19,7 +19,14 @@ EXIT_USAGE = 2
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-  from galore_jax.train import OPTIMIZERS, SVD_METHODS, TrainConfig
+  from galore_jax.config import (
+    DTYPES,
+    OPTIMIZERS,
+    REFRESH_SCHEDULES,
+    REMAT_MODES,
+    SVD_METHODS,
+    TrainConfig,
+  )
 
   d = TrainConfig()
   p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
@@ -45,9 +52,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     default=d.subspace_iters,
     help="block power rounds per refresh with --svd subspace",
   )
-  p.add_argument(
-    "--refresh-schedule", default=d.refresh_schedule, choices=("synchronous", "staggered")
-  )
+  p.add_argument("--refresh-schedule", default=d.refresh_schedule, choices=REFRESH_SCHEDULES)
   p.add_argument(
     "--lr",
     type=float,
@@ -112,9 +117,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="stop (saving a checkpoint) after this many steps in this invocation",
   )
   p.add_argument("--mesh", default=None, help="data=N,fsdp=M")
-  p.add_argument("--param-dtype", default=d.param_dtype, choices=("float32", "bfloat16"))
-  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="compute dtype")
-  p.add_argument("--remat", default=d.remat, choices=("none", "full", "save_matmuls"))
+  p.add_argument("--param-dtype", default=d.param_dtype, choices=tuple(DTYPES))
+  p.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES), help="compute dtype")
+  p.add_argument("--remat", default=d.remat, choices=REMAT_MODES)
   _add_memory_flags(p)
   _add_compile_cache_flag(p)
   p.add_argument(
@@ -150,10 +155,12 @@ def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+  from galore_jax.config import DTYPES
+
   p.add_argument(
     "--projector-dtype",
     default=None,
-    choices=("float32", "bfloat16"),
+    choices=tuple(DTYPES),
     help="dtype of GaLore's projectors (default: the param dtype, as the reference)",
   )
   p.add_argument(
@@ -166,19 +173,19 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args):
-  from galore_jax.train import TrainConfig
+  from galore_jax.config import TrainConfig
 
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _cmd_train(args) -> int:
-  from galore_jax import train
+  from galore_jax import trainer
 
   cfg = _train_config(args)
   try:
-    summary = train.train(cfg)
-  except train.TrainingInterrupted as e:
+    summary = trainer.train(cfg)
+  except trainer.TrainingInterrupted as e:
     print(f"galore-jax: {e}", file=sys.stderr)
     return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
   losses = summary["losses"]
@@ -200,25 +207,26 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-  from galore_jax import data, train
+  from galore_jax import data, sample, trainer
+  from galore_jax.config import ConfigError, absolute_source
 
   if args.batch_size is not None and args.batch_size < 1:
-    raise train.ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
+    raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
   n_batches = _eval_batches_flag(args.eval_batches)
-  run, params, _, step = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+  run, params, _, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
   cfg = dataclasses.replace(
     run.cfg,
-    data=train.absolute_source(args.data) if args.data else run.cfg.data,
+    data=absolute_source(args.data) if args.data else run.cfg.data,
     batch_size=args.batch_size or run.cfg.batch_size,
     packing=run.cfg.packing if args.packing is None else args.packing,
   )
   if n_batches == "run":  # what train reported for this run
     n_batches = run.cfg.eval_batches
   try:
-    batches = data.eval_batches(train._data_config(cfg, cfg.batch_size), n_batches)
+    batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n_batches)
   except (FileNotFoundError, ValueError) as e:
-    raise train.ConfigError("--data", str(e)) from e
-  loss, ppl = train.evaluate(run, params, batches, train.compile_eval_step(run))
+    raise ConfigError("--data", str(e)) from e
+  loss, ppl = trainer.evaluate(run, params, batches, trainer.compile_eval_step(run))
   result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
   print(
     json.dumps(result)
@@ -236,31 +244,32 @@ def _eval_batches_flag(value: str | None) -> int | str | None:
   if value == "all":
     return None
   if not value.isdigit() or int(value) < 1:
-    from galore_jax.train import ConfigError
+    from galore_jax.config import ConfigError
 
     raise ConfigError("--eval-batches", f"expected a number >= 1 or 'all', got {value!r}")
   return int(value)
 
 
 def _cmd_sample(args) -> int:
-  from galore_jax import train
+  from galore_jax import sample
+  from galore_jax.config import ConfigError
 
   if args.max_new_tokens < 1:
-    raise train.ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+    raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
   if not (math.isfinite(args.temperature) and args.temperature >= 0):
-    raise train.ConfigError(
+    raise ConfigError(
       "--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}"
     )
-  run, params, sp, _ = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+  run, params, sp, _ = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
   if not 1 <= args.top_k <= sp.get_piece_size():
-    raise train.ConfigError(
+    raise ConfigError(
       "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
     )
   # An empty prompt starts a new document: training puts EOS before every document
   # (documents are EOS-separated, no BOS is ever added), so EOS is the context it knows.
   ids = sp.encode(args.prompt) if args.prompt else [sp.eos_id()]
   try:
-    out = train.generate(
+    out = sample.generate(
       run,
       params,
       ids,
@@ -271,30 +280,32 @@ def _cmd_sample(args) -> int:
       eos_id=sp.eos_id(),
     )
   except ValueError as e:
-    raise train.ConfigError("--prompt", str(e)) from e
+    raise ConfigError("--prompt", str(e)) from e
   print(args.prompt + sp.decode(out))
   return 0
 
 
 def _cmd_export(args) -> int:
-  from galore_jax import hf, train
+  from galore_jax import hf, sample
+  from galore_jax.config import ConfigError
 
   if os.path.isdir(args.out) and os.listdir(args.out):
-    raise train.ConfigError("--out", f"{args.out} exists and is not empty")
-  run, params, sp, step = train.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+    raise ConfigError("--out", f"{args.out} exists and is not empty")
+  run, params, sp, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
   try:
     files = hf.save_pretrained(args.out, run.model_cfg, params, dtype=args.dtype, tokenizer=sp)
   except OSError as e:
-    raise train.ConfigError("--out", str(e)) from e
+    raise ConfigError("--out", str(e)) from e
   print(f"exported step {step} to {os.path.abspath(args.out)} ({len(files)} files)")
   return 0
 
 
 def _cmd_plan(args) -> int:
-  from galore_jax import plan, train
+  from galore_jax import plan
+  from galore_jax.config import TrainConfig
 
-  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-  cfg = train.TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
   result = plan.plan(
     cfg,
     vocab_size=args.vocab_size,
@@ -306,6 +317,8 @@ def _cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from galore_jax.config import DTYPES, OPTIMIZERS, REMAT_MODES, SVD_METHODS, TrainConfig
+
   parser = argparse.ArgumentParser(
     prog="galore-jax", description="GaLore pretraining of LLaMA-style models in JAX."
   )
@@ -343,9 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--checkpoint", required=True, help="run directory or its checkpoints/")
   p.add_argument("--out", required=True, help="directory to create")
-  p.add_argument(
-    "--dtype", default=None, choices=("float32", "bfloat16"), help="default: the params' dtype"
-  )
+  p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: the params' dtype")
   p.add_argument("--tokenizer", default=None, help="default: the run's")
   p.set_defaults(fn=_cmd_export)
 
@@ -359,8 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", default=None)
   _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_sample)
-
-  from galore_jax.train import OPTIMIZERS, SVD_METHODS, TrainConfig
 
   d = TrainConfig()
   p = sub.add_parser(
@@ -379,13 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--param-dtype",
     default="bfloat16",
-    choices=("float32", "bfloat16"),
+    choices=tuple(DTYPES),
     help="default bfloat16: the paper trains pure bf16",
   )
-  p.add_argument(
-    "--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype"
-  )
-  p.add_argument("--remat", default=d.remat, choices=("none", "full", "save_matmuls"))
+  p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="compute dtype")
+  p.add_argument("--remat", default=d.remat, choices=REMAT_MODES)
   p.add_argument(
     "--vocab-size",
     type=int,
@@ -457,7 +464,8 @@ def _main(argv: list[str]) -> int:
     return EXIT_USAGE
 
   from galore_jax.checkpoint import CheckpointError
-  from galore_jax.train import ConfigError, TrainingDiverged
+  from galore_jax.config import ConfigError
+  from galore_jax.trainer import TrainingDiverged
 
   try:
     if hasattr(args, "compile_cache"):  # before the first compilation

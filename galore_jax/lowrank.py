@@ -1,6 +1,6 @@
 """Low-rank reparametrisations of the LLaMA projections: the baselines of GaLore's Table 2.
 
-Every attention / MLP kernel that GaLore would project (``model.GALORE_TARGETS``;
+Every attention / MLP kernel that GaLore would project (``galore_jax.targets.is_target``;
 Flax layout ``W`` of shape ``(in, out) = (m, n)``) is trained through rank-``r``
 factors ``A`` (m x r) and ``B`` (r x n):
 
@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from galore_jax import model as model_lib
+from galore_jax import targets
 from galore_jax import tree as tree_lib
 
 MODES = ("lowrank", "lora")
@@ -76,10 +76,9 @@ def path_key(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def is_target(path) -> bool:
-  """True for the kernel of a q, k, v, o, gate, up or down projection."""
-  names = [getattr(k, "key", None) for k in path]
-  return names[-1] == "kernel" and any(t in names for t in model_lib.GALORE_TARGETS)
+# The target test is GaLore's own (galore_jax.targets), so the baselines factor exactly the
+# matrices GaLore projects.
+is_target = targets.is_target
 
 
 def _is_factors(x) -> bool:

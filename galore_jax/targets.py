@@ -40,7 +40,9 @@ def path_names(path) -> list[str]:
   return names
 
 
-def _is_target(names: list[str], targets) -> bool:
+def is_target(path, targets=LLAMA_TARGETS) -> bool:
+  """Whether the leaf at key ``path`` is a matrix GaLore projects (see :func:`llama_targets`)."""
+  names = path_names(path)
   return (
     bool(names) and names[-1] in (_FLAX_KERNEL, _TORCH_WEIGHT) and any(t in names for t in targets)
   )
@@ -59,7 +61,7 @@ def llama_targets(params: Any, targets=LLAMA_TARGETS) -> Any:
   """
 
   def select(path, _):
-    return _is_target(path_names(path), targets)
+    return is_target(path, targets)
 
   return jax.tree_util.tree_map_with_path(select, params)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from galore_jax import checkpoint, metrics, train
+from galore_jax import checkpoint, metrics, steps, train, trainer
 
 SMALL = dict(
   model="llama_tiny",
@@ -134,14 +134,14 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   cfg = _cfg(
     tmp_path, "run", steps=4, eval_every=2, peak_tflops=50.0, profile_steps="1:3", wandb=True
   )
-  evaluate, slept = train.evaluate, []
+  evaluate, slept = trainer.evaluate, []
 
   def slow_first_evaluate(*a, **k):  # step_s must not include evaluation
     if not slept:
       slept.append(time.sleep(2.5))
     return evaluate(*a, **k)
 
-  monkeypatch.setattr(train, "evaluate", slow_first_evaluate)
+  monkeypatch.setattr(trainer, "evaluate", slow_first_evaluate)
   # As a GPU reports it (CPU devices report no memory: test_peak_tflops_defaults_and_...).
   gpu_memory = {"peak_bytes": 3 << 30, "bytes_in_use": 1 << 30}
   monkeypatch.setattr(metrics, "device_memory", lambda devices: dict(gpu_memory))
@@ -397,8 +397,8 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
 def test_diverging_run_stops_with_clear_error(tmp_path, monkeypatch):
   # Every step's loss is NaN: each is skipped, and after `max_nonfinite` of them in a row the
   # run stops with an error instead of idling through the remaining steps.
-  real_loss = train._summed_cross_entropy
-  monkeypatch.setattr(train, "_summed_cross_entropy", lambda *a: real_loss(*a) * jnp.nan)
+  real_loss = steps.summed_cross_entropy
+  monkeypatch.setattr(steps, "summed_cross_entropy", lambda *a: real_loss(*a) * jnp.nan)
   cfg = _cfg(tmp_path, "diverge", steps=40, max_nonfinite=3)
   with pytest.raises(train.TrainingDiverged, match="3 consecutive steps"):
     train.train(cfg, log=_quiet)

@@ -1,0 +1,317 @@
+"""What a run is: :class:`TrainConfig`, its validation, and what it derives (model, schedule,
+optimizer).
+
+Every bad value is a :class:`ConfigError` naming its flag; the choice constants here are the
+ones the CLI offers. The optimizer factory lives here too: like the model config, it is a pure
+function of the configuration, and the trainer, the memory planner and the experiments all
+build their optimizer from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import adam8bit, checkpoint, projector, targets
+from galore_jax import model as model_lib
+from galore_jax import optimizer as galore
+
+OPTIMIZERS = ("adamw", "galore_adamw", "adamw8bit", "galore_adamw8bit")
+SVD_METHODS = projector.SVD_METHODS
+REFRESH_SCHEDULES = galore.REFRESH_SCHEDULES
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_MODES = ("none", "full", "save_matmuls")
+
+
+class ConfigError(ValueError):
+  """A bad flag value; ``flag`` names it for the CLI's one-line error."""
+
+  def __init__(self, flag: str, message: str):
+    super().__init__(f"{flag}: {message}")
+    self.flag = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run depends on. Defaults: the main job (llama_tiny, GaLore, bundled corpus)."""
+
+  model: str = "llama_tiny"
+  # A Hugging Face model directory to start from: its config.json replaces --model, its
+  # weights replace the random init, its tokenizer is the default one (galore_jax.hf).
+  init_from: str | None = None
+  optimizer: str = "galore_adamw"
+  rank: int = 64
+  update_proj_gap: int = 50  # paper: 200 over 10K+ steps; 50 refreshes the main job 3 times
+  galore_scale: float = 0.25
+  svd: str = "exact"
+  subspace_iters: int = 2  # block power rounds per refresh with svd="subspace"
+  refresh_schedule: str = "synchronous"
+  lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for full-rank Adam
+  warmup: int | None = None  # None: 10% of steps (paper)
+  min_lr_ratio: float = 0.1
+  steps: int = 150
+  batch_size: int = 8
+  seq_len: int = 128
+  grad_accum: int = 1
+  grad_clip: float = 0.0  # 0: off (the paper clips nothing at <= 1B)
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  data: str = "builtin"
+  tokenizer: str | None = None
+  packing: bool = True
+  eval_every: int = 50
+  eval_batches: int = 16
+  save_every: int = 100
+  log_every: int = 1
+  seed: int = 0
+  out: str | None = None  # None: runs/<model>_<optimizer>_<timestamp>
+  resume: bool = False
+  stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
+  mesh: str | None = None  # "data=N,fsdp=M"
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+  # Update each layer as soon as its gradient exists (needs grad_accum 1, no clipping).
+  per_layer_updates: bool = True
+  projector_dtype: str | None = None  # None: the param dtype (reference)
+  max_nonfinite: int = 20  # consecutive skipped steps before the run stops with an error
+  keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS  # newest checkpoints kept by rotation
+  overwrite: bool = False  # start over in an --out that holds a previous run's outputs
+  progress: bool = True
+  peak_tflops: float | None = None  # per device, for mfu; None: known GPUs' datasheet peak
+  profile_steps: str | None = None  # "A:B": a jax.profiler trace of steps A+1..B
+  wandb: bool = False  # also log to Weights & Biases (the `wandb` extra)
+
+  @property
+  def is_galore(self) -> bool:
+    return self.optimizer.startswith("galore")
+
+  @property
+  def peak_lr(self) -> float:
+    if self.lr is not None:
+      return self.lr
+    return 0.01 if self.is_galore else 1e-3
+
+  @property
+  def warmup_steps(self) -> int:
+    return self.warmup if self.warmup is not None else self.steps // 10
+
+
+# ---------------------------------------------------------------------------
+# Validation: every bad value is a ConfigError naming its flag.
+
+
+def parse_mesh(spec: str | None) -> tuple[int, int]:
+  """``"data=2,fsdp=4"`` -> (2, 4); ``None`` -> (1, 1)."""
+  if not spec:
+    return 1, 1
+  sizes = {"data": 1, "fsdp": 1}
+  for part in spec.split(","):
+    name, _, value = part.partition("=")
+    if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+      raise ConfigError("--mesh", f"expected data=N,fsdp=M with N, M >= 1, got {spec!r}")
+    sizes[name.strip()] = int(value)
+  return sizes["data"], sizes["fsdp"]
+
+
+def parse_profile_steps(spec: str | None, steps: int) -> tuple[int, int] | None:
+  """``"A:B"`` -> (A, B): trace the updates after step A up to step B (0 <= A < B <= steps)."""
+  if spec is None:
+    return None
+  a, sep, b = spec.partition(":")
+  if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+    raise ConfigError("--profile-steps", f"expected A:B with whole numbers A < B, got {spec!r}")
+  a_i, b_i = int(a), int(b)
+  if not a_i < b_i:
+    raise ConfigError("--profile-steps", f"A must be less than B, got {spec!r}")
+  if b_i > steps:
+    raise ConfigError("--profile-steps", f"B must be <= --steps {steps}, got {spec!r}")
+  return a_i, b_i
+
+
+def base_model_config(cfg: TrainConfig, hf_config: dict | None = None) -> model_lib.LlamaConfig:
+  """The architecture: ``--init-from``'s config.json (or ``hf_config``, the copy a
+  checkpoint keeps of it), else the named ``--model``."""
+  if not cfg.init_from:
+    return model_lib.get_config(cfg.model)
+  from galore_jax import hf
+
+  try:
+    if hf_config is not None:
+      return hf.config_from_dict(hf_config, where=f"{cfg.init_from}/config.json")
+    return hf.read_config(cfg.init_from)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--init-from", str(e)) from e
+
+
+def model_config(
+  cfg: TrainConfig, vocab_size: int, hf_config: dict | None = None
+) -> model_lib.LlamaConfig:
+  try:
+    base = base_model_config(cfg, hf_config)
+    if cfg.init_from:  # the checkpoint's vocabulary; the tokenizer may use fewer ids
+      if vocab_size > base.vocab_size:
+        raise ConfigError(
+          "--tokenizer",
+          f"vocabulary of {vocab_size} is larger than the model's {base.vocab_size} "
+          f"({cfg.init_from})",
+        )
+      vocab_size = base.vocab_size
+    return dataclasses.replace(
+      base,
+      vocab_size=vocab_size,
+      param_dtype=DTYPES[cfg.param_dtype],
+      dtype=DTYPES[cfg.dtype],
+      remat=cfg.remat,
+    )
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError("--model", str(e)) from e
+
+
+def validate(cfg: TrainConfig) -> None:
+  """Checks flags that need no data or devices; raises ConfigError."""
+  if cfg.model not in model_lib.CONFIGS and not cfg.init_from:
+    raise ConfigError(
+      "--model", f"unknown model {cfg.model!r}; choose from {', '.join(model_lib.CONFIGS)}"
+    )
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ConfigError(
+      "--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
+    )
+  mc = base_model_config(cfg)
+  for flag, value in [
+    ("--steps", cfg.steps),
+    ("--batch-size", cfg.batch_size),
+    ("--seq-len", cfg.seq_len),
+    ("--grad-accum", cfg.grad_accum),
+    ("--update-proj-gap", cfg.update_proj_gap),
+    ("--rank", cfg.rank),
+    ("--eval-every", cfg.eval_every),
+    ("--eval-batches", cfg.eval_batches),
+    ("--save-every", cfg.save_every),
+    ("--keep-checkpoints", cfg.keep_checkpoints),
+    ("--max-nonfinite", cfg.max_nonfinite),
+  ]:
+    if value < 1:
+      raise ConfigError(flag, f"must be >= 1, got {value}")
+  if cfg.seq_len > mc.max_seq_len:
+    raise ConfigError(
+      "--seq-len", f"{cfg.seq_len} exceeds {cfg.model}'s maximum sequence length {mc.max_seq_len}"
+    )
+  smallest = min(mc.hidden_size, mc.intermediate_size)
+  if cfg.is_galore and cfg.rank > smallest:
+    raise ConfigError(
+      "--rank",
+      f"{cfg.rank} is larger than the smallest projected matrix "
+      f"dimension of {cfg.model} ({smallest})",
+    )
+  # NaN compares false with everything: `not x > 0` rejects it, `x < 0` would not.
+  for flag, value, low, strict in [
+    ("--lr", cfg.lr, 0.0, True),
+    ("--galore-scale", cfg.galore_scale, 0.0, True),
+    ("--grad-clip", cfg.grad_clip, 0.0, False),
+    ("--weight-decay", cfg.weight_decay, 0.0, False),
+  ]:
+    if value is None:
+      continue
+    if not math.isfinite(value) or not (value > low if strict else value >= low):
+      raise ConfigError(
+        flag, f"must be a finite number {'>' if strict else '>='} {low:g}, got {value}"
+      )
+  if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.steps:
+    raise ConfigError("--warmup", f"must be in [0, --steps], got {cfg.warmup}")
+  if cfg.svd not in SVD_METHODS:
+    raise ConfigError("--svd", f"must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
+  if cfg.subspace_iters < 1:
+    raise ConfigError("--subspace-iters", f"must be >= 1, got {cfg.subspace_iters}")
+  if cfg.refresh_schedule not in REFRESH_SCHEDULES:
+    raise ConfigError("--refresh-schedule", f"must be one of {REFRESH_SCHEDULES}")
+  if cfg.param_dtype not in DTYPES or cfg.dtype not in DTYPES:
+    raise ConfigError("--param-dtype", f"dtypes must be one of {', '.join(DTYPES)}")
+  if cfg.projector_dtype is not None and cfg.projector_dtype not in DTYPES:
+    raise ConfigError("--projector-dtype", f"must be one of {', '.join(DTYPES)}")
+  if cfg.remat not in REMAT_MODES:
+    raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
+  if cfg.resume and cfg.overwrite:
+    raise ConfigError("--overwrite", "cannot be combined with --resume")
+  parse_profile_steps(cfg.profile_steps, cfg.steps)
+  if cfg.wandb:
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      raise ConfigError(
+        "--wandb", "needs the wandb package: pip install 'galore-jax[wandb]'"
+      ) from None
+  if cfg.peak_tflops is not None and not (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops > 0):
+    raise ConfigError("--peak-tflops", f"must be a finite number > 0, got {cfg.peak_tflops}")
+  if cfg.stop_after is not None and cfg.stop_after < 1:
+    raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
+  data_n, fsdp_n = parse_mesh(cfg.mesh)
+  if data_n * fsdp_n > jax.device_count():
+    raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} available")
+  if cfg.batch_size % (data_n * fsdp_n):
+    raise ConfigError(
+      "--batch-size",
+      f"{cfg.batch_size} is not divisible by the {data_n * fsdp_n} devices of --mesh {cfg.mesh}",
+    )
+
+
+def absolute_source(source: str) -> str:
+  """``--data`` as stored in a run: paths made absolute (``eval`` may run elsewhere)."""
+  if not source.strip() or source.strip() == "builtin" or source.startswith("tfds:"):
+    return source  # (an empty one is refused by the data pipeline)
+  return os.path.abspath(os.path.expanduser(source))
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to ``min_lr_ratio`` of the peak (reference)."""
+  peak = cfg.peak_lr
+  if cfg.warmup_steps >= cfg.steps:
+    return optax.linear_schedule(0.0, peak, cfg.steps)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, peak, cfg.warmup_steps, cfg.steps, end_value=peak * cfg.min_lr_ratio
+  )
+
+
+def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  sched = lr_schedule(cfg)
+  if cfg.optimizer.endswith("8bit"):
+    inner = adam8bit.scale_by_adam8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  else:
+    inner = galore.scale_by_adam_hf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  if cfg.is_galore:
+    core = galore.galore(
+      inner,
+      rank=cfg.rank,
+      update_proj_gap=cfg.update_proj_gap,
+      scale=cfg.galore_scale,
+      mask=targets.llama_targets,
+      matrix_axes=targets.reference_side_axes,
+      svd=cfg.svd,
+      subspace_iters=cfg.subspace_iters,
+      refresh_schedule=cfg.refresh_schedule,
+      projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
+      seed=cfg.seed,
+    )
+  else:
+    core = inner
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts += [
+    core,
+    optax.scale_by_learning_rate(sched),
+    galore.decay_updated_weights(sched, cfg.weight_decay),
+  ]
+  return optax.chain(*parts)

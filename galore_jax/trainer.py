@@ -1,0 +1,751 @@
+"""The trainer: run setup, resume checks and the host loop around the jit-compiled step.
+
+The state is three pytrees, ``params`` (a plain dict of the Flax NNX model's
+parameters), ``opt_state`` and ``step``; the model's graph definition is static
+and merged back inside the step (``nnx.merge``), so the step is a pure function
+compiled once. The same code runs on one device and on a ``data x fsdp``
+``jax.sharding.Mesh``: batches are split over both axes, parameters and every
+optimizer-state array (GaLore projectors included) over ``fsdp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from galore_jax import checkpoint, metrics, rundir, sharding, steps
+from galore_jax import model as model_lib
+from galore_jax.config import (
+  ConfigError,
+  TrainConfig,
+  absolute_source,
+  build_optimizer,
+  lr_schedule,
+  model_config,
+  parse_profile_steps,
+  validate,
+)
+
+# ---------------------------------------------------------------------------
+# Hooks: what a caller may change without copying the loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametrization:
+  """Trains a tree other than the model's dense params (the low-rank baselines of Table 2).
+
+  The run's params are ``{"trainable": ..., "frozen": ...}`` = ``split(dense)``; the step
+  differentiates ``materialize(trainable, frozen) -> dense`` and the optimizer updates the
+  trainable part alone. Both are traced (``split`` once, from the dense init).
+  """
+
+  split: Callable[[Any], dict[str, Any]]
+  materialize: Callable[[Any, Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """Ways to change a run through :func:`train` (all optional; defaults: ``galore-jax train``).
+
+  * ``tx``: the optimizer (default :func:`galore_jax.config.build_optimizer`).
+  * ``parametrization``: see :class:`Parametrization`.
+  * ``init_params(run) -> dense params`` in ``run.dense_sharding`` (default
+    :func:`galore_jax.model.init_params`, or ``--init-from``'s weights).
+  * ``evaluate(run, params, eval_fn) -> (loss, ppl)``: the validation (default: the run's
+    ``--eval-batches`` through :func:`evaluate`).
+  * ``save(step, params, opt_state, meta)``: writes a checkpoint (default
+    :func:`galore_jax.checkpoint.save`); ``meta`` adds entries to the checkpoint metadata.
+  * ``before_step``: callbacks ``(step, params, opt_state) -> (params, opt_state)`` run before
+    the update that follows ``step`` (ReLoRA's merge and reset).
+  * ``after_step``: callbacks ``(step, metrics)`` after each step's records.
+  * ``lr_at(step)``: the learning rate recorded for the update after ``step`` (default: the
+    config's schedule).
+  """
+
+  tx: optax.GradientTransformation | None = None
+  parametrization: Parametrization | None = None
+  init_params: Callable[[Any], Any] | None = None
+  evaluate: Callable[[Any, Any, Callable], tuple[float, float]] | None = None
+  save: Callable[[int, Any, Any, dict], None] | None = None
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  before_step: Sequence[Callable[[int, Any, Any], tuple[Any, Any]]] = ()
+  after_step: Sequence[Callable[[int, dict], None]] = ()
+  lr_at: Callable[[int], float] | None = None
+
+
+NO_HOOKS = Hooks()
+
+
+# ---------------------------------------------------------------------------
+# Run setup.
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop, ``eval`` and ``sample`` need: model graph, shardings, compiled steps."""
+
+  cfg: TrainConfig
+  model_cfg: model_lib.LlamaConfig
+  graphdef: Any
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  param_sharding: Any
+  opt_sharding: Any
+  abstract_params: Any
+  abstract_opt: Any
+  parametrization: Parametrization | None = None
+  dense_sharding: Any = None  # the model's dense params (= param_sharding without one)
+
+
+def abstract_model(model_cfg: model_lib.LlamaConfig, seed: int = 0):
+  """Graph definition and ShapeDtypeStruct params, allocating nothing."""
+  abstract = nnx.eval_shape(lambda: model_lib.Llama(model_cfg, rngs=nnx.Rngs(seed)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def setup(
+  cfg: TrainConfig,
+  vocab_size: int,
+  hf_config: dict | None = None,
+  *,
+  tx: optax.GradientTransformation | None = None,
+  parametrization: Parametrization | None = None,
+) -> Run:
+  """Model graph, optimizer, mesh and shardings of a run; allocates nothing."""
+  model_cfg = model_config(cfg, vocab_size, hf_config)
+  mesh = sharding.make_mesh(cfg)
+  graphdef, dense_params = abstract_model(model_cfg, cfg.seed)
+  tx = build_optimizer(cfg) if tx is None else tx
+  if parametrization is None:
+    abstract_params = dense_params
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  else:
+    abstract_params = jax.eval_shape(parametrization.split, dense_params)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params["trainable"])
+  param_sh = sharding.shardings_for(abstract_params, mesh)
+  opt_sh = sharding.shardings_for(abstract_opt, mesh)
+  with_sh = lambda tree, sh: jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
+  )
+  return Run(
+    cfg,
+    model_cfg,
+    graphdef,
+    mesh,
+    tx,
+    param_sh,
+    opt_sh,
+    with_sh(abstract_params, param_sh),
+    with_sh(abstract_opt, opt_sh),
+    parametrization,
+    sharding.shardings_for(dense_params, mesh),
+  )
+
+
+def init_state(run: Run, init_params: Callable[[Run], Any] | None = None):
+  """Fresh params and optimizer state, created directly in their shardings.
+
+  The params come part by part (``model.init_params``: one compiled block
+  initialiser for every layer, so compile time does not grow with depth), or from
+  ``--init-from``'s safetensors, read tensor by tensor into their shardings, or from
+  ``init_params(run)``; a :class:`Parametrization` then splits them.
+  """
+  if init_params is not None:
+    params = init_params(run)
+  elif run.cfg.init_from:
+    from galore_jax import hf
+
+    try:
+      params = hf.load_pretrained(
+        run.cfg.init_from, config=run.model_cfg, shardings=run.dense_sharding
+      )[1]
+    except (OSError, ValueError) as e:
+      raise ConfigError("--init-from", str(e)) from e
+  else:
+    params = model_lib.init_params(run.model_cfg, run.cfg.seed, run.dense_sharding)
+  if run.parametrization is None:
+    return params, jax.jit(run.tx.init, out_shardings=run.opt_sharding)(params)
+  params = jax.jit(run.parametrization.split, out_shardings=run.param_sharding)(params)
+  return params, jax.jit(run.tx.init, out_shardings=run.opt_sharding)(params["trainable"])
+
+
+def compile_train_step(run: Run):
+  if run.parametrization is None:
+    step = steps.select_train_step(run.graphdef, run.tx, run.cfg, run.model_cfg)
+  else:
+    step = steps.make_train_step(run.graphdef, run.tx, materialize=run.parametrization.materialize)
+  return jax.jit(
+    step,
+    in_shardings=(run.param_sharding, run.opt_sharding, sharding.batch_sharding(run.mesh)),
+    out_shardings=(run.param_sharding, run.opt_sharding, None),
+    donate_argnums=(0, 1),
+  )
+
+
+def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int):
+  """Host batch (grad_accum * B, L) -> global device arrays (grad_accum, B, L) on the run's
+  mesh (:func:`galore_jax.sharding.shard_batch`)."""
+  return sharding.shard_batch(run.mesh, batch, grad_accum)
+
+
+def tokenizer_hash(sp) -> str:
+  return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
+
+
+def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
+  """Checkpoint metadata; the ``compat`` part must match for a resume."""
+  return {
+    "compat": {
+      # The tokenizer first: another vocabulary also changes the model's shapes.
+      "vocab_size": run.model_cfg.vocab_size,
+      "tokenizer_sha": tokenizer_hash(sp),
+      "model": cfg.model,
+      "model_config": {
+        k: v for k, v in model_lib.config_record(run.model_cfg).items() if k not in _NOT_IN_STATE
+      },
+      "optimizer": cfg.optimizer,
+      "rank": cfg.rank if cfg.is_galore else None,
+      "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
+      "svd": cfg.svd if cfg.is_galore else None,
+      "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
+      "projector_dtype": cfg.projector_dtype if cfg.is_galore else None,
+      "grad_clip": cfg.grad_clip > 0,
+      "weight_decay": cfg.weight_decay > 0,
+    },
+    "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+    **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
+    "data_position": {
+      "seed": cfg.seed,
+      "source": cfg.data,
+      "batch_size": cfg.batch_size,
+      "grad_accum": cfg.grad_accum,
+      "seq_len": cfg.seq_len,
+      "packing": cfg.packing,
+    },
+  }
+
+
+# Model settings that change no saved array (compute dtype, rematerialisation) may differ
+# on resume; the vocabulary is compared as the tokenizer's.
+_NOT_IN_STATE = ("dtype", "remat", "vocab_size")
+_MODEL_CONFIG_FLAGS = {"param_dtype": "--param-dtype"}
+
+_COMPAT_FLAGS = {
+  "model": "--model",
+  "model_config": "--model",
+  "optimizer": "--optimizer",
+  "rank": "--rank",
+  "update_proj_gap": "--update-proj-gap",
+  "svd": "--svd",
+  "refresh_schedule": "--refresh-schedule",
+  "projector_dtype": "--projector-dtype",
+  "grad_clip": "--grad-clip",
+  "weight_decay": "--weight-decay",
+  "vocab_size": "--tokenizer",
+  "tokenizer_sha": "--tokenizer",
+}
+
+
+def _init_config(cfg: TrainConfig) -> dict:
+  """``--init-from``'s config.json, kept in the checkpoint so eval / export / resume do not
+  need the directory any more."""
+  from galore_jax import hf
+
+  return hf.read_config_dict(cfg.init_from)
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+  """A resume must rebuild the same state and continue the same data order."""
+  a, b = saved.get("compat", {}), current["compat"]
+  for key in b:
+    if key == "model_config" and a.get("model") == b["model"]:
+      # One field at a time, naming its flag (not the whole dict); fields a newer
+      # version stopped comparing (_NOT_IN_STATE) are ignored.
+      old = a.get(key) or {}
+      for field, value in b[key].items():
+        if old.get(field) != value:
+          raise ConfigError(
+            _MODEL_CONFIG_FLAGS.get(field, "--model"),
+            f"checkpoint {where} was saved with {field}={old.get(field)}, this run has {value}",
+          )
+      continue
+    if a.get(key) != b[key]:
+      raise ConfigError(
+        _COMPAT_FLAGS[key],
+        f"checkpoint {where} was saved with {key}={a.get(key)!r}, this run has {b[key]!r}",
+      )
+  pos_a, pos_b = dict(saved.get("data_position", {})), current["data_position"]
+  if "source" in pos_a:  # older runs stored a relative --data as typed
+    pos_a["source"] = absolute_source(pos_a["source"])
+  changed = sorted(k for k in pos_b if pos_a.get(k) != pos_b[k])
+  if changed:
+    flag = {"source": "--data"}.get(changed[0], "--" + changed[0].replace("_", "-"))
+    raise ConfigError(
+      flag,
+      f"checkpoint {where} was trained on data {pos_a}; resuming with "
+      f"a different {', '.join(changed)} would not continue its data order",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(run: Run, params, batches, eval_fn) -> tuple[float, float]:
+  total, count = 0.0, 0.0
+  for b in batches:
+    loss_sum, n = eval_fn(params, device_batch(run, b, 1))
+    total += float(loss_sum)
+    count += float(n)
+  loss = total / max(count, 1.0)
+  return loss, math.exp(min(loss, 50.0))
+
+
+def compile_eval_step(run: Run):
+  step = steps.make_eval_step(run.graphdef)
+  if run.parametrization is not None:
+    dense = lambda p: run.parametrization.materialize(p["trainable"], p["frozen"])
+  else:
+    dense = lambda p: p
+  return jax.jit(
+    lambda p, b: step(dense(p), jax.tree.map(lambda x: x[0], b)),
+    in_shardings=(run.param_sharding, sharding.batch_sharding(run.mesh)),
+  )
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+class _Signals:
+  """Turns SIGINT / SIGTERM into a flag checked between steps (then save and exit).
+
+  A second signal stops waiting for the current step (``KeyboardInterrupt``), except
+  while a checkpoint is being written (:meth:`saving`): it then waits for the save,
+  so that a checkpoint is never cut short by the user's own Ctrl-C.
+  """
+
+  def __init__(self):
+    self.received: int | None = None
+    self._old = {}
+    self._saving = False
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is None:
+      self.received = signum
+    elif not self._saving:  # a second signal: stop waiting
+      raise KeyboardInterrupt
+
+  @contextlib.contextmanager
+  def saving(self):
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class TrainingInterrupted(Exception):
+  """Stopped by SIGINT / SIGTERM; the CLI exits with ``128 + signum`` (130 / 143)."""
+
+  def __init__(self, signum: int, step: int | None, message: str):
+    at = "" if step is None else f" at step {step}"
+    super().__init__(f"interrupted by {signal.Signals(signum).name}{at}; {message}")
+    self.signum, self.step = signum, step
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+def data_config(cfg: TrainConfig, batch_size: int):
+  """The data pipeline's config for ``cfg`` at ``batch_size`` sequences per batch."""
+  from galore_jax import data  # lazy: grain is not needed to build or benchmark a step
+
+  return data.DataConfig(
+    source=cfg.data,
+    seq_len=cfg.seq_len,
+    batch_size=batch_size,
+    packing=cfg.packing,
+    seed=cfg.seed,
+    tokenizer=cfg.tokenizer,
+  )
+
+
+def load_data(cfg: TrainConfig):
+  """Tokenizer, training stream and fixed validation batches; bad --data is a ConfigError."""
+  from galore_jax import data
+
+  try:
+    sp = data.load_tokenizer(cfg.tokenizer)
+  except (OSError, RuntimeError, ValueError) as e:
+    raise ConfigError("--tokenizer", str(e)) from e
+  if sp.eos_id() < 0:
+    raise ConfigError("--tokenizer", "the tokenizer has no EOS piece; documents need a separator")
+  try:
+    train_ds = data.make_dataset(data_config(cfg, cfg.batch_size * cfg.grad_accum), "train")
+    val = data.eval_batches(data_config(cfg, cfg.batch_size), cfg.eval_batches)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError("--data", str(e)) from e
+  return sp, train_ds, val
+
+
+def default_out(cfg: TrainConfig) -> str:
+  return os.path.join("runs", f"{cfg.model}_{cfg.optimizer}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# What a previous run leaves in --out; a new run (no --resume) refuses to mix with it.
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", metrics.WANDB_DIR)
+
+
+def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
+  """The latest checkpoint step to resume from (None: a fresh start); refuses to mix
+  runs. With ``--overwrite`` a previous run's outputs are deleted (under the lock)."""
+  existing = checkpoint.latest_step(ckpt_dir)
+  if cfg.resume:
+    if existing is None:
+      raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt_dir}")
+    return existing
+  found = [n for n in _RUN_OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
+  if found and cfg.overwrite:
+    for name in found:
+      path = os.path.join(cfg.out, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  elif existing is not None:
+    raise ConfigError(
+      "--out",
+      f"{cfg.out} already holds checkpoints (step {existing}); "
+      "pass --resume to continue it, --overwrite to start over, or choose another --out",
+    )
+  elif found:
+    raise ConfigError(
+      "--out",
+      f"{cfg.out} already holds a run's outputs ({', '.join(found)}) but no checkpoint; "
+      "pass --overwrite to start over or choose another --out",
+    )
+  return None
+
+
+def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, Any]:
+  """Runs (or resumes) training; returns a summary with the final losses and paths.
+
+  ``hooks`` (:class:`Hooks`) change the optimizer, the trained tree, the evaluation, the
+  checkpoint writes and add per-step callbacks; the loop itself is the same for every run.
+
+  The run directory is locked for the whole call (:func:`galore_jax.rundir.locked`);
+  SIGINT / SIGTERM raise :class:`TrainingInterrupted` after saving (or, before the
+  first step, after removing a run directory this call created).
+  """
+  if cfg.out is None:
+    if cfg.resume:
+      raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
+    cfg = dataclasses.replace(cfg, out=default_out(cfg))
+  if not cfg.out.strip():
+    raise ConfigError("--out", "must name a directory, got ''")
+  validate(cfg)
+  # Absolute paths: eval, sample and --resume may run from another directory.
+  cfg = dataclasses.replace(
+    cfg,
+    data=absolute_source(cfg.data),
+    tokenizer=os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else None,
+  )
+  if cfg.init_from:  # absolute: a resume may run from another directory
+    cfg = dataclasses.replace(cfg, init_from=os.path.abspath(os.path.expanduser(cfg.init_from)))
+  if cfg.init_from and cfg.tokenizer is None:  # the model's own tokenizer, if it has one
+    from galore_jax import hf
+
+    found = hf.find_tokenizer(cfg.init_from)
+    if found is None:
+      raise ConfigError(
+        "--tokenizer", f"{cfg.init_from} has no tokenizer.json or tokenizer.model; name one"
+      )
+    cfg = dataclasses.replace(cfg, tokenizer=str(found.resolve()))
+  with _Signals() as signals, contextlib.ExitStack() as stack:
+    try:
+      created = stack.enter_context(rundir.locked(cfg.out))
+    except rundir.RunDirError as e:
+      raise ConfigError("--out", str(e)) from None
+    try:
+      return _train(cfg, signals, log, hooks)
+    except KeyboardInterrupt:  # a second signal before the first step ended
+      if created:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise TrainingInterrupted(
+        signals.received or signal.SIGINT, None, "stopped during start-up"
+      ) from None
+    except TrainingInterrupted as e:
+      if e.step is None and created:  # interrupted before the first step: leave no trace
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise
+    except (ConfigError, checkpoint.CheckpointError):  # refused before writing anything
+      if created:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+      raise
+
+
+def _train(cfg: TrainConfig, signals: _Signals, log, hooks: Hooks) -> dict[str, Any]:
+  t_start = time.perf_counter()
+  with metrics.CompileTimer() as compile_timer:  # until the first step ends (below)
+    return _train_loop(cfg, signals, log, t_start, compile_timer, hooks)
+
+
+def _train_loop(
+  cfg: TrainConfig, signals, log, t_start: float, compile_timer, hooks: Hooks
+) -> dict[str, Any]:
+  ckpt_dir = os.path.join(cfg.out, "checkpoints")
+  existing = _check_out(cfg, ckpt_dir)
+
+  def startup_check():
+    if signals.received is not None:
+      raise TrainingInterrupted(
+        signals.received, None, "before the first step; nothing was written"
+      )
+
+  sp, train_ds, val_batches = load_data(cfg)
+  startup_check()
+  run = setup(cfg, sp.get_piece_size(), tx=hooks.tx, parametrization=hooks.parametrization)
+  meta = {**run_meta(cfg, run, sp), **hooks.meta}
+
+  if cfg.resume:
+    start, saved = checkpoint.read_meta(ckpt_dir, existing)
+    check_compatible(saved, meta, f"{ckpt_dir}/{start}")
+    restored = checkpoint.restore(
+      ckpt_dir, start, {"params": run.abstract_params, "opt_state": run.abstract_opt}
+    )
+    params, opt_state = restored["params"], restored["opt_state"]
+    log(f"resumed from {ckpt_dir}/{start}")
+  else:
+    params, opt_state = init_state(run, hooks.init_params)
+    start = 0
+  if start >= cfg.steps:
+    log(f"checkpoint is at step {start} >= --steps {cfg.steps}; nothing to train")
+
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  log(
+    f"model {cfg.init_from or cfg.model}: {n_params / 1e6:.2f}M params, "
+    f"vocab {run.model_cfg.vocab_size}; "
+    f"optimizer {cfg.optimizer}"
+    + (f" rank {cfg.rank}" if cfg.is_galore else "")
+    + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
+  )
+
+  startup_check()
+  if cfg.resume:  # the steps after the checkpoint are replayed: their old records go
+    dropped = metrics.drop_after(cfg.out, start)
+    if dropped:
+      log(f"dropped {dropped} metrics records after step {start} (replayed now)")
+  step_fn = compile_train_step(run)
+  eval_fn = compile_eval_step(run)
+  lr_at = hooks.lr_at or lr_schedule(cfg)
+  eval_count = {"eval_batches": len(val_batches)} if hooks.evaluate is None else {}
+  write_checkpoint = hooks.save or (lambda at, p, o, m: checkpoint.save(mngr, at, p, o, m))
+  mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
+  try:
+    writer = metrics.MetricsWriter(
+      cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None
+    )
+  except metrics.WandbError as e:
+    mngr.close()
+    raise ConfigError("--wandb", str(e)) from e
+  tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+  devices = list(run.mesh.devices.flat)
+  local_devices = [d for d in devices if d.process_index == jax.process_index()]
+  peak_tflops = cfg.peak_tflops or metrics.default_peak_tflops(devices[0].device_kind)
+  profile = parse_profile_steps(cfg.profile_steps, cfg.steps)
+  profiling = False
+  end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+  losses: list[float] = []
+  last_eval: tuple[float, float] | None = None
+  consecutive_bad = 0
+  step = start
+  # Every checkpoint follows a healthy step (save() below), so the newest one on disk is
+  # where a diverged or interrupted run can go back to.
+  saved_at = start if cfg.resume else None
+
+  def save(at) -> bool:
+    """Saves unless the current streak of non-finite steps is non-zero (returns False).
+
+    Skipped updates leave the state of the streak's start; a checkpoint from inside the
+    streak would only push good ones out of rotation (``--keep-checkpoints``).
+    """
+    nonlocal saved_at
+    if consecutive_bad:
+      return False
+    if saved_at != at:  # a signal at a save step: already on disk
+      with signals.saving():  # a second signal waits for the save
+        write_checkpoint(at, params, opt_state, meta)
+      saved_at = at
+    return True
+
+  def newest_checkpoint() -> str:
+    if saved_at is None:
+      return f"no checkpoint was saved in {ckpt_dir}"
+    return f"the newest checkpoint is {ckpt_dir}/{saved_at}"
+
+  bar = None
+  if cfg.progress:
+    from tqdm import tqdm  # lazy: library users may not want a progress bar
+
+    bar = tqdm(
+      total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
+  try:
+    batches = train_ds.iterate(start)
+    while step < end:
+      if step == start:
+        startup_check()
+      if profile is not None and not profiling and profile[0] <= step < profile[1]:
+        jax.profiler.start_trace(os.path.join(cfg.out, "tb"))
+        profiling = True
+      t_step = time.perf_counter()  # the step and its batch; not evaluation or saving
+      for callback in hooks.before_step:
+        params, opt_state = callback(step, params, opt_state)
+      batch = device_batch(run, next(batches), cfg.grad_accum)
+      params, opt_state, m = step_fn(params, opt_state, batch)
+      m = jax.device_get(m)
+      lr_used = float(lr_at(step))
+      step += 1
+      now = time.perf_counter()
+      step_s = max(now - t_step, 1e-9)
+      tps = tokens_per_step / step_s
+      if profiling and step >= profile[1]:
+        jax.block_until_ready((params, opt_state))
+        jax.profiler.stop_trace()
+        profiling = False
+        where = f"profile of steps {profile[0] + 1}..{step}: {os.path.join(cfg.out, 'tb')}"
+        if bar is not None:
+          bar.write(where)
+        else:
+          log(where)
+      memory = metrics.device_memory(local_devices)
+      bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
+      consecutive_bad = consecutive_bad + 1 if bad else 0
+      loss = float(m["loss"])
+      losses.append(loss)
+      if step % cfg.log_every == 0 or step == end:
+        writer.write(
+          {
+            "step": step,
+            "loss": loss,
+            "lr": lr_used,
+            "step_s": step_s,
+            "tokens_per_s": tps,
+            "mfu": metrics.mfu(n_params, tps, peak_tflops, len(devices)),
+            **memory,
+            "grad_norm": float(m["grad_norm"]),
+            "skipped": int(m["skipped"]),
+            **({"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}),
+          }
+        )
+      if step == start + 1:  # after the step's own record: line 1 stays step 1's
+        compile_timer.stop()
+        writer.write(
+          {
+            "step": step,
+            "compile_s": compile_timer.seconds,
+            "startup_s": now - t_start,
+          }
+        )
+      if bar is not None:
+        bar.update(1)
+        mem = memory["peak_bytes"]
+        bar.set_postfix(
+          loss=f"{loss:.3f}",
+          tok_s=f"{tps:,.0f}",
+          **({"mem": f"{mem / 2**30:.2f}GiB"} if mem is not None else {}),
+        )
+      if consecutive_bad >= cfg.max_nonfinite:
+        raise TrainingDiverged(
+          f"{consecutive_bad} consecutive steps with non-finite loss or gradients (steps "
+          f"{step - consecutive_bad + 1}..{step}, not saved); {newest_checkpoint()}. "
+          "Lower --lr or enable --grad-clip."
+        )
+      if step % cfg.eval_every == 0 or step == cfg.steps:
+        if hooks.evaluate is None:
+          last_eval = evaluate(run, params, val_batches, eval_fn)
+        else:  # the hook's own batches: their number is not the run's --eval-batches
+          last_eval = hooks.evaluate(run, params, eval_fn)
+        writer.write(
+          {"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1], **eval_count}
+        )
+        if bar is not None:
+          bar.write(
+            f"step {step}: eval loss {last_eval[0]:.4f}, ppl {last_eval[1]:.2f}"
+            + (f" ({len(val_batches)} batches)" if eval_count else "")
+          )
+      if step % cfg.save_every == 0 or step == end:
+        save(step)
+      for callback in hooks.after_step:
+        callback(step, m)
+      if signals.received is not None:
+        if save(step):
+          why = f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
+        else:
+          why = (
+            f"not saved (the last {consecutive_bad} steps were not finite); " + newest_checkpoint()
+          )
+        raise TrainingInterrupted(signals.received, step, why)
+  except KeyboardInterrupt:  # a second signal, during a step
+    if step == start:
+      raise  # before the first step ended: train() cleans up
+    raise TrainingInterrupted(
+      signals.received or signal.SIGINT,
+      step,
+      f"stopped during step {step + 1}; {newest_checkpoint()}; continue with --resume",
+    ) from None
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    if bar is not None:
+      bar.close()
+    writer.close()
+    mngr.close()
+
+  if consecutive_bad:
+    raise TrainingDiverged(
+      f"the last {consecutive_bad} steps (to step {step}) had non-finite loss or gradients "
+      f"and were not saved; {newest_checkpoint()}. Lower --lr or enable --grad-clip."
+    )
+  if last_eval is not None and not math.isfinite(last_eval[0]):
+    raise TrainingDiverged(
+      f"the final validation loss is not finite ({last_eval[0]}); {newest_checkpoint()}"
+    )
+  summary = {
+    "out": os.path.abspath(cfg.out),
+    "start_step": start,
+    "step": step,
+    "losses": losses,
+    "metrics": os.path.abspath(writer.path),
+    "checkpoints": os.path.abspath(ckpt_dir),
+    # Compiled variants of the train step: 1 unless something forced a retrace.
+    "step_compilations": getattr(step_fn, "_cache_size", lambda: None)(),
+  }
+  if last_eval is not None:
+    summary.update(eval_loss=last_eval[0], eval_ppl=last_eval[1], **eval_count)
+  return summary
