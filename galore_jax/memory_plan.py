@@ -58,8 +58,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from galore_jax import config, steps, targets, trainer, xla_memory
 from galore_jax import model as model_lib
-from galore_jax import train, xla_memory
 from galore_jax.tree import tree_bytes, tree_size
 
 GB = 1e9
@@ -85,10 +85,10 @@ def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
   """``"24GB"`` -> 24e9, ``"24GiB"`` -> 24 * 2**30, a bare number means GB."""
   m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
   if not m or m.group(2).lower() not in _UNITS:
-    raise train.ConfigError(flag, f"expected a size such as 24GB, 24GiB or 80000MB, got {text!r}")
+    raise config.ConfigError(flag, f"expected a size such as 24GB, 24GiB or 80000MB, got {text!r}")
   value = float(m.group(1)) * _UNITS[m.group(2).lower()]
   if value <= 0:
-    raise train.ConfigError(flag, f"must be > 0, got {text!r}")
+    raise config.ConfigError(flag, f"must be > 0, got {text!r}")
   return int(value)
 
 
@@ -115,7 +115,7 @@ class AbstractRun:
   """The training state of one configuration, shapes only: abstract model, optimizer and
   optimizer state (``jax.ShapeDtypeStruct`` leaves, no arrays). Formerly ``Planned``."""
 
-  cfg: train.TrainConfig
+  cfg: config.TrainConfig
   model_cfg: model_lib.LlamaConfig
   graphdef: Any
   params: Any
@@ -127,37 +127,37 @@ Planned = AbstractRun  # its former name
 
 
 def build(
-  cfg: train.TrainConfig, vocab_size: int = DEFAULT_VOCAB, overrides: dict | None = None
+  cfg: config.TrainConfig, vocab_size: int = DEFAULT_VOCAB, overrides: dict | None = None
 ) -> AbstractRun:
   """Validates ``cfg`` and builds abstract params / optimizer state (``eval_shape``)."""
-  train.validate(cfg)
+  config.validate(cfg)
   if vocab_size < 2:
-    raise train.ConfigError("--vocab-size", f"must be >= 2, got {vocab_size}")
+    raise config.ConfigError("--vocab-size", f"must be >= 2, got {vocab_size}")
   try:
     model_cfg = model_lib.get_config(
       cfg.model,
       vocab_size=vocab_size,
-      param_dtype=train.DTYPES[cfg.param_dtype],
-      dtype=train.DTYPES[cfg.dtype],
+      param_dtype=config.DTYPES[cfg.param_dtype],
+      dtype=config.DTYPES[cfg.dtype],
       remat=cfg.remat,
       **(overrides or {}),
     )
   except (ValueError, TypeError) as e:
-    raise train.ConfigError("--model", str(e)) from e
+    raise config.ConfigError("--model", str(e)) from e
   smallest = min(model_cfg.hidden_size, model_cfg.intermediate_size)
   if cfg.is_galore and cfg.rank > smallest:
-    raise train.ConfigError(
+    raise config.ConfigError(
       "--rank", f"{cfg.rank} is larger than the smallest projected matrix dimension ({smallest})"
     )
   graphdef, params = _abstract_model(model_cfg, cfg.seed)
-  tx = train.build_optimizer(cfg)
+  tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
   return AbstractRun(cfg, model_cfg, graphdef, params, tx, opt_state)
 
 
 @functools.lru_cache(maxsize=32)
 def _abstract_model(model_cfg: model_lib.LlamaConfig, seed: int = 0):
-  return train.abstract_model(model_cfg, seed)
+  return trainer.abstract_model(model_cfg, seed)
 
 
 def optimizer_breakdown(opt_state) -> dict[str, int]:
@@ -176,7 +176,7 @@ def optimizer_breakdown(opt_state) -> dict[str, int]:
   return out
 
 
-def _batch_spec(cfg: train.TrainConfig):
+def _batch_spec(cfg: config.TrainConfig):
   shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len)
   return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets", "mask")}
 
@@ -196,7 +196,7 @@ def _residual_bytes(model_cfg, batch: int, seq_len: int, layers: int) -> int:
   spec = {
     k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32) for k in ("inputs", "targets", "mask")
   }
-  res = saved_residuals(lambda p, b: train._token_loss(graphdef, p, b)[0], params, spec)
+  res = saved_residuals(lambda p, b: steps.token_loss(graphdef, p, b)[0], params, spec)
   return tree_bytes([a for a, why in res if "from the argument" not in why])
 
 
@@ -226,7 +226,9 @@ def activation_bytes(model_cfg, batch: int, seq_len: int) -> dict[str, int]:
 
 
 def _largest_unprojected_leaf(p: AbstractRun):
-  mask = train.galore_mask(p.params) if p.cfg.is_galore else jax.tree.map(lambda _: False, p.params)
+  mask = (
+    targets.llama_targets(p.params) if p.cfg.is_galore else jax.tree.map(lambda _: False, p.params)
+  )
   best = None
   for (path, leaf), projected in zip(
     jax.tree_util.tree_flatten_with_path(p.params)[0], jax.tree.leaves(mask), strict=True
@@ -251,8 +253,8 @@ def update_transient_bytes(p: AbstractRun) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _update_transient(cfg: train.TrainConfig, shape: tuple[int, ...], dtype: str) -> int:
-  tx = train.build_optimizer(cfg)
+def _update_transient(cfg: config.TrainConfig, shape: tuple[int, ...], dtype: str) -> int:
+  tx = config.build_optimizer(cfg)
   one = {"leaf": jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))}
   state = jax.eval_shape(tx.init, one)
 
@@ -272,13 +274,18 @@ def svd_transient_bytes(p: AbstractRun) -> int:
   if not p.cfg.is_galore:
     return 0
   best = 0
-  mask = jax.tree.leaves(train.galore_mask(p.params))
+  mask = jax.tree.leaves(targets.llama_targets(p.params))
   for leaf, projected in zip(jax.tree.leaves(p.params), mask, strict=True):
     if projected:
       m, n = leaf.shape[-2], leaf.shape[-1]
       k = min(m, n)
       best = max(best, 4 * (m * n + m * k + k + k * n))
   return best
+
+
+def _head_weight(p: AbstractRun):
+  """The LM head's weight: the embedding table itself when the model is tied."""
+  return p.params["embed"] if p.model_cfg.tie_embeddings else p.params["lm_head"]
 
 
 def _block_gradient_bytes(p: AbstractRun) -> int:
@@ -289,13 +296,13 @@ def _block_gradient_bytes(p: AbstractRun) -> int:
   halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
   sizes = [sum(tree_bytes(b[k]) for k in keys) for b in blocks for keys in halves]
   sizes.append(tree_bytes(p.params["embed"]))
-  sizes.append(tree_bytes(p.params["final_norm"]) + tree_bytes(p.params["lm_head"]))
+  sizes.append(tree_bytes(p.params["final_norm"]) + tree_bytes(_head_weight(p)))
   return max(sizes)
 
 
 def analytic(p: AbstractRun) -> dict[str, Any]:
   cfg, mc = p.cfg, p.model_cfg
-  per_layer_updates = train.per_layer_updates(cfg)
+  per_layer_updates = steps.uses_per_layer_step(cfg, mc)
   weights = tree_bytes(p.params)
   optimizer = tree_bytes(p.opt_state)
   n_params = tree_size(p.params)
@@ -308,7 +315,7 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
   update = update_transient_bytes(p)
   svd = svd_transient_bytes(p)
   update_phase = max(update, svd)
-  head_grad = tree_bytes(p.params["lm_head"])
+  head_grad = tree_bytes(_head_weight(p))
   if per_layer_updates:
     grads_at_peak = block_grad
     dynamic = acts["total_bytes"] + loss_transient + block_grad + update_phase
@@ -341,11 +348,7 @@ def compile_estimate(
   ``step_fn`` replaces the trainer's step (experiments).
   """
   if step_fn is None:
-    step_fn = (
-      train.make_layerwise_step(p.graphdef, p.tx, remat=p.cfg.remat)
-      if train.per_layer_updates(p.cfg)
-      else train.make_train_step(p.graphdef, p.tx)
-    )
+    step_fn = steps.select_train_step(p.graphdef, p.tx, p.cfg, p.model_cfg)
   jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
   with warnings.catch_warnings():
@@ -365,7 +368,7 @@ def _fits(peak: int, gpu: int) -> bool:
 
 
 def suggestions(
-  cfg: train.TrainConfig,
+  cfg: config.TrainConfig,
   *,
   vocab_size: int,
   overrides: dict | None,
@@ -398,7 +401,7 @@ def suggestions(
     cands.append((f"batch {half} x grad-accum {accum}", {"batch_size": half, "grad_accum": accum}))
   if cfg.param_dtype == "float32" or cfg.dtype == "float32":
     cands.append(("bf16 weights and compute", {"param_dtype": "bfloat16", "dtype": "bfloat16"}))
-  if not train.per_layer_updates(cfg):
+  if not steps.per_layer_updates(cfg):
     change = {"per_layer_updates": True, "grad_clip": 0.0}
     label = "per-layer weight updates (drop --no-per-layer-updates / --grad-clip"
     if cfg.grad_accum > 1:
@@ -410,7 +413,7 @@ def suggestions(
     try:
       new = dataclasses.replace(cfg, **change)
       peak = analytic(build(new, vocab_size, overrides))["peak_bytes"]
-    except train.ConfigError:
+    except config.ConfigError:
       continue
     entry = {
       "change": label,
@@ -426,7 +429,7 @@ def suggestions(
 
 
 def plan(
-  cfg: train.TrainConfig,
+  cfg: config.TrainConfig,
   *,
   vocab_size: int = DEFAULT_VOCAB,
   gpu_memory: int | str = DEFAULT_GPU_MEMORY,
@@ -437,9 +440,9 @@ def plan(
   """Memory plan of ``cfg``; see the module docstring for what each figure means."""
   gpu = parse_bytes(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
   if gpu <= 0:
-    raise train.ConfigError("--gpu-memory", f"must be > 0, got {gpu_memory!r}")
+    raise config.ConfigError("--gpu-memory", f"must be > 0, got {gpu_memory!r}")
   p = build(cfg, vocab_size, overrides)
-  per_layer_updates = train.per_layer_updates(cfg)
+  per_layer_updates = steps.uses_per_layer_step(cfg, p.model_cfg)
   opt = optimizer_breakdown(p.opt_state)
   an = analytic(p)
   n_params = tree_size(p.params)

@@ -133,6 +133,14 @@ def test_per_layer_updates_are_planned_by_default():
     assert per["peak_bytes"] < whole["peak_bytes"]
 
 
+def test_tied_model_is_planned_with_the_step_the_trainer_runs():
+  """A tied embedding takes the whole-gradient step in the trainer
+  (steps.select_train_step); the planner must plan that step, not the per-layer one."""
+  cfg = _cfg(batch_size=1, seq_len=16)
+  tied = plan.plan(cfg, vocab_size=512, compile=False, overrides={"tie_embeddings": True})
+  assert not tied["per_layer_updates"]
+
+
 @pytest.mark.parametrize(
   "flags, flag",
   [
