@@ -115,6 +115,11 @@ def make_eval_step(graphdef):
   return lambda params, batch: token_loss(graphdef, params, batch)
 
 
+def uses_layerwise_step(cfg: TrainConfig, model_cfg: model_lib.LlamaConfig) -> bool:
+  """Whether :func:`select_train_step` picks the per-layer step for this run."""
+  return per_layer_updates(cfg) and not model_cfg.tie_embeddings
+
+
 def select_train_step(
   graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, model_cfg: model_lib.LlamaConfig
 ):
@@ -125,7 +130,7 @@ def select_train_step(
   A tied embedding gets gradient from two stages (lookup and head), so it cannot be updated
   right after one of them: tied models take the whole-gradient step.
   """
-  if per_layer_updates(cfg) and not model_cfg.tie_embeddings:
+  if uses_layerwise_step(cfg, model_cfg):
     from galore_jax import layerwise  # imports this module for the loss
 
     return layerwise.make_layerwise_step(graphdef, tx, remat=cfg.remat)

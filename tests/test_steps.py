@@ -30,6 +30,8 @@ def test_select_train_step_follows_the_config_and_the_tie():
   assert pick(dataclasses.replace(CFG, grad_accum=2), MICRO) == whole_name
   assert pick(dataclasses.replace(CFG, grad_clip=1.0), MICRO) == whole_name
   assert pick(CFG, dataclasses.replace(MICRO, tie_embeddings=True)) == whole_name
+  assert steps.uses_layerwise_step(CFG, MICRO)
+  assert not steps.uses_layerwise_step(CFG, dataclasses.replace(MICRO, tie_embeddings=True))
 
 
 def test_identity_parametrization_is_the_plain_step():
