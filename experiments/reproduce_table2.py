@@ -40,14 +40,16 @@ decay, no clipping (the paper's settings up to 1B).
 
 Every method, size and lr sees the same model init (seed), the same batches
 in the same order (``galore_jax.data`` with the same seed) and the same token
-budget; all use one training step (``_make_step``), which differs between
-methods only in how the dense weights are produced (``lowrank.materialize``:
-identity for AdamW / GaLore) and in the optimizer, which for AdamW and GaLore
-is ``galore_jax.train.build_optimizer`` -- the optimizer ``galore-jax train``
-builds. The peak lr is a run-time argument of the compiled step (the
-optimizer is built with a unit learning rate and its update multiplied by
-``lr_t``; the schedule is linear in its peak and weight decay is 0, so this is
-the same update), so a method is compiled once per model, not once per lr.
+budget; every run is a ``galore-jax train`` run (``galore_jax.trainer.train``: its
+whole-gradient step, loop, checkpoints, metrics and non-finite handling), which differs
+between methods only through the trainer's hooks: how the dense weights are produced
+(``trainer.Parametrization`` with ``lowrank.materialize``; none for AdamW / GaLore),
+ReLoRA's merges (a per-step callback), and the optimizer, which for AdamW and GaLore is
+``galore_jax.config.build_optimizer`` -- the optimizer ``galore-jax train`` builds -- at a
+unit learning rate, its update multiplied by the step's lr read from a table in the
+optimizer state (``scale_by_lr_table``; the schedule is linear in its peak and weight
+decay is 0, so this is the same update, and ReLoRA's re-warm-up is in the table). The
+compiled step is therefore the same for every lr of a method.
 
 Scales:
 
@@ -103,7 +105,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +113,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from galore_jax import checkpoint, data, lowrank, metrics, train
+from galore_jax import checkpoint, config, data, lowrank, metrics, trainer
 from galore_jax import model as model_lib
 
 METHODS = ("adamw", "galore", "galore_d2", "lowrank", "lora", "relora")
@@ -174,8 +176,8 @@ class ModelSpec:
     return model_lib.get_config(
       self.base,
       vocab_size=vocab_size,
-      param_dtype=train.DTYPES[param_dtype],
-      dtype=train.DTYPES[dtype],
+      param_dtype=config.DTYPES[param_dtype],
+      dtype=config.DTYPES[dtype],
       **dict(self.overrides),
     )
 
@@ -334,10 +336,10 @@ class RunSpec:
     # ReLoRA re-warms the lr after each reset for a short span (4% of a cycle).
     return max(1, round(0.04 * self.relora_every)) if self.method == "relora" else None
 
-  def train_config(self) -> train.TrainConfig:
+  def train_config(self) -> config.TrainConfig:
     """The ``galore-jax train`` configuration of this run (optimizer, schedule, data)."""
     s = self.scale
-    return train.TrainConfig(
+    return config.TrainConfig(
       model=self.model.base,
       optimizer="galore_adamw" if self.method.startswith("galore") else "adamw",
       rank=self.rank or 1,
@@ -412,8 +414,8 @@ def plan_runs(scale: Scale, models: list[ModelSpec], methods: list[str]) -> list
 # The training step shared by every method.
 
 
-def _unit_lr_optimizer(cfg: train.TrainConfig) -> optax.GradientTransformation:
-  """``train.build_optimizer`` with a constant learning rate of 1 (the step scales by lr_t).
+def _unit_lr_optimizer(cfg: config.TrainConfig) -> optax.GradientTransformation:
+  """``config.build_optimizer`` with a constant learning rate of 1 (the step scales by lr_t).
 
   The trainer's schedule is ``peak * f(t)`` and weight decay is 0 here, so
   ``lr_t * update_with_unit_lr`` is the trainer's update at ``lr_t``
@@ -421,12 +423,12 @@ def _unit_lr_optimizer(cfg: train.TrainConfig) -> optax.GradientTransformation:
   """
   if cfg.weight_decay:
     raise ValueError("the lr-as-argument step needs weight_decay 0 (the paper's setting)")
-  return train.build_optimizer(dataclasses.replace(cfg, lr=1.0, warmup=0, min_lr_ratio=1.0))
+  return config.build_optimizer(dataclasses.replace(cfg, lr=1.0, warmup=0, min_lr_ratio=1.0))
 
 
 def lr_values(rs: RunSpec) -> np.ndarray:
   """Peak-scaled lr of every step: the trainer's schedule, times ReLoRA's re-warm-up."""
-  sched = train.lr_schedule(rs.train_config())
+  sched = config.lr_schedule(rs.train_config())
   lrs = np.asarray(jax.vmap(sched)(jnp.arange(rs.steps)), np.float64)
   if rs.method == "relora":
     t = np.arange(rs.steps)
@@ -436,53 +438,80 @@ def lr_values(rs: RunSpec) -> np.ndarray:
   return lrs.astype(np.float32)
 
 
-def _materializer(spec: lowrank.Spec | None):
-  if spec is None:
-    return lambda trainable, frozen: trainable
-  return lambda trainable, frozen: lowrank.materialize(trainable, frozen, spec)
+class LrTableState(NamedTuple):
+  count: jax.Array
+  lrs: jax.Array  # float32 (steps,)
 
 
-def _make_step(graphdef, tx: optax.GradientTransformation, spec: lowrank.Spec | None):
-  """``step(trainable, opt_state, frozen, batch, lr) -> (trainable, opt_state, metrics)``.
+def scale_by_lr_table(lrs: np.ndarray) -> optax.GradientTransformation:
+  """Multiplies the ``k``-th update by ``lrs[k]`` (the run's per-step lr, :func:`lr_values`).
 
-  The dense weights ``W(trainable, frozen)`` are materialised once per step;
-  gradients of the summed token loss with respect to them are accumulated over
-  the micro-batches of ``batch`` (grad_accum, B, L), divided by the token
-  count (as the trainer does) and pulled back to the trainable parameters
-  through ``W``. The update is the optimizer's (built with lr 1) times ``lr``.
-  A non-finite loss or gradient changes nothing (``skipped`` 1).
+  The table is state, not a constant, so the compiled step is the same for every lr of a
+  method (the persistent compilation cache serves the sweep's other lrs). Its counter counts
+  applied updates: a skipped (non-finite) step does not advance it.
   """
-  materialize = _materializer(spec)
+  table = np.asarray(lrs, np.float32)
 
-  def step(trainable, opt_state, frozen, batch, lr):
-    dense, pullback = jax.vjp(lambda t: materialize(t, frozen), trainable)
-    loss, _, g_dense = train.mean_token_gradient(graphdef, dense, batch)
-    (grads,) = pullback(g_dense)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  def init(params):
+    del params
+    return LrTableState(jnp.zeros([], jnp.int32), jnp.asarray(table))
 
-    def apply(args):
-      trainable, opt_state = args
-      updates, opt_state = tx.update(grads, opt_state, trainable)
-      updates = jax.tree.map(lambda u: (lr * u.astype(jnp.float32)).astype(u.dtype), updates)
-      return optax.apply_updates(trainable, updates), opt_state
+  def update(updates, state, params=None):
+    del params
+    lr = state.lrs[jnp.minimum(state.count, state.lrs.shape[0] - 1)]
+    updates = jax.tree.map(lambda u: (lr * u.astype(jnp.float32)).astype(u.dtype), updates)
+    return updates, LrTableState(optax.safe_int32_increment(state.count), state.lrs)
 
-    trainable, opt_state = jax.lax.cond(finite, apply, lambda args: args, (trainable, opt_state))
-    return (
-      trainable,
-      opt_state,
-      {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)},
-    )
-
-  return step
+  return optax.GradientTransformation(init, update)
 
 
-def _make_eval(graphdef, spec: lowrank.Spec | None):
-  materialize = _materializer(spec)
-  return lambda trainable, frozen, micro: train._token_loss(
-    graphdef, materialize(trainable, frozen), micro
+def run_optimizer(rs: RunSpec) -> optax.GradientTransformation:
+  """The run's optimizer: ``galore-jax train``'s at lr 1, times the run's lr of each step."""
+  return optax.chain(_unit_lr_optimizer(rs.train_config()), scale_by_lr_table(lr_values(rs)))
+
+
+def parametrization(rs: RunSpec, init_std: float) -> trainer.Parametrization | None:
+  """How the run's trained tree makes the dense weights (None: AdamW and GaLore train them)."""
+  spec = rs.lowrank_spec
+  if spec is None:
+    return None
+  key = jax.random.fold_in(jax.random.key(rs.scale.seed), 1)
+
+  def split(dense):
+    trainable, frozen = lowrank.init(dense, spec, key, init_std=init_std)
+    return {"trainable": trainable, "frozen": frozen}
+
+  return trainer.Parametrization(
+    split=split, materialize=lambda trainable, frozen: lowrank.materialize(trainable, frozen, spec)
   )
+
+
+def relora_merges(rs: RunSpec):
+  """ReLoRA's per-step callback: every ``relora_every`` steps, merge the factors into the
+  frozen weights, redraw them and zero their optimizer moments (a ``relora_merge`` record)."""
+  spec, key = rs.lowrank_spec, jax.random.fold_in(jax.random.key(rs.scale.seed), 2)
+  jitted = {}
+
+  def merge(params, key):
+    trainable, frozen = lowrank.merge(params["trainable"], params["frozen"], spec, key)
+    return {"trainable": trainable, "frozen": frozen}
+
+  def callback(step, params, opt_state, writer):
+    if not step or step % rs.relora_every:
+      return params, opt_state
+    if not jitted:  # outputs keep the shardings the step expects
+      same = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+      jitted["merge"] = jax.jit(merge, out_shardings=same(params), donate_argnums=0)
+      jitted["reset"] = jax.jit(
+        lowrank.reset_factor_moments, out_shardings=same(opt_state), donate_argnums=0
+      )
+    cycle = step // rs.relora_every
+    params = jitted["merge"](params, jax.random.fold_in(key, cycle))
+    opt_state = jitted["reset"](opt_state)
+    writer.write({"step": step, "relora_merge": cycle})
+    return params, opt_state
+
+  return callback
 
 
 def bf16_bytes(tree) -> int:
@@ -499,7 +528,7 @@ def bf16_bytes(tree) -> int:
 
 
 class ModelContext:
-  """What the runs of one model share: tokenizer, batches, model graph, compiled steps."""
+  """What the runs of one model share: tokenizer, batches, model config, the dense init."""
 
   def __init__(self, scale: Scale, model: ModelSpec, datasets: dict):
     self.scale, self.model = scale, model
@@ -513,11 +542,7 @@ class ModelContext:
     for r in (model.rank, model.rank_d2):
       if r > min(m.hidden_size, m.intermediate_size):
         raise ValueError(f"rank {r} exceeds the smallest kernel side of {model.name}")
-    self.graphdef, self.dense_abstract = train.abstract_model(self.model_cfg, scale.seed)
-    self.mesh = train.make_mesh(RunSpec(scale, model, "adamw", 1e-3).train_config())
-    self._fns: dict[str, Any] = {}
-    self._steps: dict[Any, Any] = {}
-    self._evals: dict[Any, Any] = {}
+    self.dense_abstract = trainer.abstract_model(self.model_cfg, scale.seed)[1]
     self._dense = None
 
   @property
@@ -540,72 +565,15 @@ class ModelContext:
       self._dense = jax.device_get(jax.jit(init)())
     return self._dense
 
-  def functions(self, rs: RunSpec) -> dict[str, Any]:
-    """Compiled init / step / eval (/ merge / reset) of the run's method.
-
-    Compiled functions are shared where the computation is the same: the lr
-    is an argument, LoRA and ReLoRA have the same step, and the dense methods
-    (AdamW, GaLore) the same evaluation.
-    """
-    if rs.method in self._fns:
-      return self._fns[rs.method]
-    cfg = rs.train_config()
-    spec = rs.lowrank_spec
-    tx = _unit_lr_optimizer(cfg)
-    key = jax.random.fold_in(jax.random.key(self.scale.seed), 1)
-    init_std = self.model_cfg.init_std
-
-    def init(dense):
-      if spec is None:
-        trainable, frozen = dense, {}
-      else:
-        trainable, frozen = lowrank.init(dense, spec, key, init_std=init_std)
-      return trainable, frozen, tx.init(trainable)
-
-    dense_abstract = self.dense_abstract
-    abstract = jax.eval_shape(init, dense_abstract)
-    d_sh = train.shardings_for(dense_abstract, self.mesh)
-    t_sh, f_sh, o_sh = (train.shardings_for(t, self.mesh) for t in abstract)
-    b_sh = train.batch_sharding(self.mesh)
-    step_key = (cfg.optimizer, cfg.rank if cfg.is_galore else None, spec)
-    if step_key not in self._steps:
-      self._steps[step_key] = jax.jit(
-        _make_step(self.graphdef, tx, spec),
-        in_shardings=(t_sh, o_sh, f_sh, b_sh, None),
-        out_shardings=(t_sh, o_sh, None),
-        donate_argnums=(0, 1),
-      )
-    if spec not in self._evals:
-      eval_fn = _make_eval(self.graphdef, spec)
-      self._evals[spec] = jax.jit(
-        lambda t, f, b: eval_fn(t, f, jax.tree.map(lambda x: x[0], b)),
-        in_shardings=(t_sh, f_sh, b_sh),
-      )
-    init_jit = jax.jit(init, in_shardings=(d_sh,), out_shardings=(t_sh, f_sh, o_sh))
-    fns = {
-      "abstract": abstract,
-      "shardings": (t_sh, f_sh, o_sh),
-      # A fresh device copy of the shared init each time: the step donates its input.
-      "init": lambda: init_jit(jax.device_put(self.dense_params(), d_sh)),
-      "step": self._steps[step_key],
-      "eval": self._evals[spec],
-    }
-    if rs.method == "relora":
-      fns["merge"] = jax.jit(
-        lambda t, f, key: lowrank.merge(t, f, spec, key),
-        in_shardings=(t_sh, f_sh, None),
-        out_shardings=(t_sh, f_sh),
-        donate_argnums=(0, 1),
-      )
-      fns["reset"] = jax.jit(
-        lowrank.reset_factor_moments, in_shardings=(o_sh,), out_shardings=o_sh, donate_argnums=0
-      )
-    self._fns[rs.method] = fns
-    return fns
-
   def memory(self, rs: RunSpec) -> dict[str, int]:
-    """Weights and optimizer state of the run's method in BF16 bytes, from the real shapes."""
-    trainable, frozen, opt_state = self.functions(rs)["abstract"]
+    """Weights and optimizer state of the run's method in BF16 bytes, from the real shapes
+    (the optimizer at lr 1: the lr table is bookkeeping of this script, not the method's)."""
+    tx = _unit_lr_optimizer(rs.train_config())
+    param = parametrization(rs, self.model_cfg.init_std)
+    split = param.split if param else lambda dense: {"trainable": dense, "frozen": {}}
+    params = jax.eval_shape(split, self.dense_abstract)
+    trainable, frozen = params["trainable"], params["frozen"]
+    opt_state = jax.eval_shape(tx.init, trainable)
     return {
       "weights_bytes": bf16_bytes(trainable) + bf16_bytes(frozen),
       "optimizer_bytes": bf16_bytes(opt_state),
@@ -613,30 +581,6 @@ class ModelContext:
       "frozen_params": lowrank.count(frozen),
       "factor_params": lowrank.factor_count(trainable),
     }
-
-  def device_batch(self, batch: dict[str, np.ndarray]):
-    sh = train.batch_sharding(self.mesh)
-    accum = self.scale.grad_accum
-    return {
-      k: jax.make_array_from_process_local_data(
-        sh, train.process_rows(v.reshape((accum, -1) + v.shape[1:]))
-      )
-      for k, v in batch.items()
-    }
-
-  def evaluate(self, fns, trainable, frozen) -> tuple[float, float]:
-    total, count = 0.0, 0.0
-    sh = train.batch_sharding(self.mesh)
-    for b in self.val_batches:
-      arrays = {
-        k: jax.make_array_from_process_local_data(sh, train.process_rows(v[None]))
-        for k, v in b.items()
-      }
-      loss_sum, n = fns["eval"](trainable, frozen, arrays)
-      total += float(loss_sum)
-      count += float(n)
-    loss = total / max(count, 1.0)
-    return loss, math.exp(min(loss, 50.0))
 
 
 def load_data(scale: Scale):
@@ -796,102 +740,70 @@ def _check_same(saved: dict, current: dict, where: Path) -> None:
 def train_run(
   ctx: ModelContext, rs: RunSpec, run_dir: Path, progress: Progress, remaining: list[RunSpec]
 ) -> dict:
-  """Trains one run to the end and writes its ``result.json``; returns the result."""
+  """Trains one run to the end with the trainer (``galore_jax.trainer.train``) and writes its
+  ``result.json``; returns the result.
+
+  The run's method enters through the trainer's hooks: its optimizer (lr as a per-step
+  table), the low-rank parametrisation, ReLoRA's merges (a per-step callback), this
+  model's shared dense init, data and validation batches.
+  """
   desc = rs.describe(ctx.vocab_size)
-  fns = ctx.functions(rs)
-  t_sh, f_sh, o_sh = fns["shardings"]
   t_start = time.perf_counter()
-  start = 0
   ckpt = run_dir / "checkpoints"
   latest = checkpoint.latest_step(str(ckpt)) if ckpt.is_dir() else None
-  if latest is not None and checkpoint.read_meta(str(ckpt), latest)[1].get("run") == desc:
-    with_sh = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
-    )
-    t_abs, f_abs, o_abs = fns["abstract"]
-    restored = checkpoint.restore(
-      str(ckpt),
-      latest,
-      {
-        "params": {"trainable": with_sh(t_abs, t_sh), "frozen": with_sh(f_abs, f_sh)},
-        "opt_state": with_sh(o_abs, o_sh),
-      },
-    )
-    trainable = restored["params"]["trainable"]
-    frozen = restored["params"]["frozen"]
-    opt_state = restored["opt_state"]
-    start = latest
-    progress.log(f"  resuming {rs.name} from its checkpoint at step {start}")
-  else:
-    if run_dir.exists():
-      shutil.rmtree(run_dir)  # an unfinished run without a usable checkpoint starts over
-    trainable, frozen, opt_state = fns["init"]()
+  resume = latest is not None and checkpoint.read_meta(str(ckpt), latest)[1].get("run") == desc
+  if resume:
+    progress.log(f"  resuming {rs.name} from its checkpoint at step {latest}")
+  elif run_dir.exists():
+    shutil.rmtree(run_dir)  # an unfinished run without a usable checkpoint starts over
   run_dir.mkdir(parents=True, exist_ok=True)
   _write_json(run_dir / "config.json", desc)
-  writer = metrics.MetricsWriter(str(run_dir))
-  mngr = checkpoint.manager(str(ckpt)) if rs.scale.save_every else None
+  cfg = dataclasses.replace(
+    rs.train_config(),
+    out=str(run_dir),
+    resume=resume,
+    # The same step for every method: the whole gradient, pulled back through the
+    # parametrisation (per-layer updates would only change when weights are updated).
+    per_layer_updates=False,
+    eval_every=rs.scale.eval_every or rs.steps,
+    save_every=rs.scale.save_every or rs.steps,
+  )
   lrs = lr_values(rs)
-  tokens_per_step = desc["tokens_per_step"]
   report_every = max(1, rs.steps // 10)
-  relora_key = jax.random.fold_in(jax.random.key(rs.scale.seed), 2)
-  consecutive_bad, status = 0, "ok"
-  step = start
-  try:
-    batches = ctx.train_ds.iterate(start)
-    t_last = time.perf_counter()
-    t_loop = t_last
-    while step < rs.steps:
-      if rs.method == "relora" and step and step % rs.relora_every == 0:
-        cycle = step // rs.relora_every
-        trainable, frozen = fns["merge"](trainable, frozen, jax.random.fold_in(relora_key, cycle))
-        opt_state = fns["reset"](opt_state)
-        writer.write({"step": step, "relora_merge": cycle})
-      batch = ctx.device_batch(next(batches))
-      trainable, opt_state, m = fns["step"](trainable, opt_state, frozen, batch, lrs[step])
-      m = jax.device_get(m)
-      step += 1
-      now = time.perf_counter()
-      consecutive_bad = consecutive_bad + 1 if m["skipped"] else 0
-      writer.write(
-        {
-          "step": step,
-          "loss": float(m["loss"]),
-          "lr": float(lrs[step - 1]),
-          "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9),
-          "grad_norm": float(m["grad_norm"]),
-          "skipped": int(m["skipped"]),
-        }
+  timing = {"start": latest if resume else 0, "t0": time.perf_counter()}
+
+  def report(step, m):
+    if step % report_every == 0 or step == rs.steps:
+      done, elapsed = step - timing["start"], time.perf_counter() - timing["t0"]
+      eta = progress.eta(remaining, (rs, done, elapsed))
+      progress.log(
+        f"  step {step}/{rs.steps} loss {float(m['loss']):.3f} "
+        f"({done / max(elapsed, 1e-9):.2f} steps/s)  ETA {_fmt_time(eta)}"
       )
-      t_last = now
-      if consecutive_bad >= 20:
-        status = "diverged"
-        progress.log(f"  {rs.name}: 20 consecutive non-finite steps at step {step}; diverged")
-        break
-      if rs.scale.eval_every and step % rs.scale.eval_every == 0 and step < rs.steps:
-        loss, ppl = ctx.evaluate(fns, trainable, frozen)
-        writer.write({"step": step, "eval_loss": loss, "eval_ppl": ppl})
-      if mngr is not None and step % rs.scale.save_every == 0 and step < rs.steps:
-        checkpoint.save(
-          mngr, step, {"trainable": trainable, "frozen": frozen}, opt_state, {"run": desc}
-        )
-      if step % report_every == 0 or step == rs.steps:
-        done = step - start
-        eta = progress.eta(remaining, (rs, done, now - t_loop))
-        progress.log(
-          f"  step {step}/{rs.steps} loss {float(m['loss']):.3f} "
-          f"({done / max(now - t_loop, 1e-9):.2f} steps/s)  ETA {_fmt_time(eta)}"
-        )
-    if status == "ok":
-      loss, ppl = ctx.evaluate(fns, trainable, frozen)
-      if not math.isfinite(loss):
-        status = "diverged"
-      writer.write({"step": step, "eval_loss": loss, "eval_ppl": ppl})
-  finally:
-    writer.close()
-    if mngr is not None:
-      mngr.close()
+
+  hooks = trainer.Hooks(
+    model_cfg=ctx.model_cfg,
+    data=(ctx.sp, ctx.train_ds, ctx.val_batches),
+    tx=run_optimizer(rs),
+    parametrization=parametrization(rs, ctx.model_cfg.init_std),
+    init_params=lambda run: jax.device_put(ctx.dense_params(), run.dense_sharding),
+    meta={"run": desc},
+    before_step=[relora_merges(rs)] if rs.method == "relora" else [],
+    after_step=[report],
+    lr_at=lambda step: float(lrs[step]),
+  )
+  status = "ok"
+  try:
+    trainer.train(cfg, log=lambda *_: None, hooks=hooks)
+  except trainer.TrainingDiverged as e:
+    status = "diverged"
+    progress.log(f"  {rs.name}: diverged: {e}")
+  except trainer.TrainingInterrupted as e:
+    raise KeyboardInterrupt(str(e)) from e  # the sweep stops; finished runs are kept
   wall = time.perf_counter() - t_start
   losses, evals = _curves(run_dir)
+  step = len(losses)
+  tokens_per_step = desc["tokens_per_step"]
   curve_steps, curve = _downsample(losses)
   final = evals[-1] if evals and evals[-1]["step"] == step and status == "ok" else None
   result = {

@@ -302,7 +302,7 @@ def _block_gradient_bytes(p: AbstractRun) -> int:
 
 def analytic(p: AbstractRun) -> dict[str, Any]:
   cfg, mc = p.cfg, p.model_cfg
-  per_layer_updates = steps.uses_per_layer_step(cfg, mc)
+  per_layer_updates = steps.uses_layerwise_step(cfg, mc)
   weights = tree_bytes(p.params)
   optimizer = tree_bytes(p.opt_state)
   n_params = tree_size(p.params)
@@ -442,7 +442,7 @@ def plan(
   if gpu <= 0:
     raise config.ConfigError("--gpu-memory", f"must be > 0, got {gpu_memory!r}")
   p = build(cfg, vocab_size, overrides)
-  per_layer_updates = steps.uses_per_layer_step(cfg, p.model_cfg)
+  per_layer_updates = steps.uses_layerwise_step(cfg, p.model_cfg)
   opt = optimizer_breakdown(p.opt_state)
   an = analytic(p)
   n_params = tree_size(p.params)

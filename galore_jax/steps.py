@@ -115,7 +115,7 @@ def make_eval_step(graphdef):
   return lambda params, batch: token_loss(graphdef, params, batch)
 
 
-def uses_per_layer_step(cfg: TrainConfig, model_cfg: model_lib.LlamaConfig) -> bool:
+def uses_layerwise_step(cfg: TrainConfig, model_cfg: model_lib.LlamaConfig) -> bool:
   """Whether :func:`select_train_step` picks the per-layer step for this run (the planner
   asks the same question)."""
   return per_layer_updates(cfg) and not model_cfg.tie_embeddings
@@ -131,7 +131,7 @@ def select_train_step(
   A tied embedding gets gradient from two stages (lookup and head), so it cannot be updated
   right after one of them: tied models take the whole-gradient step.
   """
-  if uses_per_layer_step(cfg, model_cfg):
+  if uses_layerwise_step(cfg, model_cfg):
     from galore_jax import layerwise  # imports this module for the loss
 
     return layerwise.make_layerwise_step(graphdef, tx, remat=cfg.remat)

@@ -62,6 +62,9 @@ class Parametrization:
 class Hooks:
   """Ways to change a run through :func:`train` (all optional; defaults: ``galore-jax train``).
 
+  * ``model_cfg``: the architecture (default :func:`galore_jax.config.model_config`).
+  * ``data``: ``(tokenizer, training dataset, validation batches)`` already loaded (default
+    :func:`load_data`).
   * ``tx``: the optimizer (default :func:`galore_jax.config.build_optimizer`).
   * ``parametrization``: see :class:`Parametrization`.
   * ``init_params(run) -> dense params`` in ``run.dense_sharding`` (default
@@ -70,20 +73,23 @@ class Hooks:
     ``--eval-batches`` through :func:`evaluate`).
   * ``save(step, params, opt_state, meta)``: writes a checkpoint (default
     :func:`galore_jax.checkpoint.save`); ``meta`` adds entries to the checkpoint metadata.
-  * ``before_step``: callbacks ``(step, params, opt_state) -> (params, opt_state)`` run before
-    the update that follows ``step`` (ReLoRA's merge and reset).
+  * ``before_step``: callbacks ``(step, params, opt_state, writer) -> (params, opt_state)``
+    run before the update that follows ``step`` (ReLoRA's merge and reset); ``writer`` is the
+    run's :class:`galore_jax.metrics.MetricsWriter`, for records of their own.
   * ``after_step``: callbacks ``(step, metrics)`` after each step's records.
   * ``lr_at(step)``: the learning rate recorded for the update after ``step`` (default: the
     config's schedule).
   """
 
+  model_cfg: model_lib.LlamaConfig | None = None
+  data: tuple[Any, Any, list] | None = None
   tx: optax.GradientTransformation | None = None
   parametrization: Parametrization | None = None
   init_params: Callable[[Any], Any] | None = None
   evaluate: Callable[[Any, Any, Callable], tuple[float, float]] | None = None
   save: Callable[[int, Any, Any, dict], None] | None = None
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-  before_step: Sequence[Callable[[int, Any, Any], tuple[Any, Any]]] = ()
+  before_step: Sequence[Callable[[int, Any, Any, Any], tuple[Any, Any]]] = ()
   after_step: Sequence[Callable[[int, dict], None]] = ()
   lr_at: Callable[[int], float] | None = None
 
@@ -126,9 +132,11 @@ def setup(
   *,
   tx: optax.GradientTransformation | None = None,
   parametrization: Parametrization | None = None,
+  model_cfg: model_lib.LlamaConfig | None = None,
 ) -> Run:
   """Model graph, optimizer, mesh and shardings of a run; allocates nothing."""
-  model_cfg = model_config(cfg, vocab_size, hf_config)
+  if model_cfg is None:
+    model_cfg = model_config(cfg, vocab_size, hf_config)
   mesh = sharding.make_mesh(cfg)
   graphdef, dense_params = abstract_model(model_cfg, cfg.seed)
   tx = build_optimizer(cfg) if tx is None else tx
@@ -527,9 +535,15 @@ def _train_loop(
         signals.received, None, "before the first step; nothing was written"
       )
 
-  sp, train_ds, val_batches = load_data(cfg)
+  sp, train_ds, val_batches = load_data(cfg) if hooks.data is None else hooks.data
   startup_check()
-  run = setup(cfg, sp.get_piece_size(), tx=hooks.tx, parametrization=hooks.parametrization)
+  run = setup(
+    cfg,
+    sp.get_piece_size(),
+    tx=hooks.tx,
+    parametrization=hooks.parametrization,
+    model_cfg=hooks.model_cfg,
+  )
   meta = {**run_meta(cfg, run, sp), **hooks.meta}
 
   if cfg.resume:
@@ -625,7 +639,7 @@ def _train_loop(
         profiling = True
       t_step = time.perf_counter()  # the step and its batch; not evaluation or saving
       for callback in hooks.before_step:
-        params, opt_state = callback(step, params, opt_state)
+        params, opt_state = callback(step, params, opt_state, writer)
       batch = device_batch(run, next(batches), cfg.grad_accum)
       params, opt_state, m = step_fn(params, opt_state, batch)
       m = jax.device_get(m)
