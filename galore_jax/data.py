@@ -856,17 +856,25 @@ def _too_small(config: DataConfig, split: str, plan: _Plan) -> ValueError:
   )
 
 
-def make_dataset(config: DataConfig, split: str = "train") -> Dataset:
+def make_dataset(config: DataConfig, split: str = "train", *, shard=None) -> Dataset:
   """Builds the shuffled, infinitely repeating batch stream for ``split``.
 
   grain pipeline (all random access, ``grain.MapDataset``): item indices ->
   shuffle(seed; reshuffled each epoch) -> batch(drop remainder) -> map(indices ->
   arrays: gather windows / documents, or read + tokenize tfds records) -> repeat.
+
+  ``shard`` (a :class:`galore_jax.distributed.RowShard`, multi-process runs): batches hold
+  only that process's rows of each global batch (the same shuffled indices).
   """
   sp = load_tokenizer(config.tokenizer)
   plan = _plan(config, split, sp)
   ds = grain.MapDataset.range(plan.num_items).shuffle(seed=_shuffle_seed(config.seed))
-  ds = ds.batch(plan.per_batch, drop_remainder=True).map(plan.make_batch)
+  make_batch = plan.make_batch
+  if shard is not None:  # --- multi-process hook (galore_jax.distributed) ---
+    from galore_jax import distributed
+
+    make_batch = distributed.local_batches(make_batch, plan.per_batch, shard)
+  ds = ds.batch(plan.per_batch, drop_remainder=True).map(make_batch)
   steps = len(ds)
   if steps == 0:
     raise _too_small(config, split, plan)

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from galore_jax import adam8bit, checkpoint, metrics, projector, rundir, targets
+from galore_jax import adam8bit, checkpoint, distributed, metrics, projector, rundir, targets
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 
@@ -268,6 +268,8 @@ def validate(cfg: TrainConfig) -> None:
   data_n, fsdp_n = parse_mesh(cfg.mesh)
   if data_n * fsdp_n > jax.device_count():
     raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} available")
+  if problem := distributed.mesh_problem(data_n * fsdp_n):  # multi-process hook
+    raise ConfigError("--mesh", problem)
   if cfg.batch_size % (data_n * fsdp_n):
     raise ConfigError(
       "--batch-size",
@@ -707,18 +709,16 @@ def compile_train_step(run: Run):
   )
 
 
-def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int):
+def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int, *, local=False):
   """Host batch (grad_accum * B, L) -> global device arrays (grad_accum, B, L).
 
-  On several hosts each process passes its own rows (``process_rows``) and
-  ``make_array_from_process_local_data`` assembles the global array.
+  On several processes ``make_array_from_process_local_data`` assembles the global
+  array from each process's rows: ``local``: ``batch`` holds only this process's rows
+  (the training stream, :func:`load_data`); else it is a whole global batch and each
+  process passes its own rows.
   """
-  sh = batch_sharding(run.mesh)
-  out = {}
-  for k, v in batch.items():
-    v = v.reshape((grad_accum, -1) + v.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(sh, process_rows(v))
-  return out
+  micro = run.cfg.batch_size if local else None
+  return distributed.global_batch(batch_sharding(run.mesh), batch, grad_accum, micro)
 
 
 def process_rows(x: np.ndarray) -> np.ndarray:
@@ -929,8 +929,12 @@ def load_data(cfg: TrainConfig):
     raise ConfigError("--tokenizer", str(e)) from e
   if sp.eos_id() < 0:
     raise ConfigError("--tokenizer", "the tokenizer has no EOS piece; documents need a separator")
+  # Multi-process: this process's rows of each global batch only (galore_jax.distributed).
+  shard = distributed.batch_shard(batch_sharding(make_mesh(cfg)), cfg.batch_size, cfg.seq_len)
   try:
-    train_ds = data.make_dataset(_data_config(cfg, cfg.batch_size * cfg.grad_accum), "train")
+    train_ds = data.make_dataset(
+      _data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard
+    )
     val = data.eval_batches(_data_config(cfg, cfg.batch_size), cfg.eval_batches)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
@@ -962,7 +966,7 @@ def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
     return existing
   found = [n for n in _RUN_OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
   if found and cfg.overwrite:
-    for name in found:
+    for name in found if distributed.is_primary() else ():  # one process deletes
       path = os.path.join(cfg.out, name)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   elif existing is not None:
@@ -987,6 +991,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
   SIGINT / SIGTERM raise :class:`TrainingInterrupted` after saving (or, before the
   first step, after removing a run directory this call created).
   """
+  if cfg.out is None and distributed.is_multiprocess():  # a per-process timestamp would differ
+    raise ConfigError("--out", "a multi-process run needs --out (the same for every process)")
+  if not distributed.is_primary():  # one copy of each line per job
+    log = distributed.primary_log(log)
   if cfg.out is None:
     if cfg.resume:
       raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
@@ -1013,7 +1021,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, tokenizer=str(found.resolve()))
   with _Signals() as signals, contextlib.ExitStack() as stack:
     try:
-      created = stack.enter_context(rundir.locked(cfg.out))
+      # Multi-process: process 0 holds the lock for the job (galore_jax.distributed).
+      created = stack.enter_context(distributed.locked_run_dir(cfg.out))
     except rundir.RunDirError as e:
       raise ConfigError("--out", str(e)) from None
     try:
@@ -1043,6 +1052,7 @@ def _train(cfg: TrainConfig, signals: _Signals, log) -> dict[str, Any]:
 def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -> dict[str, Any]:
   ckpt_dir = os.path.join(cfg.out, "checkpoints")
   existing = _check_out(cfg, ckpt_dir)
+  distributed.barrier("out_checked")  # multi-process: all checked before anyone writes
 
   def startup_check():
     if signals.received is not None:
@@ -1079,7 +1089,7 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
   )
 
   startup_check()
-  if cfg.resume:  # the steps after the checkpoint are replayed: their old records go
+  if cfg.resume and distributed.is_primary():  # replayed steps' old records go (process 0's)
     dropped = metrics.drop_after(cfg.out, start)
     if dropped:
       log(f"dropped {dropped} metrics records after step {start} (replayed now)")
@@ -1087,9 +1097,11 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
   eval_fn = compile_eval_step(run)
   sched = lr_schedule(cfg)
   mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
-  try:
-    writer = metrics.MetricsWriter(
-      cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None
+  try:  # multi-process: process 0 writes metrics and TensorBoard
+    writer = (
+      metrics.MetricsWriter(cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None)
+      if distributed.is_primary()
+      else distributed.NullWriter(cfg.out)
     )
   except metrics.WandbError as e:
     mngr.close()
@@ -1130,7 +1142,7 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
     return f"the newest checkpoint is {ckpt_dir}/{saved_at}"
 
   bar = None
-  if cfg.progress:
+  if cfg.progress and distributed.is_primary():
     from tqdm import tqdm  # lazy: library users may not want a progress bar
 
     bar = tqdm(
@@ -1145,7 +1157,7 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
         jax.profiler.start_trace(os.path.join(cfg.out, "tb"))
         profiling = True
       t_step = time.perf_counter()  # the step and its batch; not evaluation or saving
-      batch = device_batch(run, next(batches), cfg.grad_accum)
+      batch = device_batch(run, next(batches), cfg.grad_accum, local=True)
       params, opt_state, m = step_fn(params, opt_state, batch)
       m = jax.device_get(m)
       lr_used = float(sched(step))
@@ -1222,14 +1234,15 @@ def _train_loop(cfg: TrainConfig, signals, log, t_start: float, compile_timer) -
           )
       if step % cfg.save_every == 0 or step == end:
         save(step)
-      if signals.received is not None:
+      # Multi-process: a signal to any process stops all after this step (saving is collective).
+      if (stop := distributed.agree_signal(signals.received)) is not None:
         if save(step):
           why = f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
         else:
           why = (
             f"not saved (the last {consecutive_bad} steps were not finite); " + newest_checkpoint()
           )
-        raise TrainingInterrupted(signals.received, step, why)
+        raise TrainingInterrupted(stop, step, why)
   except KeyboardInterrupt:  # a second signal, during a step
     if step == start:
       raise  # before the first step ended: train() cleans up
