@@ -23,16 +23,23 @@ import galore_jax
 from galore_jax import cli, data, distributed, metrics, train
 
 ROOT = Path(galore_jax.__file__).resolve().parents[1]
-# llama_tiny + GaLore over a data=2, fsdp=2 mesh: 4 devices in one process, or 2 x 2.
+# GaLore over a data=2, fsdp=2 mesh (4 devices in one process, or 2 x 2) on a LLaMA smaller
+# than llama_tiny (2 layers of width 64, given as --init-from): compiling the step is most of
+# each process's time.
+TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_layers=2)
+# Every run has the same --steps (the learning-rate schedule is compiled into the step, so
+# the later runs load the first ones' compilations from the session's cache) and stops
+# early: --stop-after, or a kill.
 RUN = dict(
-  model="llama_tiny",
   optimizer="galore_adamw",
-  steps=10,
+  steps=1000,
+  warmup=1,
+  lr=0.002,
   batch_size=4,
   seq_len=32,
   rank=16,
   update_proj_gap=4,  # refreshes at steps 0, 4 and 8: one before and one after the resume
-  eval_every=1000,
+  eval_every=5,
   eval_batches=1,
   save_every=5,
   mesh="data=2,fsdp=2",
@@ -102,8 +109,8 @@ class Job:
         p.wait(timeout=30)
 
 
-def _losses(out: Path) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in metrics.read_metrics(str(out)) if "loss" in r}
+def _losses(out: Path, key: str = "loss") -> dict[int, float]:
+  return {r["step"]: r[key] for r in metrics.read_metrics(str(out)) if key in r}
 
 
 def _restore_numpy(step_dir: Path, item: str):
@@ -135,21 +142,41 @@ def _assert_same_state(a: Path, b: Path, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def tiny_model(tmp_path_factory) -> str:
+  """A Hugging Face directory (config.json, safetensors, the bundled tokenizer) of TINY."""
+  from flax import nnx
+
+  from galore_jax import hf
+  from galore_jax import model as model_lib
+
+  sp = data.load_tokenizer()
+  config = model_lib.LlamaConfig(vocab_size=sp.get_piece_size(), **TINY)
+  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+  path = tmp_path_factory.mktemp("tiny") / "model"
+  hf.save_pretrained(path, config, params, tokenizer=sp)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
   """The single-process reference (4 of this session's CPU devices, in this process) and
   the two-process runs: 5 steps (``--stop-after 5``), then ``--resume`` to 10. The first
   two-process job runs while the reference trains here (one compilation each, in parallel).
   """
   tmp = tmp_path_factory.mktemp("mh")
   single, out = tmp / "single", tmp / "two"
-  first = Job(tmp, "first", ["--out", str(out), *_flags(stop_after=5)])
+  first = Job(tmp, "first", ["--out", str(out), *_flags(init_from=tiny_model, stop_after=5)])
   try:
-    train.train(train.TrainConfig(out=str(single), progress=False, **RUN), log=lambda *_: None)
+    cfg = train.TrainConfig(
+      out=str(single), progress=False, init_from=tiny_model, stop_after=10, **RUN
+    )
+    train.train(cfg, log=lambda *_: None)
   finally:
     codes = first.wait()
   assert codes == [0, 0], first.output(0) + first.output(1)
   after_five = _losses(out)
-  second = Job(tmp, "resume", ["--out", str(out), *_flags(resume=True)])
+  resume = _flags(init_from=tiny_model, resume=True, stop_after=5)
+  second = Job(tmp, "resume", ["--out", str(out), *resume])
   codes = second.wait()
   assert codes == [0, 0], second.output(0) + second.output(1)
   return single, out, first, second, after_five
@@ -165,6 +192,10 @@ def test_two_processes_match_one_process_and_resume_exactly(runs):
   got = _losses(out)
   assert sorted(got) == list(range(1, 11))
   np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], 1e-5)
+  # Evaluation (each process passes its rows of the validation batch) at steps 5 and 10.
+  got_eval, want_eval = _losses(out, "eval_loss"), _losses(reference, "eval_loss")
+  assert sorted(got_eval) == sorted(want_eval) == [5, 10]
+  np.testing.assert_allclose([got_eval[5], got_eval[10]], [want_eval[5], want_eval[10]], 1e-5)
   _assert_same_state(reference, out, 5)  # what the resume started from
   _assert_same_state(reference, out, 10)
   assert "resumed from" in second.output(0)
@@ -177,17 +208,17 @@ def test_only_process_zero_writes_outputs_and_reports(runs):
   assert steps == list(range(1, 11))
   assert len(list((out / "tb").glob("events.*"))) == 2
   for job in (first, second):
-    assert "trained steps" in job.output(0) and "model llama_tiny" in job.output(0)
-    assert "trained steps" not in job.output(1) and "model llama_tiny" not in job.output(1)
+    assert "trained steps" in job.output(0) and "M params" in job.output(0)
+    assert "trained steps" not in job.output(1) and "M params" not in job.output(1)
   # Both processes wrote their shards of each checkpoint (orbax's multi-process save).
   names = {p.name for p in (out / "checkpoints" / "10" / "params").iterdir()}
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= names, names
 
 
-def test_killing_one_process_ends_the_other(tmp_path, runs):
+def test_killing_one_process_ends_the_other(tmp_path, tiny_model, runs):
   del runs  # after them: their compilations are in the session's cache
   out = tmp_path / "killed"
-  args = ["--out", str(out), *_flags(steps=1000, save_every=1000), "--heartbeat-timeout", "10"]
+  args = ["--out", str(out), *_flags(init_from=tiny_model), "--heartbeat-timeout", "10"]
   job = Job(tmp_path, "kill", args)
   try:
     deadline = time.monotonic() + WAIT_S
