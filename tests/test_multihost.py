@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import galore_jax
-from galore_jax import cli, data, distributed, metrics, train
+from galore_jax import checkpoint, cli, data, distributed, metrics, train
 
 ROOT = Path(galore_jax.__file__).resolve().parents[1]
 # GaLore over a data=2, fsdp=2 mesh (4 devices in one process, or 2 x 2) on a LLaMA smaller
@@ -215,18 +215,40 @@ def test_only_process_zero_writes_outputs_and_reports(runs):
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= names, names
 
 
-def test_killing_one_process_ends_the_other(tmp_path, tiny_model, runs):
+def _wait_for_step(job: Job, out: Path, above: int) -> int:
+  """Waits until process 0 has recorded a step after ``above`` (both still running)."""
+  deadline = time.monotonic() + WAIT_S
+  while time.monotonic() < deadline and all(p.poll() is None for p in job.procs):
+    done = _losses(out) if (out / "metrics.jsonl").exists() else {}
+    if done and max(done) > above:
+      return max(done)
+    time.sleep(0.2)
+  raise AssertionError(f"no step after {above}:\n" + job.output(0) + job.output(1))
+
+
+def test_sigterm_to_one_process_stops_all_and_a_killed_one_ends_the_job(tmp_path, tiny_model, runs):
   del runs  # after them: their compilations are in the session's cache
-  out = tmp_path / "killed"
+  out = tmp_path / "faults"
   args = ["--out", str(out), *_flags(init_from=tiny_model), "--heartbeat-timeout", "10"]
-  job = Job(tmp_path, "kill", args)
+  # SIGTERM to process 1 alone (a preemption notice that reaches one host first): both
+  # processes stop after the same step, save it together and exit 143.
+  job = Job(tmp_path, "sigterm", args)
   try:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and all(p.poll() is None for p in job.procs):
-      if (out / "metrics.jsonl").exists() and _losses(out):  # a step is done: mid-run
-        break
-      time.sleep(0.2)
-    assert all(p.poll() is None for p in job.procs), job.output(0) + job.output(1)
+    _wait_for_step(job, out, 0)
+    job.procs[1].send_signal(signal.SIGTERM)
+    codes = job.wait()
+  finally:
+    job.kill()
+  assert codes == [143, 143], job.output(0) + job.output(1)
+  step = checkpoint.latest_step(str(out))
+  assert step is not None and f"interrupted by SIGTERM at step {step}" in job.output(0)
+  assert f"interrupted by SIGTERM at step {step}" in job.output(1)
+  assert sorted(_losses(out)) == list(range(1, step + 1))
+  # Resumed, then process 1 is killed mid-run (a lost node): process 0 ends non-zero
+  # within a bounded time instead of waiting forever in its next collective.
+  job = Job(tmp_path, "kill", [*args, "--resume"])
+  try:
+    _wait_for_step(job, out, step)
     job.procs[1].send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
     try:
@@ -235,7 +257,7 @@ def test_killing_one_process_ends_the_other(tmp_path, tiny_model, runs):
       pytest.fail(f"process 0 still running {KILL_BOUND_S} s after process 1 was killed")
     assert code != 0, job.output(0)
     assert time.monotonic() - t_kill < KILL_BOUND_S
-    assert max(_losses(out)) < 1000
+    assert f"resumed from {out / 'checkpoints'}/{step}" in job.output(0)
   finally:
     job.kill()
 
