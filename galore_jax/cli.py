@@ -142,6 +142,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "network or API key; project $WANDB_PROJECT, default galore-jax)",
   )
   p.add_argument("--no-progress", dest="progress", action="store_false")
+  from galore_jax import distributed  # multi-process hook: --coordinator, --num-processes, ...
+
+  distributed.add_flags(p)
 
 
 def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
@@ -180,14 +183,20 @@ def _train_config(args):
 
 
 def _cmd_train(args) -> int:
-  from galore_jax import trainer
+  from galore_jax import config, distributed, trainer
 
   cfg = _train_config(args)
+  try:  # multi-process hook: join the job before anything starts JAX's backends
+    distributed.initialize(distributed.launch_from_args(args))
+  except distributed.DistributedError as e:
+    raise config.ConfigError(e.flag, e.message) from None
   try:
     summary = trainer.train(cfg)
   except trainer.TrainingInterrupted as e:
     print(f"galore-jax: {e}", file=sys.stderr)
     return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+  if not distributed.is_primary():  # multi-process: process 0 reports
+    return 0
   losses = summary["losses"]
   if losses:
     head = sum(losses[:10]) / len(losses[:10])
@@ -422,6 +431,23 @@ class _Interrupted(BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
+  # Multi-process hook: a failed process of a job exits at once (galore_jax.distributed).
+  try:
+    code = _main_with_signals(argv)
+  except BaseException:
+    _end_job_on_failure(1, traceback=True)
+    raise
+  _end_job_on_failure(code)
+  return code
+
+
+def _end_job_on_failure(code: int, traceback: bool = False) -> None:
+  dist = sys.modules.get("galore_jax.distributed")  # not imported: no job was joined
+  if dist is not None:
+    dist.end_job_on_failure(code, traceback=traceback)
+
+
+def _main_with_signals(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   # Until train() installs its own handlers (which save and exit), a signal ends the
   # command with one line and 128 + signum; nothing is being written then.

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import adam8bit, checkpoint, projector, targets
+from galore_jax import adam8bit, checkpoint, distributed, projector, targets
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 
@@ -258,6 +258,8 @@ def validate(cfg: TrainConfig) -> None:
   data_n, fsdp_n = parse_mesh(cfg.mesh)
   if data_n * fsdp_n > jax.device_count():
     raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} available")
+  if problem := distributed.mesh_problem(data_n * fsdp_n):  # multi-process: every device
+    raise ConfigError("--mesh", problem)
   if cfg.batch_size % (data_n * fsdp_n):
     raise ConfigError(
       "--batch-size",

@@ -39,18 +39,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
 
 
-def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, jax.Array]:
+def shard_batch(
+  mesh: Mesh, batch: dict[str, np.ndarray], grad_accum: int, *, local_rows_of: int | None = None
+) -> dict[str, jax.Array]:
   """Host batch (grad_accum * B, L) -> global device arrays (grad_accum, B, L).
 
-  On several hosts each process passes its own rows (``process_rows``) and
-  ``make_array_from_process_local_data`` assembles the global array.
+  On several processes ``make_array_from_process_local_data`` assembles the global array
+  from each process's rows (:func:`galore_jax.distributed.global_batch`).
+  ``local_rows_of=B``: ``batch`` holds only this process's rows of a global micro-batch
+  of ``B`` (the training stream); None: it is a whole global batch and each process passes
+  its own rows.
   """
-  sh = batch_sharding(mesh)
-  out = {}
-  for k, v in batch.items():
-    v = v.reshape((grad_accum, -1) + v.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(sh, process_rows(v))
-  return out
+  from galore_jax import distributed
+
+  return distributed.global_batch(batch_sharding(mesh), batch, grad_accum, local_rows_of)
 
 
 def process_rows(x: np.ndarray) -> np.ndarray:

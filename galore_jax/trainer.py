@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from galore_jax import checkpoint, metrics, rundir, sharding, steps
+from galore_jax import checkpoint, distributed, metrics, rundir, sharding, steps
 from galore_jax import model as model_lib
 from galore_jax.config import (
   ConfigError,
@@ -206,10 +206,13 @@ def compile_train_step(run: Run):
   )
 
 
-def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int):
+def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int, *, local=False):
   """Host batch (grad_accum * B, L) -> global device arrays (grad_accum, B, L) on the run's
-  mesh (:func:`galore_jax.sharding.shard_batch`)."""
-  return sharding.shard_batch(run.mesh, batch, grad_accum)
+  mesh (:func:`galore_jax.sharding.shard_batch`). ``local``: ``batch`` holds only this
+  process's rows (the training stream of a multi-process run, :func:`load_data`)."""
+  return sharding.shard_batch(
+    run.mesh, batch, grad_accum, local_rows_of=run.cfg.batch_size if local else None
+  )
 
 
 def tokenizer_hash(sp) -> str:
@@ -416,8 +419,14 @@ def load_data(cfg: TrainConfig):
     raise ConfigError("--tokenizer", str(e)) from e
   if sp.eos_id() < 0:
     raise ConfigError("--tokenizer", "the tokenizer has no EOS piece; documents need a separator")
+  # Multi-process: this process's rows of each global batch only (galore_jax.distributed).
+  shard = distributed.batch_shard(
+    sharding.batch_sharding(sharding.make_mesh(cfg)), cfg.batch_size, cfg.seq_len
+  )
   try:
-    train_ds = data.make_dataset(data_config(cfg, cfg.batch_size * cfg.grad_accum), "train")
+    train_ds = data.make_dataset(
+      data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard
+    )
     val = data.eval_batches(data_config(cfg, cfg.batch_size), cfg.eval_batches)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
@@ -442,7 +451,7 @@ def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
     return existing
   found = [n for n in _RUN_OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
   if found and cfg.overwrite:
-    for name in found:
+    for name in found if distributed.is_primary() else ():  # one process deletes
       path = os.path.join(cfg.out, name)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   elif existing is not None:
@@ -469,7 +478,14 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
   The run directory is locked for the whole call (:func:`galore_jax.rundir.locked`);
   SIGINT / SIGTERM raise :class:`TrainingInterrupted` after saving (or, before the
   first step, after removing a run directory this call created).
+
+  In a multi-process job (:mod:`galore_jax.distributed`) every process calls this with the
+  same ``cfg``; process 0 holds the lock and writes metrics, the others only log nothing.
   """
+  if cfg.out is None and distributed.is_multiprocess():  # a per-process timestamp would differ
+    raise ConfigError("--out", "a multi-process run needs --out (the same for every process)")
+  if not distributed.is_primary():  # one copy of each line per job
+    log = distributed.primary_log(log)
   if cfg.out is None:
     if cfg.resume:
       raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
@@ -496,7 +512,8 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
     cfg = dataclasses.replace(cfg, tokenizer=str(found.resolve()))
   with _Signals() as signals, contextlib.ExitStack() as stack:
     try:
-      created = stack.enter_context(rundir.locked(cfg.out))
+      # Multi-process: process 0 holds the lock for the job (galore_jax.distributed).
+      created = stack.enter_context(distributed.locked_run_dir(cfg.out))
     except rundir.RunDirError as e:
       raise ConfigError("--out", str(e)) from None
     try:
@@ -528,6 +545,7 @@ def _train_loop(
 ) -> dict[str, Any]:
   ckpt_dir = os.path.join(cfg.out, "checkpoints")
   existing = _check_out(cfg, ckpt_dir)
+  distributed.barrier("out_checked")  # multi-process: all checked before anyone writes
 
   def startup_check():
     if signals.received is not None:
@@ -570,7 +588,7 @@ def _train_loop(
   )
 
   startup_check()
-  if cfg.resume:  # the steps after the checkpoint are replayed: their old records go
+  if cfg.resume and distributed.is_primary():  # replayed steps' old records go (process 0's)
     dropped = metrics.drop_after(cfg.out, start)
     if dropped:
       log(f"dropped {dropped} metrics records after step {start} (replayed now)")
@@ -581,8 +599,10 @@ def _train_loop(
   write_checkpoint = hooks.save or (lambda at, p, o, m: checkpoint.save(mngr, at, p, o, m))
   mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
   try:
-    writer = metrics.MetricsWriter(
-      cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None
+    writer = (  # multi-process: process 0 writes metrics and TensorBoard
+      metrics.MetricsWriter(cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None)
+      if distributed.is_primary()
+      else distributed.NullWriter(cfg.out)
     )
   except metrics.WandbError as e:
     mngr.close()
@@ -623,7 +643,7 @@ def _train_loop(
     return f"the newest checkpoint is {ckpt_dir}/{saved_at}"
 
   bar = None
-  if cfg.progress:
+  if cfg.progress and distributed.is_primary():
     from tqdm import tqdm  # lazy: library users may not want a progress bar
 
     bar = tqdm(
@@ -640,7 +660,7 @@ def _train_loop(
       t_step = time.perf_counter()  # the step and its batch; not evaluation or saving
       for callback in hooks.before_step:
         params, opt_state = callback(step, params, opt_state, writer)
-      batch = device_batch(run, next(batches), cfg.grad_accum)
+      batch = device_batch(run, next(batches), cfg.grad_accum, local=True)
       params, opt_state, m = step_fn(params, opt_state, batch)
       m = jax.device_get(m)
       lr_used = float(lr_at(step))
@@ -717,14 +737,15 @@ def _train_loop(
         save(step)
       for callback in hooks.after_step:
         callback(step, m)
-      if signals.received is not None:
+      # Multi-process: a signal to any process stops all after this step (saving is collective).
+      if (stop := distributed.agree_signal(signals.received)) is not None:
         if save(step):
           why = f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
         else:
           why = (
             f"not saved (the last {consecutive_bad} steps were not finite); " + newest_checkpoint()
           )
-        raise TrainingInterrupted(signals.received, step, why)
+        raise TrainingInterrupted(stop, step, why)
   except KeyboardInterrupt:  # a second signal, during a step
     if step == start:
       raise  # before the first step ended: train() cleans up

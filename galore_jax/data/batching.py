@@ -350,17 +350,25 @@ def _too_small(config: DataConfig, split: str, index: _SplitIndex) -> ValueError
   )
 
 
-def make_dataset(config: DataConfig, split: str = "train") -> Dataset:
+def make_dataset(config: DataConfig, split: str = "train", *, shard=None) -> Dataset:
   """Builds the shuffled, infinitely repeating batch stream for ``split``.
 
   grain pipeline (all random access, ``grain.MapDataset``): item indices ->
   shuffle(seed; reshuffled each epoch) -> batch(drop remainder) -> map(indices ->
   arrays: gather windows / documents, or read + tokenize tfds records) -> repeat.
+
+  ``shard`` (a :class:`galore_jax.distributed.RowShard`, multi-process runs): batches hold
+  only that process's rows of each global batch (the same shuffled indices).
   """
   sp = load_tokenizer(config.tokenizer)
   index = _split_index(config, split, sp)
   ds = grain.MapDataset.range(index.num_items).shuffle(seed=_shuffle_seed(config.seed))
-  ds = ds.batch(index.per_batch, drop_remainder=True).map(index.make_batch)
+  make_batch = index.make_batch
+  if shard is not None:
+    from galore_jax import distributed
+
+    make_batch = distributed.local_batches(make_batch, index.per_batch, shard)
+  ds = ds.batch(index.per_batch, drop_remainder=True).map(make_batch)
   steps = len(ds)
   if steps == 0:
     raise _too_small(config, split, index)

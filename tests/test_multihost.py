@@ -1,0 +1,356 @@
+"""Multi-process training with real processes: two ``galore-jax train`` processes on
+127.0.0.1 (2 CPU devices each, gloo collectives), checked against one process with 4.
+
+The runs are shared between the tests (module fixtures): a single-process reference of
+10 steps; a two-process run stopped after 5 steps, then resumed with two processes to 10;
+a two-process run whose second process is killed mid-run.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import galore_jax
+from galore_jax import checkpoint, cli, data, distributed, metrics, train
+
+ROOT = Path(galore_jax.__file__).resolve().parents[1]
+# GaLore over a data=2, fsdp=2 mesh (4 devices in one process, or 2 x 2) on a LLaMA smaller
+# than llama_tiny (2 layers of width 64, given as --init-from): compiling the step is most of
+# each process's time.
+TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_layers=2)
+# Every run has the same --steps (the learning-rate schedule is compiled into the step, so
+# the later runs load the first ones' compilations from the session's cache) and stops
+# early: --stop-after, or a kill.
+RUN = dict(
+  optimizer="galore_adamw",
+  steps=1000,
+  warmup=1,
+  lr=0.002,
+  batch_size=4,
+  seq_len=32,
+  rank=16,
+  update_proj_gap=4,  # refreshes at steps 0, 4 and 8: one before and one after the resume
+  eval_every=5,
+  eval_batches=1,
+  save_every=5,
+  mesh="data=2,fsdp=2",
+)
+WAIT_S = 420  # one two-process run, compiling, on a loaded 2-core machine
+KILL_BOUND_S = 60  # a survivor must be gone this long after its peer was killed
+
+
+def _flags(**kw) -> list[str]:
+  out = []
+  for k, v in {**RUN, **kw}.items():
+    out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+  return out + ["--no-progress"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)  # the session's compile cache (conftest) is shared
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    PYTHONUNBUFFERED="1",
+  )
+  return env
+
+
+class Job:
+  """``n`` processes of one ``galore-jax train`` job; killed on exit if still running."""
+
+  def __init__(self, tmp: Path, name: str, args: list[str], n: int = 2):
+    port = _free_port()
+    self.logs = [tmp / f"{name}.{i}.log" for i in range(n)]
+    self.procs = []
+    for i in range(n):
+      cmd = [sys.executable, "-m", "galore_jax.cli", "train", *args]
+      cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
+      cmd += ["--process-id", str(i), "--init-timeout", "120"]
+      with open(self.logs[i], "w") as log:
+        self.procs.append(
+          subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(2), cwd=tmp, text=True
+          )
+        )
+
+  def output(self, i: int) -> str:
+    return self.logs[i].read_text()
+
+  def wait(self, timeout: float = WAIT_S) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+      for p in self.procs:
+        p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+      self.kill()
+    return [p.returncode for p in self.procs]
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
+
+
+def _losses(out: Path, key: str = "loss") -> dict[int, float]:
+  return {r["step"]: r[key] for r in metrics.read_metrics(str(out)) if key in r}
+
+
+def _restore_numpy(step_dir: Path, item: str):
+  """A checkpoint item as numpy arrays, whatever devices or processes saved it."""
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(step_dir / item)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(step_dir / item, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _assert_same_state(a: Path, b: Path, step: int) -> None:
+  # Gloo's cross-process sums round differently from XLA's in-process ones: parameters agree
+  # to ~5e-6 after 10 steps; GaLore's projectors (singular vectors) move ~10x more.
+  for item, tol in (("params", 1e-5), ("opt_state", 1e-4)):
+    ta = _restore_numpy(a / "checkpoints" / str(step), item)
+    tb = _restore_numpy(b / "checkpoints" / str(step), item)
+    assert jax.tree.structure(ta) == jax.tree.structure(tb)
+    for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path(ta), jax.tree.leaves(tb), strict=True
+    ):
+      np.testing.assert_allclose(
+        np.asarray(y, np.float64),
+        np.asarray(x, np.float64),
+        rtol=tol,
+        atol=tol,
+        err_msg=f"{item}{jax.tree_util.keystr(path)} at step {step}",
+      )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+  """A Hugging Face directory (config.json, safetensors, the bundled tokenizer) of TINY."""
+  from flax import nnx
+
+  from galore_jax import hf
+  from galore_jax import model as model_lib
+
+  sp = data.load_tokenizer()
+  config = model_lib.LlamaConfig(vocab_size=sp.get_piece_size(), **TINY)
+  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+  path = tmp_path_factory.mktemp("tiny") / "model"
+  hf.save_pretrained(path, config, params, tokenizer=sp)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
+  """The single-process reference (4 of this session's CPU devices, in this process) and
+  the two-process runs: 5 steps (``--stop-after 5``), then ``--resume`` to 10. The first
+  two-process job runs while the reference trains here (one compilation each, in parallel).
+  """
+  tmp = tmp_path_factory.mktemp("mh")
+  single, out = tmp / "single", tmp / "two"
+  first = Job(tmp, "first", ["--out", str(out), *_flags(init_from=tiny_model, stop_after=5)])
+  try:
+    cfg = train.TrainConfig(
+      out=str(single), progress=False, init_from=tiny_model, stop_after=10, **RUN
+    )
+    train.train(cfg, log=lambda *_: None)
+  finally:
+    codes = first.wait()
+  assert codes == [0, 0], first.output(0) + first.output(1)
+  after_five = _losses(out)
+  resume = _flags(init_from=tiny_model, resume=True, stop_after=5)
+  second = Job(tmp, "resume", ["--out", str(out), *resume])
+  codes = second.wait()
+  assert codes == [0, 0], second.output(0) + second.output(1)
+  return single, out, first, second, after_five
+
+
+def test_two_processes_match_one_process_and_resume_exactly(runs):
+  reference, out, first, second, after_five = runs
+  want = _losses(reference)
+  assert sorted(want) == list(range(1, 11))
+  # Steps 1..5 by the first job, 6..10 by the resumed one; the same trajectory as the
+  # single-process run (the same global batches, the same state).
+  assert sorted(after_five) == [1, 2, 3, 4, 5]
+  got = _losses(out)
+  assert sorted(got) == list(range(1, 11))
+  np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], 1e-5)
+  # Evaluation (each process passes its rows of the validation batch) at steps 5 and 10.
+  got_eval, want_eval = _losses(out, "eval_loss"), _losses(reference, "eval_loss")
+  assert sorted(got_eval) == sorted(want_eval) == [5, 10]
+  np.testing.assert_allclose([got_eval[5], got_eval[10]], [want_eval[5], want_eval[10]], 1e-5)
+  _assert_same_state(reference, out, 5)  # what the resume started from
+  _assert_same_state(reference, out, 10)
+  assert "resumed from" in second.output(0)
+
+
+def test_only_process_zero_writes_outputs_and_reports(runs):
+  _, out, first, second, _ = runs
+  # One record per step (process 1 wrote none), one TensorBoard event file per start.
+  steps = [r["step"] for r in metrics.read_metrics(str(out)) if "loss" in r]
+  assert steps == list(range(1, 11))
+  assert len(list((out / "tb").glob("events.*"))) == 2
+  for job in (first, second):
+    assert "trained steps" in job.output(0) and "M params" in job.output(0)
+    assert "trained steps" not in job.output(1) and "M params" not in job.output(1)
+  # Both processes wrote their shards of each checkpoint (orbax's multi-process save).
+  names = {p.name for p in (out / "checkpoints" / "10" / "params").iterdir()}
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= names, names
+
+
+def _wait_for_step(job: Job, out: Path, above: int) -> int:
+  """Waits until process 0 has recorded a step after ``above`` (both still running)."""
+  deadline = time.monotonic() + WAIT_S
+  while time.monotonic() < deadline and all(p.poll() is None for p in job.procs):
+    done = _losses(out) if (out / "metrics.jsonl").exists() else {}
+    if done and max(done) > above:
+      return max(done)
+    time.sleep(0.2)
+  raise AssertionError(f"no step after {above}:\n" + job.output(0) + job.output(1))
+
+
+def test_sigterm_to_one_process_stops_all_and_a_killed_one_ends_the_job(tmp_path, tiny_model, runs):
+  del runs  # after them: their compilations are in the session's cache
+  out = tmp_path / "faults"
+  args = ["--out", str(out), *_flags(init_from=tiny_model), "--heartbeat-timeout", "10"]
+  # SIGTERM to process 1 alone (a preemption notice that reaches one host first): both
+  # processes stop after the same step, save it together and exit 143.
+  job = Job(tmp_path, "sigterm", args)
+  try:
+    _wait_for_step(job, out, 0)
+    job.procs[1].send_signal(signal.SIGTERM)
+    codes = job.wait()
+  finally:
+    job.kill()
+  assert codes == [143, 143], job.output(0) + job.output(1)
+  step = checkpoint.latest_step(str(out))
+  assert step is not None and f"interrupted by SIGTERM at step {step}" in job.output(0)
+  assert f"interrupted by SIGTERM at step {step}" in job.output(1)
+  assert sorted(_losses(out)) == list(range(1, step + 1))
+  # Resumed, then process 1 is killed mid-run (a lost node): process 0 ends non-zero
+  # within a bounded time instead of waiting forever in its next collective.
+  job = Job(tmp_path, "kill", [*args, "--resume"])
+  try:
+    _wait_for_step(job, out, step)
+    job.procs[1].send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    try:
+      code = job.procs[0].wait(timeout=KILL_BOUND_S)
+    except subprocess.TimeoutExpired:
+      pytest.fail(f"process 0 still running {KILL_BOUND_S} s after process 1 was killed")
+    assert code != 0, job.output(0)
+    assert time.monotonic() - t_kill < KILL_BOUND_S
+    assert f"resumed from {out / 'checkpoints'}/{step}" in job.output(0)
+  finally:
+    job.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# Per-process data, in this process: the shards of real batches.
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_process_shards_are_disjoint_and_make_the_global_batch(packing):
+  micro, accum = 4, 2  # two micro-batches per step, as with --grad-accum 2
+  config = data.DataConfig(seq_len=32, batch_size=micro * accum, packing=packing, seed=3)
+  full = data.make_dataset(config)
+  shards = [distributed.RowShard(0, 1, micro), distributed.RowShard(1, 4, micro)]
+  parts = [data.make_dataset(config, shard=s) for s in shards]
+  for step in (0, 1, full.steps_per_epoch):  # the last one: the second epoch's first
+    want = full.batch(step)
+    got = [p.batch(step) for p in parts]
+    for k, v in want.items():
+      assert [g[k].shape[0] for g in got] == [accum * 1, accum * 3]
+      # Micro-batch by micro-batch, process 0's rows then process 1's: the global batch.
+      joined = np.concatenate([g[k].reshape(accum, -1, *v.shape[1:]) for g in got], axis=1).reshape(
+        v.shape
+      )
+      np.testing.assert_array_equal(joined, v, err_msg=f"{k} at step {step}")
+    rows = [{r.tobytes() for r in g["inputs"]} for g in got]
+    assert not rows[0] & rows[1]
+
+
+def test_row_shard_of_a_group_built_batch_is_cut_after_assembly():
+  # Batches whose rows depend on the whole group (TFDS packing) are built whole, then cut.
+  calls = []
+
+  def make(idx):
+    calls.append(np.asarray(idx).copy())
+    return {"inputs": np.arange(12).reshape(6, 2) + 100 * int(np.sum(idx))}
+
+  shard = distributed.RowShard(1, 2, 3)
+  got = distributed.local_batches(make, 5, shard)(np.arange(5))
+  np.testing.assert_array_equal(got["inputs"], make(np.arange(5))["inputs"][[1, 4]])
+  assert len(calls[0]) == 5  # the whole group was read
+
+
+def test_row_shard_rejects_bad_ranges():
+  for lo, hi in ((2, 2), (-1, 1), (0, 5)):
+    with pytest.raises(ValueError):
+      distributed.RowShard(lo, hi, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Flags and the decision to join a job (no network).
+
+
+@pytest.mark.parametrize(
+  "args, flag",
+  [
+    (["--coordinator", "127.0.0.1:1234"], "--num-processes"),
+    (["--num-processes", "2", "--process-id", "0"], "--coordinator"),
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+    (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"], "--num-processes"),
+    (
+      ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--distributed", "off"],
+      "--distributed",
+    ),
+    (["--heartbeat-timeout", "0"], "--heartbeat-timeout"),
+  ],
+)
+def test_bad_multiprocess_flags_are_one_line_exit_2(tmp_path, capsys, args, flag):
+  assert cli.main(["train", "--out", str(tmp_path / "r"), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"galore-jax: error: {flag}:") and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "r").exists()
+  assert not jax.distributed.is_initialized()
+
+
+def test_auto_joins_only_a_job_of_several_processes():
+  auto = distributed.Launch()
+  assert not distributed.wants_init(auto, {})
+  assert not distributed.wants_init(auto, {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"})
+  assert distributed.wants_init(auto, {"SLURM_NTASKS": "4"})
+  assert distributed.wants_init(auto, {"OMPI_COMM_WORLD_SIZE": "2"})
+  assert not distributed.wants_init(distributed.Launch(mode="off"), {"SLURM_NTASKS": "4"})
+  assert distributed.wants_init(distributed.Launch(mode="on"), {})
+  explicit = distributed.Launch(coordinator="h:1", num_processes=1, process_id=0)
+  assert distributed.wants_init(explicit, {})
+
+
+def test_single_process_helpers_are_the_identity():
+  assert distributed.is_primary() and not distributed.is_multiprocess()
+  assert distributed.agree_signal(None) is None
+  assert distributed.agree_signal(signal.SIGTERM) == signal.SIGTERM
+  assert distributed.mesh_problem(1) is None
+  mesh = train.make_mesh(train.TrainConfig(mesh="data=2,fsdp=2"))
+  assert distributed.batch_shard(train.batch_sharding(mesh), 4) is None
+  assert distributed.process_row_range(train.batch_sharding(mesh), (1, 8, 3)) == (0, 8)
