@@ -327,7 +327,10 @@ def make_layerwise_step(
       nonlocal sq_norm, nonfinite
       p = _get_at(params, path)
       if acc is not None:
+        # The accumulator made to depend on this gradient (as ``after`` does): else XLA
+        # back-projects every leaf's accumulator at once, early, a full-size gradient's worth.
         q, a = by_path[path], acc.pop(path)
+        a = a + (jnp.ravel(g)[0] * 0).astype(a.dtype)
         earlier = a if q is None else q.project_back(a)
         g = g.astype(earlier.dtype) + earlier
       g = g.astype(p.dtype)
