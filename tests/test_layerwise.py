@@ -189,9 +189,13 @@ def test_lowrank_accumulation_equals_large_batch_between_refreshes():
   assert int(state[1][0].count) == 3
   b = batch(3, N_MICRO)
   params, opt = state
-  grads = handed_gradient(graphdef, params, opt, b)
-  updates, want_opt = tx.update(grads, opt, params)
-  want = (optax.apply_updates(params, updates), want_opt)
+
+  @jax.jit
+  def reference(params, opt, b):
+    updates, opt = tx.update(handed_gradient(graphdef, params, opt, b), opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  want = reference(params, opt, b)
   got = accum(params, opt, b)[:2]
   assert_close(got, want)
   # ... which is not the large-batch refresh.
