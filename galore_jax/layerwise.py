@@ -309,8 +309,8 @@ def make_layerwise_step(
     denom = jnp.maximum(count, 1.0)
     earlier_loss, acc, by_path = jnp.zeros([], jnp.float32), None, None
     if n_micro > 1:
-      head = jax.tree.map(lambda x: x[:-1], batch)
-      earlier_loss, acc, by_path = accumulate(params, opt_state, head, spec, model, denom)
+      earlier = jax.tree.map(lambda x: x[:-1], batch)
+      earlier_loss, acc, by_path = accumulate(params, opt_state, earlier, spec, model, denom)
     micro = jax.tree.map(lambda x: x[-1], batch)
     loss_sum, stage_list = forward(params, micro, spec, model)
     loss = (earlier_loss + loss_sum) / denom
