@@ -19,6 +19,8 @@ _EXPORTS = {
   "galore": "optimizer",
   "galore_adamw": "optimizer",
   "galore_states": "optimizer",
+  "LeafProjection": "optimizer",
+  "leaf_projections": "optimizer",
   "scale_and_decay_updated_weights": "optimizer",
   "scale_by_adam_hf": "optimizer",
   "scale_by_galore": "optimizer",
@@ -30,6 +32,9 @@ _EXPORTS = {
   "LLAMA_TARGETS": "targets",
   "llama_targets": "targets",
   "reference_side_axes": "targets",
+  "Stage": "layerwise",
+  "Stages": "layerwise",
+  "make_layerwise_step": "layerwise",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -171,7 +171,14 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     dest="per_layer_updates",
     action="store_false",
     help="update after the whole gradient exists (per-layer updates are the default "
-    "unless --grad-accum > 1 or --grad-clip is set, which need the whole gradient)",
+    "unless --grad-clip is set, or --grad-accum > 1 without GaLore's low-rank accumulation)",
+  )
+  p.add_argument(
+    "--no-lowrank-accum",
+    dest="lowrank_accum",
+    action="store_false",
+    help="with GaLore and --grad-accum > 1, accumulate the whole float32 gradient (the "
+    "large-batch step exactly, refresh steps included) instead of projected gradients",
   )
 
 

@@ -78,8 +78,12 @@ class TrainConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
-  # Update each layer as soon as its gradient exists (needs grad_accum 1, no clipping).
+  # Update each layer as soon as its gradient exists (needs no clipping, and grad_accum 1 or
+  # lowrank_accum).
   per_layer_updates: bool = True
+  # With GaLore and grad_accum > 1: accumulate projected (r x n) gradients in the per-layer
+  # step instead of a float32 copy of the whole gradient.
+  lowrank_accum: bool = True
   projector_dtype: str | None = None  # None: the param dtype (reference)
   max_nonfinite: int = 20  # consecutive skipped steps before the run stops with an error
   keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS  # newest checkpoints kept by rotation

@@ -1,6 +1,11 @@
-"""The train step with per-layer updates, and the partial-tree helpers it alone uses."""
+"""The train step with per-layer updates, the stage protocol it reads a model through, and the
+partial-tree helpers it alone uses."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +15,61 @@ from flax import nnx
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 from galore_jax import steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One piece of the forward pass whose weights are updated together, right after its pullback.
+
+  Attributes:
+    fn: ``fn(module, x) -> y``. ``module`` is the submodule at ``module`` (below), rebuilt
+      from the parameters with this stage's weights as the differentiated inputs; ``x`` is
+      the previous stage's output (the token ids ``(B, L)`` for the embedding stage), one
+      array; ``y`` one array (the logits ``(B, L, V)`` for the head stage).
+    keys: the children of ``module`` (attribute names; indices for a list) whose weights
+      this stage owns. Every parameter must be owned by exactly one stage.
+    module: path from the model to the module ``fn`` receives: attribute names and list
+      indices, e.g. ``("layers", 3)``; ``()`` is the model itself.
+  """
+
+  fn: Callable[[Any, jax.Array], jax.Array]
+  keys: tuple
+  module: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+  """A decoder seen as stages (:func:`make_layerwise_step`): embedding, blocks, head.
+
+  Attributes:
+    embed: token ids ``(B, L)`` -> hidden states.
+    blocks: each block's stages in forward order (one stage, or e.g. its attention and MLP
+      halves); a block is the unit that ``remat="full"`` recomputes.
+    head: hidden states -> float logits ``(B, L, V)``; the loss is the summed token
+      cross-entropy (:func:`galore_jax.steps.summed_cross_entropy`).
+  """
+
+  embed: Stage
+  blocks: Sequence[Sequence[Stage]]
+  head: Stage
+
+
+StagesArg = Stages | Callable[[Any], Stages] | None
+
+
+def model_stages(model, stages: StagesArg = None) -> Stages:
+  """``stages`` resolved for ``model``: a :class:`Stages`, ``stages(model)``, or (``None``)
+  ``model.layerwise_stages()``."""
+  if isinstance(stages, Stages):
+    return stages
+  if stages is not None:
+    return stages(model)
+  if not hasattr(model, "layerwise_stages"):
+    raise TypeError(
+      f"{type(model).__name__} has no layerwise_stages(); pass "
+      "make_layerwise_step(..., stages=Stages(...)) or a function of the model returning one"
+    )
+  return model.layerwise_stages()
 
 
 def _replace_at(tree: dict, path: tuple, value) -> dict:
@@ -25,101 +85,235 @@ def _get_at(tree: dict, path: tuple):
   return tree
 
 
-def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: str = "none"):
+def _module_at(module, path: tuple):
+  for key in path:
+    module = module[key] if isinstance(key, int) else getattr(module, key)
+  return module
+
+
+def _key(entry):
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  raise TypeError(f"unsupported pytree path entry {entry!r}")
+
+
+def _leaf_paths(tree, prefix: tuple = ()) -> list[tuple]:
+  return [
+    prefix + tuple(_key(k) for k in keypath)
+    for keypath, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
+
+
+def _check_owners(spec: Stages, params) -> None:
+  """Every parameter owned by exactly one stage (else it would never, or twice, be updated)."""
+  owned: list[tuple] = []
+  for stage in [spec.embed, *(s for block in spec.blocks for s in block), spec.head]:
+    sub = _get_at(params, stage.module)
+    for k in stage.keys:
+      owned += _leaf_paths(sub[k], stage.module + (k,))
+  everything = _leaf_paths(params)
+  missing = sorted(set(everything) - set(owned), key=str)
+  twice = sorted({p for p in owned if owned.count(p) > 1}, key=str)
+  if missing or twice:
+    raise ValueError(
+      "layerwise stages must own every parameter exactly once; "
+      f"owned by none: {missing[:5]}, by several: {twice[:5]}"
+    )
+
+
+def make_layerwise_step(
+  graphdef,
+  tx: optax.GradientTransformation,
+  *,
+  remat: str = "none",
+  stages: StagesArg = None,
+  proj_type: str = "std",
+  matrix_axes: galore.MatrixAxesFn | None = None,
+  accum_dtype: Any = jnp.float32,
+):
   """Train step with per-layer updates: each weight is updated as soon as its gradient exists.
 
-  Same signature and result as :func:`galore_jax.steps.make_train_step` (``batch`` with one
-  micro-batch), computed differently. The forward pass keeps one ``jax.vjp``
-  per stage: the embedding, the attention half and the MLP half of each
-  decoder block, and final norm + LM head + loss. The backward pass walks them
-  in reverse; right after a stage's pullback it updates the stage's weights
-  one at a time, each by the optimizer on that weight alone (``MaskedNode``
-  everywhere else, :func:`galore_jax.optimizer.restrict_state`).
-  ``optimization_barrier``s chain each update to the next one and to the
-  cotangent flowing into the previous stage, so XLA can neither postpone an
-  update nor run several at once: at most one half-block's gradient and one
-  weight's update temporaries are alive, never the model's gradient. The
-  optimizer and its state are unchanged (same numbers as the whole-tree
-  update, refresh phases and random keys included).
+  Same signature and result as :func:`galore_jax.steps.make_train_step`, computed
+  differently. The model is read as :class:`Stages` (``stages``; default the model's own
+  ``layerwise_stages()``, which :class:`galore_jax.model.Llama` has: the embedding, the
+  attention half and the MLP half of each decoder block, final norm + LM head). For your own
+  Flax NNX decoder, give its stages, e.g. a GPT-2 with ``wte``/``wpe``, ``blocks``, ``ln_f``::
 
-  Non-finite values: if the loss is not finite nothing changes (``skipped``
-  is 1), as in :func:`galore_jax.steps.make_train_step`. If the loss is finite but a weight's
-  gradient is not, that weight keeps its value and optimizer state and the
-  others are updated; ``nonfinite_grads`` counts such weights. Whole-tree
-  reductions (global-norm clipping) and micro-batch accumulation need every
-  gradient before the first update, so the trainer uses
+    Stages(
+      embed=Stage(lambda m, t: m.wte(t) + m.wpe(jnp.arange(t.shape[1])), ("wte", "wpe")),
+      blocks=[[Stage(lambda b, x: b(x), ("ln1", "attn", "ln2", "mlp"), ("blocks", i))]
+              for i in range(n_layers)],
+      head=Stage(lambda m, x: m.lm_head(m.ln_f(x)), ("ln_f", "lm_head")),
+    )
+
+  (or a method ``layerwise_stages()`` returning it). A weight shared by two stages (a tied
+  embedding) cannot be updated after either, so such models need the whole-gradient step.
+
+  The forward pass keeps one ``jax.vjp`` per stage. The backward pass walks them in reverse;
+  right after a stage's pullback it updates the stage's weights one at a time, each by the
+  optimizer on that weight alone (``MaskedNode`` everywhere else,
+  :func:`galore_jax.optimizer.restrict_state`). ``optimization_barrier``s chain each update
+  to the next one and to the cotangent flowing into the previous stage, so XLA can neither
+  postpone an update nor run several at once: at most one stage's gradient and one weight's
+  update temporaries are alive, never the model's gradient. The optimizer and its state are
+  unchanged (same numbers as the whole-tree update, refresh phases and random keys
+  included). ``remat``: ``"none"`` / ``"save_matmuls"`` wrap each block stage in
+  :func:`galore_jax.model.checkpointed`; ``"full"`` keeps only each block's input and
+  recomputes the block in the pullback of its last stage.
+
+  Gradient accumulation (``batch`` with ``N > 1`` micro-batches) in low rank: micro-batches
+  ``1 .. N-1`` run forward and backward and add, per leaf GaLore projects, ``project(g_k)``
+  with the leaf's current projector (:func:`galore_jax.optimizer.leaf_projections`; give
+  ``proj_type`` and ``matrix_axes`` as the transform was given them) to an ``accum_dtype``
+  accumulator of the low-rank shape (``r x n``), and the whole ``g_k`` for every other leaf.
+  The last micro-batch runs the per-layer update with ``g_N + project_back(acc)`` for each
+  leaf, which GaLore projects to exactly ``sum_k project(g_k)`` (``P`` is orthonormal):
+  between refreshes the step equals the large-batch step. On a leaf's refresh step the new
+  projector is computed from that gradient, i.e. from the last micro-batch's whole gradient
+  plus the other micro-batches' parts in the old subspace, not from the large batch's
+  gradient (which would need a full-size accumulator, the memory this avoids). Gradients are
+  of the summed token loss divided by the total token count, as in
+  :func:`galore_jax.steps.mean_token_gradient`; ``grad_norm`` is the norm of what the
+  optimizer is handed.
+
+  Non-finite values: if the loss is not finite nothing changes (``skipped`` is 1), as in
+  :func:`galore_jax.steps.make_train_step`. If the loss is finite but a weight's gradient is
+  not, that weight keeps its value and optimizer state and the others are updated;
+  ``nonfinite_grads`` counts such weights. Whole-tree reductions (global-norm clipping) need
+  every gradient before the first update, so the trainer uses
   :func:`galore_jax.steps.make_train_step` for them.
   """
 
-  def step(params, opt_state, batch):
-    if batch["inputs"].shape[0] != 1:
-      raise ValueError("per-layer updates need grad_accum == 1")
-    micro = jax.tree.map(lambda x: x[0], batch)
-    model = nnx.merge(graphdef, params)
-    model_gd = nnx.graphdef(model)
-    block_gds = [nnx.graphdef(block) for block in model.layers]
+  def forward(params, micro, spec: Stages, model):
+    """Summed loss and ``[(path prefix of the stage's weights, pullback d -> (grads, d))]``."""
 
-    def half_block(i, method):
-      def run(half_params, x_BxLxD):
-        block = nnx.merge(block_gds[i], {**params["layers"][i], **half_params})
-        return getattr(block, method)(x_BxLxD)
+    def runner(stage):
+      module = _module_at(model, stage.module)
+      gd, sub = nnx.graphdef(module), _get_at(params, stage.module)
 
-      return run
+      def run(weights, x):
+        return stage.fn(nnx.merge(gd, {**sub, **weights}), x)
 
-    def after(d_BxLxD, tree):
+      return run, {k: sub[k] for k in stage.keys}
+
+    def after(d, tree):
       """``tree`` made data-dependent on the cotangent ``d`` (``+ 0 * d[0]``; XLA does not
       fold that for floats), so what is computed from it waits for the backward pass."""
-      zero = jnp.ravel(d_BxLxD)[0] * 0
+      zero = jnp.ravel(d)[0] * 0
       return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
-    def forward_block(i, x_BxLxD):
-      """Block ``i``'s output and the pullbacks of its MLP and attention halves.
+    def forward_block(block, x):
+      """The block's output and its stages' pullbacks, in forward order.
 
-      With ``remat="full"`` only the block's input is kept: the MLP pullback
-      recomputes the block from it and leaves the attention half's pullback for
-      the next stage. The input and the block's vector weights (norm scales)
-      are made to depend on the incoming cotangent (:func:`after`): XLA would
-      otherwise run every block's recomputation, or broadcasts of its norm
-      scales, at the start of the backward pass and hold them all at once (the
-      CPU backend does, optimization barriers notwithstanding).
+      With ``remat="full"`` only the block's input is kept: the last stage's pullback
+      recomputes the block from it and leaves the earlier stages' pullbacks for the next
+      ones. The input and the block's vector weights (norm scales) are made to depend on the
+      incoming cotangent (``after``): XLA would otherwise run every block's recomputation, or
+      broadcasts of its norm scales, at the start of the backward pass and hold them all at
+      once (the CPU backend does, optimization barriers notwithstanding).
       """
-      attn = {k: params["layers"][i][k] for k in model_lib.DecoderBlock.ATTENTION}
-      mlp = {k: params["layers"][i][k] for k in model_lib.DecoderBlock.MLP}
-      run_attn = half_block(i, "attention_residual")
-      run_mlp = half_block(i, "mlp_residual")
+      runs = [runner(stage) for stage in block]
+      pullbacks = []
       if remat != "full":
-        h_BxLxD, attn_pullback = jax.vjp(model_lib.checkpointed(run_attn, remat), attn, x_BxLxD)
-        y_BxLxD, mlp_pullback = jax.vjp(model_lib.checkpointed(run_mlp, remat), mlp, h_BxLxD)
-        return y_BxLxD, mlp_pullback, attn_pullback
+        for run, weights in runs:
+          x, pullback = jax.vjp(model_lib.checkpointed(run, remat), weights, x)
+          pullbacks.append(pullback)
+        return x, pullbacks
       saved = {}
       vectors_later = lambda d, tree: {
         k: jax.tree.map(lambda w, d=d: after(d, w) if w.ndim < 2 else w, v) for k, v in tree.items()
       }
+      x_in = x
 
-      def mlp_pullback(d_BxLxD):
-        x_later = after(d_BxLxD, x_BxLxD)
-        h_BxLxD, saved["attn"] = jax.vjp(run_attn, vectors_later(d_BxLxD, attn), x_later)
-        return jax.vjp(run_mlp, vectors_later(d_BxLxD, mlp), h_BxLxD)[1](d_BxLxD)
+      def last_pullback(d):
+        h = after(d, x_in)
+        for j, (run, weights) in enumerate(runs[:-1]):
+          h, saved[j] = jax.vjp(run, vectors_later(d, weights), h)
+        run, weights = runs[-1]
+        return jax.vjp(run, vectors_later(d, weights), h)[1](d)
 
-      return run_mlp(mlp, run_attn(attn, x_BxLxD)), mlp_pullback, lambda d: saved["attn"](d)
+      for run, weights in runs:
+        x = run(weights, x)
+      pullbacks = [lambda d, j=j: saved[j](d) for j in range(len(runs) - 1)]
+      return x, pullbacks + [last_pullback]
 
-    def head_loss(head_params, x_BxLxD):
-      logits_BxLxV = nnx.merge(model_gd, {**params, **head_params}).head(x_BxLxD)
-      return steps.summed_cross_entropy(logits_BxLxV, micro)
+    run, weights = runner(spec.embed)
+    x, embed_pullback = jax.vjp(lambda w: run(w, micro["inputs"]), weights)
+    stage_list = [(spec.embed.module, lambda d: (embed_pullback(d)[0], None))]
+    for block in spec.blocks:
+      x, pullbacks = forward_block(block, x)
+      stage_list += [(s.module, p) for s, p in zip(block, pullbacks, strict=True)]
+    run_head, head_weights = runner(spec.head)
+    head_loss = lambda w, x: steps.summed_cross_entropy(run_head(w, x), micro)
+    loss_sum, head_pullback = jax.vjp(head_loss, head_weights, x)
+    stage_list.append((spec.head.module, head_pullback))
+    return loss_sum, stage_list
 
-    # Forward, keeping each stage's pullback: (path prefix of its weights, pullback).
-    embed = lambda p: model_lib.embed_lookup(p["embedding"], micro["inputs"], model.config.dtype)
-    x_BxLxD, embed_pullback = jax.vjp(embed, params["embed"])
-    stages = [(("embed",), lambda d: (embed_pullback(d)[0], None))]
-    for i in range(len(block_gds)):
-      x_BxLxD, mlp_pullback, attn_pullback = forward_block(i, x_BxLxD)
-      stages += [(("layers", i), attn_pullback), (("layers", i), mlp_pullback)]
-    head = {k: params[k] for k in ("final_norm", "lm_head")}
-    loss_sum, pullback = jax.vjp(head_loss, head, x_BxLxD)
-    stages.append(((), pullback))
-    count = jnp.sum(micro["mask"].astype(jnp.float32))
+  def backward(stage_list, d, visit, commit):
+    """Walks the stages in reverse. For each weight: ``out = visit(path, g)``, then
+    ``commit(path, out)``; a barrier orders each ``out`` before the next weight's gradient
+    and the cotangent flowing on."""
+    for prefix, stage_pullback in reversed(stage_list):
+      grads, d = stage_pullback(d)
+      leaves = [
+        (prefix + tuple(_key(k) for k in keypath), g)
+        for keypath, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+      ]
+      for k, (path, g) in enumerate(leaves):
+        out = visit(path, g)
+        rest = [g for _, g in leaves[k + 1 :]]
+        d, rest, out = jax.lax.optimization_barrier((d, rest, out))
+        leaves[k + 1 :] = [(q, g) for (q, _), g in zip(leaves[k + 1 :], rest, strict=True)]
+        commit(path, out)
+
+  def accumulate(params, opt_state, batch, spec, model, denom):
+    """Summed loss over ``batch``'s micro-batches and the per-leaf accumulators (by path) of
+    their gradients / ``denom``: low-rank for projected leaves, whole for the others."""
+    projections = galore.leaf_projections(
+      opt_state, params, proj_type=proj_type, matrix_axes=matrix_axes
+    )
+    paths = _leaf_paths(params)
+    by_path = dict(zip(paths, projections, strict=True))
+    shapes = {
+      p: (q.low_rank_shape if q is not None else _get_at(params, p).shape)
+      for p, q in by_path.items()
+    }
+    zeros = {p: jnp.zeros(s, accum_dtype) for p, s in shapes.items()}
+
+    def body(carry, micro):
+      acc, loss_prev = carry
+      loss_sum, stage_list = forward(params, micro, spec, model)
+      acc = dict(acc)
+
+      def visit(path, g):
+        g = g.astype(accum_dtype)
+        q = by_path[path]
+        return acc[path] + (g if q is None else q.project(g).astype(accum_dtype))
+
+      def commit(path, out):
+        acc[path] = out
+
+      backward(stage_list, (1.0 / denom).astype(loss_sum.dtype), visit, commit)
+      return (acc, loss_prev + loss_sum), None
+
+    (acc, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), batch)
+    return loss_sum, acc, by_path
+
+  def step(params, opt_state, batch):
+    n_micro = batch["inputs"].shape[0]
+    model = nnx.merge(graphdef, params)
+    spec = model_stages(model, stages)
+    _check_owners(spec, params)
+    count = jnp.sum(batch["mask"].astype(jnp.float32))
     denom = jnp.maximum(count, 1.0)
-    loss = loss_sum / denom
+    earlier_loss, acc, by_path = jnp.zeros([], jnp.float32), None, None
+    if n_micro > 1:
+      earlier = jax.tree.map(lambda x: x[:-1], batch)
+      earlier_loss, acc, by_path = accumulate(params, opt_state, earlier, spec, model, denom)
+    micro = jax.tree.map(lambda x: x[-1], batch)
+    loss_sum, stage_list = forward(params, micro, spec, model)
+    loss = (earlier_loss + loss_sum) / denom
     loss_ok = jnp.isfinite(loss)
 
     placeholders = jax.tree.map(lambda _: optax.MaskedNode(), params)
@@ -132,6 +326,13 @@ def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: st
       """Optimizer step for the one weight at ``path``: its new value and state part."""
       nonlocal sq_norm, nonfinite
       p = _get_at(params, path)
+      if acc is not None:
+        # The accumulator made to depend on this gradient (as ``after`` does): else XLA
+        # back-projects every leaf's accumulator at once, early, a full-size gradient's worth.
+        q, a = by_path[path], acc.pop(path)
+        a = a + (jnp.ravel(g)[0] * 0).astype(a.dtype)
+        earlier = a if q is None else q.project_back(a)
+        g = g.astype(earlier.dtype) + earlier
       g = g.astype(p.dtype)
       g_sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
       ok = loss_ok & jnp.isfinite(g_sq)
@@ -149,24 +350,16 @@ def make_layerwise_step(graphdef, tx: optax.GradientTransformation, *, remat: st
       # A cond, not a where: the skipped branch needs no second copy of the weight's
       # state, so the 8-bit update can overwrite the stored codes in place.
       old_part = galore.restrict_state(tx, opt_state, keep)
-      new_p, part = jax.lax.cond(ok, apply, lambda ops: (ops[2], ops[1]), (g, old_part, p))
-      return new_p, part, keep
+      return jax.lax.cond(ok, apply, lambda ops: (ops[2], ops[1]), (g, old_part, p))
+
+    def commit(path, out):
+      nonlocal new_params, new_state
+      new_p, part = out
+      new_params = _replace_at(new_params, path, new_p)
+      new_state = galore.merge_state(tx, new_state, part, _replace_at(no_leaves, path, True))
 
     # Backward: after each stage's pullback, update its weights one after another.
-    d_BxLxD = (1.0 / denom).astype(loss_sum.dtype)
-    for prefix, stage_pullback in reversed(stages):
-      grads, d_BxLxD = stage_pullback(d_BxLxD)
-      leaves = [
-        (prefix + tuple(k.key for k in keypath), g)
-        for keypath, g in jax.tree_util.tree_flatten_with_path(grads)[0]
-      ]
-      for k, (path, g) in enumerate(leaves):
-        new_p, part, keep = update_weight(path, g)
-        rest = [g for _, g in leaves[k + 1 :]]
-        d_BxLxD, rest, new_p, part = jax.lax.optimization_barrier((d_BxLxD, rest, new_p, part))
-        leaves[k + 1 :] = [(q, g) for (q, _), g in zip(leaves[k + 1 :], rest, strict=True)]
-        new_params = _replace_at(new_params, path, new_p)
-        new_state = galore.merge_state(tx, new_state, part, keep)
+    backward(stage_list, (1.0 / denom).astype(loss_sum.dtype), update_weight, commit)
 
     # Step counters advance once, unless the whole step was skipped: an update of no
     # leaves at all advances only them.

@@ -37,9 +37,11 @@ schedule differently.
 
 The step planned is the one ``train.compile_train_step`` would run: the
 per-layer step (``train.make_layerwise_step``: each decoder block updated
-right after its gradient, so one block's gradient is alive at a time) unless
-``--grad-accum`` > 1, ``--grad-clip`` or ``--no-per-layer-updates`` asks for
-the whole-gradient step.
+right after its gradient, so one block's gradient is alive at a time; with
+``--grad-accum`` > 1 and GaLore it also holds float32 accumulators, ``r x n`` per
+projected matrix) unless ``--grad-clip``, ``--no-per-layer-updates``, or
+``--grad-accum`` > 1 without GaLore or with ``--no-lowrank-accum`` asks for the
+whole-gradient step.
 
 ``build()`` gives the configuration's ``AbstractRun`` (shapes only); ``plan()`` returns a
 JSON-serialisable dict; ``format_plan()`` renders it. ``galore_jax.plan`` is this module's
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 import warnings
@@ -60,6 +63,7 @@ import jax.numpy as jnp
 
 from galore_jax import config, steps, targets, trainer, xla_memory
 from galore_jax import model as model_lib
+from galore_jax import optimizer as galore
 from galore_jax.tree import tree_bytes, tree_size
 
 GB = 1e9
@@ -300,6 +304,22 @@ def _block_gradient_bytes(p: AbstractRun) -> int:
   return max(sizes)
 
 
+def accumulator_bytes(p: AbstractRun) -> int:
+  """Bytes of the per-layer step's gradient accumulators with GaLore's low-rank accumulation
+  (:func:`galore_jax.steps.lowrank_accumulation`; else 0): float32, the projected (``r x n``)
+  shape for each projected leaf, the full shape for every other leaf."""
+  if not (steps.lowrank_accumulation(p.cfg) and steps.uses_per_layer_step(p.cfg, p.model_cfg)):
+    return 0
+  projections = galore.leaf_projections(
+    p.opt_state, p.params, matrix_axes=targets.reference_side_axes
+  )
+  sizes = [
+    math.prod(q.low_rank_shape) if q is not None else leaf.size
+    for q, leaf in zip(projections, jax.tree.leaves(p.params), strict=True)
+  ]
+  return 4 * sum(sizes)
+
+
 def analytic(p: AbstractRun) -> dict[str, Any]:
   cfg, mc = p.cfg, p.model_cfg
   per_layer_updates = steps.uses_layerwise_step(cfg, mc)
@@ -310,6 +330,7 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
   full_grad = weights  # gradients are cast to the param dtype
   if cfg.grad_accum > 1:
     full_grad += 4 * n_params  # float32 accumulator of the scan over micro-batches
+  accum = accumulator_bytes(p)  # the per-layer step's low-rank accumulators instead
   block_grad = _block_gradient_bytes(p)
   loss_transient = 4 * cfg.batch_size * cfg.seq_len * mc.vocab_size  # float32 d(logits)
   update = update_transient_bytes(p)
@@ -317,8 +338,8 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
   update_phase = max(update, svd)
   head_grad = tree_bytes(_head_weight(p))
   if per_layer_updates:
-    grads_at_peak = block_grad
-    dynamic = acts["total_bytes"] + loss_transient + block_grad + update_phase
+    grads_at_peak = block_grad + accum
+    dynamic = acts["total_bytes"] + loss_transient + block_grad + accum + update_phase
   else:
     grads_at_peak = full_grad
     dynamic = max(acts["total_bytes"] + loss_transient + head_grad, full_grad + update_phase)
@@ -328,6 +349,7 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
     "gradient_bytes": full_grad,
     "gradients_at_peak_bytes": grads_at_peak,
     "largest_layer_gradient_bytes": block_grad,
+    "accumulator_bytes": accum,
     "activation_bytes": acts["total_bytes"],
     "activations": acts,
     "loss_transient_bytes": loss_transient,
@@ -404,7 +426,10 @@ def suggestions(
   if not steps.per_layer_updates(cfg):
     change = {"per_layer_updates": True, "grad_clip": 0.0}
     label = "per-layer weight updates (drop --no-per-layer-updates / --grad-clip"
-    if cfg.grad_accum > 1:
+    if cfg.grad_accum > 1 and cfg.is_galore:
+      change["lowrank_accum"] = True
+      label += " / --no-lowrank-accum"
+    elif cfg.grad_accum > 1:
       change.update(batch_size=cfg.batch_size * cfg.grad_accum, grad_accum=1)
       label += f", batch {cfg.batch_size * cfg.grad_accum} without accumulation"
     cands.append((label + ")", change))
@@ -466,6 +491,7 @@ def plan(
     "optimizer_breakdown": opt,
     "gradient_bytes": an["gradient_bytes"],
     "gradients_at_peak_bytes": an["gradients_at_peak_bytes"],
+    "accumulator_bytes": an["accumulator_bytes"],
     "activation_bytes": an["activation_bytes"],
     "analytic": an,
     "per_layer_updates": per_layer_updates,
@@ -517,7 +543,13 @@ def format_plan(r: dict[str, Any]) -> str:
     f"{fmt_bytes(opt['projector_bytes'])}, other {opt['other_bytes']} B)",
     f"  gradients at peak       {fmt_bytes(r['gradients_at_peak_bytes'])}"
     + (
-      "  (one stage: half a block, or the embedding / head)"
+      "  (one stage: half a block, or the embedding / head"
+      + (
+        f"; + {fmt_bytes(r['accumulator_bytes'])} f32 micro-batch accumulators, low-rank "
+        "for projected matrices)"
+        if r["accumulator_bytes"]
+        else ")"
+      )
       if per_layer
       else "  (all of them: this step computes the whole gradient, then updates)"
     ),

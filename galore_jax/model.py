@@ -497,6 +497,27 @@ class Llama(nnx.Module):
       x_BxLxD = run_block(block, x_BxLxD)
     return self.head(x_BxLxD)
 
+  def layerwise_stages(self):
+    """The model as :class:`galore_jax.layerwise.Stages` for per-layer updates: the embedding,
+    the attention half and the MLP half of each decoder block, final norm + LM head."""
+    from galore_jax import layerwise  # imports this module
+
+    if self.config.tie_embeddings:
+      raise ValueError("a tied embedding is used by two stages: per-layer updates need untied")
+    stage = layerwise.Stage
+    blocks = [
+      [
+        stage(lambda b, x: b.attention_residual(x), DecoderBlock.ATTENTION, ("layers", i)),
+        stage(lambda b, x: b.mlp_residual(x), DecoderBlock.MLP, ("layers", i)),
+      ]
+      for i in range(len(self.layers))
+    ]
+    return layerwise.Stages(
+      embed=stage(lambda m, t: embed_lookup(m.embed.embedding[...], t, m.config.dtype), ("embed",)),
+      blocks=blocks,
+      head=stage(lambda m, x: m.head(x), ("final_norm", "lm_head")),
+    )
+
   def head(self, x_BxLxD: jax.Array) -> jax.Array:
     """Final norm and LM head: last hidden states (B, L, D) -> float32 logits (B, L, V)."""
     h_BxLxD = self.final_norm(x_BxLxD)

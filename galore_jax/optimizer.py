@@ -1024,3 +1024,75 @@ def with_galore_count(opt_state, count, *, state_types=None):
     return x._replace(count=new)
 
   return jax.tree.map(set_count, opt_state, is_leaf=is_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafProjection:
+  """How GaLore projects one leaf with the basis it holds now (:func:`leaf_projections`).
+
+  ``project`` and ``project_back`` are the transform's own maps (:mod:`galore_jax.projector`
+  on the leaf's matrix view), without ``scale``; ``project(project_back(r)) == r`` since the
+  basis is orthonormal.
+  """
+
+  layout: _LeafLayout
+  basis: Any
+
+  @property
+  def low_rank_shape(self) -> tuple[int, ...]:
+    return self.layout.low_rank_shape()
+
+  def project(self, g: jax.Array) -> jax.Array:
+    """The leaf-shaped ``g`` in the low-rank coordinates GaLore hands its inner optimizer."""
+    return proj.project(self.layout.to_matrices(g), self.basis, self.layout.side)
+
+  def project_back(self, r: jax.Array) -> jax.Array:
+    """Low-rank coordinates back to the leaf's shape."""
+    return self.layout.from_matrices(proj.project_back(r, self.basis, self.layout.side))
+
+
+def leaf_projections(
+  opt_state, params, *, proj_type: str = "std", matrix_axes: MatrixAxesFn | None = None
+) -> list[LeafProjection | None]:
+  """Per leaf of ``params`` (flatten order), its current GaLore projection, or ``None``.
+
+  Which leaves are projected, at which rank and with which basis is read from the
+  :class:`GaLoreState` s in ``opt_state`` (:func:`galore_states`: any optax wrapper, several
+  parameter groups); ``proj_type`` and ``matrix_axes`` are not in the state, so pass the
+  transform's (the trainer's: ``"std"``, :func:`galore_jax.targets.reference_side_axes`). A
+  basis whose shape does not fit the matrix view they give raises ``ValueError``. Works on
+  abstract states (``jax.eval_shape``) too.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_masked)
+  bases: list[Any] = [None] * len(leaves)
+  for state in galore_states(opt_state):
+    for i, basis in enumerate(treedef.flatten_up_to(state.projectors)):
+      if basis is not None and not _is_masked(basis):
+        bases[i] = basis
+  layouts = leaf_layouts(
+    params,
+    treedef.unflatten([b is not None for b in bases]),
+    rank=1,
+    proj_type=proj_type,
+    matrix_axes=matrix_axes,
+    update_proj_gap=1,
+    refresh_schedule="synchronous",
+  )
+  out: list[LeafProjection | None] = []
+  for layout, basis in zip(layouts, bases, strict=True):
+    if layout is None:
+      out.append(None)
+      continue
+    layout = dataclasses.replace(layout, rank=_stored_rank(layout.side, basis))
+    want = [
+      layout.batch_shape + s
+      for s in proj.basis_shapes(layout.side, layout.m, layout.n, layout.rank)
+    ]
+    have = [tuple(b.shape) for b in jax.tree.leaves(basis)]
+    if have != want:
+      raise ValueError(
+        f"the projector of {layout.path} has shape {have}, not {want}: proj_type / "
+        "matrix_axes differ from the transform's"
+      )
+    out.append(LeafProjection(layout, basis))
+  return out

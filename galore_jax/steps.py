@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from galore_jax import model as model_lib
+from galore_jax import targets
 from galore_jax.config import TrainConfig
 
 
@@ -105,9 +106,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, materialize=N
 
 
 def per_layer_updates(cfg: TrainConfig) -> bool:
-  """Whether ``cfg`` asks for per-layer updates and allows them (one micro-batch, no
-  clipping); :func:`select_train_step` also needs an untied model."""
-  return cfg.per_layer_updates and cfg.grad_accum == 1 and cfg.grad_clip == 0
+  """Whether ``cfg`` asks for per-layer updates and allows them: no clipping, and one
+  micro-batch or GaLore's low-rank accumulation (:func:`lowrank_accumulation`);
+  :func:`select_train_step` also needs an untied model."""
+  return (
+    cfg.per_layer_updates
+    and cfg.grad_clip == 0
+    and (cfg.grad_accum == 1 or lowrank_accumulation(cfg))
+  )
+
+
+def lowrank_accumulation(cfg: TrainConfig) -> bool:
+  """Whether micro-batches are accumulated in GaLore's low-rank space by the per-layer step
+  (``--grad-accum`` > 1 with a GaLore optimizer, unless ``--no-lowrank-accum``) instead of as
+  a float32 copy of the whole gradient (:func:`mean_token_gradient`)."""
+  return cfg.grad_accum > 1 and cfg.is_galore and cfg.lowrank_accum
 
 
 def make_eval_step(graphdef):
@@ -126,7 +139,9 @@ def select_train_step(
 ):
   """The step the trainer runs for ``cfg``: per-layer updates
   (:func:`galore_jax.layerwise.make_layerwise_step`) where :func:`per_layer_updates` allows
-  them and the model is untied, else :func:`make_train_step`; not yet jitted.
+  them and the model is untied, else :func:`make_train_step`; not yet jitted. With
+  ``--grad-accum`` > 1 the per-layer step accumulates in GaLore's low rank
+  (:func:`lowrank_accumulation`).
 
   A tied embedding gets gradient from two stages (lookup and head), so it cannot be updated
   right after one of them: tied models take the whole-gradient step.
@@ -134,5 +149,9 @@ def select_train_step(
   if uses_layerwise_step(cfg, model_cfg):
     from galore_jax import layerwise  # imports this module for the loss
 
-    return layerwise.make_layerwise_step(graphdef, tx, remat=cfg.remat)
+    # proj_type and matrix_axes as config.build_optimizer gives them to galore(): the
+    # low-rank accumulation reads each leaf's projector with them.
+    return layerwise.make_layerwise_step(
+      graphdef, tx, remat=cfg.remat, matrix_axes=targets.reference_side_axes
+    )
   return make_train_step(graphdef, tx)

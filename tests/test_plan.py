@@ -225,6 +225,20 @@ def test_layerwise_step_frees_gradients_early(compiled_bf16):
   assert per_layer["peak_bytes"] + whole["gradient_bytes"] < whole["peak_bytes"]
 
 
+def test_lowrank_accumulation_is_planned_and_compiled():
+  """--grad-accum with GaLore keeps the per-layer step. Its compiled peak grows by at most its
+  float32 accumulators (low-rank for projected matrices), well under the whole gradient's
+  float32 copy that the whole-gradient step accumulates into."""
+  f32 = dict(param_dtype="float32", dtype="float32", per_layer_updates=True)
+  one, acc = _compiled(**f32), _compiled(grad_accum=4, **f32)
+  assert acc["per_layer_updates"] and acc["xla"]["step"] == "train.make_layerwise_step"
+  accum = acc["accumulator_bytes"]
+  assert one["accumulator_bytes"] == 0 and 0 < accum < 0.4 * 4 * acc["params"]
+  assert acc["analytic"]["peak_bytes"] - one["analytic"]["peak_bytes"] == accum
+  batch = 3 * 3 * 16 * 4  # three more int32 (1, 16) micro-batches
+  assert 0 < acc["peak_bytes"] - one["peak_bytes"] <= accum + batch
+
+
 def test_memory_table_runs(capsys, load_experiment):
   module = load_experiment("memory_table")
   assert module.main(["--models", "llama_60m"]) == 0

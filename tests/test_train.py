@@ -68,9 +68,26 @@ def test_mesh_shards_params_and_projectors(tmp_path):
 
 
 def test_grad_accumulation_equals_large_batch(tmp_path):
+  # The whole-gradient accumulation (--no-lowrank-accum): refresh steps included. The
+  # low-rank one is tested step by step in tests/test_layerwise.py.
   big = train.train(_cfg(tmp_path, "big", steps=2, batch_size=8), log=_quiet)
-  acc = train.train(_cfg(tmp_path, "acc", steps=2, batch_size=4, grad_accum=2), log=_quiet)
+  kw = dict(steps=2, batch_size=4, grad_accum=2, lowrank_accum=False)
+  acc = train.train(_cfg(tmp_path, "acc", **kw), log=_quiet)
   np.testing.assert_allclose(acc["losses"], big["losses"], rtol=2e-5)
+
+
+def test_grad_accumulation_step_choice():
+  # GaLore accumulates in low rank inside the per-layer step; full-rank Adam, clipping and
+  # --no-lowrank-accum accumulate the whole gradient in the whole-gradient step.
+  model_cfg = train.model_config(train.TrainConfig(**SMALL), 512)
+  uses = lambda **kw: steps.uses_per_layer_step(
+    train.TrainConfig(**{**SMALL, "grad_accum": 4, **kw}), model_cfg
+  )
+  assert uses() and uses(optimizer="galore_adamw8bit")
+  assert not uses(optimizer="adamw")
+  assert not uses(lowrank_accum=False)
+  assert not uses(grad_clip=1.0)
+  assert not uses(per_layer_updates=False)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
