@@ -308,7 +308,7 @@ def accumulator_bytes(p: AbstractRun) -> int:
   """Bytes of the per-layer step's gradient accumulators with GaLore's low-rank accumulation
   (:func:`galore_jax.steps.lowrank_accumulation`; else 0): float32, the projected (``r x n``)
   shape for each projected leaf, the full shape for every other leaf."""
-  if not (steps.lowrank_accumulation(p.cfg) and steps.uses_per_layer_step(p.cfg, p.model_cfg)):
+  if not (steps.lowrank_accumulation(p.cfg) and steps.uses_layerwise_step(p.cfg, p.model_cfg)):
     return 0
   projections = galore.leaf_projections(
     p.opt_state, p.params, matrix_axes=targets.reference_side_axes

@@ -80,7 +80,7 @@ def test_grad_accumulation_step_choice():
   # GaLore accumulates in low rank inside the per-layer step; full-rank Adam, clipping and
   # --no-lowrank-accum accumulate the whole gradient in the whole-gradient step.
   model_cfg = train.model_config(train.TrainConfig(**SMALL), 512)
-  uses = lambda **kw: steps.uses_per_layer_step(
+  uses = lambda **kw: steps.uses_layerwise_step(
     train.TrainConfig(**{**SMALL, "grad_accum": 4, **kw}), model_cfg
   )
   assert uses() and uses(optimizer="galore_adamw8bit")
