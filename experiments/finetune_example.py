@@ -37,7 +37,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from galore_jax import cli, data, train  # noqa: E402
+from galore_jax import cli, data, sample, trainer  # noqa: E402
+from galore_jax.config import TrainConfig  # noqa: E402
 
 WORDS = (
   "cat dog sun moon tree star fish bird red blue green gold king queen ship road "
@@ -106,17 +107,17 @@ def build_base_model(root: Path, records: list[dict], seed: int) -> Path:
   return base
 
 
-def optimizer_bytes(cfg: train.TrainConfig, vocab: int) -> tuple[int, int]:
+def optimizer_bytes(cfg: TrainConfig, vocab: int) -> tuple[int, int]:
   """(weight bytes, optimizer-state bytes) of a run, from shapes (``jax.eval_shape``)."""
-  run = train.setup(cfg, vocab)
+  run = trainer.setup(cfg, vocab)
   size = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
   return size(run.abstract_params), size(run.abstract_opt)
 
 
 def completion_accuracy(run_dir: str) -> float:
   """Next-token accuracy on the validation completions (the masked targets)."""
-  run, params, _, _ = train.load_for_inference(run_dir)
-  batches = data.eval_batches(train._data_config(run.cfg, run.cfg.batch_size))
+  run, params, _, _ = sample.load_for_inference(run_dir)
+  batches = data.eval_batches(trainer.data_config(run.cfg, run.cfg.batch_size))
   forward = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x).argmax(-1))
   hit = total = 0.0
   for b in batches:
@@ -130,10 +131,10 @@ def transformers_loss(model_dir: Path, run_dir: str) -> float:
   import torch
   import transformers
 
-  run, _, _, _ = train.load_for_inference(run_dir)
+  run, _, _, _ = sample.load_for_inference(run_dir)
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
   loss = count = 0.0
-  for b in data.eval_batches(train._data_config(run.cfg, run.cfg.batch_size)):
+  for b in data.eval_batches(trainer.data_config(run.cfg, run.cfg.batch_size)):
     with torch.no_grad():
       logits = model(torch.tensor(b["inputs"], dtype=torch.long)).logits.double()
     nll = torch.nn.functional.cross_entropy(
@@ -184,8 +185,8 @@ def main(argv=None) -> int:
     out = root / name
     if out.exists():
       shutil.rmtree(out)  # a fresh run each time: the comparison needs the same steps
-    cfg = train.TrainConfig(out=str(out), **common, **extra)
-    summary = train.train(cfg, log=lambda *a: None)
+    cfg = TrainConfig(out=str(out), **common, **extra)
+    summary = trainer.train(cfg, log=lambda *a: None)
     weights, state = optimizer_bytes(cfg, vocab)
     rows[name] = dict(
       val_loss=summary["eval_loss"],
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
       last=float(np.mean(summary["losses"][-10:])),
     )
 
-  n_val = len(data.eval_batches(train._data_config(cfg, 16)))
+  n_val = len(data.eval_batches(trainer.data_config(cfg, 16)))
   print(
     f"model: {base} (LlamaForCausalLM, 4 layers, hidden 128, 4 heads / 2 KV heads, vocab "
     f"{vocab}); {len(records)} generated instructions, validation split {n_val} batch(es) "

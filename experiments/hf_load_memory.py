@@ -57,10 +57,10 @@ def write_checkpoint(d: Path, hidden: int, layers: int, vocab: int) -> None:
     num_kv_heads=hidden // 256,
     num_layers=layers,
   )
-  abstract = hf._abstract_params(cfg)
+  abstract = hf.abstract_params(cfg)
   rng = np.random.default_rng(0)
   tensors = {}
-  for key, (path, transpose) in M._hf_mapping(cfg).items():
+  for key, (path, transpose) in M.hf_mapping(cfg).items():
     leaf = abstract
     for k in path:
       leaf = leaf[k]

@@ -368,7 +368,7 @@ def local_batches(make_batch, per_batch: int, shard: RowShard | None):
   from galore_jax import data
 
   row_wise = (
-    isinstance(make_batch, data._Rows)
+    isinstance(make_batch, data.Rows)
     and not getattr(make_batch, "pack", False)
     and per_batch == make_batch.batch_size
   )

@@ -319,14 +319,14 @@ def config_to_dict(config: model_lib.LlamaConfig, *, dtype: str = "float32") -> 
 
 def _hf_keys(config: model_lib.LlamaConfig) -> dict[tuple, tuple[str, bool]]:
   """Our parameter path -> (HF tensor name, whether torch stores it transposed)."""
-  return {path: (key, t) for key, (path, t) in model_lib._hf_mapping(config).items()}
+  return {path: (key, t) for key, (path, t) in model_lib.hf_mapping(config).items()}
 
 
 def _path_of(keypath) -> tuple:
   return tuple(k.key for k in keypath)
 
 
-def _abstract_params(config: model_lib.LlamaConfig) -> dict:
+def abstract_params(config: model_lib.LlamaConfig) -> dict:
   abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
@@ -428,7 +428,7 @@ def load_pretrained(
       "(another architecture, or a config.json that does not match the weights)"
     )
 
-  abstract = _abstract_params(config)
+  abstract = abstract_params(config)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

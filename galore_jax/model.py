@@ -586,7 +586,7 @@ def _subtree(tree: Any, path: tuple[Any, ...]) -> Any:
 # Hugging Face weights.
 
 
-def _hf_mapping(config: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
+def hf_mapping(config: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
   """HF state-dict key -> (our parameter path, whether to transpose)."""
   mapping: dict[str, tuple[tuple[Any, ...], bool]] = {
     "model.embed_tokens.weight": (("embed", "embedding"), False),
@@ -626,7 +626,7 @@ def load_hf_weights(model: Llama, state_dict: Mapping[str, np.ndarray]) -> None:
   recomputed); any other unknown key is an error, since it means the two
   architectures differ (bias terms, more layers, ...).
   """
-  mapping = _hf_mapping(model.config)
+  mapping = hf_mapping(model.config)
   missing = sorted(k for k in mapping if k not in state_dict)
   if missing:
     hint = ""

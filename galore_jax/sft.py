@@ -37,10 +37,10 @@ from galore_jax import data
 
 def _read_records(path: Path) -> list[tuple[Any, str]]:
   """(record, where) for every JSON record of a .jsonl / .json file (compressed or not)."""
-  fmt, comp = data._file_kind(path)
+  fmt, comp = data.file_kind(path)
   raw = path.read_bytes()
   if comp:
-    raw = data._COMPRESSION[comp](raw)
+    raw = data.COMPRESSION[comp](raw)
   text = raw.decode("utf-8")
   if fmt == ".json":
     try:
@@ -72,7 +72,7 @@ def _kind(record: Any) -> str | None:
 def is_instruction_data(files: Sequence[Path]) -> bool:
   """Whether the first record of the first JSON file is a prompt/completion or chat record."""
   for f in files:
-    fmt, _ = data._file_kind(f)
+    fmt, _ = data.file_kind(f)
     if fmt == ".txt":
       return False
     try:
@@ -172,7 +172,7 @@ def tokenize_examples(
 
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
   """The path-source split rule (``galore_jax.data.path_documents``) on canonical JSON."""
-  hashes = [data._doc_hash(json.dumps(r, sort_keys=True)) for r, _ in records]
+  hashes = [data.doc_hash(json.dumps(r, sort_keys=True)) for r, _ in records]
   is_val = [h % data.PATH_VALIDATION_MODULUS == 0 for h in hashes]
   if not any(is_val) and len(records) >= 2:
     is_val[int(np.argmin(np.array(hashes, dtype=np.uint64)))] = True
@@ -180,7 +180,7 @@ def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any,
   return [r for r, v in zip(records, is_val, strict=True) if v == want]
 
 
-class _ExampleBatch(data._Rows):
+class _ExampleBatch(data.Rows):
   """Example indices -> one example per row; ``mask`` is 1 where the target is trained."""
 
   def __init__(self, examples, batch_size: int, seq_len: int, pad: int):
@@ -200,7 +200,7 @@ class _ExampleBatch(data._Rows):
 def split_index(
   config: data.DataConfig, split: str, tok, files: Sequence[Path], eos: int, pad: int
 ):
-  """The ``data._SplitIndex`` of an instruction file set (one example per row, never packed)."""
+  """The ``data.SplitIndex`` of an instruction file set (one example per row, never packed)."""
   del eos  # placed by tokenize_examples
   records = [rw for f in files for rw in _read_records(f)]
   if not records:
@@ -215,7 +215,7 @@ def split_index(
   n = len(examples)
   n_tok = int(sum(len(t) for t, _ in examples))
   B, L = config.batch_size, config.seq_len
-  return data._SplitIndex(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
+  return data.SplitIndex(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
 
 
-plan = split_index  # its name before data._Plan became data._SplitIndex
+plan = split_index  # its name before data._Plan became data.SplitIndex

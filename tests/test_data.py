@@ -126,7 +126,7 @@ def test_jsonl_gz_source(tmp_path, sp):
   train = gd.path_documents(str(path), "train")
   val = gd.path_documents(str(path), "validation")
   assert len(train) + len(val) == len(docs) and not set(train) & set(val)
-  assert val == [d for d in docs if gd._doc_hash(d) % 100 == 0] and 1 <= len(val) <= 15
+  assert val == [d for d in docs if gd.doc_hash(d) % 100 == 0] and 1 <= len(val) <= 15
   # packing=False: each row is one document (+ EOS), truncated / padded
   cfg = DataConfig(source=str(path), seq_len=32, batch_size=4, packing=False, seed=0)
   ds = make_dataset(cfg, "train")

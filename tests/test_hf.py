@@ -199,7 +199,7 @@ def test_sharded_files_load(hf_models, tmp_path):
   ref.save_pretrained(theirs, max_shard_size="40KB")
   assert (theirs / hf.INDEX_FILE).is_file()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("data", "fsdp"))
-  abstract = hf._abstract_params(config)
+  abstract = hf.abstract_params(config)
   shardings = train.shardings_for(abstract, mesh)
   _, split = hf.load_pretrained(theirs, shardings=shardings, param_dtype=jnp.bfloat16)
   q = split["layers"][1]["attn"]["q_proj"]["kernel"]

@@ -29,12 +29,12 @@ Modules: ``corpus`` (the bundled corpus and its document / split rules), ``sourc
 """
 
 # Every module-level name of the former single-module ``galore_jax.data`` that is used from
-# outside stays importable from here, the private ones ``galore_jax.sft`` and tests use too.
+# outside stays importable from here.
 from galore_jax.data.batching import (  # noqa: F401
   DataConfig,
   Dataset,
-  _Rows,
-  _SplitIndex,
+  Rows,
+  SplitIndex,
   eval_batches,
   make_dataset,
 )
@@ -51,18 +51,20 @@ from galore_jax.data.corpus import (  # noqa: F401
   split_paragraph_documents,
 )
 from galore_jax.data.sources import (  # noqa: F401
-  _COMPRESSION,
   BUILTIN_TOKENIZER,
+  COMPRESSION,
   PATH_VALIDATION_MODULUS,
-  _doc_hash,
-  _file_kind,
   cache_dir,
+  doc_hash,
+  file_kind,
   load_tokenizer,
   path_documents,
   tfds_source,
 )
 
-_Plan = _SplitIndex  # its name before the package split ("plan" meant three things)
+# Former private names, kept for code that used them.
+_Plan = _SplitIndex = SplitIndex  # "plan" meant three things in the package
+_Rows, _COMPRESSION, _doc_hash, _file_kind = Rows, COMPRESSION, doc_hash, file_kind
 
 __all__ = [
   "DataConfig",

@@ -3,7 +3,7 @@
 Every loader is a random-access ``grain.MapDataset``: example indices -> shuffle(seed)
 -> batch -> map(indices -> arrays) -> repeat, so ``Dataset.batch(step)`` is a pure
 function of ``(config, split, step)``. A split is first described as a
-``_SplitIndex`` (how many indexable items, how many per batch, and the map that turns
+``SplitIndex`` (how many indexable items, how many per batch, and the map that turns
 a batch of indices into arrays): packed windows of the token stream, whole documents,
 TFDS records, or instruction examples (``galore_jax.sft``).
 """
@@ -86,7 +86,7 @@ def _shuffle_seed(seed: int) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-class _Rows:
+class Rows:
   """Builds a {'inputs', 'targets', 'mask'} batch of `batch_size` rows from token
   windows of up to seq_len + 1 tokens; missing rows / tokens are padding (mask 0)."""
 
@@ -113,7 +113,7 @@ class _Rows:
     }
 
 
-class _WindowBatch(_Rows):
+class _WindowBatch(Rows):
   """Window indices -> rows cut from the packed token stream (window i starts at
   token i * seq_len and has seq_len + 1 tokens, so consecutive windows share one)."""
 
@@ -135,7 +135,7 @@ def _truncated(doc: np.ndarray, seq_len: int, eos: int) -> np.ndarray:
   return np.append(np.asarray(doc[: seq_len + 1], np.int32), np.int32(eos))[: seq_len + 1]
 
 
-class _DocBatch(_Rows):
+class _DocBatch(Rows):
   """Document indices -> one document per row, + EOS, truncated / padded (packing=False)."""
 
   def __init__(self, docs: _TokenDocs, batch_size: int, seq_len: int, eos: int, pad: int):
@@ -149,7 +149,7 @@ class _DocBatch(_Rows):
     )
 
 
-class _TfdsBatch(_Rows):
+class _TfdsBatch(Rows):
   """Record indices -> records read from the TFDS data source (one batched read), their
   'text' tokenized (one batched SentencePiece call), then either one document per row
   (``pack=False``) or all of them, each + EOS, packed into the batch's rows like the
@@ -270,7 +270,7 @@ class Dataset:
 
 
 @dataclasses.dataclass
-class _SplitIndex:
+class SplitIndex:
   """A split as `num_items` indexable items (windows / documents / records), taken
   `per_batch` at a time (batch_size, or a document group for tfds packing) and turned
   into a batch by `make_batch`."""
@@ -284,15 +284,15 @@ class _SplitIndex:
   read_threads: int = 1
 
 
-def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -> _SplitIndex:
+def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -> SplitIndex:
   B, L = config.batch_size, config.seq_len
   n_tok = int(docs.offsets[-1]) + docs.num_docs
   if config.packing:
     stream = docs.stream(eos)
     n = max(len(stream) - 1, 0) // L
-    return _SplitIndex(n, B, _WindowBatch(stream, B, L, pad), docs.num_docs, n, n_tok)
+    return SplitIndex(n, B, _WindowBatch(stream, B, L, pad), docs.num_docs, n, n_tok)
   nd = docs.num_docs
-  return _SplitIndex(nd, B, _DocBatch(docs, B, L, eos, pad), nd, nd, n_tok)
+  return SplitIndex(nd, B, _DocBatch(docs, B, L, eos, pad), nd, nd, n_tok)
 
 
 # tfds packing: each batch packs a fixed group of documents, sized for about this many
@@ -300,21 +300,21 @@ def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -
 _TFDS_PACK_OVERSAMPLE = 1.25
 
 
-def _tfds_index(config: DataConfig, split: str, sp, eos: int, pad: int) -> _SplitIndex:
+def _tfds_index(config: DataConfig, split: str, sp, eos: int, pad: int) -> SplitIndex:
   src = tfds_source(config.source, split)
   n = len(src)
   B, L = config.batch_size, config.seq_len
   make = _TfdsBatch(src, sp, B, L, eos, pad, pack=config.packing)
   threads = max(1, min(4, os.cpu_count() or 1))
   if not config.packing:
-    return _SplitIndex(n, B, make, n, n, None, threads)
+    return SplitIndex(n, B, make, n, n, None, threads)
   sample = make.tokens(np.arange(min(n, 64)))
   mean = float(np.mean([len(x) + 1 for x in sample]))
   group = max(1, math.ceil(_TFDS_PACK_OVERSAMPLE * (B * L + 1) / mean))
-  return _SplitIndex(n, group, make, n, (n // group) * B, None, threads)
+  return SplitIndex(n, group, make, n, (n // group) * B, None, threads)
 
 
-def _split_index(config: DataConfig, split: str, sp: spm.SentencePieceProcessor) -> _SplitIndex:
+def _split_index(config: DataConfig, split: str, sp: spm.SentencePieceProcessor) -> SplitIndex:
   _check_split(split)
   eos, pad = _special_ids(sp)
   source = config.source.strip()
@@ -337,7 +337,7 @@ def _split_index(config: DataConfig, split: str, sp: spm.SentencePieceProcessor)
   return _in_memory_index(config, docs, eos, pad)
 
 
-def _too_small(config: DataConfig, split: str, index: _SplitIndex) -> ValueError:
+def _too_small(config: DataConfig, split: str, index: SplitIndex) -> ValueError:
   if index.per_batch != config.batch_size:  # tfds packing
     what = f"{index.num_documents} documents, {index.per_batch} packed into each batch"
   else:

@@ -159,13 +159,13 @@ def _tokenizer_hash(sp: spm.SentencePieceProcessor) -> str:
 # ----------------------------------------------------------------------------------------
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
-_COMPRESSION = {".gz": gzip.decompress, ".xz": lzma.decompress}
+COMPRESSION = {".gz": gzip.decompress, ".xz": lzma.decompress}
 
 
-def _file_kind(path: Path) -> tuple[str, str | None]:
+def file_kind(path: Path) -> tuple[str, str | None]:
   """(format suffix, compression suffix or None), or ValueError."""
   suffixes = [s.lower() for s in path.suffixes]
-  comp = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSION else None
+  comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSION else None
   fmt_suffixes = suffixes[:-1] if comp else suffixes
   fmt = fmt_suffixes[-1] if fmt_suffixes else ""
   if fmt not in _TEXT_SUFFIXES:
@@ -197,13 +197,13 @@ def _resolve_paths(source: str) -> list[Path]:
     else:
       files = [p]
   for f in files:
-    _file_kind(f)
+    file_kind(f)
   return files
 
 
 def _looks_like_data(path: Path) -> bool:
   try:
-    _file_kind(path)
+    file_kind(path)
     return True
   except ValueError:
     return False
@@ -223,11 +223,11 @@ def _file_documents(path: Path) -> list[str]:
   """Documents of one file: a .txt file is cut into documents of >= 1000 characters at
   blank lines, or at line ends inside longer paragraphs (``split_paragraph_documents``);
   a JSON record is one document."""
-  fmt, comp = _file_kind(path)
+  fmt, comp = file_kind(path)
   raw = path.read_bytes()
   if comp:
     try:
-      raw = _COMPRESSION[comp](raw)
+      raw = COMPRESSION[comp](raw)
     except (OSError, EOFError, lzma.LZMAError) as e:
       raise ValueError(f"{path}: cannot decompress ({comp}): {e}") from e
   try:
@@ -260,7 +260,7 @@ def _file_documents(path: Path) -> list[str]:
   return [d for d in docs if d.strip()]
 
 
-def _doc_hash(doc: str) -> int:
+def doc_hash(doc: str) -> int:
   """64-bit content hash of a document (the 1-in-100 validation rule)."""
   h = hashlib.blake2b(doc.encode("utf-8"), digest_size=8)
   return int.from_bytes(h.digest(), "little")
@@ -278,7 +278,7 @@ def path_documents(source: str, split: str) -> list[str]:
   docs = [d for f in _resolve_paths(source) for d in _file_documents(f)]
   if not docs:
     raise ValueError(f"--data {source!r}: no non-empty documents")
-  hashes = [_doc_hash(d) for d in docs]
+  hashes = [doc_hash(d) for d in docs]
   is_val = [h % PATH_VALIDATION_MODULUS == 0 for h in hashes]
   if not any(is_val) and len(docs) >= 2:
     is_val[int(np.argmin(np.array(hashes, dtype=np.uint64)))] = True
