@@ -50,12 +50,15 @@ state). Gradients follow the parameters' sharding. Activations and the loss's d(
 are those of the per-device micro-batch ``batch_size / (D * F)``. The update temporaries
 are those of the largest unprojected leaf's local shard; an SVD refresh is counted whole
 (XLA does not partition an SVD: the gradient is gathered to every device). With F > 1 the
-largest sharded weight is added once, whole: the FSDP all-gather that materialises it for
-its matmul (one weight at a time; XLA may overlap more). The compiled estimate lowers the
-trainer's own jitted step (``trainer.compile_train_step``: the same in/out shardings) on
-D * F devices; ``memory_analysis()`` of an SPMD program is per device. With fewer devices
-than the mesh needs, the plan is analytic only and says so (``xla_skipped``); the CLI gives
-the CPU backend enough host devices (``--xla_force_host_platform_device_count``).
+largest sharded weight is added twice, whole: the FSDP all-gather that materialises it for
+its matmuls, and its gradient as the backward pass computes it on the device's rows, before
+the reduce-scatter that shards it (one weight at a time, as FSDP schedules it; XLA's CPU
+schedule gathers several weights at once, so the compiled CPU figure is higher at scale).
+The compiled estimate lowers the trainer's own jitted step (``trainer.compile_train_step``:
+the same in/out shardings) on D * F devices; ``memory_analysis()`` of an SPMD program is
+per device. With fewer devices than the mesh needs, the plan is analytic only and says so
+(``xla_skipped``); the CLI gives the CPU backend enough host devices
+(``--xla_force_host_platform_device_count``).
 
 ``build()`` gives the configuration's ``AbstractRun`` (shapes only); ``plan()`` returns a
 JSON-serialisable dict; ``format_plan()`` renders it. ``galore_jax.plan`` is this module's
@@ -358,7 +361,8 @@ def _block_gradient_bytes(p: AbstractRun, fsdp: int = 1) -> int:
 
 def fsdp_gather_bytes(p: AbstractRun) -> int:
   """The FSDP all-gather transient: the largest weight that ``fsdp`` shards, whole (XLA
-  gathers it onto every device for its matmul). 0 without an ``fsdp`` axis."""
+  gathers it onto every device for its matmul). 0 without an ``fsdp`` axis. Its gradient is
+  as large before the reduce-scatter that shards it (``analytic`` counts both)."""
   fsdp = mesh_shape(p.cfg)[1]
   sharded = [
     tree_bytes(x)
@@ -388,13 +392,14 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
   update_phase = max(update, svd)
   head_grad = nbytes(_head_weight(p))
   gather = fsdp_gather_bytes(p)
+  fsdp_transient = 2 * gather  # the gathered weight + its gradient before the reduce-scatter
   if per_layer_updates:
     grads_at_peak = block_grad
-    dynamic = acts["total_bytes"] + loss_transient + block_grad + update_phase + gather
+    dynamic = acts["total_bytes"] + loss_transient + block_grad + update_phase + fsdp_transient
   else:
     grads_at_peak = full_grad
     dynamic = max(
-      acts["total_bytes"] + loss_transient + head_grad + gather, full_grad + update_phase
+      acts["total_bytes"] + loss_transient + head_grad + fsdp_transient, full_grad + update_phase
     )
   return {
     "weights_bytes": weights,
@@ -408,6 +413,7 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
     "update_transient_bytes": update,
     "svd_transient_bytes": svd,
     "fsdp_gather_bytes": gather,
+    "fsdp_transient_bytes": fsdp_transient,
     "per_device_batch": batch,
     "peak_bytes": weights + optimizer + dynamic,
     "per_layer_updates": per_layer_updates,
@@ -632,8 +638,8 @@ def format_plan(r: dict[str, Any]) -> str:
     f"  loss d(logits) f32      {fmt_bytes(an['loss_transient_bytes'])}",
     *(
       [
-        f"  FSDP all-gather         {fmt_bytes(an['fsdp_gather_bytes'])}  (the largest "
-        "sharded weight, whole)"
+        f"  FSDP transients         {fmt_bytes(an['fsdp_transient_bytes'])}  (the largest "
+        "sharded weight gathered whole + its gradient before the reduce-scatter)"
       ]
       if an.get("fsdp_gather_bytes")
       else []
@@ -643,10 +649,10 @@ def format_plan(r: dict[str, Any]) -> str:
     f"  analytic peak           {fmt_bytes(an['peak_bytes'])}  (weights + optimizer + "
     + (
       "activations + d(logits) + one stage's gradient + update temporaries"
-      + (" + all-gather)" if an.get("fsdp_gather_bytes") else ")")
+      + (" + FSDP transients)" if an.get("fsdp_gather_bytes") else ")")
       if per_layer
       else "max(activations + d(logits)"
-      + (" + all-gather" if an.get("fsdp_gather_bytes") else "")
+      + (" + FSDP transients" if an.get("fsdp_gather_bytes") else "")
       + ", whole gradient + update temporaries))"
     ),
   ]
