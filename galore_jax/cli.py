@@ -29,7 +29,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   )
 
   d = TrainConfig()
-  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
+  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_13b")
   p.add_argument(
     "--init-from",
     default=None,
@@ -316,10 +316,30 @@ def _cmd_export(args) -> int:
   return 0
 
 
+_HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _host_devices(n: int) -> None:
+  """Asks XLA's CPU backend for ``n`` devices, unless ``XLA_FLAGS`` already says how many.
+
+  ``plan --mesh`` compiles the sharded step on as many devices as the mesh has; on a CPU
+  they can be had for the asking, if asked before JAX creates its backend (nothing in
+  ``galore-jax`` creates it before the command runs). The flag concerns the host platform
+  only: a GPU or TPU backend is unaffected, and one with too few devices gets the
+  analytic plan (``memory_plan.plan``'s ``xla_skipped``).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _HOST_DEVICES_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {_HOST_DEVICES_FLAG}={n}".strip()
+
+
 def _cmd_plan(args) -> int:
   from galore_jax import plan
-  from galore_jax.config import TrainConfig
+  from galore_jax.config import TrainConfig, parse_mesh
 
+  data_n, fsdp_n = parse_mesh(args.mesh)
+  if args.compile and data_n * fsdp_n > 1:
+    _host_devices(data_n * fsdp_n)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
   result = plan.plan(
@@ -393,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="predict peak GPU memory of a configuration without "
     "allocating it (and what to shrink if it does not fit)",
   )
-  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_7b")
+  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_13b")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
   p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
@@ -415,7 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     default=32000,
     help="default 32000 (the paper's T5 tokenizer); no tokenizer is loaded",
   )
-  p.add_argument("--gpu-memory", default="24GB", help="e.g. 24GB, 24GiB, 80000MB")
+  p.add_argument("--gpu-memory", default="24GB", help="e.g. 24GB, 24GiB, 80000MB (per device)")
+  p.add_argument(
+    "--mesh",
+    default=None,
+    help="data=N,fsdp=M as for train: plan one device of that mesh (params and optimizer "
+    "state sharded over fsdp, each micro-batch over all N*M devices)",
+  )
   p.add_argument(
     "--no-compile",
     dest="compile",

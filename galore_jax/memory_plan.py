@@ -43,6 +43,25 @@ projected matrix) unless ``--grad-clip``, ``--no-per-layer-updates``, or
 ``--grad-accum`` > 1 without GaLore or with ``--no-lowrank-accum`` asks for the
 whole-gradient step.
 
+**Sharded configurations** (``--mesh data=D,fsdp=F``, as ``galore-jax train`` takes it):
+every figure is *per device*. Assumed, following ``galore_jax.sharding`` (the trainer's
+shardings): each parameter and optimizer-state leaf (GaLore projectors, moments, 8-bit
+codes and scales) costs its bytes / F on a device when ``sharding.fsdp_spec`` shards it
+(its largest axis that F divides), else its full bytes (replicated; ``data`` shards no
+state). Gradients follow the parameters' sharding. Activations and the loss's d(logits)
+are those of the per-device micro-batch ``batch_size / (D * F)``. The update temporaries
+are those of the largest unprojected leaf's local shard; an SVD refresh is counted whole
+(XLA does not partition an SVD: the gradient is gathered to every device). With F > 1 the
+largest sharded weight is added twice, whole: the FSDP all-gather that materialises it for
+its matmuls, and its gradient as the backward pass computes it on the device's rows, before
+the reduce-scatter that shards it (one weight at a time, as FSDP schedules it; XLA's CPU
+schedule gathers several weights at once, so the compiled CPU figure is higher at scale).
+The compiled estimate lowers the trainer's own jitted step (``trainer.compile_train_step``:
+the same in/out shardings) on D * F devices; ``memory_analysis()`` of an SPMD program is
+per device. With fewer devices than the mesh needs, the plan is analytic only and says so
+(``xla_skipped``); the CLI gives the CPU backend enough host devices
+(``--xla_force_host_platform_device_count``).
+
 ``build()`` gives the configuration's ``AbstractRun`` (shapes only); ``plan()`` returns a
 JSON-serialisable dict; ``format_plan()`` renders it. ``galore_jax.plan`` is this module's
 former name.
@@ -61,7 +80,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from galore_jax import config, steps, targets, trainer, xla_memory
+from galore_jax import config, sharding, steps, targets, trainer, xla_memory
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 from galore_jax.tree import tree_bytes, tree_size
@@ -130,11 +149,25 @@ class AbstractRun:
 Planned = AbstractRun  # its former name
 
 
+def mesh_shape(cfg: config.TrainConfig) -> tuple[int, int]:
+  """``(data, fsdp)`` of ``cfg.mesh``; the batch must split evenly over its devices, as the
+  trainer requires (``config.validate``), but no devices are needed to plan it."""
+  data_n, fsdp_n = config.parse_mesh(cfg.mesh)
+  if cfg.batch_size % (data_n * fsdp_n):
+    raise config.ConfigError(
+      "--batch-size",
+      f"{cfg.batch_size} is not divisible by the {data_n * fsdp_n} devices of --mesh {cfg.mesh}",
+    )
+  return data_n, fsdp_n
+
+
 def build(
   cfg: config.TrainConfig, vocab_size: int = DEFAULT_VOCAB, overrides: dict | None = None
 ) -> AbstractRun:
   """Validates ``cfg`` and builds abstract params / optimizer state (``eval_shape``)."""
-  config.validate(cfg)
+  # The mesh is checked without its devices: a plan for 8 GPUs runs on a laptop.
+  config.validate(dataclasses.replace(cfg, mesh=None))
+  mesh_shape(cfg)
   if vocab_size < 2:
     raise config.ConfigError("--vocab-size", f"must be >= 2, got {vocab_size}")
   try:
@@ -164,12 +197,31 @@ def _abstract_model(model_cfg: model_lib.LlamaConfig, seed: int = 0):
   return trainer.abstract_model(model_cfg, seed)
 
 
-def optimizer_breakdown(opt_state) -> dict[str, int]:
-  """Bytes of the optimizer state: GaLore projectors vs moments (8-bit codes and scales
-  included) vs the rest (step counters)."""
+def _shard_shape(shape: tuple[int, ...], fsdp: int) -> tuple[int, ...]:
+  """One device's block of an array of ``shape`` under ``sharding.fsdp_spec``."""
+  spec = tuple(sharding.fsdp_spec(shape, fsdp))
+  spec += (None,) * (len(shape) - len(spec))
+  return tuple(d // fsdp if s == "fsdp" else d for d, s in zip(shape, spec, strict=True))
+
+
+def device_bytes(tree, fsdp: int = 1, itemsize: int | None = None) -> int:
+  """Bytes of ``tree``'s arrays on one device when sharded as the trainer shards params and
+  optimizer state over ``fsdp`` devices (``itemsize``: as if every leaf had that many bytes
+  per element). ``fsdp=1``: ``tree_bytes``."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+      size = itemsize or jnp.dtype(x.dtype).itemsize
+      total += math.prod(_shard_shape(tuple(x.shape), fsdp)) * size
+  return total
+
+
+def optimizer_breakdown(opt_state, fsdp: int = 1) -> dict[str, int]:
+  """Bytes of the optimizer state (on one device of an ``fsdp``-way sharding): GaLore
+  projectors vs moments (8-bit codes and scales included) vs the rest (step counters)."""
   out = {"projector_bytes": 0, "moment_bytes": 0, "other_bytes": 0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-    nbytes = tree_bytes(leaf)
+    nbytes = device_bytes(leaf, fsdp)
     names = _path_names(path)
     if "projectors" in names:
       out["projector_bytes"] += nbytes
@@ -229,7 +281,8 @@ def activation_bytes(model_cfg, batch: int, seq_len: int) -> dict[str, int]:
   }
 
 
-def _largest_unprojected_leaf(p: AbstractRun):
+def _largest_unprojected_leaf(p: AbstractRun, fsdp: int = 1):
+  """(path, local shape, dtype) of the unprojected leaf with the largest block on a device."""
   mask = (
     targets.llama_targets(p.params) if p.cfg.is_galore else jax.tree.map(lambda _: False, p.params)
   )
@@ -237,27 +290,30 @@ def _largest_unprojected_leaf(p: AbstractRun):
   for (path, leaf), projected in zip(
     jax.tree_util.tree_flatten_with_path(p.params)[0], jax.tree.leaves(mask), strict=True
   ):
-    if not projected and (best is None or leaf.size > best[1].size):
-      best = (path, leaf)
+    shape = _shard_shape(tuple(leaf.shape), fsdp)
+    if not projected and (best is None or math.prod(shape) > math.prod(best[1])):
+      best = (path, shape, leaf.dtype)
   return best
 
 
 def update_transient_bytes(p: AbstractRun) -> int:
-  """Temporaries of the optimizer update for the largest leaf that is not projected.
+  """Temporaries of the optimizer update for the largest leaf that is not projected (its
+  block on one device, with a mesh).
 
-  Compiles ``tx.update`` on a one-leaf tree of that leaf's shape (seconds, no
+  Compiles ``tx.update`` on a one-leaf tree of that shape (seconds, no
   allocation). That leaf has no matmul in its update, so the CPU figure has no
   bf16-dot distortion.
   """
-  best = _largest_unprojected_leaf(p)
+  best = _largest_unprojected_leaf(p, mesh_shape(p.cfg)[1])
   if best is None:
     return 0
-  _, leaf = best
-  return _update_transient(p.cfg, tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+  _, shape, dtype = best
+  return _update_transient(p.cfg, shape, jnp.dtype(dtype).name)
 
 
 @functools.lru_cache(maxsize=64)
 def _update_transient(cfg: config.TrainConfig, shape: tuple[int, ...], dtype: str) -> int:
+  cfg = dataclasses.replace(cfg, mesh=None)  # one cache entry per optimizer, not per mesh
   tx = config.build_optimizer(cfg)
   one = {"leaf": jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))}
   state = jax.eval_shape(tx.init, one)
@@ -292,57 +348,82 @@ def _head_weight(p: AbstractRun):
   return p.params["embed"] if p.model_cfg.tie_embeddings else p.params["lm_head"]
 
 
-def _block_gradient_bytes(p: AbstractRun) -> int:
-  """Largest gradient the per-layer step holds at once: one stage's, i.e. the attention or
-  MLP half of a decoder block, or the embedding, or final norm + LM head."""
+def _block_gradient_bytes(p: AbstractRun, fsdp: int = 1) -> int:
+  """Largest gradient the per-layer step holds at once (per device over ``fsdp``): one
+  stage's, i.e. the attention or MLP half of a decoder block, or the embedding, or final
+  norm + LM head."""
+  nbytes = functools.partial(device_bytes, fsdp=fsdp)
   layers = p.params["layers"]
   blocks = layers.values() if isinstance(layers, dict) else layers
   halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
-  sizes = [sum(tree_bytes(b[k]) for k in keys) for b in blocks for keys in halves]
-  sizes.append(tree_bytes(p.params["embed"]))
-  sizes.append(tree_bytes(p.params["final_norm"]) + tree_bytes(_head_weight(p)))
+  sizes = [sum(nbytes(b[k]) for k in keys) for b in blocks for keys in halves]
+  sizes.append(nbytes(p.params["embed"]))
+  sizes.append(nbytes(p.params["final_norm"]) + nbytes(_head_weight(p)))
   return max(sizes)
 
 
-def accumulator_bytes(p: AbstractRun) -> int:
+def accumulator_bytes(p: AbstractRun, fsdp: int = 1) -> int:
   """Bytes of the per-layer step's gradient accumulators with GaLore's low-rank accumulation
   (:func:`galore_jax.steps.lowrank_accumulation`; else 0): float32, the projected (``r x n``)
-  shape for each projected leaf, the full shape for every other leaf."""
+  shape for each projected leaf, the full shape for every other leaf; per device with
+  ``fsdp``, assumed sharded as an array of that shape would be (``sharding.fsdp_spec``)."""
   if not (steps.lowrank_accumulation(p.cfg) and steps.uses_layerwise_step(p.cfg, p.model_cfg)):
     return 0
   projections = galore.leaf_projections(
     p.opt_state, p.params, matrix_axes=targets.reference_side_axes
   )
   sizes = [
-    math.prod(q.low_rank_shape) if q is not None else leaf.size
+    math.prod(_shard_shape(tuple(q.low_rank_shape if q is not None else leaf.shape), fsdp))
     for q, leaf in zip(projections, jax.tree.leaves(p.params), strict=True)
   ]
   return 4 * sum(sizes)
 
 
+def fsdp_gather_bytes(p: AbstractRun) -> int:
+  """The FSDP all-gather transient: the largest weight that ``fsdp`` shards, whole (XLA
+  gathers it onto every device for its matmul). 0 without an ``fsdp`` axis. Its gradient is
+  as large before the reduce-scatter that shards it (``analytic`` counts both)."""
+  fsdp = mesh_shape(p.cfg)[1]
+  sharded = [
+    tree_bytes(x)
+    for x in jax.tree.leaves(p.params)
+    if _shard_shape(tuple(x.shape), fsdp) != tuple(x.shape)
+  ]
+  return max(sharded, default=0)
+
+
 def analytic(p: AbstractRun) -> dict[str, Any]:
+  """The analytic estimate, per device with a mesh (module docstring)."""
   cfg, mc = p.cfg, p.model_cfg
   per_layer_updates = steps.uses_layerwise_step(cfg, mc)
-  weights = tree_bytes(p.params)
-  optimizer = tree_bytes(p.opt_state)
-  n_params = tree_size(p.params)
-  acts = activation_bytes(mc, cfg.batch_size, cfg.seq_len)
+  data_n, fsdp_n = mesh_shape(cfg)
+  nbytes = functools.partial(device_bytes, fsdp=fsdp_n)  # one device's block of each leaf
+  batch = cfg.batch_size // (data_n * fsdp_n)  # the per-device micro-batch
+  weights = nbytes(p.params)
+  optimizer = nbytes(p.opt_state)
+  acts = activation_bytes(mc, batch, cfg.seq_len)
   full_grad = weights  # gradients are cast to the param dtype
   if cfg.grad_accum > 1:
-    full_grad += 4 * n_params  # float32 accumulator of the scan over micro-batches
-  accum = accumulator_bytes(p)  # the per-layer step's low-rank accumulators instead
-  block_grad = _block_gradient_bytes(p)
-  loss_transient = 4 * cfg.batch_size * cfg.seq_len * mc.vocab_size  # float32 d(logits)
+    full_grad += nbytes(p.params, itemsize=4)  # float32 accumulator of the micro-batch scan
+  accum = accumulator_bytes(p, fsdp_n)  # the per-layer step's low-rank accumulators instead
+  block_grad = _block_gradient_bytes(p, fsdp_n)
+  loss_transient = 4 * batch * cfg.seq_len * mc.vocab_size  # float32 d(logits)
   update = update_transient_bytes(p)
   svd = svd_transient_bytes(p)
   update_phase = max(update, svd)
-  head_grad = tree_bytes(_head_weight(p))
+  head_grad = nbytes(_head_weight(p))
+  gather = fsdp_gather_bytes(p)
+  fsdp_transient = 2 * gather  # the gathered weight + its gradient before the reduce-scatter
   if per_layer_updates:
     grads_at_peak = block_grad + accum
-    dynamic = acts["total_bytes"] + loss_transient + block_grad + accum + update_phase
+    dynamic = (
+      acts["total_bytes"] + loss_transient + block_grad + accum + update_phase + fsdp_transient
+    )
   else:
     grads_at_peak = full_grad
-    dynamic = max(acts["total_bytes"] + loss_transient + head_grad, full_grad + update_phase)
+    dynamic = max(
+      acts["total_bytes"] + loss_transient + head_grad + fsdp_transient, full_grad + update_phase
+    )
   return {
     "weights_bytes": weights,
     "optimizer_bytes": optimizer,
@@ -355,6 +436,9 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
     "loss_transient_bytes": loss_transient,
     "update_transient_bytes": update,
     "svd_transient_bytes": svd,
+    "fsdp_gather_bytes": gather,
+    "fsdp_transient_bytes": fsdp_transient,
+    "per_device_batch": batch,
     "peak_bytes": weights + optimizer + dynamic,
     "per_layer_updates": per_layer_updates,
   }
@@ -363,19 +447,22 @@ def analytic(p: AbstractRun) -> dict[str, Any]:
 def compile_estimate(
   p: AbstractRun, *, replay: bool = True, keep_dump: str | None = None, step_fn=None
 ) -> dict[str, Any]:
-  """Lowers and compiles the real train step (donating params and optimizer state) on
-  abstract inputs; returns XLA's memory analysis, timings and the replayed peaks
-  (:func:`galore_jax.xla_memory.compile_and_replay`).
+  """Lowers and compiles the real train step on abstract inputs, jitted by
+  ``trainer.compile_train_step`` (its in/out shardings over ``cfg.mesh``, which needs that
+  many devices; params and optimizer state donated); returns XLA's memory analysis (per
+  device), timings and the replayed peaks (:func:`galore_jax.xla_memory.compile_and_replay`).
 
-  ``step_fn`` replaces the trainer's step (experiments).
+  ``step_fn`` replaces the trainer's step (experiments; jitted with the inputs' shardings).
   """
+  run = trainer.setup(p.cfg, p.model_cfg.vocab_size, tx=p.tx, model_cfg=p.model_cfg)
   if step_fn is None:
-    step_fn = steps.select_train_step(p.graphdef, p.tx, p.cfg, p.model_cfg)
-  jitted = jax.jit(step_fn, donate_argnums=(0, 1))
+    jitted = trainer.compile_train_step(run)
+  else:
+    jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-    lowered = jitted.lower(p.params, p.opt_state, _batch_spec(p.cfg))
+    lowered = jitted.lower(run.abstract_params, run.abstract_opt, _batch_spec(p.cfg))
   lower_seconds = round(time.perf_counter() - t0, 1)
   out = xla_memory.compile_and_replay(lowered, replay=replay, keep_dump=keep_dump)
   return {"backend": out.pop("backend"), "lower_seconds": lower_seconds, **out}
@@ -467,8 +554,10 @@ def plan(
   if gpu <= 0:
     raise config.ConfigError("--gpu-memory", f"must be > 0, got {gpu_memory!r}")
   p = build(cfg, vocab_size, overrides)
+  data_n, fsdp_n = mesh_shape(cfg)
+  devices = data_n * fsdp_n
   per_layer_updates = steps.uses_layerwise_step(cfg, p.model_cfg)
-  opt = optimizer_breakdown(p.opt_state)
+  opt = optimizer_breakdown(p.opt_state, fsdp_n)
   an = analytic(p)
   n_params = tree_size(p.params)
   result: dict[str, Any] = {
@@ -483,9 +572,15 @@ def plan(
       "dtype": cfg.dtype,
       "remat": cfg.remat,
       "vocab_size": vocab_size,
+      "mesh": cfg.mesh,
       **({"overrides": overrides} if overrides else {}),
     },
+    # Every byte figure below is one device's (the whole run's without a mesh).
+    "mesh": {"data": data_n, "fsdp": fsdp_n, "devices": devices},
+    "per_device": True,
     "params": n_params,
+    "total_weights_bytes": tree_bytes(p.params),
+    "total_optimizer_bytes": tree_bytes(p.opt_state),
     "weights_bytes": an["weights_bytes"],
     "optimizer_bytes": an["optimizer_bytes"],
     "optimizer_breakdown": opt,
@@ -496,6 +591,12 @@ def plan(
     "analytic": an,
     "per_layer_updates": per_layer_updates,
   }
+  if compile and jax.device_count() < devices:
+    result["xla_skipped"] = (
+      f"--mesh {cfg.mesh} needs {devices} devices, {jax.device_count()} "
+      f"{jax.default_backend()} device(s) available: analytic estimate only"
+    )
+    compile = False
   if compile:
     xla = compile_estimate(p)
     xla["step"] = "train.make_layerwise_step" if per_layer_updates else "train.make_train_step"
@@ -526,6 +627,18 @@ def plan(
   return result
 
 
+def _mesh_lines(r: dict[str, Any]) -> list[str]:
+  m = r.get("mesh")
+  if not m or m["devices"] == 1:
+    return []
+  return [
+    f"  mesh data={m['data']},fsdp={m['fsdp']} ({m['devices']} devices): figures are PER DEVICE"
+    f" (whole model: weights {fmt_bytes(r['total_weights_bytes'])}, optimizer state "
+    f"{fmt_bytes(r['total_optimizer_bytes'])}; per-device micro-batch "
+    f"{r['analytic']['per_device_batch']})"
+  ]
+
+
 def format_plan(r: dict[str, Any]) -> str:
   c, an, opt = r["config"], r["analytic"], r["optimizer_breakdown"]
   per_layer = r["per_layer_updates"]
@@ -537,6 +650,7 @@ def format_plan(r: dict[str, Any]) -> str:
     + (f" x accum {c['grad_accum']}" if c["grad_accum"] > 1 else "")
     + f", params {c['param_dtype']}, compute {c['dtype']}, remat {c['remat']}"
     + (", per-layer updates" if per_layer else ", whole-gradient step"),
+    *_mesh_lines(r),
     f"  weights                 {fmt_bytes(r['weights_bytes'])}",
     f"  optimizer state         {fmt_bytes(r['optimizer_bytes'])}"
     f"  (moments {fmt_bytes(opt['moment_bytes'])}, projectors "
@@ -556,15 +670,28 @@ def format_plan(r: dict[str, Any]) -> str:
     f"  activations             {fmt_bytes(r['activation_bytes'])}  (saved residuals"
     + (", + one block recomputed)" if c["remat"] != "none" else ")"),
     f"  loss d(logits) f32      {fmt_bytes(an['loss_transient_bytes'])}",
+    *(
+      [
+        f"  FSDP transients         {fmt_bytes(an['fsdp_transient_bytes'])}  (the largest "
+        "sharded weight gathered whole + its gradient before the reduce-scatter)"
+      ]
+      if an.get("fsdp_gather_bytes")
+      else []
+    ),
     f"  update temporaries      {fmt_bytes(an['update_transient_bytes'])} (largest "
     f"unprojected leaf); SVD refresh {fmt_bytes(an['svd_transient_bytes'])}",
     f"  analytic peak           {fmt_bytes(an['peak_bytes'])}  (weights + optimizer + "
     + (
-      "activations + d(logits) + one stage's gradient + update temporaries)"
+      "activations + d(logits) + one stage's gradient + update temporaries"
+      + (" + FSDP transients)" if an.get("fsdp_gather_bytes") else ")")
       if per_layer
-      else "max(activations + d(logits), whole gradient + update temporaries))"
+      else "max(activations + d(logits)"
+      + (" + FSDP transients" if an.get("fsdp_gather_bytes") else "")
+      + ", whole gradient + update temporaries))"
     ),
   ]
+  if r.get("xla_skipped"):
+    lines.append(f"  XLA: not compiled ({r['xla_skipped']})")
   x = r.get("xla")
   if x:
     lines.append(
@@ -588,8 +715,9 @@ def format_plan(r: dict[str, Any]) -> str:
     elif "replay_error" in x:
       lines.append(f"  (live-range replay failed: {x['replay_error']})")
   verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+  label = "predicted peak" + (" per device" if r.get("mesh", {}).get("devices", 1) > 1 else "")
   lines.append(
-    f"  predicted peak          {fmt_bytes(r['peak_bytes'])} "
+    f"  {label:<23} {fmt_bytes(r['peak_bytes'])} "
     f"({r['peak_bytes'] / GIB:.2f} GiB, {r['peak_source']}) vs "
     f"{fmt_bytes(r['gpu_memory_bytes'])}: {verdict} (headroom {fmt_bytes(r['headroom_bytes'])})"
   )

@@ -128,6 +128,9 @@ CONFIGS: dict[str, LlamaConfig] = {
   "llama_350m": _sized(hidden=1024, intermediate=2736, heads=16, layers=24),
   "llama_1b": _sized(hidden=2048, intermediate=5461, heads=32, layers=24),
   "llama_7b": _sized(hidden=4096, intermediate=11008, heads=32, layers=32),
+  # Not in the paper's pretraining table: the LLaMA-13B shape (Touvron et al., 2023), for
+  # planning sharded runs (``galore-jax plan --mesh``).
+  "llama_13b": _sized(hidden=5120, intermediate=13824, heads=40, layers=40),
 }
 
 

@@ -272,13 +272,15 @@ def category(
   instrs: dict[str, Instr],
   frames: dict[int, set[str]] | None = None,
 ) -> str:
-  if name.startswith("params"):
-    return "weights"
-  if name.startswith("opt_state"):
-    return "optimizer state"
-  if name.startswith("batch"):
-    return "batch"
   op = (ins.op_name if ins else None) or ""
+  # An SPMD-partitioned module names its parameters param.N; their op_name keeps the path.
+  arg = op if ins is not None and ins.opcode == "parameter" else ""
+  if name.startswith("params") or arg.startswith("params"):
+    return "weights"
+  if name.startswith("opt_state") or arg.startswith("opt_state"):
+    return "optimizer state"
+  if name.startswith("batch") or arg.startswith("batch"):
+    return "batch"
   if "transpose(" in op:
     return "backward (gradients, cotangents)"
   if "jvp(" in op:

@@ -133,6 +133,7 @@ def test_named_configs_match_the_paper_table():
     "llama_350m": (1024, 2736, 16, 24),
     "llama_1b": (2048, 5461, 32, 24),
     "llama_7b": (4096, 11008, 32, 32),
+    "llama_13b": (5120, 13824, 40, 40),  # LLaMA-13B's shape (not in the paper's table)
   }
   assert set(M.CONFIGS) == set(expected)
   for name, (d, f, h, n) in expected.items():
@@ -141,6 +142,7 @@ def test_named_configs_match_the_paper_table():
     assert c.vocab_size == 32000 and c.rms_eps == 1e-6 and c.rope_base == 10000.0
     assert c.init_std == 0.02
     assert c.head_dim == d // h
+  assert M.param_count(M.get_config("llama_13b")) == 13_015_864_320  # LLaMA-13B's count
 
 
 def test_get_config_overrides_and_unknown_name():
