@@ -24,10 +24,16 @@ class MetricsWriter:
   with ``wandb_config`` (the run's configuration) also to Weights & Biases.
 
   Appending (never truncating) keeps the history of a resumed run in one file.
+  ``purge_step``: the first step a resumed run replays (TensorBoard then shows each step once).
   """
 
   def __init__(
-    self, out_dir: str, *, tensorboard: bool = True, wandb_config: dict[str, Any] | None = None
+    self,
+    out_dir: str,
+    *,
+    tensorboard: bool = True,
+    wandb_config: dict[str, Any] | None = None,
+    purge_step: int | None = None,
   ):
     os.makedirs(out_dir, exist_ok=True)
     # W&B first: if it cannot start, nothing else has been written.
@@ -38,7 +44,9 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter  # lazy: only runs that log need it
 
-      self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+      # purge_step (a resume): TensorBoard hides the earlier sessions' events from that step
+      # on, the steps this session replays, as drop_after does for metrics.jsonl.
+      self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=purge_step)
 
   def write(self, record: dict[str, Any]) -> None:
     clean = {k: _jsonable(v) for k, v in record.items()}

@@ -600,7 +600,11 @@ def _train_loop(
   mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
   try:
     writer = (  # multi-process: process 0 writes metrics and TensorBoard
-      metrics.MetricsWriter(cfg.out, wandb_config=meta["train_config"] if cfg.wandb else None)
+      metrics.MetricsWriter(
+        cfg.out,
+        wandb_config=meta["train_config"] if cfg.wandb else None,
+        purge_step=start + 1 if cfg.resume else None,
+      )
       if distributed.is_primary()
       else distributed.NullWriter(cfg.out)
     )

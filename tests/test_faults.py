@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,30 @@ def test_resume_drops_replayed_metrics(lines_run):
   assert summary["start_step"] == 2 and summary["step"] == 4
   steps = [r["step"] for r in metrics.read_metrics(str(root / "run")) if "loss" in r]
   assert steps == [1, 2, 3, 4]
+
+
+def _tensorboard_view(tb_dir: Path, tag: str) -> list[int]:
+  """Steps of ``tag`` as TensorBoard shows them: event files in order, and a SessionLog
+  START at step s (a writer's ``purge_step``) hides every earlier event at step >= s."""
+  from tensorboardX.proto import event_pb2
+
+  steps: list[int] = []
+  for path in sorted(tb_dir.glob("events*")):
+    raw, pos = path.read_bytes(), 0
+    while pos < len(raw):  # TFRecord framing: length, its crc, the record, its crc
+      n = int.from_bytes(raw[pos : pos + 8], "little")
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + n])
+      pos += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        steps = [s for s in steps if s < event.step]
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
+
+
+def test_resume_hides_replayed_tensorboard_steps(lines_run):
+  """The crashed session logged step 3, the resumed one replays it: TensorBoard shows it once."""
+  root, _ = lines_run
+  assert _tensorboard_view(root / "run" / "tb", "loss") == [1, 2, 3, 4]
 
 
 def test_paths_are_stored_absolute_and_eval_works_elsewhere(
