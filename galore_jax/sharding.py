@@ -53,12 +53,3 @@ def shard_batch(
   from galore_jax import distributed
 
   return distributed.global_batch(batch_sharding(mesh), batch, grad_accum, local_rows_of)
-
-
-def process_rows(x: np.ndarray) -> np.ndarray:
-  """This process's share of a global batch (axis 1), for multi-host runs."""
-  n, i = jax.process_count(), jax.process_index()
-  if n == 1:
-    return x
-  per = x.shape[1] // n
-  return x[:, i * per : (i + 1) * per]

@@ -14,6 +14,8 @@ Every name this module had is still importable from it (private ones included, f
 that used them). Patch the defining module, not this one: the loop reads its own globals.
 """
 
+import jax
+
 from galore_jax import (  # noqa: F401 - re-exported modules (tests reach some through here)
   adam8bit,
   checkpoint,
@@ -45,7 +47,6 @@ from galore_jax.sharding import (  # noqa: F401
   batch_sharding,
   fsdp_spec,
   make_mesh,
-  process_rows,
   shardings_for,
 )
 from galore_jax.steps import (  # noqa: F401
@@ -93,3 +94,14 @@ from galore_jax.trainer import data_config as _data_config  # noqa: F401
 # plan.py and experiments/ use.
 galore_mask = targets.llama_targets
 torch_side_axes = targets.reference_side_axes
+
+
+def process_rows(x):
+  """This process's equal share of a global batch (axis 1). Kept for code that used it; the
+  trainer takes each process's rows from the batch sharding
+  (:func:`galore_jax.distributed.process_row_range`)."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return x
+  per = x.shape[1] // n
+  return x[:, i * per : (i + 1) * per]

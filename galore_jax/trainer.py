@@ -480,7 +480,8 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
   first step, after removing a run directory this call created).
 
   In a multi-process job (:mod:`galore_jax.distributed`) every process calls this with the
-  same ``cfg``; process 0 holds the lock and writes metrics, the others only log nothing.
+  same ``cfg``; process 0 holds the lock, writes the metrics and logs; the others only train
+  and save their checkpoint shards.
   """
   if cfg.out is None and distributed.is_multiprocess():  # a per-process timestamp would differ
     raise ConfigError("--out", "a multi-process run needs --out (the same for every process)")
