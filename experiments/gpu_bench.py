@@ -230,6 +230,7 @@ def build_jobs(args) -> list[dict]:
     loop_steps=args.loop_steps,
     refresh_reps=args.refresh_reps,
   )
+  out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
   overrides = SMOKE_OVERRIDES if smoke else None
 
   def base(model):
@@ -251,7 +252,12 @@ def build_jobs(args) -> list[dict]:
   for model in models:
     b = base(model)
     for opt in args.optimizers:
-      job = dict(b, kind="jax", optimizer=opt, name=f"{model}/jax/{opt}")
+      job = dict(b, kind="jax", optimizer=opt, name=f"{model}/jax/{opt}", svd=args.svd)
+      job["probe_svds"] = args.probe_svds
+      if args.profile_steps and (model == models[0] or smoke):
+        job["profile_steps"] = args.profile_steps
+        if out_dir and opt == "galore_adamw":  # the device tool brings back 8 files at most
+          job["profile_out"] = os.path.join(out_dir, f"trace_{model}_{opt}.json.gz")
       if opt == "galore_adamw8bit" and not smoke:
         job["refresh_reps"] = 0  # the same SVDs as galore_adamw's refresh
       (first if opt == "galore_adamw" else rest).append(job)
@@ -274,8 +280,9 @@ def build_jobs(args) -> list[dict]:
       if smoke:  # CI time: one staggered variant exercises the staggered code path
         variants = [v for v in variants if v != "subspace:staggered"]
       reuse = "galore_adamw" in args.optimizers and model in models
-      if reuse and "exact:synchronous" in variants:
-        variants.remove("exact:synchronous")  # the bench's galore_adamw case is that variant
+      own = f"{args.svd}:synchronous"
+      if reuse and own in variants:
+        variants.remove(own)  # the bench's galore_adamw case is that variant
       # synchronous first: a staggered variant may need its plain step time.
       variants.sort(key=lambda v: v.split(":")[1] != "synchronous")
       if variants:
@@ -416,10 +423,11 @@ def refresh_report(results: dict[str, dict], args) -> dict:
     rows: dict[str, Any] = {}
     bench = results.get(f"{model}/jax/galore_adamw") or {}
     worst = bench.get("refresh_s") or bench.get("refresh_predicted_s")
-    if "exact:synchronous" in args.refresh_variants and worst and bench.get("step_s"):
+    own = f"{args.svd}:synchronous"
+    if own in args.refresh_variants and worst and bench.get("step_s"):
       excess = worst - bench["step_s"]
-      rows["exact:synchronous"] = {
-        "svd": "exact",
+      rows[own] = {
+        "svd": args.svd,
         "schedule": "synchronous",
         "status": bench.get("status"),
         "source": f"{model}/jax/galore_adamw",
@@ -432,6 +440,25 @@ def refresh_report(results: dict[str, dict], args) -> dict:
         "worst_step_share": ratio(excess, bench["step_s"]),
       }
     rows.update(results.get(f"{model}/refresh", {}).get("variants", {}))
+    # Variants not run: synchronous refresh predicted from the probes (one decomposition per
+    # shape, summed over leaves) in the bench's GaLore case, same card, same run.
+    for svd, probe in (bench.get("svd_probe_other") or {}).items():
+      key = f"{svd}:synchronous"
+      total = probe.get("sum_over_leaves_s")
+      if key in rows or total is None or not bench.get("step_s"):
+        continue
+      rows[key] = {
+        "svd": svd,
+        "schedule": "synchronous",
+        "status": "predicted",
+        "source": f"{model}/jax/galore_adamw svd_probe_other",
+        "step_s": bench["step_s"],
+        "worst_step_s": bench["step_s"] + total,
+        "estimated": True,
+        "excess_per_period_s": total,
+        "amortised_share": amortised_share(bench["step_s"], total, T),
+        "worst_step_share": ratio(total, bench["step_s"]),
+      }
     target = rows.get("randomized:staggered", {}).get("amortised_share")
     sub = rows.get("subspace:synchronous", {})
     sub_ratio = ratio(sub.get("worst_step_s"), sub.get("step_s"))
@@ -561,6 +588,26 @@ def parse_args(argv):
     "--galore-torch",
     default=None,
     help="galore_torch wheel or directory (see the module docstring)",
+  )
+  p.add_argument(
+    "--svd",
+    default="exact",
+    choices=("exact", "randomized", "subspace"),
+    help="refresh method of the GaLore cases (their refresh step; the refresh-cost table "
+    "takes that case as the svd:synchronous variant)",
+  )
+  p.add_argument(
+    "--probe-svds",
+    type=csv,
+    default=["exact", "randomized", "subspace"],
+    help="also time one decomposition per distinct shape with these methods (GaLore cases)",
+  )
+  p.add_argument(
+    "--profile-steps",
+    type=int,
+    default=0,
+    help="trace this many plain steps of the first model's cases with jax.profiler and break "
+    "the device time down by stage (experiments/profile_breakdown.py); 0: off",
   )
   p.add_argument("--refresh-cost", action="store_true")
   p.add_argument("--refresh-models", type=csv, default=["llama_1b"])

@@ -229,6 +229,39 @@ def _time_normal(
   return times, loop_s
 
 
+def _profile(case: _JaxCase, counts, steps: int, out_path: str | None) -> dict:
+  """A ``jax.profiler`` trace of ``steps`` plain steps, broken down by stage and kind
+  (``profile_breakdown.py``); the trace is copied to ``out_path`` when given."""
+  import glob
+  import os
+  import shutil
+  import tempfile
+
+  import jax
+  import profile_breakdown
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(steps):
+        case.timed_step(next(counts))
+    found = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not found:
+      return {"error": f"no perfetto trace in {d}"}
+    result = profile_breakdown.breakdown(
+      profile_breakdown.load_trace(found[0]), case.step.as_text(), steps
+    )
+    if out_path:
+      import gzip
+
+      shutil.copyfile(found[0], out_path)
+      result["trace_file"] = os.path.basename(out_path)
+      hlo_path = out_path.replace("trace_", "hlo_").replace(".json.gz", ".txt.gz")
+      with gzip.open(hlo_path, "wt") as f:
+        f.write(case.step.as_text())
+      result["hlo_file"] = os.path.basename(hlo_path)
+  return result
+
+
 def _jax_svd_probe(leaves: list[dict], svd: str, dtype, seed: int = 0) -> dict:
   """Seconds of one projector computation per distinct leaf shape, and their sum over leaves.
 
@@ -305,7 +338,9 @@ def worker_jax(spec, res, save):
     data_module_stubbed=stubbed,
   )
   _register_model(spec, model_lib)
-  cfg = _train_config(spec, train, optimizer=spec["optimizer"])
+  extra = {"svd": spec["svd"]} if spec.get("svd") else {}
+  cfg = _train_config(spec, train, optimizer=spec["optimizer"], **extra)
+  res["svd"] = cfg.svd if cfg.is_galore else None
   case = _JaxCase(spec, cfg, train, model_lib, galore, progress=_progress(res, save))
   res.update(
     n_params=case.n_params,
@@ -328,6 +363,23 @@ def worker_jax(spec, res, save):
     peak_bytes_steady=mem and mem["peak_bytes_in_use"],
   )
   save()
+  if spec.get("profile_steps"):
+    try:
+      res["profile"] = _profile(case, counts, spec["profile_steps"], spec.get("profile_out"))
+    except Exception as e:  # noqa: BLE001 - the timings above stand without it
+      res["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    save()
+  if cfg.is_galore:
+    # What a refresh would cost with the other methods, on the same card in the same run
+    # (one decomposition per distinct shape, summed over the leaves).
+    res["svd_probe_other"] = {
+      svd: _safe_probe(
+        lambda: case.layouts(train, "synchronous"), svd, case.run.model_cfg.param_dtype
+      )
+      for svd in spec.get("probe_svds", ())
+      if svd != cfg.svd
+    }
+    save()
   if cfg.is_galore and spec["refresh_reps"] > 0:
     probe = _safe_probe(
       lambda: case.layouts(train, "synchronous"), cfg.svd, case.run.model_cfg.param_dtype

@@ -61,9 +61,21 @@ def run_case(
   seq_len: int,
   vocab: int,
   svd: str = "subspace",
+  compile_cache: str | None = None,
+  first_step_only: bool = False,
 ):
-  """In the capped child process: plan, then train ``steps`` steps; returns a dict."""
+  """In the capped child process: plan, then train ``steps`` steps; returns a dict.
+
+  With ``compile_cache`` JAX's persistent compilation cache is on in that directory (as
+  the CLI's default); ``first_step_only`` stops after the first step (a second start's
+  measurement: seconds from the parent's spawn to the first step's result).
+  """
   import jax
+
+  if compile_cache:
+    from galore_jax import compile_cache as cache
+
+    cache.enable(compile_cache)
   import jax.numpy as jnp
   import numpy as np
 
@@ -128,13 +140,15 @@ def run_case(
     init_peak_bytes=after_init.get("peak_bytes_in_use"),
   )
   times = []
-  for _ in range(steps):
+  spawned = float(os.environ.get("GPU_MEMORY_CHECK_SPAWN", "nan"))
+  for _ in range(1 if first_step_only else steps):
     batch_arrays = random_batch()
     t = time.perf_counter()
     params, opt_state, m = step(params, opt_state, batch_arrays)
     jax.block_until_ready((params, opt_state, m))
     times.append(time.perf_counter() - t)
     out.setdefault("losses", []).append(float(m["loss"]))
+    out.setdefault("first_step_since_spawn_s", round(time.time() - spawned, 1))
   stats = device.memory_stats() or {}
   out.update(
     backend=jax.default_backend(),
@@ -145,6 +159,8 @@ def run_case(
     bytes_limit=stats.get("bytes_limit"),
   )
   print("PROGRESS " + json.dumps(out), flush=True)
+  if first_step_only:
+    return out
   # A later period's refresh (count = T), after the steady figures are safe.
   opt_state = galore.with_galore_count(opt_state, cfg.update_proj_gap)
   t = time.perf_counter()
@@ -170,6 +186,8 @@ def child(args) -> int:
       args.seq_len,
       args.vocab_size,
       args.svd,
+      args.compile_cache,
+      args.first_step_only,
     )
   except Exception as e:  # noqa: BLE001 - reported, including out-of-memory
     text = f"{type(e).__name__}: {e}"
@@ -227,26 +245,35 @@ def parent(args) -> int:
       "--vocab-size", str(args.vocab_size if not args.cpu_smoke else 512),
       "--svd", args.svd,
     ]  # fmt: skip
-    timeout = args.timeout
-    if deadline is not None:
-      timeout = min(timeout, int(deadline - time.monotonic()))
-      if timeout < 20:
-        results.append({"case": name, "model": model, "error": "skipped: --budget spent"})
-        print(format_row(results[-1]), flush=True)
-        continue
-    t = time.perf_counter()
-    try:
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-      result = _child_result(proc.stdout, proc.stderr)
-    except subprocess.TimeoutExpired as e:
-      result = _child_result(e.stdout, None)
-      result["error"] = f"timeout after {timeout} s"
-    result.update(case=name, wall_seconds=round(time.perf_counter() - t, 1), cap_bytes=cap)
-    results.append(result)
-    print(format_row(result), flush=True)
-    if args.json:  # after every case: an outer timeout keeps what was measured
-      with open(args.json, "w") as f:
-        json.dump({"device_memory_bytes": total, "cap_bytes": cap, "results": results}, f, indent=1)
+    if args.compile_cache:
+      cmd += ["--compile-cache", args.compile_cache]
+    # A second start of the same configuration: the cache the first run filled.
+    runs = [(name, cmd)]
+    if args.second_start and args.compile_cache:
+      runs.append((name + ":second_start", cmd + ["--first-step-only"]))
+    for label, run_cmd in runs:
+      timeout = args.timeout
+      if deadline is not None:
+        timeout = min(timeout, int(deadline - time.monotonic()))
+        if timeout < 20:
+          results.append({"case": label, "model": model, "error": "skipped: --budget spent"})
+          print(format_row(results[-1]), flush=True)
+          continue
+      t = time.perf_counter()
+      env["GPU_MEMORY_CHECK_SPAWN"] = repr(time.time())
+      try:
+        proc = subprocess.run(run_cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        result = _child_result(proc.stdout, proc.stderr)
+      except subprocess.TimeoutExpired as e:
+        result = _child_result(e.stdout, None)
+        result["error"] = f"timeout after {timeout} s"
+      result.update(case=label, wall_seconds=round(time.perf_counter() - t, 1), cap_bytes=cap)
+      results.append(result)
+      print(format_row(result), flush=True)
+      if args.json:  # after every run: an outer timeout keeps what was measured
+        with open(args.json, "w") as f:
+          doc = {"device_memory_bytes": total, "cap_bytes": cap, "results": results}
+          json.dump(doc, f, indent=1)
   return 0
 
 
@@ -274,7 +301,9 @@ def format_row(r: dict) -> str:
     f"{r['case']:<24} planned {gb(r['planned_peak_bytes'])} ({r['planned_source']}), "
     f"measured peak_bytes_in_use {gb(r['peak_bytes_in_use'])} (limit {gb(r['bytes_limit'])}; "
     f"after init {gb(r['init_peak_bytes'])}), {r['seconds_per_step']} s/step, "
-    f"compile {r['compile_seconds']} s, losses {[round(x, 3) for x in r['losses']]}"
+    f"lower {r.get('lower_seconds')} s + compile {r['compile_seconds']} s, first step "
+    f"{r.get('first_step_since_spawn_s')} s after spawn, "
+    f"losses {[round(x, 3) for x in r['losses']]}"
     + (
       f"; refresh step (count T, svd {r.get('svd')}) {r['refresh_step_seconds']} s, "
       f"peak after it {gb(r['peak_bytes_after_refresh'])}"
@@ -295,7 +324,18 @@ def main(argv=None) -> int:
   ap.add_argument("--budget", type=int, default=0, help="seconds for all cases (0: no bound)")
   ap.add_argument("--json", default=None)
   ap.add_argument("--svd", default="subspace", choices=("exact", "randomized", "subspace"))
+  ap.add_argument(
+    "--compile-cache",
+    default=None,
+    help="JAX persistent compilation cache directory for the runs (default: off)",
+  )
+  ap.add_argument(
+    "--second-start",
+    action="store_true",
+    help="with --compile-cache: start each case again up to its first step (issue #16)",
+  )
   ap.add_argument("--cpu-smoke", action="store_true")
+  ap.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--model", help=argparse.SUPPRESS)
   ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)

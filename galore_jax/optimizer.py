@@ -699,45 +699,52 @@ def galore(
     ]
     bases = list(old_bases)
     changed = [jnp.asarray(False)] * len(leaves)
-    for group in _refresh_groups(layouts, g_mats, old_bases):
-      new, flags = refresh_group(
-        group,
-        [g_mats[i] for i in group.leaf_indices],
-        [old_bases[i] for i in group.leaf_indices],
-        count,
-      )
-      for j, i in enumerate(group.leaf_indices):
-        bases[i], changed[i] = new[j], flags[j]
+    # The named scopes label the HLO ops (``metadata.op_name``), so a profile attributes
+    # device time to GaLore's stages (experiments/profile_breakdown.py).
+    with jax.named_scope("galore_refresh"):
+      for group in _refresh_groups(layouts, g_mats, old_bases):
+        new, flags = refresh_group(
+          group,
+          [g_mats[i] for i in group.leaf_indices],
+          [old_bases[i] for i in group.leaf_indices],
+          count,
+        )
+        for j, i in enumerate(group.leaf_indices):
+          bases[i], changed[i] = new[j], flags[j]
 
     low_rank, low_rank_params = [], []
-    for i, (g, layout) in enumerate(zip(leaves, layouts, strict=True)):
-      if layout is None:
-        low_rank.append(g)
-        low_rank_params.append(None if param_leaves is None else param_leaves[i])
-        continue
-      low_rank.append(proj.project(g_mats[i], bases[i], layout.side))
-      if param_leaves is not None:
-        p_mats = layout.to_matrices(param_leaves[i]).astype(g.dtype)
-        low_rank_params.append(proj.project(p_mats, bases[i], layout.side))
+    with jax.named_scope("galore_project"):
+      for i, (g, layout) in enumerate(zip(leaves, layouts, strict=True)):
+        if layout is None:
+          low_rank.append(g)
+          low_rank_params.append(None if param_leaves is None else param_leaves[i])
+          continue
+        low_rank.append(proj.project(g_mats[i], bases[i], layout.side))
+        if param_leaves is not None:
+          p_mats = layout.to_matrices(param_leaves[i]).astype(g.dtype)
+          low_rank_params.append(proj.project(p_mats, bases[i], layout.side))
 
     inner_state = state.inner_state
     if moment_policy != "keep":
-      inner_state = _adjust_moments(inner_state, treedef, layouts, old_bases, bases, changed)
+      with jax.named_scope("galore_moments"):
+        inner_state = _adjust_moments(inner_state, treedef, layouts, old_bases, bases, changed)
 
     inner_params = None if params is None else treedef.unflatten(low_rank_params)
-    low_rank_updates, inner_state = inner.update(
-      treedef.unflatten(low_rank), inner_state, inner_params
-    )
+    with jax.named_scope("galore_inner"):
+      low_rank_updates, inner_state = inner.update(
+        treedef.unflatten(low_rank), inner_state, inner_params
+      )
 
     out = []
-    for u, layout, basis, g in zip(
-      treedef.flatten_up_to(low_rank_updates), layouts, bases, leaves, strict=True
-    ):
-      if layout is None:
-        out.append(u)
-      else:
-        full = proj.project_back(u, basis, layout.side) * scale
-        out.append(layout.from_matrices(full).astype(g.dtype))
+    with jax.named_scope("galore_project_back"):
+      for u, layout, basis, g in zip(
+        treedef.flatten_up_to(low_rank_updates), layouts, bases, leaves, strict=True
+      ):
+        if layout is None:
+          out.append(u)
+        else:
+          full = proj.project_back(u, basis, layout.side) * scale
+          out.append(layout.from_matrices(full).astype(g.dtype))
     new_state = GaLoreState(
       count=optax.safe_int32_increment(count),
       projectors=treedef.unflatten(bases),

@@ -1,0 +1,171 @@
+"""Where the GaLore train step's GPU compile time goes: the same step compiled under
+several refresh methods and XLA flag sets, each in a fresh process.
+
+Per variant (``svd`` and extra ``XLA_FLAGS``): lowering and compile seconds of the
+trainer's step (``llama_1b`` by default, bf16, 16 x 256, rank 512, the trainer's own
+per-layer step), then, if it compiled in time, the median of ``--steps`` plain steps and
+one refresh step at count ``T`` (the refresh every later period pays). Results go to
+``--json`` after every variant, so a timeout keeps what was measured.
+
+    python experiments/gpu_compile_probe.py --json $OUT/compile_probe.json \\
+        --variants "exact|,subspace|--xla_gpu_autotune_level=0,subspace:nofallback|"
+
+A variant is ``svd[:patch]|xla flags``; the patch ``nofallback`` replaces
+``projector.orthonormalize`` by CholeskyQR2 alone (what its fallback branches cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+  sys.path.append(HERE)
+
+
+def child(args) -> dict:
+  import jax
+  import numpy as np
+  from gpu_bench_jax import _import_trainer
+
+  train, model_lib, galore, _ = _import_trainer()
+  out: dict = {"svd": args.svd, "xla_flags": os.environ.get("XLA_FLAGS", ""), "patch": args.patch}
+  if args.patch == "nofallback":  # CholeskyQR2 alone: what the fallback branches cost to compile
+    import jax.numpy as jnp
+
+    from galore_jax import projector
+
+    def cholesky_qr2_only(x):
+      x = x.astype(jnp.float32)
+      norms = jnp.linalg.norm(x, axis=-2, keepdims=True)
+      return projector._cholesky_qr2(x / jnp.where(norms > 0, norms, 1.0))[0]
+
+    projector.orthonormalize = cholesky_qr2_only
+  cfg = train.TrainConfig(
+    model=args.model,
+    optimizer=args.optimizer,
+    rank=args.rank,
+    svd=args.svd,
+    update_proj_gap=200,
+    batch_size=args.batch,
+    seq_len=args.seq_len,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+    steps=1_000_000,
+    warmup=1000,
+    progress=False,
+  )
+  run = train.setup(cfg, 32000)
+  params, opt_state = train.init_state(run)
+  jax.block_until_ready((params, opt_state))
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, 32000, (args.batch, args.seq_len + 1), dtype=np.int32)
+  host = {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "mask": np.ones((args.batch, args.seq_len), np.float32),
+  }
+  batch = train.device_batch(run, host, 1)
+  t = time.perf_counter()
+  lowered = train.compile_train_step(run).lower(params, opt_state, batch)
+  out["lower_s"] = round(time.perf_counter() - t, 1)
+  print("PROGRESS " + json.dumps(out), flush=True)
+  t = time.perf_counter()
+  step = lowered.compile()
+  out["compile_s"] = round(time.perf_counter() - t, 1)
+  print("PROGRESS " + json.dumps(out), flush=True)
+
+  def timed(count):
+    nonlocal params, opt_state
+    opt_state = galore.with_galore_count(opt_state, count)
+    jax.block_until_ready(opt_state)
+    t = time.perf_counter()
+    params, opt_state, m = step(params, opt_state, batch)
+    jax.block_until_ready((params, opt_state, m))
+    return time.perf_counter() - t
+
+  out["first_refresh_s"] = round(timed(0), 3)  # the first refresh (count 0)
+  times = [timed(1 + i) for i in range(args.steps + 2)][2:]
+  out["step_s"] = round(float(np.median(times)), 5)
+  print("PROGRESS " + json.dumps(out), flush=True)
+  refresh = [timed(200 * k) for k in (1, 2)]
+  out["refresh_s"] = [round(x, 4) for x in refresh]
+  out["refresh_over_step"] = round(min(refresh) / out["step_s"], 3)
+  return out
+
+
+def parent(args) -> int:
+  results = []
+  deadline = time.monotonic() + args.budget
+  for spec in args.variants.split(","):
+    svd, _, flags = spec.partition("|")
+    svd, _, patch = svd.partition(":")
+    left = int(deadline - time.monotonic())
+    if left < 30:
+      results.append({"svd": svd, "xla_flags": flags, "error": "skipped: budget spent"})
+      continue
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    cmd = [sys.executable, __file__, "--child", "--svd", svd, "--model", args.model]
+    cmd += ["--rank", str(args.rank), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    cmd += ["--optimizer", args.optimizer, "--steps", str(args.steps), "--patch", patch]
+    t = time.perf_counter()
+    try:
+      proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=min(args.timeout, left)
+      )
+      stdout, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+      stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+      err = f"timeout after {min(args.timeout, left)} s"
+    lines = [ln for ln in (stdout or "").splitlines() if ln.startswith(("RESULT ", "PROGRESS "))]
+    res = json.loads(lines[-1].split(" ", 1)[1]) if lines else {"svd": svd, "xla_flags": flags}
+    if not lines or not lines[-1].startswith("RESULT "):
+      res["error"] = (err or "")[-1500:]
+    res["wall_s"] = round(time.perf_counter() - t, 1)
+    results.append(res)
+    print(json.dumps(res), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"model": args.model, "results": results}, f, indent=1)
+  return 0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--variants", default="exact|,subspace|")
+  p.add_argument("--model", default="llama_1b")
+  p.add_argument("--optimizer", default="galore_adamw")
+  p.add_argument("--rank", type=int, default=512)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--seq-len", type=int, default=256)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--timeout", type=int, default=150, help="seconds per variant")
+  p.add_argument("--budget", type=int, default=400, help="seconds for all variants")
+  p.add_argument("--json", default=None)
+  p.add_argument("--child", action="store_true")
+  p.add_argument("--svd", default="subspace")
+  p.add_argument("--patch", default="", help="'nofallback': orthonormalize without fallbacks")
+  args = p.parse_args(argv)
+  if args.child:
+    try:
+      res = child(args)
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+      print(json.dumps({"error": f"{type(e).__name__}: {e}"[:1500]}), file=sys.stderr)
+      return 1
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+  return parent(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
