@@ -190,7 +190,12 @@ _REFRESH_GROUP_ELEMENTS = 2**28
 
 @dataclasses.dataclass(frozen=True)
 class _RefreshGroup:
-  """Projected leaves whose bases are computed together: same matrix shape, side, rank, phase."""
+  """Projected leaves whose bases are computed together: same matrix shape, side, rank, phase.
+
+  With ``orient``, a ``"left"`` leaf (``m x n``, basis ``m x r``) joins the ``"right"``
+  leaves of shape ``n x m`` as its transpose (``transposed``): its basis is the transpose of
+  theirs (``r x m``). ``side``, ``m`` and ``n`` are then the group's (right-side) view.
+  """
 
   leaf_indices: tuple[int, ...]
   sizes: tuple[int, ...]  # matrices per leaf (the product of its batch axes)
@@ -199,39 +204,40 @@ class _RefreshGroup:
   n: int
   rank: int
   offset: int
+  transposed: tuple[bool, ...] = ()
 
 
-def _refresh_groups(layouts, g_mats, old_bases) -> list[_RefreshGroup]:
-  """Batches of leaves that refresh together, in flatten order of their first leaf."""
+def _refresh_groups(layouts, g_mats, old_bases, orient: bool = False) -> list[_RefreshGroup]:
+  """Batches of leaves that refresh together, in flatten order of their first leaf.
+
+  ``orient`` (the iterative methods) also batches left-side leaves with right-side leaves of
+  the transposed shape (e.g. a model's up and down projections): fewer, larger batches, and
+  fewer refresh programs in the compiled step (one per group, in every layer of a per-layer
+  step). The exact SVD keeps each side apart: its results stay those of the reference.
+  """
   buckets: dict[tuple, list[int]] = {}
   for i, layout in enumerate(layouts):
     if layout is None:
       continue
+    flip = orient and layout.side == "left"
+    side, m, n = ("right", layout.n, layout.m) if flip else (layout.side, layout.m, layout.n)
     basis_dtypes = tuple(str(b.dtype) for b in jax.tree.leaves(old_bases[i]))
-    key = (
-      layout.side,
-      layout.m,
-      layout.n,
-      layout.rank,
-      layout.offset,
-      str(g_mats[i].dtype),
-      basis_dtypes,
-    )
+    key = (side, m, n, layout.rank, layout.offset, str(g_mats[i].dtype), basis_dtypes)
     buckets.setdefault(key, []).append(i)
   groups = []
-  for indices in buckets.values():
-    p = layouts[indices[0]]
+  for (side, m, n, rank, offset, *_), indices in buckets.items():
     chunk: list[int] = []
     for i in indices + [None]:
       size = None if i is None else math.prod(layouts[i].batch_shape)
       full = chunk and (
         i is None
-        or (sum(math.prod(layouts[j].batch_shape) for j in chunk) + size) * p.m * p.n
+        or (sum(math.prod(layouts[j].batch_shape) for j in chunk) + size) * m * n
         > _REFRESH_GROUP_ELEMENTS
       )
       if full:
         sizes = tuple(math.prod(layouts[j].batch_shape) for j in chunk)
-        groups.append(_RefreshGroup(tuple(chunk), sizes, p.side, p.m, p.n, p.rank, p.offset))
+        flips = tuple(layouts[j].side != side for j in chunk)
+        groups.append(_RefreshGroup(tuple(chunk), sizes, side, m, n, rank, offset, flips))
         chunk = []
       if i is not None:
         chunk.append(i)
@@ -447,10 +453,11 @@ def galore(
       small sketch; no SVD). ``"subspace"``: ``subspace_iters`` rounds of block power
       iteration warm-started from the leaf's current basis
       (:func:`galore_jax.projector.subspace_basis`): two matmuls with the gradient and
-      a Cholesky-based orthonormalisation per round, no SVD or Householder QR; the first
-      refresh (count 0), which has no basis to start from, starts from a Gaussian
-      matrix, runs ``subspace_first_iters`` rounds and rotates the result onto Ritz
-      vectors (an ``r x r`` eigh, this once). Leaves with the same matrix
+      a Cholesky-based orthonormalisation per round (Householder QR only if that is
+      ill-conditioned), no SVD; the first refresh (count 0), which has no basis to start
+      from, starts from a pseudo-random matrix (:func:`galore_jax.projector.hashed_uniform`),
+      runs ``subspace_first_iters`` rounds and rotates the result onto Ritz vectors (an
+      ``r x r`` eigh, this once). Leaves with the same matrix
       shape, side, rank and refresh phase are refreshed together as one batched
       computation in every mode.
     subspace_iters: rounds per refresh for ``svd="subspace"`` (default 2: on
@@ -459,7 +466,7 @@ def galore(
       ``experiments/refresh_energy.py``).
     subspace_first_iters: rounds of the first refresh for ``svd="subspace"`` (default
       4: on ``llama_tiny``'s gradients at initialisation, rank 64, 1/2/3/4/8 rounds from
-      a Gaussian start capture at least 0.986/0.997/0.9985/0.9992/0.9997 of the exact
+      a random start capture at least 0.986/0.997/0.9985/0.9992/0.9997 of the exact
       top-r energy on every kernel).
     refresh_schedule: ``"synchronous"`` refreshes every leaf at counts ``0, T,
       2T, ...`` (reference). ``"staggered"`` gives leaf ``k`` of the ``L``
@@ -593,21 +600,16 @@ def galore(
     if svd == "exact":
       return proj.exact_basis(g_BxMxN, side, r)
 
-    def per_leaf_normal(salt, shape):
-      # One key per leaf, so a leaf's draw does not depend on what it is batched with.
-      return jnp.concatenate(
-        [
-          jax.random.normal(
-            jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), salt),
-            (b,) + shape,
-            jnp.float32,
-          )
-          for i, b in zip(group.leaf_indices, group.sizes, strict=True)
-        ]
-      )
+    def per_leaf_random(salt, shape):
+      # One stream per matrix (leaf index, place in the leaf), so a leaf's draw does not
+      # depend on what it is batched with; one small hash program for the whole group.
+      streams = [
+        (i, k) for i, b in zip(group.leaf_indices, group.sizes, strict=True) for k in range(b)
+      ]
+      return proj.hashed_uniform(seed, streams, salt, shape)
 
     def randomized():
-      omega = per_leaf_normal(
+      omega = per_leaf_random(
         count, proj.test_matrix_shape((), side, group.m, group.n, r, oversample)
       )
       return proj.randomized_basis(g_BxMxN, side, r, power_iters=power_iters, test_matrix=omega)
@@ -617,16 +619,16 @@ def galore(
 
     # Subspace iteration from the current basis. The very first refresh (count 0) has no
     # basis worth starting from (the initial one is the first r coordinate axes), so it
-    # starts from a Gaussian matrix, one per leaf, and runs more rounds. One loop serves
+    # starts from a pseudo-random matrix, one per leaf, and runs more rounds. One loop serves
     # both, so the orthonormalisation is compiled once per group.
-    def gaussian():
+    def random_start():
       shapes = proj.basis_shapes(side, group.m, group.n, r)
-      mats = [per_leaf_normal(j, shape) for j, shape in enumerate(shapes)]
+      mats = [per_leaf_random(j, shape) for j, shape in enumerate(shapes)]
       return mats[0] if side != "full" else tuple(mats)
 
     first = count == 0
     start = jax.lax.cond(
-      first, gaussian, lambda: jax.tree.map(lambda x: x.astype(jnp.float32), old)
+      first, random_start, lambda: jax.tree.map(lambda x: x.astype(jnp.float32), old)
     )
     iters = jnp.where(first, subspace_first_iters, subspace_iters)
     basis = proj.subspace_basis(g_BxMxN, side, start, iters=iters)
@@ -650,9 +652,12 @@ def galore(
     ``lax.cond``, so steps without a refresh neither pay for nor hold the stacked copy.
     """
     due = (count == 0) | ((count >= group.offset) & ((count - group.offset) % update_proj_gap == 0))
+    flips = group.transposed or (False,) * len(group.leaf_indices)
 
     def compute(_):
       def stack(xs):
+        # Transposed members enter in the group's orientation (gradient and basis alike).
+        xs = [jnp.swapaxes(x, -1, -2) if t else x for x, t in zip(xs, flips, strict=True)]
         return jnp.concatenate([x.reshape((-1,) + x.shape[-2:]) for x in xs])
 
       g = stack(g_leaves)
@@ -673,11 +678,13 @@ def galore(
       )
       outs = []
       for j, (b, e) in enumerate(zip(group.sizes, ends, strict=True)):
-        outs.append(
-          jax.tree.map(
-            lambda x, ref, lo=e - b, hi=e: x[lo:hi].reshape(ref.shape), new, old_leaves[j]
-          )
-        )
+
+        def unstack(x, ref, lo=e - b, hi=e, flip=flips[j]):
+          x = x[lo:hi]
+          x = jnp.swapaxes(x, -1, -2) if flip else x
+          return x.reshape(ref.shape)
+
+        outs.append(jax.tree.map(unstack, new, old_leaves[j]))
       return outs, leaf_ok
 
     def keep(_):
@@ -702,7 +709,7 @@ def galore(
     # The named scopes label the HLO ops (``metadata.op_name``), so a profile attributes
     # device time to GaLore's stages (experiments/profile_breakdown.py).
     with jax.named_scope("galore_refresh"):
-      for group in _refresh_groups(layouts, g_mats, old_bases):
+      for group in _refresh_groups(layouts, g_mats, old_bases, orient=svd != "exact"):
         new, flags = refresh_group(
           group,
           [g_mats[i] for i in group.leaf_indices],

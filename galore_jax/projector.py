@@ -26,8 +26,11 @@ flipped so that its largest-magnitude entry is positive.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("exact", "randomized", "subspace")
@@ -87,8 +90,7 @@ def exact_basis(g: jax.Array, side: str, rank: int) -> Basis:
 # one matrix at a time (gesvd / geqrf); Cholesky QR needs a Gram matrix (a matmul), the
 # Cholesky factor of an r x r matrix and a triangular solve (a matmul-like trsm), all of which
 # batch. Its orthogonality error grows like eps * cond(X)^2, so it is done twice (CholeskyQR2,
-# Yamamoto et al. 2015); inputs too ill-conditioned for that get a shifted first pass
-# (shifted CholeskyQR3, Fukaya et al. 2020) and, if even that is not finite, Householder QR.
+# Yamamoto et al. 2015); inputs too ill-conditioned for that fall back to Householder QR.
 
 
 def _gram(x_BxNxR: jax.Array) -> jax.Array:
@@ -127,13 +129,6 @@ def _cholesky_qr2(x_BxNxR: jax.Array):
   return q2, _finite(q2) & (_orthogonality_error(gram2) < 0.5)
 
 
-def _shifted_cholesky_qr3(x_BxNxR: jax.Array):
-  """A shifted first pass (factorises whenever ``X`` is finite and non-zero), then CholeskyQR2."""
-  shift = 10 * jnp.finfo(jnp.float32).eps * jnp.trace(_gram(x_BxNxR), axis1=-2, axis2=-1)
-  q0, _ = _cholesky_qr_pass(x_BxNxR, shift[..., None, None])
-  return _cholesky_qr2(q0)
-
-
 def _householder_qr(x_BxNxR: jax.Array) -> jax.Array:
   q, r = jnp.linalg.qr(x_BxNxR)
   d = jnp.diagonal(r, axis1=-2, axis2=-1)
@@ -151,14 +146,15 @@ def orthonormalize(x_BxNxR: jax.Array) -> jax.Array:
      not change ``Q`` but keeps the Gram matrix in range). The second pass's Gram matrix is
      the first ``Q``'s orthogonality defect; if it is under 0.5 the result is orthonormal to
      a few float32 ulps.
-  2. Otherwise (``cond(x)`` beyond about ``eps^-1/2``): shifted CholeskyQR3, a first pass on
-     ``X^T X + s I`` with ``s = 10 eps trace(X^T X)``, which factorises for any finite,
-     non-zero ``x`` and leaves a ``Q`` conditioned well enough for CholeskyQR2.
-  3. If that fails too (a non-finite or all-zero input): Householder QR with the same sign
-     convention (non-finite matrices are replaced by zeros first, which LAPACK handles).
+  2. Otherwise (``cond(x)`` beyond about ``eps^-1/2``, or a non-finite or all-zero input):
+     Householder QR with the same sign convention (non-finite matrices are replaced by zeros
+     first, which LAPACK / cuSOLVER handle).
 
-  Each fallback is a ``lax.cond`` on the whole batch, so well-conditioned inputs (the
-  normal case for a warm-started subspace iteration) pay for step 1 only.
+  The fallback is one ``lax.cond`` on the whole batch, so well-conditioned inputs (the
+  normal case for a warm-started subspace iteration) pay for step 1 only. It is kept to one
+  branch on purpose: this function sits inside every refresh group's loop, and each extra
+  branch is compiled once per group (a shifted CholeskyQR3 tier between the two cost about
+  a third of the subspace refresh's compile time on CPU and was dropped).
   """
   x = x_BxNxR.astype(jnp.float32)
   norms = jnp.linalg.norm(x, axis=-2, keepdims=True)
@@ -166,13 +162,7 @@ def orthonormalize(x_BxNxR: jax.Array) -> jax.Array:
 
   def repair(args):
     q, ok = args
-    q_s, ok_s = _shifted_cholesky_qr3(x)
-    q, ok = _per_matrix(ok, q, q_s), ok | ok_s
-    return jax.lax.cond(
-      jnp.all(ok),
-      lambda: q,
-      lambda: _per_matrix(ok, q, _householder_qr(_per_matrix(_finite(x), x, 0.0))),
-    )
+    return _per_matrix(ok, q, _householder_qr(_per_matrix(_finite(x), x, 0.0)))
 
   q, ok = _cholesky_qr2(x)
   return jax.lax.cond(jnp.all(ok), lambda args: args[0], repair, (q, ok))
@@ -206,10 +196,50 @@ def _from_right_vectors(g: jax.Array, v: jax.Array, side: str) -> Basis:
   return (u, _t(v))
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """A 32-bit integer finaliser (xor-shift-multiply rounds): every input bit reaches every
+  output bit, so consecutive counters give unrelated outputs."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def hashed_uniform(
+  seed, streams: Sequence[tuple[int, int]], salt, shape: tuple[int, int]
+) -> jax.Array:
+  """Pseudo-random ``(len(streams),) + shape`` float32 matrices, entries uniform in [-1, 1).
+
+  Entry ``(b, i, j)`` is a counter-based hash of ``(seed, streams[b], salt, i, j)``, a stream
+  being a pair of non-negative ints (GaLore's: leaf index, matrix within the leaf), so a
+  matrix depends only on its own stream (a leaf's draw does not depend on what it is
+  batched with), ``seed`` and ``salt`` may be traced, and the whole batch is one small
+  elementwise program. That matters here: the draw sits in every refresh group of the
+  compiled train step, and a ``jax.random.normal`` per leaf (threefry, expanded per call)
+  cost about a third of the subspace refresh's compile time. Uniform entries serve as well
+  as Gaussian ones for a range finder's test matrix or a power iteration's start (any
+  i.i.d. symmetric sub-Gaussian distribution does; Halko, Martinsson & Tropp 2011, sec. 7.4).
+  """
+  ids = np.asarray(streams, np.int64).reshape(-1, 2) % 2**32
+  first = jnp.asarray(ids[:, 0].astype(np.uint32))[:, None, None]
+  second = jnp.asarray(ids[:, 1].astype(np.uint32))[:, None, None]
+  h = _mix32(jnp.asarray(seed).astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+  h = _mix32(h + first * jnp.uint32(0x85EBCA6B))
+  h = _mix32(h + second * jnp.uint32(0x61C88647))
+  h = _mix32(h + jnp.asarray(salt).astype(jnp.uint32) * jnp.uint32(0xC2B2AE35))
+  rows = jax.lax.broadcasted_iota(jnp.uint32, (1,) + shape, 1)
+  cols = jax.lax.broadcasted_iota(jnp.uint32, (1,) + shape, 2)
+  h = _mix32(h + rows * jnp.uint32(0x27D4EB2F))
+  h = _mix32(h + cols * jnp.uint32(0x165667B1))
+  # The top 24 bits, as a float32 in [0, 2), shifted to [-1, 1).
+  return (h >> 8).astype(jnp.float32) * (2.0**-23) - 1.0
+
+
 def test_matrix_shape(
   batch_shape: tuple[int, ...], side: str, m: int, n: int, rank: int, oversample: int
 ) -> tuple[int, ...]:
-  """Shape of the Gaussian test matrix :func:`randomized_basis` draws for a batch of ``m x n``."""
+  """Shape of the test matrix :func:`randomized_basis` uses for a batch of ``m x n``."""
   d = m if side == "left" else n
   return batch_shape + (d, min(rank + oversample, d))
 

@@ -296,11 +296,17 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
       "3",
       "--eval-batches",
       "2",
+      # The matmul-only refresh end to end (issue #11): refreshes at steps 1 and 3.
+      "--svd",
+      "subspace",
+      "--update-proj-gap",
+      "2",
     )
     == 0
   )
   text = capsys.readouterr().out
   assert "final validation loss" in text and "perplexity" in text
+  assert checkpoint.read_meta(out)[1]["compat"]["svd"] == "subspace"
   assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["step"] == 3 and result["eval_ppl"] > 1
