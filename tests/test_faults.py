@@ -21,7 +21,8 @@ import pytest
 
 from galore_jax import checkpoint, cli, data, metrics, train
 
-# The tiny configuration of test_train.py (same shapes: its compiled steps are cached).
+# The tiny configuration of test_train.py (same shapes; with its --steps 6, the same lr
+# schedule: its compiled train step is cached).
 SMALL = dict(
   model="llama_tiny",
   batch_size=8,
@@ -74,13 +75,18 @@ def lines_run(tmp_path_factory):
   (root / "corpus").mkdir()
   (root / "corpus" / "lines.txt").write_text(_sentences(4000))
   shutil.copy(data.BUILTIN_TOKENIZER, root / "tok.model")
+  # Steps 1..4 of 6 (test_train.py's schedule), evaluated at step 4.
   cfg = train.TrainConfig(
-    out="run", data="corpus/lines.txt", tokenizer="tok.model", steps=4, **SMALL
+    out="run",
+    data="corpus/lines.txt",
+    tokenizer="tok.model",
+    steps=6,
+    **(SMALL | {"eval_every": 4}),
   )
   with contextlib.chdir(root):
     train.train(dataclasses.replace(cfg, save_every=2, stop_after=3), log=_quiet)
     shutil.rmtree("run/checkpoints/3")  # as a crash would: the metrics reach step 3
-    summary = train.train(dataclasses.replace(cfg, resume=True), log=_quiet)
+    summary = train.train(dataclasses.replace(cfg, resume=True, stop_after=2), log=_quiet)
   return root, summary
 
 

@@ -2,11 +2,15 @@
 127.0.0.1 (2 CPU devices each, gloo collectives), checked against one process with 4.
 
 The runs are shared between the tests (module fixtures): a single-process reference of
-10 steps; a two-process run stopped after 5 steps, then resumed with two processes to 10;
-a two-process run whose second process is killed mid-run.
+10 steps; a two-process run stopped after 5 steps, then resumed with two processes and
+stopped past step 10 by a SIGTERM to one of them; a resume of a copy of that run whose
+second process is killed mid-run. Every start of a two-process job costs about 10 s of
+CPU on a 2-core machine, so each start checks as much as it can.
 """
 
+import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,62 +161,14 @@ def tiny_model(tmp_path_factory) -> str:
   return str(path)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model):
-  """The single-process reference (4 of this session's CPU devices, in this process) and
-  the two-process runs: 5 steps (``--stop-after 5``), then ``--resume`` to 10. The first
-  two-process job runs while the reference trains here (one compilation each, in parallel).
-  """
-  tmp = tmp_path_factory.mktemp("mh")
-  single, out = tmp / "single", tmp / "two"
-  first = Job(tmp, "first", ["--out", str(out), *_flags(init_from=tiny_model, stop_after=5)])
-  try:
-    cfg = train.TrainConfig(
-      out=str(single), progress=False, init_from=tiny_model, stop_after=10, **RUN
-    )
-    train.train(cfg, log=lambda *_: None)
-  finally:
-    codes = first.wait()
-  assert codes == [0, 0], first.output(0) + first.output(1)
-  after_five = _losses(out)
-  resume = _flags(init_from=tiny_model, resume=True, stop_after=5)
-  second = Job(tmp, "resume", ["--out", str(out), *resume])
-  codes = second.wait()
-  assert codes == [0, 0], second.output(0) + second.output(1)
-  return single, out, first, second, after_five
-
-
-def test_two_processes_match_one_process_and_resume_exactly(runs):
-  reference, out, first, second, after_five = runs
-  want = _losses(reference)
-  assert sorted(want) == list(range(1, 11))
-  # Steps 1..5 by the first job, 6..10 by the resumed one; the same trajectory as the
-  # single-process run (the same global batches, the same state).
-  assert sorted(after_five) == [1, 2, 3, 4, 5]
-  got = _losses(out)
-  assert sorted(got) == list(range(1, 11))
-  np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], 1e-5)
-  # Evaluation (each process passes its rows of the validation batch) at steps 5 and 10.
-  got_eval, want_eval = _losses(out, "eval_loss"), _losses(reference, "eval_loss")
-  assert sorted(got_eval) == sorted(want_eval) == [5, 10]
-  np.testing.assert_allclose([got_eval[5], got_eval[10]], [want_eval[5], want_eval[10]], 1e-5)
-  _assert_same_state(reference, out, 5)  # what the resume started from
-  _assert_same_state(reference, out, 10)
-  assert "resumed from" in second.output(0)
-
-
-def test_only_process_zero_writes_outputs_and_reports(runs):
-  _, out, first, second, _ = runs
-  # One record per step (process 1 wrote none), one TensorBoard event file per start.
-  steps = [r["step"] for r in metrics.read_metrics(str(out)) if "loss" in r]
-  assert steps == list(range(1, 11))
-  assert len(list((out / "tb").glob("events.*"))) == 2
-  for job in (first, second):
-    assert "trained steps" in job.output(0) and "M params" in job.output(0)
-    assert "trained steps" not in job.output(1) and "M params" not in job.output(1)
-  # Both processes wrote their shards of each checkpoint (orbax's multi-process save).
-  names = {p.name for p in (out / "checkpoints" / "10" / "params").iterdir()}
-  assert {"ocdbt.process_0", "ocdbt.process_1"} <= names, names
+@dataclasses.dataclass
+class Runs:
+  reference: Path  # single process, 10 steps
+  out: Path  # two processes: steps 1..5 (first), then 6.. until the SIGTERM (second)
+  first: Job
+  second: Job
+  after_five: dict[int, float]  # the losses `out` held after the first job
+  second_codes: list[int]
 
 
 def _wait_for_step(job: Job, out: Path, above: int) -> int:
@@ -226,27 +182,94 @@ def _wait_for_step(job: Job, out: Path, above: int) -> int:
   raise AssertionError(f"no step after {above}:\n" + job.output(0) + job.output(1))
 
 
-def test_sigterm_to_one_process_stops_all_and_a_killed_one_ends_the_job(tmp_path, tiny_model, runs):
-  del runs  # after them: their compilations are in the session's cache
-  out = tmp_path / "faults"
-  args = ["--out", str(out), *_flags(init_from=tiny_model), "--heartbeat-timeout", "10"]
-  # SIGTERM to process 1 alone (a preemption notice that reaches one host first): both
-  # processes stop after the same step, save it together and exit 143.
-  job = Job(tmp_path, "sigterm", args)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model) -> Runs:
+  """The single-process reference (4 of this session's CPU devices, in this process) and
+  the two-process runs: 5 steps (``--stop-after 5``), then ``--resume``, which runs on
+  (``--steps 1000``) until process 1 alone gets SIGTERM once step 10 is recorded: the
+  comparisons use steps 1..10, the signal tests what follows. The first two-process job
+  runs while the reference trains here (one compilation each, in parallel).
+  """
+  tmp = tmp_path_factory.mktemp("mh")
+  single, out = tmp / "single", tmp / "two"
+  first = Job(tmp, "first", ["--out", str(out), *_flags(init_from=tiny_model, stop_after=5)])
   try:
-    _wait_for_step(job, out, 0)
-    job.procs[1].send_signal(signal.SIGTERM)
-    codes = job.wait()
+    cfg = train.TrainConfig(
+      out=str(single), progress=False, init_from=tiny_model, stop_after=10, **RUN
+    )
+    train.train(cfg, log=lambda *_: None)
   finally:
-    job.kill()
-  assert codes == [143, 143], job.output(0) + job.output(1)
+    codes = first.wait()
+  assert codes == [0, 0], first.output(0) + first.output(1)
+  after_five = _losses(out)
+  second = Job(tmp, "resume", ["--out", str(out), *_flags(init_from=tiny_model, resume=True)])
+  try:
+    # A preemption notice that reaches one host first. Step 10 and its checkpoint are
+    # complete when it is recorded; the signal lands at a later step or a save.
+    _wait_for_step(second, out, 9)
+    second.procs[1].send_signal(signal.SIGTERM)
+  finally:
+    codes = second.wait()
+  return Runs(single, out, first, second, after_five, codes)
+
+
+def test_two_processes_match_one_process_and_resume_exactly(runs):
+  reference, out = runs.reference, runs.out
+  want = _losses(reference)
+  assert sorted(want) == list(range(1, 11))
+  # Steps 1..5 by the first job, 6..10 (and on) by the resumed one; the same trajectory as
+  # the single-process run (the same global batches, the same state).
+  assert sorted(runs.after_five) == [1, 2, 3, 4, 5]
+  got = _losses(out)
+  assert sorted(got)[:10] == list(range(1, 11))
+  np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], 1e-5)
+  # Evaluation (each process passes its rows of the validation batch) at steps 5 and 10.
+  got_eval, want_eval = _losses(out, "eval_loss"), _losses(reference, "eval_loss")
+  assert sorted(want_eval) == [5, 10] and sorted(s for s in got_eval if s <= 10) == [5, 10]
+  np.testing.assert_allclose([got_eval[5], got_eval[10]], [want_eval[5], want_eval[10]], 1e-5)
+  _assert_same_state(reference, out, 5)  # what the resume started from
+  _assert_same_state(reference, out, 10)
+  assert "resumed from" in runs.second.output(0)
+
+
+def test_only_process_zero_writes_outputs_and_reports(runs):
+  out = runs.out
+  # One record per step (process 1 wrote none), one TensorBoard event file per start.
+  steps = [r["step"] for r in metrics.read_metrics(str(out)) if "loss" in r]
+  assert steps == list(range(1, checkpoint.latest_step(str(out)) + 1))
+  assert len(list((out / "tb").glob("events.*"))) == 2
+  for job in (runs.first, runs.second):
+    assert "M params" in job.output(0) and "M params" not in job.output(1)
+  # The end-of-run summary: the first job ends normally (the second by the signal).
+  assert "trained steps" in runs.first.output(0)
+  assert "trained steps" not in runs.first.output(1)
+  # Both processes wrote their shards of each checkpoint (orbax's multi-process save).
+  names = {p.name for p in (out / "checkpoints" / "10" / "params").iterdir()}
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= names, names
+
+
+def test_sigterm_to_one_process_stops_all(runs):
+  # SIGTERM to process 1 alone: both processes stop after the same step, save it together
+  # and exit 143.
+  out, job = runs.out, runs.second
+  assert runs.second_codes == [143, 143], job.output(0) + job.output(1)
   step = checkpoint.latest_step(str(out))
-  assert step is not None and f"interrupted by SIGTERM at step {step}" in job.output(0)
+  assert step is not None and step >= 10
+  assert f"interrupted by SIGTERM at step {step}" in job.output(0)
   assert f"interrupted by SIGTERM at step {step}" in job.output(1)
   assert sorted(_losses(out)) == list(range(1, step + 1))
-  # Resumed, then process 1 is killed mid-run (a lost node): process 0 ends non-zero
-  # within a bounded time instead of waiting forever in its next collective.
-  job = Job(tmp_path, "kill", [*args, "--resume"])
+
+
+def test_a_killed_process_ends_the_job(tmp_path, tiny_model, runs):
+  # The SIGTERM's checkpoint, resumed by two processes (a copy: the other tests read the
+  # run), then process 1 is killed mid-run (a lost node): process 0 ends non-zero within a
+  # bounded time instead of waiting forever in its next collective. The kill is seen when
+  # process 1's heartbeats stop: a short --heartbeat-timeout keeps the wait short.
+  out = tmp_path / "killed"
+  shutil.copytree(runs.out, out)
+  step = checkpoint.latest_step(str(out))
+  args = ["--out", str(out), *_flags(init_from=tiny_model, resume=True)]
+  job = Job(tmp_path, "kill", [*args, "--heartbeat-timeout", "5"])
   try:
     _wait_for_step(job, out, step)
     job.procs[1].send_signal(signal.SIGKILL)

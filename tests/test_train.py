@@ -37,8 +37,17 @@ def _quiet(*_):
   pass
 
 
-def test_resume_continues_exactly(tmp_path):
-  straight = train.train(_cfg(tmp_path, "straight", steps=6), log=_quiet)
+# Runs of SMALL that train on the same lr schedule (--steps 6; --stop-after ends them
+# earlier) share one compiled train step through the session's compile cache, and the
+# single-device trajectory below is computed once for every test that compares with it.
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """6 steps of SMALL on one device, uninterrupted (the summary of ``train.train``)."""
+  return train.train(_cfg(tmp_path_factory.mktemp("straight"), "run", steps=6), log=_quiet)
+
+
+def test_resume_continues_exactly(tmp_path, straight_run):
+  straight = straight_run
   first = train.train(_cfg(tmp_path, "split", steps=6, stop_after=3), log=_quiet)
   assert first["step"] == 3
   assert straight["step_compilations"] == 1  # no recompilation after the first step
@@ -51,11 +60,13 @@ def test_resume_continues_exactly(tmp_path):
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_mesh_matches_single_device(tmp_path):
+def test_mesh_matches_single_device(tmp_path, straight_run):
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
-  single = train.train(_cfg(tmp_path, "one", steps=3), log=_quiet)
-  sharded = train.train(_cfg(tmp_path, "mesh", steps=3, mesh="data=2,fsdp=4"), log=_quiet)
-  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4, atol=1e-4)
+  # 3 steps: projector refreshes at counts 0 and 2.
+  cfg = _cfg(tmp_path, "mesh", steps=6, stop_after=3, mesh="data=2,fsdp=4")
+  sharded = train.train(cfg, log=_quiet)
+  assert len(sharded["losses"]) == 3
+  np.testing.assert_allclose(sharded["losses"], straight_run["losses"][:3], rtol=1e-4, atol=1e-4)
 
 
 def test_mesh_shards_params_and_projectors(tmp_path):
@@ -67,13 +78,15 @@ def test_mesh_shards_params_and_projectors(tmp_path):
   assert "fsdp" in tuple(proj.sharding.spec)
 
 
-def test_grad_accumulation_equals_large_batch(tmp_path):
+def test_grad_accumulation_equals_large_batch(tmp_path, straight_run):
   # The whole-gradient accumulation (--no-lowrank-accum): refresh steps included. The
-  # low-rank one is tested step by step in tests/test_layerwise.py.
-  big = train.train(_cfg(tmp_path, "big", steps=2, batch_size=8), log=_quiet)
-  kw = dict(steps=2, batch_size=4, grad_accum=2, lowrank_accum=False)
+  # low-rank one is tested step by step in tests/test_layerwise.py. The large batch:
+  # straight_run's first 2 steps (SMALL's batch of 8).
+  assert SMALL["batch_size"] == 8
+  kw = dict(steps=6, stop_after=2, batch_size=4, grad_accum=2, lowrank_accum=False)
   acc = train.train(_cfg(tmp_path, "acc", **kw), log=_quiet)
-  np.testing.assert_allclose(acc["losses"], big["losses"], rtol=2e-5)
+  assert len(acc["losses"]) == 2
+  np.testing.assert_allclose(acc["losses"], straight_run["losses"][:2], rtol=2e-5)
 
 
 def test_grad_accumulation_step_choice():
@@ -90,19 +103,34 @@ def test_grad_accumulation_step_choice():
   assert not uses(per_layer_updates=False)
 
 
+@pytest.fixture(scope="module")
+def jitted_steps(tmp_path_factory):
+  """``get(optimizer, remat)``: the run (SMALL, weight decay 0.1) and its jitted
+  whole-gradient and per-layer steps, built once per module: the tests that call them
+  on batches of the same shape (``_batch``) share their compilations."""
+  built = {}
+
+  def get(optimizer="galore_adamw", remat="none"):
+    if (optimizer, remat) not in built:
+      tmp = tmp_path_factory.mktemp("steps")
+      cfg = _cfg(tmp, "lw", optimizer=optimizer, remat=remat, weight_decay=0.1)
+      run = train.setup(cfg, vocab_size=8192)
+      whole = jax.jit(train.make_train_step(run.graphdef, run.tx))
+      layerwise = jax.jit(train.make_layerwise_step(run.graphdef, run.tx, remat=remat))
+      built[optimizer, remat] = run, whole, layerwise
+    return built[optimizer, remat]
+
+  return get
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
-def test_nonfinite_step_is_skipped(tmp_path, layerwise):
-  run = train.setup(_cfg(tmp_path, "nan"), vocab_size=8192)
+def test_nonfinite_step_is_skipped(jitted_steps, layerwise):
+  run, whole, per_layer = jitted_steps()
   params, opt_state = train.init_state(run)
   params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
   before = jax.tree.map(np.asarray, (params, opt_state))
-  make = train.make_layerwise_step if layerwise else train.make_train_step
-  step = jax.jit(make(run.graphdef, run.tx))
-  batch = {
-    k: jnp.zeros((1, 8, 32), jnp.int32 if k != "mask" else jnp.float32)
-    for k in ("inputs", "targets", "mask")
-  }
-  batch["mask"] = jnp.ones((1, 8, 32))
+  step = per_layer if layerwise else whole
+  batch = _batch(jax.random.key(0))
   new_params, new_opt, m = step(params, opt_state, batch)
   assert int(m["skipped"]) == 1
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new_params, new_opt)), strict=True):
@@ -149,7 +177,14 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "wandb", fake)
   monkeypatch.setenv("WANDB_MODE", "offline")
   cfg = _cfg(
-    tmp_path, "run", steps=4, eval_every=2, peak_tflops=50.0, profile_steps="1:3", wandb=True
+    tmp_path,
+    "run",
+    steps=6,
+    stop_after=4,  # the compiled step of straight_run
+    eval_every=2,
+    peak_tflops=50.0,
+    profile_steps="1:3",
+    wandb=True,
   )
   evaluate, slept = trainer.evaluate, []
 
@@ -284,6 +319,8 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
       "--out",
       out,
       "--steps",
+      "500",  # the SIGTERM test's run: the same compiled step
+      "--stop-after",
       "3",
       "--batch-size",
       "2",
@@ -347,11 +384,11 @@ def test_cli_unknown_optimizer_exit_2(capsys):
   assert e.value.code == 2
 
 
-# Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 4 steps).
+# Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 6 steps).
 RESUME_ARGS = [
   "--resume",
   "--steps",
-  "4",
+  "6",
   "--batch-size",
   "8",
   "--seq-len",
@@ -366,10 +403,9 @@ RESUME_ARGS = [
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+  """A run directory of SMALL with its checkpoint at step 2 (of 6: straight_run's step)."""
   out = tmp_path_factory.mktemp("done") / "run"
-  train.train(
-    train.TrainConfig(out=str(out), steps=2, **{k: v for k, v in SMALL.items()}), log=_quiet
-  )
+  train.train(train.TrainConfig(out=str(out), steps=6, stop_after=2, **SMALL), log=_quiet)
   return out
 
 
@@ -443,13 +479,10 @@ def _batch(key, batch=4, seq=32, vocab=8192):
 @pytest.mark.parametrize(
   "optimizer,remat", [("galore_adamw", "none"), ("galore_adamw8bit", "full")]
 )
-def test_layerwise_step_equals_whole_gradient_step(tmp_path, optimizer, remat):
+def test_layerwise_step_equals_whole_gradient_step(jitted_steps, optimizer, remat):
   # Per-layer updates change when each weight is updated, not the numbers: 4 steps
   # (projector refreshes at counts 0 and 2) agree with the whole-gradient step.
-  cfg = _cfg(tmp_path, "lw", optimizer=optimizer, remat=remat, weight_decay=0.1)
-  run = train.setup(cfg, vocab_size=8192)
-  whole = jax.jit(train.make_train_step(run.graphdef, run.tx))
-  layerwise = jax.jit(train.make_layerwise_step(run.graphdef, run.tx, remat=remat))
+  run, whole, layerwise = jitted_steps(optimizer, remat)
   state_w = state_l = train.init_state(run)
   for t in range(4):
     batch = _batch(jax.random.key(t))
