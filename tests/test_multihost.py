@@ -269,7 +269,7 @@ def test_a_killed_process_ends_the_job(tmp_path, tiny_model, runs):
   shutil.copytree(runs.out, out)
   step = checkpoint.latest_step(str(out))
   args = ["--out", str(out), *_flags(init_from=tiny_model, resume=True)]
-  job = Job(tmp_path, "kill", [*args, "--heartbeat-timeout", "5"])
+  job = Job(tmp_path, "kill", [*args, "--heartbeat-timeout", "8"])
   try:
     _wait_for_step(job, out, step)
     job.procs[1].send_signal(signal.SIGKILL)
