@@ -211,8 +211,8 @@ def make_layerwise_step(
   Non-finite values: if the loss is not finite nothing changes (``skipped`` is 1), as in
   :func:`galore_jax.steps.make_train_step`. If the loss is finite but a weight's gradient is
   not, that weight's unit keeps its values and optimizer state and the others are updated;
-  ``nonfinite_grads`` counts the weights with a non-finite gradient. Whole-tree reductions (global-norm clipping) need
-  every gradient before the first update, so the trainer uses
+  ``nonfinite_grads`` counts the weights with a non-finite gradient. Whole-tree reductions
+  (global-norm clipping) need every gradient before the first update, so the trainer uses
   :func:`galore_jax.steps.make_train_step` for them.
   """
 
