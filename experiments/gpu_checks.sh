@@ -23,6 +23,8 @@
 #      llama_7b 8-bit GaLore under a 24 GB cap: compile time, steady and refresh-step peak,
 #      then a second start through the persistent compilation cache (#16); then llama_350m
 #      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
+#   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
+#      (experiments/gpu_compile_probe.py), e.g. before the two calls above.
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke" MEMORY_ARGS=--cpu-smoke
@@ -67,7 +69,8 @@ PYEOF
       bench1b) bench1b ;;
       memory7b) memory7b ;;
       smaller) smaller ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, bench, memory)" ;;
+      compile1b) compile1b ;;
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, bench, memory)" ;;
     esac
   done
 }
@@ -131,6 +134,17 @@ smaller() {
       --refresh-variants subspace:staggered --job-timeout 150 --time-budget "$left" \
       --json "$OUT/gpu_bench_small.json" ${WHEEL:+--galore-torch "$WHEEL"} ${GPU_BENCH_ARGS:-}
   echo "== smaller rc=$? after ${SECONDS} s"
+}
+
+# llama_1b's GaLore step compiled with each refresh method, each in a fresh process: lowering
+# and compile seconds, then a plain step and a refresh step (experiments/gpu_compile_probe.py).
+compile1b() {
+  local left; left=$(left_s 10)
+  echo "== compile1b: ${left} s (elapsed ${SECONDS} s)"
+  timeout $(( left + 10 )) "$PY" experiments/gpu_compile_probe.py \
+      --variants "${COMPILE_VARIANTS:-subspace|,exact|}" --timeout 200 --budget "$left" \
+      --json "$OUT/compile_probe.json" ${COMPILE_ARGS:-}
+  echo "== compile1b rc=$? after ${SECONDS} s"
 }
 
 main 2>&1 | tee "$OUT/gpu_checks.txt"
