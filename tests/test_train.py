@@ -731,13 +731,3 @@ def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monk
   assert fake.logged == [(1, {"loss": 2.0})]  # nulls are left out, as in TensorBoard
   assert metrics.read_metrics(str(tmp_path / "new"))[0]["mfu"] is None
 
-
-def test_layerwise_step_refreshes_same_shaped_weights_of_a_stage_together(tmp_path):
-  # One refresh program per update unit, not per weight: q, k, v, o (same shape) refresh as
-  # one batch, and gate, up (left side) with down (right side, the transposed shape). Each
-  # program of svd="subspace" holds one power-iteration loop; per weight it was 7 per layer.
-  run = train.setup(_cfg(tmp_path, "units", svd="subspace"), vocab_size=8192)
-  step = train.make_layerwise_step(run.graphdef, run.tx)
-  batch = jax.eval_shape(lambda: _batch(jax.random.key(0)))
-  text = jax.jit(step).lower(run.abstract_params, run.abstract_opt, batch).as_text()
-  assert text.count("stablehlo.while") == 2 * run.model_cfg.num_layers
