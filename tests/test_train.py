@@ -732,7 +732,6 @@ def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monk
   assert metrics.read_metrics(str(tmp_path / "new"))[0]["mfu"] is None
 
 
-
 def test_galore_whole_gradient_step_on_a_cpu_mesh_is_refused(tmp_path, capsys):
   # It deadlocks at the first step (found 2026-11-28): a one-line error, not a hung run.
   args = ["train", "--out", str(tmp_path / "wg"), "--mesh", "data=2,fsdp=2", "--no-progress"]
