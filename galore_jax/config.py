@@ -311,6 +311,8 @@ def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       refresh_schedule=cfg.refresh_schedule,
       projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,
+      # Each leaf on its own on a mesh: stacked sharded gradients deadlocked the step.
+      refresh_batch_elements=1 if math.prod(parse_mesh(cfg.mesh)) > 1 else None,
     )
   else:
     core = inner

@@ -207,7 +207,9 @@ class _RefreshGroup:
   transposed: tuple[bool, ...] = ()
 
 
-def _refresh_groups(layouts, g_mats, old_bases, orient: bool = False) -> list[_RefreshGroup]:
+def _refresh_groups(
+  layouts, g_mats, old_bases, orient: bool = False, max_elements: int | None = None
+) -> list[_RefreshGroup]:
   """Batches of leaves that refresh together, in flatten order of their first leaf.
 
   ``orient`` (the iterative methods) also batches left-side leaves with right-side leaves of
@@ -232,7 +234,7 @@ def _refresh_groups(layouts, g_mats, old_bases, orient: bool = False) -> list[_R
       full = chunk and (
         i is None
         or (sum(math.prod(layouts[j].batch_shape) for j in chunk) + size) * m * n
-        > _REFRESH_GROUP_ELEMENTS
+        > (_REFRESH_GROUP_ELEMENTS if max_elements is None else max_elements)
       )
       if full:
         sizes = tuple(math.prod(layouts[j].batch_shape) for j in chunk)
@@ -328,6 +330,7 @@ STATIC_ARGS = (
   "subspace_first_iters",
   "projector_dtype",
   "seed",
+  "refresh_batch_elements",
 )
 """Arguments of :func:`galore` and :func:`galore_adamw` to keep out of ``optax.inject_hyperparams``:
 ``optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)``.
@@ -399,6 +402,7 @@ def galore(
   moment_policy: str = "keep",
   projector_dtype: Any = None,
   seed: int = 0,
+  refresh_batch_elements: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Gradient Low-Rank Projection around an inner optimizer (Zhao et al., 2024).
 
@@ -490,6 +494,11 @@ def galore(
     seed: seed of the random matrices of ``svd="randomized"`` and of the first
       ``svd="subspace"`` refresh (derived per leaf and step, so no key lives in the
       state).
+    refresh_batch_elements: upper bound on the elements of one stacked refresh batch
+      (default ``2**28``; the stacked copy counts towards the refresh step's peak). ``1``
+      refreshes every leaf on its own. The trainer passes ``1`` on a mesh of several
+      devices: stacking sharded gradients deadlocked the step at its first refresh on a
+      CPU mesh (found 2026-11-28, cause not known; per-leaf refreshes run).
 
   Faults: if a refresh sees a non-finite or all-zero gradient, or the SVD returns
   non-finite values (non-convergence), the leaf keeps its previous projector;
@@ -709,7 +718,10 @@ def galore(
     # The named scopes label the HLO ops (``metadata.op_name``), so a profile attributes
     # device time to GaLore's stages (experiments/profile_breakdown.py).
     with jax.named_scope("galore_refresh"):
-      for group in _refresh_groups(layouts, g_mats, old_bases, orient=svd != "exact"):
+      groups = _refresh_groups(
+        layouts, g_mats, old_bases, orient=svd != "exact", max_elements=refresh_batch_elements
+      )
+      for group in groups:
         new, flags = refresh_group(
           group,
           [g_mats[i] for i in group.leaf_indices],

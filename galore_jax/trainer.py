@@ -138,21 +138,6 @@ def setup(
   if model_cfg is None:
     model_cfg = model_config(cfg, vocab_size, hf_config)
   mesh = sharding.make_mesh(cfg)
-  if (
-    cfg.is_galore
-    and mesh.size > 1
-    and jax.default_backend() == "cpu"
-    and not steps.uses_layerwise_step(cfg, model_cfg)
-  ):
-    # Found 2026-11-28, not yet understood: the whole-gradient step's batched projector
-    # refresh deadlocks at the first step on a CPU mesh (AdamW on the same mesh runs). A
-    # clear error instead of a run that never moves; GPU meshes are untested.
-    raise ConfigError(
-      "--mesh",
-      "GaLore with the whole-gradient step (--grad-clip, --no-per-layer-updates, a tied "
-      "embedding, or --grad-accum with --no-lowrank-accum) hangs on a CPU mesh of more than "
-      "one device; use one device or the per-layer step",
-    )
   graphdef, dense_params = abstract_model(model_cfg, cfg.seed)
   tx = build_optimizer(cfg) if tx is None else tx
   if parametrization is None:
