@@ -960,6 +960,7 @@ def galore_adamw(
   moment_policy: str = "keep",
   projector_dtype: Any = None,
   seed: int = 0,
+  refresh_batch_elements: int | None = None,
 ) -> optax.GradientTransformation:
   """The reference ``GaLoreAdamW`` (galore-torch 1.0) as one optax transformation.
 
@@ -997,6 +998,7 @@ def galore_adamw(
       moment_policy=moment_policy,
       projector_dtype=projector_dtype,
       seed=seed,
+      refresh_batch_elements=refresh_batch_elements,
     ),
     scale_and_decay_updated_weights(learning_rate, weight_decay),
   )
