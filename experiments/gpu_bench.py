@@ -416,6 +416,24 @@ def summarize(results: dict[str, dict], args) -> dict:
   return out
 
 
+def _synchronous_row(svd, status, source, step_s, worst_s, T, estimated, **extra) -> dict:
+  """A synchronous refresh variant read off the bench's GaLore case (its plain step time)."""
+  excess = worst_s - step_s
+  return {
+    "svd": svd,
+    "schedule": "synchronous",
+    "status": status,
+    "source": source,
+    "step_s": step_s,
+    **extra,
+    "worst_step_s": worst_s,
+    "estimated": estimated,
+    "excess_per_period_s": excess,
+    "amortised_share": amortised_share(step_s, excess, T),
+    "worst_step_share": ratio(excess, step_s),
+  }
+
+
 def refresh_report(results: dict[str, dict], args) -> dict:
   T = args.update_proj_gap
   report: dict[str, Any] = {"update_proj_gap": T, "target_share": TARGET_SHARE, "models": {}}
@@ -423,42 +441,30 @@ def refresh_report(results: dict[str, dict], args) -> dict:
     rows: dict[str, Any] = {}
     bench = results.get(f"{model}/jax/galore_adamw") or {}
     worst = bench.get("refresh_s") or bench.get("refresh_predicted_s")
+    step_s, source = bench.get("step_s"), f"{model}/jax/galore_adamw"
     own = f"{args.svd}:synchronous"
-    if own in args.refresh_variants and worst and bench.get("step_s"):
-      excess = worst - bench["step_s"]
-      rows[own] = {
-        "svd": args.svd,
-        "schedule": "synchronous",
-        "status": bench.get("status"),
-        "source": f"{model}/jax/galore_adamw",
-        "step_s": bench["step_s"],
-        "refresh_s": bench.get("refresh_s"),
-        "worst_step_s": worst,
-        "estimated": bench.get("refresh_s") is None,
-        "excess_per_period_s": excess,
-        "amortised_share": amortised_share(bench["step_s"], excess, T),
-        "worst_step_share": ratio(excess, bench["step_s"]),
-      }
+    if own in args.refresh_variants and worst and step_s:
+      rows[own] = _synchronous_row(
+        args.svd,
+        bench.get("status"),
+        source,
+        step_s,
+        worst,
+        T,
+        bench.get("refresh_s") is None,
+        refresh_s=bench.get("refresh_s"),
+      )
     rows.update(results.get(f"{model}/refresh", {}).get("variants", {}))
     # Variants not run: synchronous refresh predicted from the probes (one decomposition per
     # shape, summed over leaves) in the bench's GaLore case, same card, same run.
     for svd, probe in (bench.get("svd_probe_other") or {}).items():
       key = f"{svd}:synchronous"
       total = probe.get("sum_over_leaves_s")
-      if key in rows or total is None or not bench.get("step_s"):
+      if key in rows or total is None or not step_s:
         continue
-      rows[key] = {
-        "svd": svd,
-        "schedule": "synchronous",
-        "status": "predicted",
-        "source": f"{model}/jax/galore_adamw svd_probe_other",
-        "step_s": bench["step_s"],
-        "worst_step_s": bench["step_s"] + total,
-        "estimated": True,
-        "excess_per_period_s": total,
-        "amortised_share": amortised_share(bench["step_s"], total, T),
-        "worst_step_share": ratio(total, bench["step_s"]),
-      }
+      rows[key] = _synchronous_row(
+        svd, "predicted", source + " svd_probe_other", step_s, step_s + total, T, True
+      )
     target = rows.get("randomized:staggered", {}).get("amortised_share")
     sub = rows.get("subspace:synchronous", {})
     sub_ratio = ratio(sub.get("worst_step_s"), sub.get("step_s"))

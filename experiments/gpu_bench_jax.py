@@ -247,9 +247,8 @@ def _profile(case: _JaxCase, counts, steps: int, out_path: str | None) -> dict:
     found = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
     if not found:
       return {"error": f"no perfetto trace in {d}"}
-    result = profile_breakdown.breakdown(
-      profile_breakdown.load_trace(found[0]), case.step.as_text(), steps
-    )
+    hlo = case.step.as_text()  # megabytes at llama_1b: rendered once
+    result = profile_breakdown.breakdown(profile_breakdown.load_trace(found[0]), hlo, steps)
     if out_path:
       import gzip
 
@@ -257,7 +256,7 @@ def _profile(case: _JaxCase, counts, steps: int, out_path: str | None) -> dict:
       result["trace_file"] = os.path.basename(out_path)
       hlo_path = out_path.replace("trace_", "hlo_").replace(".json.gz", ".txt.gz")
       with gzip.open(hlo_path, "wt") as f:
-        f.write(case.step.as_text())
+        f.write(hlo)
       result["hlo_file"] = os.path.basename(hlo_path)
   return result
 
@@ -369,21 +368,18 @@ def worker_jax(spec, res, save):
     except Exception as e:  # noqa: BLE001 - the timings above stand without it
       res["profile"] = {"error": f"{type(e).__name__}: {e}"}
     save()
+  leaves = lambda: case.layouts(train, "synchronous")  # noqa: E731
   if cfg.is_galore:
     # What a refresh would cost with the other methods, on the same card in the same run
     # (one decomposition per distinct shape, summed over the leaves).
     res["svd_probe_other"] = {
-      svd: _safe_probe(
-        lambda: case.layouts(train, "synchronous"), svd, case.run.model_cfg.param_dtype
-      )
+      svd: _safe_probe(leaves, svd, case.run.model_cfg.param_dtype)
       for svd in spec.get("probe_svds", ())
       if svd != cfg.svd
     }
     save()
   if cfg.is_galore and spec["refresh_reps"] > 0:
-    probe = _safe_probe(
-      lambda: case.layouts(train, "synchronous"), cfg.svd, case.run.model_cfg.param_dtype
-    )
+    probe = _safe_probe(leaves, cfg.svd, case.run.model_cfg.param_dtype)
     res["svd_probe"] = probe
     res["refresh_predicted_s"] = (
       None if probe["sum_over_leaves_s"] is None else res["step_s"] + probe["sum_over_leaves_s"]

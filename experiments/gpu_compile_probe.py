@@ -33,9 +33,8 @@ if HERE not in sys.path:
 
 
 def child(args) -> dict:
-  import jax
   import numpy as np
-  from gpu_bench_jax import _import_trainer
+  from gpu_bench_jax import _import_trainer, _JaxCase, _train_config
 
   train, model_lib, galore, _ = _import_trainer()
   out: dict = {"svd": args.svd, "xla_flags": os.environ.get("XLA_FLAGS", ""), "patch": args.patch}
@@ -50,49 +49,28 @@ def child(args) -> dict:
       return projector._cholesky_qr2(x / jnp.where(norms > 0, norms, 1.0))[0]
 
     projector.orthonormalize = cholesky_qr2_only
-  cfg = train.TrainConfig(
+  # The bench's own case (gpu_bench_jax): trainer setup, random tokens, timed lowering and
+  # compile, steps at chosen GaLore counts.
+  spec = dict(
     model=args.model,
-    optimizer=args.optimizer,
     rank=args.rank,
-    svd=args.svd,
     update_proj_gap=200,
+    galore_scale=0.25,
+    lr=0.01,
     batch_size=args.batch,
     seq_len=args.seq_len,
-    param_dtype="bfloat16",
     dtype="bfloat16",
-    steps=1_000_000,
-    warmup=1000,
-    progress=False,
+    vocab_size=32000,
   )
-  run = train.setup(cfg, 32000)
-  params, opt_state = train.init_state(run)
-  jax.block_until_ready((params, opt_state))
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, 32000, (args.batch, args.seq_len + 1), dtype=np.int32)
-  host = {
-    "inputs": toks[:, :-1],
-    "targets": toks[:, 1:],
-    "mask": np.ones((args.batch, args.seq_len), np.float32),
-  }
-  batch = train.device_batch(run, host, 1)
-  t = time.perf_counter()
-  lowered = train.compile_train_step(run).lower(params, opt_state, batch)
-  out["lower_s"] = round(time.perf_counter() - t, 1)
-  print("PROGRESS " + json.dumps(out), flush=True)
-  t = time.perf_counter()
-  step = lowered.compile()
-  out["compile_s"] = round(time.perf_counter() - t, 1)
-  print("PROGRESS " + json.dumps(out), flush=True)
+  cfg = _train_config(spec, train, optimizer=args.optimizer, svd=args.svd)
 
-  def timed(count):
-    nonlocal params, opt_state
-    opt_state = galore.with_galore_count(opt_state, count)
-    jax.block_until_ready(opt_state)
-    t = time.perf_counter()
-    params, opt_state, m = step(params, opt_state, batch)
-    jax.block_until_ready((params, opt_state, m))
-    return time.perf_counter() - t
+  def progress(lower_s=None, compile_s=None, **_):
+    if lower_s is not None:  # the case's compile_s counts from the start of lowering
+      out.update(lower_s=round(lower_s, 1), compile_s=round(compile_s - lower_s, 1))
+      print("PROGRESS " + json.dumps(out), flush=True)
 
+  case = _JaxCase(spec, cfg, train, model_lib, galore, progress=progress)
+  timed = case.timed_step
   out["first_refresh_s"] = round(timed(0), 3)  # the first refresh (count 0)
   times = [timed(1 + i) for i in range(args.steps + 2)][2:]
   out["step_s"] = round(float(np.median(times)), 5)

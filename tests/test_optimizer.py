@@ -409,16 +409,14 @@ def _top_level_conds(tx, grads, state):
 
 
 @pytest.mark.parametrize("svd", ["exact", "randomized", "subspace"])
-def test_batched_refresh_equals_per_leaf_refresh(svd, monkeypatch):
-  from galore_jax import optimizer
-
+def test_batched_refresh_equals_per_leaf_refresh(svd):
   grads = [_grads(jax.random.key(t), SAME_SHAPES) for t in range(5)]
   # One leaf's gradient is non-finite at a refresh: that leaf alone keeps its basis.
   grads[2] = {**grads[2], "b": grads[2]["b"].at[0, 0].set(jnp.nan)}
 
-  def run():
+  def run(**kw):
     # A new transform each time: jit and make_jaxpr cache traces by function.
-    tx = galore(scale_by_adam_hf(), rank=3, update_proj_gap=2, svd=svd)
+    tx = galore(scale_by_adam_hf(), rank=3, update_proj_gap=2, svd=svd, **kw)
     state, outs = tx.init(SAME_SHAPES), []
     for g in grads:
       u, state = jax.jit(tx.update)(g, state)
@@ -426,8 +424,7 @@ def test_batched_refresh_equals_per_leaf_refresh(svd, monkeypatch):
     return outs, _top_level_conds(tx, grads[0], tx.init(SAME_SHAPES))
 
   batched, conds_batched = run()
-  monkeypatch.setattr(optimizer, "_REFRESH_GROUP_ELEMENTS", 1)  # every leaf on its own
-  per_leaf, conds_per_leaf = run()
+  per_leaf, conds_per_leaf = run(refresh_batch_elements=1)  # every leaf on its own
   # The iterative methods batch d (8 x 20, left) with a, b, c (24 x 8, right) as its transpose.
   assert (conds_batched, conds_per_leaf) == ((2, 4) if svd == "exact" else (1, 4))
   for (u_b, p_b), (u_l, p_l) in zip(batched, per_leaf, strict=True):
