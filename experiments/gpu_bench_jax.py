@@ -115,12 +115,26 @@ def _train_config(spec, train, **kw):
   return cfg
 
 
+def lowered_op_counts(text: str) -> dict[str, int]:
+  """Size of a lowered (StableHLO) program: lines, and the ops whose number grows with the
+  refresh programs a train step holds (matmuls, loops, linear-algebra custom calls)."""
+  return {
+    "lines": text.count("\n"),
+    "dot_general": text.count("stablehlo.dot_general"),
+    "while": text.count("stablehlo.while"),
+    "case": text.count("stablehlo.case") + text.count("stablehlo.if"),
+    "custom_call": text.count("stablehlo.custom_call"),
+  }
+
+
 class _JaxCase:
   """One compiled trainer step with its state, stepped at chosen GaLore counts."""
 
-  def __init__(self, spec, cfg, train, model_lib, galore, progress=None):
+  def __init__(self, spec, cfg, train, model_lib, galore, progress=None, count_ops=False):
     """``progress(**numbers)`` is called after init and after compilation, so a case
-    killed by its timeout still reports how far it got (GPU compiles take minutes)."""
+    killed by its timeout still reports how far it got (GPU compiles take minutes).
+    ``count_ops``: also report the lowered step's size (:func:`lowered_op_counts`) before
+    compiling it."""
     import jax
     import numpy as np
 
@@ -152,8 +166,11 @@ class _JaxCase:
     t = time.perf_counter()
     lowered = step.lower(self.params, self.opt_state, self.batch)
     lower_s = time.perf_counter() - t
+    if count_ops:
+      progress(lowered_ops=lowered_op_counts(lowered.as_text()))
+    t = time.perf_counter()
     self.step = lowered.compile()
-    self.compile_s = time.perf_counter() - t
+    self.compile_s = lower_s + time.perf_counter() - t  # lowering + compiling, not counting
     progress(lower_s=lower_s, compile_s=self.compile_s)
     self.skipped = 0
     self.losses: list[float] = []

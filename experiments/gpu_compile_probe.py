@@ -11,7 +11,9 @@ one refresh step at count ``T`` (the refresh every later period pays). Results g
         --variants "exact|,subspace|--xla_gpu_autotune_level=0,subspace:nofallback|"
 
 A variant is ``svd[:patch]|xla flags``; the patch ``nofallback`` replaces
-``projector.orthonormalize`` by CholeskyQR2 alone (what its fallback branches cost).
+``projector.orthonormalize`` by CholeskyQR2 alone (what its fallback branches cost), and
+``weightwise`` makes the per-layer step update (and refresh) one weight at a time even where
+the trainer refreshes a stage's same-shaped weights together (``steps.refreshes_together``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def child(args) -> dict:
       return projector._cholesky_qr2(x / jnp.where(norms > 0, norms, 1.0))[0]
 
     projector.orthonormalize = cholesky_qr2_only
+  elif args.patch == "weightwise":  # one refresh program per weight, not per unit
+    from galore_jax import steps
+
+    steps.refreshes_together = lambda cfg: False
+  elif args.patch:
+    raise ValueError(f"unknown patch {args.patch!r} (nofallback, weightwise)")
   # The bench's own case (gpu_bench_jax): trainer setup, random tokens, timed lowering and
   # compile, steps at chosen GaLore counts.
   spec = dict(
@@ -64,12 +72,22 @@ def child(args) -> dict:
   )
   cfg = _train_config(spec, train, optimizer=args.optimizer, svd=args.svd)
 
-  def progress(lower_s=None, compile_s=None, **_):
+  def progress(lower_s=None, compile_s=None, lowered_ops=None, **_):
+    if lowered_ops is not None:
+      out["lowered_ops"] = lowered_ops
     if lower_s is not None:  # the case's compile_s counts from the start of lowering
       out.update(lower_s=round(lower_s, 1), compile_s=round(compile_s - lower_s, 1))
       print("PROGRESS " + json.dumps(out), flush=True)
 
-  case = _JaxCase(spec, cfg, train, model_lib, galore, progress=progress)
+  case = _JaxCase(spec, cfg, train, model_lib, galore, progress=progress, count_ops=True)
+  from galore_jax import xla_memory
+
+  # XLA's plan for the compiled step (refresh included): what refreshing together costs.
+  memory = xla_memory.compiled_memory(case.step)
+  out.update(temp_bytes=memory["temp_bytes"], planned_peak_bytes=memory["peak_bytes"])
+  print("PROGRESS " + json.dumps(out), flush=True)
+  if args.compile_only:
+    return out
   timed = case.timed_step
   out["first_refresh_s"] = round(timed(0), 3)  # the first refresh (count 0)
   times = [timed(1 + i) for i in range(args.steps + 2)][2:]
@@ -96,6 +114,7 @@ def parent(args) -> int:
     cmd = [sys.executable, __file__, "--child", "--svd", svd, "--model", args.model]
     cmd += ["--rank", str(args.rank), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     cmd += ["--optimizer", args.optimizer, "--steps", str(args.steps), "--patch", patch]
+    cmd += ["--compile-only"] if args.compile_only else []
     t = time.perf_counter()
     try:
       proc = subprocess.run(
@@ -130,9 +149,10 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=int, default=150, help="seconds per variant")
   p.add_argument("--budget", type=int, default=400, help="seconds for all variants")
   p.add_argument("--json", default=None)
+  p.add_argument("--compile-only", action="store_true", help="no steps, only lower + compile")
   p.add_argument("--child", action="store_true")
   p.add_argument("--svd", default="subspace")
-  p.add_argument("--patch", default="", help="'nofallback': orthonormalize without fallbacks")
+  p.add_argument("--patch", default="", help="nofallback or weightwise (see above)")
   args = p.parse_args(argv)
   if args.child:
     try:

@@ -4,6 +4,8 @@ partial-tree helpers it alone uses."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +107,30 @@ def _leaf_paths(tree, prefix: tuple = ()) -> list[tuple]:
   ]
 
 
+def _projected_shapes(opt_state, params) -> dict[tuple, tuple]:
+  """Path -> a key shared by GaLore-projected weights that can refresh as one batch:
+  matrix shape up to a transpose, batch shape, rank, dtype. Read from the state's
+  projectors: the matrix view is the projector's, whichever side it projects."""
+  out: dict[tuple, tuple] = {}
+  paths = _leaf_paths(params)
+  leaves = jax.tree.leaves(params)
+  bases: list[Any] = [None] * len(paths)
+  for state in galore.galore_states(opt_state):
+    flat = jax.tree.structure(params).flatten_up_to(state.projectors)
+    for i, basis in enumerate(flat):
+      if basis is not None and not isinstance(basis, optax.MaskedNode):
+        bases[i] = basis
+  for path, leaf, basis in zip(paths, leaves, bases, strict=True):
+    if basis is None or isinstance(basis, tuple) or leaf.ndim < 2:
+      continue  # not projected, or "full" (two factors): updated alone
+    *batch, a, b = basis.shape
+    rank = min(a, b)
+    d = max(a, b)
+    other = leaf.size // max(1, math.prod(batch) * d)
+    out[path] = (tuple(batch), tuple(sorted((d, other))), rank, str(leaf.dtype))
+  return out
+
+
 def _check_owners(spec: Stages, params) -> None:
   """Every parameter owned by exactly one stage (else it would never, or twice, be updated)."""
   owned: list[tuple] = []
@@ -131,6 +157,7 @@ def make_layerwise_step(
   proj_type: str = "std",
   matrix_axes: galore.MatrixAxesFn | None = None,
   accum_dtype: Any = jnp.float32,
+  refresh_together: bool = False,
 ):
   """Train step with per-layer updates: each weight is updated as soon as its gradient exists.
 
@@ -153,10 +180,19 @@ def make_layerwise_step(
   The forward pass keeps one ``jax.vjp`` per stage. The backward pass walks them in reverse;
   right after a stage's pullback it updates the stage's weights one at a time, each by the
   optimizer on that weight alone (``MaskedNode`` everywhere else,
-  :func:`galore_jax.optimizer.restrict_state`). ``optimization_barrier``s chain each update
-  to the next one and to the cotangent flowing into the previous stage, so XLA can neither
-  postpone an update nor run several at once: at most one stage's gradient and one weight's
-  update temporaries are alive, never the model's gradient. The optimizer and its state are
+  :func:`galore_jax.optimizer.restrict_state`). With ``refresh_together`` the unit of
+  update is instead a stage's GaLore-projected weights whose matrices have one shape up to
+  a transpose (a block's q, k, v, o; its gate, up and down; every other weight alone), so
+  that their projectors refresh as one batched computation: the step then holds one
+  refresh program per unit instead of per weight (48 instead of 168 at ``llama_1b``; the
+  GPU compile time of the iterative refreshes grew with that count), for the price of the
+  unit's stacked gradient on refresh steps. Leave it off for parameters sharded over a mesh
+  (the trainer does): stacked sharded gradients deadlocked the refresh on the CPU backend
+  (see ``refresh_batch_elements`` of :func:`galore_jax.optimizer.galore`).
+  ``optimization_barrier``s chain each unit's update to the next one and to the cotangent
+  flowing into the previous stage, so XLA can neither postpone an update nor run several at
+  once: at most one stage's gradient and one unit's update temporaries are alive, never the
+  model's gradient. The optimizer and its state are
   unchanged (same numbers as the whole-tree update, refresh phases and random keys
   included). ``remat``: ``"none"`` / ``"save_matmuls"`` wrap each block stage in
   :func:`galore_jax.model.checkpointed`; ``"full"`` keeps only each block's input and
@@ -179,10 +215,11 @@ def make_layerwise_step(
 
   Non-finite values: if the loss is not finite nothing changes (``skipped`` is 1), as in
   :func:`galore_jax.steps.make_train_step`. If the loss is finite but a weight's gradient is
-  not, that weight keeps its value and optimizer state and the others are updated;
-  ``nonfinite_grads`` counts such weights. Whole-tree reductions (global-norm clipping) need
-  every gradient before the first update, so the trainer uses
-  :func:`galore_jax.steps.make_train_step` for them.
+  not, that weight (with ``refresh_together``: its whole unit) keeps its value and optimizer
+  state and the others are updated; ``nonfinite_grads`` counts the weights with a
+  non-finite gradient. Whole-tree reductions (global-norm clipping) need every gradient
+  before the first update, so the trainer uses :func:`galore_jax.steps.make_train_step` for
+  them.
   """
 
   def forward(params, micro, spec: Stages, model):
@@ -250,22 +287,28 @@ def make_layerwise_step(
     stage_list.append((spec.head.module, head_pullback))
     return loss_sum, stage_list
 
-  def backward(stage_list, d, visit, commit):
-    """Walks the stages in reverse. For each weight: ``out = visit(path, g)``, then
-    ``commit(path, out)``; a barrier orders each ``out`` before the next weight's gradient
-    and the cotangent flowing on."""
+  def backward(stage_list, d, visit, commit, units=None):
+    """Walks the stages in reverse. For each unit of a stage's weights (default: each weight
+    alone; ``units(paths)`` gives lists of indices into ``paths``): ``out = visit(paths,
+    gs)``, then ``commit(paths, out)``; a barrier orders each ``out`` before the next unit's
+    gradients and the cotangent flowing on."""
     for prefix, stage_pullback in reversed(stage_list):
       grads, d = stage_pullback(d)
       leaves = [
         (prefix + tuple(_key(k) for k in keypath), g)
         for keypath, g in jax.tree_util.tree_flatten_with_path(grads)[0]
       ]
-      for k, (path, g) in enumerate(leaves):
-        out = visit(path, g)
-        rest = [g for _, g in leaves[k + 1 :]]
-        d, rest, out = jax.lax.optimization_barrier((d, rest, out))
-        leaves[k + 1 :] = [(q, g) for (q, _), g in zip(leaves[k + 1 :], rest, strict=True)]
-        commit(path, out)
+      paths = [path for path, _ in leaves]
+      groups = units(paths) if units else [[i] for i in range(len(paths))]
+      done: set[int] = set()
+      for unit in groups:
+        out = visit([paths[i] for i in unit], [leaves[i][1] for i in unit])
+        done.update(unit)
+        rest = [i for i in range(len(leaves)) if i not in done]
+        d, later, out = jax.lax.optimization_barrier((d, [leaves[i][1] for i in rest], out))
+        for i, g in zip(rest, later, strict=True):
+          leaves[i] = (leaves[i][0], g)
+        commit([paths[i] for i in unit], out)
 
   def accumulate(params, opt_state, batch, spec, model, denom):
     """Summed loss over ``batch``'s micro-batches and the per-leaf accumulators (by path) of
@@ -286,13 +329,14 @@ def make_layerwise_step(
       loss_sum, stage_list = forward(params, micro, spec, model)
       acc = dict(acc)
 
-      def visit(path, g):
+      def visit(paths, gs):
+        (path,), (g,) = paths, gs
         g = g.astype(accum_dtype)
         q = by_path[path]
         return acc[path] + (g if q is None else q.project(g).astype(accum_dtype))
 
-      def commit(path, out):
-        acc[path] = out
+      def commit(paths, out):
+        acc[paths[0]] = out
 
       backward(stage_list, (1.0 / denom).astype(loss_sum.dtype), visit, commit)
       return (acc, loss_prev + loss_sum), None
@@ -318,48 +362,74 @@ def make_layerwise_step(
 
     placeholders = jax.tree.map(lambda _: optax.MaskedNode(), params)
     no_leaves = jax.tree.map(lambda _: False, params)
+    shapes = _projected_shapes(opt_state, params)
+
+    def refresh_units(paths):
+      """A stage's weights in update units: the projected ones whose matrices have the same
+      shape up to a transpose (and dtype) together, so that GaLore refreshes their
+      projectors as one batch and the step holds one refresh program per unit, not per
+      weight; every other weight alone."""
+      units: dict[Any, list[int]] = {}
+      for i, path in enumerate(paths):
+        units.setdefault(shapes.get(path) or ("alone", i), []).append(i)
+      return list(units.values())
+
     new_params, new_state = params, opt_state
     sq_norm = jnp.zeros([], jnp.float32)
     nonfinite = jnp.zeros([], jnp.int32)
 
-    def update_weight(path, g):
-      """Optimizer step for the one weight at ``path``: its new value and state part."""
+    def at(tree, paths, values):
+      for path, value in zip(paths, values, strict=True):
+        tree = _replace_at(tree, path, value)
+      return tree
+
+    def update_unit(paths, gs):
+      """Optimizer step for the weights at ``paths``, together: their new values and state
+      part."""
       nonlocal sq_norm, nonfinite
-      p = _get_at(params, path)
-      if acc is not None:
-        # The accumulator made to depend on this gradient (as ``after`` does): else XLA
-        # back-projects every leaf's accumulator at once, early, a full-size gradient's worth.
-        q, a = by_path[path], acc.pop(path)
-        a = a + (jnp.ravel(g)[0] * 0).astype(a.dtype)
-        earlier = a if q is None else q.project_back(a)
-        g = g.astype(earlier.dtype) + earlier
-      g = g.astype(p.dtype)
-      g_sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
-      ok = loss_ok & jnp.isfinite(g_sq)
-      sq_norm += g_sq
-      nonfinite += (loss_ok & ~ok).astype(jnp.int32)
-      keep = _replace_at(no_leaves, path, True)
+      ps = [_get_at(params, path) for path in paths]
+      oks = []
+      for k, (path, g) in enumerate(zip(paths, gs, strict=True)):
+        if acc is not None:
+          # The accumulator made to depend on this gradient (as ``after`` does): else XLA
+          # back-projects every leaf's accumulator at once, early, a full-size gradient's
+          # worth.
+          q, a = by_path[path], acc.pop(path)
+          a = a + (jnp.ravel(g)[0] * 0).astype(a.dtype)
+          earlier = a if q is None else q.project_back(a)
+          g = g.astype(earlier.dtype) + earlier
+        gs[k] = g = g.astype(ps[k].dtype)
+        g_sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
+        oks.append(loss_ok & jnp.isfinite(g_sq))
+        sq_norm += g_sq
+        nonfinite += (loss_ok & ~oks[-1]).astype(jnp.int32)
+      ok = functools.reduce(jnp.logical_and, oks)
+      keep = at(no_leaves, paths, [True] * len(paths))
 
       def apply(operands):
-        g, old_part, p = operands
+        gs, old_part, ps = operands
         updates, part = tx.update(
-          _replace_at(placeholders, path, g), old_part, _replace_at(placeholders, path, p)
+          at(placeholders, paths, gs), old_part, at(placeholders, paths, ps)
         )
-        return optax.apply_updates(p, _get_at(updates, path)), part
+        new = [
+          optax.apply_updates(p, _get_at(updates, path)) for p, path in zip(ps, paths, strict=True)
+        ]
+        return new, part
 
-      # A cond, not a where: the skipped branch needs no second copy of the weight's
-      # state, so the 8-bit update can overwrite the stored codes in place.
+      # A cond, not a where: the skipped branch needs no second copy of the weights' state,
+      # so the 8-bit update can overwrite the stored codes in place.
       old_part = galore.restrict_state(tx, opt_state, keep)
-      return jax.lax.cond(ok, apply, lambda ops: (ops[2], ops[1]), (g, old_part, p))
+      return jax.lax.cond(ok, apply, lambda ops: (ops[2], ops[1]), (list(gs), old_part, ps))
 
-    def commit(path, out):
+    def commit(paths, out):
       nonlocal new_params, new_state
-      new_p, part = out
-      new_params = _replace_at(new_params, path, new_p)
-      new_state = galore.merge_state(tx, new_state, part, _replace_at(no_leaves, path, True))
+      new_ps, part = out
+      new_params = at(new_params, paths, new_ps)
+      new_state = galore.merge_state(tx, new_state, part, at(no_leaves, paths, [True] * len(paths)))
 
-    # Backward: after each stage's pullback, update its weights one after another.
-    backward(stage_list, (1.0 / denom).astype(loss_sum.dtype), update_weight, commit)
+    # Backward: after each stage's pullback, update its weights unit after unit.
+    units = refresh_units if refresh_together else None
+    backward(stage_list, (1.0 / denom).astype(loss_sum.dtype), update_unit, commit, units=units)
 
     # Step counters advance once, unless the whole step was skipped: an update of no
     # leaves at all advances only them.

@@ -7,6 +7,8 @@ arrays of shape (grad_accum, micro_batch, seq); :func:`select_train_step` choose
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +16,7 @@ from flax import nnx
 
 from galore_jax import model as model_lib
 from galore_jax import targets
-from galore_jax.config import TrainConfig
+from galore_jax.config import TrainConfig, parse_mesh
 
 
 def summed_cross_entropy(logits_BxLxV, batch) -> jax.Array:
@@ -134,6 +136,19 @@ def uses_layerwise_step(cfg: TrainConfig, model_cfg: model_lib.LlamaConfig) -> b
   return per_layer_updates(cfg) and not model_cfg.tie_embeddings
 
 
+def refreshes_together(cfg: TrainConfig) -> bool:
+  """Whether the per-layer step updates a stage's same-shaped GaLore weights as one unit, so
+  that their projectors refresh as one batch (``make_layerwise_step(refresh_together=)``).
+
+  Only for the iterative refreshes (``--svd subspace`` / ``randomized``), whose compile time
+  grows with the number of refresh programs in the step; an exact SVD runs one matrix at a
+  time on a GPU anyway, so stacking would only cost memory. Only on one device: stacked
+  sharded gradients deadlocked the refresh on a CPU mesh (as in
+  :func:`galore_jax.config.build_optimizer`).
+  """
+  return cfg.is_galore and cfg.svd != "exact" and math.prod(parse_mesh(cfg.mesh)) == 1
+
+
 def select_train_step(
   graphdef, tx: optax.GradientTransformation, cfg: TrainConfig, model_cfg: model_lib.LlamaConfig
 ):
@@ -152,6 +167,10 @@ def select_train_step(
     # proj_type and matrix_axes as config.build_optimizer gives them to galore(): the
     # low-rank accumulation reads each leaf's projector with them.
     return layerwise.make_layerwise_step(
-      graphdef, tx, remat=cfg.remat, matrix_axes=targets.reference_side_axes
+      graphdef,
+      tx,
+      remat=cfg.remat,
+      matrix_axes=targets.reference_side_axes,
+      refresh_together=refreshes_together(cfg),
     )
   return make_train_step(graphdef, tx)

@@ -552,6 +552,76 @@ def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, monkeyp
   assert not chex_equal(before[0]["embed"], new_params["embed"])
 
 
+def test_layerwise_step_refreshing_a_stage_together_equals_whole_gradient_step(tmp_path):
+  # refresh_together (the trainer's choice for svd="subspace" on one device): a stage's
+  # same-shaped projected weights (q, k, v, o; gate and up with the transposed down) update
+  # as one unit, so their projectors refresh as one batch: one power-iteration loop per unit,
+  # 2 per layer instead of 7, and the numbers of the whole-gradient step over 3 steps with
+  # refreshes at counts 0 and 2.
+  run = train.setup(_cfg(tmp_path, "together", svd="subspace"), vocab_size=8192)
+  fn = train.make_layerwise_step(run.graphdef, run.tx, refresh_together=True)
+  lowered = jax.jit(fn).lower(run.abstract_params, run.abstract_opt, _batch(jax.random.key(0)))
+  assert lowered.as_text().count("stablehlo.while") == 2 * run.model_cfg.num_layers
+  together, whole = lowered.compile(), jax.jit(train.make_train_step(run.graphdef, run.tx))
+  state_w = state_l = train.init_state(run)
+  for t in range(3):
+    batch = _batch(jax.random.key(t))
+    *state_w, m_w = whole(*state_w, batch)
+    *state_l, m_l = together(*state_l, batch)
+    np.testing.assert_allclose(m_l["loss"], m_w["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_w), jax.tree.leaves(state_l), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+
+
+def test_refreshing_together_is_chosen_for_iterative_refreshes_on_one_device():
+  cfg = lambda **kw: train.TrainConfig(**{**SMALL, **kw})
+  assert steps.refreshes_together(cfg(svd="subspace"))
+  assert steps.refreshes_together(cfg(svd="randomized", optimizer="galore_adamw8bit"))
+  assert not steps.refreshes_together(cfg())  # exact: cuSOLVER runs one matrix at a time
+  assert not steps.refreshes_together(cfg(svd="subspace", mesh="data=2"))
+  assert not steps.refreshes_together(cfg(svd="subspace", optimizer="adamw"))
+
+
+def test_refresh_together_skips_the_unit_of_a_bad_gradient(tmp_path, monkeypatch):
+  # Only layer 1's q_proj gets a NaN gradient (the loss is finite): with refresh_together its
+  # whole unit (q, k, v, o) keeps its values, the rest is updated (one weight at a time, only
+  # q_proj would be kept: test_layerwise_step_skips_only_weights_with_a_bad_gradient).
+  real = train.model_lib.checkpointed
+  calls = []
+
+  def poison_q_proj(fn, remat):
+    calls.append(fn)  # one call per half block: layer 1's attention is the third
+    if len(calls) != 3:
+      return real(fn, remat)
+
+    @jax.custom_vjp
+    def f(p, x):
+      return fn(p, x)
+
+    def bwd(pullback, dy):
+      dp, dx = pullback(dy)
+      nan_q = lambda path, g: g * jnp.nan if "q_proj" in jax.tree_util.keystr(path) else g
+      return jax.tree_util.tree_map_with_path(nan_q, dp), dx
+
+    f.defvjp(lambda p, x: jax.vjp(fn, p, x), bwd)
+    return f
+
+  monkeypatch.setattr(train.model_lib, "checkpointed", poison_q_proj)
+  run = train.setup(_cfg(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
+  params, opt_state = train.init_state(run)
+  before = jax.tree.map(np.asarray, params["layers"][1])
+  step = train.make_layerwise_step(run.graphdef, run.tx, refresh_together=True)
+  new_params, _, m = jax.jit(step)(params, opt_state, _batch(jax.random.key(0)))
+  assert int(m["skipped"]) == 0 and int(m["nonfinite_grads"]) == 1
+  attn = new_params["layers"][1]["attn"]
+  kept = {
+    name for name in attn if np.array_equal(before["attn"][name]["kernel"], attn[name]["kernel"])
+  }
+  assert kept == {"q_proj", "k_proj", "v_proj", "o_proj"}
+  mlp = new_params["layers"][1]["mlp"]["up_proj"]["kernel"]
+  assert not np.array_equal(before["mlp"]["up_proj"]["kernel"], mlp)
+
+
 def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
   # memory_analysis of the compiled steps (8-bit GaLore, remat, a small vocabulary so the
   # decoder blocks dominate; float32 since the CPU widens bf16 dots): the whole-gradient
