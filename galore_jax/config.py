@@ -292,6 +292,24 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
   )
 
 
+def batched_lapack_hangs(cfg: TrainConfig) -> bool:
+  """Whether a batched decomposition (SVD, Cholesky, eigh, QR of a stack of matrices) can
+  hang this run's step: true on a mesh of several devices on the CPU backend.
+
+  jaxlib's CPU LAPACK kernels split a batch into tasks on XLA's intra-op thread pool and
+  block until they are done, while themselves running on a worker of that same pool. When
+  every worker does so at once (one per device of a CPU mesh, each refreshing a stacked
+  group), no worker is left to run the tasks. Seen as a GaLore step that never finished its
+  first refresh on a 4-device CPU mesh: native stacks showed every ``tf_XLAEigen`` worker
+  waiting in ``jax::ParallelBatchMap`` under ``lapack_sgesdd_ffi``. A batch of one runs
+  inline, so the trainer refreshes each leaf on its own there. GPU decompositions are
+  cuSOLVER calls on a stream and are not affected.
+  """
+  if math.prod(parse_mesh(cfg.mesh)) == 1:
+    return False  # checked first: no backend query (and start-up) for a one-device run
+  return jax.default_backend() == "cpu"
+
+
 def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   sched = lr_schedule(cfg)
   if cfg.optimizer.endswith("8bit"):
@@ -311,8 +329,7 @@ def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       refresh_schedule=cfg.refresh_schedule,
       projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,
-      # Each leaf on its own on a mesh: stacked sharded gradients deadlocked the step.
-      refresh_batch_elements=1 if math.prod(parse_mesh(cfg.mesh)) > 1 else None,
+      refresh_batch_elements=1 if batched_lapack_hangs(cfg) else None,
     )
   else:
     core = inner

@@ -186,9 +186,9 @@ def make_layerwise_step(
   that their projectors refresh as one batched computation: the step then holds one
   refresh program per unit instead of per weight (48 instead of 168 at ``llama_1b``; the
   GPU compile time of the iterative refreshes grew with that count), for the price of the
-  unit's stacked gradient on refresh steps. Leave it off for parameters sharded over a mesh
-  (the trainer does): stacked sharded gradients deadlocked the refresh on the CPU backend
-  (see ``refresh_batch_elements`` of :func:`galore_jax.optimizer.galore`).
+  unit's stacked gradient on refresh steps. The trainer turns it on for one device only:
+  on a CPU mesh a batched decomposition can hang
+  (:func:`galore_jax.config.batched_lapack_hangs`), and sharded units are untested on GPUs.
   ``optimization_barrier``s chain each unit's update to the next one and to the cotangent
   flowing into the previous stage, so XLA can neither postpone an update nor run several at
   once: at most one stage's gradient and one unit's update temporaries are alive, never the

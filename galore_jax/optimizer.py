@@ -496,9 +496,9 @@ def galore(
       state).
     refresh_batch_elements: upper bound on the elements of one stacked refresh batch
       (default ``2**28``; the stacked copy counts towards the refresh step's peak). ``1``
-      refreshes every leaf on its own. The trainer passes ``1`` on a mesh of several
-      devices: stacking sharded gradients deadlocked the step at its first refresh on a
-      CPU mesh (found 2026-11-28, cause not known; per-leaf refreshes run).
+      refreshes every leaf on its own. The trainer passes ``1`` on a CPU mesh of several
+      devices (:func:`galore_jax.config.batched_lapack_hangs`): there a batched
+      decomposition can hang the step.
 
   Faults: if a refresh sees a non-finite or all-zero gradient, or the SVD returns
   non-finite values (non-convergence), the leaf keeps its previous projector;

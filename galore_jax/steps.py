@@ -142,9 +142,9 @@ def refreshes_together(cfg: TrainConfig) -> bool:
 
   Only for the iterative refreshes (``--svd subspace`` / ``randomized``), whose compile time
   grows with the number of refresh programs in the step; an exact SVD runs one matrix at a
-  time on a GPU anyway, so stacking would only cost memory. Only on one device: stacked
-  sharded gradients deadlocked the refresh on a CPU mesh (as in
-  :func:`galore_jax.config.build_optimizer`).
+  time on a GPU anyway, so stacking would only cost memory. Only on one device: on a CPU
+  mesh a batched decomposition can hang (:func:`galore_jax.config.batched_lapack_hangs`),
+  and a GPU mesh was not available to test units with sharded weights.
   """
   return cfg.is_galore and cfg.svd != "exact" and math.prod(parse_mesh(cfg.mesh)) == 1
 

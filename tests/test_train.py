@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from galore_jax import checkpoint, metrics, steps, train, trainer
+from galore_jax import checkpoint, config, metrics, steps, train, trainer
 
 SMALL = dict(
   model="llama_tiny",
@@ -573,6 +573,15 @@ def test_layerwise_step_refreshing_a_stage_together_equals_whole_gradient_step(t
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
 
 
+def test_batched_lapack_hangs_only_on_a_cpu_mesh():
+  # The trainer refreshes each leaf on its own there (build_optimizer), and batches them
+  # on one device and on GPU meshes.
+  assert jax.default_backend() == "cpu"
+  hangs = lambda **kw: config.batched_lapack_hangs(train.TrainConfig(**{**SMALL, **kw}))
+  assert hangs(mesh="data=2") and hangs(mesh="data=1,fsdp=4")
+  assert not hangs() and not hangs(mesh="data=1,fsdp=1")
+
+
 def test_refreshing_together_is_chosen_for_iterative_refreshes_on_one_device():
   cfg = lambda **kw: train.TrainConfig(**{**SMALL, **kw})
   assert steps.refreshes_together(cfg(svd="subspace"))
@@ -804,9 +813,10 @@ def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monk
 
 
 def test_galore_whole_gradient_step_runs_on_a_mesh(tmp_path):
-  # Stacked refresh batches of sharded gradients deadlocked this step at its first refresh
-  # on a CPU mesh (found 2026-11-28); on a mesh the trainer refreshes each leaf on its own.
-  # A subprocess with a timeout, so that a deadlock fails the test instead of hanging CI.
+  # Batched SVDs hung this step at its first refresh on a CPU mesh (every intra-op worker
+  # blocked in jaxlib's LAPACK batch map: config.batched_lapack_hangs); there the trainer
+  # refreshes each leaf on its own. A subprocess with a timeout, so that a hang fails the
+  # test instead of hanging CI.
   out = tmp_path / "wg"
   cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out)]
   cmd += ["--mesh", "data=2,fsdp=2", "--no-per-layer-updates", "--steps", "2"]
