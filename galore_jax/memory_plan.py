@@ -14,8 +14,9 @@ Two estimates are produced:
   with ``per_layer_updates``) + activations (the residuals JAX saves for the
   backward pass, counted on the traced 1- and 2-layer model and extrapolated) +
   the loss's float32 d(logits) + the temporaries of the optimizer update of
-  the largest unprojected leaf (compiled on its own) or of one SVD refresh.
-  It assumes each update's temporaries exist for one leaf at a time.
+  the largest unprojected leaf (compiled on its own) or of the largest projector refresh
+  (one matrix, or the batch of matrices refreshed together: ``svd_transient_bytes``).
+  It assumes each update's temporaries exist for one leaf (or refresh batch) at a time.
 * **xla** (minutes at 7B on a CPU): the compiled step's ``memory_analysis()``,
   and a replay of the live ranges of its buffer assignment (a dump XLA writes
   to a temporary directory; ``galore_jax.xla_memory``). The replay reproduces XLA's
@@ -69,6 +70,7 @@ former name.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -329,18 +331,56 @@ def _update_transient(cfg: config.TrainConfig, shape: tuple[int, ...], dtype: st
 
 
 def svd_transient_bytes(p: AbstractRun) -> int:
-  """Float32 workspace of one projector refresh of the largest projected matrix:
-  the float32 copy of the gradient, U, S and Vh of a thin SVD."""
-  if not p.cfg.is_galore:
+  """Float32 workspace of the largest projector refresh (an upper bound with staggered
+  refresh, which splits batches by phase).
+
+  A refresh decomposes a stacked batch of matrices: one matrix in the per-layer step; a
+  stage's same-shaped ones when it refreshes them together (:func:`steps.refreshes_together`);
+  in the whole-gradient step every leaf of one shape, up to GaLore's batch limit (one on a
+  CPU mesh, :func:`config.batched_lapack_hangs`). Per matrix ``m x n``: its float32 copy,
+  plus the exact SVD's ``U``, ``S`` and ``Vh`` (``k = min(m, n)``), or the iterative
+  methods' iterates: ``G V`` (``max(m, n) x r``) and about three ``k x r`` bases.
+  """
+  cfg = p.cfg
+  if not cfg.is_galore:
     return 0
-  best = 0
-  mask = jax.tree.leaves(targets.llama_targets(p.params))
-  for leaf, projected in zip(jax.tree.leaves(p.params), mask, strict=True):
-    if projected:
-      m, n = leaf.shape[-2], leaf.shape[-1]
-      k = min(m, n)
-      best = max(best, 4 * (m * n + m * k + k + k * n))
-  return best
+  iterative = cfg.svd != "exact"
+
+  def per_matrix(shape) -> int:
+    m, n = shape
+    k = min(m, n)
+    extra = (max(m, n) + 3 * k) * min(cfg.rank, k) if iterative else m * k + k + k * n
+    return 4 * (m * n + extra)
+
+  def key(leaf):  # iterative methods batch a shape with its transpose (optimizer.py)
+    shape = tuple(leaf.shape[-2:])
+    return tuple(sorted(shape)) if iterative else shape
+
+  def projected(tree) -> list:
+    mask = jax.tree.leaves(targets.llama_targets(tree))
+    return [leaf for leaf, hit in zip(jax.tree.leaves(tree), mask, strict=True) if hit]
+
+  matrices = projected(p.params)
+  if not matrices:
+    return 0
+  if steps.uses_layerwise_step(cfg, p.model_cfg):
+    if not steps.refreshes_together(cfg):
+      return max(per_matrix(key(leaf)) for leaf in matrices)
+    layers = p.params["layers"]
+    blocks = layers.values() if isinstance(layers, dict) else layers
+    halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
+    units = [
+      collections.Counter(key(leaf) for leaf in projected({k: block[k] for k in keys}))
+      for block in blocks
+      for keys in halves
+    ]
+    return max(count * per_matrix(shape) for unit in units for shape, count in unit.items())
+  counts = collections.Counter(key(leaf) for leaf in matrices)
+  limit = 1 if config.batched_lapack_hangs(cfg) else galore._REFRESH_GROUP_ELEMENTS
+  return max(
+    max(1, min(count, limit // math.prod(shape))) * per_matrix(shape)
+    for shape, count in counts.items()
+  )
 
 
 def _head_weight(p: AbstractRun):
@@ -679,7 +719,7 @@ def format_plan(r: dict[str, Any]) -> str:
       else []
     ),
     f"  update temporaries      {fmt_bytes(an['update_transient_bytes'])} (largest "
-    f"unprojected leaf); SVD refresh {fmt_bytes(an['svd_transient_bytes'])}",
+    f"unprojected leaf); projector refresh {fmt_bytes(an['svd_transient_bytes'])}",
     f"  analytic peak           {fmt_bytes(an['peak_bytes'])}  (weights + optimizer + "
     + (
       "activations + d(logits) + one stage's gradient + update temporaries"

@@ -249,3 +249,22 @@ def test_memory_table_runs(capsys, load_experiment):
   full = next(r for r in rows if r["optimizer"] == "adamw")
   # Pure bf16 Adam: weights + two bf16 moments = 6 bytes per parameter (+ step counters).
   assert abs(full["total_bytes"] - 6 * full["weights_bytes"] / 2) < 64
+
+
+def test_refresh_workspace_counts_the_matrices_refreshed_together():
+  # llama_60m: 8 blocks of q, k, v, o (512 x 512) and gate, up (512 x 1376), down (1376 x
+  # 512). Float32 workspace per m x n matrix: its copy plus U, S, Vh (exact) or the
+  # iterates, G V (max x r) and three k x r bases (iterative methods).
+  m, n, r, k = 512, 1376, 128, 512
+  exact = 4 * (m * n + m * k + k + k * n)
+  iterative = 4 * (m * n + (n + 3 * k) * r)
+  transient = lambda **kw: plan.svd_transient_bytes(
+    plan.build(_cfg(**{"model": "llama_60m", "optimizer": "galore_adamw", "rank": r, **kw}))
+  )
+  assert transient() == exact  # per-layer step: one matrix at a time
+  assert transient(svd="subspace") == 3 * iterative  # a stage's gate, up, down together
+  # Whole-gradient step: every leaf of one shape; the exact SVD keeps gate/up (16) apart
+  # from down (8), the iterative methods batch all 24 (a shape with its transpose).
+  assert transient(per_layer_updates=False) == 16 * exact
+  assert transient(per_layer_updates=False, svd="subspace") == 24 * iterative
+  assert transient(optimizer="adamw") == 0
