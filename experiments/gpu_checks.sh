@@ -24,7 +24,10 @@
 #      then a second start through the persistent compilation cache (#16); then llama_350m
 #      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
 #   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
-#      (experiments/gpu_compile_probe.py), e.g. before the two calls above.
+#      (experiments/gpu_compile_probe.py), e.g. before the two calls above; with
+#      COMPILE_VARIANTS="subspace|,subspace:weightwise|" it compares the per-layer step's
+#      update units (a stage's same-shaped weights refreshing together, the trainer's
+#      choice on one device) with one weight at a time.
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke" MEMORY_ARGS=--cpu-smoke
