@@ -24,10 +24,9 @@
 #      then a second start through the persistent compilation cache (#16); then llama_350m
 #      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
 #   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
-#      (experiments/gpu_compile_probe.py), e.g. before the two calls above; with
-#      COMPILE_VARIANTS="subspace|,subspace:weightwise|" it compares the per-layer step's
-#      update units (a stage's same-shaped weights refreshing together, the trainer's
-#      choice on one device) with one weight at a time.
+#      (experiments/gpu_compile_probe.py), e.g. before the two calls above; then, with the
+#      budget left, the subspace step updating one weight at a time ("weightwise") instead
+#      of the trainer's update units (a stage's same-shaped weights refreshing together).
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke" MEMORY_ARGS=--cpu-smoke
@@ -145,7 +144,8 @@ compile1b() {
   local left; left=$(left_s 10)
   echo "== compile1b: ${left} s (elapsed ${SECONDS} s)"
   timeout $(( left + 10 )) "$PY" experiments/gpu_compile_probe.py \
-      --variants "${COMPILE_VARIANTS:-subspace|,exact|}" --timeout 200 --budget "$left" \
+      --variants "${COMPILE_VARIANTS:-subspace|,exact|,subspace:weightwise|}" \
+      --timeout 200 --budget "$left" \
       --json "$OUT/compile_probe.json" ${COMPILE_ARGS:-}
   echo "== compile1b rc=$? after ${SECONDS} s"
 }
