@@ -189,6 +189,19 @@ def _train_config(args):
   return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def _resume_hint(out: str) -> str:
+  """Where a failed multi-process run can be resumed from. Read from the directory itself:
+  orbax's own lookup would wait at a barrier for the processes that are gone."""
+  from galore_jax import checkpoint
+
+  ckpt_dir = checkpoint.checkpoint_dir(out)
+  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  steps = [int(n) for n in names if n.isdigit()]  # unfinished saves carry a suffix
+  if not steps:
+    return f"no checkpoint was saved in {ckpt_dir}"
+  return f"the newest checkpoint is {ckpt_dir}/{max(steps)}; start every process with --resume"
+
+
 def _cmd_train(args) -> int:
   from galore_jax import config, distributed, trainer
 
@@ -202,6 +215,13 @@ def _cmd_train(args) -> int:
   except trainer.TrainingInterrupted as e:
     print(f"galore-jax: {e}", file=sys.stderr)
     return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+  except Exception as e:
+    if not distributed.lost_process(e):
+      raise
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    hint = _resume_hint(cfg.out)
+    print(f"galore-jax: error: lost another process of the job ({first}); {hint}", file=sys.stderr)
+    return 1
   if not distributed.is_primary():  # multi-process: process 0 reports
     return 0
   losses = summary["losses"]

@@ -433,6 +433,30 @@ def mesh_problem(mesh_devices: int) -> str | None:
   )
 
 
+# Words of the runtime errors a collective raises when another process of the job is gone:
+# gloo on CPU ("Connection closed by peer"), NCCL on GPUs, the coordination service.
+_LOST_PROCESS_WORDS = (
+  "closed by peer",
+  "connection reset",
+  "gloo",
+  "nccl",
+  "heartbeat",
+  "coordination service",
+  "remote process",
+)
+
+
+def lost_process(error: BaseException) -> bool:
+  """Whether ``error`` is a collective of a multi-process job failing because another
+  process ended (killed, crashed, its node lost) while this one waited for it."""
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return False
+  if not isinstance(error, jax.errors.JaxRuntimeError):
+    return False
+  text = str(error).lower()
+  return any(word in text for word in _LOST_PROCESS_WORDS)
+
+
 def end_job_on_failure(code: int, *, traceback: bool = False) -> None:
   """In a multi-process job, a failed process (``code`` != 0) ends at once
   (:func:`exit_now`), printing the current exception's traceback first if asked;

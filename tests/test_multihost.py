@@ -281,8 +281,30 @@ def test_a_killed_process_ends_the_job(tmp_path, tiny_model, runs):
     assert code != 0, job.output(0)
     assert time.monotonic() - t_kill < KILL_BOUND_S
     assert f"resumed from {out / 'checkpoints'}/{step}" in job.output(0)
+    # A collective that lost its peer: one line that says so and where to resume from, not
+    # a traceback. (Waiting at one of orbax's barriers instead, the process is ended by
+    # JAX's coordination service when the heartbeats stop, with JAX's own message.)
+    text = job.output(0)
+    if "Terminating process because the JAX distributed service" not in text:
+      assert "galore-jax: error: lost another process of the job (" in text, text
+      assert f"newest checkpoint is {out / 'checkpoints'}/" in text and "--resume" in text
+      assert "Traceback" not in text, text
   finally:
     job.kill()
+
+
+def test_resume_hint_reads_finished_checkpoints_from_the_directory(tmp_path):
+  # What a survivor prints after losing a peer: read without orbax (whose lookup would wait
+  # for the lost process at a barrier); an unfinished save's directory does not count.
+  from galore_jax import cli
+
+  assert cli._resume_hint(str(tmp_path)).startswith("no checkpoint was saved in ")
+  for name in ("3", "10", "12.orbax-checkpoint-tmp-1700000000"):
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
+  hint = cli._resume_hint(str(tmp_path))
+  assert hint == (
+    f"the newest checkpoint is {tmp_path / 'checkpoints'}/10; start every process with --resume"
+  )
 
 
 # ---------------------------------------------------------------------------------------
