@@ -605,8 +605,9 @@ def parse_args(argv):
   p.add_argument(
     "--probe-svds",
     type=csv,
-    default=["exact", "randomized", "subspace"],
-    help="also time one decomposition per distinct shape with these methods (GaLore cases)",
+    default=["exact", "randomized", "subspace", "exact_jacobi"],
+    help="also time one decomposition per distinct shape with these methods (GaLore cases; "
+    "exact_jacobi: the SVD alone by the Jacobi method, GPU only)",
   )
   p.add_argument(
     "--profile-steps",

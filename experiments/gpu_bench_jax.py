@@ -299,6 +299,14 @@ def _jax_svd_probe(leaves: list[dict], svd: str, dtype, seed: int = 0) -> dict:
     g = jax.random.normal(jax.random.key(seed), (m, n), jnp.float32).astype(dtype)
     if svd == "exact":
       f = jax.jit(lambda g, side=side, rank=rank: proj.exact_basis(g, side, rank))
+    elif svd == "exact_jacobi":  # the SVD alone by cuSOLVER's gesvdj (what torch tries first)
+      f = jax.jit(
+        lambda g: jax.lax.linalg.svd(
+          g.astype(jnp.float32),
+          full_matrices=False,
+          algorithm=jax.lax.linalg.SvdAlgorithm.JACOBI,
+        )
+      )
     elif svd == "subspace":  # one warm-started power step from a valid basis
       start = proj.safe_basis((), side, m, n, rank, dtype)
       f = jax.jit(lambda g, side=side, start=start: proj.subspace_basis(g, side, start))

@@ -181,7 +181,11 @@ def test_smoke_profile(smoke):
   prof = res["profile"]
   assert "error" not in prof, prof
   assert prof["steps"] == 1 and prof["hlo_instructions_with_op_name"] > 100
-  assert res["svd"] == "exact" and set(res["svd_probe_other"]) == {"randomized", "subspace"}
+  others = res["svd_probe_other"]
+  assert res["svd"] == "exact" and set(others) == {"randomized", "subspace", "exact_jacobi"}
+  # The Jacobi SVD is GPU-only: on CPU its probe reports why and predicts nothing.
+  assert "not implemented on CPU" in others["exact_jacobi"]["error"]
+  assert others["exact_jacobi"]["sum_over_leaves_s"] is None
   out = Path(data["meta"]["args"]["json"]).parent
   assert (out / prof["trace_file"]).stat().st_size > 0
   assert (out / prof["hlo_file"]).stat().st_size > 0
