@@ -299,7 +299,7 @@ def _jax_svd_probe(leaves: list[dict], svd: str, dtype, seed: int = 0) -> dict:
     g = jax.random.normal(jax.random.key(seed), (m, n), jnp.float32).astype(dtype)
     if svd == "exact":
       f = jax.jit(lambda g, side=side, rank=rank: proj.exact_basis(g, side, rank))
-    elif svd == "exact_jacobi":  # the SVD alone by cuSOLVER's gesvdj (what torch tries first)
+    elif svd == "exact_jacobi":  # the SVD alone by cuSOLVER's Jacobi gesvdj
       f = jax.jit(
         lambda g: jax.lax.linalg.svd(
           g.astype(jnp.float32),
