@@ -336,10 +336,12 @@ def svd_transient_bytes(p: AbstractRun) -> int:
 
   A refresh decomposes a stacked batch of matrices: one matrix in the per-layer step; a
   stage's same-shaped ones when it refreshes them together (:func:`steps.refreshes_together`);
-  in the whole-gradient step every leaf of one shape, up to GaLore's batch limit (one on a
-  CPU mesh, :func:`config.batched_lapack_hangs`). Per matrix ``m x n``: its float32 copy,
-  plus the exact SVD's ``U``, ``S`` and ``Vh`` (``k = min(m, n)``), or the iterative
-  methods' iterates: ``G V`` (``max(m, n) x r``) and about three ``k x r`` bases.
+  in the whole-gradient step every leaf of one shape, up to GaLore's batch limit (as on a
+  GPU, the plan's target: on a CPU mesh the trainer refreshes one leaf at a time,
+  :func:`config.batched_lapack_hangs`, so this overestimates there). Per matrix
+  ``m x n``: its float32 copy, plus the exact SVD's ``U``, ``S`` and ``Vh``
+  (``k = min(m, n)``), or the iterative methods' iterates: ``G V`` (``max(m, n) x r``) and
+  about three ``k x r`` bases.
   """
   cfg = p.cfg
   if not cfg.is_galore:
@@ -376,7 +378,7 @@ def svd_transient_bytes(p: AbstractRun) -> int:
     ]
     return max(count * per_matrix(shape) for unit in units for shape, count in unit.items())
   counts = collections.Counter(key(leaf) for leaf in matrices)
-  limit = 1 if config.batched_lapack_hangs(cfg) else galore._REFRESH_GROUP_ELEMENTS
+  limit = galore._REFRESH_GROUP_ELEMENTS
   return max(
     max(1, min(count, limit // math.prod(shape))) * per_matrix(shape)
     for shape, count in counts.items()
