@@ -368,14 +368,7 @@ def svd_transient_bytes(p: AbstractRun) -> int:
   if steps.uses_layerwise_step(cfg, p.model_cfg):
     if not steps.refreshes_together(cfg):
       return max(per_matrix(key(leaf)) for leaf in matrices)
-    layers = p.params["layers"]
-    blocks = layers.values() if isinstance(layers, dict) else layers
-    halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
-    units = [
-      collections.Counter(key(leaf) for leaf in projected({k: block[k] for k in keys}))
-      for block in blocks
-      for keys in halves
-    ]
+    units = [collections.Counter(key(leaf) for leaf in projected(h)) for h in _block_halves(p)]
     return max(count * per_matrix(shape) for unit in units for shape, count in unit.items())
   counts = collections.Counter(key(leaf) for leaf in matrices)
   limit = galore._REFRESH_GROUP_ELEMENTS
@@ -390,15 +383,21 @@ def _head_weight(p: AbstractRun):
   return p.params["embed"] if p.model_cfg.tie_embeddings else p.params["lm_head"]
 
 
+def _block_halves(p: AbstractRun) -> list[dict]:
+  """The per-layer step's block stages: each decoder block's attention and MLP halves, as
+  parameter subtrees (``Llama.layerwise_stages``)."""
+  layers = p.params["layers"]
+  blocks = layers.values() if isinstance(layers, dict) else layers
+  halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
+  return [{k: block[k] for k in keys} for block in blocks for keys in halves]
+
+
 def _block_gradient_bytes(p: AbstractRun, fsdp: int = 1) -> int:
   """Largest gradient the per-layer step holds at once (per device over ``fsdp``): one
   stage's, i.e. the attention or MLP half of a decoder block, or the embedding, or final
   norm + LM head."""
   nbytes = functools.partial(device_bytes, fsdp=fsdp)
-  layers = p.params["layers"]
-  blocks = layers.values() if isinstance(layers, dict) else layers
-  halves = (model_lib.DecoderBlock.ATTENTION, model_lib.DecoderBlock.MLP)
-  sizes = [sum(nbytes(b[k]) for k in keys) for b in blocks for keys in halves]
+  sizes = [nbytes(half) for half in _block_halves(p)]
   sizes.append(nbytes(p.params["embed"]))
   sizes.append(nbytes(p.params["final_norm"]) + nbytes(_head_weight(p)))
   return max(sizes)
