@@ -24,9 +24,9 @@
 #      then a second start through the persistent compilation cache (#16); then llama_350m
 #      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
 #   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
-#      (experiments/gpu_compile_probe.py), e.g. before the two calls above; then, with the
-#      budget left, the subspace step updating one weight at a time ("weightwise") instead
-#      of the trainer's update units (a stage's same-shaped weights refreshing together).
+#      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
+#      in time: the subspace step with XLA's compile statistics, then without Triton GEMM
+#      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke" MEMORY_ARGS=--cpu-smoke
@@ -140,13 +140,18 @@ smaller() {
 
 # llama_1b's GaLore step compiled with each refresh method, each in a fresh process: lowering
 # and compile seconds, then a plain step and a refresh step (experiments/gpu_compile_probe.py).
+# By default: the subspace step with XLA's per-pass compile statistics (in compile_probe.log),
+# then with Triton GEMM fusion off (dots to cuBLAS: one suspect for the subspace refresh's
+# matmuls compiling slowly where exact's gesvd is one custom call), then exact.
+COMPILE_DEFAULT="subspace|--xla_gpu_print_compilation_stats"
+COMPILE_DEFAULT+=",subspace|--xla_gpu_enable_triton_gemm=false,exact|"
 compile1b() {
   local left; left=$(left_s 10)
   echo "== compile1b: ${left} s (elapsed ${SECONDS} s)"
   timeout $(( left + 10 )) "$PY" experiments/gpu_compile_probe.py \
-      --variants "${COMPILE_VARIANTS:-subspace|,exact|,subspace:weightwise|}" \
+      --variants "${COMPILE_VARIANTS:-$COMPILE_DEFAULT}" \
       --timeout 200 --budget "$left" \
-      --json "$OUT/compile_probe.json" ${COMPILE_ARGS:-}
+      --json "$OUT/compile_probe.json" --log "$OUT/compile_probe.log" ${COMPILE_ARGS:-}
   echo "== compile1b rc=$? after ${SECONDS} s"
 }
 

@@ -8,7 +8,14 @@ one refresh step at count ``T`` (the refresh every later period pays). Results g
 ``--json`` after every variant, so a timeout keeps what was measured.
 
     python experiments/gpu_compile_probe.py --json $OUT/compile_probe.json \\
+        --log $OUT/compile_probe.log \\
         --variants "exact|,subspace|--xla_gpu_autotune_level=0,subspace:nofallback|"
+
+``--log`` keeps every variant's stderr, timed-out ones included, under a header line: where
+XLA says what it spent the time on. A variant whose flags include
+``--xla_gpu_print_compilation_stats`` runs with ``TF_CPP_MIN_LOG_LEVEL=0``, so XLA's per-pass
+compile statistics reach that log (the H200 run of 2026-11-28 timed out compiling the subspace
+step without saying where: 96.6 s with autotuning off, against 41.5 s for exact).
 
 A variant is ``svd[:patch]|xla flags``; the patch ``nofallback`` replaces
 ``projector.orthonormalize`` by CholeskyQR2 alone (what its fallback branches cost), and
@@ -102,6 +109,8 @@ def child(args) -> dict:
 def parent(args) -> int:
   results = []
   deadline = time.monotonic() + args.budget
+  if args.log:
+    Path(args.log).write_text("")
   for spec in args.variants.split(","):
     svd, _, flags = spec.partition("|")
     svd, _, patch = svd.partition(":")
@@ -111,6 +120,8 @@ def parent(args) -> int:
       continue
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    if "print_compilation_stats" in flags:  # XLA prints them as INFO log lines
+      env["TF_CPP_MIN_LOG_LEVEL"] = "0"
     cmd = [sys.executable, __file__, "--child", "--svd", svd, "--model", args.model]
     cmd += ["--rank", str(args.rank), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     cmd += ["--optimizer", args.optimizer, "--steps", str(args.steps), "--patch", patch]
@@ -120,10 +131,14 @@ def parent(args) -> int:
       proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=min(args.timeout, left)
       )
-      stdout, err = proc.stdout, proc.stderr
+      stdout, err, log = proc.stdout, proc.stderr, proc.stderr
     except subprocess.TimeoutExpired as e:
-      stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+      text = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+      stdout, log = text(e.stdout), text(e.stderr)
       err = f"timeout after {min(args.timeout, left)} s"
+    if args.log:
+      with open(args.log, "a") as f:
+        f.write(f"==== variant {spec!r}: {' '.join(cmd[2:])}\n{log or ''}\n")
     lines = [ln for ln in (stdout or "").splitlines() if ln.startswith(("RESULT ", "PROGRESS "))]
     res = json.loads(lines[-1].split(" ", 1)[1]) if lines else {"svd": svd, "xla_flags": flags}
     if not lines or not lines[-1].startswith("RESULT "):
@@ -149,6 +164,7 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=int, default=150, help="seconds per variant")
   p.add_argument("--budget", type=int, default=400, help="seconds for all variants")
   p.add_argument("--json", default=None)
+  p.add_argument("--log", default=None, help="append each variant's stderr here")
   p.add_argument("--compile-only", action="store_true", help="no steps, only lower + compile")
   p.add_argument("--child", action="store_true")
   p.add_argument("--svd", default="subspace")

@@ -4,9 +4,10 @@ For each configuration this runs, in a fresh subprocess whose JAX memory pool is
 capped (``XLA_PYTHON_CLIENT_MEM_FRACTION`` = cap / device memory, preallocation
 off, as a 24 GB card would be):
 
-1. the trainer's step (``train.compile_train_step``) lowered and compiled once for
-   this backend; its ``memory_analysis()`` (arguments + outputs - aliased + temp)
-   is the compiler's own prediction for this device. The same executable is then
+1. the trainer's step (``train.compile_train_step``; with ``--compile-cache``, as the
+   CLI runs it, through the traced-step cache: ``train.cached_train_step``) lowered and
+   compiled once for this backend; its ``memory_analysis()`` (arguments + outputs -
+   aliased + temp) is the compiler's own prediction for this device. The same executable is then
    run, so the 7B step is traced and compiled once (the CPU planner's figure,
    ``galore-jax plan``, is compiled on the development machine and compared in
    the README);
@@ -118,7 +119,13 @@ def run_case(
 
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch())
   t0 = time.perf_counter()
-  lowered = train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, spec)
+  args = (run.abstract_params, run.abstract_opt, spec)
+  # With the compilation cache, as the CLI: through the traced-step cache, so a second
+  # start neither traces nor compiles the step (its lower_seconds: deserializing it).
+  step_fn = (
+    train.cached_train_step(run, args=args) if compile_cache else train.compile_train_step(run)
+  )
+  lowered = step_fn.lower(*args)
   t1 = time.perf_counter()
   step = lowered.compile()
   memory = plan.compiled_memory(step)

@@ -7,12 +7,21 @@ cache lives next to the token caches, in ``~/.cache/galore_jax/jax-cache`` (the
 when those are set); ``--compile-cache DIR`` puts it elsewhere and
 ``--compile-cache none`` turns it off. A cache directory that JAX was already given
 (``JAX_COMPILATION_CACHE_DIR``) is kept when the flag is not passed.
+
+Inside that directory, ``galore-jax-steps/`` keeps the trainer's train step exported
+(:func:`exported_train_step`), so that a second start does not trace and lower it either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 NONE = "none"
 
@@ -64,3 +73,224 @@ def enable(spec: str | None) -> str | None:
       with contextlib.suppress(AttributeError):
         jax.config.update(name, value)
   return path
+
+
+# ---------------------------------------------------------------------------
+# The traced-step cache: JAX's cache above keys a compilation by the lowered program, so a
+# second start still traces and lowers the train step first (16-17 s for the llama_7b 8-bit
+# step on this project's CPU, 31 s on an H200 host: most of a resume's start-up once the
+# compilation is cached). The exported (serialized, lowered) step skips that.
+
+STEPS_DIR = "galore-jax-steps"
+
+
+def steps_dir() -> Path | None:
+  """Where exported train steps are kept: a ``galore-jax-steps`` directory inside JAX's
+  persistent cache directory (JAX's cache only looks at its own ``*-cache`` files there);
+  None when that cache is off, which turns this one off too."""
+  import jax
+
+  if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
+    return None
+  return Path(jax.config.jax_compilation_cache_dir) / STEPS_DIR
+
+
+@functools.cache
+def source_digest() -> str:
+  """SHA-256 of the galore_jax package's Python sources: an edited checkout (an editable
+  install) never loads a step traced from other code."""
+  h = hashlib.sha256()
+  root = Path(__file__).resolve().parent
+  for path in sorted(root.rglob("*.py")):
+    h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+  return h.hexdigest()
+
+
+def _step_key(key: dict, leaves: list, in_tree) -> str:
+  from importlib import metadata
+
+  import jax
+  import jaxlib
+
+  def version(name: str) -> str:
+    try:
+      return metadata.version(name)
+    except metadata.PackageNotFoundError:
+      return "-"
+
+  avals = [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
+  record = {
+    "key": key,
+    "source": source_digest(),
+    "versions": {
+      "python": sys.version,
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      **{n: version(n) for n in ("flax", "optax", "numpy", "ml_dtypes")},
+    },
+    "devices": sorted({d.device_kind for d in jax.devices()}) + [jax.device_count()],
+    "platform": jax.default_backend(),
+    # Flags that change what tracing produces.
+    "jax_config": {
+      n: str(getattr(jax.config, n, None))
+      for n in (
+        "jax_enable_x64",
+        "jax_default_matmul_precision",
+        "jax_numpy_rank_promotion",
+        "jax_default_prng_impl",
+        "jax_threefry_partitionable",
+        "jax_use_shardy_partitioner",
+      )
+    },
+    "in_tree": str(in_tree),
+    "avals": avals,
+  }
+  return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def exported_train_step(
+  step: Callable,
+  args: tuple,
+  *,
+  in_shardings: tuple,
+  out_shardings: tuple,
+  key: dict,
+  log: Callable[[str], None] = print,
+) -> Callable:
+  """``jax.jit(step, in_shardings, out_shardings, donate_argnums=(0, 1))`` for ``args``'
+  shapes, traced at most once per ``key`` on this machine.
+
+  ``step(params, opt_state, batch) -> (params, opt_state, metrics)`` with ``metrics`` a
+  dict of arrays; ``key`` (JSON-able) must name everything the traced program depends on
+  besides the galore_jax sources, the library versions, the devices and the arguments'
+  shapes, dtypes and shardings, which the cache adds itself.
+
+  The first start exports the step (``jax.export``: trace, lower, serialize) into
+  :func:`steps_dir`; a later start with the same key deserializes it (milliseconds, no
+  tracing) and JAX's persistent cache supplies its compilation. Both starts run the
+  deserialized program, so both compile (or load) the same module. Any failure (a JAX
+  that cannot export this step, an unreadable entry) logs one line and falls back to the
+  plain ``jax.jit``; an unreadable entry is replaced. Off (the plain ``jax.jit``) when
+  JAX's persistent cache is off or the job has more than one process.
+  """
+  import jax
+
+  jitted = jax.jit(
+    step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0, 1)
+  )
+  directory = steps_dir()
+  if directory is None or jax.process_count() > 1:
+    return jitted
+  try:
+    from jax import export
+  except ImportError:  # a JAX without jax.export
+    return jitted
+
+  leaves, in_tree = jax.tree.flatten(args)
+  state_tree = jax.tree.structure(args[:2])
+  path = directory / f"{_step_key(key, leaves, in_tree)}.exported"
+
+  def flat_shardings(trees, shardings) -> list:
+    out = []
+    for tree, sh in zip(trees, shardings, strict=True):
+      if isinstance(sh, jax.sharding.Sharding):
+        out += [sh] * len(jax.tree.leaves(tree))
+      else:
+        out += jax.tree.structure(tree).flatten_up_to(sh)
+    return out
+
+  def flat_step(*xs):
+    # Flat leaves in and out: exported calls serialize only string-keyed containers, and
+    # the params dict has the layer indices as keys.
+    params, opt_state, m = step(*jax.tree.unflatten(in_tree, xs))
+    return jax.tree.leaves((params, opt_state)), m
+
+  def load():
+    return export.deserialize(bytearray(path.read_bytes()))
+
+  exported = None
+  if path.exists():
+    try:
+      exported = load()
+      log(f"train step: traced program from the step cache ({path})")
+    except Exception as e:  # noqa: BLE001 - a damaged entry: trace again and replace it
+      log(f"train step: unreadable step-cache entry {path} ({type(e).__name__}); tracing again")
+      exported = None
+  if exported is None:
+    try:
+      flat_jit = jax.jit(
+        flat_step,
+        in_shardings=tuple(flat_shardings(args, in_shardings)),
+        out_shardings=(flat_shardings(args[:2], out_shardings[:2]), out_shardings[2]),
+      )
+      blob = export.export(
+        flat_jit,
+        platforms=[export.default_export_platform()],
+        # A local cache for this jaxlib (the key has its version), not an archive: the
+        # custom calls (LAPACK, cuSOLVER, cuDNN) need no cross-version stability.
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")],
+      )(*leaves).serialize()
+      directory.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+      tmp.write_bytes(blob)
+      os.replace(tmp, path)  # atomic: a concurrent start reads the old entry or this one
+      exported = load()
+    except Exception as e:  # noqa: BLE001 - the plain jit always works
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      log(f"train step: step cache not used ({type(e).__name__}: {first[:200]})")
+      return jitted
+
+  return ExportedStep(exported, state_tree)
+
+
+class ExportedStep:
+  """A train step run through its (deserialized) exported program: called, lowered and
+  compiled like the ``jax.jit`` step it stands for, with ``(params, opt_state, batch)``
+  in and ``(params, opt_state, metrics)`` out (the program itself takes flat leaves)."""
+
+  def __init__(self, exported, state_tree):
+    import jax
+
+    self._state_tree = state_tree
+    # The state's leaves come first; donated, as the plain step donates params and state.
+    self._call = jax.jit(exported.call, donate_argnums=tuple(range(state_tree.num_leaves)))
+
+  def _out(self, flat_out):
+    import jax
+
+    new_state, m = flat_out
+    params, opt_state = jax.tree.unflatten(self._state_tree, new_state)
+    return params, opt_state, m
+
+  def __call__(self, params, opt_state, batch):
+    import jax
+
+    return self._out(self._call(*jax.tree.leaves((params, opt_state, batch))))
+
+  def lower(self, params, opt_state, batch) -> _Stage:
+    import jax
+
+    return _Stage(self._call.lower(*jax.tree.leaves((params, opt_state, batch))), self._out)
+
+  def _cache_size(self) -> int:
+    """Compilations so far, as on a ``jax.jit`` function (the summary's step_compilations)."""
+    return self._call._cache_size()
+
+
+class _Stage:
+  """A lowered or compiled :class:`ExportedStep`: ``compile()`` and calls take and return
+  pytrees; everything else (``memory_analysis``, ``as_text``) is JAX's own."""
+
+  def __init__(self, stage, out):
+    self._stage, self._out = stage, out
+
+  def compile(self) -> _Stage:
+    return _Stage(self._stage.compile(), self._out)
+
+  def __call__(self, params, opt_state, batch):
+    import jax
+
+    return self._out(self._stage(*jax.tree.leaves((params, opt_state, batch))))
+
+  def __getattr__(self, name):
+    return getattr(self._stage, name)

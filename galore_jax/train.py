@@ -74,6 +74,7 @@ from galore_jax.trainer import (  # noqa: F401
   _train,
   _train_loop,
   abstract_model,
+  cached_train_step,
   check_compatible,
   compile_eval_step,
   compile_train_step,

@@ -193,17 +193,66 @@ def init_state(run: Run, init_params: Callable[[Run], Any] | None = None):
   return params, jax.jit(run.tx.init, out_shardings=run.opt_sharding)(params["trainable"])
 
 
-def compile_train_step(run: Run):
+def _train_step(run: Run):
+  """The run's train step, not yet jitted, and its in/out shardings."""
   if run.parametrization is None:
     step = steps.select_train_step(run.graphdef, run.tx, run.cfg, run.model_cfg)
   else:
     step = steps.make_train_step(run.graphdef, run.tx, materialize=run.parametrization.materialize)
+  in_shardings = (run.param_sharding, run.opt_sharding, sharding.batch_sharding(run.mesh))
+  return step, in_shardings, (run.param_sharding, run.opt_sharding, None)
+
+
+def compile_train_step(run: Run):
+  step, in_shardings, out_shardings = _train_step(run)
   return jax.jit(
-    step,
-    in_shardings=(run.param_sharding, run.opt_sharding, sharding.batch_sharding(run.mesh)),
-    out_shardings=(run.param_sharding, run.opt_sharding, None),
-    donate_argnums=(0, 1),
+    step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0, 1)
   )
+
+
+# Fields of TrainConfig that the traced step never reads, left out of the step cache's key
+# so that a resume (or a new run directory) with the same flags loads the entry. Every other
+# field is in the key, whether the step reads it or not: a field the step starts to read
+# must not be added here.
+_NOT_IN_STEP = ("out", "resume", "stop_after", "overwrite", "progress")
+
+
+def cached_train_step(
+  run: Run, hooks: Hooks | None = None, log=print, *, args: tuple | None = None
+) -> Callable:
+  """The run's train step through the traced-step cache
+  (:func:`galore_jax.compile_cache.exported_train_step`): a second start of the same
+  configuration neither traces nor compiles it. Built at its first call, which gives the
+  batch's shapes, or at once for ``args`` (``(params, opt_state, batch)``, arrays or
+  ``jax.ShapeDtypeStruct``s; the result then also has ``lower(...)``, as a jitted step).
+  The plain :func:`compile_train_step` when the cache's key cannot name the step: a
+  caller's own optimizer or parametrization (:class:`Hooks`)."""
+  from galore_jax import compile_cache
+
+  if hooks is not None and (hooks.tx is not None or hooks.parametrization is not None):
+    return compile_train_step(run)
+  step, in_shardings, out_shardings = _train_step(run)
+  key = {
+    "train_config": {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in _NOT_IN_STEP},
+    "model_config": model_lib.config_record(run.model_cfg),
+  }
+
+  def build(example):
+    return compile_cache.exported_train_step(
+      step, example, in_shardings=in_shardings, out_shardings=out_shardings, key=key, log=log
+    )
+
+  if args is not None:
+    return build(args)
+  built: list[Callable] = []
+
+  def first_call(params, opt_state, batch):
+    if not built:
+      built.append(build((params, opt_state, batch)))
+    return built[0](params, opt_state, batch)
+
+  first_call._cache_size = lambda: built[0]._cache_size() if built else 0
+  return first_call
 
 
 def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int, *, local=False):
@@ -593,7 +642,7 @@ def _train_loop(
     dropped = metrics.drop_after(cfg.out, start)
     if dropped:
       log(f"dropped {dropped} metrics records after step {start} (replayed now)")
-  step_fn = compile_train_step(run)
+  step_fn = cached_train_step(run, hooks, log)
   eval_fn = compile_eval_step(run)
   lr_at = hooks.lr_at or lr_schedule(cfg)
   eval_count = {"eval_batches": len(val_batches)} if hooks.evaluate is None else {}

@@ -199,10 +199,12 @@ def test_compile_probe_runs_and_its_weightwise_patch_refreshes_one_weight_at_a_t
   probe = load_experiment("gpu_compile_probe")
   path = tmp_path / "probe.json"
   args = ["--model", "llama_tiny", "--rank", "8", "--batch", "1", "--seq-len", "8"]
+  log = tmp_path / "probe.log"
   args += ["--compile-only", "--variants", "subspace:weightwise|", "--json", str(path)]
-  assert probe.main(args) == 0
+  assert probe.main([*args, "--log", str(log)]) == 0
   (r,) = json.loads(path.read_text())["results"]
   assert "error" not in r, r
+  assert log.read_text().startswith("==== variant 'subspace:weightwise|': --child --svd subspace")
   assert r["compile_s"] > 0 and r["lower_s"] > 0 and r["temp_bytes"] > 0
   assert r["lowered_ops"]["while"] == 7 * CONFIGS["llama_tiny"].num_layers
 

@@ -1,0 +1,151 @@
+"""The traced-step cache (galore_jax.compile_cache.exported_train_step, through the trainer):
+a second start of one configuration loads the exported step instead of tracing it, with the
+same numbers; a damaged entry, a failing export or a changed key fall back or miss."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from galore_jax import compile_cache, steps, train
+
+TINY = dict(
+  model="llama_tiny",
+  batch_size=4,
+  seq_len=16,
+  eval_every=1000,
+  eval_batches=1,
+  save_every=1000,
+  progress=False,
+  rank=8,
+  update_proj_gap=2,
+  steps=3,
+)
+
+
+@pytest.fixture
+def step_cache(tmp_path, monkeypatch):
+  """A fresh step-cache directory (JAX's compilation cache stays the session's, so the
+  compilations themselves are shared) and a counter of train-step traces."""
+  directory = tmp_path / "steps"
+  monkeypatch.setattr(compile_cache, "steps_dir", lambda: directory)
+  traces = []
+  select = steps.select_train_step
+
+  def counting(*args, **kwargs):
+    step = select(*args, **kwargs)
+
+    def traced(*a):
+      traces.append(1)  # Python runs only while JAX traces the step
+      return step(*a)
+
+    return traced
+
+  monkeypatch.setattr(steps, "select_train_step", counting)
+  return traces, directory
+
+
+def _run(tmp_path, name, log=None, **kw):
+  cfg = train.TrainConfig(out=str(tmp_path / name), **{**TINY, **kw})
+  lines = []
+  summary = train.train(cfg, log=log or lines.append)
+  return summary, lines
+
+
+def test_second_start_loads_the_step_without_tracing_it(tmp_path, step_cache):
+  traces, directory = step_cache
+  first, _ = _run(tmp_path, "a")
+  assert len(traces) == 1 and len(list(directory.glob("*.exported"))) == 1
+  # Another run directory with the same flags, stopped after one step (--out and
+  # --stop-after are not part of the key), then resumed (nor is --resume).
+  stopped, lines = _run(tmp_path, "b", stop_after=1)
+  assert len(traces) == 1, "the second start traced the step again"
+  assert any("traced program from the step cache" in line for line in lines)
+  resumed, _ = _run(tmp_path, "b", resume=True)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(stopped["losses"] + resumed["losses"], first["losses"])
+  assert resumed["step_compilations"] == 1
+  # Another configuration is another entry.
+  _run(tmp_path, "c", rank=4)
+  assert len(traces) == 2 and len(list(directory.glob("*.exported"))) == 2
+
+
+def test_a_damaged_entry_is_traced_again_and_replaced(tmp_path, step_cache):
+  traces, directory = step_cache
+  first, _ = _run(tmp_path, "a")
+  (entry,) = directory.glob("*.exported")
+  entry.write_bytes(entry.read_bytes()[:100])  # e.g. a disk that filled up mid-write
+  second, lines = _run(tmp_path, "b")
+  assert len(traces) == 2
+  assert any("unreadable step-cache entry" in line for line in lines)
+  np.testing.assert_array_equal(first["losses"], second["losses"])
+  third, lines = _run(tmp_path, "c")
+  assert len(traces) == 2 and any("from the step cache" in line for line in lines)
+
+
+def test_a_failing_export_falls_back_to_the_plain_jit(tmp_path, step_cache, monkeypatch):
+  from jax import export
+
+  traces, directory = step_cache
+
+  def broken(*a, **k):
+    raise NotImplementedError("no export for this\nsecond line")
+
+  monkeypatch.setattr(export, "export", broken)
+  summary, lines = _run(tmp_path, "a")
+  assert summary["step"] == 3 and summary["step_compilations"] == 1
+  (line,) = [x for x in lines if "step cache" in x]
+  assert line == "train step: step cache not used (NotImplementedError: no export for this)"
+  assert not list(directory.glob("*.exported"))
+
+
+def test_the_key_names_sources_and_shapes_and_the_cache_follows_jax_s(tmp_path, monkeypatch):
+  x = jax.ShapeDtypeStruct((2, 3), np.float32)
+  tree = jax.tree.structure((x,))
+  key = compile_cache._step_key({"a": 1}, [x], tree)
+  assert key == compile_cache._step_key({"a": 1}, [x], tree)
+  assert key != compile_cache._step_key({"a": 2}, [x], tree)
+  y = jax.ShapeDtypeStruct((2, 4), np.float32)
+  assert key != compile_cache._step_key({"a": 1}, [y], tree)
+  monkeypatch.setattr(compile_cache, "source_digest", lambda: "edited")
+  assert key != compile_cache._step_key({"a": 1}, [x], tree)
+
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    jax.config.update("jax_enable_compilation_cache", True)
+    assert compile_cache.steps_dir() == tmp_path / "jax" / "galore-jax-steps"
+    jax.config.update("jax_enable_compilation_cache", False)  # --compile-cache none
+    assert compile_cache.steps_dir() is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_enable_compilation_cache", before[1])
+
+
+def test_the_exported_step_is_the_same_program(tmp_path, step_cache):
+  # Lowered and compiled ahead of time (as experiments/gpu_memory_check.py does) on a
+  # 4-device mesh: XLA plans the same memory as for the plain jit, donation included, and
+  # the compiled step takes and returns the same pytrees with the same numbers.
+  from galore_jax import xla_memory
+
+  cfg = train.TrainConfig(out=str(tmp_path / "m"), mesh="data=2,fsdp=2", **TINY)
+  run = train.setup(cfg, vocab_size=8192)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 8192, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+  host = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "mask": np.ones((cfg.batch_size, cfg.seq_len), np.float32),
+  }
+  batch = train.device_batch(run, host, 1)
+  args = (run.abstract_params, run.abstract_opt, batch)
+  exported = train.cached_train_step(run, args=args).lower(*args).compile()
+  plain = train.compile_train_step(run).lower(*args).compile()
+  assert xla_memory.compiled_memory(exported) == xla_memory.compiled_memory(plain)
+  out = []
+  for step in (exported, plain):
+    params, opt_state = train.init_state(run)
+    out.append(step(params, opt_state, batch))
+  chex.assert_trees_all_equal(out[0], out[1])
+  same = jax.tree.map(lambda a, b: a.sharding == b.sharding, out[0][:2], out[1][:2])
+  assert all(jax.tree.leaves(same))
