@@ -21,7 +21,7 @@
 #      jax.profiler breakdown of its steady step, the reference, AdamW, 8-bit GaLore.
 #   2. GPU_CHECKS="memory7b smaller" GPU_CHECKS_BUDGET=350 bash experiments/gpu_checks.sh
 #      llama_7b 8-bit GaLore under a 24 GB cap: compile time, steady and refresh-step peak,
-#      then a second start through the persistent compilation cache (#16); then llama_350m
+#      then a second start through the step and compilation caches (#16); then llama_350m
 #      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
 #   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
 #      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
@@ -115,7 +115,8 @@ bench1b() {
 }
 
 # Issue #11 (7B 8-bit compile <= 150 s, a refresh step that finishes under 24 GB) and #16
-# (a second start through the persistent cache reaches its first step in <= 15 s).
+# (a second start through the traced-step and compilation caches reaches its first step in
+# <= 15 s).
 memory7b() {
   local left; left=$(left_s 10)
   (( left > ${MEMORY7B_S:-280} )) && left=${MEMORY7B_S:-280}

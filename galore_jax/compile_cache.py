@@ -232,8 +232,11 @@ def exported_train_step(
       )(*leaves).serialize()
       directory.mkdir(parents=True, exist_ok=True)
       tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-      tmp.write_bytes(blob)
-      os.replace(tmp, path)  # atomic: a concurrent start reads the old entry or this one
+      try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)  # atomic: a concurrent start reads the old entry or this one
+      finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk, Ctrl-C) leaves no part
       exported = load()
     except Exception as e:  # noqa: BLE001 - the plain jit always works
       first = str(e).strip().splitlines()[0] if str(e).strip() else ""

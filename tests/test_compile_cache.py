@@ -9,17 +9,19 @@ import pytest
 
 from galore_jax import compile_cache, steps, train
 
+# test_train.py's SMALL configuration: the compilations are shared through the session's
+# JAX cache (the exported step is the same program there).
 TINY = dict(
   model="llama_tiny",
-  batch_size=4,
-  seq_len=16,
+  batch_size=8,
+  seq_len=32,
   eval_every=1000,
-  eval_batches=1,
+  eval_batches=2,
   save_every=1000,
   progress=False,
-  rank=8,
+  rank=16,
   update_proj_gap=2,
-  steps=3,
+  steps=6,
 )
 
 
@@ -54,32 +56,50 @@ def _run(tmp_path, name, log=None, **kw):
 
 def test_second_start_loads_the_step_without_tracing_it(tmp_path, step_cache):
   traces, directory = step_cache
-  first, _ = _run(tmp_path, "a")
+  first, _ = _run(tmp_path, "a", stop_after=3)
   assert len(traces) == 1 and len(list(directory.glob("*.exported"))) == 1
   # Another run directory with the same flags, stopped after one step (--out and
   # --stop-after are not part of the key), then resumed (nor is --resume).
   stopped, lines = _run(tmp_path, "b", stop_after=1)
   assert len(traces) == 1, "the second start traced the step again"
   assert any("traced program from the step cache" in line for line in lines)
-  resumed, _ = _run(tmp_path, "b", resume=True)
+  resumed, _ = _run(tmp_path, "b", resume=True, stop_after=2)
   assert len(traces) == 1
   np.testing.assert_array_equal(stopped["losses"] + resumed["losses"], first["losses"])
   assert resumed["step_compilations"] == 1
-  # Another configuration is another entry.
-  _run(tmp_path, "c", rank=4)
-  assert len(traces) == 2 and len(list(directory.glob("*.exported"))) == 2
+
+
+def test_every_setting_the_step_may_read_is_in_the_key(tmp_path, monkeypatch):
+  keys = []
+
+  def record(step, args, *, key, **_):
+    keys.append(key)
+
+  monkeypatch.setattr(compile_cache, "exported_train_step", record)
+
+  def key(**kw):
+    cfg = train.TrainConfig(out=str(tmp_path / kw.pop("out", "a")), **{**TINY, **kw})
+    run = train.setup(cfg, vocab_size=8192)
+    train.cached_train_step(run, args=(run.abstract_params, run.abstract_opt, None))
+    return keys[-1]
+
+  base = key()
+  assert key(out="b", resume=True, stop_after=2, progress=True) == base
+  for change in ({"rank": 8}, {"lr": 0.02}, {"steps": 7}, {"seed": 1}, {"eval_every": 5}):
+    assert key(**change) != base, change
+  assert key(model="llama_60m") != base
 
 
 def test_a_damaged_entry_is_traced_again_and_replaced(tmp_path, step_cache):
   traces, directory = step_cache
-  first, _ = _run(tmp_path, "a")
+  first, _ = _run(tmp_path, "a", stop_after=2)
   (entry,) = directory.glob("*.exported")
   entry.write_bytes(entry.read_bytes()[:100])  # e.g. a disk that filled up mid-write
-  second, lines = _run(tmp_path, "b")
+  second, lines = _run(tmp_path, "b", stop_after=2)
   assert len(traces) == 2
   assert any("unreadable step-cache entry" in line for line in lines)
   np.testing.assert_array_equal(first["losses"], second["losses"])
-  third, lines = _run(tmp_path, "c")
+  third, lines = _run(tmp_path, "c", stop_after=1)
   assert len(traces) == 2 and any("from the step cache" in line for line in lines)
 
 
@@ -92,8 +112,8 @@ def test_a_failing_export_falls_back_to_the_plain_jit(tmp_path, step_cache, monk
     raise NotImplementedError("no export for this\nsecond line")
 
   monkeypatch.setattr(export, "export", broken)
-  summary, lines = _run(tmp_path, "a")
-  assert summary["step"] == 3 and summary["step_compilations"] == 1
+  summary, lines = _run(tmp_path, "a", stop_after=2)
+  assert summary["step"] == 2 and summary["step_compilations"] == 1
   (line,) = [x for x in lines if "step cache" in x]
   assert line == "train step: step cache not used (NotImplementedError: no export for this)"
   assert not list(directory.glob("*.exported"))
@@ -124,11 +144,11 @@ def test_the_key_names_sources_and_shapes_and_the_cache_follows_jax_s(tmp_path, 
 
 def test_the_exported_step_is_the_same_program(tmp_path, step_cache):
   # Lowered and compiled ahead of time (as experiments/gpu_memory_check.py does) on a
-  # 4-device mesh: XLA plans the same memory as for the plain jit, donation included, and
+  # 8-device mesh: XLA plans the same memory as for the plain jit, donation included, and
   # the compiled step takes and returns the same pytrees with the same numbers.
   from galore_jax import xla_memory
 
-  cfg = train.TrainConfig(out=str(tmp_path / "m"), mesh="data=2,fsdp=2", **TINY)
+  cfg = train.TrainConfig(out=str(tmp_path / "m"), mesh="data=2,fsdp=4", **TINY)
   run = train.setup(cfg, vocab_size=8192)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 8192, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
