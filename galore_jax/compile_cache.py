@@ -87,12 +87,14 @@ STEPS_DIR = "galore-jax-steps"
 def steps_dir() -> Path | None:
   """Where exported train steps are kept: a ``galore-jax-steps`` directory inside JAX's
   persistent cache directory (JAX's cache only looks at its own ``*-cache`` files there);
-  None when that cache is off, which turns this one off too."""
+  None when that cache is off, which turns this one off too, or is not a local directory
+  (JAX also takes e.g. ``gs://`` URLs)."""
   import jax
 
-  if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
+  where = jax.config.jax_compilation_cache_dir
+  if not jax.config.jax_enable_compilation_cache or not where or "://" in str(where):
     return None
-  return Path(jax.config.jax_compilation_cache_dir) / STEPS_DIR
+  return Path(where) / STEPS_DIR
 
 
 @functools.cache
@@ -168,10 +170,11 @@ def exported_train_step(
   The first start exports the step (``jax.export``: trace, lower, serialize) into
   :func:`steps_dir`; a later start with the same key deserializes it (milliseconds, no
   tracing) and JAX's persistent cache supplies its compilation. Both starts run the
-  deserialized program, so both compile (or load) the same module. Any failure (a JAX
-  that cannot export this step, an unreadable entry) logs one line and falls back to the
-  plain ``jax.jit``; an unreadable entry is replaced. Off (the plain ``jax.jit``) when
-  JAX's persistent cache is off or the job has more than one process.
+  deserialized program, so both compile (or load) the same module. An entry that cannot
+  be read logs one line and is exported again (replaced); an export that fails (a JAX
+  that cannot export this step, a full disk) logs one line and the plain ``jax.jit`` runs.
+  Off (the plain ``jax.jit``) when JAX's persistent cache is off or the job has more than
+  one process.
   """
   import jax
 

@@ -135,6 +135,9 @@ def test_the_key_names_sources_and_shapes_and_the_cache_follows_jax_s(tmp_path, 
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
     jax.config.update("jax_enable_compilation_cache", True)
     assert compile_cache.steps_dir() == tmp_path / "jax" / "galore-jax-steps"
+    jax.config.update("jax_compilation_cache_dir", "gs://bucket/cache")  # not local
+    assert compile_cache.steps_dir() is None
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
     jax.config.update("jax_enable_compilation_cache", False)  # --compile-cache none
     assert compile_cache.steps_dir() is None
   finally:
