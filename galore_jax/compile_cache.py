@@ -240,7 +240,7 @@ def exported_train_step(
         os.replace(tmp, path)  # atomic: a concurrent start reads the old entry or this one
       finally:
         tmp.unlink(missing_ok=True)  # a failed write (a full disk, Ctrl-C) leaves no part
-      exported = load()
+      exported = export.deserialize(blob)  # the bytes just written, not read back
     except Exception as e:  # noqa: BLE001 - the plain jit always works
       first = str(e).strip().splitlines()[0] if str(e).strip() else ""
       log(f"train step: step cache not used ({type(e).__name__}: {first[:200]})")
