@@ -149,12 +149,16 @@ def test_the_exported_step_is_the_same_program(tmp_path, step_cache):
   # Lowered and compiled ahead of time (as experiments/gpu_memory_check.py does) on a
   # 8-device mesh: XLA plans the same memory as for the plain jit, donation included, and
   # the compiled step takes and returns the same pytrees with the same numbers.
+  from galore_jax import model as model_lib
   from galore_jax import xla_memory
 
   cfg = train.TrainConfig(out=str(tmp_path / "m"), mesh="data=2,fsdp=4", **TINY)
-  run = train.setup(cfg, vocab_size=8192)
+  # One narrow layer (two compilations of its own, no test shares them): every kind of
+  # sharded leaf, at a fraction of llama_tiny's compile time.
+  small = dict(hidden_size=32, intermediate_size=64, num_heads=2, num_layers=1, vocab_size=256)
+  run = train.setup(cfg, vocab_size=256, model_cfg=model_lib.get_config("llama_tiny", **small))
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 8192, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+  tokens = rng.integers(0, 256, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
   host = {
     "inputs": tokens[:, :-1],
     "targets": tokens[:, 1:],

@@ -61,13 +61,18 @@ def test_resume_continues_exactly(tmp_path, straight_run):
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_mesh_matches_single_device(tmp_path, straight_run):
+def test_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path, straight_run):
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   # 3 steps: projector refreshes at counts 0 and 2.
   cfg = _cfg(tmp_path, "mesh", steps=6, stop_after=3, mesh="data=2,fsdp=4")
   sharded = train.train(cfg, log=_quiet)
   assert len(sharded["losses"]) == 3
   np.testing.assert_allclose(sharded["losses"], straight_run["losses"][:3], rtol=1e-4, atol=1e-4)
+  # The sharded checkpoint resumed on one device (another mesh: orbax restores onto the new
+  # run's shardings) follows the same trajectory. Its step is straight_run's, compiled.
+  resumed = train.train(_cfg(tmp_path, "mesh", steps=6, resume=True), log=_quiet)
+  assert resumed["start_step"] == 3 and resumed["step"] == 6
+  np.testing.assert_allclose(resumed["losses"], straight_run["losses"][3:], rtol=1e-4, atol=1e-4)
 
 
 def test_mesh_shards_params_and_projectors(tmp_path):
