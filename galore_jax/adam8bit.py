@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -95,7 +96,10 @@ __all__ = [
   "state_bytes",
 ]
 
-STATIC_ARGS = ("block_size", "min_8bit_size", "seed", "chunk_size")
+CHUNK_SIZE = 2**22
+"""Default ``chunk_size`` of :func:`scale_by_adam8bit` / :func:`adamw8bit` (elements)."""
+
+STATIC_ARGS = ("block_size", "min_8bit_size", "seed", "chunk_size", "rows_sharding")
 """Arguments of :func:`scale_by_adam8bit` / :func:`adamw8bit` that fix the state's layout or the
 compiled program, so ``optax.inject_hyperparams`` must leave them Python values:
 ``optax.inject_hyperparams(adamw8bit, static_args=galore_jax.ADAM8BIT_STATIC_ARGS)``."""
@@ -367,7 +371,8 @@ def scale_by_adam8bit(
   rounding: str = "nonzero",
   stochastic_rounding: bool = False,
   seed: int = 0,
-  chunk_size: int | None = 2**22,
+  chunk_size: int | None = CHUNK_SIZE,
+  rows_sharding: Callable | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam preconditioning with block-wise 8-bit moment storage.
 
@@ -416,7 +421,19 @@ def scale_by_adam8bit(
           32000 x 4096 embedding that is ~75 MB instead of 2.4 GB. ``None``
           updates every leaf in one piece (fastest when memory is plentiful).
           The result does not depend on it (except the stochastic-rounding
-          stream).
+          stream). Under FSDP (state sharded over the block rows) pass ``None``:
+          each chunk is a dynamic slice of the sharded row axis, for which XLA
+          all-gathers the leaf's whole code arrays; unchunked, every device
+          updates its own rows (already ``1/fsdp`` of the leaf).
+      rows_sharding: ``shape -> jax.sharding.Sharding`` or None. If given, a
+          quantised leaf's gradient and update are constrained to the sharding
+          it returns for their shape, and the gradient's ``(num_blocks,
+          block_size)`` rows to the one it returns for theirs, which should be
+          the codes' sharding: the reshaping between the two layouts then
+          moves the gradient (an all-to-all) rather than leaving XLA to pick
+          (it may gather the loss's logits to produce the LM head's gradient in
+          row layout). The trainer passes its FSDP rule
+          (:func:`galore_jax.config.adam8bit_layout`).
 
   Returns:
       An ``optax.GradientTransformation``. Updates keep the dtype of the incoming
@@ -470,8 +487,12 @@ def scale_by_adam8bit(
 
     def quantized_leaf(i, g, m_stored, v_stored):
       num_rows = m_stored.codes.shape[0]
+      if rows_sharding is not None:
+        g = jax.lax.with_sharding_constraint(g, rows_sharding(g.shape))
       flat = jnp.ravel(g)
       g_rows = jnp.pad(flat, (0, num_rows * block_size - flat.size)).reshape(num_rows, block_size)
+      if rows_sharding is not None:
+        g_rows = jax.lax.with_sharding_constraint(g_rows, rows_sharding(g_rows.shape))
       leaf_key = jax.random.fold_in(step_key, i) if stochastic_rounding else None
 
       def rows(chunk, g_rows, m_codes, m_scales, v_codes, v_scales):
@@ -495,6 +516,8 @@ def scale_by_adam8bit(
         _chunk_rows(num_rows, target),
       )
       u = u_rows.reshape(-1)[: g.size].reshape(g.shape)
+      if rows_sharding is not None:
+        u = jax.lax.with_sharding_constraint(u, rows_sharding(u.shape))
       return u, QuantizedArray(m_codes, m_scales), QuantizedArray(v_codes, v_scales)
 
     def leaf(i, g, m_stored, v_stored):
@@ -541,7 +564,8 @@ def adamw8bit(
   rounding: str = "nonzero",
   stochastic_rounding: bool = False,
   seed: int = 0,
-  chunk_size: int | None = 2**22,
+  chunk_size: int | None = CHUNK_SIZE,
+  rows_sharding: Callable | None = None,
 ) -> optax.GradientTransformation:
   """AdamW with block-wise 8-bit moments (Dettmers et al., 2022).
 
@@ -566,6 +590,8 @@ def adamw8bit(
           :func:`scale_by_adam8bit`.
       seed: seed of the stochastic rounding.
       chunk_size: update large leaves in chunks, see :func:`scale_by_adam8bit`.
+      rows_sharding: sharding of a quantised leaf's update, see
+          :func:`scale_by_adam8bit`.
 
   Returns:
       An ``optax.GradientTransformation``.
@@ -582,6 +608,7 @@ def adamw8bit(
       stochastic_rounding=stochastic_rounding,
       seed=seed,
       chunk_size=chunk_size,
+      rows_sharding=rows_sharding,
     ),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),

@@ -310,10 +310,46 @@ def batched_lapack_hangs(cfg: TrainConfig) -> bool:
   return jax.default_backend() == "cpu"
 
 
-def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def adam8bit_layout(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """How the run's 8-bit Adam updates its quantised leaves (``scale_by_adam8bit``'s
+  ``chunk_size`` and ``rows_sharding``).
+
+  On one fsdp shard, large leaves go chunk by chunk (the default), which bounds their
+  float32 temporaries. Under FSDP (``fsdp > 1``) the codes are sharded over their block
+  rows, so a chunk is a slice of sharded rows, which XLA compiles as an all-gather of the
+  leaf's whole code arrays; each device's rows are already ``1/fsdp`` of the leaf, so the
+  update runs unchunked. Given the run's ``mesh``, the leaf's gradient and update keep its
+  parameter's sharding and the gradient's block rows the codes' sharding
+  (:func:`galore_jax.sharding.fsdp_spec` of each shape): without that, XLA computes the LM
+  head's gradient directly in the block-row layout by all-gathering the batch's logits.
+  Measured (CPU, 8 host devices, XLA's temp bytes of the per-layer step, 8 x 256 tokens):
+  llama_130m bf16 on ``fsdp=8``, 8-bit GaLore 665 MB chunked, 878 MB unchunked alone, 483 MB
+  unchunked and constrained (float32 GaLore 470 MB); llama_60m on ``data=2,fsdp=4``, 468 MB
+  chunked, 340 MB constrained (float32 GaLore 340 MB).
+  """
+  fsdp = parse_mesh(cfg.mesh)[1]
+  if fsdp == 1:
+    return {}
+  rows = None
+  if mesh is not None:
+    from galore_jax import sharding
+
+    def rows(shape):
+      return jax.sharding.NamedSharding(mesh, sharding.fsdp_spec(tuple(shape), fsdp))
+
+  return {"chunk_size": None, "rows_sharding": rows}
+
+
+def build_optimizer(
+  cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
+) -> optax.GradientTransformation:
+  """The optimizer of ``cfg``; ``mesh``: the run's, for the sharding of the 8-bit update
+  (:func:`adam8bit_layout`)."""
   sched = lr_schedule(cfg)
   if cfg.optimizer.endswith("8bit"):
-    inner = adam8bit.scale_by_adam8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    inner = adam8bit.scale_by_adam8bit(
+      b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, **adam8bit_layout(cfg, mesh)
+    )
   else:
     inner = galore.scale_by_adam_hf(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   if cfg.is_galore:

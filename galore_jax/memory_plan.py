@@ -315,7 +315,10 @@ def update_transient_bytes(p: AbstractRun) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _update_transient(cfg: config.TrainConfig, shape: tuple[int, ...], dtype: str) -> int:
-  cfg = dataclasses.replace(cfg, mesh=None)  # one cache entry per optimizer, not per mesh
+  # One cache entry per optimizer and fsdp size (under FSDP, 8-bit leaves are not chunked:
+  # config.adam8bit_layout); one device compiles the block's update.
+  fsdp = mesh_shape(cfg)[1]
+  cfg = dataclasses.replace(cfg, mesh=None if fsdp == 1 else f"fsdp={fsdp}")
   tx = config.build_optimizer(cfg)
   one = {"leaf": jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))}
   state = jax.eval_shape(tx.init, one)
@@ -495,7 +498,9 @@ def compile_estimate(
 
   ``step_fn`` replaces the trainer's step (experiments; jitted with the inputs' shardings).
   """
-  run = trainer.setup(p.cfg, p.model_cfg.vocab_size, tx=p.tx, model_cfg=p.model_cfg)
+  # The trainer's own optimizer (not p.tx): on a mesh its 8-bit update is sharded
+  # (config.adam8bit_layout), which needs the mesh that setup builds.
+  run = trainer.setup(p.cfg, p.model_cfg.vocab_size, model_cfg=p.model_cfg)
   if step_fn is None:
     jitted = trainer.compile_train_step(run)
   else:

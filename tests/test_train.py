@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from galore_jax import checkpoint, config, metrics, steps, train, trainer
+from galore_jax import checkpoint, config, metrics, sharding, steps, train, trainer
 
 SMALL = dict(
   model="llama_tiny",
@@ -82,6 +82,47 @@ def test_mesh_shards_params_and_projectors(tmp_path):
   galore_state = run.abstract_opt[0]
   proj = galore_state.projectors["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert "fsdp" in tuple(proj.sharding.spec)
+
+
+def test_sharded_8bit_update_gathers_neither_its_codes_nor_the_logits(tmp_path, monkeypatch):
+  # Under FSDP the trainer updates 8-bit leaves unchunked, with the gradient resharded to the
+  # codes' block rows (config.adam8bit_layout). Each control brings back what that avoids:
+  # chunks (dynamic slices of the sharded code rows) make XLA all-gather the leaf's whole
+  # int8 / uint8 codes; no sharding constraint lets XLA compute the LM head's gradient in
+  # block-row layout from all-gathered logits. The chunk size is shrunk so that the toy
+  # model's embedding and head are chunked on one device; they have more block rows (512)
+  # than columns (256), so fsdp shards the rows, as in real models.
+  from galore_jax import adam8bit
+  from galore_jax import model as model_lib
+
+  monkeypatch.setattr(adam8bit, "CHUNK_SIZE", 2**14)
+  vocab = 2048
+  small = dict(hidden_size=64, intermediate_size=128, num_heads=2, num_layers=1, vocab_size=vocab)
+  model_cfg = model_lib.get_config("llama_tiny", **small)
+  plain = adam8bit.scale_by_adam8bit
+
+  def gathers(**forced):
+    monkeypatch.setattr(adam8bit, "scale_by_adam8bit", lambda **kw: plain(**{**kw, **forced}))
+    cfg = _cfg(tmp_path, "m", optimizer="galore_adamw8bit", rank=8, mesh="fsdp=8")
+    run = train.setup(cfg, vocab, model_cfg=model_cfg)
+    shape = (1, cfg.batch_size, cfg.seq_len)
+    sh = sharding.batch_sharding(run.mesh)
+    batch = {
+      k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=sh)
+      for k in ("inputs", "targets", "mask")
+    }
+    step = train.compile_train_step(run)
+    hlo = step.lower(run.abstract_params, run.abstract_opt, batch).compile().as_text()
+    lines = [line for line in hlo.splitlines() if " all-gather(" in line]
+    codes = [x for x in lines if "= s8[" in x or "= u8[" in x]
+    logits = [x for x in lines if f"[{cfg.batch_size},{cfg.seq_len},{vocab}]" in x]
+    return codes, logits
+
+  assert gathers() == ([], [])
+  codes, _ = gathers(chunk_size=adam8bit.CHUNK_SIZE, rows_sharding=None)
+  assert codes
+  _, logits = gathers(rows_sharding=None)
+  assert logits
 
 
 def test_grad_accumulation_equals_large_batch(tmp_path, straight_run):
