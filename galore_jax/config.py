@@ -318,9 +318,10 @@ def adam8bit_layout(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> 
   float32 temporaries. Under FSDP (``fsdp > 1``) the codes are sharded over their block
   rows, so a chunk is a slice of sharded rows, which XLA compiles as an all-gather of the
   leaf's whole code arrays; each device's rows are already ``1/fsdp`` of the leaf, so the
-  update runs unchunked. Given the run's ``mesh``, the leaf's gradient and update keep its
-  parameter's sharding and the gradient's block rows the codes' sharding
-  (:func:`galore_jax.sharding.fsdp_spec` of each shape): without that, XLA computes the LM
+  update runs unchunked. Given the run's ``mesh``, the leaf's gradient and update keep the
+  sharding the trainer gives an array of their shape (a full-rank leaf's: its parameter's)
+  and the gradient's block rows the codes' (:func:`galore_jax.sharding.fsdp_spec` of each
+  shape): without that, XLA computes the LM
   head's gradient directly in the block-row layout by all-gathering the batch's logits.
   Measured (CPU, 8 host devices, XLA's temp bytes of the per-layer step, 8 x 256 tokens):
   llama_130m bf16 on ``fsdp=8``, 8-bit GaLore 665 MB chunked, 878 MB unchunked alone, 483 MB
