@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
     )
 
-  import jax
   import numpy as np
 
-  from galore_jax import adam8bit, sharding, train, xla_memory
+  from galore_jax import adam8bit, train, xla_memory
 
   plain = adam8bit.scale_by_adam8bit
   forced = {
@@ -89,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
       out=os.devnull,
     )
     run = train.setup(cfg, vocab_size=32000)
-    shape = (1, args.batch_size, args.seq_len)
-    sh = sharding.batch_sharding(run.mesh)
-    batch = {
-      k: jax.ShapeDtypeStruct(shape, np.float32 if k == "mask" else np.int32, sharding=sh)
-      for k in ("inputs", "targets", "mask")
-    }
+    batch = train.abstract_batch(run)
     compiled = (
       train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, batch).compile()
     )

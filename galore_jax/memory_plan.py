@@ -234,11 +234,6 @@ def optimizer_breakdown(opt_state, fsdp: int = 1) -> dict[str, int]:
   return out
 
 
-def _batch_spec(cfg: config.TrainConfig):
-  shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets", "mask")}
-
-
 # ---------------------------------------------------------------------------
 # Analytic estimate.
 
@@ -508,7 +503,7 @@ def compile_estimate(
   t0 = time.perf_counter()
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-    lowered = jitted.lower(run.abstract_params, run.abstract_opt, _batch_spec(p.cfg))
+    lowered = jitted.lower(run.abstract_params, run.abstract_opt, trainer.abstract_batch(run))
   lower_seconds = round(time.perf_counter() - t0, 1)
   out = xla_memory.compile_and_replay(lowered, replay=replay, keep_dump=keep_dump)
   return {"backend": out.pop("backend"), "lower_seconds": lower_seconds, **out}

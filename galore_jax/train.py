@@ -73,6 +73,7 @@ from galore_jax.trainer import (  # noqa: F401
   _Signals,
   _train,
   _train_loop,
+  abstract_batch,
   abstract_model,
   cached_train_step,
   check_compatible,

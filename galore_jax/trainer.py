@@ -264,6 +264,15 @@ def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int, *, loc
   )
 
 
+def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes, dtypes and shardings of the batch :func:`device_batch` gives the run's step
+  (``(grad_accum, B, L)``; int32 tokens, float32 mask), to lower it without data."""
+  shape = (run.cfg.grad_accum, run.cfg.batch_size, run.cfg.seq_len)
+  sh = sharding.batch_sharding(run.mesh)
+  dtypes = {"inputs": np.int32, "targets": np.int32, "mask": np.float32}
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in dtypes.items()}
+
+
 def tokenizer_hash(sp) -> str:
   return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
 

@@ -6,23 +6,13 @@ import chex
 import jax
 import numpy as np
 import pytest
+from small_run import SMALL
 
 from galore_jax import compile_cache, steps, train
 
-# test_train.py's SMALL configuration: the compilations are shared through the session's
-# JAX cache (the exported step is the same program there).
-TINY = dict(
-  model="llama_tiny",
-  batch_size=8,
-  seq_len=32,
-  eval_every=1000,
-  eval_batches=2,
-  save_every=1000,
-  progress=False,
-  rank=16,
-  update_proj_gap=2,
-  steps=6,
-)
+# test_train.py's runs of SMALL (--steps 6): the compilations are shared through the
+# session's JAX cache (the exported step is the same program there).
+TINY = {**SMALL, "steps": 6}
 
 
 @pytest.fixture

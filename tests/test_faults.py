@@ -18,22 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+from small_run import SMALL
 
 from galore_jax import checkpoint, cli, data, metrics, train
 
-# The tiny configuration of test_train.py (same shapes; with its --steps 6, the same lr
-# schedule: its compiled train step is cached).
-SMALL = dict(
-  model="llama_tiny",
-  batch_size=8,
-  seq_len=32,
-  eval_every=1000,
-  eval_batches=2,
-  save_every=1000,
-  progress=False,
-  rank=16,
-  update_proj_gap=2,
-)
+# small_run.SMALL as CLI flags (same shapes; with --steps 6, the same lr schedule as
+# test_train.py's runs: their compiled train step is cached).
 SMALL_ARGS = [
   "--batch-size", "8", "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2",
   "--eval-every", "1000", "--eval-batches", "2", "--no-progress",

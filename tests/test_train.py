@@ -14,20 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_run import SMALL
 
-from galore_jax import checkpoint, config, metrics, sharding, steps, train, trainer
-
-SMALL = dict(
-  model="llama_tiny",
-  batch_size=8,
-  seq_len=32,
-  eval_every=1000,
-  eval_batches=2,
-  save_every=1000,
-  progress=False,
-  rank=16,
-  update_proj_gap=2,
-)
+from galore_jax import checkpoint, config, metrics, steps, train, trainer
 
 
 def _cfg(tmp_path, name, **kw):
@@ -105,13 +94,8 @@ def test_sharded_8bit_update_gathers_neither_its_codes_nor_the_logits(tmp_path, 
     monkeypatch.setattr(adam8bit, "scale_by_adam8bit", lambda **kw: plain(**{**kw, **forced}))
     cfg = _cfg(tmp_path, "m", optimizer="galore_adamw8bit", rank=8, mesh="fsdp=8")
     run = train.setup(cfg, vocab, model_cfg=model_cfg)
-    shape = (1, cfg.batch_size, cfg.seq_len)
-    sh = sharding.batch_sharding(run.mesh)
-    batch = {
-      k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=sh)
-      for k in ("inputs", "targets", "mask")
-    }
     step = train.compile_train_step(run)
+    batch = train.abstract_batch(run)
     hlo = step.lower(run.abstract_params, run.abstract_opt, batch).compile().as_text()
     lines = [line for line in hlo.splitlines() if " all-gather(" in line]
     codes = [x for x in lines if "= s8[" in x or "= u8[" in x]
