@@ -28,3 +28,12 @@ def test_own_model_examples_run():
   opt_state = namespace["optimizer"].opt_state[0].inner_states
   assert opt_state["attn"].inner_state.projectors["q_proj"]["kernel"].shape == (4, 16)
   assert opt_state["mlp"].inner_state.projectors["up_proj"]["kernel"].shape == (16, 8)
+
+
+def test_ci_runs_the_readme_test_command():
+  # README promises that `.ci/run` runs its second line verbatim; the two drift apart
+  # silently otherwise (e.g. the pytest worker flags).
+  first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
+  test_command = first_block.splitlines()[1]
+  ci = (README.parent / ".ci" / "run").read_text().splitlines()
+  assert test_command in ci, test_command
