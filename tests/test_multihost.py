@@ -293,6 +293,45 @@ def test_a_killed_process_ends_the_job(tmp_path, tiny_model, runs):
     job.kill()
 
 
+def _copy_up_to(run: Path, dst: Path, step: int) -> Path:
+  """A copy of ``run`` whose newest checkpoint is ``step`` (as if it had stopped there)."""
+  shutil.copytree(run, dst)
+  for d in (dst / "checkpoints").iterdir():
+    if d.name.isdigit() and int(d.name) > step:
+      shutil.rmtree(d)
+  assert checkpoint.latest_step(str(dst)) == step
+  return dst
+
+
+def _assert_continues(run: Path, reference: Path) -> None:
+  got, want = _losses(run), _losses(reference)
+  assert sorted(got) == list(range(1, 11))  # the old records after step 5 were dropped
+  np.testing.assert_allclose([got[s] for s in range(6, 11)], [want[s] for s in range(6, 11)], 1e-5)
+  _assert_same_state(reference, run, 10)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, tiny_model, runs):
+  # Fewer machines after losing one: the two-process job's step-5 checkpoint, resumed by one
+  # process on the same mesh (its 4 devices local), continues the uninterrupted run.
+  out = _copy_up_to(runs.out, tmp_path / "one", 5)
+  cfg = train.TrainConfig(
+    out=str(out), progress=False, init_from=tiny_model, stop_after=5, resume=True, **RUN
+  )
+  train.train(cfg, log=lambda *_: None)
+  _assert_continues(out, runs.reference)
+
+
+def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, tiny_model, runs):
+  # And the other way: the single-process run's step-5 checkpoint, resumed by a two-process
+  # job, which restores each process's shards of it.
+  out = _copy_up_to(runs.reference, tmp_path / "two", 5)
+  args = _flags(init_from=tiny_model, resume=True, stop_after=5)
+  job = Job(tmp_path, "grow", ["--out", str(out), *args])
+  assert job.wait() == [0, 0], job.output(0) + job.output(1)
+  assert f"resumed from {out / 'checkpoints'}/5" in job.output(0)
+  _assert_continues(out, runs.reference)
+
+
 def test_resume_hint_reads_finished_checkpoints_from_the_directory(tmp_path):
   # What a survivor prints after losing a peer: read without orbax (whose lookup would wait
   # for the lost process at a barrier); an unfinished save's directory does not count.
