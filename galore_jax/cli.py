@@ -202,14 +202,22 @@ def _resume_hint(out: str) -> str:
   return f"the newest checkpoint is {ckpt_dir}/{max(steps)}; start every process with --resume"
 
 
-def _cmd_train(args) -> int:
-  from galore_jax import config, distributed, trainer
+def _join_job(args) -> None:
+  """Multi-process hook of ``train`` and ``eval``: join the job the flags (or the launcher's
+  environment) describe, before anything starts JAX's backends."""
+  from galore_jax import config, distributed
 
-  cfg = _train_config(args)
-  try:  # multi-process hook: join the job before anything starts JAX's backends
+  try:
     distributed.initialize(distributed.launch_from_args(args))
   except distributed.DistributedError as e:
     raise config.ConfigError(e.flag, e.message) from None
+
+
+def _cmd_train(args) -> int:
+  from galore_jax import distributed, trainer
+
+  cfg = _train_config(args)
+  _join_job(args)
   try:
     summary = trainer.train(cfg)
   except trainer.TrainingInterrupted as e:
@@ -243,26 +251,34 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-  from galore_jax import data, sample, trainer
-  from galore_jax.config import ConfigError, absolute_source
+  from galore_jax import data, distributed, sample, trainer
+  from galore_jax.config import ConfigError, absolute_source, check_mesh
 
   if args.batch_size is not None and args.batch_size < 1:
     raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
   n_batches = _eval_batches_flag(args.eval_batches)
-  run, params, _, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+  _join_job(args)
+  run, params, _, step = sample.load_for_inference(
+    args.checkpoint, tokenizer=args.tokenizer, mesh=args.mesh
+  )
   cfg = dataclasses.replace(
     run.cfg,
     data=absolute_source(args.data) if args.data else run.cfg.data,
     batch_size=args.batch_size or run.cfg.batch_size,
     packing=run.cfg.packing if args.packing is None else args.packing,
   )
+  check_mesh(args.mesh, cfg.batch_size)
   if n_batches == "run":  # what train reported for this run
     n_batches = run.cfg.eval_batches
   try:
     batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n_batches)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
+  # Every process reads the whole validation set and places its rows of each batch (as
+  # train's evaluation does); the loss comes back replicated, and process 0 reports it.
   loss, ppl = trainer.evaluate(run, params, batches, trainer.compile_eval_step(run))
+  if not distributed.is_primary():
+    return 0
   result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
   print(
     json.dumps(result)
@@ -296,7 +312,9 @@ def _cmd_sample(args) -> int:
     raise ConfigError(
       "--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}"
     )
-  run, params, sp, _ = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+  run, params, sp, _ = sample.load_for_inference(
+    args.checkpoint, tokenizer=args.tokenizer, mesh=args.mesh
+  )
   if not 1 <= args.top_k <= sp.get_piece_size():
     raise ConfigError(
       "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
@@ -404,7 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     help="one document per window, from its first token (default: as the run trained)",
   )
   p.add_argument("--json", action="store_true")
+  p.add_argument(
+    "--mesh",
+    default=None,
+    help="data=N,fsdp=M: evaluate on N*M devices, weights sharded over fsdp (default: one "
+    "device; in a multi-process job, a mesh over all its devices)",
+  )
   _add_compile_cache_flag(p)
+  from galore_jax import distributed
+
+  distributed.add_flags(p)
   p.set_defaults(fn=_cmd_eval)
 
   p = sub.add_parser(
@@ -424,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tokenizer", default=None)
+  p.add_argument(
+    "--mesh", default=None, help="data=N,fsdp=M: weights sharded over fsdp (default: one device)"
+  )
   _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_sample)
 

@@ -259,15 +259,21 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--peak-tflops", f"must be a finite number > 0, got {cfg.peak_tflops}")
   if cfg.stop_after is not None and cfg.stop_after < 1:
     raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
-  data_n, fsdp_n = parse_mesh(cfg.mesh)
+  check_mesh(cfg.mesh, cfg.batch_size)
+
+
+def check_mesh(mesh: str | None, batch_size: int | None = None) -> None:
+  """``--mesh`` fits this process or job (and divides ``batch_size`` if given); raises
+  ConfigError. Shared by ``train`` and the commands that load a checkpoint onto a mesh."""
+  data_n, fsdp_n = parse_mesh(mesh)
   if data_n * fsdp_n > jax.device_count():
     raise ConfigError("--mesh", f"needs {data_n * fsdp_n} devices, {jax.device_count()} available")
   if problem := distributed.mesh_problem(data_n * fsdp_n):  # multi-process: every device
     raise ConfigError("--mesh", problem)
-  if cfg.batch_size % (data_n * fsdp_n):
+  if batch_size is not None and batch_size % (data_n * fsdp_n):
     raise ConfigError(
       "--batch-size",
-      f"{cfg.batch_size} is not divisible by the {data_n * fsdp_n} devices of --mesh {cfg.mesh}",
+      f"{batch_size} is not divisible by the {data_n * fsdp_n} devices of --mesh {mesh}",
     )
 
 

@@ -119,7 +119,7 @@ def validate(launch: Launch) -> None:
 
 
 def add_flags(p) -> None:
-  """The ``train`` flags of a multi-process job (an ``argparse`` parser)."""
+  """The flags of a multi-process job (``train``, ``eval``; an ``argparse`` parser)."""
   g = p.add_argument_group(
     "multi-process (one process per host or GPU; see the README's Multi-host section)"
   )

@@ -10,13 +10,15 @@ import numpy as np
 from flax import nnx
 
 from galore_jax import checkpoint
-from galore_jax.config import ConfigError, TrainConfig
+from galore_jax.config import ConfigError, TrainConfig, check_mesh
 from galore_jax.trainer import Run, setup, tokenizer_hash
 
 
 def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | None = None):
   """Model graph, params and tokenizer of the latest checkpoint under ``path``, or of the
-  step ``path`` names (``RUN/checkpoints/35``)."""
+  step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
+  default one device), whatever mesh or number of processes saved it."""
+  check_mesh(mesh)
   step, meta = checkpoint.read_meta(path)
   saved = meta.get("train_config", {})
   fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -9,6 +9,7 @@ CPU on a 2-core machine, so each start checks as much as it can.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -79,12 +80,12 @@ def _env(devices: int) -> dict[str, str]:
 class Job:
   """``n`` processes of one ``galore-jax train`` job; killed on exit if still running."""
 
-  def __init__(self, tmp: Path, name: str, args: list[str], n: int = 2):
+  def __init__(self, tmp: Path, name: str, args: list[str], n: int = 2, command: str = "train"):
     port = _free_port()
     self.logs = [tmp / f"{name}.{i}.log" for i in range(n)]
     self.procs = []
     for i in range(n):
-      cmd = [sys.executable, "-m", "galore_jax.cli", "train", *args]
+      cmd = [sys.executable, "-m", "galore_jax.cli", command, *args]
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
       cmd += ["--process-id", str(i), "--init-timeout", "120"]
       with open(self.logs[i], "w") as log:
@@ -330,6 +331,21 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, tiny_model,
   assert job.wait() == [0, 0], job.output(0) + job.output(1)
   assert f"resumed from {out / 'checkpoints'}/5" in job.output(0)
   _assert_continues(out, runs.reference)
+
+
+def test_eval_joins_a_job_and_reports_once(tmp_path, runs):
+  # `galore-jax eval` of the two-process run, by a two-process job on its mesh: each
+  # process restores its shards and passes its rows of the validation batch; process 0
+  # prints the loss the run's own evaluation recorded at step 10.
+  ckpt = str(runs.out / "checkpoints" / "10")
+  job = Job(
+    tmp_path, "eval", ["--checkpoint", ckpt, "--mesh", RUN["mesh"], "--json"], command="eval"
+  )
+  assert job.wait() == [0, 0], job.output(0) + job.output(1)
+  result = json.loads(job.output(0).strip().splitlines()[-1])
+  assert result["step"] == 10 and result["batches"] == RUN["eval_batches"]
+  assert result["eval_loss"] == pytest.approx(_losses(runs.out, "eval_loss")[10], rel=1e-5)
+  assert "eval_loss" not in job.output(1)
 
 
 def test_resume_hint_reads_finished_checkpoints_from_the_directory(tmp_path):

@@ -387,6 +387,23 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
     _cli("sample", "--checkpoint", out, "--prompt", "It is a truth", "--max-new-tokens", "5") == 0
   )
   assert capsys.readouterr().out.startswith("It is a truth")
+  # The same checkpoint loaded onto a mesh (weights sharded over fsdp): the same numbers.
+  assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json", "--mesh", "fsdp=2") == 0
+  sharded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert sharded["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
+  greedy = ["sample", "--checkpoint", out, "--prompt", "It is", "--temperature", "0"]
+  assert _cli(*greedy, "--max-new-tokens", "6") == 0
+  want = capsys.readouterr().out
+  assert _cli(*greedy, "--max-new-tokens", "6", "--mesh", "data=1,fsdp=2") == 0
+  assert capsys.readouterr().out == want
+  # A mesh this machine lacks, or one the batch does not divide: one line naming the flag.
+  for args, flag in (
+    (["--mesh", "data=3,fsdp=5"], "--mesh"),
+    (["--mesh", "fsdp=4"], "--batch-size"),
+  ):
+    assert _cli("eval", "--checkpoint", out, "--batch-size", "2", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("galore-jax: error: " + flag) and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
