@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from galore_jax.errors import first_line
+
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 3  # --keep-checkpoints default
 
@@ -105,7 +107,7 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
     raise CheckpointError(
       f"checkpoint {d}/{step} is unreadable (corrupt or incomplete): "
-      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      f"{type(e).__name__}: {first_line(e)}"
     ) from e
   if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
     raise CheckpointError(
@@ -130,7 +132,7 @@ def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
     raise CheckpointError(
       f"checkpoint {d}/{step} could not be restored into this run's "
       f"state (corrupt, or saved by a different configuration): "
-      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      f"{type(e).__name__}: {first_line(e, 300)}"
     ) from e
   for k, v in abstract.items():
     got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), out[k])

@@ -215,6 +215,7 @@ def _join_job(args) -> None:
 
 def _cmd_train(args) -> int:
   from galore_jax import distributed, trainer
+  from galore_jax.errors import first_line
 
   cfg = _train_config(args)
   _join_job(args)
@@ -226,7 +227,7 @@ def _cmd_train(args) -> int:
   except Exception as e:
     if not distributed.lost_process(e):
       raise
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    first = first_line(e)
     hint = _resume_hint(cfg.out)
     print(f"galore-jax: error: lost another process of the job ({first}); {hint}", file=sys.stderr)
     return 1

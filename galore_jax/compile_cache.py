@@ -23,6 +23,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from galore_jax.errors import first_line
+
 NONE = "none"
 
 
@@ -242,8 +244,7 @@ def exported_train_step(
         tmp.unlink(missing_ok=True)  # a failed write (a full disk, Ctrl-C) leaves no part
       exported = export.deserialize(blob)  # the bytes just written, not read back
     except Exception as e:  # noqa: BLE001 - the plain jit always works
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      log(f"train step: step cache not used ({type(e).__name__}: {first[:200]})")
+      log(f"train step: step cache not used ({type(e).__name__}: {first_line(e)})")
       return jitted
 
   return ExportedStep(exported, state_tree)

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from galore_jax import model as model_lib
+from galore_jax.errors import first_line
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -369,9 +370,8 @@ class _opened:
     try:
       self.handle = self.safe_open(str(self.file), framework="numpy")
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: same meaning to the user
-      first = (str(e).splitlines() or [type(e).__name__])[0]
       raise CheckpointFormatError(
-        f"{self.file}: corrupt or truncated safetensors file ({first})"
+        f"{self.file}: corrupt or truncated safetensors file ({first_line(e, 1000)})"
       ) from e
     return self.handle.__enter__()
 

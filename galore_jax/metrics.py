@@ -18,6 +18,8 @@ import os
 import shutil
 from typing import Any
 
+from galore_jax.errors import first_line
+
 
 class MetricsWriter:
   """Appends records to ``<out>/metrics.jsonl`` and TensorBoard events under ``<out>/tb``;
@@ -128,8 +130,7 @@ def start_wandb(out_dir: str, config: dict[str, Any]):
   except Exception as e:  # noqa: BLE001 - wandb's errors (auth, network, usage) vary
     if created:
       shutil.rmtree(run_dir, ignore_errors=True)
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise WandbError(f"wandb.init failed: {first}") from e
+    raise WandbError(f"wandb.init failed: {first_line(e, 1000)}") from e
 
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s per device, matched

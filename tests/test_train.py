@@ -506,6 +506,21 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
   assert "galore-jax: error:" in err and "Traceback" not in err
 
 
+def test_a_read_error_without_a_message_is_still_one_line(finished_run, capsys, monkeypatch):
+  # The report takes the first line of orbax's error; one with an empty message (an OSError()
+  # from a storage layer) must not turn that into an IndexError and a traceback.
+  import orbax.checkpoint as ocp
+
+  def fail(*args, **kwargs):
+    raise OSError()
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+  assert _cli("eval", "--checkpoint", str(finished_run)) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error:") and err.endswith("OSError: OSError"), err
+  assert len(err.splitlines()) == 1
+
+
 def test_diverging_run_stops_with_clear_error(tmp_path, monkeypatch):
   # Every step's loss is NaN: each is skipped, and after `max_nonfinite` of them in a row the
   # run stops with an error instead of idling through the remaining steps.
