@@ -28,6 +28,11 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable or incompatible with the requested run."""
 
 
+class CheckpointPruned(CheckpointError):
+  """The checkpoint was deleted while it was read: a run still training in its directory
+  keeps only its newest checkpoints. Reading the latest one again finds a newer one."""
+
+
 def _step_dir(path: str) -> tuple[str, int] | None:
   """``(checkpoints folder, step)`` if ``path`` is one step's folder (``.../checkpoints/35``)."""
   head, tail = os.path.split(os.path.abspath(path))
@@ -105,15 +110,27 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
-    raise CheckpointError(
-      f"checkpoint {d}/{step} is unreadable (corrupt or incomplete): "
-      f"{type(e).__name__}: {first_line(e)}"
-    ) from e
+    raise _read_error(d, step, e, "is unreadable (corrupt or incomplete)") from e
   if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
     raise CheckpointError(
       f"checkpoint {d}/{step} has no galore-jax metadata (format {CHECKPOINT_FORMAT})"
     )
   return step, meta
+
+
+def _read_error(d: str, step: int, error: Exception, what: str, limit: int = 200):
+  """The CheckpointError for a failed read of checkpoint ``step`` in ``d``. A checkpoint
+  that is gone afterwards was not corrupt: a run still training in that directory pruned it
+  (``--keep-checkpoints``) while ``eval`` / ``sample`` / ``export`` read it."""
+  if not os.path.isdir(os.path.join(d, str(step))):
+    return CheckpointPruned(
+      f"checkpoint {d}/{step} was removed while it was being read (a run still training "
+      f"there keeps only its newest checkpoints, --keep-checkpoints); read it again, or "
+      f"name a step it keeps"
+    )
+  return CheckpointError(
+    f"checkpoint {d}/{step} {what}: {type(error).__name__}: {first_line(error, limit)}"
+  )
 
 
 def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
@@ -129,10 +146,13 @@ def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(
-      f"checkpoint {d}/{step} could not be restored into this run's "
-      f"state (corrupt, or saved by a different configuration): "
-      f"{type(e).__name__}: {first_line(e, 300)}"
+    raise _read_error(
+      d,
+      step,
+      e,
+      "could not be restored into this run's state (corrupt, or saved by a different "
+      "configuration)",
+      limit=300,
     ) from e
   for k, v in abstract.items():
     got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), out[k])

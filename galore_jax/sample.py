@@ -17,8 +17,22 @@ from galore_jax.trainer import Run, setup, tokenizer_hash
 def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | None = None):
   """Model graph, params and tokenizer of the latest checkpoint under ``path``, or of the
   step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
-  default one device), whatever mesh or number of processes saved it."""
+  default one device), whatever mesh or number of processes saved it.
+
+  The latest checkpoint of a run that is still training may be pruned while it is read
+  (``--keep-checkpoints``); it is then read again, up to 3 times: by then the run has saved a
+  newer one. A step named in ``path`` is not replaced by another.
+  """
   check_mesh(mesh)
+  for attempt in range(3):
+    try:
+      return _load(path, tokenizer, mesh)
+    except checkpoint.CheckpointPruned:
+      if checkpoint.step_in_path(path) is not None or attempt == 2:
+        raise
+
+
+def _load(path: str, tokenizer: str | None, mesh: str | None):
   step, meta = checkpoint.read_meta(path)
   saved = meta.get("train_config", {})
   fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -506,6 +506,56 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
   assert "galore-jax: error:" in err and "Traceback" not in err
 
 
+def test_a_checkpoint_pruned_while_read_is_not_called_corrupt(
+  finished_run, tmp_path, capsys, monkeypatch
+):
+  # eval of a run that is still training: the run may prune the checkpoint eval is reading
+  # (--keep-checkpoints). eval reads the latest one again; if that keeps failing, the error
+  # says what happened instead of calling the checkpoint corrupt.
+  import shutil
+
+  import orbax.checkpoint as ocp
+
+  def run_with_steps(name):  # checkpoints 2..5 (copies of step 2)
+    run = tmp_path / name
+    shutil.copytree(finished_run, run)
+    for step in (3, 4, 5):
+      shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / str(step))
+    return run
+
+  real, calls = ocp.CheckpointManager.restore, []
+
+  def pruned(self, step, *args, **kwargs):
+    calls.append(step)
+    shutil.rmtree(os.path.join(str(self.directory), str(step)))
+    raise FileNotFoundError(f"{self.directory}/{step}/meta")
+
+  with monkeypatch.context() as m:  # every read pruned: three tries, then one line
+    m.setattr(ocp.CheckpointManager, "restore", pruned)
+    run = run_with_steps("always")
+    assert _cli("eval", "--checkpoint", str(run)) == 2
+  err = capsys.readouterr().err.strip()
+  assert "was removed while it was being read" in err and "corrupt" not in err, err
+  assert len(err.splitlines()) == 1 and calls == [5, 4, 3]
+  # Pruned once, as when the run saves a newer checkpoint: the (new) latest one is read.
+  calls.clear()
+
+  def pruned_once(self, step, *args, **kwargs):
+    if not calls:
+      return pruned(self, step)
+    calls.append(step)
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", pruned_once)
+  run = run_with_steps("once")
+  assert _cli("eval", "--checkpoint", str(run), "--json") == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+  # A step the user named is not swapped for another.
+  calls.clear()
+  assert _cli("eval", "--checkpoint", str(run / "checkpoints" / "3")) == 2
+  assert "checkpoints/3 was removed" in capsys.readouterr().err and calls == [3]
+
+
 def test_a_read_error_without_a_message_is_still_one_line(finished_run, capsys, monkeypatch):
   # The report takes the first line of orbax's error; one with an empty message (an OSError()
   # from a storage layer) must not turn that into an IndexError and a traceback.
