@@ -78,7 +78,8 @@ def _env(devices: int) -> dict[str, str]:
 
 
 class Job:
-  """``n`` processes of one ``galore-jax train`` job; killed on exit if still running."""
+  """``n`` processes of one ``galore-jax`` job (``train`` unless ``command`` says); killed on
+  exit if still running."""
 
   def __init__(self, tmp: Path, name: str, args: list[str], n: int = 2, command: str = "train"):
     port = _free_port()
