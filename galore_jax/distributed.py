@@ -406,6 +406,15 @@ def global_batch(sharding, batch: dict[str, np.ndarray], grad_accum: int, micro_
 # Agreement and failure.
 
 
+def agree_int(value: int) -> int:
+  """Process 0's ``value``, known to all (the value itself with one process)."""
+  if not is_multiprocess():
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def agree_signal(received: int | None) -> int | None:
   """A stop signal any process received, known to all (or None).
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from galore_jax import checkpoint
+from galore_jax import checkpoint, distributed
 from galore_jax.config import ConfigError, TrainConfig, check_mesh
 from galore_jax.trainer import Run, setup, tokenizer_hash
 
@@ -21,9 +21,19 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
 
   The latest checkpoint of a run that is still training may be pruned while it is read
   (``--keep-checkpoints``); it is then read again, up to 3 times: by then the run has saved a
-  newer one. A step named in ``path`` is not replaced by another.
+  newer one. A step named in ``path`` is not replaced by another. In a multi-process job
+  process 0 chooses the step.
   """
   check_mesh(mesh)
+  if distributed.is_multiprocess():
+    # Every process must restore the same checkpoint, but a run still saving can give two
+    # processes different latest steps: process 0 picks it. No second try (the processes
+    # would not agree on it either): a failed read ends the job.
+    step = checkpoint.step_in_path(path)
+    if step is None:
+      latest = checkpoint.latest_step(path)
+      step = distributed.agree_int(-1 if latest is None else latest)
+    return _load(path, tokenizer, mesh, None if step < 0 else step)
   for attempt in range(3):
     try:
       return _load(path, tokenizer, mesh)
@@ -32,8 +42,8 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
         raise
 
 
-def _load(path: str, tokenizer: str | None, mesh: str | None):
-  step, meta = checkpoint.read_meta(path)
+def _load(path: str, tokenizer: str | None, mesh: str | None, step: int | None = None):
+  step, meta = checkpoint.read_meta(path, step)
   saved = meta.get("train_config", {})
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})

@@ -81,7 +81,15 @@ class Job:
   """``n`` processes of one ``galore-jax`` job (``train`` unless ``command`` says); killed on
   exit if still running."""
 
-  def __init__(self, tmp: Path, name: str, args: list[str], n: int = 2, command: str = "train"):
+  def __init__(
+    self,
+    tmp: Path,
+    name: str,
+    args: list[str],
+    n: int = 2,
+    command: str = "train",
+    cwds: list[Path] | None = None,
+  ):
     port = _free_port()
     self.logs = [tmp / f"{name}.{i}.log" for i in range(n)]
     self.procs = []
@@ -92,7 +100,12 @@ class Job:
       with open(self.logs[i], "w") as log:
         self.procs.append(
           subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(2), cwd=tmp, text=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(2),
+            cwd=cwds[i] if cwds else tmp,
+            text=True,
           )
         )
 
@@ -337,11 +350,16 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, tiny_model,
 def test_eval_joins_a_job_and_reports_once(tmp_path, runs):
   # `galore-jax eval` of the two-process run, by a two-process job on its mesh: each
   # process restores its shards and passes its rows of the validation batch; process 0
-  # prints the loss the run's own evaluation recorded at step 10.
-  ckpt = str(runs.out / "checkpoints" / "10")
-  job = Job(
-    tmp_path, "eval", ["--checkpoint", ckpt, "--mesh", RUN["mesh"], "--json"], command="eval"
-  )
+  # prints the loss the run's own evaluation recorded at step 10. "The latest checkpoint" is
+  # the one process 0 sees: process 1 sees a newer one (a run still saving, looked at a
+  # moment later; here other weights, step 5's, named 20), which must not be mixed in.
+  run = _copy_up_to(runs.out, tmp_path / "run", 10)
+  ahead = tmp_path / "ahead"  # process 1 runs here: `run` is its relative --checkpoint
+  ahead.mkdir()
+  shutil.copytree(run, ahead / "run")
+  shutil.copytree(runs.reference / "checkpoints" / "5", ahead / "run" / "checkpoints" / "20")
+  args = ["--checkpoint", "run", "--mesh", RUN["mesh"], "--json"]
+  job = Job(tmp_path, "eval", args, command="eval", cwds=[tmp_path, ahead])
   assert job.wait() == [0, 0], job.output(0) + job.output(1)
   result = json.loads(job.output(0).strip().splitlines()[-1])
   assert result["step"] == 10 and result["batches"] == RUN["eval_batches"]
