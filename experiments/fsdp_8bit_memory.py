@@ -44,15 +44,11 @@ def main(argv: list[str] | None = None) -> int:
   if unknown := set(variants) - set(VARIANTS):
     p.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
-  from galore_jax import config
+  from galore_jax import cli, config
 
   devices = config.parse_mesh(args.mesh)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    count = devices[0] * devices[1]
-    os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
-    )
+  cli._host_devices(devices[0] * devices[1])  # as `galore-jax plan --mesh` asks for them
 
   import numpy as np
 

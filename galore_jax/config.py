@@ -327,8 +327,8 @@ def adam8bit_layout(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> 
   update runs unchunked. Given the run's ``mesh``, the leaf's gradient and update keep the
   sharding the trainer gives an array of their shape (a full-rank leaf's: its parameter's)
   and the gradient's block rows the codes' (:func:`galore_jax.sharding.fsdp_spec` of each
-  shape): without that, XLA computes the LM
-  head's gradient directly in the block-row layout by all-gathering the batch's logits.
+  shape): without that, XLA computes the LM head's gradient directly in the block-row
+  layout by all-gathering the batch's logits.
   Measured (CPU, 8 host devices, XLA's temp bytes of the per-layer step, 8 x 256 tokens):
   llama_130m bf16 on ``fsdp=8``, 8-bit GaLore 665 MB chunked, 878 MB unchunked alone, 483 MB
   unchunked and constrained (float32 GaLore 470 MB); llama_60m on ``data=2,fsdp=4``, 468 MB
