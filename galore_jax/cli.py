@@ -374,16 +374,18 @@ def _host_devices(n: int) -> None:
 
 def _cmd_plan(args) -> int:
   from galore_jax import plan
-  from galore_jax.config import TrainConfig, parse_mesh
+  from galore_jax.config import ConfigError, TrainConfig, parse_mesh
 
   data_n, fsdp_n = parse_mesh(args.mesh)
   if args.compile and data_n * fsdp_n > 1:
     _host_devices(data_n * fsdp_n)
+  if args.init_from and args.vocab_size is not None:
+    raise ConfigError("--vocab-size", "the vocabulary is --init-from's (its config.json)")
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
   result = plan.plan(
     cfg,
-    vocab_size=args.vocab_size,
+    vocab_size=plan.DEFAULT_VOCAB if args.vocab_size is None else args.vocab_size,
     gpu_memory=plan.parse_bytes(args.gpu_memory, "--gpu-memory"),
     compile=args.compile,
   )
@@ -465,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     "allocating it (and what to shrink if it does not fit)",
   )
   p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_13b")
+  p.add_argument(
+    "--init-from",
+    default=None,
+    metavar="DIR",
+    help="plan for a Hugging Face model directory's architecture (its config.json; no "
+    "weights are read) instead of --model",
+  )
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
   p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
@@ -483,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--vocab-size",
     type=int,
-    default=32000,
+    default=None,
     help="default 32000 (the paper's T5 tokenizer); no tokenizer is loaded",
   )
   p.add_argument("--gpu-memory", default="24GB", help="e.g. 24GB, 24GiB, 80000MB (per device)")

@@ -6,7 +6,9 @@
   other than the default and Llama-3's, quantised weights, a sliding window shorter than
   the sequence, unknown fields. ``LlamaForCausalLM`` loads; ``MistralForCausalLM`` too, as
   it is the same network (its sliding window caps ``max_seq_len``, so attention never
-  reaches past it). Qwen2 has q/k/v biases and is refused.
+  reaches past it); ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) as the same network with biases
+  on the q, k and v projections (``LlamaConfig.qkv_bias``). An exported Qwen2 model is
+  written back as ``Qwen2ForCausalLM``.
 * :func:`load_pretrained` reads ``model.safetensors`` or a sharded
   ``model.safetensors.index.json`` straight into the target dtype and sharding.
 * :func:`save_pretrained` writes a directory ``transformers.AutoModelForCausalLM`` loads.
@@ -42,7 +44,11 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+ARCHITECTURES = {
+  "LlamaForCausalLM": "llama",
+  "MistralForCausalLM": "mistral",
+  "Qwen2ForCausalLM": "qwen2",
+}
 """Architectures :func:`read_config` accepts, with their ``model_type``."""
 
 # config.json fields that do not change the forward pass: bookkeeping, generation
@@ -131,6 +137,9 @@ _MODEL_FIELDS = {
   "rope_scaling",
   "rope_parameters",
   "sliding_window",
+  "use_sliding_window",  # Qwen2: whether sliding_window applies at all
+  "max_window_layers",  # Qwen2: the layers from this index on use the window
+  "layer_types",  # transformers 5: "full_attention" / "sliding_attention" per layer
   "rope_interleaved",
 }
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -196,7 +205,9 @@ def config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") -> mode
     if arch not in ARCHITECTURES:
       raise bad("architectures", f"{arch} is not supported (supported: {', '.join(ARCHITECTURES)})")
   if model_type not in ARCHITECTURES.values():
-    raise bad("model_type", f"{model_type!r} is not supported (supported: llama, mistral)")
+    supported = ", ".join(ARCHITECTURES.values())
+    raise bad("model_type", f"{model_type!r} is not supported (supported: {supported})")
+  qwen2 = model_type == "qwen2"
   unknown = sorted(set(cfg) - _INERT_FIELDS - _MODEL_FIELDS)
   if unknown:
     raise bad(unknown[0], "field not supported by galore_jax's LLaMA (it would change the model)")
@@ -209,8 +220,8 @@ def config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") -> mode
   if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
     raise bad("hidden_act", f"{cfg['hidden_act']!r} is not supported (SwiGLU needs silu)")
   for field in ("attention_bias", "mlp_bias"):
-    if cfg.get(field, False):
-      raise bad(field, "biases are not supported")
+    if cfg.get(field, False):  # Llama's attention_bias also puts one on o_proj
+      raise bad(field, "biases are not supported (only Qwen2's on q, k and v)")
   if cfg.get("attention_dropout", 0.0):
     raise bad("attention_dropout", "dropout is not supported")
   if cfg.get("rope_interleaved", False):
@@ -226,10 +237,14 @@ def config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") -> mode
     raise bad("num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}")
   max_len = cfg.get("max_position_embeddings", 2048)
   window = cfg.get("sliding_window")
+  if window is not None and not _some_layer_slides(cfg, qwen2, bad):
+    window = None  # e.g. Qwen2.5's sliding_window 32768 with use_sliding_window false
   if window is not None:
     if not isinstance(window, int) or window < 1:
       raise bad("sliding_window", f"must be null or a positive integer, got {window!r}")
-    max_len = min(max_len, window)  # within the window, attention is plain causal attention
+    # Within the window, attention is plain causal attention; capping the sequence at the
+    # window makes every layer, sliding or not, exactly the model's.
+    max_len = min(max_len, window)
   tie = cfg.get("tie_word_embeddings", False)
   if not isinstance(tie, bool):
     raise bad("tie_word_embeddings", f"must be true or false, got {tie!r}")
@@ -251,9 +266,38 @@ def config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") -> mode
       num_kv_heads=None if kv == heads else kv,
       tie_embeddings=tie,
       rope_scaling=scaling,
+      qkv_bias=qwen2,
     )
   except ValueError as e:
     raise CheckpointFormatError(f"{where}: {e}") from e
+
+
+def _some_layer_slides(cfg: dict[str, Any], qwen2: bool, bad) -> bool:
+  """Whether ``sliding_window`` applies to any layer. Mistral's (and a Llama config's)
+  applies to every layer. Qwen2's applies only with ``use_sliding_window``, to the layers
+  ``layer_types`` marks ``sliding_attention`` (transformers 5) or else to those from
+  ``max_window_layers`` on. Unsure means yes: a needless cap only shortens sequences."""
+  layers = cfg["num_hidden_layers"]
+  kinds = cfg.get("layer_types")
+  if kinds is not None:
+    if not isinstance(kinds, list) or len(kinds) != layers:
+      raise bad("layer_types", f"must list one kind per layer ({layers}), got {kinds!r}")
+    unknown = set(map(str, kinds)) - {"full_attention", "sliding_attention"}
+    if unknown:
+      raise bad("layer_types", f"{sorted(unknown)[0]!r} is not supported")
+  if not qwen2:
+    return True
+  use = cfg.get("use_sliding_window", False)
+  if not isinstance(use, bool):
+    raise bad("use_sliding_window", f"must be true or false, got {use!r}")
+  if not use:
+    return False
+  if kinds is not None:
+    return "sliding_attention" in kinds
+  first = cfg.get("max_window_layers", 0)
+  if not isinstance(first, int):
+    raise bad("max_window_layers", f"must be an integer, got {first!r}")
+  return first < layers
 
 
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
@@ -278,7 +322,8 @@ def read_config(path: str | os.PathLike) -> model_lib.LlamaConfig:
 
 
 def config_to_dict(config: model_lib.LlamaConfig, *, dtype: str = "float32") -> dict[str, Any]:
-  """``config.json`` of ``LlamaForCausalLM`` for ``config``.
+  """``config.json`` of ``LlamaForCausalLM`` for ``config`` (``Qwen2ForCausalLM`` with
+  ``qkv_bias``).
 
   RoPE is written the transformers-4 way (``rope_theta`` + ``rope_scaling``), which
   transformers 5, vLLM and llama.cpp's converter all read.
@@ -306,6 +351,17 @@ def config_to_dict(config: model_lib.LlamaConfig, *, dtype: str = "float32") -> 
     "torch_dtype": dtype,
     "use_cache": True,
   }
+  if config.qkv_bias:
+    # Only Qwen2 has biases on q, k and v alone (Llama's attention_bias adds one to o_proj).
+    for field in ("attention_bias", "mlp_bias", "head_dim"):
+      del out[field]
+    out.update(
+      architectures=["Qwen2ForCausalLM"],
+      model_type="qwen2",
+      use_sliding_window=False,
+      sliding_window=None,
+      max_window_layers=config.num_layers,
+    )
   if config.rope_scaling is not None:
     out["rope_scaling"] = {
       "rope_type": "llama3",
@@ -585,7 +641,9 @@ class HFTokenizer:
 
   Special tokens come from ``tokenizer_config.json`` next to the file (``bos_token``,
   ``eos_token``, ``pad_token``), else from ``config.json``'s ids, else from the usual
-  names (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``). Text is encoded
+  names (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``). ``"bos_token":
+  null`` means the model takes no BOS (Qwen2's tokenizers; its ``config.json`` still names
+  one, which transformers never adds), so none is placed. Text is encoded
   without the tokenizer's own special tokens: the pipeline places EOS (and BOS for
   instruction data) itself.
   """
@@ -614,6 +672,8 @@ class HFTokenizer:
       self.chat_template = (folder / "chat_template.jinja").read_text()  # transformers 5
     self._eos = self._special(tcfg.get("eos_token"), mcfg.get("eos_token_id"), self._EOS_NAMES)
     self._bos = self._special(tcfg.get("bos_token"), mcfg.get("bos_token_id"), self._BOS_NAMES)
+    if "bos_token" in tcfg and tcfg["bos_token"] is None:
+      self._bos = -1
     self._pad = self._special(tcfg.get("pad_token"), mcfg.get("pad_token_id"), ())
     specials = json.dumps([self._bos, self._eos, self._pad]).encode()
     self._proto = self.file.read_bytes() + b"\0" + specials

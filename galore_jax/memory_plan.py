@@ -170,19 +170,7 @@ def build(
   # The mesh is checked without its devices: a plan for 8 GPUs runs on a laptop.
   config.validate(dataclasses.replace(cfg, mesh=None))
   mesh_shape(cfg)
-  if vocab_size < 2:
-    raise config.ConfigError("--vocab-size", f"must be >= 2, got {vocab_size}")
-  try:
-    model_cfg = model_lib.get_config(
-      cfg.model,
-      vocab_size=vocab_size,
-      param_dtype=config.DTYPES[cfg.param_dtype],
-      dtype=config.DTYPES[cfg.dtype],
-      remat=cfg.remat,
-      **(overrides or {}),
-    )
-  except (ValueError, TypeError) as e:
-    raise config.ConfigError("--model", str(e)) from e
+  model_cfg = planned_model(cfg, vocab_size, overrides)
   smallest = min(model_cfg.hidden_size, model_cfg.intermediate_size)
   if cfg.is_galore and cfg.rank > smallest:
     raise config.ConfigError(
@@ -192,6 +180,28 @@ def build(
   tx = config.build_optimizer(cfg)
   opt_state = jax.eval_shape(tx.init, params)
   return AbstractRun(cfg, model_cfg, graphdef, params, tx, opt_state)
+
+
+def planned_model(
+  cfg: config.TrainConfig, vocab_size: int = DEFAULT_VOCAB, overrides: dict | None = None
+) -> model_lib.LlamaConfig:
+  """The architecture a plan is for: ``--init-from``'s ``config.json`` (its own vocabulary;
+  no weights are read) or the named ``--model`` with ``vocab_size``."""
+  if vocab_size < 2:
+    raise config.ConfigError("--vocab-size", f"must be >= 2, got {vocab_size}")
+  base = config.base_model_config(cfg)  # a ConfigError naming --init-from if unreadable
+  if not cfg.init_from:
+    base = dataclasses.replace(base, vocab_size=vocab_size)
+  try:
+    return dataclasses.replace(
+      base,
+      param_dtype=config.DTYPES[cfg.param_dtype],
+      dtype=config.DTYPES[cfg.dtype],
+      remat=cfg.remat,
+      **(overrides or {}),
+    )
+  except (ValueError, TypeError) as e:
+    raise config.ConfigError("--model", str(e)) from e
 
 
 @functools.lru_cache(maxsize=32)
@@ -529,7 +539,7 @@ def suggestions(
   at 7B). ``scale`` (compiled peak / analytic peak of the unchanged configuration) turns
   each analytic figure into ``peak_bytes``, the one ``fits`` is judged on."""
   cands: list[tuple[str, dict[str, Any]]] = []
-  mc = model_lib.get_config(cfg.model, **(overrides or {}))
+  mc = planned_model(cfg, vocab_size, overrides)
   galore_rank = min(1024, mc.hidden_size // 4)
   if not cfg.optimizer.endswith("8bit"):
     cands.append(("8-bit optimizer states", {"optimizer": cfg.optimizer + "8bit"}))
@@ -603,7 +613,7 @@ def plan(
   n_params = tree_size(p.params)
   result: dict[str, Any] = {
     "config": {
-      "model": cfg.model,
+      "model": cfg.init_from or cfg.model,
       "optimizer": cfg.optimizer,
       "rank": cfg.rank if cfg.is_galore else None,
       "batch_size": cfg.batch_size,
@@ -612,7 +622,7 @@ def plan(
       "param_dtype": cfg.param_dtype,
       "dtype": cfg.dtype,
       "remat": cfg.remat,
-      "vocab_size": vocab_size,
+      "vocab_size": p.model_cfg.vocab_size,
       "mesh": cfg.mesh,
       **({"overrides": overrides} if overrides else {}),
     },

@@ -78,6 +78,8 @@ class LlamaConfig:
   # original_max_position_embeddings); None = plain RoPE. A tuple, not a dict: the config
   # is a static attribute of the NNX graph and must stay hashable.
   rope_scaling: tuple[float, float, float, int] | None = None
+  # Qwen2's attention: q, k and v projections have a bias (o_proj and the MLP do not).
+  qkv_bias: bool = False
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -147,7 +149,12 @@ def get_config(name: str, **overrides: Any) -> LlamaConfig:
 
 # Fields added after checkpoints existed; a checkpoint's record leaves them out at their
 # defaults, so an older checkpoint of the same model still matches on resume.
-_LATER_FIELDS = {"num_kv_heads": None, "tie_embeddings": False, "rope_scaling": None}
+_LATER_FIELDS = {
+  "num_kv_heads": None,
+  "tie_embeddings": False,
+  "rope_scaling": None,
+  "qkv_bias": False,
+}
 
 
 def config_record(config: LlamaConfig) -> dict[str, str]:
@@ -164,10 +171,13 @@ def param_count(config: LlamaConfig) -> int:
 
   Embedding and LM head (untied) are ``V*D`` each; every block has four
   ``D*D`` attention kernels (k and v ``D*KV`` with grouped-query attention),
-  three ``D*F`` MLP kernels and two norm scales; the final norm adds ``D``.
+  three ``D*F`` MLP kernels and two norm scales (plus the q, k, v biases with
+  ``qkv_bias``); the final norm adds ``D``.
   """
   d, v = config.hidden_size, config.vocab_size
   per_block = 2 * d  # attn_norm and mlp_norm scales
+  if config.qkv_bias:
+    per_block += d + 2 * config.kv_heads * config.head_dim
   tables = 1 if config.tie_embeddings else 2
   total = tables * v * d + d + config.num_layers * per_block
   return total + galore_target_count(config)
@@ -190,12 +200,14 @@ def _linear(
   config: LlamaConfig,
   rngs: nnx.Rngs,
   preferred_element_type: Any = None,
+  use_bias: bool = False,
 ) -> nnx.Linear:
-  """A bias-free projection; Flax stores its kernel as (in, out)."""
+  """A projection, bias-free unless asked (Qwen2's q/k/v; the bias starts at zero); Flax
+  stores its kernel as (in, out)."""
   return nnx.Linear(
     in_features,
     out_features,
-    use_bias=False,
+    use_bias=use_bias,
     dtype=config.dtype,
     param_dtype=config.param_dtype,
     kernel_init=_normal_init(config),
@@ -379,9 +391,10 @@ class Attention(nnx.Module):
     self.rope_base = config.rope_base
     self.rope_scaling = config.rope_scaling
     self.impl = config.attention_impl
-    self.q_proj = _linear(d, d, config, rngs)
-    self.k_proj = _linear(d, kv_dim, config, rngs)
-    self.v_proj = _linear(d, kv_dim, config, rngs)
+    bias = config.qkv_bias
+    self.q_proj = _linear(d, d, config, rngs, use_bias=bias)
+    self.k_proj = _linear(d, kv_dim, config, rngs, use_bias=bias)
+    self.v_proj = _linear(d, kv_dim, config, rngs, use_bias=bias)
     self.o_proj = _linear(d, d, config, rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -601,6 +614,9 @@ def hf_mapping(config: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
     hf = f"model.layers.{i}"
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
       mapping[f"{hf}.self_attn.{name}.weight"] = (("layers", i, "attn", name, "kernel"), True)
+    if config.qkv_bias:
+      for name in ("q_proj", "k_proj", "v_proj"):
+        mapping[f"{hf}.self_attn.{name}.bias"] = (("layers", i, "attn", name, "bias"), False)
     for name in ("gate_proj", "up_proj", "down_proj"):
       mapping[f"{hf}.mlp.{name}.weight"] = (("layers", i, "mlp", name, "kernel"), True)
     mapping[f"{hf}.input_layernorm.weight"] = (("layers", i, "attn_norm", "scale"), False)

@@ -118,7 +118,15 @@ def _is_masked(x) -> bool:
 
 
 def leaf_layouts(
-  params, mask_tree, *, rank, proj_type, matrix_axes, update_proj_gap, refresh_schedule
+  params,
+  mask_tree,
+  *,
+  rank,
+  proj_type,
+  matrix_axes,
+  update_proj_gap,
+  refresh_schedule,
+  warn_clipped=True,
 ) -> list[_LeafLayout | None]:
   """One layout per leaf of ``params`` (flatten order); ``None`` for leaves GaLore skips.
 
@@ -129,11 +137,15 @@ def leaf_layouts(
   ``optax.MaskedNode`` placeholders count as leaves (and get ``None``), so a
   leaf's index, and with it its refresh phase and random key, is the same
   whether the whole tree or only part of it is updated (per-layer updates).
+
+  ``warn_clipped``: one warning naming the leaves whose rank is clipped to their smaller
+  dimension (:func:`galore` warns when it creates the state, not on every update).
   """
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
   selected = treedef.flatten_up_to(mask_tree)
   num_leaves = len(leaves_with_path)
   layouts: list[_LeafLayout | None] = []
+  clipped: dict[tuple, list[str]] = {}  # (shape, rank used) -> leaf names
   for index, ((path, leaf), use) in enumerate(zip(leaves_with_path, selected, strict=True)):
     name = jax.tree_util.keystr(path)
     if _is_masked(leaf) or _is_masked(use) or not use:
@@ -160,12 +172,8 @@ def leaf_layouts(
     r = rank
     if rank > min(m, n):
       # Rank above the matrix's own rank: keep every singular direction.
-      warnings.warn(
-        f"galore rank {rank} > min dimension {min(m, n)} of leaf {name} {shape}; "
-        f"clipped to {min(m, n)}",
-        stacklevel=4,
-      )
       r = min(m, n)
+      clipped.setdefault((shape, r), []).append(name)
     layouts.append(
       _LeafLayout(
         name,
@@ -179,6 +187,13 @@ def leaf_layouts(
         (index * update_proj_gap) // num_leaves if refresh_schedule == "staggered" else 0,
       )
     )
+  if clipped and warn_clipped:
+    # One warning for all leaves: a GQA model has two narrow k/v kernels per layer.
+    groups = "; ".join(
+      f"{len(names)} x {shape} (e.g. {names[0]}) clipped to {r}"
+      for (shape, r), names in clipped.items()
+    )
+    warnings.warn(f"galore rank {rank} > min dimension of: {groups}", stacklevel=4)
   return layouts
 
 
@@ -542,7 +557,7 @@ def galore(
   subspace_first_iters = _int_or_traced("subspace_first_iters", subspace_first_iters, 1)
   seed = _int_or_traced("seed", seed, None)
 
-  def layouts_for(tree, bases=None) -> list[_LeafLayout | None]:
+  def layouts_for(tree, bases=None, warn_clipped=False) -> list[_LeafLayout | None]:
     mask_tree = _default_mask(tree) if mask is None else (mask(tree) if callable(mask) else mask)
     if rank is None and bases is None:
       raise ValueError(
@@ -557,6 +572,7 @@ def galore(
       matrix_axes=matrix_axes,
       update_proj_gap=update_proj_gap,
       refresh_schedule=refresh_schedule,
+      warn_clipped=warn_clipped,
     )
     if rank is None:
       # Traced rank: each leaf keeps the rank its projector was created with.
@@ -580,7 +596,7 @@ def galore(
     # leaves of other groups. They are leaves here, as in `leaf_layouts` and `update_fn`, so
     # the layouts line up with the leaves, and each one stays a `MaskedNode` in the inner state.
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
-    layouts = layouts_for(params)
+    layouts = layouts_for(params, warn_clipped=True)
     projectors = [
       None
       if layout is None
@@ -1105,6 +1121,7 @@ def leaf_projections(
     matrix_axes=matrix_axes,
     update_proj_gap=1,
     refresh_schedule="synchronous",
+    warn_clipped=False,
   )
   out: list[LeafProjection | None] = []
   for layout, basis in zip(layouts, bases, strict=True):

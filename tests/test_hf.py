@@ -71,7 +71,9 @@ def tok_dir(tmp_path_factory):
 
 def _llama_config(arch="llama", *, kv=4, tie=False, theta=10000.0, llama3=None, vocab=256):
   """A transformers config across 4.x (rope_theta / rope_scaling) and 5.x (rope_parameters)."""
-  cls = transformers.MistralConfig if arch == "mistral" else transformers.LlamaConfig
+  cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}.get(
+    arch, transformers.LlamaConfig
+  )
   kwargs = dict(
     vocab_size=vocab,
     hidden_size=64,
@@ -106,18 +108,22 @@ CASES = {
   "tied": dict(tie=True),
   "llama3_rope": dict(kv=2, theta=500000.0, llama3=LLAMA3),
   "mistral": dict(arch="mistral", kv=2),
+  # Qwen2.5's small models: grouped-query attention, tied table, theta 1e6, q/k/v biases.
+  "qwen2": dict(arch="qwen2", kv=2, tie=True, theta=1e6),
 }
 
 
 def _save_hf(path, seed=0, **kw):
   torch.manual_seed(seed)
   config = _llama_config(**kw)
-  cls = (
-    transformers.MistralForCausalLM
-    if kw.get("arch") == "mistral"
-    else transformers.LlamaForCausalLM
+  cls = {"mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}.get(
+    kw.get("arch"), transformers.LlamaForCausalLM
   )
   model = cls(config).eval()
+  with torch.no_grad():  # transformers zeroes biases at init; real ones are not zero
+    for name, p in model.named_parameters():
+      if name.endswith(".bias"):
+        p.normal_(0.0, 0.5)
   model.save_pretrained(path)
   return model
 
@@ -151,8 +157,17 @@ def test_logit_parity_with_transformers(hf_models, case):
     assert np.abs(plain - theirs).max() > 1e-3
   if case == "tied":
     assert "lm_head" not in params and config.tie_embeddings
-  if case in ("gqa", "llama3_rope", "mistral"):
+  if case in ("gqa", "llama3_rope", "mistral", "qwen2"):
     assert params["layers"][0]["attn"]["k_proj"]["kernel"].shape == (64, 32)
+  if case == "qwen2":  # the biases are really applied: without them the logits differ
+    assert config.qkv_bias and params["layers"][1]["attn"]["k_proj"]["bias"].shape == (32,)
+    assert "bias" not in params["layers"][0]["attn"]["o_proj"]
+    zero = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if p[-1].key == "bias" else x, params
+    )
+    assert np.abs(_logits(config, zero, TOKENS) - theirs).max() > 1e-2
+  else:
+    assert not config.qkv_bias
 
 
 def _tensors(path):
@@ -164,7 +179,7 @@ def _tensors(path):
   return out
 
 
-@pytest.mark.parametrize("case", ["gqa", "tied", "llama3_rope"])
+@pytest.mark.parametrize("case", ["gqa", "tied", "llama3_rope", "qwen2"])
 def test_round_trip_is_bit_exact(hf_models, tmp_path, case):
   path, _ = hf_models[case]
   config, params = hf.load_pretrained(path)
@@ -176,6 +191,13 @@ def test_round_trip_is_bit_exact(hf_models, tmp_path, case):
     assert a[name].dtype == b[name].dtype == np.float32
     assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
   assert hf.read_config(out) == hf.read_config(path)
+  if case == "qwen2":  # written back as Qwen2, which transformers runs with our logits
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+      theirs = back(torch.tensor(TOKENS)).logits.numpy()
+    assert np.abs(_logits(config, params, TOKENS) - theirs).max() <= 1e-5
 
 
 def test_sharded_files_load(hf_models, tmp_path):
@@ -252,7 +274,7 @@ def test_bad_checkpoints_give_one_line_errors(hf_models, tmp_path):
   assert shards[1] in msg and "missing" in msg
 
   for field, change in [
-    ("architectures", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}),
+    ("architectures", {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}),
     ("attention_bias", {"attention_bias": True}),
     (
       "rope_scaling",
@@ -264,6 +286,17 @@ def test_bad_checkpoints_give_one_line_errors(hf_models, tmp_path):
   ]:
     d = variant(field, config=change)
     assert field in _one_line_error(lambda d=d: hf.load_pretrained(d)), field
+  # A Llama directory labelled Qwen2 lacks the biases; Qwen2 weights labelled Llama have
+  # tensors the model has no place for.
+  d = variant("as_qwen2", config={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+  assert "_proj.bias is missing" in _one_line_error(lambda: hf.load_pretrained(d))
+  q = tmp_path / "qwen_as_llama"
+  shutil.copytree(hf_models["qwen2"][0], q)
+  cfg = json.loads((q / "config.json").read_text())
+  (q / "config.json").write_text(
+    json.dumps({**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+  )
+  assert "has no place" in _one_line_error(lambda: hf.load_pretrained(q))
 
   # The CLI: galore-jax: error: --init-from: why, exit code 2, no traceback.
   d = variant("cli", config={"mlp_bias": True})
@@ -291,6 +324,24 @@ def _arith(n, seed=0):
     a, b = rng.randint(1, 4), rng.randint(1, 5)
     out.append({"prompt": f"what is {num(a)} add {num(b)} ?", "completion": f" {num(a + b)}"})
   return out
+
+
+def test_a_null_bos_token_places_no_bos(tok_dir, tmp_path):
+  """Qwen2's tokenizer_config.json says "bos_token": null while its config.json names a
+  bos_token_id that transformers never adds: instruction examples then start with the
+  prompt, as the model saw them."""
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+  (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+  assert hf.load_tokenizer(tmp_path).bos_id() == 1  # "<s>" in tokenizer_config.json
+  tcfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tcfg, "bos_token": None}))
+  tok = hf.load_tokenizer(tmp_path)
+  assert tok.bos_id() == -1 and tok.eos_id() == 2
+  rec = {"prompt": "what is one add two ?", "completion": " three"}
+  ((toks, trained),) = sft.tokenize_examples([(rec, "rec")], tok)
+  assert toks.tolist() == tok.encode(rec["prompt"]) + tok.encode(rec["completion"]) + [2]
+  assert trained.sum() == len(tok.encode(" three")) + 1
 
 
 def test_prompt_tokens_get_no_gradient(tok_dir, tmp_path):
@@ -361,13 +412,17 @@ def test_chat_messages_train_on_assistant_turns(tok_dir, tmp_path):
     sft.tokenize_examples([(conv, "rec")], data.load_tokenizer(None))
 
 
-@pytest.fixture(scope="module")
-def trained_run(tok_dir, tmp_path_factory):
-  """train --init-from (GaLore, per-layer updates) -> export, on instruction data."""
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def trained_run(request, tok_dir, tmp_path_factory):
+  """train --init-from (GaLore, per-layer updates) -> export, on instruction data; a Llama 3
+  and an (untied) Qwen2 checkpoint, whose q/k/v biases train as plain Adam leaves."""
   root = tmp_path_factory.mktemp("e2e")
   init = root / "init"
   # 256 embedding rows for a 200-id tokenizer: a checkpoint may pad its vocabulary.
-  _save_hf(init, seed=1, kv=2, theta=500000.0, llama3=LLAMA3)
+  if request.param == "qwen2":
+    _save_hf(init, seed=1, arch="qwen2", kv=2, theta=1e6)
+  else:
+    _save_hf(init, seed=1, kv=2, theta=500000.0, llama3=LLAMA3)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     (init / name).write_bytes((tok_dir / name).read_bytes())
   sft_file = _write_jsonl(root / "sft.jsonl", _arith(300))
@@ -381,6 +436,10 @@ def trained_run(tok_dir, tmp_path_factory):
   assert cli.main(args) == 0
   out = root / "exported"
   assert cli.main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+  if request.param == "qwen2":  # the biases were trained, not only carried
+    before = hf.load_pretrained(init)[1]["layers"][0]["attn"]["q_proj"]["bias"]
+    after = hf.load_pretrained(out)[1]["layers"][0]["attn"]["q_proj"]["bias"]
+    assert not np.allclose(before, after)
   return dict(init=init, run=run, out=out, sft=sft_file, held=held)
 
 
@@ -433,10 +492,15 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   )
   cfg = json.loads((r["out"] / "config.json").read_text())
   assert cfg["eos_token_id"] == 2 and cfg["vocab_size"] == 256
-  hf_tok = transformers.AutoTokenizer.from_pretrained(r["out"])
-  assert hf_tok("the cat sat", add_special_tokens=False)["input_ids"] == data.load_tokenizer(
-    tokfile
-  ).encode("the cat sat")
+  ids = lambda t: t("the cat sat", add_special_tokens=False)["input_ids"]
+  ours_ids = data.load_tokenizer(tokfile).encode("the cat sat")
+  assert ids(transformers.PreTrainedTokenizerFast.from_pretrained(r["out"])) == ours_ids
+  # AutoTokenizer reads the export as it reads the checkpoint we started from. (For a
+  # qwen2 model_type transformers 5 picks its Qwen2 tokenizer class whatever the files say,
+  # which re-tokenises this test's Metaspace vocabulary differently, in both directories.)
+  auto = ids(transformers.AutoTokenizer.from_pretrained(r["out"]))
+  assert auto == ids(transformers.AutoTokenizer.from_pretrained(r["init"]))
+  assert auto == ours_ids or cfg["model_type"] == "qwen2"
   # Export refuses to overwrite.
   assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
 
@@ -444,7 +508,7 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
 def test_default_config_record_is_unchanged():
   """Checkpoints saved before the Hugging Face fields existed still match on resume."""
   record = M.config_record(M.get_config("llama_tiny"))
-  assert not {"num_kv_heads", "tie_embeddings", "rope_scaling"} & set(record)
+  assert not {"num_kv_heads", "tie_embeddings", "rope_scaling", "qkv_bias"} & set(record)
   assert M.config_record(M.get_config("llama_tiny", num_kv_heads=2))["num_kv_heads"] == "2"
   assert os.path.basename(hf.__file__) == "hf.py"
 
@@ -481,3 +545,24 @@ def test_config_spellings_and_sliding_window(hf_models):
   assert hf.config_from_dict({**mistral, "sliding_window": 128}).max_seq_len == 128
   with pytest.raises(ValueError, match="sliding_window"):
     hf.config_from_dict({**mistral, "sliding_window": 0})
+  # Qwen2's window applies only with use_sliding_window, to the layers that slide:
+  # Qwen2.5's released configs say 32768 with use_sliding_window false (no cap).
+  qwen = hf.read_config_dict(hf_models["qwen2"][0])
+  legacy = {k: v for k, v in qwen.items() if k != "layer_types"}
+  legacy.update(sliding_window=128, use_sliding_window=False, max_window_layers=2)
+  assert hf.config_from_dict(legacy).max_seq_len == 256
+  assert hf.config_from_dict({**legacy, "use_sliding_window": True}).max_seq_len == 256
+  assert (
+    hf.config_from_dict({**legacy, "use_sliding_window": True, "max_window_layers": 1}).max_seq_len
+    == 128
+  )
+  kinds = {"use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"]}
+  assert hf.config_from_dict({**legacy, **kinds}).max_seq_len == 128
+  assert hf.config_from_dict({**legacy, **kinds, "use_sliding_window": False}).max_seq_len == 256
+  for field, bad in [
+    ("layer_types", ["full_attention"]),
+    ("layer_types", ["full_attention", "chunked"]),
+    ("use_sliding_window", "yes"),
+  ]:
+    with pytest.raises(ValueError, match=field):
+      hf.config_from_dict({**legacy, "use_sliding_window": True, field: bad})

@@ -219,6 +219,20 @@ def test_rank_above_min_dimension_is_clipped_and_lossless():
   chex.assert_trees_all_close(updates["w"], g["w"], atol=1e-5)
 
 
+def test_clipped_ranks_are_one_warning_at_init_and_none_per_update():
+  """A GQA model clips rank on two kernels per layer: one warning, not one per leaf (the
+  trainer's per-layer update called the transform once per stage and warned each time)."""
+  params = {f"k{i}": jnp.zeros((12, 4)) for i in range(6)} | {"q": jnp.zeros((12, 12))}
+  tx = galore(optax.identity(), rank=8)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state = tx.init(params)
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  texts = [str(w.message) for w in caught if "galore rank" in str(w.message)]
+  assert len(texts) == 1, texts
+  assert "6 x (12, 4)" in texts[0] and "clipped to 4" in texts[0] and "(12, 12)" not in texts[0]
+
+
 def test_identity_inner_is_projection_times_scale():
   g = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
   tx = galore(optax.identity(), rank=3, scale=0.5)

@@ -141,6 +141,38 @@ def test_tied_model_is_planned_with_the_step_the_trainer_runs():
   assert not tied["per_layer_updates"]
 
 
+def test_plan_for_a_hugging_face_directory(tmp_path, capsys):
+  """plan --init-from DIR plans DIR's architecture from its config.json alone (no weights):
+  here a Qwen2-style one (GQA, q/k/v biases), with its own vocabulary."""
+  from galore_jax import hf
+
+  arch = model_lib.get_config("llama_tiny", vocab_size=300, num_kv_heads=2, qkv_bias=True)
+  (tmp_path / "config.json").write_text(json.dumps(hf.config_to_dict(arch)))
+  flags = ["--batch-size", "2", "--seq-len", "32", "--no-compile", "--json"]
+  flags += ["--optimizer", "galore_adamw8bit", "--rank", "32"]
+  assert cli.main(["plan", "--init-from", str(tmp_path), *flags]) == 0
+  r = json.loads(capsys.readouterr().out)
+  no_bias = model_lib.get_config("llama_tiny", vocab_size=300, num_kv_heads=2)
+  assert r["params"] == model_lib.param_count(arch) > model_lib.param_count(no_bias)
+  assert r["config"]["vocab_size"] == 300 and r["config"]["model"] == str(tmp_path)
+  # The same architecture named through overrides plans to the same bytes.
+  same = plan.plan(
+    _cfg(),
+    vocab_size=300,
+    compile=False,
+    overrides={"num_kv_heads": 2, "qkv_bias": True},
+  )
+  assert r["peak_bytes"] == same["peak_bytes"] and r["optimizer_bytes"] == same["optimizer_bytes"]
+  for extra, flag in [
+    (["--init-from", str(tmp_path), "--vocab-size", "512"], "--vocab-size"),
+    (["--init-from", str(tmp_path / "nowhere")], "--init-from"),
+    (["--init-from", str(tmp_path), "--rank", "1000"], "--rank"),
+  ]:
+    assert cli.main(["plan", *flags, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"galore-jax: error: {flag}:") and "\n" not in err, err
+
+
 @pytest.mark.parametrize(
   "flags, flag",
   [
