@@ -320,9 +320,12 @@ def _cmd_sample(args) -> int:
     raise ConfigError(
       "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
     )
-  # An empty prompt starts a new document: training puts EOS before every document
-  # (documents are EOS-separated, no BOS is ever added), so EOS is the context it knows.
-  ids = sp.encode(args.prompt) if args.prompt else [sp.eos_id()]
+  from galore_jax import sft
+
+  try:
+    ids = sft.prompt_ids(sp, args.prompt, args.format)
+  except ValueError as e:
+    raise ConfigError("--format", str(e)) from e
   try:
     out = sample.generate(
       run,
@@ -336,7 +339,8 @@ def _cmd_sample(args) -> int:
     )
   except ValueError as e:
     raise ConfigError("--prompt", str(e)) from e
-  print(args.prompt + sp.decode(out))
+  # A chat reply alone: the prompt came back inside the template's markup.
+  print(sp.decode(out) if args.format == "chat" else args.prompt + sp.decode(out))
   return 0
 
 
@@ -449,6 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("sample", help="generate text from a checkpoint")
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--prompt", required=True, help="'' starts a new document")
+  p.add_argument(
+    "--format",
+    default="text",
+    choices=("text", "prompt", "chat"),
+    help="lay the prompt out as training laid out its data: text (pretraining; default), "
+    "prompt ([BOS] prompt, as {prompt, completion} records), chat (one user turn in the "
+    "tokenizer's chat template; prints the reply)",
+  )
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=40)

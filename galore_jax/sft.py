@@ -170,6 +170,36 @@ def tokenize_examples(
   return out
 
 
+PROMPT_FORMATS = ("text", "prompt", "chat")
+
+
+def prompt_ids(tok, prompt: str, fmt: str) -> list[int]:
+  """Token ids to sample a reply to ``prompt`` from, laid out as training laid out its data:
+
+  * ``"text"``: the text as is (pretraining documents; an empty prompt is one EOS, the
+    context every document follows);
+  * ``"prompt"``: what a ``{"prompt", "completion"}`` example holds before its completion
+    (``[BOS] prompt``);
+  * ``"chat"``: a ``{"messages"}`` conversation of one user turn, rendered with the chat
+    template up to where the assistant's reply starts (the generation prompt).
+
+  The last two are the untrained head of :func:`tokenize_examples`' own example, so a prompt
+  is tokenized exactly as in training. ``ValueError`` if the tokenizer has no chat template.
+  """
+  if fmt == "text":
+    return tok.encode(prompt) if prompt else [tok.eos_id()]
+  if fmt == "prompt":
+    rec: dict[str, Any] = {"prompt": prompt, "completion": ""}
+  elif fmt == "chat":
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+    rec = {"messages": turns}
+  else:
+    raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(PROMPT_FORMATS)}")
+  ((toks, trained),) = tokenize_examples([(rec, "--prompt")], tok)
+  head = int(np.argmax(trained)) if trained.any() else len(toks)
+  return toks[:head].tolist()
+
+
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
   """The path-source split rule (``galore_jax.data.path_documents``) on canonical JSON."""
   hashes = [data.doc_hash(json.dumps(r, sort_keys=True)) for r, _ in records]

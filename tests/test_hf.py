@@ -505,6 +505,40 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
 
 
+def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsys):
+  """sample --format prompt / chat feed the model what its fine-tuning examples held before
+  the trained reply: [BOS] prompt, or the chat template's generation prompt."""
+  tokfile = trained_run["init"] / "tokenizer.json"
+  tok = data.load_tokenizer(str(tokfile))
+  q = "what is one add two ?"
+  assert sft.prompt_ids(tok, q, "prompt") == [tok.bos_id(), *tok.encode(q)]
+  chat = sft.render_chat(
+    CHAT_TEMPLATE,
+    [{"role": "user", "content": q}],
+    add_generation_prompt=True,
+    bos_token="<s>",
+    eos_token="</s>",
+  )
+  assert chat == f"<s>User: {q}\nBot:"
+  assert sft.prompt_ids(tok, q, "chat") == tok.encode(chat) and tok.encode(chat)[0] == 1
+  assert sft.prompt_ids(tok, q, "text") == tok.encode(q)
+
+  run = str(trained_run["run"])
+  flags = ["--max-new-tokens", "3", "--temperature", "0"]
+  assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "prompt", *flags]) == 0
+  assert capsys.readouterr().out.startswith(q)
+  assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "chat", *flags]) == 0
+  assert "User:" not in capsys.readouterr().out  # the reply alone
+  # The same tokenizer without its tokenizer_config.json has no chat template: one line.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (bare / "tokenizer.json").write_bytes(tokfile.read_bytes())
+  args = ["sample", "--checkpoint", run, "--prompt", q, "--format", "chat", *flags]
+  assert cli.main([*args, "--tokenizer", str(bare / "tokenizer.json")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error: --format:") and "chat template" in err, err
+
+
 def test_default_config_record_is_unchanged():
   """Checkpoints saved before the Hugging Face fields existed still match on resume."""
   record = M.config_record(M.get_config("llama_tiny"))
