@@ -26,6 +26,7 @@ to each record's canonical JSON (1 in 100 by content hash, at least one record).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,18 @@ def split_index(
   n = len(examples)
   n_tok = int(sum(len(t) for t, _ in examples))
   B, L = config.batch_size, config.seq_len
+  # A row holds seq_len + 1 tokens; an example whose reply starts after them trains nothing
+  # (its mask is all zero), and a split of only such examples would report a loss of 0.
+  cut = sum(not trained[1 : L + 1].any() for _, trained in examples)
+  if cut:
+    head = min(int(np.argmax(t)) if t.any() else len(t) for _, t in examples)
+    what = (
+      f"--data {config.source!r}: {cut} of {n} {split} example(s) have no trained token "
+      f"within --seq-len {L} (+1) tokens (the shortest prompt before a reply takes {head})"
+    )
+    if cut == n:
+      raise ValueError(f"{what}: nothing to learn from; raise --seq-len")
+    warnings.warn(f"{what}: their replies are cut off and add nothing to the loss", stacklevel=2)
   return data.SplitIndex(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
 
 

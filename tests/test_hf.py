@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import random
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -342,6 +343,29 @@ def test_a_null_bos_token_places_no_bos(tok_dir, tmp_path):
   ((toks, trained),) = sft.tokenize_examples([(rec, "rec")], tok)
   assert toks.tolist() == tok.encode(rec["prompt"]) + tok.encode(rec["completion"]) + [2]
   assert trained.sum() == len(tok.encode(" three")) + 1
+
+
+def test_replies_cut_off_by_seq_len_are_reported(tok_dir, tmp_path):
+  """An example whose reply starts beyond the row's seq_len + 1 tokens trains nothing: a
+  warning counts them, and a split of nothing else is an error, not a loss of 0."""
+  long = " ".join(_sentences(6, seed=3))  # far more than 16 tokens
+  short = [{"prompt": f"what is {w} ?", "completion": " three"} for w in WORDS[:20]]
+  cut = [{"prompt": f"{w} {long}", "completion": " big"} for w in WORDS[:20]]
+  tokfile = str(tok_dir / "tokenizer.json")
+
+  def dataset(records, name):
+    f = _write_jsonl(tmp_path / name, records)
+    return data.make_dataset(
+      data.DataConfig(source=str(f), seq_len=16, batch_size=2, tokenizer=tokfile), "train"
+    )
+
+  with pytest.warns(UserWarning, match=r"\b(19|20) of (39|40) train example\(s\) have no trained"):
+    dataset(short + cut, "mixed.jsonl")
+  with pytest.raises(ValueError, match="nothing to learn from; raise --seq-len"):
+    dataset(cut, "cut.jsonl")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dataset(short, "short.jsonl")
 
 
 def test_prompt_tokens_get_no_gradient(tok_dir, tmp_path):
