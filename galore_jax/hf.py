@@ -237,7 +237,8 @@ def config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") -> mode
     raise bad("num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}")
   max_len = cfg.get("max_position_embeddings", 2048)
   window = cfg.get("sliding_window")
-  if window is not None and not _some_layer_slides(cfg, qwen2, bad):
+  slides = _some_layer_slides(cfg, qwen2, bad)  # validates layer_types in any case
+  if window is not None and not slides:
     window = None  # e.g. Qwen2.5's sliding_window 32768 with use_sliding_window false
   if window is not None:
     if not isinstance(window, int) or window < 1:

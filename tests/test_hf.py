@@ -624,3 +624,5 @@ def test_config_spellings_and_sliding_window(hf_models):
   ]:
     with pytest.raises(ValueError, match=field):
       hf.config_from_dict({**legacy, "use_sliding_window": True, field: bad})
+  with pytest.raises(ValueError, match="layer_types"):  # checked without a window too
+    hf.config_from_dict({**mistral, "sliding_window": None, "layer_types": ["chunked"] * 2})
