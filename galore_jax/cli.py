@@ -171,7 +171,15 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     dest="per_layer_updates",
     action="store_false",
     help="update after the whole gradient exists (per-layer updates are the default "
-    "unless --grad-clip is set, or --grad-accum > 1 without GaLore's low-rank accumulation)",
+    "unless --grad-clip is set without --per-layer-clip, or --grad-accum > 1 without "
+    "GaLore's low-rank accumulation)",
+  )
+  p.add_argument(
+    "--per-layer-clip",
+    action="store_true",
+    help="with --grad-clip, keep per-layer updates: the step takes the global norm in a "
+    "first forward and backward pass (per-layer memory, about twice the step's compute; "
+    "one micro-batch)",
   )
   p.add_argument(
     "--no-lowrank-accum",

@@ -78,9 +78,12 @@ class TrainConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
-  # Update each layer as soon as its gradient exists (needs no clipping, and grad_accum 1 or
-  # lowrank_accum).
+  # Update each layer as soon as its gradient exists (needs no clipping unless
+  # per_layer_clip, and grad_accum 1 or lowrank_accum).
   per_layer_updates: bool = True
+  # With grad_clip: keep per-layer updates, taking the global norm in a first forward and
+  # backward pass (per-layer memory, about twice the step's compute).
+  per_layer_clip: bool = False
   # With GaLore and grad_accum > 1: accumulate projected (r x n) gradients in the per-layer
   # step instead of a float32 copy of the whole gradient.
   lowrank_accum: bool = True
@@ -245,6 +248,14 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--projector-dtype", f"must be one of {', '.join(DTYPES)}")
   if cfg.remat not in REMAT_MODES:
     raise ConfigError("--remat", f"must be none, full or save_matmuls, got {cfg.remat!r}")
+  if cfg.per_layer_clip and not (cfg.grad_clip > 0 and cfg.per_layer_updates):
+    raise ConfigError("--per-layer-clip", "needs --grad-clip > 0 and per-layer updates")
+  if cfg.per_layer_clip and cfg.grad_accum > 1:
+    raise ConfigError(
+      "--per-layer-clip",
+      "takes one micro-batch (the low-rank accumulators have no norm of "
+      "the whole gradient); use --grad-accum 1",
+    )
   if cfg.resume and cfg.overwrite:
     raise ConfigError("--overwrite", "cannot be combined with --resume")
   parse_profile_steps(cfg.profile_steps, cfg.steps)
@@ -348,10 +359,12 @@ def adam8bit_layout(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> 
 
 
 def build_optimizer(
-  cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
+  cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None, *, clip_in_step: bool = False
 ) -> optax.GradientTransformation:
   """The optimizer of ``cfg``; ``mesh``: the run's, for the sharding of the 8-bit update
-  (:func:`adam8bit_layout`)."""
+  (:func:`adam8bit_layout`). ``clip_in_step``: the train step clips by the global norm
+  itself (``steps.clips_in_step``), so ``--grad-clip``'s place in the chain holds an
+  identity (the same, empty, state: checkpoints of either step load in the other)."""
   sched = lr_schedule(cfg)
   if cfg.optimizer.endswith("8bit"):
     inner = adam8bit.scale_by_adam8bit(
@@ -376,7 +389,8 @@ def build_optimizer(
     )
   else:
     core = inner
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  clip = optax.identity() if clip_in_step else optax.clip_by_global_norm(cfg.grad_clip)
+  parts = [clip] if cfg.grad_clip > 0 else []
   parts += [
     core,
     optax.scale_by_learning_rate(sched),

@@ -158,6 +158,7 @@ def make_layerwise_step(
   matrix_axes: galore.MatrixAxesFn | None = None,
   accum_dtype: Any = jnp.float32,
   refresh_together: bool = False,
+  clip_norm: float = 0.0,
 ):
   """Train step with per-layer updates: each weight is updated as soon as its gradient exists.
 
@@ -217,13 +218,28 @@ def make_layerwise_step(
   :func:`galore_jax.steps.make_train_step`. If the loss is finite but a weight's gradient is
   not, that weight (with ``refresh_together``: its whole unit) keeps its value and optimizer
   state and the others are updated; ``nonfinite_grads`` counts the weights with a
-  non-finite gradient. Whole-tree reductions (global-norm clipping) need every gradient
-  before the first update, so the trainer uses :func:`galore_jax.steps.make_train_step` for
-  them.
-  """
+  non-finite gradient.
 
-  def forward(params, micro, spec: Stages, model):
-    """Summed loss and ``[(path prefix of the stage's weights, pullback d -> (grads, d))]``."""
+  Global-norm clipping (``clip_norm`` > 0; ``tx`` must not clip itself, it would see one
+  weight at a time) needs the norm of the whole gradient before the first update. The step
+  then runs forward and backward twice. The first backward pass only sums the squares of
+  each stage's gradient as it appears (no update; nothing is kept). The second forward starts
+  from hidden states made to depend on that norm (``+ 0 * norm``), and its backward pass
+  updates as above, each gradient scaled as ``optax.clip_by_global_norm`` scales it. The
+  second forward is needed: reusing the first one's pullbacks, XLA hoists the scalar loss
+  cotangent out of the weight-gradient dots, merges the two passes' dots and keeps every
+  gradient alive between them. Memory stays that of the per-layer step, for about twice
+  its compute. A non-finite gradient anywhere skips the whole step, as in the whole-gradient
+  step; ``grad_norm`` is the norm before clipping. One micro-batch only.
+  """
+  if clip_norm < 0 or not math.isfinite(clip_norm):
+    raise ValueError(f"clip_norm must be a finite number >= 0, got {clip_norm}")
+
+  def forward(params, micro, spec: Stages, model, after_value=None):
+    """Summed loss and ``[(path prefix of the stage's weights, pullback d -> (grads, d))]``.
+
+    ``after_value``: the embedding's output is made to depend on it (``after``), so that
+    nothing downstream can be merged with another forward pass over the same inputs."""
 
     def runner(stage):
       module = _module_at(model, stage.module)
@@ -276,7 +292,10 @@ def make_layerwise_step(
       return x, pullbacks + [last_pullback]
 
     run, weights = runner(spec.embed)
-    x, embed_pullback = jax.vjp(lambda w: run(w, micro["inputs"]), weights)
+    embed = lambda w: run(w, micro["inputs"])
+    if after_value is not None:
+      embed = lambda w: after(after_value, run(w, micro["inputs"]))
+    x, embed_pullback = jax.vjp(embed, weights)
     stage_list = [(spec.embed.module, lambda d: (embed_pullback(d)[0], None))]
     for block in spec.blocks:
       x, pullbacks = forward_block(block, x)
@@ -346,6 +365,11 @@ def make_layerwise_step(
 
   def step(params, opt_state, batch):
     n_micro = batch["inputs"].shape[0]
+    if clip_norm and n_micro > 1:
+      raise ValueError(
+        "clip_norm with several micro-batches: the low-rank accumulators hold no whole "
+        "gradient to take the norm of; use galore_jax.steps.make_train_step"
+      )
     model = nnx.merge(graphdef, params)
     spec = model_stages(model, stages)
     _check_owners(spec, params)
@@ -377,6 +401,28 @@ def make_layerwise_step(
     new_params, new_state = params, opt_state
     sq_norm = jnp.zeros([], jnp.float32)
     nonfinite = jnp.zeros([], jnp.int32)
+    d_loss = (1.0 / denom).astype(loss_sum.dtype)
+    step_ok = loss_ok  # whether the step changes anything
+    if clip_norm:
+      # First backward pass: the global norm. Each stage's gradient is reduced to its squares
+      # right after its pullback and dropped.
+      def visit_norm(paths, gs):
+        # In the weight's dtype first, as the second pass (and the whole-gradient step) sees it.
+        as_stored = [g.astype(_get_at(params, p).dtype) for p, g in zip(paths, gs, strict=True)]
+        return [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in as_stored]
+
+      def commit_norm(paths, out):
+        nonlocal sq_norm, nonfinite
+        for g_sq in out:
+          sq_norm += g_sq
+          nonfinite += (loss_ok & ~jnp.isfinite(g_sq)).astype(jnp.int32)
+
+      backward(stage_list, d_loss, visit_norm, commit_norm)
+      global_norm = jnp.sqrt(sq_norm)
+      step_ok = loss_ok & jnp.isfinite(global_norm)
+      # Second forward, chained to the norm (see the docstring for why not the first one's).
+      global_norm = jax.lax.optimization_barrier(global_norm)
+      _, stage_list = forward(params, micro, spec, model, after_value=global_norm)
 
     def at(tree, paths, values):
       for path, value in zip(paths, values, strict=True):
@@ -398,11 +444,16 @@ def make_layerwise_step(
           a = a + (jnp.ravel(g)[0] * 0).astype(a.dtype)
           earlier = a if q is None else q.project_back(a)
           g = g.astype(earlier.dtype) + earlier
-        gs[k] = g = g.astype(ps[k].dtype)
+        g = g.astype(ps[k].dtype)
+        if clip_norm:  # as optax.clip_by_global_norm: g * clip / |g| above the threshold
+          norm = global_norm.astype(g.dtype)
+          g = jnp.where(global_norm < clip_norm, g, (g / norm) * clip_norm)
+        gs[k] = g
         g_sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
-        oks.append(loss_ok & jnp.isfinite(g_sq))
-        sq_norm += g_sq
-        nonfinite += (loss_ok & ~oks[-1]).astype(jnp.int32)
+        oks.append(step_ok & jnp.isfinite(g_sq))
+        if not clip_norm:  # else measured by the first pass, before clipping
+          sq_norm += g_sq
+          nonfinite += (loss_ok & ~oks[-1]).astype(jnp.int32)
       ok = functools.reduce(jnp.logical_and, oks)
       keep = at(no_leaves, paths, [True] * len(paths))
 
@@ -429,13 +480,13 @@ def make_layerwise_step(
 
     # Backward: after each stage's pullback, update its weights unit after unit.
     units = refresh_units if refresh_together else None
-    backward(stage_list, (1.0 / denom).astype(loss_sum.dtype), update_unit, commit, units=units)
+    backward(stage_list, d_loss, update_unit, commit, units=units)
 
     # Step counters advance once, unless the whole step was skipped: an update of no
     # leaves at all advances only them.
     old_counts = galore.restrict_state(tx, opt_state, no_leaves)
     _, counts = tx.update(placeholders, old_counts, placeholders)
-    counts = jax.tree.map(lambda new, old: jnp.where(loss_ok, new, old), counts, old_counts)
+    counts = jax.tree.map(lambda new, old: jnp.where(step_ok, new, old), counts, old_counts)
     new_state = galore.merge_state(tx, new_state, counts, no_leaves)
     return (
       new_params,
@@ -443,7 +494,7 @@ def make_layerwise_step(
       {
         "loss": loss,
         "grad_norm": jnp.sqrt(sq_norm),
-        "skipped": (~loss_ok).astype(jnp.int32),
+        "skipped": (~step_ok).astype(jnp.int32),
         "nonfinite_grads": nonfinite,
         "tokens": count,
       },

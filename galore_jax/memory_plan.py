@@ -40,7 +40,9 @@ The step planned is the one ``train.compile_train_step`` would run: the
 per-layer step (``train.make_layerwise_step``: each decoder block updated
 right after its gradient, so one block's gradient is alive at a time; with
 ``--grad-accum`` > 1 and GaLore it also holds float32 accumulators, ``r x n`` per
-projected matrix) unless ``--grad-clip``, ``--no-per-layer-updates``, or
+projected matrix; ``--grad-clip`` with ``--per-layer-clip`` runs forward and backward
+twice, the first time for the global norm, which costs time, not memory) unless
+``--grad-clip`` without ``--per-layer-clip``, ``--no-per-layer-updates``, or
 ``--grad-accum`` > 1 without GaLore or with ``--no-lowrank-accum`` asks for the
 whole-gradient step.
 
@@ -562,15 +564,18 @@ def suggestions(
   if cfg.param_dtype == "float32" or cfg.dtype == "float32":
     cands.append(("bf16 weights and compute", {"param_dtype": "bfloat16", "dtype": "bfloat16"}))
   if not steps.per_layer_updates(cfg):
-    change = {"per_layer_updates": True, "grad_clip": 0.0}
-    label = "per-layer weight updates (drop --no-per-layer-updates / --grad-clip"
-    if cfg.grad_accum > 1 and cfg.is_galore:
+    change: dict[str, Any] = {"per_layer_updates": True}
+    how = [] if cfg.per_layer_updates else ["drop --no-per-layer-updates"]
+    if cfg.grad_clip > 0:  # clipped in the step: one micro-batch, twice the compute
+      change["per_layer_clip"] = True
+      how.append("--per-layer-clip, about 2x the compute")
+    if cfg.grad_accum > 1 and cfg.is_galore and cfg.grad_clip == 0:
       change["lowrank_accum"] = True
-      label += " / --no-lowrank-accum"
+      how.append("drop --no-lowrank-accum")
     elif cfg.grad_accum > 1:
       change.update(batch_size=cfg.batch_size * cfg.grad_accum, grad_accum=1)
-      label += f", batch {cfg.batch_size * cfg.grad_accum} without accumulation"
-    cands.append((label + ")", change))
+      how.append(f"batch {cfg.batch_size * cfg.grad_accum} without accumulation")
+    cands.append((f"per-layer weight updates ({'; '.join(how)})", change))
   out = []
   for label, change in cands:
     try:

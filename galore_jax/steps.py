@@ -108,12 +108,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, materialize=N
 
 
 def per_layer_updates(cfg: TrainConfig) -> bool:
-  """Whether ``cfg`` asks for per-layer updates and allows them: no clipping, and one
-  micro-batch or GaLore's low-rank accumulation (:func:`lowrank_accumulation`);
-  :func:`select_train_step` also needs an untied model."""
+  """Whether ``cfg`` asks for per-layer updates and allows them: no clipping (or clipping in
+  the step, ``--per-layer-clip``, with one micro-batch), and one micro-batch or GaLore's
+  low-rank accumulation (:func:`lowrank_accumulation`); :func:`select_train_step` also needs
+  an untied model."""
   return (
     cfg.per_layer_updates
-    and cfg.grad_clip == 0
+    and (cfg.grad_clip == 0 or (cfg.per_layer_clip and cfg.grad_accum == 1))
     and (cfg.grad_accum == 1 or lowrank_accumulation(cfg))
   )
 
@@ -136,6 +137,14 @@ def uses_layerwise_step(cfg: TrainConfig, model_cfg: model_lib.LlamaConfig) -> b
   return per_layer_updates(cfg) and not model_cfg.tie_embeddings
 
 
+def clips_in_step(cfg: TrainConfig, model_cfg: model_lib.LlamaConfig) -> bool:
+  """Whether the step, not the optimizer, clips by the global norm: the per-layer step takes
+  the norm in a first backward pass (``make_layerwise_step(clip_norm=)``), so
+  ``config.build_optimizer(clip_in_step=True)`` puts an identity where
+  ``optax.clip_by_global_norm`` would see one weight at a time."""
+  return cfg.grad_clip > 0 and uses_layerwise_step(cfg, model_cfg)
+
+
 def refreshes_together(cfg: TrainConfig) -> bool:
   """Whether the per-layer step updates a stage's same-shaped GaLore weights as one unit, so
   that their projectors refresh as one batch (``make_layerwise_step(refresh_together=)``).
@@ -156,7 +165,8 @@ def select_train_step(
   (:func:`galore_jax.layerwise.make_layerwise_step`) where :func:`per_layer_updates` allows
   them and the model is untied, else :func:`make_train_step`; not yet jitted. With
   ``--grad-accum`` > 1 the per-layer step accumulates in GaLore's low rank
-  (:func:`lowrank_accumulation`).
+  (:func:`lowrank_accumulation`); with ``--grad-clip`` it clips itself (:func:`clips_in_step`:
+  ``tx`` must then come from ``config.build_optimizer(cfg, clip_in_step=True)``).
 
   A tied embedding gets gradient from two stages (lookup and head), so it cannot be updated
   right after one of them: tied models take the whole-gradient step.
@@ -172,5 +182,6 @@ def select_train_step(
       remat=cfg.remat,
       matrix_axes=targets.reference_side_axes,
       refresh_together=refreshes_together(cfg),
+      clip_norm=cfg.grad_clip,
     )
   return make_train_step(graphdef, tx)

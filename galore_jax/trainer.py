@@ -139,7 +139,8 @@ def setup(
     model_cfg = model_config(cfg, vocab_size, hf_config)
   mesh = sharding.make_mesh(cfg)
   graphdef, dense_params = abstract_model(model_cfg, cfg.seed)
-  tx = build_optimizer(cfg, mesh) if tx is None else tx
+  if tx is None:
+    tx = build_optimizer(cfg, mesh, clip_in_step=steps.clips_in_step(cfg, model_cfg))
   if parametrization is None:
     abstract_params = dense_params
     abstract_opt = jax.eval_shape(tx.init, abstract_params)

@@ -108,6 +108,13 @@ def test_suggestions_when_it_does_not_fit(capsys):
     "--no-per-layer-updates",
   )
   assert again["peak_bytes"] == eight["peak_bytes"]
+  # A clipped run is told it can keep per-layer updates by clipping in the step.
+  r = _cli_json(capsys, "--optimizer", "adamw", "--gpu-memory", "10MB", "--grad-clip", "1")
+  assert not r["per_layer_updates"]
+  per = next(s for s in r["suggestions"] if s["flags"].get("per_layer_clip"))
+  assert "--per-layer-clip" in per["change"] and per["peak_bytes"] < r["peak_bytes"]
+  again = _cli_json(capsys, "--optimizer", "adamw", "--grad-clip", "1", "--per-layer-clip")
+  assert again["per_layer_updates"] and again["peak_bytes"] == per["peak_bytes"]
 
 
 def test_text_output(capsys):
@@ -123,6 +130,10 @@ def test_per_layer_updates_are_planned_by_default():
   per = plan.plan(cfg, vocab_size=512, compile=False)
   assert per["per_layer_updates"]
   assert per["gradients_at_peak_bytes"] == per["analytic"]["largest_layer_gradient_bytes"]
+  # --per-layer-clip: clipped in the step, at the per-layer step's memory.
+  clip_cfg = _cfg(batch_size=1, seq_len=16, grad_clip=1.0, per_layer_clip=True)
+  clipped = plan.plan(clip_cfg, vocab_size=512, compile=False)
+  assert clipped["per_layer_updates"] and clipped["peak_bytes"] == per["peak_bytes"]
   for whole_cfg in [
     _cfg(batch_size=1, seq_len=16, per_layer_updates=False),
     _cfg(batch_size=1, seq_len=16, grad_clip=1.0),  # clipping needs the whole gradient
