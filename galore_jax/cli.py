@@ -343,7 +343,7 @@ def _cmd_sample(args) -> int:
       temperature=args.temperature,
       top_k=args.top_k,
       seed=args.seed,
-      eos_id=sp.eos_id(),
+      eos_id=sft.reply_end_ids(sp, args.format),
     )
   except ValueError as e:
     raise ConfigError("--prompt", str(e)) from e

@@ -85,9 +85,10 @@ def generate(
   temperature: float = 0.8,
   top_k: int = 40,
   seed: int = 0,
-  eos_id: int | None = None,
+  eos_id: int | set[int] | None = None,
 ) -> list[int]:
   """Autoregressive sampling on a fixed-length buffer (one compilation, no KV cache).
+  Stops before ``eos_id`` (one id or a set of them).
 
   The model is causal, so logits at position ``t`` ignore the padding after it;
   recomputing the prefix each token is fine at the sizes this is used for.
@@ -112,7 +113,7 @@ def generate(
   out = []
   for pos in range(len(prompt_ids), max_len):
     tok = int(next_token(params, jnp.asarray(buf), pos, jax.random.fold_in(key, pos)))
-    if eos_id is not None and tok == eos_id:
+    if tok == eos_id or (isinstance(eos_id, set) and tok in eos_id):
       break
     buf[0, pos] = tok
     out.append(tok)

@@ -201,6 +201,20 @@ def prompt_ids(tok, prompt: str, fmt: str) -> list[int]:
   return toks[:head].tolist()
 
 
+def reply_end_ids(tok, fmt: str) -> set[int]:
+  """Token ids that end a sampled reply: EOS, and with ``"chat"`` the special token the
+  template closes an assistant turn with (Qwen's ``<|im_end|>``, which a base model's
+  tokenizer does not call EOS): the first special token of an empty reply's trained tail."""
+  ends = {tok.eos_id()}
+  added = getattr(getattr(tok, "tok", None), "get_added_tokens_decoder", None)
+  if fmt == "chat" and added is not None:
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    ((toks, trained),) = tokenize_examples([({"messages": turns}, "--prompt")], tok)
+    special = {i for i, t in added().items() if t.special}
+    ends |= next(({int(i)} for i in toks[trained] if int(i) in special), set())
+  return ends
+
+
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
   """The path-source split rule (``galore_jax.data.path_documents``) on canonical JSON."""
   hashes = [data.doc_hash(json.dumps(r, sort_keys=True)) for r, _ in records]

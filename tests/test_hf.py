@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from galore_jax import cli, data, hf, sft, train
+from galore_jax import cli, data, hf, sample, sft, train
 from galore_jax import model as M
 
 pytestmark = pytest.mark.reference
@@ -561,6 +561,36 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   assert cli.main([*args, "--tokenizer", str(bare / "tokenizer.json")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("galore-jax: error: --format:") and "chat template" in err, err
+
+
+def test_a_chat_reply_ends_at_the_templates_end_of_turn_token(tok_dir, tmp_path):
+  """A template that closes assistant turns with its own special token (Qwen's <|im_end|>,
+  not the base tokenizer's EOS): sampling a chat reply stops there too."""
+  tok = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+  tok.add_special_tokens(["<|end|>"])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  template = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+  )
+  tcfg = {"bos_token": None, "eos_token": "</s>", "chat_template": template}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(tcfg))
+  hft = hf.load_tokenizer(tmp_path)
+  end = tok.token_to_id("<|end|>")
+  assert sft.reply_end_ids(hft, "chat") == {hft.eos_id(), end}
+  assert sft.reply_end_ids(hft, "prompt") == sft.reply_end_ids(hft, "text") == {hft.eos_id()}
+  # generate stops before any id of the set (here: whatever it would emit first).
+  config = M.LlamaConfig(
+    vocab_size=256, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=1
+  )
+  params = M.init_params(config, seed=0)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: M.Llama(config, rngs=nnx.Rngs(0))), nnx.Param)
+  run = type("R", (), {"model_cfg": config, "graphdef": graphdef})()
+  free = sample.generate(run, params, [5, 6], max_new_tokens=4, temperature=0)
+  assert (
+    sample.generate(run, params, [5, 6], max_new_tokens=4, temperature=0, eos_id={free[0]}) == []
+  )
+  assert sample.generate(run, params, [5, 6], max_new_tokens=4, temperature=0, eos_id=free[0]) == []
 
 
 def test_default_config_record_is_unchanged():
