@@ -759,7 +759,7 @@ def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
   for name, fn in [
     ("whole", train.make_train_step(run.graphdef, run.tx)),
     ("layerwise", train.make_layerwise_step(run.graphdef, run.tx, remat="full")),
-    # --grad-clip: a second forward and backward pass, not a second gradient's memory (with
+    # --per-layer-clip: a second forward and backward pass, not a second gradient's memory (with
     # the first pass's pullbacks reused, XLA kept 4.9 blocks' worth: the passes merged).
     ("clipped", train.make_layerwise_step(run.graphdef, run.tx, remat="full", clip_norm=1.0)),
   ]:
