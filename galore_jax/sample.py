@@ -110,10 +110,11 @@ def generate(
   buf = np.zeros((1, max_len), np.int32)
   buf[0, : len(prompt_ids)] = prompt_ids
   key = jax.random.key(seed)
+  stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
   out = []
   for pos in range(len(prompt_ids), max_len):
     tok = int(next_token(params, jnp.asarray(buf), pos, jax.random.fold_in(key, pos)))
-    if tok == eos_id or (isinstance(eos_id, set) and tok in eos_id):
+    if tok in stops:
       break
     buf[0, pos] = tok
     out.append(tok)

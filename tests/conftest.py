@@ -47,3 +47,42 @@ def load_experiment():
   yield load
   for name in loaded:
     sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def poison_stage_gradients(monkeypatch):
+  """``poison_stage_gradients(hit, where=None)``: the weight gradients of some checkpointed
+  stages become NaN while the loss stays finite (``galore_jax.model.checkpointed`` patched).
+
+  ``hit(n)`` picks the stages by the 1-based number of their ``checkpointed`` call, one per
+  half block in trace order (a step that traces the forward twice counts on); ``where(path)``
+  picks the leaves of a hit stage's gradient (default: all of them).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from galore_jax import model
+
+  real, calls = model.checkpointed, []
+
+  def install(hit, where=None):
+    def poisoned(fn, remat):
+      calls.append(fn)
+      if not hit(len(calls)):
+        return real(fn, remat)
+
+      @jax.custom_vjp
+      def f(p, x):
+        return fn(p, x)
+
+      def bwd(pullback, dy):
+        dp, dx = pullback(dy)
+        nan = lambda path, g: g * jnp.nan if where is None or where(path) else g
+        return jax.tree_util.tree_map_with_path(nan, dp), dx
+
+      f.defvjp(lambda p, x: jax.vjp(fn, p, x), bwd)
+      return f
+
+    monkeypatch.setattr(model, "checkpointed", poisoned)
+
+  return install

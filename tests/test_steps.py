@@ -59,31 +59,7 @@ def test_identity_parametrization_is_the_plain_step():
   np.testing.assert_array_equal(state_w[0]["frozen"]["w0"], frozen["w0"])
 
 
-def _poison_mlp_gradients(monkeypatch):
-  """The MLP half's weight gradients (the second checkpointed stage of MICRO's one block)
-  become NaN while the loss stays finite."""
-  real, calls = model_lib.checkpointed, []
-
-  def poisoned(fn, remat):
-    calls.append(fn)
-    if len(calls) % 2:  # every forward pass: attention half, then the poisoned MLP half
-      return real(fn, remat)
-
-    @jax.custom_vjp
-    def f(p, x):
-      return fn(p, x)
-
-    def bwd(pullback, dy):
-      dp, dx = pullback(dy)
-      return jax.tree.map(lambda g: g * jnp.nan, dp), dx
-
-    f.defvjp(lambda p, x: jax.vjp(fn, p, x), bwd)
-    return f
-
-  monkeypatch.setattr(model_lib, "checkpointed", poisoned)
-
-
-def test_per_layer_step_clips_by_the_global_norm(monkeypatch):
+def test_per_layer_step_clips_by_the_global_norm(poison_stage_gradients):
   """--grad-clip keeps per-layer updates: the step takes the global norm in a first forward
   and backward pass, then updates each weight with its gradient clipped as
   optax.clip_by_global_norm clips the whole gradient. Same numbers as the whole-gradient
@@ -128,7 +104,8 @@ def test_per_layer_step_clips_by_the_global_norm(monkeypatch):
   np.testing.assert_allclose(flat(s_c), flat(s_w), rtol=2e-3, atol=2e-5)
   assert np.abs(flat(s_u[0]) - flat(s_w[0])).max() > 1e-3  # unclipped is another trajectory
 
-  _poison_mlp_gradients(monkeypatch)
+  # Every forward (the step traces two): the attention half, then the poisoned MLP half.
+  poison_stage_gradients(lambda n: n % 2 == 0)
   poisoned = jax.jit(steps.select_train_step(graphdef, tx_step, cfg, MICRO))
   new_params, new_opt, m = poisoned(*s_c, _batch(jax.random.key(9)))
   assert int(m["skipped"]) == 1 and np.isfinite(float(m["loss"]))

@@ -618,32 +618,10 @@ def test_layerwise_step_equals_whole_gradient_step(jitted_steps, optimizer, rema
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
 
 
-def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, monkeypatch):
+def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, poison_stage_gradients):
   # A finite loss whose layer-1 gradients are NaN: layer 1 keeps its weights and optimizer
   # state, every other weight is updated, the step counts once.
-  real = train.model_lib.checkpointed
-  calls = []
-
-  def poison_second_block(fn, remat):
-    calls.append(fn)  # one call per half block: layer 1 is the third and fourth
-    if len(calls) not in (3, 4):
-      return real(fn, remat)
-
-    @jax.custom_vjp
-    def f(p, x):
-      return fn(p, x)
-
-    def fwd(p, x):
-      return jax.vjp(fn, p, x)
-
-    def bwd(pullback, dy):
-      dp, dx = pullback(dy)
-      return jax.tree.map(lambda g: g * jnp.nan, dp), dx
-
-    f.defvjp(fwd, bwd)
-    return f
-
-  monkeypatch.setattr(train.model_lib, "checkpointed", poison_second_block)
+  poison_stage_gradients(lambda n: n in (3, 4))  # one stage per half block: layer 1 is 3, 4
   run = train.setup(_cfg(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
   params, opt_state = train.init_state(run)
   before = jax.tree.map(np.asarray, (params, opt_state))
@@ -703,31 +681,13 @@ def test_refreshing_together_is_chosen_for_iterative_refreshes_on_one_device():
   assert not steps.refreshes_together(cfg(svd="subspace", optimizer="adamw"))
 
 
-def test_refresh_together_skips_the_unit_of_a_bad_gradient(tmp_path, monkeypatch):
+def test_refresh_together_skips_the_unit_of_a_bad_gradient(tmp_path, poison_stage_gradients):
   # Only layer 1's q_proj gets a NaN gradient (the loss is finite): with refresh_together its
   # whole unit (q, k, v, o) keeps its values, the rest is updated (one weight at a time, only
   # q_proj would be kept: test_layerwise_step_skips_only_weights_with_a_bad_gradient).
-  real = train.model_lib.checkpointed
-  calls = []
-
-  def poison_q_proj(fn, remat):
-    calls.append(fn)  # one call per half block: layer 1's attention is the third
-    if len(calls) != 3:
-      return real(fn, remat)
-
-    @jax.custom_vjp
-    def f(p, x):
-      return fn(p, x)
-
-    def bwd(pullback, dy):
-      dp, dx = pullback(dy)
-      nan_q = lambda path, g: g * jnp.nan if "q_proj" in jax.tree_util.keystr(path) else g
-      return jax.tree_util.tree_map_with_path(nan_q, dp), dx
-
-    f.defvjp(lambda p, x: jax.vjp(fn, p, x), bwd)
-    return f
-
-  monkeypatch.setattr(train.model_lib, "checkpointed", poison_q_proj)
+  poison_stage_gradients(  # layer 1's attention half is the third stage
+    lambda n: n == 3, where=lambda path: "q_proj" in jax.tree_util.keystr(path)
+  )
   run = train.setup(_cfg(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
   params, opt_state = train.init_state(run)
   before = jax.tree.map(np.asarray, params["layers"][1])
