@@ -267,22 +267,30 @@ def _cmd_eval(args) -> int:
     raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
   n_batches = _eval_batches_flag(args.eval_batches)
   _join_job(args)
+  prepared = {}
+
+  def check_flags_and_read_data(run, _):  # before the weights: a bad flag fails at once
+    cfg = dataclasses.replace(
+      run.cfg,
+      data=absolute_source(args.data) if args.data else run.cfg.data,
+      batch_size=args.batch_size or run.cfg.batch_size,
+      packing=run.cfg.packing if args.packing is None else args.packing,
+    )
+    check_mesh(args.mesh, cfg.batch_size)
+    n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
+    try:
+      batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError("--data", str(e)) from e
+    prepared.update(cfg=cfg, batches=batches)
+
   run, params, _, step = sample.load_for_inference(
-    args.checkpoint, tokenizer=args.tokenizer, mesh=args.mesh
+    args.checkpoint,
+    tokenizer=args.tokenizer,
+    mesh=args.mesh,
+    before_restore=check_flags_and_read_data,
   )
-  cfg = dataclasses.replace(
-    run.cfg,
-    data=absolute_source(args.data) if args.data else run.cfg.data,
-    batch_size=args.batch_size or run.cfg.batch_size,
-    packing=run.cfg.packing if args.packing is None else args.packing,
-  )
-  check_mesh(args.mesh, cfg.batch_size)
-  if n_batches == "run":  # what train reported for this run
-    n_batches = run.cfg.eval_batches
-  try:
-    batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n_batches)
-  except (FileNotFoundError, ValueError) as e:
-    raise ConfigError("--data", str(e)) from e
+  cfg, batches = prepared["cfg"], prepared["batches"]
   # Every process reads the whole validation set and places its rows of each batch (as
   # train's evaluation does); the loss comes back replicated, and process 0 reports it.
   loss, ppl = trainer.evaluate(run, params, batches, trainer.compile_eval_step(run))
@@ -321,32 +329,38 @@ def _cmd_sample(args) -> int:
     raise ConfigError(
       "--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}"
     )
-  run, params, sp, _ = sample.load_for_inference(
-    args.checkpoint, tokenizer=args.tokenizer, mesh=args.mesh
-  )
-  if not 1 <= args.top_k <= sp.get_piece_size():
-    raise ConfigError(
-      "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
-    )
   from galore_jax import sft
 
-  try:
-    ids = sft.prompt_ids(sp, args.prompt, args.format)
-  except ValueError as e:
-    raise ConfigError("--format", str(e)) from e
-  try:
-    out = sample.generate(
-      run,
-      params,
-      ids,
-      max_new_tokens=args.max_new_tokens,
-      temperature=args.temperature,
-      top_k=args.top_k,
-      seed=args.seed,
-      eos_id=sft.reply_end_ids(sp, args.format),
-    )
-  except ValueError as e:
-    raise ConfigError("--prompt", str(e)) from e
+  prompt = []
+
+  def check_flags(run, sp):  # before the weights: a bad flag fails at once
+    if not 1 <= args.top_k <= sp.get_piece_size():
+      raise ConfigError(
+        "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
+      )
+    try:
+      prompt[:] = sft.prompt_ids(sp, args.prompt, args.format)  # [:]: a retried read calls again
+    except ValueError as e:
+      raise ConfigError("--format", str(e)) from e
+    if len(prompt) >= run.model_cfg.max_seq_len:
+      raise ConfigError(
+        "--prompt",
+        f"takes {len(prompt)} tokens; the model takes at most {run.model_cfg.max_seq_len}",
+      )
+
+  run, params, sp, _ = sample.load_for_inference(
+    args.checkpoint, tokenizer=args.tokenizer, mesh=args.mesh, before_restore=check_flags
+  )
+  out = sample.generate(
+    run,
+    params,
+    prompt,
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    seed=args.seed,
+    eos_id=sft.reply_end_ids(sp, args.format),
+  )
   # A chat reply alone: the prompt came back inside the template's markup.
   print(sp.decode(out) if args.format == "chat" else args.prompt + sp.decode(out))
   return 0

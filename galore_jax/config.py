@@ -32,6 +32,8 @@ class ConfigError(ValueError):
   """A bad flag value; ``flag`` names it for the CLI's one-line error."""
 
   def __init__(self, flag: str, message: str):
+    # Data errors already name the flag (``--data 'x': ...``): name it once.
+    message = message.removeprefix(f"{flag} ")
     super().__init__(f"{flag}: {message}")
     self.flag = flag
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -304,20 +304,21 @@ def llama3_inv_freq(inv_freq_K2: jax.Array, scaling: tuple[float, float, float, 
 
 
 def rope_cos_sin(
-  seq_len: int, head_dim: int, base: float, scaling: tuple | None = None
+  seq_len: int, head_dim: int, base: float, scaling: tuple | None = None, start: Any = 0
 ) -> tuple[jax.Array, jax.Array]:
-  """Rotary tables, each (seq_len, head_dim) float32, in the rotate_half layout.
+  """Rotary tables for positions ``start .. start + seq_len - 1``, each (seq_len, head_dim)
+  float32, in the rotate_half layout.
 
   Frequency ``i`` rotates the pair (i, i + head_dim/2), not the interleaved
   pair (2i, 2i+1): this is how Hugging Face's LLaMA arranges q/k, so its
-  weights need no permutation. The tables depend only on static shapes, so
-  XLA folds them into constants. ``scaling``: Llama-3 frequency scaling
-  (:func:`llama3_inv_freq`), or None.
+  weights need no permutation. In training the tables depend only on static shapes, so
+  XLA folds them into constants; decoding passes a traced ``start``. ``scaling``: Llama-3
+  frequency scaling (:func:`llama3_inv_freq`), or None.
   """
   inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   if scaling is not None:
     inv_freq_K2 = llama3_inv_freq(inv_freq_K2, scaling)
-  pos_L = jnp.arange(seq_len, dtype=jnp.float32)
+  pos_L = start + jnp.arange(seq_len, dtype=jnp.float32)
   angle_LxK2 = pos_L[:, None] * inv_freq_K2[None, :]
   angle_LxK = jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1)
   return jnp.cos(angle_LxK), jnp.sin(angle_LxK)
@@ -371,6 +372,14 @@ def causal_attention(
   )
 
 
+class KVCache(NamedTuple):
+  """One layer's keys and values (after RoPE) for every position decoded so far, each
+  (batch, max_len, kv_heads, head_dim) in the compute dtype."""
+
+  keys: jax.Array
+  values: jax.Array
+
+
 class Attention(nnx.Module):
   """Multi-head causal self-attention with RoPE.
 
@@ -409,6 +418,38 @@ class Attention(nnx.Module):
     out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.impl)
     return self.o_proj(out_BxLxHxK.reshape(b, seq_len, d))
 
+  def decode(self, x_BxTxD: jax.Array, cache: KVCache, pos: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Attention of T new tokens at positions ``pos .. pos + T - 1`` over themselves and
+    the cached keys / values before them; their own keys / values are written to the cache.
+
+    Cache rows from ``pos + T`` on are masked out, so whatever they hold is never read.
+    """
+    b, t, d = x_BxTxD.shape
+    h, k, g = self.num_heads, self.head_dim, self.num_kv_heads
+    q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, h, k)
+    k_BxTxGxK = self.k_proj(x_BxTxD).reshape(b, t, g, k)
+    v_BxTxGxK = self.v_proj(x_BxTxD).reshape(b, t, g, k)
+    cos_TxK, sin_TxK = rope_cos_sin(t, k, self.rope_base, self.rope_scaling, start=pos)
+    q_BxTxHxK = apply_rope(q_BxTxHxK, cos_TxK, sin_TxK)
+    k_BxTxGxK = apply_rope(k_BxTxGxK, cos_TxK, sin_TxK)
+    at = (0, pos, 0, 0)
+    keys_BxSxGxK = jax.lax.dynamic_update_slice(cache.keys, k_BxTxGxK.astype(cache.keys.dtype), at)
+    values_BxSxGxK = jax.lax.dynamic_update_slice(
+      cache.values, v_BxTxGxK.astype(cache.values.dtype), at
+    )
+    s = keys_BxSxGxK.shape[1]
+    # Query i (position pos + i) sees cache rows 0 .. pos + i.
+    seen_TxS = jnp.arange(s)[None, :] <= (pos + jnp.arange(t))[:, None]
+    out_BxTxHxK = jax.nn.dot_product_attention(
+      q_BxTxHxK,
+      keys_BxSxGxK.astype(q_BxTxHxK.dtype),
+      values_BxSxGxK.astype(q_BxTxHxK.dtype),
+      mask=seen_TxS[None, None],
+      implementation="xla",
+    )
+    out_BxTxD = self.o_proj(out_BxTxHxK.reshape(b, t, d))
+    return out_BxTxD, KVCache(keys_BxSxGxK, values_BxSxGxK)
+
 
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -446,6 +487,11 @@ class DecoderBlock(nnx.Module):
 
   def mlp_residual(self, x_BxLxD: jax.Array) -> jax.Array:
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+  def decode(self, x_BxTxD: jax.Array, cache: KVCache, pos: jax.Array):
+    """The block on T new tokens, attending through ``cache`` (see :meth:`Attention.decode`)."""
+    attended_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), cache, pos)
+    return self.mlp_residual(x_BxTxD + attended_BxTxD), cache
 
 
 def checkpointed(fn, remat: str):
@@ -512,6 +558,30 @@ class Llama(nnx.Module):
     for block in self.layers:
       x_BxLxD = run_block(block, x_BxLxD)
     return self.head(x_BxLxD)
+
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+    """Empty key / value caches for :meth:`decode`, one per layer."""
+    cfg = self.config
+    if max_len > cfg.max_seq_len:
+      raise ValueError(f"max_len {max_len} exceeds max_seq_len {cfg.max_seq_len}")
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    return [KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in self.layers]
+
+  def decode(
+    self, tokens_BxT: jax.Array, caches: list[KVCache], pos: jax.Array
+  ) -> tuple[jax.Array, list[KVCache]]:
+    """Float32 logits (B, T, V) of T tokens placed at positions ``pos .. pos + T - 1``, and
+    the caches with their keys / values added: the same logits as :meth:`__call__` on the
+    whole sequence so far, at the cost of the new tokens only. A prompt goes in at
+    ``pos = 0`` (prefill), then one token per call. ``pos + T`` must not exceed the caches'
+    length (``dynamic_update_slice`` would clamp the write, not fail).
+    """
+    x_BxTxD = embed_lookup(self.embed.embedding[...], tokens_BxT, self.config.dtype)
+    new_caches = []
+    for block, cache in zip(self.layers, caches, strict=True):
+      x_BxTxD, cache = block.decode(x_BxTxD, cache, pos)
+      new_caches.append(cache)
+    return self.head(x_BxTxD), new_caches
 
   def layerwise_stages(self):
     """The model as :class:`galore_jax.layerwise.Stages` for per-layer updates: the embedding,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from galore_jax import checkpoint, distributed
@@ -14,10 +16,20 @@ from galore_jax.config import ConfigError, TrainConfig, check_mesh
 from galore_jax.trainer import Run, setup, tokenizer_hash
 
 
-def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | None = None):
+def load_for_inference(
+  path: str,
+  *,
+  tokenizer: str | None = None,
+  mesh: str | None = None,
+  before_restore: Callable[[Run, Any], None] | None = None,
+):
   """Model graph, params and tokenizer of the latest checkpoint under ``path``, or of the
   step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
   default one device), whatever mesh or number of processes saved it.
+
+  ``before_restore(run, tokenizer)`` runs once the run's configuration is known and before
+  any weight is read, so that a bad flag fails in a second, not after loading a large model.
+  It may run more than once (a pruned checkpoint is read again).
 
   The latest checkpoint of a run that is still training may be pruned while it is read
   (``--keep-checkpoints``); it is then read again, up to 3 times: by then the run has saved a
@@ -33,16 +45,16 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: str | N
     if step is None:
       latest = checkpoint.latest_step(path)
       step = distributed.agree_int(-1 if latest is None else latest)
-    return _load(path, tokenizer, mesh, None if step < 0 else step)
+    return _load(path, tokenizer, mesh, before_restore, None if step < 0 else step)
   for attempt in range(3):
     try:
-      return _load(path, tokenizer, mesh)
+      return _load(path, tokenizer, mesh, before_restore)
     except checkpoint.CheckpointPruned:
       if checkpoint.step_in_path(path) is not None or attempt == 2:
         raise
 
 
-def _load(path: str, tokenizer: str | None, mesh: str | None, step: int | None = None):
+def _load(path: str, tokenizer: str | None, mesh: str | None, before_restore, step=None):
   step, meta = checkpoint.read_meta(path, step)
   saved = meta.get("train_config", {})
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -72,8 +84,35 @@ def _load(path: str, tokenizer: str | None, mesh: str | None, step: int | None =
       f"{want['vocab_size']} (hash {want['tokenizer_sha']})",
     )
   run = setup(cfg, sp.get_piece_size(), meta.get("hf_config"))
+  if before_restore is not None:
+    before_restore(run, sp)
   params = checkpoint.restore(path, step, {"params": run.abstract_params})["params"]
   return run, params, sp, step
+
+
+def _pick(logits_V, key, temperature: float, top_k: int):
+  """The next token: greedy at temperature 0, else drawn from the top-k of the softmax."""
+  if temperature <= 0:
+    return jnp.argmax(logits_V).astype(jnp.int32)
+  top, idx = jax.lax.top_k(logits_V / temperature, top_k)
+  return idx[jax.random.categorical(key, top)].astype(jnp.int32)
+
+
+# Module-level with static settings: a second generate() with the same model and settings
+# reuses the compiled programs (the prompt's per prompt length and cache length).
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k"))
+def _prefill(params, prompt_1xP, key, *, graphdef, max_len, temperature, top_k):
+  model = nnx.merge(graphdef, params)
+  logits_1xPxV, caches = model.decode(prompt_1xP, model.init_cache(1, max_len), 0)
+  return _pick(logits_1xPxV[0, -1], key, temperature, top_k), caches
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "temperature", "top_k"), donate_argnames="caches"
+)
+def _step(params, tok, caches, pos, key, *, graphdef, temperature, top_k):
+  logits_1x1xV, caches = nnx.merge(graphdef, params).decode(tok[None, None], caches, pos)
+  return _pick(logits_1x1xV[0, 0], key, temperature, top_k), caches
 
 
 def generate(
@@ -87,35 +126,38 @@ def generate(
   seed: int = 0,
   eos_id: int | set[int] | None = None,
 ) -> list[int]:
-  """Autoregressive sampling on a fixed-length buffer (one compilation, no KV cache).
-  Stops before ``eos_id`` (one id or a set of them).
+  """Autoregressive sampling with a key / value cache (``Llama.decode``): the prompt in one
+  call, then one token per call, so each new token costs one token's forward pass. Stops
+  before ``eos_id`` (one id or a set of them), or at the model's ``max_seq_len``.
 
-  The model is causal, so logits at position ``t`` ignore the padding after it;
-  recomputing the prefix each token is fine at the sizes this is used for.
+  The one-token step donates the cache buffers, so it updates them in place. Token ``t`` is
+  drawn with key ``fold_in(key(seed), t)``: a reply is a function of the seed alone.
   """
+  if not prompt_ids:
+    raise ValueError("the prompt is empty; pass at least one token")
   max_len = min(run.model_cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
   if len(prompt_ids) >= max_len:
     raise ValueError(
       f"prompt has {len(prompt_ids)} tokens; the model takes at most {run.model_cfg.max_seq_len}"
     )
-
-  @jax.jit
-  def next_token(params, buf, pos, key):
-    logits = nnx.merge(run.graphdef, params)(buf)[0, pos - 1]
-    if temperature <= 0:
-      return jnp.argmax(logits).astype(jnp.int32)
-    top, idx = jax.lax.top_k(logits / temperature, top_k)
-    return idx[jax.random.categorical(key, top)].astype(jnp.int32)
-
-  buf = np.zeros((1, max_len), np.int32)
-  buf[0, : len(prompt_ids)] = prompt_ids
+  static = dict(graphdef=run.graphdef, temperature=float(temperature), top_k=int(top_k))
   key = jax.random.key(seed)
+  pos = len(prompt_ids)  # where the token being chosen goes
+  prompt_1xP = jnp.asarray([prompt_ids], jnp.int32)
+  tok, caches = _prefill(
+    params, prompt_1xP, jax.random.fold_in(key, pos), max_len=max_len, **static
+  )
   stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
   out = []
-  for pos in range(len(prompt_ids), max_len):
-    tok = int(next_token(params, jnp.asarray(buf), pos, jax.random.fold_in(key, pos)))
-    if tok in stops:
+  while True:
+    t = int(tok)
+    if t in stops:
       break
-    buf[0, pos] = tok
-    out.append(tok)
+    out.append(t)
+    if pos + 1 >= max_len:
+      break
+    tok, caches = _step(
+      params, tok, caches, jnp.int32(pos), jax.random.fold_in(key, pos + 1), **static
+    )
+    pos += 1
   return out

@@ -144,30 +144,46 @@ def test_eval_records_name_their_batch_count(lines_run):
   assert summary["eval_batches"] == 2
 
 
-def test_sample_flags_are_named(lines_run, capsys):
+def _no_weights_read(monkeypatch):
+  """A bad flag must fail before the weights are read: for a 7B model that takes minutes."""
+
+  def restore(*_, **__):
+    raise AssertionError("the weights were read before the flags were checked")
+
+  monkeypatch.setattr(checkpoint, "restore", restore)
+
+
+def test_sample_flags_are_named(lines_run, capsys, monkeypatch):
   run = lines_run[0] / "run"
-  for args, flag in [
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--top-k", "0"], "--top-k"),
-    (["--top-k", "100000"], "--top-k"),
-    (["--temperature", "nan"], "--temperature"),
-    (["--temperature", "-1"], "--temperature"),
-  ]:
-    code, _, err = _cli(capsys, "sample", "--checkpoint", run, "--prompt", "It is", *args)
-    assert code == 2
-    _one_line_error(err, flag)
+  with monkeypatch.context() as m:
+    _no_weights_read(m)
+    for args, flag in [
+      (["--max-new-tokens", "0"], "--max-new-tokens"),
+      (["--top-k", "0"], "--top-k"),
+      (["--top-k", "100000"], "--top-k"),
+      (["--temperature", "nan"], "--temperature"),
+      (["--temperature", "-1"], "--temperature"),
+      (["--format", "chat"], "--format"),  # the corpus tokenizer has no chat template
+      (["--prompt", "It is " * 1000], "--prompt"),  # longer than max_seq_len (1024)
+    ]:
+      code, _, err = _cli(capsys, "sample", "--checkpoint", run, "--prompt", "It is", *args)
+      assert code == 2
+      _one_line_error(err, flag)
   code, out, err = _cli(
     capsys, "sample", "--checkpoint", run, "--prompt", "", "--max-new-tokens", "3"
   )
   assert code == 0, err  # an empty prompt starts a new document
 
 
-def test_eval_flags_are_named(lines_run, capsys):
+def test_eval_flags_are_named(lines_run, capsys, monkeypatch):
   run = lines_run[0] / "run"
+  _no_weights_read(monkeypatch)
   for args, flag in [
     (["--batch-size", "-2"], "--batch-size"),
     (["--eval-batches", "0"], "--eval-batches"),
     (["--eval-batches", "some"], "--eval-batches"),
+    (["--batch-size", "3", "--mesh", "fsdp=2"], "--batch-size"),  # rows split over devices
+    (["--data", str(lines_run[0] / "missing.txt")], "--data"),
   ]:
     code, _, err = _cli(capsys, "eval", "--checkpoint", run, *args)
     assert code == 2

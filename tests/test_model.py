@@ -314,6 +314,38 @@ def test_position_matters():
   assert float(jnp.max(jnp.abs(logits[0, 2] - logits[0, 10]))) > 1e-5
 
 
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
+def _decode_jit(graphdef, params, tokens_BxT, caches, pos):
+  return nnx.merge(graphdef, params).decode(tokens_BxT, caches, pos)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, dict(num_kv_heads=2, rope_scaling=(8.0, 1.0, 4.0, 8), tie_embeddings=True)],
+  ids=["mha", "gqa-llama3rope-tied"],
+)
+def test_decode_with_a_cache_gives_the_forward_logits(overrides):
+  """A prompt, then one token at a time through the key / value cache, gives the logits of
+  the whole sequence at once. The cache starts full of noise: rows not yet written must be
+  masked out, not merely zero."""
+  model = _model(_tiny(**overrides))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = _tokens(batch=2, seq=12)
+  want = _forward(model, tokens)
+  caches = [
+    M.KVCache(*(jax.random.normal(jax.random.key(i), c.keys.shape, c.keys.dtype) for i in (0, 1)))
+    for c in model.init_cache(2, 16)
+  ]
+  prompt = 5
+  got, caches = _decode_jit(graphdef, params, tokens[:, :prompt], caches, 0)
+  chex.assert_trees_all_close(got, want[:, :prompt], atol=1e-5)
+  for pos in range(prompt, 12):
+    got, caches = _decode_jit(graphdef, params, tokens[:, pos : pos + 1], caches, jnp.int32(pos))
+    chex.assert_trees_all_close(got[:, 0], want[:, pos], atol=1e-5)
+  with pytest.raises(ValueError, match="max_len 33 exceeds max_seq_len 32"):
+    model.init_cache(1, 33)
+
+
 def test_too_long_sequence_is_an_error():
   model = _model(_tiny(max_seq_len=8))
   forward_shape = lambda seq: jax.eval_shape(

@@ -422,6 +422,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, flag):
   err = capsys.readouterr().err.strip()
   assert err.startswith("galore-jax: error: " + flag), err
   assert len(err.splitlines()) == 1
+  assert err.count(flag + ":") + err.count(flag + " ") == 1, err  # named once, not "--data: --data"
 
 
 def test_cli_empty_data_file(tmp_path, capsys):
