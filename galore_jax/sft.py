@@ -192,6 +192,11 @@ def prompt_ids(tok, prompt: str, fmt: str) -> list[int]:
   if fmt == "prompt":
     rec: dict[str, Any] = {"prompt": prompt, "completion": ""}
   elif fmt == "chat":
+    if not getattr(tok, "chat_template", None):
+      raise ValueError(
+        "chat: the tokenizer has no chat template (chat_template in tokenizer_config.json); "
+        "use --format text or prompt"
+      )
     turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     rec = {"messages": turns}
   else:
