@@ -263,8 +263,9 @@ def _cmd_eval(args) -> int:
   from galore_jax import data, distributed, sample, trainer
   from galore_jax.config import ConfigError, absolute_source, check_mesh
 
-  if args.batch_size is not None and args.batch_size < 1:
-    raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
+  for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+    if value is not None and value < 1:
+      raise ConfigError(flag, f"must be >= 1, got {value}")
   n_batches = _eval_batches_flag(args.eval_batches)
   _join_job(args)
   prepared = {}
@@ -274,8 +275,13 @@ def _cmd_eval(args) -> int:
       run.cfg,
       data=absolute_source(args.data) if args.data else run.cfg.data,
       batch_size=args.batch_size or run.cfg.batch_size,
+      seq_len=args.seq_len or run.cfg.seq_len,
       packing=run.cfg.packing if args.packing is None else args.packing,
     )
+    if cfg.seq_len > run.model_cfg.max_seq_len:
+      raise ConfigError(
+        "--seq-len", f"{cfg.seq_len} exceeds the model's maximum {run.model_cfg.max_seq_len}"
+      )
     check_mesh(args.mesh, cfg.batch_size)
     n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
     try:
@@ -433,10 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=_cmd_train)
 
   p = sub.add_parser("eval", help="validation perplexity of a checkpoint")
-  p.add_argument("--checkpoint", required=True, help="run directory or its checkpoints/")
+  p.add_argument(
+    "--checkpoint",
+    required=True,
+    help="run directory, its checkpoints/ or checkpoints/STEP, or a Hugging Face model "
+    "directory (the model before training)",
+  )
   p.add_argument("--data", default=None, help="default: the data the run trained on")
   p.add_argument("--tokenizer", default=None)
-  p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+  p.add_argument("--seq-len", type=int, default=None, help="default: the run's")
   p.add_argument(
     "--eval-batches",
     default=None,
@@ -473,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=_cmd_export)
 
   p = sub.add_parser("sample", help="generate text from a checkpoint")
-  p.add_argument("--checkpoint", required=True)
+  p.add_argument(
+    "--checkpoint", required=True, help="as for eval (a run, a step, or a Hugging Face model)"
+  )
   p.add_argument("--prompt", required=True, help="'' starts a new document")
   p.add_argument(
     "--format",

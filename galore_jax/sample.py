@@ -1,9 +1,11 @@
-"""Loading a trained model from its checkpoint, and sampling from it (``eval`` / ``sample``)."""
+"""Loading a model for ``eval`` / ``sample`` / ``export`` (a run's checkpoint, or a Hugging
+Face model directory as it is before any training), and sampling from it."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +25,12 @@ def load_for_inference(
   mesh: str | None = None,
   before_restore: Callable[[Run, Any], None] | None = None,
 ):
-  """Model graph, params and tokenizer of the latest checkpoint under ``path``, or of the
-  step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
+  """Model graph, params, tokenizer and step of the latest checkpoint under ``path``, or of
+  the step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
   default one device), whatever mesh or number of processes saved it.
+
+  A Hugging Face model directory (``config.json`` and safetensors) loads as ``train
+  --init-from`` would start from it, at step 0, in float32: the model before fine-tuning.
 
   ``before_restore(run, tokenizer)`` runs once the run's configuration is known and before
   any weight is read, so that a bad flag fails in a second, not after loading a large model.
@@ -37,6 +42,8 @@ def load_for_inference(
   process 0 chooses the step.
   """
   check_mesh(mesh)
+  if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+    return _load_hugging_face(path, tokenizer, mesh, before_restore)
   if distributed.is_multiprocess():
     # Every process must restore the same checkpoint, but a run still saving can give two
     # processes different latest steps: process 0 picks it. No second try (the processes
@@ -52,6 +59,37 @@ def load_for_inference(
     except checkpoint.CheckpointPruned:
       if checkpoint.step_in_path(path) is not None or attempt == 2:
         raise
+
+
+def _load_hugging_face(path: str, tokenizer: str | None, mesh: str | None, before_restore):
+  from galore_jax import data, hf
+
+  path = os.path.abspath(os.path.expanduser(path))
+  tokenizer = tokenizer or hf.find_tokenizer(path)
+  if tokenizer is None:
+    raise ConfigError("--tokenizer", f"{path} has no tokenizer.json or tokenizer.model; name one")
+  try:
+    sp = data.load_tokenizer(str(tokenizer))
+  except (OSError, ValueError) as e:
+    raise ConfigError("--tokenizer", str(e)) from e
+  try:
+    hf_config = hf.read_config_dict(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--checkpoint", str(e)) from e
+  cfg = TrainConfig(init_from=path, tokenizer=str(tokenizer), mesh=mesh, optimizer="adamw")
+  try:
+    run = setup(cfg, sp.get_piece_size(), hf_config)
+  except ConfigError as e:
+    if e.flag != "--model":  # a config.json the model cannot reproduce: the directory's fault
+      raise
+    raise ConfigError("--checkpoint", str(e).removeprefix("--model: ")) from e
+  if before_restore is not None:
+    before_restore(run, sp)
+  try:
+    params = hf.load_pretrained(path, config=run.model_cfg, shardings=run.dense_sharding)[1]
+  except (OSError, ValueError) as e:
+    raise ConfigError("--checkpoint", str(e)) from e
+  return run, params, sp, 0
 
 
 def _load(path: str, tokenizer: str | None, mesh: str | None, before_restore, step=None):

@@ -529,6 +529,55 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
 
 
+def test_eval_and_sample_read_a_hugging_face_directory(trained_run, tmp_path, capsys):
+  """The model before fine-tuning, straight from its directory: eval's loss is transformers'
+  on the same windows, and greedy sampling (through our key / value cache) is transformers'
+  greedy generate."""
+  r = trained_run
+  tokfile = str(r["init"] / "tokenizer.json")
+  args = ["eval", "--checkpoint", str(r["init"]), "--data", str(r["held"]), "--no-packing"]
+  args += ["--eval-batches", "2", "--batch-size", "4", "--seq-len", "32", "--json"]
+  assert cli.main(args) == 0
+  ours = json.loads(capsys.readouterr().out)
+  model = transformers.AutoModelForCausalLM.from_pretrained(r["init"], dtype=torch.float32).eval()
+  windows = data.eval_batches(
+    data.DataConfig(
+      source=str(r["held"]), seq_len=32, batch_size=4, packing=False, tokenizer=tokfile
+    ),
+    2,
+  )
+  sums = [_hf_loss(model, b) for b in windows]
+  theirs = sum(s for s, _ in sums) / sum(n for _, n in sums)
+  assert ours["step"] == 0 and ours["batches"] == 2
+  assert abs(ours["eval_loss"] - theirs) <= 1e-4, (ours["eval_loss"], theirs)
+
+  run, params, tok, step = sample.load_for_inference(str(r["init"]))
+  prompt = tok.encode("what is one add two ?")
+  with torch.no_grad():
+    out = model.generate(
+      torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id()
+    )[0, len(prompt) :].tolist()
+  want = out[: out.index(tok.eos_id())] if tok.eos_id() in out else out
+  got = sample.generate(run, params, prompt, max_new_tokens=12, temperature=0, eos_id=tok.eos_id())
+  assert got == want and len(want) > 2, (got, out)
+  assert (
+    cli.main(["sample", "--checkpoint", str(r["init"]), "--prompt", "hi", "--format", "chat"]) == 0
+  )
+
+  capsys.readouterr()  # the chat reply, and transformers' loading bars
+  # Bad flags name themselves; a directory without a tokenizer asks for one.
+  for extra, flag in ((["--seq-len", "100000"], "--seq-len"), (["--seq-len", "0"], "--seq-len")):
+    assert cli.main(["eval", "--checkpoint", str(r["init"]), *extra]) == 2
+    assert capsys.readouterr().err.startswith(f"galore-jax: error: {flag}:")
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for f in r["init"].iterdir():
+    if not f.name.startswith("tokenizer"):
+      (bare / f.name).symlink_to(f)
+  assert cli.main(["eval", "--checkpoint", str(bare)]) == 2
+  assert "has no tokenizer.json or tokenizer.model" in capsys.readouterr().err
+
+
 def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsys):
   """sample --format prompt / chat feed the model what its fine-tuning examples held before
   the trained reply: [BOS] prompt, or the chat template's generation prompt."""
