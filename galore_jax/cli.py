@@ -259,6 +259,20 @@ def _cmd_train(args) -> int:
   return 0
 
 
+def _add_inference_dtype_flags(p) -> None:
+  from galore_jax.config import DTYPES
+
+  p.add_argument(
+    "--dtype", default=None, choices=tuple(DTYPES), help="compute dtype (default: the run's)"
+  )
+  p.add_argument(
+    "--param-dtype",
+    default=None,
+    choices=tuple(DTYPES),
+    help="weights of a Hugging Face directory (default float32; a run's load as trained)",
+  )
+
+
 def _cmd_eval(args) -> int:
   from galore_jax import data, distributed, sample, trainer
   from galore_jax.config import ConfigError, absolute_source, check_mesh
@@ -294,6 +308,8 @@ def _cmd_eval(args) -> int:
     args.checkpoint,
     tokenizer=args.tokenizer,
     mesh=args.mesh,
+    dtype=args.dtype,
+    param_dtype=args.param_dtype,
     before_restore=check_flags_and_read_data,
   )
   cfg, batches = prepared["cfg"], prepared["batches"]
@@ -331,6 +347,8 @@ def _cmd_sample(args) -> int:
 
   if args.max_new_tokens < 1:
     raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+  if not 0 < args.top_p <= 1:  # NaN fails too
+    raise ConfigError("--top-p", f"must be in (0, 1], got {args.top_p}")
   if not (math.isfinite(args.temperature) and args.temperature >= 0):
     raise ConfigError(
       "--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}"
@@ -355,7 +373,12 @@ def _cmd_sample(args) -> int:
       )
 
   run, params, sp, _ = sample.load_for_inference(
-    args.checkpoint, tokenizer=args.tokenizer, mesh=args.mesh, before_restore=check_flags
+    args.checkpoint,
+    tokenizer=args.tokenizer,
+    mesh=args.mesh,
+    dtype=args.dtype,
+    param_dtype=args.param_dtype,
+    before_restore=check_flags,
   )
   out = sample.generate(
     run,
@@ -364,6 +387,7 @@ def _cmd_sample(args) -> int:
     max_new_tokens=args.max_new_tokens,
     temperature=args.temperature,
     top_k=args.top_k,
+    top_p=args.top_p,
     seed=args.seed,
     eos_id=sft.reply_end_ids(sp, args.format),
   )
@@ -449,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", default=None)
   p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
   p.add_argument("--seq-len", type=int, default=None, help="default: the run's")
+  _add_inference_dtype_flags(p)
   p.add_argument(
     "--eval-batches",
     default=None,
@@ -500,7 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=40)
+  p.add_argument(
+    "--top-p", type=float, default=1.0, help="nucleus sampling within the top-k (1: off)"
+  )
   p.add_argument("--seed", type=int, default=0)
+  _add_inference_dtype_flags(p)
   p.add_argument("--tokenizer", default=None)
   p.add_argument(
     "--mesh", default=None, help="data=N,fsdp=M: weights sharded over fsdp (default: one device)"

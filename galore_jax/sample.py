@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from galore_jax import checkpoint, distributed
-from galore_jax.config import ConfigError, TrainConfig, check_mesh
+from galore_jax.config import DTYPES, ConfigError, TrainConfig, check_mesh
 from galore_jax.trainer import Run, setup, tokenizer_hash
 
 
@@ -23,14 +23,18 @@ def load_for_inference(
   *,
   tokenizer: str | None = None,
   mesh: str | None = None,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
   before_restore: Callable[[Run, Any], None] | None = None,
 ):
   """Model graph, params, tokenizer and step of the latest checkpoint under ``path``, or of
   the step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
   default one device), whatever mesh or number of processes saved it.
 
-  A Hugging Face model directory (``config.json`` and safetensors) loads as ``train
-  --init-from`` would start from it, at step 0, in float32: the model before fine-tuning.
+  ``dtype`` is the compute dtype (default: the run's). A run's weights load in the dtype
+  they were trained in; ``param_dtype`` may only name it. A Hugging Face model directory
+  (``config.json`` and safetensors) loads as ``train --init-from`` would start from it, at
+  step 0, its weights in ``param_dtype`` (default float32): the model before fine-tuning.
 
   ``before_restore(run, tokenizer)`` runs once the run's configuration is known and before
   any weight is read, so that a bad flag fails in a second, not after loading a large model.
@@ -42,8 +46,20 @@ def load_for_inference(
   process 0 chooses the step.
   """
   check_mesh(mesh)
+  for flag, value in (("--dtype", dtype), ("--param-dtype", param_dtype)):
+    if value is not None and value not in DTYPES:
+      raise ConfigError(flag, f"expected one of {', '.join(DTYPES)}, got {value!r}")
   if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-    return _load_hugging_face(path, tokenizer, mesh, before_restore)
+    return _load_hugging_face(path, tokenizer, mesh, dtype, param_dtype, before_restore)
+  load = functools.partial(
+    _load,
+    path,
+    tokenizer,
+    mesh,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    before_restore=before_restore,
+  )
   if distributed.is_multiprocess():
     # Every process must restore the same checkpoint, but a run still saving can give two
     # processes different latest steps: process 0 picks it. No second try (the processes
@@ -52,16 +68,16 @@ def load_for_inference(
     if step is None:
       latest = checkpoint.latest_step(path)
       step = distributed.agree_int(-1 if latest is None else latest)
-    return _load(path, tokenizer, mesh, before_restore, None if step < 0 else step)
+    return load(step=None if step < 0 else step)
   for attempt in range(3):
     try:
-      return _load(path, tokenizer, mesh, before_restore)
+      return load()
     except checkpoint.CheckpointPruned:
       if checkpoint.step_in_path(path) is not None or attempt == 2:
         raise
 
 
-def _load_hugging_face(path: str, tokenizer: str | None, mesh: str | None, before_restore):
+def _load_hugging_face(path, tokenizer, mesh, dtype, param_dtype, before_restore):
   from galore_jax import data, hf
 
   path = os.path.abspath(os.path.expanduser(path))
@@ -76,7 +92,14 @@ def _load_hugging_face(path: str, tokenizer: str | None, mesh: str | None, befor
     hf_config = hf.read_config_dict(path)
   except (OSError, ValueError) as e:
     raise ConfigError("--checkpoint", str(e)) from e
-  cfg = TrainConfig(init_from=path, tokenizer=str(tokenizer), mesh=mesh, optimizer="adamw")
+  cfg = TrainConfig(
+    init_from=path,
+    tokenizer=str(tokenizer),
+    mesh=mesh,
+    optimizer="adamw",
+    param_dtype=param_dtype or "float32",
+    dtype=dtype or "float32",
+  )
   try:
     run = setup(cfg, sp.get_piece_size(), hf_config)
   except ConfigError as e:
@@ -92,12 +115,19 @@ def _load_hugging_face(path: str, tokenizer: str | None, mesh: str | None, befor
   return run, params, sp, 0
 
 
-def _load(path: str, tokenizer: str | None, mesh: str | None, before_restore, step=None):
+def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=None):
   step, meta = checkpoint.read_meta(path, step)
   saved = meta.get("train_config", {})
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-  cfg = dataclasses.replace(cfg, mesh=mesh, tokenizer=tokenizer or cfg.tokenizer)
+  if param_dtype is not None and param_dtype != cfg.param_dtype:
+    raise ConfigError(
+      "--param-dtype",
+      f"the run's weights are {cfg.param_dtype} (its --param-dtype); they load as trained",
+    )
+  cfg = dataclasses.replace(
+    cfg, mesh=mesh, tokenizer=tokenizer or cfg.tokenizer, dtype=dtype or cfg.dtype
+  )
   from galore_jax import data
 
   try:
@@ -128,29 +158,38 @@ def _load(path: str, tokenizer: str | None, mesh: str | None, before_restore, st
   return run, params, sp, step
 
 
-def _pick(logits_V, key, temperature: float, top_k: int):
-  """The next token: greedy at temperature 0, else drawn from the top-k of the softmax."""
+def _pick(logits_V, key, temperature: float, top_k: int, top_p: float):
+  """The next token: greedy at temperature 0, else drawn from the softmax restricted to the
+  ``top_k`` most likely tokens and, of those, to the fewest whose probability reaches
+  ``top_p`` (nucleus sampling, Holtzman et al. 2020; 1.0 keeps all ``top_k``)."""
   if temperature <= 0:
     return jnp.argmax(logits_V).astype(jnp.int32)
-  top, idx = jax.lax.top_k(logits_V / temperature, top_k)
-  return idx[jax.random.categorical(key, top)].astype(jnp.int32)
+  top_K, idx_K = jax.lax.top_k(logits_V / temperature, top_k)  # sorted, most likely first
+  if top_p < 1.0:
+    prob_K = jax.nn.softmax(top_K)
+    # Keep token i if the tokens before it hold less than top_p: the first is always kept.
+    before_K = jnp.cumsum(prob_K) - prob_K
+    top_K = jnp.where(before_K < top_p, top_K, -jnp.inf)
+  return idx_K[jax.random.categorical(key, top_K)].astype(jnp.int32)
 
 
 # Module-level with static settings: a second generate() with the same model and settings
 # reuses the compiled programs (the prompt's per prompt length and cache length).
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k"))
-def _prefill(params, prompt_1xP, key, *, graphdef, max_len, temperature, top_k):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k", "top_p")
+)
+def _prefill(params, prompt_1xP, key, *, graphdef, max_len, temperature, top_k, top_p):
   model = nnx.merge(graphdef, params)
   logits_1xPxV, caches = model.decode(prompt_1xP, model.init_cache(1, max_len), 0)
-  return _pick(logits_1xPxV[0, -1], key, temperature, top_k), caches
+  return _pick(logits_1xPxV[0, -1], key, temperature, top_k, top_p), caches
 
 
 @functools.partial(
-  jax.jit, static_argnames=("graphdef", "temperature", "top_k"), donate_argnames="caches"
+  jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"), donate_argnames="caches"
 )
-def _step(params, tok, caches, pos, key, *, graphdef, temperature, top_k):
+def _step(params, tok, caches, pos, key, *, graphdef, temperature, top_k, top_p):
   logits_1x1xV, caches = nnx.merge(graphdef, params).decode(tok[None, None], caches, pos)
-  return _pick(logits_1x1xV[0, 0], key, temperature, top_k), caches
+  return _pick(logits_1x1xV[0, 0], key, temperature, top_k, top_p), caches
 
 
 def generate(
@@ -161,6 +200,7 @@ def generate(
   max_new_tokens: int,
   temperature: float = 0.8,
   top_k: int = 40,
+  top_p: float = 1.0,
   seed: int = 0,
   eos_id: int | set[int] | None = None,
 ) -> list[int]:
@@ -178,7 +218,11 @@ def generate(
     raise ValueError(
       f"prompt has {len(prompt_ids)} tokens; the model takes at most {run.model_cfg.max_seq_len}"
     )
-  static = dict(graphdef=run.graphdef, temperature=float(temperature), top_k=int(top_k))
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  static = dict(
+    graphdef=run.graphdef, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
+  )
   key = jax.random.key(seed)
   pos = len(prompt_ids)  # where the token being chosen goes
   prompt_1xP = jnp.asarray([prompt_ids], jnp.int32)

@@ -163,6 +163,8 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch):
       (["--top-k", "100000"], "--top-k"),
       (["--temperature", "nan"], "--temperature"),
       (["--temperature", "-1"], "--temperature"),
+      (["--top-p", "0"], "--top-p"),
+      (["--top-p", "nan"], "--top-p"),
       (["--format", "chat"], "--format"),  # the corpus tokenizer has no chat template
       (["--prompt", "It is " * 1000], "--prompt"),  # longer than max_seq_len (1024)
     ]:
@@ -184,6 +186,7 @@ def test_eval_flags_are_named(lines_run, capsys, monkeypatch):
     (["--eval-batches", "some"], "--eval-batches"),
     (["--batch-size", "3", "--mesh", "fsdp=2"], "--batch-size"),  # rows split over devices
     (["--data", str(lines_run[0] / "missing.txt")], "--data"),
+    (["--param-dtype", "bfloat16"], "--param-dtype"),  # a run's weights load as trained
   ]:
     code, _, err = _cli(capsys, "eval", "--checkpoint", run, *args)
     assert code == 2

@@ -550,6 +550,17 @@ def test_eval_and_sample_read_a_hugging_face_directory(trained_run, tmp_path, ca
   theirs = sum(s for s, _ in sums) / sum(n for _, n in sums)
   assert ours["step"] == 0 and ours["batches"] == 2
   assert abs(ours["eval_loss"] - theirs) <= 1e-4, (ours["eval_loss"], theirs)
+  # In bfloat16, weights and compute (how a 7B model fits a 24 GB card): close, not equal.
+  assert cli.main([*args, "--param-dtype", "bfloat16", "--dtype", "bfloat16"]) == 0
+  half = json.loads(capsys.readouterr().out)["eval_loss"]
+  assert 0 < abs(half - ours["eval_loss"]) < 2e-2, (half, ours["eval_loss"])
+  _, params16, _, _ = sample.load_for_inference(str(r["init"]), param_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
+  # A run's compute dtype may change too (its weights load as trained: float32 here).
+  run_args = ["eval", "--checkpoint", str(r["run"]), "--eval-batches", "1", "--json"]
+  assert cli.main(run_args) == 0 and cli.main([*run_args, "--dtype", "bfloat16"]) == 0
+  full, half = (json.loads(x)["eval_loss"] for x in capsys.readouterr().out.splitlines())
+  assert 0 < abs(half - full) < 2e-2, (half, full)
 
   run, params, tok, step = sample.load_for_inference(str(r["init"]))
   prompt = tok.encode("what is one add two ?")

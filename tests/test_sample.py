@@ -83,6 +83,32 @@ def test_sampling_is_a_function_of_the_seed(tiny):
   assert (sample._prefill._cache_size(), sample._step._cache_size()) == compiled
 
 
+def test_nucleus_sampling(tiny):
+  """top_p keeps the fewest most likely tokens whose probability reaches it: a tiny top_p is
+  greedy, 1.0 is plain top-k sampling, and in between only nucleus tokens are drawn."""
+  run, params = tiny
+  prompt = [5, 6]
+  draw = lambda **kw: sample.generate(run, params, prompt, max_new_tokens=8, seed=4, **kw)
+  assert draw(top_p=1e-6) == sample.generate(run, params, prompt, max_new_tokens=8, temperature=0)
+  assert draw(top_p=1.0) == draw()
+  # The first token at top_p 0.5 (temperature 3: a wide distribution) is always within the
+  # nucleus of the prompt's distribution, and not always the same token.
+  logits = nnx.merge(run.graphdef, params)(jnp.asarray([prompt]))[0, -1] / 3.0
+  prob = np.sort(np.asarray(jax.nn.softmax(logits)))[::-1]
+  order = np.argsort(-np.asarray(logits))
+  nucleus = set(order[: int(np.searchsorted(np.cumsum(prob), 0.5)) + 1].tolist())
+  firsts = {
+    sample.generate(
+      run, params, prompt, max_new_tokens=1, seed=s, temperature=3.0, top_k=VOCAB, top_p=0.5
+    )[0]
+    for s in range(12)
+  }
+  assert firsts <= nucleus and len(firsts) > 1, (firsts, nucleus)
+  assert len(nucleus) < VOCAB // 4  # a real restriction
+  with pytest.raises(ValueError, match="top_p"):
+    draw(top_p=0.0)
+
+
 def test_bad_prompts_are_errors(tiny):
   run, params = tiny
   with pytest.raises(ValueError, match="prompt is empty"):
