@@ -438,7 +438,9 @@ class Attention(nnx.Module):
       cache.values, v_BxTxGxK.astype(cache.values.dtype), at
     )
     s = keys_BxSxGxK.shape[1]
-    # Query i (position pos + i) sees cache rows 0 .. pos + i.
+    # Query i (position pos + i) sees cache rows 0 .. pos + i. An explicit mask and XLA's
+    # attention whatever attention_impl says: decoding's queries sit at a traced offset into
+    # the cache, which a causal flag (aligned at row 0) cannot express.
     seen_TxS = jnp.arange(s)[None, :] <= (pos + jnp.arange(t))[:, None]
     out_BxTxHxK = jax.nn.dot_product_attention(
       q_BxTxHxK,
