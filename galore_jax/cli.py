@@ -273,9 +273,24 @@ def _add_inference_dtype_flags(p) -> None:
   )
 
 
+def _load_for_inference(args, before_restore):
+  """``eval`` / ``sample``: the model ``--checkpoint`` names, with their shared flags;
+  ``before_restore(run, tokenizer)`` checks the others before any weight is read."""
+  from galore_jax import sample
+
+  return sample.load_for_inference(
+    args.checkpoint,
+    tokenizer=args.tokenizer,
+    mesh=args.mesh,
+    dtype=args.dtype,
+    param_dtype=args.param_dtype,
+    before_restore=before_restore,
+  )
+
+
 def _cmd_eval(args) -> int:
-  from galore_jax import data, distributed, sample, trainer
-  from galore_jax.config import ConfigError, absolute_source, check_mesh
+  from galore_jax import data, distributed, trainer
+  from galore_jax.config import ConfigError, absolute_source, check_mesh, check_seq_len
 
   for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
     if value is not None and value < 1:
@@ -292,10 +307,7 @@ def _cmd_eval(args) -> int:
       seq_len=args.seq_len or run.cfg.seq_len,
       packing=run.cfg.packing if args.packing is None else args.packing,
     )
-    if cfg.seq_len > run.model_cfg.max_seq_len:
-      raise ConfigError(
-        "--seq-len", f"{cfg.seq_len} exceeds the model's maximum {run.model_cfg.max_seq_len}"
-      )
+    check_seq_len(cfg.seq_len, cfg.init_from or cfg.model, run.model_cfg.max_seq_len)
     check_mesh(args.mesh, cfg.batch_size)
     n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
     try:
@@ -304,14 +316,7 @@ def _cmd_eval(args) -> int:
       raise ConfigError("--data", str(e)) from e
     prepared.update(cfg=cfg, batches=batches)
 
-  run, params, _, step = sample.load_for_inference(
-    args.checkpoint,
-    tokenizer=args.tokenizer,
-    mesh=args.mesh,
-    dtype=args.dtype,
-    param_dtype=args.param_dtype,
-    before_restore=check_flags_and_read_data,
-  )
+  run, params, _, step = _load_for_inference(args, check_flags_and_read_data)
   cfg, batches = prepared["cfg"], prepared["batches"]
   # Every process reads the whole validation set and places its rows of each batch (as
   # train's evaluation does); the loss comes back replicated, and process 0 reports it.
@@ -366,20 +371,12 @@ def _cmd_sample(args) -> int:
       prompt[:] = sft.prompt_ids(sp, args.prompt, args.format)  # [:]: a retried read calls again
     except ValueError as e:
       raise ConfigError("--format", str(e)) from e
-    if len(prompt) >= run.model_cfg.max_seq_len:
-      raise ConfigError(
-        "--prompt",
-        f"takes {len(prompt)} tokens; the model takes at most {run.model_cfg.max_seq_len}",
-      )
+    try:
+      sample.check_prompt(prompt, run.model_cfg)
+    except ValueError as e:
+      raise ConfigError("--prompt", str(e)) from e
 
-  run, params, sp, _ = sample.load_for_inference(
-    args.checkpoint,
-    tokenizer=args.tokenizer,
-    mesh=args.mesh,
-    dtype=args.dtype,
-    param_dtype=args.param_dtype,
-    before_restore=check_flags,
-  )
+  run, params, sp, _ = _load_for_inference(args, check_flags)
   out = sample.generate(
     run,
     params,

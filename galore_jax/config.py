@@ -212,10 +212,7 @@ def validate(cfg: TrainConfig) -> None:
   ]:
     if value < 1:
       raise ConfigError(flag, f"must be >= 1, got {value}")
-  if cfg.seq_len > mc.max_seq_len:
-    raise ConfigError(
-      "--seq-len", f"{cfg.seq_len} exceeds {cfg.model}'s maximum sequence length {mc.max_seq_len}"
-    )
+  check_seq_len(cfg.seq_len, cfg.model, mc.max_seq_len)
   smallest = min(mc.hidden_size, mc.intermediate_size)
   if cfg.is_galore and cfg.rank > smallest:
     raise ConfigError(
@@ -273,6 +270,14 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.stop_after is not None and cfg.stop_after < 1:
     raise ConfigError("--stop-after", f"must be >= 1, got {cfg.stop_after}")
   check_mesh(cfg.mesh, cfg.batch_size)
+
+
+def check_seq_len(seq_len: int, model: str, max_seq_len: int) -> None:
+  """``--seq-len`` fits the model; raises ConfigError. Shared by ``train`` and ``eval``."""
+  if seq_len > max_seq_len:
+    raise ConfigError(
+      "--seq-len", f"{seq_len} exceeds {model}'s maximum sequence length {max_seq_len}"
+    )
 
 
 def check_mesh(mesh: str | None, batch_size: int | None = None) -> None:

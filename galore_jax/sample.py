@@ -192,6 +192,17 @@ def _step(params, tok, caches, pos, key, *, graphdef, temperature, top_k, top_p)
   return _pick(logits_1x1xV[0, 0], key, temperature, top_k, top_p), caches
 
 
+def check_prompt(prompt_ids: list[int], model_cfg) -> None:
+  """A prompt :func:`generate` can continue: at least one token, and room for one more
+  within the model's ``max_seq_len``; raises ValueError."""
+  if not prompt_ids:
+    raise ValueError("the prompt is empty; pass at least one token")
+  if len(prompt_ids) >= model_cfg.max_seq_len:
+    raise ValueError(
+      f"prompt has {len(prompt_ids)} tokens; the model takes at most {model_cfg.max_seq_len}"
+    )
+
+
 def generate(
   run: Run,
   params,
@@ -211,13 +222,10 @@ def generate(
   The one-token step donates the cache buffers, so it updates them in place. Token ``t`` is
   drawn with key ``fold_in(key(seed), t)``: a reply is a function of the seed alone.
   """
-  if not prompt_ids:
-    raise ValueError("the prompt is empty; pass at least one token")
+  check_prompt(prompt_ids, run.model_cfg)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   max_len = min(run.model_cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
-  if len(prompt_ids) >= max_len:
-    raise ValueError(
-      f"prompt has {len(prompt_ids)} tokens; the model takes at most {run.model_cfg.max_seq_len}"
-    )
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   static = dict(
