@@ -333,6 +333,33 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _read_prompts(path: str) -> list[str]:
+  """``sample --prompts``: the ``"prompt"`` string of each JSON line of ``path``."""
+  from galore_jax.config import ConfigError
+
+  try:
+    with open(os.path.expanduser(path), encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise ConfigError("--prompts", f"{path}: {e.strerror or e}") from e
+  except UnicodeDecodeError as e:
+    raise ConfigError("--prompts", f"{path}: not UTF-8 text ({e.reason})") from e
+  texts = []
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError("--prompts", f"{path} line {i}: not JSON ({e.msg})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+      raise ConfigError("--prompts", f'{path} line {i}: expected {{"prompt": "..."}}')
+    texts.append(record["prompt"])
+  if not texts:
+    raise ConfigError("--prompts", f"{path} holds no prompt")
+  return texts
+
+
 def _eval_batches_flag(value: str | None) -> int | str | None:
   """``--eval-batches``: None -> the run's own count ("run"), ``all`` -> None, else N >= 1."""
   if value is None:
@@ -358,29 +385,33 @@ def _cmd_sample(args) -> int:
     raise ConfigError(
       "--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}"
     )
+  if args.batch_size < 1:
+    raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
   from galore_jax import sft
 
-  prompt = []
+  texts = [args.prompt] if args.prompts is None else _read_prompts(args.prompts)
+  prompts: list[list[int]] = []
 
   def check_flags(run, sp):  # before the weights: a bad flag fails at once
     if not 1 <= args.top_k <= sp.get_piece_size():
       raise ConfigError(
         "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
       )
-    try:
-      prompt[:] = sft.prompt_ids(sp, args.prompt, args.format)  # [:]: a retried read calls again
-    except ValueError as e:
-      raise ConfigError("--format", str(e)) from e
-    try:
-      sample.check_prompt(prompt, run.model_cfg)
-    except ValueError as e:
-      raise ConfigError("--prompt", str(e)) from e
+    flag = "--prompt" if args.prompts is None else "--prompts"
+    prompts.clear()  # a retried read calls again
+    for i, text in enumerate(texts):
+      where = "" if args.prompts is None else f"{args.prompts} line {i + 1}: "
+      try:
+        prompts.append(sft.prompt_ids(sp, text, args.format))
+      except ValueError as e:
+        raise ConfigError("--format", str(e)) from e
+      try:
+        sample.check_prompt(prompts[-1], run.model_cfg)
+      except ValueError as e:
+        raise ConfigError(flag, where + str(e)) from e
 
   run, params, sp, _ = _load_for_inference(args, check_flags)
-  out = sample.generate(
-    run,
-    params,
-    prompt,
+  settings = dict(
     max_new_tokens=args.max_new_tokens,
     temperature=args.temperature,
     top_k=args.top_k,
@@ -388,8 +419,22 @@ def _cmd_sample(args) -> int:
     seed=args.seed,
     eos_id=sft.reply_end_ids(sp, args.format),
   )
-  # A chat reply alone: the prompt came back inside the template's markup.
-  print(sp.decode(out) if args.format == "chat" else args.prompt + sp.decode(out))
+  if args.prompts is None:
+    reply = sample.generate(run, params, prompts[0], **settings)
+    text = sample.reply_text(sp, prompts[0], reply)
+    # A chat reply alone: the prompt would come back inside the template's markup.
+    print(text if args.format == "chat" else args.prompt + text)
+    return 0
+  n = args.batch_size
+  for start in range(0, len(prompts), n):
+    batch = prompts[start : start + n]
+    # The last batch is filled up with copies, so that every batch runs the same programs.
+    filled = batch + [batch[-1]] * (n - len(batch)) if len(prompts) > n else batch
+    replies = sample.generate_batch(run, params, filled, first_index=start, **settings)
+    for i, reply in enumerate(replies[: len(batch)]):
+      text, ids = texts[start + i], prompts[start + i]
+      completion = sample.reply_text(sp, ids, reply)
+      print(json.dumps({"prompt": text, "completion": completion}), flush=True)
   return 0
 
 
@@ -510,7 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--checkpoint", required=True, help="as for eval (a run, a step, or a Hugging Face model)"
   )
-  p.add_argument("--prompt", required=True, help="'' starts a new document")
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--prompt", help="'' starts a new document")
+  which.add_argument(
+    "--prompts",
+    metavar="FILE",
+    help='JSON lines {"prompt": "..."}, sampled --batch-size at a time; prints JSON lines '
+    '{"prompt", "completion"} (the reply alone) as each batch ends',
+  )
+  p.add_argument(
+    "--batch-size", type=int, default=8, help="prompts decoded together with --prompts"
+  )
   p.add_argument(
     "--format",
     default="text",

@@ -307,7 +307,8 @@ def rope_cos_sin(
   seq_len: int, head_dim: int, base: float, scaling: tuple | None = None, start: Any = 0
 ) -> tuple[jax.Array, jax.Array]:
   """Rotary tables for positions ``start .. start + seq_len - 1``, each (seq_len, head_dim)
-  float32, in the rotate_half layout.
+  float32, in the rotate_half layout; a (batch, 1) ``start`` gives each row its own
+  positions and (batch, seq_len, head_dim) tables.
 
   Frequency ``i`` rotates the pair (i, i + head_dim/2), not the interleaved
   pair (2i, 2i+1): this is how Hugging Face's LLaMA arranges q/k, so its
@@ -318,21 +319,22 @@ def rope_cos_sin(
   inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   if scaling is not None:
     inv_freq_K2 = llama3_inv_freq(inv_freq_K2, scaling)
-  pos_L = start + jnp.arange(seq_len, dtype=jnp.float32)
-  angle_LxK2 = pos_L[:, None] * inv_freq_K2[None, :]
+  pos_L = start + jnp.arange(seq_len, dtype=jnp.float32)  # (seq_len,) or (batch, seq_len)
+  angle_LxK2 = pos_L[..., None] * inv_freq_K2
   angle_LxK = jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1)
   return jnp.cos(angle_LxK), jnp.sin(angle_LxK)
 
 
 def apply_rope(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
-  """Rotates q or k by position; computed in float32, returned in x's dtype."""
+  """Rotates q or k by position; computed in float32, returned in x's dtype. The tables are
+  (L, K), shared by the batch, or (B, L, K), one set per row (:func:`rope_cos_sin`)."""
   x32_BxLxHxK = x_BxLxHxK.astype(jnp.float32)
   half = x_BxLxHxK.shape[-1] // 2
   x1, x2 = x32_BxLxHxK[..., :half], x32_BxLxHxK[..., half:]
   rotated_BxLxHxK = jnp.concatenate([-x2, x1], axis=-1)
-  cos_1xLx1xK = cos_LxK[None, :, None, :]
-  sin_1xLx1xK = sin_LxK[None, :, None, :]
-  out_BxLxHxK = x32_BxLxHxK * cos_1xLx1xK + rotated_BxLxHxK * sin_1xLx1xK
+  cos_Lx1xK = cos_LxK[..., None, :]  # broadcasts over the heads (and the batch if shared)
+  sin_Lx1xK = sin_LxK[..., None, :]
+  out_BxLxHxK = x32_BxLxHxK * cos_Lx1xK + rotated_BxLxHxK * sin_Lx1xK
   return out_BxLxHxK.astype(x_BxLxHxK.dtype)
 
 
@@ -418,35 +420,40 @@ class Attention(nnx.Module):
     out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.impl)
     return self.o_proj(out_BxLxHxK.reshape(b, seq_len, d))
 
-  def decode(self, x_BxTxD: jax.Array, cache: KVCache, pos: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Attention of T new tokens at positions ``pos .. pos + T - 1`` over themselves and
-    the cached keys / values before them; their own keys / values are written to the cache.
+  def decode(
+    self, x_BxTxD: jax.Array, cache: KVCache, pos_B: jax.Array
+  ) -> tuple[jax.Array, KVCache]:
+    """Attention of T new tokens, row b's at positions ``pos_B[b] .. pos_B[b] + T - 1``, over
+    themselves and the cached keys / values before them; their own keys / values are written
+    to the cache.
 
-    Cache rows from ``pos + T`` on are masked out, so whatever they hold is never read.
+    Row b's cache from ``pos_B[b] + T`` on is masked out, so whatever it holds is never read.
     """
     b, t, d = x_BxTxD.shape
     h, k, g = self.num_heads, self.head_dim, self.num_kv_heads
     q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, h, k)
     k_BxTxGxK = self.k_proj(x_BxTxD).reshape(b, t, g, k)
     v_BxTxGxK = self.v_proj(x_BxTxD).reshape(b, t, g, k)
-    cos_TxK, sin_TxK = rope_cos_sin(t, k, self.rope_base, self.rope_scaling, start=pos)
-    q_BxTxHxK = apply_rope(q_BxTxHxK, cos_TxK, sin_TxK)
-    k_BxTxGxK = apply_rope(k_BxTxGxK, cos_TxK, sin_TxK)
-    at = (0, pos, 0, 0)
-    keys_BxSxGxK = jax.lax.dynamic_update_slice(cache.keys, k_BxTxGxK.astype(cache.keys.dtype), at)
-    values_BxSxGxK = jax.lax.dynamic_update_slice(
-      cache.values, v_BxTxGxK.astype(cache.values.dtype), at
+    start_Bx1 = pos_B[:, None]
+    cos_BxTxK, sin_BxTxK = rope_cos_sin(t, k, self.rope_base, self.rope_scaling, start=start_Bx1)
+    q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
+    k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
+    # Each row writes at its own offset (rows of a batch of prompts are at different places).
+    write = jax.vmap(
+      lambda c_SxGxK, x_TxGxK, p: jax.lax.dynamic_update_slice(c_SxGxK, x_TxGxK, (p, 0, 0))
     )
+    keys_BxSxGxK = write(cache.keys, k_BxTxGxK.astype(cache.keys.dtype), pos_B)
+    values_BxSxGxK = write(cache.values, v_BxTxGxK.astype(cache.values.dtype), pos_B)
     s = keys_BxSxGxK.shape[1]
-    # Query i (position pos + i) sees cache rows 0 .. pos + i. An explicit mask and XLA's
-    # attention whatever attention_impl says: decoding's queries sit at a traced offset into
-    # the cache, which a causal flag (aligned at row 0) cannot express.
-    seen_TxS = jnp.arange(s)[None, :] <= (pos + jnp.arange(t))[:, None]
+    # Row b's query i (position pos_B[b] + i) sees cache rows 0 .. pos_B[b] + i. An explicit
+    # mask and XLA's attention whatever attention_impl says: decoding's queries sit at traced
+    # offsets into the cache, which a causal flag (aligned at row 0) cannot express.
+    seen_BxTxS = jnp.arange(s) <= (start_Bx1 + jnp.arange(t))[:, :, None]
     out_BxTxHxK = jax.nn.dot_product_attention(
       q_BxTxHxK,
       keys_BxSxGxK.astype(q_BxTxHxK.dtype),
       values_BxSxGxK.astype(q_BxTxHxK.dtype),
-      mask=seen_TxS[None, None],
+      mask=seen_BxTxS[:, None],
       implementation="xla",
     )
     out_BxTxD = self.o_proj(out_BxTxHxK.reshape(b, t, d))
@@ -490,9 +497,9 @@ class DecoderBlock(nnx.Module):
   def mlp_residual(self, x_BxLxD: jax.Array) -> jax.Array:
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
-  def decode(self, x_BxTxD: jax.Array, cache: KVCache, pos: jax.Array):
+  def decode(self, x_BxTxD: jax.Array, cache: KVCache, pos_B: jax.Array):
     """The block on T new tokens, attending through ``cache`` (see :meth:`Attention.decode`)."""
-    attended_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), cache, pos)
+    attended_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), cache, pos_B)
     return self.mlp_residual(x_BxTxD + attended_BxTxD), cache
 
 
@@ -570,19 +577,34 @@ class Llama(nnx.Module):
     return [KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in self.layers]
 
   def decode(
-    self, tokens_BxT: jax.Array, caches: list[KVCache], pos: jax.Array
+    self,
+    tokens_BxT: jax.Array,
+    caches: list[KVCache],
+    pos: jax.Array,
+    *,
+    logits_at: jax.Array | None = None,
   ) -> tuple[jax.Array, list[KVCache]]:
     """Float32 logits (B, T, V) of T tokens placed at positions ``pos .. pos + T - 1``, and
     the caches with their keys / values added: the same logits as :meth:`__call__` on the
     whole sequence so far, at the cost of the new tokens only. A prompt goes in at
-    ``pos = 0`` (prefill), then one token per call. ``pos + T`` must not exceed the caches'
-    length (``dynamic_update_slice`` would clamp the write, not fail).
+    ``pos = 0`` (prefill), then one token per call. ``pos`` is one position for the batch
+    or one per row (B,): rows of a batch of prompts move on from different lengths.
+    ``pos + T`` must not exceed the caches' length (``dynamic_update_slice`` would clamp the
+    write, not fail).
+
+    ``logits_at`` (B,): only the logits of token ``logits_at[b]`` of each row, (B, V); a
+    prefill needs just the last prompt token's, not a (B, T, V) float32 array.
     """
+    b = tokens_BxT.shape[0]
+    pos_B = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (b,))
     x_BxTxD = embed_lookup(self.embed.embedding[...], tokens_BxT, self.config.dtype)
     new_caches = []
     for block, cache in zip(self.layers, caches, strict=True):
-      x_BxTxD, cache = block.decode(x_BxTxD, cache, pos)
+      x_BxTxD, cache = block.decode(x_BxTxD, cache, pos_B)
       new_caches.append(cache)
+    if logits_at is not None:
+      x_Bx1xD = jnp.take_along_axis(x_BxTxD, logits_at[:, None, None], axis=1)
+      return self.head(x_Bx1xD)[:, 0], new_caches
     return self.head(x_BxTxD), new_caches
 
   def layerwise_stages(self):

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from galore_jax import checkpoint, distributed
@@ -174,22 +175,49 @@ def _pick(logits_V, key, temperature: float, top_k: int, top_p: float):
 
 
 # Module-level with static settings: a second generate() with the same model and settings
-# reuses the compiled programs (the prompt's per prompt length and cache length).
+# reuses the compiled programs (one per batch and cache shape; prompts are padded to a
+# multiple of PROMPT_BUCKET tokens, so few shapes occur).
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k", "top_p")
 )
-def _prefill(params, prompt_1xP, key, *, graphdef, max_len, temperature, top_k, top_p):
+def _prefill(
+  params, prompts_BxP, length_B, keys_B, *, graphdef, max_len, temperature, top_k, top_p
+):
   model = nnx.merge(graphdef, params)
-  logits_1xPxV, caches = model.decode(prompt_1xP, model.init_cache(1, max_len), 0)
-  return _pick(logits_1xPxV[0, -1], key, temperature, top_k, top_p), caches
+  b = prompts_BxP.shape[0]
+  # Each row's padding is written to its cache, but the row's own tokens overwrite it before
+  # any query can see it (Llama.decode masks cache rows past each row's position).
+  logits_BxV, caches = model.decode(
+    prompts_BxP, model.init_cache(b, max_len), 0, logits_at=length_B - 1
+  )
+  return _pick_rows(logits_BxV, keys_B, length_B, temperature, top_k, top_p), caches
 
 
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"), donate_argnames="caches"
 )
-def _step(params, tok, caches, pos, key, *, graphdef, temperature, top_k, top_p):
-  logits_1x1xV, caches = nnx.merge(graphdef, params).decode(tok[None, None], caches, pos)
-  return _pick(logits_1x1xV[0, 0], key, temperature, top_k, top_p), caches
+def _step(params, tok_B, caches, pos_B, keys_B, *, graphdef, temperature, top_k, top_p):
+  logits_Bx1xV, caches = nnx.merge(graphdef, params).decode(tok_B[:, None], caches, pos_B)
+  return _pick_rows(logits_Bx1xV[:, 0], keys_B, pos_B + 1, temperature, top_k, top_p), caches
+
+
+def _pick_rows(logits_BxV, keys_B, pos_B, temperature, top_k, top_p):
+  """Each row's token for position ``pos_B[b]``, drawn with ``fold_in(keys_B[b], pos_B[b])``."""
+  keys_B = jax.vmap(jax.random.fold_in)(keys_B, pos_B)
+  pick = functools.partial(_pick, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.vmap(pick)(logits_BxV, keys_B)
+
+
+PROMPT_BUCKET = 64
+
+
+def reply_text(tok, prompt_ids: list[int], reply_ids: list[int]) -> str:
+  """The text ``reply_ids`` adds after ``prompt_ids``. Decoding the reply alone loses what
+  depends on the text before it (SentencePiece drops the space a word's piece starts with
+  at the start of a text), so this is the decoded whole less the decoded prompt."""
+  head = tok.decode(list(prompt_ids))
+  whole = tok.decode(list(prompt_ids) + list(reply_ids))
+  return whole[len(head) :] if whole.startswith(head) else tok.decode(list(reply_ids))
 
 
 def check_prompt(prompt_ids: list[int], model_cfg) -> None:
@@ -203,51 +231,79 @@ def check_prompt(prompt_ids: list[int], model_cfg) -> None:
     )
 
 
-def generate(
+def generate(run: Run, params, prompt_ids: list[int], **kwargs) -> list[int]:
+  """One prompt's reply: :func:`generate_batch` of ``[prompt_ids]``, with the same keywords."""
+  return generate_batch(run, params, [prompt_ids], **kwargs)[0]
+
+
+def generate_batch(
   run: Run,
   params,
-  prompt_ids: list[int],
+  prompts: list[list[int]],
   *,
   max_new_tokens: int,
   temperature: float = 0.8,
   top_k: int = 40,
   top_p: float = 1.0,
   seed: int = 0,
+  first_index: int = 0,
   eos_id: int | set[int] | None = None,
-) -> list[int]:
-  """Autoregressive sampling with a key / value cache (``Llama.decode``): the prompt in one
-  call, then one token per call, so each new token costs one token's forward pass. Stops
-  before ``eos_id`` (one id or a set of them), or at the model's ``max_seq_len``.
+) -> list[list[int]]:
+  """Autoregressive sampling of a batch of prompts through a key / value cache
+  (``Llama.decode``): the prompts in one call (right-padded to a multiple of
+  ``PROMPT_BUCKET`` tokens), then one token for every row per call, so each new token costs
+  one token's forward pass. A row stops before ``eos_id`` (one id or a set of them), after
+  ``max_new_tokens``, or at the model's ``max_seq_len``; the batch runs until every row has
+  stopped. The one-token step donates the cache buffers, so it updates them in place.
 
-  The one-token step donates the cache buffers, so it updates them in place. Token ``t`` is
-  drawn with key ``fold_in(key(seed), t)``: a reply is a function of the seed alone.
+  Prompt ``i`` of the batch has index ``first_index + i`` and draws the token at position
+  ``t`` with key ``fold_in(fold_in(key(seed), index), t)``: a reply is a function of the
+  seed, its index and its prompt, whatever else is in the batch or how a list of prompts is
+  cut into batches.
   """
-  check_prompt(prompt_ids, run.model_cfg)
+  if not prompts:
+    raise ValueError("no prompts")
+  for ids in prompts:
+    check_prompt(ids, run.model_cfg)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  max_len = min(run.model_cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  max_seq = run.model_cfg.max_seq_len
+  length_B = np.array([len(ids) for ids in prompts], np.int32)
+  width = min(-(-int(length_B.max()) // PROMPT_BUCKET) * PROMPT_BUCKET, max_seq)
+  prompts_BxP = np.zeros((len(prompts), width), np.int32)
+  for row, ids in zip(prompts_BxP, prompts, strict=True):
+    row[: len(ids)] = ids
+  # Row b's last token goes at end_B[b] - 1; the cache holds the longest row.
+  end_B = np.minimum(length_B + max_new_tokens, max_seq)
+  max_len = min(width + max_new_tokens, max_seq)
   static = dict(
     graphdef=run.graphdef, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
   )
-  key = jax.random.key(seed)
-  pos = len(prompt_ids)  # where the token being chosen goes
-  prompt_1xP = jnp.asarray([prompt_ids], jnp.int32)
-  tok, caches = _prefill(
-    params, prompt_1xP, jax.random.fold_in(key, pos), max_len=max_len, **static
+  base = jax.random.key(seed)
+  keys_B = jax.vmap(lambda i: jax.random.fold_in(base, i))(
+    first_index + jnp.arange(len(prompts), dtype=jnp.int32)
+  )
+  tok_B, caches = _prefill(
+    params, jnp.asarray(prompts_BxP), jnp.asarray(length_B), keys_B, max_len=max_len, **static
   )
   stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-  out = []
+  out: list[list[int]] = [[] for _ in prompts]
+  pos_B = length_B.copy()  # where each row's newest token goes
+  live_B = np.ones(len(prompts), bool)
   while True:
-    t = int(tok)
-    if t in stops:
-      break
-    out.append(t)
-    if pos + 1 >= max_len:
-      break
-    tok, caches = _step(
-      params, tok, caches, jnp.int32(pos), jax.random.fold_in(key, pos + 1), **static
-    )
-    pos += 1
-  return out
+    for b, t in enumerate(np.asarray(tok_B).tolist()):
+      if not live_B[b]:
+        continue
+      if t in stops:
+        live_B[b] = False
+        continue
+      out[b].append(t)
+      live_B[b] = pos_B[b] + 1 < end_B[b]
+    if not live_B.any():
+      return out
+    # A stopped row still runs (the batch has one shape); it stays at its last place, which
+    # it may overwrite, and its tokens are dropped.
+    tok_B, caches = _step(params, tok_B, caches, jnp.asarray(pos_B), keys_B, **static)
+    pos_B += live_B

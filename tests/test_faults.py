@@ -153,10 +153,30 @@ def _no_weights_read(monkeypatch):
   monkeypatch.setattr(checkpoint, "restore", restore)
 
 
-def test_sample_flags_are_named(lines_run, capsys, monkeypatch):
+def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
   run = lines_run[0] / "run"
+  files = {
+    "bad_json": '{"prompt": "It is"}\n{"prompt": "It\n',
+    "no_prompt": '{"text": "It is"}\n',
+    "blank": "\n\n",
+    "too_long": '{"prompt": "It is"}\n' + json.dumps({"prompt": "It is " * 1000}) + "\n",
+  }
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  prompts = lambda name: ["--prompts", tmp_path / name]
   with monkeypatch.context() as m:
     _no_weights_read(m)
+    for args, flag, says in [
+      (prompts("missing"), "--prompts", "No such file"),
+      (prompts("bad_json"), "--prompts", "line 2: not JSON"),
+      (prompts("no_prompt"), "--prompts", 'line 1: expected {"prompt": "..."}'),
+      (prompts("blank"), "--prompts", "holds no prompt"),
+      (prompts("too_long"), "--prompts", "line 2: prompt has"),
+      (prompts("too_long") + ["--batch-size", "0"], "--batch-size", ">= 1"),
+    ]:
+      code, _, err = _cli(capsys, "sample", "--checkpoint", run, *args)
+      assert code == 2 and says in err, err
+      _one_line_error(err, flag)
     for args, flag in [
       (["--max-new-tokens", "0"], "--max-new-tokens"),
       (["--top-k", "0"], "--top-k"),

@@ -315,8 +315,8 @@ def test_position_matters():
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
-def _decode_jit(graphdef, params, tokens_BxT, caches, pos):
-  return nnx.merge(graphdef, params).decode(tokens_BxT, caches, pos)
+def _decode_jit(graphdef, params, tokens_BxT, caches, pos, logits_at=None):
+  return nnx.merge(graphdef, params).decode(tokens_BxT, caches, pos, logits_at=logits_at)
 
 
 @pytest.mark.parametrize(
@@ -327,21 +327,32 @@ def _decode_jit(graphdef, params, tokens_BxT, caches, pos):
 def test_decode_with_a_cache_gives_the_forward_logits(overrides):
   """A prompt, then one token at a time through the key / value cache, gives the logits of
   the whole sequence at once. The cache starts full of noise: rows not yet written must be
-  masked out, not merely zero."""
+  masked out, not merely zero. Then rows at different places, as a batch of prompts of
+  different lengths decodes."""
   model = _model(_tiny(**overrides))
   graphdef, params = nnx.split(model, nnx.Param)
   tokens = _tokens(batch=2, seq=12)
   want = _forward(model, tokens)
-  caches = [
+  noise = [
     M.KVCache(*(jax.random.normal(jax.random.key(i), c.keys.shape, c.keys.dtype) for i in (0, 1)))
     for c in model.init_cache(2, 16)
   ]
   prompt = 5
-  got, caches = _decode_jit(graphdef, params, tokens[:, :prompt], caches, 0)
+  got, caches = _decode_jit(graphdef, params, tokens[:, :prompt], noise, 0)
   chex.assert_trees_all_close(got, want[:, :prompt], atol=1e-5)
   for pos in range(prompt, 12):
     got, caches = _decode_jit(graphdef, params, tokens[:, pos : pos + 1], caches, jnp.int32(pos))
     chex.assert_trees_all_close(got[:, 0], want[:, pos], atol=1e-5)
+  # Row 0 has a 3-token prompt, row 1 a 6-token one: row 0's prefill is padded with other
+  # tokens, whose cache rows its own next tokens overwrite before they can be seen.
+  length_B, rows = jnp.array([3, 6], jnp.int32), jnp.arange(2)
+  padded = tokens[:, :6].at[0, 3:].set(jnp.array([1, 2, 3]))
+  last_BxV, caches = _decode_jit(graphdef, params, padded, noise, 0, length_B - 1)
+  chex.assert_trees_all_close(last_BxV, want[rows, length_B - 1], atol=1e-5)
+  for i in range(4):
+    pos_B = length_B + i
+    got, caches = _decode_jit(graphdef, params, tokens[rows, pos_B][:, None], caches, pos_B)
+    chex.assert_trees_all_close(got[:, 0], want[rows, pos_B], atol=1e-5)
   with pytest.raises(ValueError, match="max_len 33 exceeds max_seq_len 32"):
     model.init_cache(1, 33)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from galore_jax import data, sample
 from galore_jax import model as M
-from galore_jax import sample
 
 VOCAB = 97
 
@@ -81,6 +81,46 @@ def test_sampling_is_a_function_of_the_seed(tiny):
   assert all(0 <= t < VOCAB for t in draw(3))
   # Calls with the same model and settings reuse the compiled prompt and step programs.
   assert (sample._prefill._cache_size(), sample._step._cache_size()) == compiled
+
+
+def test_a_batch_of_prompts_gives_each_prompt_its_own_reply(tiny):
+  """Prompts of different lengths in one batch: greedy replies equal one-at-a-time ones (so
+  padding and per-row positions change nothing), a row that meets a stop id ends while the
+  others go on, and a seeded reply depends on its index, not on how the list is batched."""
+  run, params = tiny
+  prompts = [[3, 14, 15, 92, 65], [7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
+  alone = [sample.generate(run, params, p, max_new_tokens=8, temperature=0) for p in prompts]
+  assert sample.generate_batch(run, params, prompts, max_new_tokens=8, temperature=0) == alone
+  stop = alone[0][2]
+  assert stop not in alone[1] + alone[2][:1]  # rows 1 and 2 do not stop at the same place
+  stopped = sample.generate_batch(
+    run, params, prompts, max_new_tokens=8, temperature=0, eos_id=stop
+  )
+  assert stopped == [r[: r.index(stop)] if stop in r else r for r in alone]
+  assert len(stopped[0]) == 2 and len(stopped[1]) == 8
+
+  kw = dict(max_new_tokens=8, seed=3, top_k=20)
+  whole = sample.generate_batch(run, params, prompts, **kw)
+  parts = sample.generate_batch(run, params, prompts[:2], **kw) + sample.generate_batch(
+    run, params, prompts[2:], first_index=2, **kw
+  )
+  assert parts == whole
+  assert whole[0] == sample.generate(run, params, prompts[0], **kw)
+  # Index 1's draws differ from index 0's for the same prompt.
+  again = sample.generate_batch(run, params, [prompts[0], prompts[0]], **kw)
+  assert again[0] == whole[0] != again[1]
+
+
+def test_a_reply_is_the_text_it_adds_to_its_prompt():
+  """SentencePiece drops a leading space at the start of a text: the reply's own decoding
+  would glue "universally" to "acknowledged"."""
+  tok = data.load_tokenizer()
+  ids = tok.encode("It is a truth universally acknowledged, that a single man")
+  cut = len(tok.encode("It is a truth universally"))
+  assert tok.decode(ids[:cut]) == "It is a truth universally"
+  assert sample.reply_text(tok, ids[:cut], ids[cut:]) == " acknowledged, that a single man"
+  assert not tok.decode(ids[cut:]).startswith(" ")  # what the reply's own decoding gives
+  assert sample.reply_text(tok, [tok.eos_id()], ids) == tok.decode(ids)  # an empty prompt
 
 
 @pytest.mark.parametrize("top_p,kept", [(0.5, {1, 3}), (0.75, {1, 3, 4}), (1.0, {0, 1, 2, 3, 4})])

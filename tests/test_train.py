@@ -396,6 +396,15 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
   want = capsys.readouterr().out
   assert _cli(*greedy, "--max-new-tokens", "6", "--mesh", "data=1,fsdp=2") == 0
   assert capsys.readouterr().out == want
+  # A file of prompts, two per batch (the last batch filled up with a copy): a JSON line per
+  # prompt with its reply alone, the greedy reply --prompt gives.
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["It is", "", "KING."]))
+  batched = [*greedy[:3], "--prompts", str(prompts), *greedy[5:], "--batch-size", "2"]
+  assert _cli(*batched, "--max-new-tokens", "6") == 0
+  replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["prompt"] for r in replies] == ["It is", "", "KING."]
+  assert want == "It is" + replies[0]["completion"] + "\n"
   # A mesh this machine lacks, or one the batch does not divide: one line naming the flag.
   for args, flag in (
     (["--mesh", "data=3,fsdp=5"], "--mesh"),
