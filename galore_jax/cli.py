@@ -420,10 +420,15 @@ def _cmd_sample(args) -> int:
     eos_id=sft.reply_end_ids(sp, args.format),
   )
   if args.prompts is None:
-    reply = sample.generate(run, params, prompts[0], **settings)
-    text = sample.reply_text(sp, prompts[0], reply)
-    # A chat reply alone: the prompt would come back inside the template's markup.
-    print(text if args.format == "chat" else args.prompt + text)
+    # The reply streams out as it is drawn. A chat reply alone: the prompt would come back
+    # inside the template's markup.
+    write = lambda text: print(text, end="", flush=True)
+    if args.format != "chat":
+      write(args.prompt)
+    stream = sample.ReplyStream(sp, prompts[0], write)
+    sample.generate(run, params, prompts[0], on_token=stream, **settings)
+    stream.close()
+    print()
     return 0
   n = args.batch_size
   for start in range(0, len(prompts), n):

@@ -220,6 +220,38 @@ def reply_text(tok, prompt_ids: list[int], reply_ids: list[int]) -> str:
   return whole[len(head) :] if whole.startswith(head) else tok.decode(list(reply_ids))
 
 
+class ReplyStream:
+  """Prints a reply as it is drawn (``generate(on_token=stream)``): after each token, the
+  text :func:`reply_text` gives, less its last ``HOLD`` characters, beyond what is already
+  printed; :meth:`close` prints the rest. The held characters are those a decoding may still
+  change as tokens follow: a character whose bytes are split over byte-fallback tokens (up
+  to 4 replacement characters), and Hugging Face's clean-up of a space before punctuation or
+  a contraction (" ." -> ".", " n't" -> "n't"). So the printed whole is the reply's text."""
+
+  HOLD = 8
+
+  def __init__(self, tok, prompt_ids: list[int], write: Callable[[str], Any]):
+    self.tok, self.prompt_ids, self.write = tok, list(prompt_ids), write
+    self.ids: list[int] = []
+    self.shown = ""
+
+  def __call__(self, _row: int, token: int) -> None:
+    self.ids.append(token)
+    text = reply_text(self.tok, self.prompt_ids, self.ids)
+    self._show(text[: max(len(text) - self.HOLD, 0)])
+
+  def close(self) -> str:
+    """Prints what is left and returns the whole reply's text."""
+    text = reply_text(self.tok, self.prompt_ids, self.ids)
+    self._show(text)
+    return text
+
+  def _show(self, text: str) -> None:
+    if len(text) > len(self.shown) and text.startswith(self.shown):
+      self.write(text[len(self.shown) :])
+      self.shown = text
+
+
 def check_prompt(prompt_ids: list[int], model_cfg) -> None:
   """A prompt :func:`generate` can continue: at least one token, and room for one more
   within the model's ``max_seq_len``; raises ValueError."""
@@ -248,6 +280,7 @@ def generate_batch(
   seed: int = 0,
   first_index: int = 0,
   eos_id: int | set[int] | None = None,
+  on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
   """Autoregressive sampling of a batch of prompts through a key / value cache
   (``Llama.decode``): the prompts in one call (right-padded to a multiple of
@@ -260,6 +293,9 @@ def generate_batch(
   ``t`` with key ``fold_in(fold_in(key(seed), index), t)``: a reply is a function of the
   seed, its index and its prompt, whatever else is in the batch or how a list of prompts is
   cut into batches.
+
+  ``on_token(row, token)`` is called for every token a reply keeps, as soon as it is drawn
+  (to stream a reply).
   """
   if not prompts:
     raise ValueError("no prompts")
@@ -300,6 +336,8 @@ def generate_batch(
         live_B[b] = False
         continue
       out[b].append(t)
+      if on_token is not None:
+        on_token(b, t)
       live_B[b] = pos_B[b] + 1 < end_B[b]
     if not live_B.any():
       return out

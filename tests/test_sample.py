@@ -123,6 +123,39 @@ def test_a_reply_is_the_text_it_adds_to_its_prompt():
   assert sample.reply_text(tok, [tok.eos_id()], ids) == tok.decode(ids)  # an empty prompt
 
 
+def test_a_streamed_reply_prints_the_reply_text():
+  """Byte-fallback pieces (the corpus tokenizer spells "ï", "é", "—" and CJK in bytes) and a
+  decoder that cleans up a space before a full stop change a decoding's last characters as
+  tokens follow: the stream holds them back, writes as it goes, and its whole is the text."""
+  tok = data.load_tokenizer()
+  prompt = tok.encode("It is")
+  reply = tok.encode("a naïve café — 日本, truly")
+
+  def stream(tok, hold=sample.ReplyStream.HOLD):
+    writes = []
+    s = sample.ReplyStream(tok, prompt, writes.append)
+    s.HOLD = hold
+    for t in reply[:-1]:
+      s(0, t)
+    early = len(writes)
+    s(0, reply[-1])
+    return writes, s.close(), early
+
+  writes, text, early = stream(tok)
+  assert "".join(writes) == text == " a naïve café — 日本, truly"
+  assert early > 3  # streaming: most of it was out before the last token
+  # Without the hold, "caf\ufffd" is printed and "café" can no longer follow it.
+  assert "".join(stream(tok, hold=0)[0]) != text
+
+  class CleaningTok:  # Hugging Face's clean_up_tokenization_spaces: " ." -> "."
+    def decode(self, ids):
+      return " ".join(str(i) for i in ids).replace(" 0", "0")
+
+  prompt, reply = [5], [7, 0, 8, 0, 0, 9]
+  writes, text, _ = stream(CleaningTok())
+  assert "".join(writes) == text == " 70 800 9"
+
+
 @pytest.mark.parametrize("top_p,kept", [(0.5, {1, 3}), (0.75, {1, 3, 4}), (1.0, {0, 1, 2, 3, 4})])
 def test_nucleus_keeps_the_fewest_likeliest_tokens_that_reach_top_p(top_p, kept):
   """Probabilities 0.4 (id 1), 0.3 (3), 0.15 (4), 0.1 (0), 0.05 (2): top_p 0.5 needs ids 1 and
