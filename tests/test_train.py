@@ -669,8 +669,12 @@ def test_layerwise_step_refreshing_a_stage_together_equals_whole_gradient_step(t
     *state_w, m_w = whole(*state_w, batch)
     *state_l, m_l = together(*state_l, batch)
     np.testing.assert_allclose(m_l["loss"], m_w["loss"], rtol=1e-5)
+  # Within 1e-3 of each leaf's own scale: a batched matmul sums in another order, and the
+  # power iteration carries that into the projectors of nearly equal singular values
+  # (3e-5 in entries of size 0.25 seen, differing from run to run and between jax versions).
   for a, b in zip(jax.tree.leaves(state_w), jax.tree.leaves(state_l), strict=True):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-3 * np.abs(a).max() + 1e-7)
 
 
 def test_batched_lapack_hangs_only_on_a_cpu_mesh():
