@@ -440,6 +440,8 @@ def _cmd_sample(args) -> int:
       text, ids = texts[start + i], prompts[start + i]
       completion = sample.reply_text(sp, ids, reply)
       print(json.dumps({"prompt": text, "completion": completion}), flush=True)
+    if _reader_gone():  # nobody reads the replies any more (`| head`)
+      return 128 + signal.SIGPIPE
   return 0
 
 
@@ -709,7 +711,55 @@ def _main_with_signals(argv: list[str] | None = None) -> int:
       signal.signal(sig, handler)
 
 
+class _StdoutGuard:
+  """``sys.stdout`` for a command whose reader may go away (``| head``, a killed ``tee``).
+  Python ignores SIGPIPE, so a print to a closed pipe raises BrokenPipeError: in ``train``
+  that would end the run at its next log line and lose the steps since its last checkpoint.
+  Here the first closed-pipe write points the descriptor at os.devnull (so the interpreter's
+  last flush succeeds too) and sets ``reader_gone``: training goes on (everything it prints
+  is also in metrics.jsonl), and ``sample --prompts`` stops after the batch in hand."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.reader_gone = False
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      self._divert()
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      self._divert()
+
+  def _divert(self) -> None:
+    self.reader_gone = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, self._stream.fileno())
+    os.close(devnull)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def _reader_gone() -> bool:
+  return getattr(sys.stdout, "reader_gone", False)
+
+
 def _main(argv: list[str]) -> int:
+  stdout = sys.stdout
+  sys.stdout = _StdoutGuard(stdout)
+  try:
+    return _run_command(argv)
+  finally:
+    sys.stdout = stdout
+
+
+def _run_command(argv: list[str]) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:

@@ -1,5 +1,6 @@
 """The training loop: resume exactness, sharding, accumulation, faults, outputs."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -293,7 +294,7 @@ def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
 
 def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
   # --save-every 1: the signal always lands on a step that is saved anyway (it used to
-  # save it twice: StepAlreadyExistsError, a traceback and exit 1).
+  # save it twice: StepAlreadyExistsError, a traceback and exit 1). Meanwhile stdout is closed.
   out = tmp_path / "sig"
   cmd = [
     sys.executable,
@@ -321,7 +322,13 @@ def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
     "--update-proj-gap",
     "2",
   ]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # Its stdout is a pipe nobody reads (`| head` after the first lines): every print meets a
+  # closed pipe (unbuffered), and training must go on regardless (cli._StdoutGuard).
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env)
+  os.close(write_end)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     mfile = out / "metrics.jsonl"
@@ -347,7 +354,7 @@ def _cli(*args):
   return cli.main(list(args))
 
 
-def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
+def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
   out = str(tmp_path / "cli")
   assert (
     _cli(
@@ -405,6 +412,19 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys):
   replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["prompt"] for r in replies] == ["It is", "", "KING."]
   assert want == "It is" + replies[0]["completion"] + "\n"
+  # Its reader gone (`| head`): the first batch's line meets a closed pipe, and sampling
+  # stops there with 128 + SIGPIPE, not a traceback.
+  from galore_jax import sample
+
+  batches, generate_batch = [], sample.generate_batch
+  monkeypatch.setattr(
+    sample, "generate_batch", lambda *a, **k: batches.append(1) or generate_batch(*a, **k)
+  )
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  with open(write_end, "w", buffering=1) as closed, contextlib.redirect_stdout(closed):
+    code = _cli(*batched, "--max-new-tokens", "6", "--batch-size", "1")
+  assert code == 128 + signal.SIGPIPE and len(batches) == 1
   # A mesh this machine lacks, or one the batch does not divide: one line naming the flag.
   for args, flag in (
     (["--mesh", "data=3,fsdp=5"], "--mesh"),
