@@ -451,9 +451,21 @@ def _cmd_export(args) -> int:
 
   if os.path.isdir(args.out) and os.listdir(args.out):
     raise ConfigError("--out", f"{args.out} exists and is not empty")
+  from galore_jax import checkpoint, sft
+
   run, params, sp, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+  if os.path.isfile(os.path.join(os.path.expanduser(args.checkpoint), "config.json")):
+    base = hf.read_generation_config(args.checkpoint)  # a Hugging Face directory as it is
+  else:
+    base = checkpoint.read_meta(args.checkpoint, step)[1].get("hf_generation_config")
+  if args.tokenizer is not None and base is not None:
+    base = {k: v for k, v in base.items() if not k.endswith("token_id")}  # another tokenizer's
+  chat = getattr(sp, "chat_template", None)
+  generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
   try:
-    files = hf.save_pretrained(args.out, run.model_cfg, params, dtype=args.dtype, tokenizer=sp)
+    files = hf.save_pretrained(
+      args.out, run.model_cfg, params, dtype=args.dtype, tokenizer=sp, generation=generation
+    )
   except OSError as e:
     raise ConfigError("--out", str(e)) from e
   print(f"exported step {step} to {os.path.abspath(args.out)} ({len(files)} files)")

@@ -301,6 +301,41 @@ def _some_layer_slides(cfg: dict[str, Any], qwen2: bool, bad) -> bool:
   return first < layers
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def read_generation_config(path: str | os.PathLike) -> dict[str, Any] | None:
+  """The parsed ``generation_config.json`` of a model directory (sampling defaults and stop
+  ids for transformers' ``generate`` and vLLM), or None if it has none or it is not a JSON
+  object (it only carries defaults: training does not need it)."""
+  file = Path(path).expanduser() / GENERATION_CONFIG_FILE
+  try:
+    gen = json.loads(file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  return gen if isinstance(gen, dict) else None
+
+
+def generation_config(tok, stop_ids: set[int], base: dict[str, Any] | None) -> dict[str, Any]:
+  """``generation_config.json`` for an export: ``base`` (the starting model's, if the run
+  kept it) with the token ids of the run's tokenizer. ``eos_token_id`` lists every id that
+  ends a reply: the tokenizer's EOS, ``stop_ids`` (a chat template's turn-closing token)
+  and the base's own, so a chat fine-tune stops in transformers and vLLM where it was
+  trained to stop."""
+  gen = {k: v for k, v in (base or {}).items() if k != "transformers_version"}
+  ids = _token_ids(tok)
+  base_eos = gen.get("eos_token_id")
+  base_eos = [base_eos] if isinstance(base_eos, int) else list(base_eos or [])
+  eos = [i for i in [ids["eos_token_id"], *sorted(stop_ids), *base_eos] if i is not None]
+  eos = list(dict.fromkeys(eos))  # unique, in order
+  for field in ("bos_token_id", "pad_token_id"):
+    if ids[field] is not None:
+      gen[field] = ids[field]
+  if eos:
+    gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+  return gen
+
+
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
   """The parsed ``config.json`` of a Hugging Face model directory."""
   file = Path(path).expanduser() / CONFIG_FILE
@@ -537,6 +572,7 @@ def save_pretrained(
   *,
   dtype: str | None = None,
   tokenizer: Any = None,
+  generation: dict[str, Any] | None = None,
   max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
   """Writes ``config.json`` + safetensors (+ the tokenizer's files) under ``path``.
@@ -547,7 +583,8 @@ def save_pretrained(
   gathered to the host one at a time; a shard is written when it is full, so the host
   holds at most one shard (5 GB by default). ``tokenizer``: what :func:`load_tokenizer`
   or ``data.load_tokenizer`` returned; its files are copied and its special tokens go
-  into ``config.json``. Returns the files written.
+  into ``config.json``. ``generation``: written as ``generation_config.json``
+  (:func:`generation_config`). Returns the files written.
   """
   from safetensors.numpy import save_file
 
@@ -609,6 +646,9 @@ def save_pretrained(
     written += save_tokenizer(tokenizer, root)
   (root / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
   written.append(str(root / CONFIG_FILE))
+  if generation is not None:
+    (root / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+    written.append(str(root / GENERATION_CONFIG_FILE))
   return written
 
 

@@ -300,6 +300,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
     },
     "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
     **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
+    **({"hf_generation_config": gen} if (gen := _init_generation_config(cfg)) else {}),
     "data_position": {
       "seed": cfg.seed,
       "source": cfg.data,
@@ -338,6 +339,19 @@ def _init_config(cfg: TrainConfig) -> dict:
   from galore_jax import hf
 
   return hf.read_config_dict(cfg.init_from)
+
+
+def _init_generation_config(cfg: TrainConfig) -> dict | None:
+  """``--init-from``'s generation_config.json (sampling defaults, stop ids), kept for
+  ``export`` when the run uses the directory's own tokenizer: with another, its token ids
+  would mean other tokens."""
+  from galore_jax import hf
+
+  if not cfg.init_from or cfg.tokenizer is None:
+    return None
+  if os.path.dirname(os.path.abspath(cfg.tokenizer)) != os.path.abspath(cfg.init_from):
+    return None
+  return hf.read_generation_config(cfg.init_from)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:

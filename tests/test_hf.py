@@ -449,6 +449,11 @@ def trained_run(request, tok_dir, tmp_path_factory):
     _save_hf(init, seed=1, kv=2, theta=500000.0, llama3=LLAMA3)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     (init / name).write_bytes((tok_dir / name).read_bytes())
+  # Sampling defaults and a second stop id, as a released model's generation_config.json has.
+  gen = json.loads((init / "generation_config.json").read_text())
+  (init / "generation_config.json").write_text(
+    json.dumps({**gen, "temperature": 0.6, "top_p": 0.9, "do_sample": True, "eos_token_id": [2, 7]})
+  )
   sft_file = _write_jsonl(root / "sft.jsonl", _arith(300))
   docs = [" ".join(_sentences(4, seed=i)) for i in range(700)]  # longer than one window
   held = _write_jsonl(root / "held.jsonl", [{"text": d} for d in docs])
@@ -525,8 +530,23 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   auto = ids(transformers.AutoTokenizer.from_pretrained(r["out"]))
   assert auto == ids(transformers.AutoTokenizer.from_pretrained(r["init"]))
   assert auto == ours_ids or cfg["model_type"] == "qwen2"
+  # The starting model's generation_config.json survives training: transformers' generate
+  # (and vLLM) get its sampling defaults, and EOS with its other stop ids.
+  gen = transformers.GenerationConfig.from_pretrained(r["out"])
+  assert (gen.temperature, gen.top_p, gen.do_sample) == (0.6, 0.9, True)
+  assert gen.eos_token_id == [2, 7] and gen.bos_token_id == 1
   # Export refuses to overwrite.
   assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
+
+
+def test_generation_config_lists_every_stop_id(tok_dir):
+  """EOS first, then a chat template's turn-closing token (Qwen's <|im_end|> is not its
+  tokenizer's EOS), then the base model's own; the base's sampling defaults are kept."""
+  tok = hf.load_tokenizer(tok_dir / "tokenizer.json")
+  base = {"eos_token_id": [7, 2], "top_k": 5, "transformers_version": "4.0"}
+  gen = hf.generation_config(tok, {9}, base)
+  assert gen == {"top_k": 5, "bos_token_id": 1, "eos_token_id": [2, 9, 7]}
+  assert hf.generation_config(tok, {2}, None) == {"bos_token_id": 1, "eos_token_id": 2}
 
 
 def _check_inference_dtypes(r, args, loss32, capsys):
