@@ -410,14 +410,17 @@ def _cmd_sample(args) -> int:
       except ValueError as e:
         raise ConfigError(flag, where + str(e)) from e
 
-  run, params, sp, _ = _load_for_inference(args, check_flags)
+  run, params, sp, step = _load_for_inference(args, check_flags)
+  stops = sft.reply_end_ids(sp, args.format)
+  if args.tokenizer is None:  # the model's own stop ids mean the same tokens
+    stops |= sample.stop_ids(sample.kept_generation_config(args.checkpoint, step))
   settings = dict(
     max_new_tokens=args.max_new_tokens,
     temperature=args.temperature,
     top_k=args.top_k,
     top_p=args.top_p,
     seed=args.seed,
-    eos_id=sft.reply_end_ids(sp, args.format),
+    eos_id=stops,
   )
   if args.prompts is None:
     # The reply streams out as it is drawn. A chat reply alone: the prompt would come back
@@ -451,13 +454,10 @@ def _cmd_export(args) -> int:
 
   if os.path.isdir(args.out) and os.listdir(args.out):
     raise ConfigError("--out", f"{args.out} exists and is not empty")
-  from galore_jax import checkpoint, sft
+  from galore_jax import sft
 
   run, params, sp, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-  if os.path.isfile(os.path.join(os.path.expanduser(args.checkpoint), "config.json")):
-    base = hf.read_generation_config(args.checkpoint)  # a Hugging Face directory as it is
-  else:
-    base = checkpoint.read_meta(args.checkpoint, step)[1].get("hf_generation_config")
+  base = sample.kept_generation_config(args.checkpoint, step)
   if args.tokenizer is not None and base is not None:
     base = {k: v for k, v in base.items() if not k.endswith("token_id")}  # another tokenizer's
   chat = getattr(sp, "chat_template", None)

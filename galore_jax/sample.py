@@ -78,6 +78,23 @@ def load_for_inference(
         raise
 
 
+def kept_generation_config(path: str, step: int) -> dict[str, Any] | None:
+  """The ``generation_config.json`` the model at ``path`` came with: a Hugging Face
+  directory's own, or the one a run kept from its ``--init-from`` directory (step
+  ``step``'s metadata); None if there is none."""
+  from galore_jax import hf
+
+  if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+    return hf.read_generation_config(path)
+  return checkpoint.read_meta(path, step)[1].get("hf_generation_config")
+
+
+def stop_ids(generation: dict[str, Any] | None) -> set[int]:
+  """The ``eos_token_id`` (one id or a list) of a generation config, as a set."""
+  eos = (generation or {}).get("eos_token_id")
+  return {eos} if isinstance(eos, int) else {i for i in eos or [] if isinstance(i, int)}
+
+
 def _load_hugging_face(path, tokenizer, mesh, dtype, param_dtype, before_restore):
   from galore_jax import data, hf
 

@@ -564,7 +564,7 @@ def _check_inference_dtypes(r, args, loss32, capsys):
   assert 0 < abs(half - full) < 2e-2, (half, full)
 
 
-def test_eval_and_sample_read_a_hugging_face_directory(trained_run, tmp_path, capsys):
+def test_eval_and_sample_read_a_hugging_face_directory(trained_run, tmp_path, capsys, monkeypatch):
   """The model before fine-tuning, straight from its directory: eval's loss is transformers'
   on the same windows, and greedy sampling (through our key / value cache) is transformers'
   greedy generate."""
@@ -596,12 +596,19 @@ def test_eval_and_sample_read_a_hugging_face_directory(trained_run, tmp_path, ca
     out = model.generate(
       torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id()
     )[0, len(prompt) :].tolist()
-  want = out[: out.index(tok.eos_id())] if tok.eos_id() in out else out
-  got = sample.generate(run, params, prompt, max_new_tokens=12, temperature=0, eos_id=tok.eos_id())
+  # transformers stops at any id of the directory's generation_config.json ([2, 7]), and so
+  # does our sample.
+  stops = sample.stop_ids(sample.kept_generation_config(str(r["init"]), 0))
+  assert stops == {2, 7}
+  want = next((out[:i] for i, t in enumerate(out) if t in stops), out)
+  got = sample.generate(run, params, prompt, max_new_tokens=12, temperature=0, eos_id=stops)
   assert got == want and len(want) > 2, (got, out)
-  assert (
-    cli.main(["sample", "--checkpoint", str(r["init"]), "--prompt", "hi", "--format", "chat"]) == 0
+  calls, generate_batch = [], sample.generate_batch
+  monkeypatch.setattr(
+    sample, "generate_batch", lambda *a, **k: calls.append(k["eos_id"]) or generate_batch(*a, **k)
   )
+  chat = ["sample", "--checkpoint", str(r["init"]), "--prompt", "hi", "--format", "chat"]
+  assert cli.main(chat) == 0 and calls == [{2, 7}]
 
   capsys.readouterr()  # the chat reply, and transformers' loading bars
   # Bad flags name themselves; a directory without a tokenizer asks for one.
