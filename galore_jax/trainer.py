@@ -641,6 +641,8 @@ def _train_loop(
   if cfg.resume:
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
+    if "hf_generation_config" in saved:  # as the run began, even if the directory is gone
+      meta["hf_generation_config"] = saved["hf_generation_config"]
     restored = checkpoint.restore(
       ckpt_dir, start, {"params": run.abstract_params, "opt_state": run.abstract_opt}
     )

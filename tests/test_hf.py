@@ -535,6 +535,15 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   gen = transformers.GenerationConfig.from_pretrained(r["out"])
   assert (gen.temperature, gen.top_p, gen.do_sample) == (0.6, 0.9, True)
   assert gen.eos_token_id == [2, 7] and gen.bos_token_id == 1
+  # It is read from the checkpoint: the directory's file may be gone by then.
+  moved = r["init"] / "generation_config.moved"
+  (r["init"] / "generation_config.json").rename(moved)
+  try:
+    again = r["out"].parent / "exported_again"
+    assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(again)]) == 0
+  finally:
+    moved.rename(r["init"] / "generation_config.json")
+  assert transformers.GenerationConfig.from_pretrained(again).to_dict() == gen.to_dict()
   # Export refuses to overwrite.
   assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
 
