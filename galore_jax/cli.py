@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     '{"prompt", "completion"} (the reply alone) as each batch ends',
   )
   p.add_argument(
-    "--batch-size", type=int, default=8, help="prompts decoded together with --prompts"
+    "--batch-size", type=int, default=8, help="prompts decoded together with --prompts (default 8)"
   )
   p.add_argument(
     "--format",
