@@ -191,6 +191,11 @@ def _pick(logits_V, key, temperature: float, top_k: int, top_p: float):
   return idx_K[jax.random.categorical(key, top_K)].astype(jnp.int32)
 
 
+# A batch's prompts are right-padded to a multiple of this many tokens, so that prompts of
+# nearby lengths share the compiled prefill and step programs.
+PROMPT_BUCKET = 64
+
+
 # Module-level with static settings: a second generate() with the same model and settings
 # reuses the compiled programs (one per batch and cache shape; prompts are padded to a
 # multiple of PROMPT_BUCKET tokens, so few shapes occur).
@@ -223,9 +228,6 @@ def _pick_rows(logits_BxV, keys_B, pos_B, temperature, top_k, top_p):
   keys_B = jax.vmap(jax.random.fold_in)(keys_B, pos_B)
   pick = functools.partial(_pick, temperature=temperature, top_k=top_k, top_p=top_p)
   return jax.vmap(pick)(logits_BxV, keys_B)
-
-
-PROMPT_BUCKET = 64
 
 
 def reply_text(tok, prompt_ids: list[int], reply_ids: list[int]) -> str:
