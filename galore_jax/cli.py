@@ -411,9 +411,8 @@ def _cmd_sample(args) -> int:
         raise ConfigError(flag, where + str(e)) from e
 
   run, params, sp, step = _load_for_inference(args, check_flags)
-  stops = sft.reply_end_ids(sp, args.format)
-  if args.tokenizer is None:  # the model's own stop ids mean the same tokens
-    stops |= sample.stop_ids(sample.kept_generation_config(args.checkpoint, step))
+  kept = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
+  stops = sft.reply_end_ids(sp, args.format) | sample.stop_ids(kept)
   settings = dict(
     max_new_tokens=args.max_new_tokens,
     temperature=args.temperature,
@@ -457,9 +456,7 @@ def _cmd_export(args) -> int:
   from galore_jax import sft
 
   run, params, sp, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-  base = sample.kept_generation_config(args.checkpoint, step)
-  if args.tokenizer is not None and base is not None:
-    base = {k: v for k, v in base.items() if not k.endswith("token_id")}  # another tokenizer's
+  base = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
   chat = getattr(sp, "chat_template", None)
   generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
   try:

@@ -78,15 +78,22 @@ def load_for_inference(
         raise
 
 
-def kept_generation_config(path: str, step: int) -> dict[str, Any] | None:
+def kept_generation_config(
+  path: str, step: int, tokenizer: str | None = None
+) -> dict[str, Any] | None:
   """The ``generation_config.json`` the model at ``path`` came with: a Hugging Face
   directory's own, or the one a run kept from its ``--init-from`` directory (step
-  ``step``'s metadata); None if there is none."""
+  ``step``'s metadata); None if there is none. With another ``tokenizer`` (``--tokenizer``)
+  its token ids are dropped: they would mean other tokens."""
   from galore_jax import hf
 
   if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-    return hf.read_generation_config(path)
-  return checkpoint.read_meta(path, step)[1].get("hf_generation_config")
+    gen = hf.read_generation_config(path)
+  else:
+    gen = checkpoint.read_meta(path, step)[1].get("hf_generation_config")
+  if tokenizer is not None and gen is not None:
+    gen = {k: v for k, v in gen.items() if not k.endswith("token_id")}
+  return gen
 
 
 def stop_ids(generation: dict[str, Any] | None) -> set[int]:
