@@ -27,6 +27,8 @@
 #      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
 #      in time: the subspace step with XLA's compile statistics, then without Triton GEMM
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
+#   GPU_CHECKS=sample1b: sampling speed of llama_1b (experiments/bench_sample.py); it fits
+#      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke" MEMORY_ARGS=--cpu-smoke
@@ -72,7 +74,8 @@ PYEOF
       memory7b) memory7b ;;
       smaller) smaller ;;
       compile1b) compile1b ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, bench, memory)" ;;
+      sample1b) sample1b ;;
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, bench, memory)" ;;
     esac
   done
 }
@@ -154,6 +157,16 @@ compile1b() {
       --timeout 200 --budget "$left" \
       --json "$OUT/compile_probe.json" --log "$OUT/compile_probe.log" ${COMPILE_ARGS:-}
   echo "== compile1b rc=$? after ${SECONDS} s"
+}
+
+# Sampling llama_1b in bfloat16: no cache vs the key / value cache, one prompt at a time vs
+# 8 together (experiments/bench_sample.py; about a minute, most of it compiling).
+sample1b() {
+  local left; left=$(left_s 5)
+  echo "== sample1b: ${left} s (elapsed ${SECONDS} s)"
+  timeout "$left" "$PY" experiments/bench_sample.py --model llama_1b --dtype bfloat16 \
+      --json "$OUT/bench_sample.json" ${SAMPLE_ARGS:-}
+  echo "== sample1b rc=$? after ${SECONDS} s"
 }
 
 main 2>&1 | tee "$OUT/gpu_checks.txt"

@@ -333,8 +333,9 @@ def _cmd_eval(args) -> int:
   return 0
 
 
-def _read_prompts(path: str) -> list[str]:
-  """``sample --prompts``: the ``"prompt"`` string of each JSON line of ``path``."""
+def _read_prompts(path: str) -> list[dict]:
+  """``sample --prompts``: the JSON lines of ``path``, each ``{"prompt": str}`` or (for
+  ``--format chat``) ``{"messages": [...]}``, a conversation for the assistant to go on."""
   from galore_jax.config import ConfigError
 
   try:
@@ -344,7 +345,7 @@ def _read_prompts(path: str) -> list[str]:
     raise ConfigError("--prompts", f"{path}: {e.strerror or e}") from e
   except UnicodeDecodeError as e:
     raise ConfigError("--prompts", f"{path}: not UTF-8 text ({e.reason})") from e
-  texts = []
+  records = []
   for i, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -352,12 +353,17 @@ def _read_prompts(path: str) -> list[str]:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ConfigError("--prompts", f"{path} line {i}: not JSON ({e.msg})") from e
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-      raise ConfigError("--prompts", f'{path} line {i}: expected {{"prompt": "..."}}')
-    texts.append(record["prompt"])
-  if not texts:
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+      records.append({"prompt": record["prompt"], "line": i})
+    elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+      records.append({"messages": record["messages"], "line": i})
+    else:
+      raise ConfigError(
+        "--prompts", f'{path} line {i}: expected {{"prompt": "..."}} or {{"messages": [...]}}'
+      )
+  if not records:
     raise ConfigError("--prompts", f"{path} holds no prompt")
-  return texts
+  return records
 
 
 def _eval_batches_flag(value: str | None) -> int | str | None:
@@ -389,7 +395,7 @@ def _cmd_sample(args) -> int:
     raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
   from galore_jax import sft
 
-  texts = [args.prompt] if args.prompts is None else _read_prompts(args.prompts)
+  records = [{"prompt": args.prompt}] if args.prompts is None else _read_prompts(args.prompts)
   prompts: list[list[int]] = []
 
   def check_flags(run, sp):  # before the weights: a bad flag fails at once
@@ -399,16 +405,20 @@ def _cmd_sample(args) -> int:
       )
     flag = "--prompt" if args.prompts is None else "--prompts"
     prompts.clear()  # a retried read calls again
-    for i, text in enumerate(texts):
-      where = "" if args.prompts is None else f"{args.prompts} line {i + 1}: "
+    for record in records:
+      line = record.get("line")
+      where = "--prompt" if line is None else f"{args.prompts} line {line}"
       try:
-        prompts.append(sft.prompt_ids(sp, text, args.format))
+        ids = sft.prompt_ids(sp, record.get("prompt", record.get("messages")), args.format, where)
       except ValueError as e:
-        raise ConfigError("--format", str(e)) from e
+        # A record's fault (its messages) names the record; the tokenizer's, --format.
+        own = line is not None and str(e).startswith(where)
+        raise ConfigError(flag if own else "--format", str(e)) from e
       try:
-        sample.check_prompt(prompts[-1], run.model_cfg)
+        sample.check_prompt(ids, run.model_cfg)
       except ValueError as e:
-        raise ConfigError(flag, where + str(e)) from e
+        raise ConfigError(flag, ("" if line is None else f"{where}: ") + str(e)) from e
+      prompts.append(ids)
 
   run, params, sp, step = _load_for_inference(args, check_flags)
   kept = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
@@ -439,9 +449,9 @@ def _cmd_sample(args) -> int:
     filled = batch + [batch[-1]] * (n - len(batch)) if len(prompts) > n else batch
     replies = sample.generate_batch(run, params, filled, first_index=start, **settings)
     for i, reply in enumerate(replies[: len(batch)]):
-      text, ids = texts[start + i], prompts[start + i]
-      completion = sample.reply_text(sp, ids, reply)
-      print(json.dumps({"prompt": text, "completion": completion}), flush=True)
+      record = {k: v for k, v in records[start + i].items() if k != "line"}
+      record["completion"] = sample.reply_text(sp, prompts[start + i], reply)
+      print(json.dumps(record), flush=True)
     if _reader_gone():  # nobody reads the replies any more (`| head`)
       return 128 + signal.SIGPIPE
   return 0
@@ -576,8 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument(
     "--prompts",
     metavar="FILE",
-    help='JSON lines {"prompt": "..."}, sampled --batch-size at a time; prints JSON lines '
-    '{"prompt", "completion"} (the reply alone) as each batch ends',
+    help='JSON lines {"prompt": "..."} (or {"messages": [...]}, a conversation, with --format '
+    'chat), sampled --batch-size at a time; prints each record with its "completion" (the '
+    "reply alone) as each batch ends",
   )
   p.add_argument(
     "--batch-size", type=int, default=8, help="prompts decoded together with --prompts (default 8)"

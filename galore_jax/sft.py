@@ -99,6 +99,29 @@ def render_chat(template: str, messages: list, *, add_generation_prompt: bool, *
   )
 
 
+def _chat_renderer(tok, where: str):
+  """``render(messages, add_generation_prompt)`` with the tokenizer's chat template."""
+  template = getattr(tok, "chat_template", None)
+  if not template:
+    raise ValueError(
+      f'{where}: "messages" records need a tokenizer with a chat template '
+      "(chat_template in tokenizer_config.json)"
+    )
+  specials = {}
+  for name, fn in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
+    i = getattr(tok, fn)()
+    specials[name] = tok.id_to_piece(i) if i >= 0 else ""
+  return lambda msgs, gen: render_chat(template, msgs, add_generation_prompt=gen, **specials)
+
+
+def _check_messages(messages: Any, where: str) -> None:
+  if not isinstance(messages, list) or not all(
+    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    for m in messages
+  ):
+    raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+
+
 def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
   """The rendered conversation as (text, trained) pieces: assistant turns are trained.
 
@@ -106,22 +129,9 @@ def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
   ``messages[:i]`` with the generation prompt; every rendering must extend the previous
   one (true of ordinary templates), otherwise the turn boundaries are unknown.
   """
-  template = getattr(tok, "chat_template", None)
-  if not template:
-    raise ValueError(
-      f'{where}: "messages" records need a tokenizer with a chat template '
-      "(chat_template in tokenizer_config.json)"
-    )
+  render = _chat_renderer(tok, where)
   messages = rec["messages"]
-  if not isinstance(messages, list) or not all(
-    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
-  ):
-    raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
-  specials = {}
-  for name, fn in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
-    i = getattr(tok, fn)()
-    specials[name] = tok.id_to_piece(i) if i >= 0 else ""
-  render = lambda msgs, gen: render_chat(template, msgs, add_generation_prompt=gen, **specials)
+  _check_messages(messages, where)
   full = render(messages, False)
   pieces: list[tuple[str, bool]] = []
   done = 0
@@ -174,36 +184,59 @@ def tokenize_examples(
 PROMPT_FORMATS = ("text", "prompt", "chat")
 
 
-def prompt_ids(tok, prompt: str, fmt: str) -> list[int]:
+def prompt_ids(tok, prompt: str | list[dict], fmt: str, where: str = "--prompt") -> list[int]:
   """Token ids to sample a reply to ``prompt`` from, laid out as training laid out its data:
 
   * ``"text"``: the text as is (pretraining documents; an empty prompt is one EOS, the
     context every document follows);
   * ``"prompt"``: what a ``{"prompt", "completion"}`` example holds before its completion
     (``[BOS] prompt``);
-  * ``"chat"``: a ``{"messages"}`` conversation of one user turn, rendered with the chat
-    template up to where the assistant's reply starts (the generation prompt).
+  * ``"chat"``: a ``{"messages"}`` conversation rendered with the chat template up to where
+    the next assistant reply starts (the generation prompt). ``prompt`` is a string (one user
+    turn) or a list of ``{"role", "content"}`` messages (a system turn, earlier turns of a
+    conversation) whose last is not the assistant's.
 
-  The last two are the untrained head of :func:`tokenize_examples`' own example, so a prompt
-  is tokenized exactly as in training. ``ValueError`` if the tokenizer has no chat template.
+  The last two are the untrained head of :func:`tokenize_examples`' own example, each piece
+  tokenized as training tokenized it (earlier assistant turns on their own), so a prompt is
+  tokenized exactly as in training. ``ValueError`` if the tokenizer has no chat template;
+  starting with ``where`` for messages the template cannot render as a prompt (another
+  format, no turn, the assistant's turn last, roles the template refuses).
   """
+  if not isinstance(prompt, str) and fmt != "chat":
+    raise ValueError(f'{where}: a list of "messages" is a chat; use --format chat')
   if fmt == "text":
     return tok.encode(prompt) if prompt else [tok.eos_id()]
   if fmt == "prompt":
-    rec: dict[str, Any] = {"prompt": prompt, "completion": ""}
-  elif fmt == "chat":
-    if not getattr(tok, "chat_template", None):
-      raise ValueError(
-        "chat: the tokenizer has no chat template (chat_template in tokenizer_config.json); "
-        "use --format text or prompt"
-      )
-    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-    rec = {"messages": turns}
-  else:
+    ((toks, trained),) = tokenize_examples([({"prompt": prompt, "completion": ""}, where)], tok)
+    return toks[: int(np.argmax(trained))].tolist()
+  if fmt != "chat":
     raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(PROMPT_FORMATS)}")
-  ((toks, trained),) = tokenize_examples([(rec, "--prompt")], tok)
-  head = int(np.argmax(trained)) if trained.any() else len(toks)
-  return toks[:head].tolist()
+  if not getattr(tok, "chat_template", None):
+    raise ValueError(
+      "chat: the tokenizer has no chat template (chat_template in tokenizer_config.json); "
+      "use --format text or prompt"
+    )
+  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+  _check_messages(messages, where)
+  if not messages or messages[-1].get("role") == "assistant":
+    raise ValueError(f'{where}: "messages" must end with a turn the assistant replies to')
+  # The conversation with an empty reply, cut where the reply starts: a boundary between
+  # its pieces (the reply's own piece begins there, even when an empty reply renders as
+  # nothing).
+  import jinja2
+
+  try:
+    reply = {"messages": [*messages, {"role": "assistant", "content": ""}]}
+    pieces = _chat_segments(reply, where, tok)
+    cut, at, head = len(_chat_renderer(tok, where)(messages, True)), 0, []
+  except (ValueError, jinja2.TemplateError) as e:  # raise_exception("roles must alternate")
+    raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from e
+  for text, _ in pieces:
+    if at + len(text) > cut:
+      break
+    head += tok.encode(text)
+    at += len(text)
+  return head
 
 
 def reply_end_ids(tok, fmt: str) -> set[int]:

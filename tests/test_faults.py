@@ -160,6 +160,7 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
     "no_prompt": '{"text": "It is"}\n',
     "blank": "\n\n",
     "too_long": '{"prompt": "It is"}\n' + json.dumps({"prompt": "It is " * 1000}) + "\n",
+    "talk": json.dumps({"messages": [{"role": "user", "content": "It is"}]}) + "\n",
   }
   for name, text in files.items():
     (tmp_path / name).write_text(text)
@@ -173,6 +174,9 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
       (prompts("blank"), "--prompts", "holds no prompt"),
       (prompts("too_long"), "--prompts", "line 2: prompt has"),
       (prompts("too_long") + ["--batch-size", "0"], "--batch-size", ">= 1"),
+      (prompts("talk"), "--prompts", 'talk line 1: a list of "messages" is a chat'),
+      # The corpus tokenizer has no chat template: the tokenizer's fault, not the record's.
+      (prompts("talk") + ["--format", "chat"], "--format", "no chat template"),
     ]:
       code, _, err = _cli(capsys, "sample", "--checkpoint", run, *args)
       assert code == 2 and says in err, err

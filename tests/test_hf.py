@@ -651,12 +651,48 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   assert sft.prompt_ids(tok, q, "chat") == tok.encode(chat) and tok.encode(chat)[0] == 1
   assert sft.prompt_ids(tok, q, "text") == tok.encode(q)
 
+  # A conversation: the head of its own training example up to the last reply, each piece
+  # tokenized as training did (the earlier reply on its own).
+  talk = [{"role": "user", "content": q}, {"role": "assistant", "content": "three ."}]
+  talk += [{"role": "user", "content": "and two add two ?"}]
+  ((toks, trained),) = sft.tokenize_examples(
+    [({"messages": [*talk, {"role": "assistant", "content": "four ."}]}, "x")], tok
+  )
+  last = len(trained) - int(np.argmax(~trained[::-1]))  # where the last trained run starts
+  assert trained[:last].any() and trained[last:].all()  # the earlier reply was trained too
+  assert sft.prompt_ids(tok, talk, "chat") == toks[:last].tolist()
+  assert sft.prompt_ids(tok, talk[:1], "chat") == sft.prompt_ids(tok, q, "chat")
+  for bad, fmt, says in (
+    (talk[:2], "chat", "must end with a turn the assistant replies to"),
+    ([], "chat", "must end with a turn"),
+    ([{"content": q}], "chat", '"messages" must be a list of {"role", "content"}'),
+    (talk, "prompt", "is a chat; use --format chat"),
+  ):
+    with pytest.raises(ValueError, match="^p.jsonl line 3: ") as e:
+      sft.prompt_ids(tok, bad, fmt, "p.jsonl line 3")
+    assert says in str(e.value)
+
   run = str(trained_run["run"])
   flags = ["--max-new-tokens", "3", "--temperature", "0"]
   assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "prompt", *flags]) == 0
   assert capsys.readouterr().out.startswith(q)
   assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "chat", *flags]) == 0
-  assert "User:" not in capsys.readouterr().out  # the reply alone
+  chat_reply = capsys.readouterr().out
+  assert "User:" not in chat_reply  # the reply alone
+  # --prompts mixes one-turn prompts and conversations; each record comes back with its
+  # reply, a one-turn conversation's the same as its prompt's.
+  records = [{"prompt": q}, {"messages": talk}, {"messages": talk[:1]}]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  prompts = ["sample", "--checkpoint", run, "--prompts", str(tmp_path / "p.jsonl"), *flags]
+  assert cli.main([*prompts, "--format", "chat"]) == 0
+  got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [{k: v for k, v in r.items() if k != "completion"} for r in got] == records
+  assert got[0]["completion"] == got[2]["completion"] == chat_reply.removesuffix("\n")
+  # A conversation is a chat: with another format, one line naming the record.
+  assert cli.main([*prompts, "--format", "prompt"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"galore-jax: error: --prompts: {tmp_path / 'p.jsonl'} line 2: ")
+  assert err.endswith("use --format chat")
   # The same tokenizer without its tokenizer_config.json has no chat template: one line.
   bare = tmp_path / "bare"
   bare.mkdir()

@@ -4,6 +4,7 @@ Loading checkpoints for ``eval`` / ``sample`` is tested end to end in test_train
 test_faults.py (bad flags fail before any weight is read).
 """
 
+import json
 import types
 
 import jax
@@ -181,3 +182,18 @@ def test_bad_prompts_are_errors(tiny):
     sample.generate(run, params, [], max_new_tokens=3)
   with pytest.raises(ValueError, match="at most 32"):
     sample.generate(run, params, list(range(32)), max_new_tokens=3)
+
+
+def test_bench_sample_measures_every_case_on_the_same_replies(load_experiment, tmp_path):
+  """experiments/bench_sample.py: its cached cases (one at a time, and batches of 2 over 3
+  prompts, the last filled up) give the uncached baseline's greedy replies in float32."""
+  bench = load_experiment("bench_sample")
+  path = tmp_path / "sample.json"
+  args = ["--model", "llama_tiny", "--vocab", str(VOCAB), "--prompts", "3"]
+  assert bench.main([*args, "--batch-size", "2", "--new-tokens", "5", "--json", str(path)]) == 0
+  got = json.loads(path.read_text())
+  assert set(got["cases"]) == {"recompute", "cached_b1", "cached_b2"}
+  for name in ("cached_b1", "cached_b2"):
+    assert got["cases"][name]["same_as_recompute"] == 3
+    assert got["cases"][name]["tokens_per_s"] > 0
+  assert set(got["ratios"]) == {"cached_b2/cached_b1", "cached_b1/recompute"}
