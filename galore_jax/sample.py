@@ -237,11 +237,12 @@ def _pick_rows(logits_BxV, keys_B, pos_B, temperature, top_k, top_p):
   return jax.vmap(pick)(logits_BxV, keys_B)
 
 
-def reply_text(tok, prompt_ids: list[int], reply_ids: list[int]) -> str:
+def reply_text(tok, prompt_ids: list[int], reply_ids: list[int], head: str | None = None) -> str:
   """The text ``reply_ids`` adds after ``prompt_ids``. Decoding the reply alone loses what
   depends on the text before it (SentencePiece drops the space a word's piece starts with
-  at the start of a text), so this is the decoded whole less the decoded prompt."""
-  head = tok.decode(list(prompt_ids))
+  at the start of a text), so this is the decoded whole less the decoded prompt (``head``,
+  if the caller has it already)."""
+  head = tok.decode(list(prompt_ids)) if head is None else head
   whole = tok.decode(list(prompt_ids) + list(reply_ids))
   return whole[len(head) :] if whole.startswith(head) else tok.decode(list(reply_ids))
 
@@ -258,17 +259,18 @@ class ReplyStream:
 
   def __init__(self, tok, prompt_ids: list[int], write: Callable[[str], Any]):
     self.tok, self.prompt_ids, self.write = tok, list(prompt_ids), write
+    self.head = tok.decode(self.prompt_ids)  # decoded once, not per token
     self.ids: list[int] = []
     self.shown = ""
 
   def __call__(self, _row: int, token: int) -> None:
     self.ids.append(token)
-    text = reply_text(self.tok, self.prompt_ids, self.ids)
+    text = reply_text(self.tok, self.prompt_ids, self.ids, self.head)
     self._show(text[: max(len(text) - self.HOLD, 0)])
 
   def close(self) -> str:
     """Prints what is left and returns the whole reply's text."""
-    text = reply_text(self.tok, self.prompt_ids, self.ids)
+    text = reply_text(self.tok, self.prompt_ids, self.ids, self.head)
     self._show(text)
     return text
 
