@@ -12,8 +12,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 EXIT_USAGE = 2
 
@@ -457,11 +459,19 @@ def _cmd_sample(args) -> int:
   return 0
 
 
+def _exit_on_sigterm(signum, _frame):
+  raise SystemExit(128 + signum)
+
+
 def _cmd_export(args) -> int:
   from galore_jax import hf, sample
   from galore_jax.config import ConfigError
 
-  if os.path.isdir(args.out) and os.listdir(args.out):
+  # A symlink's target is where the model goes (rename would replace the link itself).
+  out = os.path.realpath(os.path.expanduser(args.out))
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise ConfigError("--out", f"{args.out} exists and is not a directory")
+  if os.path.isdir(out) and os.listdir(out):
     raise ConfigError("--out", f"{args.out} exists and is not empty")
   from galore_jax import sft
 
@@ -469,13 +479,38 @@ def _cmd_export(args) -> int:
   base = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
   chat = getattr(sp, "chat_template", None)
   generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
+  # Written into a sibling directory and renamed into place when complete, so that --out
+  # is never a partial model (a killed or failed export), nor a mix of two exports.
   try:
-    files = hf.save_pretrained(
-      args.out, run.model_cfg, params, dtype=args.dtype, tokenizer=sp, generation=generation
-    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 is no model directory's mode
   except OSError as e:
     raise ConfigError("--out", str(e)) from e
-  print(f"exported step {step} to {os.path.abspath(args.out)} ({len(files)} files)")
+  # SIGTERM ends the export as Ctrl-C does, through the clean-up below (exit 143).
+  previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+  try:
+    files = hf.save_pretrained(
+      partial, run.model_cfg, params, dtype=args.dtype, tokenizer=sp, generation=generation
+    )
+  except BaseException as e:
+    shutil.rmtree(partial, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise ConfigError("--out", str(e)) from e
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  try:
+    os.rename(partial, out)  # atomic; onto an empty directory too, never a non-empty one
+  except OSError as e:
+    raise ConfigError(
+      "--out",
+      f"{out} appeared while exporting and is not empty ({e.strerror}); this export is "
+      f"complete in {partial}",
+    ) from e
+  print(f"exported step {step} to {out} ({len(files)} files)")
   return 0
 
 

@@ -201,6 +201,77 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
   assert code == 0, err  # an empty prompt starts a new document
 
 
+def test_export_is_all_or_nothing(lines_run, capsys, monkeypatch, tmp_path):
+  """--out is a whole model or nothing: written beside it and renamed into place. A failed,
+  interrupted or terminated export leaves neither --out nor its partial directory; another
+  export that fills --out meanwhile is not mixed into, and this one's work is kept."""
+  from galore_jax import hf
+
+  run = lines_run[0] / "run"
+  out = tmp_path / "models" / "m"
+  leftovers = lambda: sorted(p.name for p in (tmp_path / "models").iterdir())
+  save = hf.save_pretrained
+
+  def failing(error):
+    def write(path, *a, **k):
+      (Path(path) / "model.safetensors").write_bytes(b"half a model")
+      raise error
+
+    return write
+
+  with monkeypatch.context() as m:
+    m.setattr(hf, "save_pretrained", failing(OSError(28, "No space left on device")))
+    code, _, err = _cli(capsys, "export", "--checkpoint", run, "--out", out)
+    assert code == 2 and "No space left on device" in err
+    _one_line_error(err, "--out")
+    assert leftovers() == []
+    m.setattr(hf, "save_pretrained", failing(KeyboardInterrupt()))
+    assert _cli(capsys, "export", "--checkpoint", run, "--out", out)[0] == 130
+    assert leftovers() == []
+
+    def terminated(path, *a, **k):
+      (Path(path) / "model.safetensors").write_bytes(b"half a model")
+      os.kill(os.getpid(), signal.SIGTERM)
+
+    m.setattr(hf, "save_pretrained", terminated)
+    with pytest.raises(SystemExit) as stop:
+      cli.main(["export", "--checkpoint", str(run), "--out", str(out)])
+    assert stop.value.code == 143 and leftovers() == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+    def raced(path, *a, **k):  # a second export fills --out first
+      files = save(path, *a, **k)
+      out.mkdir()
+      (out / "config.json").write_text("{}")
+      return files
+
+    m.setattr(hf, "save_pretrained", raced)
+    code, _, err = _cli(capsys, "export", "--checkpoint", run, "--out", out)
+    assert code == 2 and "appeared while exporting" in err
+    _one_line_error(err, "--out")
+    assert (out / "config.json").read_text() == "{}" and len(leftovers()) == 2
+    kept = Path(err.rsplit(" ", 1)[1])  # "... this export is complete in DIR"
+    assert kept.name.startswith("m.partial-") and (kept / "model.safetensors").is_file()
+    shutil.rmtree(kept)
+    shutil.rmtree(out)
+
+  # An empty --out is filled; its mode is the umask's, not mkdtemp's 0700.
+  out.mkdir()
+  code, stdout, err = _cli(capsys, "export", "--checkpoint", run, "--out", out)
+  assert code == 0, err
+  assert (out / "model.safetensors").is_file() and leftovers() == ["m"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+  # A file named --out fails before any weight is read.
+  with monkeypatch.context() as m:
+    _no_weights_read(m)
+    (tmp_path / "file").write_text("x")
+    code, _, err = _cli(capsys, "export", "--checkpoint", run, "--out", tmp_path / "file")
+    assert code == 2 and "is not a directory" in err
+    _one_line_error(err, "--out")
+
+
 def test_eval_flags_are_named(lines_run, capsys, monkeypatch):
   run = lines_run[0] / "run"
   _no_weights_read(monkeypatch)
