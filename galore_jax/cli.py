@@ -633,8 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     default="text",
     choices=("text", "prompt", "chat"),
     help="lay the prompt out as training laid out its data: text (pretraining; default), "
-    "prompt ([BOS] prompt, as {prompt, completion} records), chat (one user turn in the "
-    "tokenizer's chat template; prints the reply)",
+    "prompt ([BOS] prompt, as {prompt, completion} records), chat (a user turn, or a "
+    "--prompts conversation, in the tokenizer's chat template; prints the reply)",
   )
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.8)
