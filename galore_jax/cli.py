@@ -382,7 +382,6 @@ def _eval_batches_flag(value: str | None) -> int | str | None:
 
 
 def _cmd_sample(args) -> int:
-  from galore_jax import sample
   from galore_jax.config import ConfigError
 
   if args.max_new_tokens < 1:
@@ -395,9 +394,63 @@ def _cmd_sample(args) -> int:
     )
   if args.batch_size < 1:
     raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
-  from galore_jax import sft
+  if args.out is not None and args.prompts is None:
+    raise ConfigError("--out", "needs --prompts (a --prompt reply streams to the terminal)")
 
   records = [{"prompt": args.prompt}] if args.prompts is None else _read_prompts(args.prompts)
+  reply_file = None
+  if args.out is not None:
+    reply_file = _open_reply_file(args, records)
+    if reply_file.kept == len(records):
+      reply_file.close()
+      print(f"{args.out} has a reply to each of the {len(records)} prompts of {args.prompts}")
+      return 0
+  try:
+    return _sample(args, records, reply_file)
+  finally:
+    if reply_file is not None:
+      reply_file.close()
+
+
+def _open_reply_file(args, records):
+  """``sample --out``: the replies file, locked, checked against the prompts and flags."""
+  from galore_jax import checkpoint, replies
+
+  settings = {
+    # The run, not one step's folder: a pinned step (RUN/checkpoints/N) continues a file
+    # the run's latest step began.
+    "checkpoint": os.path.realpath(checkpoint.checkpoint_dir(os.path.expanduser(args.checkpoint))),
+    "tokenizer": args.tokenizer and os.path.realpath(os.path.expanduser(args.tokenizer)),
+    "format": args.format,
+    "max_new_tokens": args.max_new_tokens,
+    "temperature": args.temperature,
+    "top_k": args.top_k,
+    "top_p": args.top_p,
+    "seed": args.seed,
+    "dtype": args.dtype,
+    "param_dtype": args.param_dtype,
+  }
+  reply_file = replies.ReplyFile(args.out, records, settings, args.prompts)
+  try:  # a run that has saved a newer step since fails before its weights are read
+    path = os.path.expanduser(args.checkpoint)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      step = checkpoint.step_in_path(path)
+      if step is None:
+        try:
+          step = checkpoint.latest_step(path)
+        except Exception:  # noqa: BLE001 - the loader reports a bad --checkpoint
+          step = None
+      reply_file.check_step(step)
+  except BaseException:
+    reply_file.close()
+    raise
+  return reply_file
+
+
+def _sample(args, records, reply_file) -> int:
+  from galore_jax import sample, sft
+  from galore_jax.config import ConfigError
+
   prompts: list[list[int]] = []
 
   def check_flags(run, sp):  # before the weights: a bad flag fails at once
@@ -423,6 +476,8 @@ def _cmd_sample(args) -> int:
       prompts.append(ids)
 
   run, params, sp, step = _load_for_inference(args, check_flags)
+  if reply_file is not None:
+    reply_file.start(step)
   kept = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
   stops = sft.reply_end_ids(sp, args.format) | sample.stop_ids(kept)
   settings = dict(
@@ -445,17 +500,34 @@ def _cmd_sample(args) -> int:
     print()
     return 0
   n = args.batch_size
-  for start in range(0, len(prompts), n):
+  first = 0 if reply_file is None else reply_file.kept
+  todo = len(prompts) - first
+  bar = None
+  if reply_file is not None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts), initial=first, unit="prompt", desc="sample", disable=None)
+  for start in range(first, len(prompts), n):
     batch = prompts[start : start + n]
     # The last batch is filled up with copies, so that every batch runs the same programs.
-    filled = batch + [batch[-1]] * (n - len(batch)) if len(prompts) > n else batch
+    filled = batch + [batch[-1]] * (n - len(batch)) if todo > n else batch
     replies = sample.generate_batch(run, params, filled, first_index=start, **settings)
+    done = []
     for i, reply in enumerate(replies[: len(batch)]):
       record = {k: v for k, v in records[start + i].items() if k != "line"}
       record["completion"] = sample.reply_text(sp, prompts[start + i], reply)
+      done.append(record)
+    if reply_file is not None:
+      reply_file.write(done)
+      bar.update(len(done))
+      continue
+    for record in done:
       print(json.dumps(record), flush=True)
     if _reader_gone():  # nobody reads the replies any more (`| head`)
       return 128 + signal.SIGPIPE
+  if bar is not None:
+    bar.close()
+    print(f"{len(prompts)} replies in {args.out} ({todo} new, step {step})")
   return 0
 
 
@@ -627,6 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--batch-size", type=int, default=8, help="prompts decoded together with --prompts (default 8)"
+  )
+  p.add_argument(
+    "--out",
+    metavar="REPLIES",
+    help="with --prompts: append the replies to this JSON-lines file, synced per batch; a "
+    "run killed mid-way continues where the file ends when run again with the same flags",
   )
   p.add_argument(
     "--format",

@@ -7,6 +7,7 @@ The SIGTERM-at-a-save-step test is ``test_train.py::test_sigterm_at_a_save_step.
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -199,6 +200,76 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
     capsys, "sample", "--checkpoint", run, "--prompt", "", "--max-new-tokens", "3"
   )
   assert code == 0, err  # an empty prompt starts a new document
+
+
+def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkeypatch, tmp_path):
+  """sample --prompts --out: a run stopped after two batches, its last line cut short, and
+  run again, writes the file one uninterrupted run writes. A file of other prompts, other
+  flags or another step, or one another process writes, is an error before any weight is
+  read, and the file is left as it was."""
+  from galore_jax import sample
+
+  run = lines_run[0] / "run"
+  prompts = tmp_path / "p.jsonl"
+  texts = ["It is", "The king", "", "She had", "And so", "Of the", "He was"]
+  prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+  flags = ["--prompts", prompts, "--batch-size", "2", "--max-new-tokens", "4", "--seed", "5"]
+  sample_to = lambda out, *more: _cli(
+    capsys, "sample", "--checkpoint", run, *flags, "--out", out, *more
+  )
+  whole = tmp_path / "whole.jsonl"
+  assert sample_to(whole)[0] == 0
+  want = whole.read_text()
+  assert len(want.splitlines()) == 7 and json.loads(want.splitlines()[2])["prompt"] == ""
+
+  part = tmp_path / "part.jsonl"
+  batches, generate_batch = [], sample.generate_batch
+
+  def killed_after_two(*a, **k):
+    if len(batches) == 2:
+      raise KeyboardInterrupt
+    batches.append(k["first_index"])
+    return generate_batch(*a, **k)
+
+  with monkeypatch.context() as m:
+    m.setattr(sample, "generate_batch", killed_after_two)
+    assert sample_to(part)[0] == 130
+  assert part.read_text() == "".join(want.splitlines(keepends=True)[:4])
+  with part.open("a") as f:  # a kill mid-write: the next line cut short
+    f.write(want.splitlines()[4][:25])
+  cut = part.read_text()
+  with monkeypatch.context() as m:
+    _no_weights_read(m)
+    for more, says in [
+      (["--seed", "6"], "seed 5 (now 6)"),
+      (["--max-new-tokens", "5"], "max_new_tokens 4 (now 5)"),
+      (
+        ["--checkpoint", run / "checkpoints" / "2"],
+        "holds replies of step 4, the checkpoint is at step 2",
+      ),
+    ]:
+      code, _, err = sample_to(part, *more)
+      assert code == 2 and says in err, err
+      _one_line_error(err, "--out")
+    with part.open() as held:  # another process writing it
+      fcntl.flock(held, fcntl.LOCK_EX)
+      code, _, err = sample_to(part)
+      assert code == 2 and "is being written by another galore-jax sample" in err
+    prompts.write_text(prompts.read_text().replace("The king", "The queen"))
+    code, _, err = sample_to(part)
+    assert code == 2 and f"line 2 is not the reply to {prompts} line 2" in err, err
+    prompts.write_text(prompts.read_text().replace("The queen", "The king"))
+  assert part.read_text() == cut
+  code, out, err = sample_to(part)
+  assert code == 0, err
+  assert part.read_text() == want and "7 replies" in out and "3 new" in out
+  with monkeypatch.context() as m:  # nothing left to do: no weights read
+    _no_weights_read(m)
+    code, out, _ = sample_to(part)
+    assert code == 0 and "has a reply to each of the 7 prompts" in out
+  code, _, err = _cli(capsys, "sample", "--checkpoint", run, "--prompt", "It", "--out", part)
+  assert code == 2
+  _one_line_error(err, "--out")
 
 
 def test_export_is_all_or_nothing(lines_run, capsys, monkeypatch, tmp_path):
