@@ -2,13 +2,14 @@
 
 Each drill is what an operator or a scheduler does to a run: SIGKILL mid-run and
 resume, SIGTERM on a save step (preemption) and resume, a second process on the same
-``--out``, a diverging learning rate, and Ctrl-C during start-up. Columns: the exit
+``--out``, a diverging learning rate, Ctrl-C during start-up, and SIGKILL of ``sample
+--prompts --out`` mid-way, run again. Columns: the exit
 code of each attempt, the checkpoint step a resume continued from, and whether
 ``metrics.jsonl`` holds exactly one training record per step done.
 
   python experiments/fault_drill.py [--workdir DIR] [--steps 12]
 
-Tiny configuration (llama_tiny, 2 x 32 tokens per step): about 3 minutes on 2 CPU cores.
+Tiny configuration (llama_tiny, 2 x 32 tokens per step): about 2 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -150,6 +151,46 @@ def drill_startup(work: str) -> list[tuple]:
   return [("Ctrl-C at start-up", "train", exit_code(proc.returncode), "-", left)]
 
 
+def drill_sample(work: str, run_dir: str) -> list[tuple]:
+  """sample --prompts --out: SIGKILL after a few replies, run again; the file must equal an
+  uninterrupted run's."""
+  prompts = os.path.join(work, "prompts.jsonl")
+  with open(prompts, "w") as f:
+    for i in range(24):
+      f.write(json.dumps({"prompt": f"It was the {i}th day of"}) + "\n")
+  base = ["sample", "--checkpoint", run_dir, "--prompts", prompts, "--batch-size", "1"]
+  base += ["--max-new-tokens", "24"]
+  whole, part = os.path.join(work, "replies_whole.jsonl"), os.path.join(work, "replies.jsonl")
+  run([*base, "--out", whole])
+  proc = start([*base, "--out", part])
+  deadline = time.time() + 300
+  lines = lambda: open(part).read().count("\n") if os.path.exists(part) else 0
+  while lines() < 6 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  done = lines()
+  again = run([*base, "--out", part])
+  with open(whole) as a, open(part) as b:
+    same = a.read() == b.read()
+  return [
+    (
+      "SIGKILL",
+      f"sample --out, killed after {done} of 24 replies",
+      exit_code(proc.returncode),
+      "-",
+      "-",
+    ),
+    (
+      "SIGKILL",
+      "sample --out, run again",
+      again.returncode,
+      "-",
+      f"file == uninterrupted run's: {same}",
+    ),
+  ]
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", default=None, help="default: a temporary directory")
@@ -163,6 +204,7 @@ def main() -> None:
   rows += drill_concurrent(work, args.steps)
   rows += drill_divergence(work)
   rows += drill_startup(work)
+  rows += drill_sample(work, os.path.join(work, "sigkill_run"))
   print(f"steps per run: {args.steps}; runs in {work}; CLI {cli()[0]}\n")
   print(
     "| drill | attempt | exit code | checkpoint step resumed | metrics records == steps / note |"
