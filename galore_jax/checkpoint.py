@@ -7,12 +7,19 @@ optimizer configuration, the tokenizer's vocabulary size and hash, the seed
 and the data position (the step: batches are a pure function of seed and
 step). A checkpoint that cannot be read, or that belongs to another model,
 optimizer or tokenizer, raises :class:`CheckpointError`; nothing falls back
-to a fresh start.
+to a fresh start. One that cannot be written (a full disk) raises
+:class:`CheckpointWriteError`; :func:`recover` removes its partial files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,6 +33,11 @@ KEEP_CHECKPOINTS = 3  # --keep-checkpoints default
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable or incompatible with the requested run."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, quota, permissions). The checkpoints
+  written before it are intact."""
 
 
 class CheckpointPruned(CheckpointError):
@@ -73,18 +85,131 @@ def manager(
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-  """Saves synchronously: when this returns, the checkpoint is committed on disk."""
+  """Saves synchronously: when this returns, the checkpoint is committed on disk.
+
+  A write that fails raises :class:`CheckpointWriteError` naming the cause. Orbax commits a
+  step by renaming its directory, so the older checkpoints are intact; :func:`recover`
+  gives a manager to save with again."""
   meta = dict(meta, format=CHECKPOINT_FORMAT, step=int(step))
-  mngr.save(
-    int(step),
-    args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(meta),
-    ),
-    force=True,
-  )
-  mngr.wait_until_finished()
+  _hide_failed_write_echoes()
+  try:
+    # Orbax logs every failed write of every array with its traceback (hundreds of lines
+    # for one full disk); the error raised below says it once.
+    with _quiet_absl():
+      mngr.save(
+        int(step),
+        args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+      )
+      mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - orbax raises ValueError / OSError / RuntimeError
+    with contextlib.suppress(Exception), _quiet_absl():
+      mngr.wait_until_finished()
+    raise CheckpointWriteError(
+      f"checkpoint {step} could not be written in {mngr.directory} ({_write_failure(e)})"
+    ) from e
+  # Partial directories of earlier steps (a failed save, a killed process) are never
+  # finished now: their space goes back.
+  _remove_partials(str(mngr.directory), lambda s: s < int(step))
+
+
+def recover(mngr: ocp.CheckpointManager, step: int, keep: int | None) -> ocp.CheckpointManager:
+  """After a failed :func:`save` of ``step``: a new manager of the same directory, and (in a
+  single process) the step's partial directory removed. The old manager has lost count of
+  the checkpoints on disk (its next save would not prune the oldest), and its background
+  writes of the failed step may outlive the error; closing it first ends them."""
+  directory = str(mngr.directory)
+  with contextlib.suppress(Exception), _quiet_absl():
+    mngr.close()
+  _remove_partials(directory, lambda s: s == int(step))
+  return manager(directory, keep=keep)
+
+
+_PARTIAL = re.compile(r"(\d+)\.orbax-checkpoint-tmp")
+
+
+def _remove_partials(directory: str, of_step: Callable[[int], bool]) -> None:
+  """Removes orbax's uncommitted step directories (``N.orbax-checkpoint-tmp...``) whose step
+  ``of_step`` selects; in a single process only (other processes may be writing theirs)."""
+  if jax.process_count() != 1:
+    return
+  for name in os.listdir(directory):
+    found = _PARTIAL.match(name)
+    if found and of_step(int(found.group(1))):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+_OS_FAILURE = re.compile(
+  r"No space left on device|Disk quota exceeded|File too large|Read-only file system|"
+  r"Permission denied"
+)
+
+
+def _write_failure(error: BaseException) -> str:
+  """The cause of a failed write in a few words: the OS error inside orbax's message."""
+  found = _OS_FAILURE.search(str(error))
+  if found:
+    return found.group(0)
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return first_line(error)
+
+
+def _from_failed_write(error: BaseException | None) -> bool:
+  """An error that only echoes a failed checkpoint write: raised in orbax, or its
+  background writes reporting to an event loop that the failed save has closed."""
+  if error is None:
+    return False
+  if "Event loop is closed" in str(error) or ".orbax-checkpoint-tmp" in str(error):
+    return True
+  tb = error.__traceback__
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _EchoFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _from_failed_write(record.exc_info[1]))
+
+
+_echoes_hidden = False
+
+
+def _hide_failed_write_echoes() -> None:
+  """A failed write leaves orbax's other write futures to fail, during the save and after
+  it, each printed with its traceback (asyncio's "exception was never retrieved", and
+  "Event loop is closed" through ``sys.unraisablehook``): dozens of tracebacks around the
+  one-line report. Drops those echoes, and nothing else, from the first save on."""
+  global _echoes_hidden
+  if _echoes_hidden:
+    return
+  _echoes_hidden = True
+  logging.getLogger("asyncio").addFilter(_EchoFilter())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _from_failed_write(unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  log = logging.getLogger("absl")
+  level = log.level
+  log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
 
 
 def latest_step(path: str) -> int | None:

@@ -569,8 +569,8 @@ def _cmd_export(args) -> int:
     )
   except BaseException as e:
     shutil.rmtree(partial, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise ConfigError("--out", str(e)) from e
+    if isinstance(e, OSError):  # a full disk: named in --out's terms (the partial is gone)
+      raise ConfigError("--out", str(e).replace(partial, out)) from e
     raise
   finally:
     signal.signal(signal.SIGTERM, previous)
@@ -899,7 +899,7 @@ def _run_command(argv: list[str]) -> int:
     parser.print_help()
     return EXIT_USAGE
 
-  from galore_jax.checkpoint import CheckpointError
+  from galore_jax.checkpoint import CheckpointError, CheckpointWriteError
   from galore_jax.config import ConfigError
   from galore_jax.trainer import TrainingDiverged
 
@@ -920,6 +920,9 @@ def _run_command(argv: list[str]) -> int:
     return EXIT_USAGE
   except TrainingDiverged as e:
     print(f"galore-jax: error: training diverged: {e}", file=sys.stderr)
+    return 1
+  except CheckpointWriteError as e:
+    print(f"galore-jax: error: {e}", file=sys.stderr)
     return 1
 
 

@@ -633,7 +633,12 @@ def save_pretrained(
       tensors[key] = np.ascontiguousarray(host.astype(target, copy=False))
       weight_map[key] = name
       total += tensors[key].nbytes
-    save_file(tensors, str(root / name), metadata={"format": "pt"})
+    try:
+      save_file(tensors, str(root / name), metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error
+      if isinstance(e, OSError) or "I/O error" not in str(e):
+        raise
+      raise OSError(f"{root / name}: {e}") from e
     written.append(str(root / name))
     del tensors
   if n > 1:

@@ -702,18 +702,36 @@ def _train_loop(
   # where a diverged or interrupted run can go back to.
   saved_at = start if cfg.resume else None
 
-  def save(at) -> bool:
+  def save(at, *, last: bool = False) -> bool:
     """Saves unless the current streak of non-finite steps is non-zero (returns False).
 
     Skipped updates leave the state of the streak's start; a checkpoint from inside the
     streak would only push good ones out of rotation (``--keep-checkpoints``).
+
+    A checkpoint that cannot be written (a full disk) is reported, and training goes on
+    (returns False): the state is still in memory, and the next save step tries again,
+    perhaps after the user has made room. The ``last`` save of a run, or any in a
+    multi-process job (whose saves are collective), raises ``CheckpointWriteError`` instead.
     """
-    nonlocal saved_at
+    nonlocal saved_at, mngr
     if consecutive_bad:
       return False
     if saved_at != at:  # a signal at a save step: already on disk
       with signals.saving():  # a second signal waits for the save
-        write_checkpoint(at, params, opt_state, meta)
+        try:
+          write_checkpoint(at, params, opt_state, meta)
+        except checkpoint.CheckpointWriteError as e:
+          if distributed.is_multiprocess():
+            raise checkpoint.CheckpointWriteError(f"{e}; {newest_checkpoint()}") from e
+          mngr = checkpoint.recover(mngr, at, cfg.keep_checkpoints)  # its partial files go
+          if last:
+            raise checkpoint.CheckpointWriteError(f"{e}; {newest_checkpoint()}") from e
+          retry = min(at - at % cfg.save_every + cfg.save_every, end)
+          log(
+            f"galore-jax: warning: {e}; training goes on, and step {retry} saves again; "
+            f"{newest_checkpoint()}"
+          )
+          return False
       saved_at = at
     return True
 
@@ -814,12 +832,16 @@ def _train_loop(
             + (f" ({len(val_batches)} batches)" if eval_count else "")
           )
       if step % cfg.save_every == 0 or step == end:
-        save(step)
+        save(step, last=step == end)
       for callback in hooks.after_step:
         callback(step, m)
       # Multi-process: a signal to any process stops all after this step (saving is collective).
       if (stop := distributed.agree_signal(signals.received)) is not None:
-        if save(step):
+        try:
+          saved = save(step, last=True)
+        except checkpoint.CheckpointWriteError as e:
+          raise TrainingInterrupted(stop, step, f"not saved: {e}") from None
+        if saved:
           why = f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
         else:
           why = (

@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -272,6 +273,55 @@ def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkey
   _one_line_error(err, "--out")
 
 
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+  """A save that fails (a full disk; here the file size limit, RLIMIT_FSIZE, makes the
+  array writes fail inside orbax as ENOSPC would) is one warning line, and training goes on:
+  the state is in memory, the next save step writes it, and rotation (--keep-checkpoints)
+  still prunes the older checkpoints. A failed last save is a one-line error, exit 1,
+  naming the newest checkpoint. No partial directory is left either way."""
+  save, failing = checkpoint.save, set()
+
+  def save_or_fail(mngr, step, params, opt_state, meta):
+    if step not in failing:
+      return save(mngr, step, params, opt_state, meta)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))  # below the arrays
+    try:
+      save(mngr, step, params, opt_state, meta)
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+      signal.signal(signal.SIGXFSZ, xfsz)
+
+  monkeypatch.setattr(checkpoint, "save", save_or_fail)
+  common = dict(SMALL, out=str(tmp_path / "run"), save_every=2, keep_checkpoints=1)
+  failing.add(4)
+  logged = []
+  summary = train.train(train.TrainConfig(**common, steps=8), log=logged.append)
+  assert summary["step"] == 8
+  warned = [line for line in logged if "warning" in line]
+  assert len(warned) == 1, logged
+  assert warned[0].startswith("galore-jax: warning: checkpoint 4 could not be written in ")
+  assert "(File too large)" in warned[0]
+  assert "training goes on, and step 6 saves again" in warned[0]
+  assert warned[0].endswith(f"the newest checkpoint is {tmp_path / 'run'}/checkpoints/2")
+  # Step 6 saved and pruned 2 (the manager was renewed: the failed one had lost count of
+  # the checkpoints), 8 pruned 6; the failed step left no partial directory.
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["8"]
+  assert "Traceback" not in capsys.readouterr().err
+
+  failing.add(10)
+  args = ["train", "--out", tmp_path / "run", "--steps", "10", "--resume", "--save-every", "2"]
+  args += ["--keep-checkpoints", "1", "--batch-size", "8", "--seq-len", "32", "--rank", "16"]
+  args += ["--update-proj-gap", "2", "--eval-every", "1000", "--eval-batches", "2", "--no-progress"]
+  code, _, err = _cli(capsys, *args)
+  assert code == 1
+  assert err.startswith("galore-jax: error: checkpoint 10 could not be written in ")
+  assert err.endswith("the newest checkpoint is " + str(tmp_path / "run") + "/checkpoints/8")
+  assert len(err.splitlines()) == 1 and "Traceback" not in err
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["8"]
+
+
 def test_export_is_all_or_nothing(lines_run, capsys, monkeypatch, tmp_path):
   """--out is a whole model or nothing: written beside it and renamed into place. A failed,
   interrupted or terminated export leaves neither --out nor its partial directory; another
@@ -291,11 +341,22 @@ def test_export_is_all_or_nothing(lines_run, capsys, monkeypatch, tmp_path):
     return write
 
   with monkeypatch.context() as m:
-    m.setattr(hf, "save_pretrained", failing(OSError(28, "No space left on device")))
+    import safetensors
+    import safetensors.numpy
+
+    def disk_full(tensors, filename, metadata=None):  # as safetensors reports ENOSPC
+      Path(filename).write_bytes(b"half a model")
+      raise safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+      )
+
+    m.setattr(safetensors.numpy, "save_file", disk_full)
     code, _, err = _cli(capsys, "export", "--checkpoint", run, "--out", out)
     assert code == 2 and "No space left on device" in err
+    assert f"--out: {out}/model.safetensors: " in err  # not the partial directory's name
     _one_line_error(err, "--out")
     assert leftovers() == []
+  with monkeypatch.context() as m:
     m.setattr(hf, "save_pretrained", failing(KeyboardInterrupt()))
     assert _cli(capsys, "export", "--checkpoint", run, "--out", out)[0] == 130
     assert leftovers() == []
