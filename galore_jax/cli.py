@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -844,13 +845,19 @@ def _main_with_signals(argv: list[str] | None = None) -> int:
       signal.signal(sig, handler)
 
 
-class _StdoutGuard:
-  """``sys.stdout`` for a command whose reader may go away (``| head``, a killed ``tee``).
-  Python ignores SIGPIPE, so a print to a closed pipe raises BrokenPipeError: in ``train``
-  that would end the run at its next log line and lose the steps since its last checkpoint.
-  Here the first closed-pipe write points the descriptor at os.devnull (so the interpreter's
-  last flush succeeds too) and sets ``reader_gone``: training goes on (everything it prints
-  is also in metrics.jsonl), and ``sample --prompts`` stops after the batch in hand."""
+class _StreamGuard:
+  """``sys.stdout`` / ``sys.stderr`` of a command, kept from ending it.
+
+  * A reader that goes away (``| head``, a killed ``tee``): Python ignores SIGPIPE, so a
+    print to a closed pipe raises BrokenPipeError, which in ``train`` would end the run at
+    its next log line and lose the steps since its last checkpoint. The first closed-pipe
+    write points the descriptor at os.devnull (so the interpreter's last flush succeeds too)
+    and sets ``reader_gone``: training goes on (everything it prints is also in
+    metrics.jsonl), and ``sample --prompts`` stops after the batch in hand.
+  * A full disk under a redirected log (``train > log.txt``): what cannot be written is
+    dropped, and the run goes on (metrics.jsonl keeps its records until there is room)."""
+
+  _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
   def __init__(self, stream):
     self._stream = stream
@@ -861,13 +868,19 @@ class _StdoutGuard:
       return self._stream.write(text)
     except BrokenPipeError:
       self._divert()
-      return len(text)
+    except OSError as e:
+      if e.errno not in self._FULL:
+        raise
+    return len(text)
 
   def flush(self) -> None:
     try:
       self._stream.flush()
     except BrokenPipeError:
       self._divert()
+    except OSError as e:
+      if e.errno not in self._FULL:
+        raise
 
   def _divert(self) -> None:
     self.reader_gone = True
@@ -884,12 +897,12 @@ def _reader_gone() -> bool:
 
 
 def _main(argv: list[str]) -> int:
-  stdout = sys.stdout
-  sys.stdout = _StdoutGuard(stdout)
+  stdout, stderr = sys.stdout, sys.stderr
+  sys.stdout, sys.stderr = _StreamGuard(stdout), _StreamGuard(stderr)
   try:
     return _run_command(argv)
   finally:
-    sys.stdout = stdout
+    sys.stdout, sys.stderr = stdout, stderr
 
 
 def _run_command(argv: list[str]) -> int:

@@ -16,6 +16,9 @@ import json
 import math
 import os
 import shutil
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from galore_jax.errors import first_line
@@ -27,6 +30,11 @@ class MetricsWriter:
 
   Appending (never truncating) keeps the history of a resumed run in one file.
   ``purge_step``: the first step a resumed run replays (TensorBoard then shows each step once).
+
+  A full disk does not end the run here: a record that cannot be written is kept in memory
+  and written, after the ones before it, by a later ``write`` once there is room (one
+  ``warn`` when the writes stop, one when they resume); TensorBoard, a mirror, stops at its
+  first failed write (one ``warn``).
   """
 
   def __init__(
@@ -36,39 +44,95 @@ class MetricsWriter:
     tensorboard: bool = True,
     wandb_config: dict[str, Any] | None = None,
     purge_step: int | None = None,
+    warn: Callable[[str], Any] | None = None,
   ):
     os.makedirs(out_dir, exist_ok=True)
+    self._warn = warn or (lambda text: print(f"galore-jax: warning: {text}", file=sys.stderr))
     # W&B first: if it cannot start, nothing else has been written.
     self._wandb = start_wandb(out_dir, wandb_config) if wandb_config is not None else None
     self.path = os.path.join(out_dir, "metrics.jsonl")
-    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-    self._tb = None
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # lazy: only runs that log need it
-
-      # purge_step (a resume): TensorBoard hides the earlier sessions' events from that step
-      # on, the steps this session replays, as drop_after does for metrics.jsonl.
-      self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=purge_step)
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    self._pending = b""  # bytes not yet on disk, in order (a full disk)
+    self._tb = _TensorBoard(os.path.join(out_dir, "tb"), purge_step) if tensorboard else None
 
   def write(self, record: dict[str, Any]) -> None:
     clean = {k: _jsonable(v) for k, v in record.items()}
-    self._file.write(json.dumps(clean) + "\n")
-    self._file.flush()
+    self._pending += (json.dumps(clean) + "\n").encode()
+    self._write_pending()
     scalars = {
       k: v for k, v in clean.items() if k != "step" and isinstance(v, int | float) and v is not None
     }
     if self._tb is not None:
-      for key, value in scalars.items():
-        self._tb.add_scalar(key, value, int(clean["step"]))
+      try:
+        self._tb.scalars(int(clean["step"]), scalars)
+      except OSError as e:
+        self._warn(
+          f"TensorBoard events stop at step {clean['step']} ({e.strerror or e}); "
+          f"{self.path} keeps every record"
+        )
+        self._tb.close()
+        self._tb = None
     if self._wandb is not None:
       self._wandb.log(scalars, step=int(clean["step"]))
 
+  def _write_pending(self) -> bool:
+    failing = getattr(self, "_failing", False)
+    while self._pending:
+      try:
+        done = os.write(self._fd, self._pending)
+      except OSError as e:
+        if not failing:
+          self._warn(
+            f"{self.path} cannot be written ({e.strerror or e}); its records are kept in "
+            "memory and written when there is room"
+          )
+        self._failing = True
+        return False
+      self._pending = self._pending[done:]  # a short write: the rest goes next
+    if failing:
+      self._warn(f"{self.path} is written again, the records kept meanwhile included")
+    self._failing = False
+    return True
+
   def close(self) -> None:
-    self._file.close()
+    if not self._write_pending():
+      self._warn(f"{len(self._pending)} bytes of records could not be written to {self.path}")
+    os.close(self._fd)
     if self._tb is not None:
-      self._tb.close()
+      with contextlib.suppress(OSError):
+        self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+class _TensorBoard:
+  """TensorBoard scalars in tensorboardX's event files, written and flushed synchronously:
+  a failed write (a full disk) raises OSError here. (tensorboardX's ``SummaryWriter`` writes
+  from a thread that such an error ends, after which its bounded queue blocks the run.)"""
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter  # lazy: only runs that log
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    os.makedirs(logdir, exist_ok=True)
+    self._events = EventsWriter(os.path.join(logdir, "events"))
+    if purge_step is not None:
+      # A resume: TensorBoard hides the earlier sessions' events from purge_step on, the
+      # steps this session replays (as drop_after does for metrics.jsonl).
+      start = SessionLog(status=SessionLog.START)
+      self._events.write_event(Event(step=purge_step, wall_time=time.time(), session_log=start))
+    self._events.flush()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+
+    for key, value in values.items():
+      self._events.write_event(Event(step=step, wall_time=time.time(), summary=scalar(key, value)))
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
 
 
 class WandbError(RuntimeError):

@@ -680,6 +680,7 @@ def _train_loop(
         cfg.out,
         wandb_config=meta["train_config"] if cfg.wandb else None,
         purge_step=start + 1 if cfg.resume else None,
+        warn=lambda text: log(f"galore-jax: warning: {text}"),
       )
       if distributed.is_primary()
       else distributed.NullWriter(cfg.out)

@@ -7,6 +7,7 @@ The SIGTERM-at-a-save-step test is ``test_train.py::test_sigterm_at_a_save_step.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -321,6 +322,68 @@ def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tmp_path, monk
   assert err.endswith("the newest checkpoint is " + str(tmp_path / "run2") + "/checkpoints/2")
   assert len(err.splitlines()) == 1 and "Traceback" not in err
   assert sorted(os.listdir(tmp_path / "run2" / "checkpoints")) == ["2"]
+
+
+def test_a_full_disk_keeps_metrics_in_memory_until_there_is_room(tmp_path, monkeypatch):
+  """metrics.jsonl: records that cannot be written (ENOSPC; also a short write) are kept in
+  order and written once there is room, with one warning when writes stop and one when
+  they resume; TensorBoard stops at its first failed write, with one warning. Output to a
+  full disk (`train > log.txt`) is dropped instead of ending the command."""
+  real_write, state = os.write, {"full": False, "short": False}
+
+  def write(fd, data):
+    if fd == writer._fd and state["full"]:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    if fd == writer._fd and state["short"]:
+      state["short"] = False
+      return real_write(fd, bytes(data[:7]))
+    return real_write(fd, data)
+
+  warned = []
+  writer = metrics.MetricsWriter(str(tmp_path), warn=warned.append)
+  monkeypatch.setattr(metrics.os, "write", write)
+  writer.write({"step": 1, "loss": 1.0})
+  state["short"] = True
+  writer.write({"step": 2, "loss": 2.0})
+  state["full"] = True
+  writer.write({"step": 3, "loss": 3.0})
+  writer.write({"step": 4, "loss": 4.0})
+  assert len(warned) == 1 and "cannot be written (No space left on device)" in warned[0]
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2]
+
+  def tb_full(step, values):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(writer._tb, "scalars", tb_full)
+  state["full"] = False
+  writer.write({"step": 5, "loss": 5.0})
+  assert "is written again" in warned[1]
+  assert warned[2].startswith("TensorBoard events stop at step 5 (No space left on device)")
+  writer.write({"step": 6, "loss": 6.0})  # TensorBoard is not tried again
+  assert len(warned) == 3
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+  state["full"] = True
+  writer.write({"step": 7, "loss": 7.0})
+  writer.close()
+  assert warned[-1].endswith(f"bytes of records could not be written to {writer.path}")
+
+  class Full:
+    def write(self, text):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+      raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+  guard = cli._StreamGuard(Full())
+  assert guard.write("step 5\n") == 7
+  guard.flush()
+
+  class Broken(Full):
+    def flush(self):
+      raise OSError(errno.EIO, "Input/output error")
+
+  with pytest.raises(OSError, match="Input/output error"):  # other errors are not hidden
+    cli._StreamGuard(Broken()).flush()
 
 
 def test_export_is_all_or_nothing(lines_run, capsys, monkeypatch, tmp_path):

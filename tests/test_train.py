@@ -323,7 +323,7 @@ def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
     "2",
   ]
   # Its stdout is a pipe nobody reads (`| head` after the first lines): every print meets a
-  # closed pipe (unbuffered), and training must go on regardless (cli._StdoutGuard).
+  # closed pipe (unbuffered), and training must go on regardless (cli._StreamGuard).
   read_end, write_end = os.pipe()
   os.close(read_end)
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
