@@ -70,7 +70,8 @@ class MetricsWriter:
           f"TensorBoard events stop at step {clean['step']} ({e.strerror or e}); "
           f"{self.path} keeps every record"
         )
-        self._tb.close()
+        with contextlib.suppress(OSError):  # its close flushes again
+          self._tb.close()
         self._tb = None
     if self._wandb is not None:
       self._wandb.log(scalars, step=int(clean["step"]))

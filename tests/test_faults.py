@@ -351,10 +351,11 @@ def test_a_full_disk_keeps_metrics_in_memory_until_there_is_room(tmp_path, monke
   assert len(warned) == 1 and "cannot be written (No space left on device)" in warned[0]
   assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2]
 
-  def tb_full(step, values):
+  def tb_full(*_):
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(writer._tb, "scalars", tb_full)
+  monkeypatch.setattr(writer._tb, "close", tb_full)  # it flushes, and fails, again
   state["full"] = False
   writer.write({"step": 5, "loss": 5.0})
   assert "is written again" in warned[1]
