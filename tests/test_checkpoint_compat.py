@@ -48,3 +48,19 @@ def test_v1_checkpoint_restores_and_continues(tmp_path, monkeypatch):
   # Step 3 of the old run trained straight through: optimizer state (GaLore projectors,
   # Adam moments, counters) came back as it was saved.
   np.testing.assert_allclose(loss, expected["losses"][2], rtol=1e-5)
+
+
+def test_a_save_removes_partial_directories_of_earlier_steps(tmp_path):
+  """What a killed process or a failed save leaves (orbax's uncommitted
+  ``N.orbax-checkpoint-tmp...``) goes at the next save of a later step, not before; and
+  ``recover`` after a failed save removes that step's own."""
+  mngr = checkpoint.manager(str(tmp_path), keep=None)
+  tree = {"w": np.arange(6.0, dtype=np.float32)}
+  for name in ("3.orbax-checkpoint-tmp", "4.orbax-checkpoint-tmp-1234", "9.orbax-checkpoint-tmp"):
+    (tmp_path / name / "params").mkdir(parents=True)
+  checkpoint.save(mngr, 5, tree, tree, {})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "9.orbax-checkpoint-tmp"]
+  mngr = checkpoint.recover(mngr, 9, keep=None)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]
+  assert mngr.all_steps() == [5]
+  mngr.close()
