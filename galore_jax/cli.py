@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from typing import NamedTuple
 
 EXIT_USAGE = 2
 
@@ -336,9 +337,20 @@ def _cmd_eval(args) -> int:
   return 0
 
 
-def _read_prompts(path: str) -> list[dict]:
+class _Prompt(NamedTuple):
+  """One prompt of ``sample``: its JSON record (other fields, such as an id, come back
+  with the reply), what to continue (a string, or a list of chat messages), and its line
+  in the ``--prompts`` file (None for ``--prompt``)."""
+
+  record: dict
+  prompt: str | list
+  line: int | None
+
+
+def _read_prompts(path: str) -> list[_Prompt]:
   """``sample --prompts``: the JSON lines of ``path``, each ``{"prompt": str}`` or (for
-  ``--format chat``) ``{"messages": [...]}``, a conversation for the assistant to go on."""
+  ``--format chat``) ``{"messages": [...]}``, a conversation for the assistant to go on;
+  other fields are kept."""
   from galore_jax.config import ConfigError
 
   try:
@@ -357,9 +369,9 @@ def _read_prompts(path: str) -> list[dict]:
     except json.JSONDecodeError as e:
       raise ConfigError("--prompts", f"{path} line {i}: not JSON ({e.msg})") from e
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-      records.append({"prompt": record["prompt"], "line": i})
+      records.append(_Prompt(record, record["prompt"], i))
     elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-      records.append({"messages": record["messages"], "line": i})
+      records.append(_Prompt(record, record["messages"], i))
     else:
       raise ConfigError(
         "--prompts", f'{path} line {i}: expected {{"prompt": "..."}} or {{"messages": [...]}}'
@@ -398,7 +410,11 @@ def _cmd_sample(args) -> int:
   if args.out is not None and args.prompts is None:
     raise ConfigError("--out", "needs --prompts (a --prompt reply streams to the terminal)")
 
-  records = [{"prompt": args.prompt}] if args.prompts is None else _read_prompts(args.prompts)
+  records = (
+    [_Prompt({"prompt": args.prompt}, args.prompt, None)]
+    if args.prompts is None
+    else _read_prompts(args.prompts)
+  )
   reply_file = None
   if args.out is not None:
     reply_file = _open_reply_file(args, records)
@@ -431,7 +447,9 @@ def _open_reply_file(args, records):
     "dtype": args.dtype,
     "param_dtype": args.param_dtype,
   }
-  reply_file = replies.ReplyFile(args.out, records, settings, args.prompts)
+  reply_file = replies.ReplyFile(
+    args.out, [(r.record, r.line) for r in records], settings, args.prompts
+  )
   try:  # a run that has saved a newer step since fails before its weights are read
     path = os.path.expanduser(args.checkpoint)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -461,11 +479,10 @@ def _sample(args, records, reply_file) -> int:
       )
     flag = "--prompt" if args.prompts is None else "--prompts"
     prompts.clear()  # a retried read calls again
-    for record in records:
-      line = record.get("line")
+    for _, prompt, line in records:
       where = "--prompt" if line is None else f"{args.prompts} line {line}"
       try:
-        ids = sft.prompt_ids(sp, record.get("prompt", record.get("messages")), args.format, where)
+        ids = sft.prompt_ids(sp, prompt, args.format, where)
       except ValueError as e:
         # A record's fault (its messages) names the record; the tokenizer's, --format.
         own = line is not None and str(e).startswith(where)
@@ -515,9 +532,10 @@ def _sample(args, records, reply_file) -> int:
     replies = sample.generate_batch(run, params, filled, first_index=start, **settings)
     done = []
     for i, reply in enumerate(replies[: len(batch)]):
-      record = {k: v for k, v in records[start + i].items() if k != "line"}
-      record["completion"] = sample.reply_text(sp, prompts[start + i], reply)
-      done.append(record)
+      completion = sample.reply_text(sp, prompts[start + i], reply)
+      # "completion" last, replacing one the record may hold (a reference answer).
+      rest = {k: v for k, v in records[start + i].record.items() if k != "completion"}
+      done.append({**rest, "completion": completion})
     if reply_file is not None:
       reply_file.write(done)
       bar.update(len(done))

@@ -53,6 +53,7 @@ class MetricsWriter:
     self.path = os.path.join(out_dir, "metrics.jsonl")
     self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     self._pending = b""  # bytes not yet on disk, in order (a full disk)
+    self._failing = False
     self._tb = _TensorBoard(os.path.join(out_dir, "tb"), purge_step) if tensorboard else None
 
   def write(self, record: dict[str, Any]) -> None:
@@ -77,7 +78,7 @@ class MetricsWriter:
       self._wandb.log(scalars, step=int(clean["step"]))
 
   def _write_pending(self) -> bool:
-    failing = getattr(self, "_failing", False)
+    failing = self._failing
     while self._pending:
       try:
         done = os.write(self._fd, self._pending)

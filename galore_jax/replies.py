@@ -41,10 +41,11 @@ def _without(record: dict, *keys: str) -> dict:
 class ReplyFile:
   """The open, locked REPLIES file of a run; :attr:`kept` replies are already in it."""
 
-  def __init__(self, path: str, records: list[dict], settings: dict[str, Any], source: str):
-    """``records``: the prompts file's records (``_read_prompts``: ``{"prompt"}`` or
-    ``{"messages"}``, with their ``"line"``); ``settings``: the sampling flags, compared
-    with those the file was written with; ``source``: the prompts file, for messages."""
+  def __init__(
+    self, path: str, records: list[tuple[dict, int]], settings: dict[str, Any], source: str
+  ):
+    """``records``: each prompt's JSON record and its line in ``source``, the prompts file;
+    ``settings``: the sampling flags, compared with those the file was written with."""
     self.path = os.path.expanduser(path)
     self.settings_path = self.path + SETTINGS_SUFFIX
     self.settings = dict(settings)
@@ -78,7 +79,7 @@ class ReplyFile:
         "--out", f"{self.path} is being written by another galore-jax sample"
       ) from None
 
-  def _check_kept(self, records: list[dict], source: str) -> int:
+  def _check_kept(self, records: list[tuple[dict, int]], source: str) -> int:
     with open(self.path, "rb") as f:
       data = f.read()
     whole = data[: data.rfind(b"\n") + 1]
@@ -94,20 +95,23 @@ class ReplyFile:
         got = json.loads(line)
       except json.JSONDecodeError:
         got = None
-      want = _without(records[i], "line")
+      record, line_no = records[i]
+      want = _without(record, "completion")
       if not (
         isinstance(got, dict) and "completion" in got and _without(got, "completion") == want
       ):
         raise ConfigError(
           "--out",
-          f"{self.path} line {i + 1} is not the reply to {source} line {records[i]['line']}; "
+          f"{self.path} line {i + 1} is not the reply to {source} line {line_no}; "
           "choose another --out",
         )
     tail = data[len(whole) :].decode("utf-8", errors="replace")
     if tail:
       # What a kill can leave: the first part of the line due here.
-      due = json.dumps(_without(records[len(lines)], "line"))[:-1] + ', "completion": '
-      if len(lines) == len(records) or not (due.startswith(tail) or tail.startswith(due)):
+      due = ""  # the start of the reply line due here ("completion" is written last)
+      if len(lines) < len(records):
+        due = json.dumps(_without(records[len(lines)][0], "completion"))[:-1] + ', "completion": '
+      if not due or not (due.startswith(tail) or tail.startswith(due)):
         raise ConfigError(
           "--out", f"{self.path} ends in a line that is no reply of this run; choose another --out"
         )

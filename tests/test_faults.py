@@ -214,7 +214,11 @@ def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkey
   run = lines_run[0] / "run"
   prompts = tmp_path / "p.jsonl"
   texts = ["It is", "The king", "", "She had", "And so", "Of the", "He was"]
-  prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+  # Other fields come back with the reply; a record's own "completion" (a reference
+  # answer) is replaced, and the reply's comes last (the line a kill cuts below is this one).
+  records = [{"id": i, "prompt": t} for i, t in enumerate(texts)]
+  records[4]["completion"] = "a reference"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
   flags = ["--prompts", prompts, "--batch-size", "2", "--max-new-tokens", "4", "--seed", "5"]
   sample_to = lambda out, *more: _cli(
     capsys, "sample", "--checkpoint", run, *flags, "--out", out, *more
@@ -222,7 +226,9 @@ def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkey
   whole = tmp_path / "whole.jsonl"
   assert sample_to(whole)[0] == 0
   want = whole.read_text()
-  assert len(want.splitlines()) == 7 and json.loads(want.splitlines()[2])["prompt"] == ""
+  got = [json.loads(line) for line in want.splitlines()]
+  assert [(r["id"], r["prompt"]) for r in got] == list(enumerate(texts))
+  assert list(got[4]) == ["id", "prompt", "completion"] and got[4]["completion"] != "a reference"
 
   part = tmp_path / "part.jsonl"
   batches, generate_batch = [], sample.generate_batch
