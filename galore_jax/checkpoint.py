@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -192,6 +193,8 @@ def _hide_failed_write_echoes() -> None:
     return
   _echoes_hidden = True
   logging.getLogger("asyncio").addFilter(_EchoFilter())
+  # Orbax's write coroutines that a failed save's closed loop never ran, when collected.
+  warnings.filterwarnings("ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning)
   previous = sys.unraisablehook
 
   def hook(unraisable):
