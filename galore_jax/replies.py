@@ -6,7 +6,9 @@ REPLIES holds one JSON line per prompt, in the prompts' order: the prompt's reco
 ``fsync``-ed together, so a kill loses at most the batch in hand. A later run with the same
 REPLIES keeps its lines and samples from the first prompt without one. Prompt ``i`` draws
 with keys from ``--seed`` and ``i`` alone (``sample.generate_batch``), so the resumed file
-is the file one uninterrupted run writes.
+is the file one uninterrupted run writes, with the same ``--batch-size`` (which may change,
+e.g. after running out of memory: in bfloat16 a batch of another size may round
+differently).
 
 Guarded, so that a file never mixes replies of two settings or two files of prompts:
 
@@ -56,7 +58,8 @@ class ReplyFile:
     try:
       self._lock()
       self.kept = self._check_kept(records, source)
-      self.saved = self._read_settings()
+      # Settings of a file without replies (a run killed while loading) bind nothing.
+      self.saved = self._read_settings() if self.kept else None
       if self.saved is not None:
         self._compare(_without(self.saved, "step"), _without(self.settings, "step"))
       elif self.kept:
@@ -141,12 +144,12 @@ class ReplyFile:
   def check_step(self, step: int | None) -> None:
     """A checkpoint at ``step`` (None: not known yet) may continue the file."""
     if step is not None and self.saved is not None and self.saved.get("step") != step:
+      was = self.saved.get("step")
+      pinned = os.path.join(self.settings.get("checkpoint", "RUN/checkpoints"), str(was))
       raise ConfigError(
         "--out",
-        f"{self.path} holds replies of step {self.saved.get('step')}, the checkpoint is at "
-        f"step {step} now; pass --checkpoint "
-        f"{os.path.join(self.settings['checkpoint'], str(self.saved.get('step')))} to "
-        "continue it, or choose another --out",
+        f"{self.path} holds replies of step {was}, the checkpoint is at step {step} now; "
+        f"pass --checkpoint {pinned} to continue it, or choose another --out",
       )
 
   def start(self, step: int) -> None:
@@ -154,7 +157,7 @@ class ReplyFile:
     self.check_step(step)
     os.ftruncate(self.fd, self.whole_bytes)  # a line a kill cut short
     self.settings["step"] = step
-    if self.saved is None:
+    if self.saved is None:  # this run's settings, for the runs that continue the file
       tmp = self.settings_path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
         json.dump(self.settings, f, indent=1)

@@ -282,6 +282,30 @@ def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkey
   _one_line_error(err, "--out")
 
 
+def test_reply_file_settings_bind_only_a_file_with_replies(tmp_path):
+  """A settings record next to an empty REPLIES (a run killed while loading its model) does
+  not bind the next run's flags; once the file holds replies, it does."""
+  from galore_jax import replies
+  from galore_jax.config import ConfigError
+
+  out, records = tmp_path / "r.jsonl", [({"prompt": "It is"}, 1), ({"prompt": "He"}, 2)]
+  (tmp_path / "r.jsonl.settings.json").write_text(json.dumps({"seed": 1, "step": 4}))
+  out.write_text("")
+  reply_file = replies.ReplyFile(str(out), records, {"seed": 2}, "p.jsonl")
+  assert reply_file.kept == 0
+  reply_file.start(step=6)  # records this run's settings
+  reply_file.write([{"prompt": "It is", "completion": " a"}])
+  reply_file.close()
+  assert json.loads((tmp_path / "r.jsonl.settings.json").read_text()) == {"seed": 2, "step": 6}
+  with pytest.raises(ConfigError, match=r"seed 2 \(now 3\)"):
+    replies.ReplyFile(str(out), records, {"seed": 3}, "p.jsonl")
+  reply_file = replies.ReplyFile(str(out), records, {"seed": 2}, "p.jsonl")
+  assert reply_file.kept == 1
+  with pytest.raises(ConfigError, match="holds replies of step 6, the checkpoint is at step 7"):
+    reply_file.check_step(7)
+  reply_file.close()
+
+
 def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tmp_path, monkeypatch, capsys):
   """A save that fails (a full disk; here the file size limit, RLIMIT_FSIZE, makes the
   array writes fail inside orbax as ENOSPC would) is one warning line, and training goes on:
