@@ -279,7 +279,7 @@ def _add_inference_dtype_flags(p) -> None:
 
 def _load_for_inference(args, before_restore):
   """``eval`` / ``sample``: the model ``--checkpoint`` names, with their shared flags;
-  ``before_restore(run, tokenizer)`` checks the others before any weight is read."""
+  ``before_restore(run, tokenizer, step)`` checks the others before any weight is read."""
   from galore_jax import sample
 
   return sample.load_for_inference(
@@ -303,7 +303,7 @@ def _cmd_eval(args) -> int:
   _join_job(args)
   prepared = {}
 
-  def check_flags_and_read_data(run, _):  # before the weights: a bad flag fails at once
+  def check_flags_and_read_data(run, _tok, _step):  # before the weights: a bad flag fails
     cfg = dataclasses.replace(
       run.cfg,
       data=absolute_source(args.data) if args.data else run.cfg.data,
@@ -447,23 +447,7 @@ def _open_reply_file(args, records):
     "dtype": args.dtype,
     "param_dtype": args.param_dtype,
   }
-  reply_file = replies.ReplyFile(
-    args.out, [(r.record, r.line) for r in records], settings, args.prompts
-  )
-  try:  # a run that has saved a newer step since fails before its weights are read
-    path = os.path.expanduser(args.checkpoint)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-      step = checkpoint.step_in_path(path)
-      if step is None:
-        try:
-          step = checkpoint.latest_step(path)
-        except Exception:  # noqa: BLE001 - the loader reports a bad --checkpoint
-          step = None
-      reply_file.check_step(step)
-  except BaseException:
-    reply_file.close()
-    raise
-  return reply_file
+  return replies.ReplyFile(args.out, [(r.record, r.line) for r in records], settings, args.prompts)
 
 
 def _sample(args, records, reply_file) -> int:
@@ -472,7 +456,9 @@ def _sample(args, records, reply_file) -> int:
 
   prompts: list[list[int]] = []
 
-  def check_flags(run, sp):  # before the weights: a bad flag fails at once
+  def check_flags(run, sp, step):  # before the weights: a bad flag fails at once
+    if reply_file is not None:  # a run that has saved a newer step since the file began
+      reply_file.check_step(step)
     if not 1 <= args.top_k <= sp.get_piece_size():
       raise ConfigError(
         "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"

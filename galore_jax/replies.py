@@ -141,9 +141,9 @@ class ReplyFile:
         "--out", f"{self.path} was written with other settings: {was}; choose another --out"
       )
 
-  def check_step(self, step: int | None) -> None:
-    """A checkpoint at ``step`` (None: not known yet) may continue the file."""
-    if step is not None and self.saved is not None and self.saved.get("step") != step:
+  def check_step(self, step: int) -> None:
+    """A checkpoint at ``step`` may continue the file (called before its weights are read)."""
+    if self.saved is not None and self.saved.get("step") != step:
       was = self.saved.get("step")
       pinned = os.path.join(self.settings.get("checkpoint", "RUN/checkpoints"), str(was))
       raise ConfigError(
@@ -153,8 +153,8 @@ class ReplyFile:
       )
 
   def start(self, step: int) -> None:
-    """Checks the loaded checkpoint's step against the file's, then records the settings."""
-    self.check_step(step)
+    """Once the model of ``step`` (checked with :meth:`check_step`) is loaded: removes a cut
+    line and records the settings."""
     os.ftruncate(self.fd, self.whole_bytes)  # a line a kill cut short
     self.settings["step"] = step
     if self.saved is None:  # this run's settings, for the runs that continue the file

@@ -26,7 +26,7 @@ def load_for_inference(
   mesh: str | None = None,
   dtype: str | None = None,
   param_dtype: str | None = None,
-  before_restore: Callable[[Run, Any], None] | None = None,
+  before_restore: Callable[[Run, Any, int], None] | None = None,
 ):
   """Model graph, params, tokenizer and step of the latest checkpoint under ``path``, or of
   the step ``path`` names (``RUN/checkpoints/35``), restored onto ``mesh`` (``data=N,fsdp=M``;
@@ -37,9 +37,10 @@ def load_for_inference(
   (``config.json`` and safetensors) loads as ``train --init-from`` would start from it, at
   step 0, its weights in ``param_dtype`` (default float32): the model before fine-tuning.
 
-  ``before_restore(run, tokenizer)`` runs once the run's configuration is known and before
-  any weight is read, so that a bad flag fails in a second, not after loading a large model.
-  It may run more than once (a pruned checkpoint is read again).
+  ``before_restore(run, tokenizer, step)`` runs once the run's configuration and the step
+  to read are known and before any weight is read, so that a bad flag fails in a second,
+  not after loading a large model. It may run more than once (a pruned checkpoint is read
+  again).
 
   The latest checkpoint of a run that is still training may be pruned while it is read
   (``--keep-checkpoints``); it is then read again, up to 3 times: by then the run has saved a
@@ -132,7 +133,7 @@ def _load_hugging_face(path, tokenizer, mesh, dtype, param_dtype, before_restore
       raise
     raise ConfigError("--checkpoint", str(e).removeprefix("--model: ")) from e
   if before_restore is not None:
-    before_restore(run, sp)
+    before_restore(run, sp, 0)
   try:
     params = hf.load_pretrained(path, config=run.model_cfg, shardings=run.dense_sharding)[1]
   except (OSError, ValueError) as e:
@@ -178,7 +179,7 @@ def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=Non
     )
   run = setup(cfg, sp.get_piece_size(), meta.get("hf_config"))
   if before_restore is not None:
-    before_restore(run, sp)
+    before_restore(run, sp, step)
   params = checkpoint.restore(path, step, {"params": run.abstract_params})["params"]
   return run, params, sp, step
 

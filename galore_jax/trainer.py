@@ -722,10 +722,9 @@ def _train_loop(
         try:
           write_checkpoint(at, params, opt_state, meta)
         except checkpoint.CheckpointWriteError as e:
-          if distributed.is_multiprocess():
-            raise checkpoint.CheckpointWriteError(f"{e}; {newest_checkpoint()}") from e
-          mngr = checkpoint.recover(mngr, at, cfg.keep_checkpoints)  # its partial files go
-          if last:
+          if not distributed.is_multiprocess():
+            mngr = checkpoint.recover(mngr, at, cfg.keep_checkpoints)  # its partial files go
+          if last or distributed.is_multiprocess():
             raise checkpoint.CheckpointWriteError(f"{e}; {newest_checkpoint()}") from e
           retry = min(at - at % cfg.save_every + cfg.save_every, end)
           log(
