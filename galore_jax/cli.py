@@ -561,9 +561,7 @@ def _cmd_export(args) -> int:
   try:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 is no model directory's mode
+    os.chmod(partial, hf.umask_mode(0o777))  # mkdtemp's 0700 is no model directory's mode
   except OSError as e:
     raise ConfigError("--out", str(e)) from e
   # SIGTERM ends the export as Ctrl-C does, through the clean-up below (exit 143).

@@ -639,6 +639,10 @@ def save_pretrained(
       if isinstance(e, OSError) or "I/O error" not in str(e):
         raise
       raise OSError(f"{root / name}: {e}") from e
+    # safetensors >= 0.8 writes through a temporary file that it renames into place, so its
+    # files are 0600 whatever the umask (safetensors/safetensors#782): a model that another
+    # user or a container's user (a vLLM server) cannot read.
+    os.chmod(root / name, umask_mode(0o666))
     written.append(str(root / name))
     del tensors
   if n > 1:
@@ -655,6 +659,14 @@ def save_pretrained(
     (root / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
     written.append(str(root / GENERATION_CONFIG_FILE))
   return written
+
+
+def umask_mode(mode: int) -> int:
+  """``mode`` as the process umask lets ``open`` or ``mkdir`` create it (0o644 from 0o666
+  under the usual umask 022), for files and directories that a library creates 0600 / 0700."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return mode & ~umask
 
 
 # ---------------------------------------------------------------------------

@@ -496,6 +496,10 @@ def test_export_is_all_or_nothing(lines_run, capsys, monkeypatch, tmp_path):
   umask = os.umask(0)
   os.umask(umask)
   assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+  # So are its files': safetensors' own 0600 is a model no other user (a vLLM server) reads.
+  assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+    f.name: 0o666 & ~umask for f in out.iterdir()
+  }
   # A file named --out fails before any weight is read.
   with monkeypatch.context() as m:
     _no_weights_read(m)

@@ -209,6 +209,9 @@ def test_sharded_files_load(hf_models, tmp_path):
   sharded = tmp_path / "sharded"
   hf.save_pretrained(sharded, config, params, max_shard_bytes=40_000)
   index = json.loads((sharded / hf.INDEX_FILE).read_text())
+  # Every file with config.json's mode (the umask's), the weights too (safetensors: 0600).
+  modes = {f.stat().st_mode & 0o777 for f in sharded.iterdir()}
+  assert modes == {(sharded / hf.CONFIG_FILE).stat().st_mode & 0o777}, modes
   assert len(set(index["weight_map"].values())) > 2
   _, again = hf.load_pretrained(sharded)
   assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), params, again))

@@ -931,7 +931,7 @@ def test_galore_whole_gradient_step_runs_on_a_mesh(tmp_path):
   cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out)]
   cmd += ["--mesh", "data=2,fsdp=2", "--no-per-layer-updates", "--steps", "2"]
   cmd += ["--batch-size", "4", "--seq-len", "32", "--rank", "16", "--update-proj-gap", "1"]
-  cmd += ["--eval-every", "1000", "--no-progress"]
+  cmd += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
