@@ -33,7 +33,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   )
 
   d = TrainConfig()
-  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_13b")
+  p.add_argument(
+    "--model", default=None, help=f"llama_tiny, llama_60m, ..., llama_13b (default {d.model})"
+  )
   p.add_argument(
     "--init-from",
     default=None,
@@ -195,9 +197,17 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args):
-  from galore_jax.config import TrainConfig
+  """The TrainConfig of ``train`` / ``plan`` flags (``--model`` unset: the default model)."""
+  from galore_jax.config import ConfigError, TrainConfig
 
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  if args.model is not None and args.init_from:
+    # Silently training another architecture than the one named is worse than an error.
+    raise ConfigError(
+      "--model", f"{args.model} and --init-from both name the architecture; give one of them"
+    )
+  fields = {f.name for f in dataclasses.fields(TrainConfig)} - (
+    {"model"} if args.model is None else set()
+  )
   return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
@@ -608,15 +618,14 @@ def _host_devices(n: int) -> None:
 
 def _cmd_plan(args) -> int:
   from galore_jax import plan
-  from galore_jax.config import ConfigError, TrainConfig, parse_mesh
+  from galore_jax.config import ConfigError, parse_mesh
 
   data_n, fsdp_n = parse_mesh(args.mesh)
   if args.compile and data_n * fsdp_n > 1:
     _host_devices(data_n * fsdp_n)
   if args.init_from and args.vocab_size is not None:
     raise ConfigError("--vocab-size", "the vocabulary is --init-from's (its config.json)")
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  cfg = _train_config(args)
   result = plan.plan(
     cfg,
     vocab_size=plan.DEFAULT_VOCAB if args.vocab_size is None else args.vocab_size,
@@ -738,7 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="predict peak GPU memory of a configuration without "
     "allocating it (and what to shrink if it does not fit)",
   )
-  p.add_argument("--model", default=d.model, help="llama_tiny, llama_60m, ..., llama_13b")
+  p.add_argument(
+    "--model", default=None, help=f"llama_tiny, llama_60m, ..., llama_13b (default {d.model})"
+  )
   p.add_argument(
     "--init-from",
     default=None,

@@ -197,6 +197,7 @@ def validate(cfg: TrainConfig) -> None:
       "--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
     )
   mc = base_model_config(cfg)
+  name = cfg.init_from or cfg.model  # the architecture the messages below speak of
   for flag, value in [
     ("--steps", cfg.steps),
     ("--batch-size", cfg.batch_size),
@@ -212,13 +213,12 @@ def validate(cfg: TrainConfig) -> None:
   ]:
     if value < 1:
       raise ConfigError(flag, f"must be >= 1, got {value}")
-  check_seq_len(cfg.seq_len, cfg.model, mc.max_seq_len)
+  check_seq_len(cfg.seq_len, name, mc.max_seq_len)
   smallest = min(mc.hidden_size, mc.intermediate_size)
   if cfg.is_galore and cfg.rank > smallest:
     raise ConfigError(
       "--rank",
-      f"{cfg.rank} is larger than the smallest projected matrix "
-      f"dimension of {cfg.model} ({smallest})",
+      f"{cfg.rank} is larger than the smallest projected matrix dimension of {name} ({smallest})",
     )
   # NaN compares false with everything: `not x > 0` rejects it, `x < 0` would not.
   for flag, value, low, strict in [

@@ -507,7 +507,10 @@ def load_data(cfg: TrainConfig):
 
 
 def default_out(cfg: TrainConfig) -> str:
-  return os.path.join("runs", f"{cfg.model}_{cfg.optimizer}_{time.strftime('%Y%m%d-%H%M%S')}")
+  """``runs/<model>_<optimizer>_<timestamp>``; the model is ``--init-from``'s directory name
+  when there is one (its config.json, not ``--model``, is the architecture)."""
+  model = os.path.basename(os.path.normpath(cfg.init_from)) if cfg.init_from else cfg.model
+  return os.path.join("runs", f"{model}_{cfg.optimizer}_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # What a previous run leaves in --out; a new run (no --resume) refuses to mix with it.

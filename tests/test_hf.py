@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from galore_jax import cli, data, hf, sample, sft, train
+from galore_jax import cli, data, hf, sample, sft, train, trainer
 from galore_jax import model as M
+from galore_jax.config import TrainConfig
 
 pytestmark = pytest.mark.reference
 
@@ -313,6 +314,36 @@ def test_bad_checkpoints_give_one_line_errors(hf_models, tmp_path):
   lines = err.getvalue().strip().splitlines()
   assert code == 2 and len(lines) == 1 and lines[0].startswith("galore-jax: error: --init-from:")
   assert "mlp_bias" in lines[0]
+
+
+@pytest.mark.parametrize(
+  "command,flags,flag,why",
+  [
+    # --init-from's config.json is the architecture: another one named beside it is an error,
+    # not silently ignored.
+    ("train", ["--model", "llama_60m"], "--model", "both name the architecture"),
+    ("plan", ["--model", "llama_60m", "--no-compile"], "--model", "both name the architecture"),
+    # Messages name the model trained: the directory, not the default --model.
+    ("train", ["--rank", "100000"], "--rank", "dimension of {d} (64)"),
+    ("train", ["--seq-len", "100000"], "--seq-len", "exceeds {d}'s maximum sequence length"),
+  ],
+)
+def test_init_from_flags_are_checked_against_its_directory(
+  hf_models, tmp_path, capsys, command, flags, flag, why
+):
+  d = str(hf_models["gqa"][0])
+  out = ["--out", str(tmp_path / "run")] if command == "train" else []
+  assert cli.main([command, "--init-from", d, *out, *flags]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"galore-jax: error: {flag}: ") and len(err.splitlines()) == 1, err
+  assert why.format(d=d) in err and "llama_tiny" not in err, err
+  assert not (tmp_path / "run").exists()
+
+
+def test_default_run_directory_is_named_after_the_init_from_model(tmp_path):
+  cfg = TrainConfig(init_from=str(tmp_path / "Llama-3.2-1B") + "/", optimizer="galore_adamw")
+  assert trainer.default_out(cfg).startswith(os.path.join("runs", "Llama-3.2-1B_galore_adamw_"))
+  assert trainer.default_out(TrainConfig()).startswith(os.path.join("runs", "llama_tiny_galore"))
 
 
 def _write_jsonl(path, records):
