@@ -509,9 +509,11 @@ def _sample(args, records, reply_file) -> int:
     if args.format != "chat":
       write(args.prompt)
     stream = sample.ReplyStream(sp, prompts[0], write)
-    sample.generate(run, params, prompts[0], on_token=stream, **settings)
+    reply = sample.generate(run, params, prompts[0], on_token=stream, **settings)
     stream.close()
     print()
+    if sample.cut_by_context(prompts[0], reply, args.max_new_tokens, run.model_cfg):
+      _note_context_cuts(args, run, [len(reply)])
     return 0
   n = args.batch_size
   first = 0 if reply_file is None else reply_file.kept
@@ -521,6 +523,7 @@ def _sample(args, records, reply_file) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=len(prompts), initial=first, unit="prompt", desc="sample", disable=None)
+  cut: list[int] = []  # --prompts lines whose reply the model's context cut short
   for start in range(first, len(prompts), n):
     batch = prompts[start : start + n]
     # The last batch is filled up with copies, so that every batch runs the same programs.
@@ -528,6 +531,8 @@ def _sample(args, records, reply_file) -> int:
     replies = sample.generate_batch(run, params, filled, first_index=start, **settings)
     done = []
     for i, reply in enumerate(replies[: len(batch)]):
+      if sample.cut_by_context(prompts[start + i], reply, args.max_new_tokens, run.model_cfg):
+        cut.append(records[start + i].line)
       completion = sample.reply_text(sp, prompts[start + i], reply)
       # "completion" last, replacing one the record may hold (a reference answer).
       rest = {k: v for k, v in records[start + i].record.items() if k != "completion"}
@@ -543,7 +548,27 @@ def _sample(args, records, reply_file) -> int:
   if bar is not None:
     bar.close()
     print(f"{len(prompts)} replies in {args.out} ({todo} new, step {step})")
+  if cut:
+    _note_context_cuts(args, run, cut)
   return 0
+
+
+def _note_context_cuts(args, run, cut: list[int]) -> None:
+  """A reply shorter than --max-new-tokens because the prompt and reply filled the model's
+  context is said on stderr, not left to look like a reply that ended by itself. ``cut``:
+  the reply's length (--prompt) or the --prompts lines cut."""
+  context = run.model_cfg.max_seq_len
+  if args.prompts is None:
+    what = f"the reply stopped after {cut[0]} tokens"
+  else:
+    lines = ", ".join(map(str, cut[:5])) + (", ..." if len(cut) > 5 else "")
+    what = f"{len(cut)} {'reply' if len(cut) == 1 else 'replies'} (line {lines} of {args.prompts})"
+    what += " stopped"
+  print(
+    f"galore-jax: note: {what} at the model's context of {context} tokens (prompt and reply), "
+    f"before --max-new-tokens {args.max_new_tokens}",
+    file=sys.stderr,
+  )
 
 
 def _exit_on_sigterm(signum, _frame):

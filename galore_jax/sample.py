@@ -288,8 +288,16 @@ def check_prompt(prompt_ids: list[int], model_cfg) -> None:
     raise ValueError("the prompt is empty; pass at least one token")
   if len(prompt_ids) >= model_cfg.max_seq_len:
     raise ValueError(
-      f"prompt has {len(prompt_ids)} tokens; the model takes at most {model_cfg.max_seq_len}"
+      f"prompt has {len(prompt_ids)} tokens; the model's context is {model_cfg.max_seq_len}, "
+      f"so at most {model_cfg.max_seq_len - 1} leave room for a reply"
     )
+
+
+def cut_by_context(prompt_ids: list[int], reply: list[int], max_new_tokens: int, model_cfg) -> bool:
+  """Whether :func:`generate_batch` stopped ``reply`` because the model's ``max_seq_len`` was
+  reached, before ``max_new_tokens`` and before a stop id (one drawn at the last place
+  leaves the reply a token shorter than the context)."""
+  return len(reply) < max_new_tokens and len(prompt_ids) + len(reply) >= model_cfg.max_seq_len
 
 
 def generate(run: Run, params, prompt_ids: list[int], **kwargs) -> list[int]:

@@ -206,6 +206,26 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
   assert code == 0, err  # an empty prompt starts a new document
 
 
+def test_a_reply_the_context_cut_short_is_noted(lines_run, capsys, tmp_path):
+  # llama_tiny's context is 1024 tokens: a 1000-token prompt leaves room for 24 of the 40
+  # tokens asked for. The reply is not made to look like one that ended by itself.
+  root, _ = lines_run
+  run, long = root / "run", " ".join(["word"] * 1000)
+  args = ["--max-new-tokens", "40", "--temperature", "0", "--tokenizer", root / "tok.model"]
+  code, out, err = _cli(capsys, "sample", "--checkpoint", run, "--prompt", long, *args)
+  assert code == 0 and out.startswith(long), err
+  assert err.startswith("galore-jax: note: the reply stopped after ") and len(err.splitlines()) == 1
+  assert "at the model's context of 1024 tokens" in err and "--max-new-tokens 40" in err
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "The"}) + "\n" + json.dumps({"prompt": long}) + "\n")
+  code, out, err = _cli(capsys, "sample", "--checkpoint", run, "--prompts", prompts, *args)
+  assert code == 0 and len(out.splitlines()) == 2, err
+  assert err == (
+    f"galore-jax: note: 1 reply (line 2 of {prompts}) stopped at the model's context of 1024 "
+    "tokens (prompt and reply), before --max-new-tokens 40"
+  )
+
+
 def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkeypatch, tmp_path):
   """sample --prompts --out: a run stopped after two batches, its last line cut short, and
   run again, writes the file one uninterrupted run writes. A file of other prompts, other

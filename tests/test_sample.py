@@ -70,7 +70,18 @@ def test_generation_stops_at_a_stop_id_and_at_max_seq_len(tiny):
   assert sample.generate(run, params, prompt, max_new_tokens=12, temperature=0, eos_id=stop) == got
   # 28 prompt tokens leave 4 places in a model of max_seq_len 32.
   long = list(range(1, 29))
-  assert len(sample.generate(run, params, long, max_new_tokens=10, temperature=0)) == 4
+  cut = sample.generate(run, params, long, max_new_tokens=10, temperature=0)
+  assert len(cut) == 4
+  # Which of those stops the model's context made (the CLI says so on stderr).
+  cfg = run.model_cfg
+  assert sample.cut_by_context(long, cut, 10, cfg)
+  assert not sample.cut_by_context(long, cut, 4, cfg)  # --max-new-tokens came first
+  assert not sample.cut_by_context(prompt, free, 12, cfg) and not sample.cut_by_context(
+    prompt, got, 12, cfg
+  )
+  if cut[-1] not in cut[:-1]:  # a stop id drawn at the last place: not the context's doing
+    last = sample.generate(run, params, long, max_new_tokens=10, temperature=0, eos_id=cut[-1])
+    assert last == cut[:-1] and not sample.cut_by_context(long, last, 10, cfg)
 
 
 def test_sampling_is_a_function_of_the_seed(tiny):
@@ -180,7 +191,7 @@ def test_bad_prompts_are_errors(tiny):
   run, params = tiny
   with pytest.raises(ValueError, match="prompt is empty"):
     sample.generate(run, params, [], max_new_tokens=3)
-  with pytest.raises(ValueError, match="at most 32"):
+  with pytest.raises(ValueError, match="context is 32, so at most 31 leave room"):
     sample.generate(run, params, list(range(32)), max_new_tokens=3)
 
 
