@@ -1,13 +1,13 @@
 """galore-jax: GaLore (Gradient Low-Rank Projection, Zhao et al., ICML 2024) in JAX."""
 
-import os
+import os as _os
 
 # On CPU, XLA runs LAPACK (the projector SVDs) inside its own thread pool; a
 # multi-threaded OpenBLAS on top oversubscribes the cores, and on a 2-core
 # machine one 256 x 256 SVD went from 13 ms to 1.4 s (a 28-SVD refresh step from
 # 0.5 s to 83 s). Takes effect only if numpy/scipy were not imported first;
 # set OPENBLAS_NUM_THREADS yourself to override.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 # Public name -> the module that defines it (or (module, its name there)); imported on first
