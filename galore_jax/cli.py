@@ -110,7 +110,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--out", default=d.out, help="run directory (default: runs/<model>_<optimizer>_<timestamp>)"
   )
-  p.add_argument("--resume", action="store_true", help="continue the run in --out")
+  p.add_argument(
+    "--resume",
+    nargs="?",
+    const=True,
+    default=False,
+    choices=["auto"],
+    help="continue the run in --out; --resume auto: continue it if it has a checkpoint, "
+    "else start (what a requeued job runs every time)",
+  )
   p.add_argument(
     "--overwrite",
     action="store_true",

@@ -74,7 +74,9 @@ class TrainConfig:
   log_every: int = 1
   seed: int = 0
   out: str | None = None  # None: runs/<model>_<optimizer>_<timestamp>
-  resume: bool = False
+  # True: continue the run in --out; "auto": continue it if it has a checkpoint, else start
+  # (over the outputs of a run that saved none): a requeued job's one command.
+  resume: bool | str = False
   stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
   mesh: str | None = None  # "data=N,fsdp=M"
   param_dtype: str = "float32"
@@ -255,6 +257,8 @@ def validate(cfg: TrainConfig) -> None:
       "takes one micro-batch (the low-rank accumulators have no norm of "
       "the whole gradient); use --grad-accum 1",
     )
+  if cfg.resume not in (False, True, "auto"):
+    raise ConfigError("--resume", f"takes nothing or auto, got {cfg.resume!r}")
   if cfg.resume and cfg.overwrite:
     raise ConfigError("--overwrite", "cannot be combined with --resume")
   parse_profile_steps(cfg.profile_steps, cfg.steps)

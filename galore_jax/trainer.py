@@ -519,14 +519,18 @@ _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", metrics.WANDB_DIR)
 
 def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
   """The latest checkpoint step to resume from (None: a fresh start); refuses to mix
-  runs. With ``--overwrite`` a previous run's outputs are deleted (under the lock)."""
+  runs. With ``--overwrite`` a previous run's outputs are deleted (under the lock), and
+  with ``--resume auto`` those of a run that saved no checkpoint (killed while it compiled
+  or before its first save: its metrics are of steps that were never kept)."""
   existing = checkpoint.latest_step(ckpt_dir)
-  if cfg.resume:
+  if cfg.resume is True:
     if existing is None:
       raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt_dir}")
     return existing
+  if cfg.resume == "auto" and existing is not None:
+    return existing
   found = [n for n in _RUN_OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
-  if found and cfg.overwrite:
+  if found and (cfg.overwrite or cfg.resume == "auto"):
     for name in found if distributed.is_primary() else ():  # one process deletes
       path = os.path.join(cfg.out, name)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -623,6 +627,10 @@ def _train_loop(
   ckpt_dir = os.path.join(cfg.out, "checkpoints")
   existing = _check_out(cfg, ckpt_dir)
   distributed.barrier("out_checked")  # multi-process: all checked before anyone writes
+  if cfg.resume == "auto":  # from here on, a resume or a fresh start like any other
+    cfg = dataclasses.replace(cfg, resume=existing is not None)
+    if existing is None:
+      log(f"--resume auto: no checkpoint in {ckpt_dir}; starting at step 0")
 
   def startup_check():
     if signals.received is not None:

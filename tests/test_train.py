@@ -38,12 +38,21 @@ def straight_run(tmp_path_factory):
 
 
 def test_resume_continues_exactly(tmp_path, straight_run):
+  # Through --resume auto, a requeued job's one command: its first start finds the outputs
+  # of a start killed before its first checkpoint (replaced), its second a checkpoint.
   straight = straight_run
-  first = train.train(_cfg(tmp_path, "split", steps=6, stop_after=3), log=_quiet)
-  assert first["step"] == 3
+  killed = tmp_path / "split"
+  (killed / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # killed saving
+  (killed / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
+  logged = []
+  first = train.train(
+    _cfg(tmp_path, "split", steps=6, stop_after=3, resume="auto"), log=logged.append
+  )
+  assert first["step"] == 3 and first["start_step"] == 0
+  assert any(str(line).startswith("--resume auto: no checkpoint in ") for line in logged)
   assert straight["step_compilations"] == 1  # no recompilation after the first step
   assert checkpoint.latest_step(str(tmp_path / "split")) == 3
-  second = train.train(_cfg(tmp_path, "split", steps=6, resume=True), log=_quiet)
+  second = train.train(_cfg(tmp_path, "split", steps=6, resume="auto"), log=_quiet)
   assert second["start_step"] == 3 and second["step"] == 6
   np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"], rtol=1e-6)
   # One metrics file holds both halves.
@@ -444,6 +453,7 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
     (["--seq-len", "100000"], "--seq-len"),
     (["--mesh", "data=3,fsdp=5"], "--mesh"),
     (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer"),
+    (["--resume", "auto", "--overwrite"], "--overwrite"),
   ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, flag):
@@ -465,6 +475,9 @@ def test_cli_unknown_optimizer_exit_2(capsys):
   with pytest.raises(SystemExit) as e:
     _cli("train", "--optimizer", "sgd")
   assert e.value.code == 2
+  with pytest.raises(SystemExit) as e:  # --resume takes nothing or "auto"
+    _cli("train", "--resume", "always")
+  assert e.value.code == 2 and "invalid choice: 'always'" in capsys.readouterr().err
 
 
 # Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 6 steps).
