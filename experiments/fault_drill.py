@@ -1,7 +1,8 @@
 """Fault drills against the installed ``galore-jax`` CLI (issue #12); prints a Markdown table.
 
 Each drill is what an operator or a scheduler does to a run: SIGKILL mid-run and
-resume, SIGTERM on a save step (preemption) and resume, a second process on the same
+resume, SIGTERM on a save step (preemption) and resume, a requeued job's ``--resume auto``
+killed before and after its first checkpoint, a second process on the same
 ``--out``, a diverging learning rate, Ctrl-C during start-up, and SIGKILL of ``sample
 --prompts --out`` mid-way, run again. Columns: the exit
 code of each attempt, the checkpoint step a resume continued from, and whether
@@ -106,6 +107,49 @@ def drill_kill(work: str, steps: int, sig: signal.Signals, save_every: int) -> l
   return rows
 
 
+def checkpoints(out: str) -> str:
+  ckpt_dir = os.path.join(out, "checkpoints")
+  steps = (
+    sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+  )
+  return f"checkpoints {steps}"
+
+
+def drill_requeue(work: str, steps: int) -> list[tuple]:
+  """A scheduler that requeues a job runs its one command again: ``--resume auto``, killed
+  before its first checkpoint, then after one, then left to finish."""
+  out = os.path.join(work, "requeued_run")
+  half = steps // 2
+  args = ["train", "--out", out, "--steps", str(steps), "--save-every", str(half), *TINY]
+  args += ["--resume", "auto"]
+  rows = []
+  for until, what in ((1, "before the first checkpoint"), (half + 1, f"after step {half}")):
+    proc = start(args)
+    wait_for_records(out, until, proc)
+    proc.kill()
+    out_text, _ = proc.communicate()
+    rows.append(
+      (
+        "requeue",
+        f"train --resume auto, SIGKILL {what} (step ~{len(train_records(out))})",
+        exit_code(proc.returncode),
+        resumed_from(out_text),
+        checkpoints(out),
+      )
+    )
+  res = run(args)
+  rows.append(
+    (
+      "requeue",
+      "the same command",
+      res.returncode,
+      resumed_from(res.stdout),
+      metrics_ok(out, steps),
+    )
+  )
+  return rows
+
+
 def drill_concurrent(work: str, steps: int) -> list[tuple]:
   out = os.path.join(work, "shared_run")
   args = ["train", "--out", out, "--steps", str(steps), "--save-every", "2", *TINY]
@@ -201,6 +245,7 @@ def main() -> None:
   rows = []
   rows += drill_kill(work, args.steps, signal.SIGKILL, save_every=3)
   rows += drill_kill(work, args.steps, signal.SIGTERM, save_every=1)
+  rows += drill_requeue(work, args.steps)
   rows += drill_concurrent(work, args.steps)
   rows += drill_divergence(work)
   rows += drill_startup(work)
