@@ -92,7 +92,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[s
   step by renaming its directory, so the older checkpoints are intact; :func:`recover`
   gives a manager to save with again."""
   meta = dict(meta, format=CHECKPOINT_FORMAT, step=int(step))
-  _hide_failed_write_echoes()
+  _hide_failed_io_echoes()
   try:
     # Orbax logs every failed write of every array with its traceback (hundreds of lines
     # for one full disk); the error raised below says it once.
@@ -183,11 +183,13 @@ class _EchoFilter(logging.Filter):
 _echoes_hidden = False
 
 
-def _hide_failed_write_echoes() -> None:
+def _hide_failed_io_echoes() -> None:
   """A failed write leaves orbax's other write futures to fail, during the save and after
   it, each printed with its traceback (asyncio's "exception was never retrieved", and
   "Event loop is closed" through ``sys.unraisablehook``): dozens of tracebacks around the
-  one-line report. Drops those echoes, and nothing else, from the first save on."""
+  one-line report. A corrupt checkpoint's failed read does the same with orbax's other
+  reads (up to hundreds, on the way out of ``train --resume``). Drops those echoes, and
+  nothing else, from the first save or restore on."""
   global _echoes_hidden
   if _echoes_hidden:
     return
@@ -256,9 +258,19 @@ def _read_error(d: str, step: int, error: Exception, what: str, limit: int = 200
       f"there keeps only its newest checkpoints, --keep-checkpoints); read it again, or "
       f"name a step it keeps"
     )
-  return CheckpointError(
-    f"checkpoint {d}/{step} {what}: {type(error).__name__}: {first_line(error, limit)}"
-  )
+  # TensorStore appends a dump of the array's spec, which says nothing to the user.
+  why = first_line(error, limit).split(" See full TensorStore details")[0].rstrip(".")
+  message = f"checkpoint {d}/{step} {what}: {type(error).__name__}: {why}"
+  try:
+    older = [s for s in manager(d, create=False).all_steps() if s < step]
+  except Exception:  # noqa: BLE001 - the hint is optional; the error is the message above
+    older = []
+  if older:  # a way on without deleting anything, for a job that resumes on its own too
+    message += (
+      f"; the checkpoint before it is {d}/{max(older)}: move {d}/{step} aside to resume "
+      f"from it, or pass it to --checkpoint"
+    )
+  return CheckpointError(message)
 
 
 def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +283,7 @@ def restore(path: str, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
   d = checkpoint_dir(path)
   mngr = manager(d, create=False)
   args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+  _hide_failed_io_echoes()
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # noqa: BLE001

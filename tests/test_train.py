@@ -547,6 +547,20 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2, err
   assert "galore-jax: error:" in err and "Traceback" not in err
+  assert "TensorStore" not in err and len(err.strip().splitlines()) == 1, err
+  # With an older checkpoint, the error names it and the way to resume from it (a requeued
+  # job's `--resume auto` would otherwise fail the same way on every start).
+  shutil.copytree(finished_run / "checkpoints" / "2", broken / "checkpoints" / "1")
+  assert _cli("train", "--out", str(broken), *RESUME_ARGS) == 2
+  err = capsys.readouterr().err.strip()
+  ckpts = broken / "checkpoints"
+  assert err.endswith(
+    f"the checkpoint before it is {ckpts}/1: move {ckpts}/2 aside to resume from it, or pass "
+    "it to --checkpoint"
+  ), err
+  shutil.move(ckpts / "2", broken / "2.corrupt")
+  assert _cli("train", "--out", str(broken), *RESUME_ARGS, "--stop-after", "1") == 0
+  assert "resumed from " + str(ckpts) + "/1" in capsys.readouterr().out
 
 
 def test_a_checkpoint_pruned_while_read_is_not_called_corrupt(
