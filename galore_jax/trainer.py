@@ -523,14 +523,15 @@ def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
   with ``--resume auto`` those of a run that saved no checkpoint (killed while it compiled
   or before its first save: its metrics are of steps that were never kept)."""
   existing = checkpoint.latest_step(ckpt_dir)
-  if cfg.resume is True:
+  auto = cfg.resume == "auto"
+  if cfg.resume and not auto:
     if existing is None:
       raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt_dir}")
     return existing
-  if cfg.resume == "auto" and existing is not None:
+  if auto and existing is not None:
     return existing
   found = [n for n in _RUN_OUTPUTS if os.path.exists(os.path.join(cfg.out, n))]
-  if found and (cfg.overwrite or cfg.resume == "auto"):
+  if found and (cfg.overwrite or auto):
     for name in found if distributed.is_primary() else ():  # one process deletes
       path = os.path.join(cfg.out, name)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
