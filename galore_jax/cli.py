@@ -40,7 +40,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "--init-from",
     default=None,
     help="Hugging Face model directory (config.json + safetensors) to fine-tune; "
-    "replaces --model, its tokenizer is the default",
+    "instead of --model; its tokenizer is the default",
   )
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
