@@ -208,7 +208,9 @@ def runs(tmp_path_factory, tiny_model) -> Runs:
   """
   tmp = tmp_path_factory.mktemp("mh")
   single, out = tmp / "single", tmp / "two"
-  first = Job(tmp, "first", ["--out", str(out), *_flags(init_from=tiny_model, stop_after=5)])
+  # Both jobs run one command, --resume auto (a requeued job's): it starts, then continues.
+  auto = dict(init_from=tiny_model, resume="auto")
+  first = Job(tmp, "first", ["--out", str(out), *_flags(stop_after=5, **auto)])
   try:
     cfg = train.TrainConfig(
       out=str(single), progress=False, init_from=tiny_model, stop_after=10, **RUN
@@ -218,7 +220,7 @@ def runs(tmp_path_factory, tiny_model) -> Runs:
     codes = first.wait()
   assert codes == [0, 0], first.output(0) + first.output(1)
   after_five = _losses(out)
-  second = Job(tmp, "resume", ["--out", str(out), *_flags(init_from=tiny_model, resume=True)])
+  second = Job(tmp, "resume", ["--out", str(out), *_flags(**auto)])
   try:
     # A preemption notice that reaches one host first. Step 10 and its checkpoint are
     # complete when it is recorded; the signal lands at a later step or a save.
@@ -245,6 +247,7 @@ def test_two_processes_match_one_process_and_resume_exactly(runs):
   np.testing.assert_allclose([got_eval[5], got_eval[10]], [want_eval[5], want_eval[10]], 1e-5)
   _assert_same_state(reference, out, 5)  # what the resume started from
   _assert_same_state(reference, out, 10)
+  assert "--resume auto: no checkpoint in " in runs.first.output(0)
   assert "resumed from" in runs.second.output(0)
 
 
