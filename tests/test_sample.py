@@ -79,9 +79,10 @@ def test_generation_stops_at_a_stop_id_and_at_max_seq_len(tiny):
   assert not sample.cut_by_context(prompt, free, 12, cfg) and not sample.cut_by_context(
     prompt, got, 12, cfg
   )
-  if cut[-1] not in cut[:-1]:  # a stop id drawn at the last place: not the context's doing
-    last = sample.generate(run, params, long, max_new_tokens=10, temperature=0, eos_id=cut[-1])
-    assert last == cut[:-1] and not sample.cut_by_context(long, last, 10, cfg)
+  # A stop id drawn at the last place is not the context's doing.
+  assert cut[-1] not in cut[:-1], cut  # (so that it stops the reply there)
+  last = sample.generate(run, params, long, max_new_tokens=10, temperature=0, eos_id=cut[-1])
+  assert last == cut[:-1] and not sample.cut_by_context(long, last, 10, cfg)
 
 
 def test_sampling_is_a_function_of_the_seed(tiny):
