@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
   from galore_jax.config import (
     DTYPES,
+    LR_SCHEDULES,
     OPTIMIZERS,
     REFRESH_SCHEDULES,
     REMAT_MODES,
@@ -66,6 +67,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW)",
   )
   p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%%)")
+  p.add_argument(
+    "--schedule",
+    default=d.schedule,
+    choices=LR_SCHEDULES,
+    help="after warmup: cosine (default, the paper's) or linear decay to --min-lr-ratio of the "
+    "peak, or the peak held",
+  )
+  p.add_argument(
+    "--min-lr-ratio",
+    type=float,
+    default=d.min_lr_ratio,
+    help="final learning rate over the peak (default %(default)s)",
+  )
   p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
   p.add_argument("--seq-len", type=int, default=d.seq_len)

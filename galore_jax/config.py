@@ -26,6 +26,7 @@ SVD_METHODS = projector.SVD_METHODS
 REFRESH_SCHEDULES = galore.REFRESH_SCHEDULES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_MODES = ("none", "full", "save_matmuls")
+LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,8 @@ class TrainConfig:
   refresh_schedule: str = "synchronous"
   lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for full-rank Adam
   warmup: int | None = None  # None: 10% of steps (paper)
-  min_lr_ratio: float = 0.1
+  schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or constant
+  min_lr_ratio: float = 0.1  # the final rate over the peak (reference: 0.1)
   steps: int = 150
   batch_size: int = 8
   seq_len: int = 128
@@ -237,6 +239,12 @@ def validate(cfg: TrainConfig) -> None:
       )
   if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.steps:
     raise ConfigError("--warmup", f"must be in [0, --steps], got {cfg.warmup}")
+  if cfg.schedule not in LR_SCHEDULES:
+    raise ConfigError(
+      "--schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {cfg.schedule!r}"
+    )
+  if not 0.0 <= cfg.min_lr_ratio <= 1.0:  # (NaN fails both comparisons)
+    raise ConfigError("--min-lr-ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
   if cfg.svd not in SVD_METHODS:
     raise ConfigError("--svd", f"must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
   if cfg.subspace_iters < 1:
@@ -311,13 +319,76 @@ def absolute_source(source: str) -> str:
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to ``min_lr_ratio`` of the peak (reference)."""
-  peak = cfg.peak_lr
-  if cfg.warmup_steps >= cfg.steps:
+  """Linear warmup from 0 over ``warmup_steps``, then to ``steps``: cosine (the reference's
+  default) or linear decay to ``min_lr_ratio`` of the peak, or the peak held (``constant``)."""
+  peak, warmup = cfg.peak_lr, cfg.warmup_steps
+  if warmup >= cfg.steps:
     return optax.linear_schedule(0.0, peak, cfg.steps)
-  return optax.warmup_cosine_decay_schedule(
-    0.0, peak, cfg.warmup_steps, cfg.steps, end_value=peak * cfg.min_lr_ratio
-  )
+  end = peak * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":  # as before there were other schedules: resumes stay exact
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, cfg.steps, end_value=end)
+  if cfg.schedule == "linear":
+    after = optax.linear_schedule(peak, end, cfg.steps - warmup)
+  else:
+    after = optax.constant_schedule(peak)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+_COURSE_FLAGS = {  # flags a resume may change; each changes the run's course from there on
+  "steps": "--steps",
+  "lr": "--lr",
+  "warmup": "--warmup",
+  "schedule": "--schedule",
+  "min_lr_ratio": "--min-lr-ratio",
+  "grad_clip": "--grad-clip",
+  "weight_decay": "--weight-decay",
+  "galore_scale": "--galore-scale",
+  "subspace_iters": "--subspace-iters",
+}
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
+  """What a resume at ``step`` changes about the course of the run that saved the checkpoint
+  (``saved``: its ``train_config``), as one line, or None.
+
+  Such flags may change on resume (lowering the rate after a loss spike, extending a run),
+  but a resume command that forgot one of the first run's flags takes its default: this line
+  is how the user sees it. Compared as effective values (``--lr`` unset is the optimizer's
+  default; ``--warmup`` unset is 10 % of ``--steps``), with the rate of the next step under
+  both schedules when the schedule changed.
+  """
+  # A flag older versions did not have (or save) had its default then.
+  defaults = TrainConfig()
+  old = dataclasses.replace(cfg, **{k: saved.get(k, getattr(defaults, k)) for k in _COURSE_FLAGS})
+
+  def course(c: TrainConfig) -> dict:
+    values = {k: getattr(c, k) for k in _COURSE_FLAGS}
+    values.update(lr=c.peak_lr, warmup=c.warmup_steps)
+    if not c.is_galore:
+      values.pop("galore_scale"), values.pop("subspace_iters")
+    elif c.svd != "subspace":
+      values.pop("subspace_iters")
+    return values
+
+  before, now = course(old), course(cfg)
+  changed = [
+    f"{_COURSE_FLAGS[k]} {now[k]:g} (was {before[k]:g})"
+    if not isinstance(now[k], str)
+    else f"{_COURSE_FLAGS[k]} {now[k]} (was {before[k]})"
+    for k in now
+    if now[k] != before[k]
+  ]
+  if not changed:
+    return None
+  line = f"resuming at step {step} with changed {', '.join(changed)}"
+  lr_new, lr_old = float(lr_schedule(cfg)(step)), float(lr_schedule(old)(step))
+  if lr_new != lr_old:
+    line += (
+      f"; the next step's learning rate is {lr_new:.4g} (the first run's schedule: {lr_old:.4g})"
+    )
+  return line
 
 
 def batched_lapack_hangs(cfg: TrainConfig) -> bool:

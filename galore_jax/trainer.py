@@ -38,6 +38,7 @@ from galore_jax.config import (
   lr_schedule,
   model_config,
   parse_profile_steps,
+  resume_changes,
   validate,
 )
 
@@ -653,6 +654,8 @@ def _train_loop(
   if cfg.resume:
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
+    if changes := resume_changes(saved.get("train_config", {}), cfg, start):
+      log(f"galore-jax: note: {changes}")
     if "hf_generation_config" in saved:  # as the run began, even if the directory is gone
       meta["hf_generation_config"] = saved["hf_generation_config"]
     restored = checkpoint.restore(

@@ -287,6 +287,40 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
   assert train.TrainConfig(optimizer="adamw").peak_lr == 1e-3
 
 
+@pytest.mark.parametrize(
+  "schedule, at_55, at_100", [("linear", 0.0055, 0.001), ("constant", 0.01, 0.01)]
+)
+def test_lr_schedules_after_warmup(schedule, at_55, at_100):
+  cfg = train.TrainConfig(steps=100, lr=0.01, schedule=schedule)
+  sched = train.lr_schedule(cfg)
+  assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.005)
+  assert float(sched(10)) == pytest.approx(0.01)
+  assert float(sched(55)) == pytest.approx(at_55) and float(sched(100)) == pytest.approx(at_100)
+  no_warmup = train.lr_schedule(dataclasses.replace(cfg, warmup=0, min_lr_ratio=0.0))
+  assert float(no_warmup(0)) == pytest.approx(0.01)
+  assert float(no_warmup(100)) == pytest.approx(0.0 if schedule == "linear" else 0.01)
+  cosine = train.lr_schedule(dataclasses.replace(cfg, schedule="cosine", min_lr_ratio=0.5))
+  assert float(cosine(100)) == pytest.approx(0.005)
+
+
+def test_resume_changes_name_each_changed_flag_and_the_next_rate():
+  saved = dataclasses.asdict(train.TrainConfig(steps=100, lr=None, svd="subspace"))
+  same = train.TrainConfig(steps=100, lr=0.01, svd="subspace")  # the default rate, spelled out
+  assert config.resume_changes(saved, same, 50) is None
+  line = config.resume_changes(
+    saved, dataclasses.replace(same, steps=200, subspace_iters=3, schedule="constant"), 50
+  )
+  assert line.startswith("resuming at step 50 with changed --steps 200 (was 100), ")
+  assert "--warmup 20 (was 10)" in line and "--schedule constant (was cosine)" in line
+  assert "--subspace-iters 3 (was 2)" in line
+  assert line.endswith("the next step's learning rate is 0.01 (the first run's schedule: 0.006281)")
+  # A checkpoint of a version without --schedule ran the default (cosine), whatever this run's.
+  del saved["schedule"]
+  assert "--schedule linear (was cosine)" in config.resume_changes(
+    saved, dataclasses.replace(same, schedule="linear"), 50
+  )
+
+
 def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
   run = train.setup(_cfg(tmp_path, "mask"), vocab_size=8192)
   mask = train.galore_mask(run.abstract_params)
@@ -513,6 +547,22 @@ def test_existing_run_without_resume_is_refused(finished_run, capsys):
 def test_resume_with_other_optimizer_is_refused(finished_run, capsys):
   assert _cli("train", "--out", str(finished_run), *RESUME_ARGS, "--optimizer", "adamw") == 2
   assert capsys.readouterr().err.startswith("galore-jax: error: --optimizer")
+
+
+def test_a_resume_that_changes_the_runs_course_says_so(finished_run, tmp_path, capsys):
+  import shutil
+
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  assert _cli("train", "--out", str(out), *RESUME_ARGS) == 0  # the same flags: no note
+  assert "note:" not in capsys.readouterr().out
+  # --steps 4 < 6 is what the checkpoint (step 4 now) holds: nothing is left to train.
+  flags = [*RESUME_ARGS[:2], "4", *RESUME_ARGS[3:], "--lr", "0.02"]
+  assert _cli("train", "--out", str(out), *flags) == 0
+  assert (
+    "galore-jax: note: resuming at step 6 with changed --steps 4 (was 6), --lr 0.02 (was 0.01)"
+    in capsys.readouterr().out
+  )
 
 
 def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
