@@ -11,7 +11,9 @@ for the variant under test:
   after 500 steps);
 * ``subspace`` / ``subspace_staggered``: warm-started subspace iteration instead of
   an SVD, with synchronous or staggered refresh (issue #11: validation loss of
-  ``subspace_staggered`` within 0.5 % of ``exact`` at step 1000).
+  ``subspace_staggered`` within 0.5 % of ``exact`` at step 1000);
+* ``adafactor``: GaLore around galore-torch's Adafactor (``--optimizer galore_adafactor``:
+  factored second moment, no first moment) instead of Adam.
 
 ``--data stdlib`` trains on a second text that nothing was tuned on: the
 docstrings of the running Python's standard library, extracted with ``ast``
@@ -51,6 +53,7 @@ VARIANTS = {
   "8bit": {"optimizer": "galore_adamw8bit"},
   "subspace": {"svd": "subspace"},
   "subspace_staggered": {"svd": "subspace", "refresh_schedule": "staggered"},
+  "adafactor": {"optimizer": "galore_adafactor"},
 }
 
 

@@ -89,6 +89,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global norm; 0 = off")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay)
   p.add_argument(
+    "--adafactor-beta1",
+    type=float,
+    default=d.adafactor_beta1,
+    help="first-moment coefficient of --optimizer adafactor / galore_adafactor (default 0: "
+    "none, the reference's)",
+  )
+  p.add_argument(
     "--data",
     default=d.data,
     help="builtin | PATH (txt / jsonl[.gz], glob ok; jsonl with prompt/completion "
@@ -805,6 +812,12 @@ def build_parser() -> argparse.ArgumentParser:
     "weights are read) instead of --model",
   )
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+  p.add_argument(
+    "--adafactor-beta1",
+    type=float,
+    default=d.adafactor_beta1,
+    help="as for train: Adafactor's first moment (0: none)",
+  )
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
   p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")

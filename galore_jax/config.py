@@ -17,11 +17,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import adam8bit, checkpoint, distributed, projector, targets
+from galore_jax import adafactor, adam8bit, checkpoint, distributed, projector, targets
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 
-OPTIMIZERS = ("adamw", "galore_adamw", "adamw8bit", "galore_adamw8bit")
+OPTIMIZERS = (
+  "adamw",
+  "galore_adamw",
+  "adamw8bit",
+  "galore_adamw8bit",
+  "adafactor",
+  "galore_adafactor",
+)
 SVD_METHODS = projector.SVD_METHODS
 REFRESH_SCHEDULES = galore.REFRESH_SCHEDULES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,6 +72,9 @@ class TrainConfig:
   grad_clip: float = 0.0  # 0: off (the paper clips nothing at <= 1B)
   weight_decay: float = 0.0
   b1: float = 0.9
+  # Adafactor's first moment (--optimizer adafactor / galore_adafactor); 0: none, as the
+  # reference's torchrun_main by default.
+  adafactor_beta1: float = 0.0
   b2: float = 0.999
   eps: float = 1e-6
   data: str = "builtin"
@@ -237,6 +247,13 @@ def validate(cfg: TrainConfig) -> None:
       raise ConfigError(
         flag, f"must be a finite number {'>' if strict else '>='} {low:g}, got {value}"
       )
+  if not 0.0 <= cfg.adafactor_beta1 < 1.0:  # (NaN fails both comparisons)
+    raise ConfigError("--adafactor-beta1", f"must be in [0, 1), got {cfg.adafactor_beta1}")
+  if cfg.adafactor_beta1 and not cfg.optimizer.endswith("adafactor"):
+    raise ConfigError(
+      "--adafactor-beta1",
+      f"applies to --optimizer adafactor or galore_adafactor, not {cfg.optimizer}",
+    )
   if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.steps:
     raise ConfigError("--warmup", f"must be in [0, --steps], got {cfg.warmup}")
   if cfg.schedule not in LR_SCHEDULES:
@@ -346,6 +363,7 @@ _COURSE_FLAGS = {  # flags a resume may change; each changes the run's course fr
   "weight_decay": "--weight-decay",
   "galore_scale": "--galore-scale",
   "subspace_iters": "--subspace-iters",
+  "adafactor_beta1": "--adafactor-beta1",
 }
 
 
@@ -370,6 +388,8 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
       values.pop("galore_scale"), values.pop("subspace_iters")
     elif c.svd != "subspace":
       values.pop("subspace_iters")
+    if not c.optimizer.endswith("adafactor"):
+      values.pop("adafactor_beta1")
     return values
 
   before, now = course(old), course(cfg)
@@ -448,7 +468,13 @@ def build_optimizer(
   itself (``steps.clips_in_step``), so ``--grad-clip``'s place in the chain holds an
   identity (the same, empty, state: checkpoints of either step load in the other)."""
   sched = lr_schedule(cfg)
-  if cfg.optimizer.endswith("8bit"):
+  # Adafactor as galore-torch's torchrun_main builds it: the schedule's rate (no relative
+  # step size, no parameter scale), a first moment only with --adafactor-beta1, the old
+  # weight decayed.
+  factor = dict(relative_step=False, scale_parameter=False)
+  if cfg.optimizer.endswith("adafactor"):
+    inner = adafactor.scale_by_adafactor_hf(sched, beta1=cfg.adafactor_beta1 or None, **factor)
+  elif cfg.optimizer.endswith("8bit"):
     inner = adam8bit.scale_by_adam8bit(
       b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, **adam8bit_layout(cfg, mesh)
     )
@@ -468,14 +494,17 @@ def build_optimizer(
       projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,
       refresh_batch_elements=1 if batched_lapack_hangs(cfg) else None,
+      inner_params="full" if cfg.optimizer.endswith("adafactor") else "low_rank",
     )
   else:
     core = inner
   clip = optax.identity() if clip_in_step else optax.clip_by_global_norm(cfg.grad_clip)
   parts = [clip] if cfg.grad_clip > 0 else []
-  parts += [
-    core,
-    optax.scale_by_learning_rate(sched),
-    galore.decay_updated_weights(sched, cfg.weight_decay),
-  ]
-  return optax.chain(*parts)
+  if cfg.optimizer.endswith("adafactor"):
+    last = [adafactor.descend_and_decay_adafactor(sched, weight_decay=cfg.weight_decay, **factor)]
+  else:
+    last = [
+      optax.scale_by_learning_rate(sched),
+      galore.decay_updated_weights(sched, cfg.weight_decay),
+    ]
+  return optax.chain(*parts, core, *last)

@@ -239,7 +239,7 @@ def optimizer_breakdown(opt_state, fsdp: int = 1) -> dict[str, int]:
     names = _path_names(path)
     if "projectors" in names:
       out["projector_bytes"] += nbytes
-    elif "mu" in names or "nu" in names:
+    elif {"mu", "nu", "v_row", "v_col", "v"} & set(names):  # Adam's / Adafactor's moments
       out["moment_bytes"] += nbytes
     else:
       out["other_bytes"] += nbytes

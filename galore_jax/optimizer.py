@@ -39,6 +39,7 @@ from galore_jax import tree as tree_lib
 
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 REFRESH_SCHEDULES = ("synchronous", "staggered")
+INNER_PARAMS = ("low_rank", "full")  # what galore() hands its inner optimizer as params
 
 # (path, leaf) -> (row_axes, col_axes) or None for the default (last two axes).
 MatrixAxesFn = Callable[[tuple, jax.Array], "tuple[tuple[int, ...], tuple[int, ...]] | None"]
@@ -418,6 +419,7 @@ def galore(
   projector_dtype: Any = None,
   seed: int = 0,
   refresh_batch_elements: int | None = None,
+  inner_params: str = "low_rank",
 ) -> optax.GradientTransformation:
   r"""Gradient Low-Rank Projection around an inner optimizer (Zhao et al., 2024).
 
@@ -442,7 +444,11 @@ def galore(
       receives ``params`` expressed in the same low-rank coordinates
       (``project(W, P)``), so shape-aware inner transforms work; decay the
       full weight *outside* the wrapper (``optax.add_decayed_weights`` after
-      it), as :func:`galore_adamw` does.
+      it), as :func:`galore_adamw` does. ``inner_params="full"`` hands it the
+      parameters unprojected instead, for an inner rule that only reads a
+      statistic of each whole weight, such as Adafactor's relative step size
+      ``max(eps, RMS(W))`` (:func:`galore_jax.galore_adafactor`); an inner
+      that combines params element-wise with its updates must not get them.
     rank: target rank ``r``. A leaf whose matrix has ``min(M, N) < r`` uses
       rank ``min(M, N)`` (a warning says so): every direction is kept and the
       transform is the inner optimizer in a rotated basis.
@@ -548,6 +554,8 @@ def galore(
     )
   if moment_policy not in MOMENT_POLICIES:
     raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {moment_policy!r}")
+  if inner_params not in INNER_PARAMS:
+    raise ValueError(f"inner_params must be one of {INNER_PARAMS}, got {inner_params!r}")
   over = _int_arg("oversample", oversample, 0)
   if over is None and svd == "randomized":
     raise ValueError(f"oversample is traced; svd='randomized' needs it static ({_NEEDS_STATIC})")
@@ -755,7 +763,9 @@ def galore(
           low_rank_params.append(None if param_leaves is None else param_leaves[i])
           continue
         low_rank.append(proj.project(g_mats[i], bases[i], layout.side))
-        if param_leaves is not None:
+        if inner_params == "full":
+          low_rank_params.append(None if param_leaves is None else param_leaves[i])
+        elif param_leaves is not None:
           p_mats = layout.to_matrices(param_leaves[i]).astype(g.dtype)
           low_rank_params.append(proj.project(p_mats, bases[i], layout.side))
 
@@ -764,10 +774,10 @@ def galore(
       with jax.named_scope("galore_moments"):
         inner_state = _adjust_moments(inner_state, treedef, layouts, old_bases, bases, changed)
 
-    inner_params = None if params is None else treedef.unflatten(low_rank_params)
+    params_for_inner = None if params is None else treedef.unflatten(low_rank_params)
     with jax.named_scope("galore_inner"):
       low_rank_updates, inner_state = inner.update(
-        treedef.unflatten(low_rank), inner_state, inner_params
+        treedef.unflatten(low_rank), inner_state, params_for_inner
       )
 
     out = []

@@ -298,6 +298,8 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "projector_dtype": cfg.projector_dtype if cfg.is_galore else None,
       "grad_clip": cfg.grad_clip > 0,
       "weight_decay": cfg.weight_decay > 0,
+      # With a first moment the state holds one more array per weight.
+      "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.optimizer.endswith("adafactor") else None,
     },
     "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
     **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
@@ -329,6 +331,7 @@ _COMPAT_FLAGS = {
   "projector_dtype": "--projector-dtype",
   "grad_clip": "--grad-clip",
   "weight_decay": "--weight-decay",
+  "adafactor_beta1": "--adafactor-beta1",
   "vocab_size": "--tokenizer",
   "tokenizer_sha": "--tokenizer",
 }

@@ -1,8 +1,9 @@
 """The optax contract: every public transform through optax's combinators.
 
 In the spirit of optax's ``contrib/_common_test.py``: each public transform (GaLore around
-three inner optimizers, ``galore_adamw``, the 8-bit Adams, ``scale_by_adam_hf`` and both
-weight decays) is run through jit, ``jax.eval_shape(init)``, ``optax.masked``,
+three inner optimizers, ``galore_adamw``, ``galore_adafactor``, ``adafactor_hf``, the 8-bit
+Adams, ``scale_by_adam_hf`` and both weight decays) is run through jit,
+``jax.eval_shape(init)``, ``optax.masked``,
 ``optax.multi_transform`` with two groups of different hyperparameters (different ranks for
 GaLore), ``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.inject_hyperparams`` with a
 value changed mid-run, float32 and bfloat16 parameters, and ``nnx.Optimizer``. Every check is
@@ -87,6 +88,21 @@ CASES = [
     ({"rank": 2}, {"rank": 3}),
     {"learning_rate": 0.03},
     galore_jax.STATIC_ARGS,
+  ),
+  Case(
+    "galore_adafactor",
+    galore_jax.galore_adafactor,
+    {"rank": 2, "update_proj_gap": 2, "beta1": 0.9, "weight_decay": 0.1},
+    ({"rank": 2}, {"rank": 3}),
+    {"weight_decay": 0.3},
+    galore_jax.STATIC_ARGS,
+  ),
+  Case(
+    "adafactor_hf",
+    galore_jax.adafactor_hf,
+    {"beta1": 0.9, "weight_decay": 0.1},
+    ({"beta1": 0.9}, {"beta1": 0.8}),
+    {"clip_threshold": 0.5},
   ),
   Case(
     "adamw8bit",
@@ -207,8 +223,13 @@ def test_masked_and_multi_transform_two_groups(case):
 
 # The inner optimizer of GaLore does not change how the outer wrappers below treat it (the
 # inner variants are covered above, where their state layout matters): these run on
-# galore[adam_hf] and galore_adamw for GaLore, to keep the file fast.
-OUTER_CASES = [c for c in CASES if c.name not in ("galore[factored_rms]", "galore[adam8bit]")]
+# galore[adam_hf] and galore_adamw for GaLore, to keep the file fast. The Adafactors' state is
+# per-parameter trees and a count, as Adam's (their per-layer update: test_adafactor.py).
+OUTER_CASES = [
+  c
+  for c in CASES
+  if c.name not in ("galore[factored_rms]", "galore[adam8bit]", "galore_adafactor", "adafactor_hf")
+]
 by_outer_name = pytest.mark.parametrize("case", OUTER_CASES, ids=lambda c: c.name)
 
 
