@@ -358,6 +358,10 @@ def _init_generation_config(cfg: TrainConfig) -> dict | None:
   return hf.read_generation_config(cfg.init_from)
 
 
+# Compared as on / off: their values may change on resume (config.resume_changes).
+_ON_OFF = ("grad_clip", "weight_decay", "adafactor_beta1")
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   """A resume must rebuild the same state and continue the same data order."""
   a, b = saved.get("compat", {}), current["compat"]
@@ -374,6 +378,15 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
           )
       continue
     if a.get(key) != b[key]:
+      if key in _ON_OFF and isinstance(b[key], bool):  # the values, not True / False
+        was = saved.get("train_config", {}).get(key, 0.0)
+        now = current["train_config"][key]
+        raise ConfigError(
+          _COMPAT_FLAGS[key],
+          f"checkpoint {where} was saved with {_COMPAT_FLAGS[key]} {was:g}, this run has "
+          f"{now:g}: turning it {'on' if b[key] else 'off'} changes the optimizer's state or "
+          "step (its value may change)",
+        )
       raise ConfigError(
         _COMPAT_FLAGS[key],
         f"checkpoint {where} was saved with {key}={a.get(key)!r}, this run has {b[key]!r}",

@@ -303,6 +303,26 @@ def test_lr_schedules_after_warmup(schedule, at_55, at_100):
   assert float(cosine(100)) == pytest.approx(0.005)
 
 
+def test_turning_an_on_off_flag_on_or_off_at_resume_is_refused_naming_its_values():
+  def meta(**kw):
+    cfg = train.TrainConfig(optimizer="galore_adafactor", **kw)
+    compat = {
+      "weight_decay": cfg.weight_decay > 0,
+      "adafactor_beta1": cfg.adafactor_beta1 > 0,
+    }
+    return {"compat": compat, "train_config": dataclasses.asdict(cfg), "data_position": {}}
+
+  trainer.check_compatible(meta(weight_decay=0.1), meta(weight_decay=0.2), "C")  # a value
+  with pytest.raises(config.ConfigError) as e:
+    trainer.check_compatible(meta(adafactor_beta1=0.9), meta(), "C")
+  assert str(e.value) == (
+    "--adafactor-beta1: checkpoint C was saved with --adafactor-beta1 0.9, this run has 0: "
+    "turning it off changes the optimizer's state or step (its value may change)"
+  )
+  with pytest.raises(config.ConfigError, match="--weight-decay 0, this run has 0.1: turning it on"):
+    trainer.check_compatible(meta(), meta(weight_decay=0.1), "C")
+
+
 def test_resume_changes_name_each_changed_flag_and_the_next_rate():
   saved = dataclasses.asdict(train.TrainConfig(steps=100, lr=None, svd="subspace"))
   same = train.TrainConfig(steps=100, lr=0.01, svd="subspace")  # the default rate, spelled out
