@@ -20,6 +20,9 @@ import tempfile
 from typing import NamedTuple
 
 EXIT_USAGE = 2
+# What `sample --prompts` adds to each record, in this order ("completion" first: a line a
+# kill cut short is recognised by what comes before it, galore_jax.replies).
+REPLY_FIELDS = ("completion", "finish_reason")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -541,7 +544,7 @@ def _sample(args, records, reply_file) -> int:
     reply = sample.generate(run, params, prompts[0], on_token=stream, **settings)
     stream.close()
     print()
-    if sample.cut_by_context(prompts[0], reply, args.max_new_tokens, run.model_cfg):
+    if sample.finish_reason(prompts[0], reply, args.max_new_tokens, run.model_cfg) == "context":
       _note_context_cuts(args, run, [len(reply)])
     return 0
   n = args.batch_size
@@ -560,12 +563,13 @@ def _sample(args, records, reply_file) -> int:
     replies = sample.generate_batch(run, params, filled, first_index=start, **settings)
     done = []
     for i, reply in enumerate(replies[: len(batch)]):
-      if sample.cut_by_context(prompts[start + i], reply, args.max_new_tokens, run.model_cfg):
+      why = sample.finish_reason(prompts[start + i], reply, args.max_new_tokens, run.model_cfg)
+      if why == "context":
         cut.append(records[start + i].line)
       completion = sample.reply_text(sp, prompts[start + i], reply)
-      # "completion" last, replacing one the record may hold (a reference answer).
-      rest = {k: v for k, v in records[start + i].record.items() if k != "completion"}
-      done.append({**rest, "completion": completion})
+      # The reply's fields last, replacing those the record may hold (a reference answer).
+      rest = {k: v for k, v in records[start + i].record.items() if k not in REPLY_FIELDS}
+      done.append({**rest, "completion": completion, "finish_reason": why})
     if reply_file is not None:
       reply_file.write(done)
       bar.update(len(done))
@@ -761,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="FILE",
     help='JSON lines {"prompt": "..."} (or {"messages": [...]}, a conversation, with --format '
     'chat), sampled --batch-size at a time; prints each record with its "completion" (the '
-    "reply alone) as each batch ends",
+    'reply alone) and "finish_reason" (stop, length or context) as each batch ends',
   )
   p.add_argument(
     "--batch-size", type=int, default=8, help="prompts decoded together with --prompts (default 8)"

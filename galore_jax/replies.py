@@ -2,13 +2,13 @@
 resumes.
 
 REPLIES holds one JSON line per prompt, in the prompts' order: the prompt's record with its
-``"completion"``, as ``sample --prompts`` prints it. Each batch's lines are written and
-``fsync``-ed together, so a kill loses at most the batch in hand. A later run with the same
-REPLIES keeps its lines and samples from the first prompt without one. Prompt ``i`` draws
-with keys from ``--seed`` and ``i`` alone (``sample.generate_batch``), so the resumed file
-is the file one uninterrupted run writes, with the same ``--batch-size`` (which may change,
-e.g. after running out of memory: in bfloat16 a batch of another size may round
-differently).
+``"completion"`` and ``"finish_reason"``, as ``sample --prompts`` prints it. Each batch's
+lines are written and ``fsync``-ed together, so a kill loses at most the batch in hand. A
+later run with the same REPLIES keeps its lines and samples from the first prompt without
+one. Prompt ``i`` draws with keys from ``--seed`` and ``i`` alone
+(``sample.generate_batch``), so the resumed file is the file one uninterrupted run writes,
+with the same ``--batch-size`` (which may change, e.g. after running out of memory: in
+bfloat16 a batch of another size may round differently).
 
 Guarded, so that a file never mixes replies of two settings or two files of prompts:
 
@@ -99,9 +99,12 @@ class ReplyFile:
       except json.JSONDecodeError:
         got = None
       record, line_no = records[i]
-      want = _without(record, "completion")
+      # Lines written before "finish_reason" existed have "completion" alone.
+      want = _without(record, "completion", "finish_reason")
       if not (
-        isinstance(got, dict) and "completion" in got and _without(got, "completion") == want
+        isinstance(got, dict)
+        and "completion" in got
+        and _without(got, "completion", "finish_reason") == want
       ):
         raise ConfigError(
           "--out",
@@ -111,9 +114,10 @@ class ReplyFile:
     tail = data[len(whole) :].decode("utf-8", errors="replace")
     if tail:
       # What a kill can leave: the first part of the line due here.
-      due = ""  # the start of the reply line due here ("completion" is written last)
+      due = ""  # the start of the reply line due here (the record, then "completion")
       if len(lines) < len(records):
-        due = json.dumps(_without(records[len(lines)][0], "completion"))[:-1] + ', "completion": '
+        due = json.dumps(_without(records[len(lines)][0], "completion", "finish_reason"))[:-1]
+        due += ', "completion": '
       if not due or not (due.startswith(tail) or tail.startswith(due)):
         raise ConfigError(
           "--out", f"{self.path} ends in a line that is no reply of this run; choose another --out"

@@ -293,11 +293,19 @@ def check_prompt(prompt_ids: list[int], model_cfg) -> None:
     )
 
 
-def cut_by_context(prompt_ids: list[int], reply: list[int], max_new_tokens: int, model_cfg) -> bool:
-  """Whether :func:`generate_batch` stopped ``reply`` because the model's ``max_seq_len`` was
-  reached, before ``max_new_tokens`` and before a stop id (one drawn at the last place
-  leaves the reply a token shorter than the context)."""
-  return len(reply) < max_new_tokens and len(prompt_ids) + len(reply) >= model_cfg.max_seq_len
+FINISH_REASONS = ("stop", "length", "context")
+
+
+def finish_reason(prompt_ids: list[int], reply: list[int], max_new_tokens: int, model_cfg) -> str:
+  """Why :func:`generate_batch` ended ``reply``: ``"length"`` (``max_new_tokens`` reached),
+  ``"context"`` (the model's ``max_seq_len`` reached first) or ``"stop"`` (a stop id, which
+  the reply leaves out; one drawn at the last place leaves the reply a token shorter than
+  the context)."""
+  if len(reply) >= max_new_tokens:
+    return "length"
+  if len(prompt_ids) + len(reply) >= model_cfg.max_seq_len:
+    return "context"
+  return "stop"
 
 
 def generate(run: Run, params, prompt_ids: list[int], **kwargs) -> list[int]:

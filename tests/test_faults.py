@@ -220,6 +220,8 @@ def test_a_reply_the_context_cut_short_is_noted(lines_run, capsys, tmp_path):
   prompts.write_text(json.dumps({"prompt": "The"}) + "\n" + json.dumps({"prompt": long}) + "\n")
   code, out, err = _cli(capsys, "sample", "--checkpoint", run, "--prompts", prompts, *args)
   assert code == 0 and len(out.splitlines()) == 2, err
+  first, second = map(json.loads, out.splitlines())
+  assert second["finish_reason"] == "context" and first["finish_reason"] in ("length", "stop")
   assert err == (
     f"galore-jax: note: 1 reply (line 2 of {prompts}) stopped at the model's context of 1024 "
     "tokens (prompt and reply), before --max-new-tokens 40"
@@ -250,7 +252,8 @@ def test_sample_out_resumes_where_a_killed_run_stopped(lines_run, capsys, monkey
   want = whole.read_text()
   got = [json.loads(line) for line in want.splitlines()]
   assert [(r["id"], r["prompt"]) for r in got] == list(enumerate(texts))
-  assert list(got[4]) == ["id", "prompt", "completion"] and got[4]["completion"] != "a reference"
+  assert list(got[4]) == ["id", "prompt", "completion", "finish_reason"]
+  assert got[4]["completion"] != "a reference"
 
   part = tmp_path / "part.jsonl"
   batches, generate_batch = [], sample.generate_batch
@@ -323,7 +326,11 @@ def test_reply_file_settings_bind_only_a_file_with_replies(tmp_path):
   assert reply_file.kept == 1
   with pytest.raises(ConfigError, match="holds replies of step 6, the checkpoint is at step 7"):
     reply_file.check_step(7)
+  # The line above has "completion" alone (as before "finish_reason"); both kinds are kept.
+  reply_file.start(step=6)
+  reply_file.write([{"prompt": "He", "completion": " b", "finish_reason": "length"}])
   reply_file.close()
+  assert replies.ReplyFile(str(out), records, {"seed": 2}, "p.jsonl").kept == 2
 
 
 def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tmp_path, monkeypatch, capsys):

@@ -72,17 +72,16 @@ def test_generation_stops_at_a_stop_id_and_at_max_seq_len(tiny):
   long = list(range(1, 29))
   cut = sample.generate(run, params, long, max_new_tokens=10, temperature=0)
   assert len(cut) == 4
-  # Which of those stops the model's context made (the CLI says so on stderr).
+  # Why each reply ended (--prompts records it; the CLI notes a context cut on stderr).
   cfg = run.model_cfg
-  assert sample.cut_by_context(long, cut, 10, cfg)
-  assert not sample.cut_by_context(long, cut, 4, cfg)  # --max-new-tokens came first
-  assert not sample.cut_by_context(prompt, free, 12, cfg) and not sample.cut_by_context(
-    prompt, got, 12, cfg
-  )
+  assert sample.finish_reason(long, cut, 10, cfg) == "context"
+  assert sample.finish_reason(long, cut, 4, cfg) == "length"  # --max-new-tokens came first
+  assert sample.finish_reason(prompt, free, 12, cfg) == "length"
+  assert sample.finish_reason(prompt, got, 12, cfg) == "stop"
   # A stop id drawn at the last place is not the context's doing.
   assert cut[-1] not in cut[:-1], cut  # (so that it stops the reply there)
   last = sample.generate(run, params, long, max_new_tokens=10, temperature=0, eos_id=cut[-1])
-  assert last == cut[:-1] and not sample.cut_by_context(long, last, 10, cfg)
+  assert last == cut[:-1] and sample.finish_reason(long, last, 10, cfg) == "stop"
 
 
 def test_sampling_is_a_function_of_the_seed(tiny):
