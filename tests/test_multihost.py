@@ -209,6 +209,10 @@ def runs(tmp_path_factory, tiny_model) -> Runs:
   tmp = tmp_path_factory.mktemp("mh")
   single, out = tmp / "single", tmp / "two"
   # Both jobs run one command, --resume auto (a requeued job's): it starts, then continues.
+  # The first start finds what a start killed before its first save left (process 0 deletes
+  # it, the others wait; test_only_process_zero_writes_outputs_and_reports counts records).
+  (out / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
   auto = dict(init_from=tiny_model, resume="auto")
   first = Job(tmp, "first", ["--out", str(out), *_flags(stop_after=5, **auto)])
   try:
@@ -253,9 +257,11 @@ def test_two_processes_match_one_process_and_resume_exactly(runs):
 
 def test_only_process_zero_writes_outputs_and_reports(runs):
   out = runs.out
-  # One record per step (process 1 wrote none), one TensorBoard event file per start.
+  # One record per step (process 1 wrote none; the killed start's stray record went), one
+  # TensorBoard event file per start.
   steps = [r["step"] for r in metrics.read_metrics(str(out)) if "loss" in r]
   assert steps == list(range(1, checkpoint.latest_step(str(out)) + 1))
+  assert not (out / "checkpoints" / "5.orbax-checkpoint-tmp-1").exists()
   assert len(list((out / "tb").glob("events.*"))) == 2
   for job in (runs.first, runs.second):
     assert "M params" in job.output(0) and "M params" not in job.output(1)
