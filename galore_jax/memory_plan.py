@@ -553,6 +553,13 @@ def suggestions(
       cands.append(
         (f"8-bit GaLore rank {galore_rank}", {"optimizer": "galore_adamw8bit", "rank": galore_rank})
       )
+  if not cfg.optimizer.endswith("adafactor"):  # another optimizer, so said in the label
+    cands.append(
+      (
+        "Adafactor (factored second moment, no first moment)",
+        {"optimizer": "galore_adafactor" if cfg.is_galore else "adafactor"},
+      )
+    )
   if cfg.is_galore and cfg.rank >= 32:
     cands.append((f"rank {cfg.rank // 2}", {"rank": cfg.rank // 2}))
   if cfg.remat == "none":

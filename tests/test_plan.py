@@ -95,6 +95,8 @@ def test_suggestions_when_it_does_not_fit(capsys):
   changes = {s["change"] for s in r["suggestions"]}
   assert any("8-bit" in c for c in changes) and any("GaLore" in c for c in changes)
   assert any("remat" in c for c in changes) and any("per-layer" in c for c in changes)
+  adafactor = next(s for s in r["suggestions"] if s["change"].startswith("Adafactor"))
+  assert adafactor["flags"] == {"optimizer": "adafactor"}
   assert all(s["peak_bytes"] > 0 for s in r["suggestions"])
   assert min(s["peak_bytes"] for s in r["suggestions"]) < r["peak_bytes"]
   # Re-planning with a suggestion reproduces its figure.
