@@ -280,9 +280,10 @@ def galore_adafactor(
   default) takes the step size ``min(1e-2, 1/sqrt(t)) * max(eps[1], RMS(W))``. The arguments
   after ``warmup_init`` are :func:`galore_jax.galore`'s.
 
-  The factored second moment makes this the leanest state: a projected ``m x n`` weight
-  holds ``r + max(m, n)`` float32 running means (``proj_type="std"``), where GaLore-Adam
-  holds ``2 r max(m, n)``; ``beta1`` adds one low-rank ``r x max(m, n)`` first moment.
+  The factored second moment keeps the state small: a projected ``m x n`` weight holds
+  ``r + max(m, n)`` float32 running means (``proj_type="std"``), where GaLore-Adam holds
+  ``2 r max(m, n)`` moments; ``beta1`` adds one low-rank ``r x max(m, n)`` first moment.
+  (Without ``beta1``, plain Adafactor's state is smaller still: GaLore adds its projectors.)
   Under ``optax.inject_hyperparams`` pass ``static_args=galore_jax.STATIC_ARGS``.
   """
   return optax.chain(

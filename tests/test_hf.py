@@ -720,7 +720,9 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   prompts = ["sample", "--checkpoint", run, "--prompts", str(tmp_path / "p.jsonl"), *flags]
   assert cli.main([*prompts, "--format", "chat"]) == 0
   got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [{k: v for k, v in r.items() if k != "completion"} for r in got] == records
+  reply_fields = ("completion", "finish_reason")
+  assert [{k: v for k, v in r.items() if k not in reply_fields} for r in got] == records
+  assert {r["finish_reason"] for r in got} <= {"stop", "length"}
   assert got[0]["completion"] == got[2]["completion"] == chat_reply.removesuffix("\n")
   # A conversation is a chat: with another format, one line naming the record.
   assert cli.main([*prompts, "--format", "prompt"]) == 2
