@@ -146,7 +146,7 @@ def test_the_trainers_galore_adafactor_and_its_per_layer_update():
   from galore_jax import config, model, optimizer, train
 
   cfg = config.TrainConfig(optimizer="galore_adafactor", rank=4, weight_decay=0.1, steps=10)
-  _, shapes = train.abstract_model(model.get_config("llama_tiny", vocab_size=64))
+  _, shapes = train.abstract_model(model.get_config("llama_tiny", vocab_size=64, num_layers=2))
   rng = np.random.default_rng(2)
   draw = lambda: jax.tree.map(
     lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.05, jnp.float32), shapes

@@ -574,13 +574,14 @@ def test_a_resume_that_changes_the_runs_course_says_so(finished_run, tmp_path, c
 
   out = tmp_path / "run"
   shutil.copytree(finished_run, out)
-  assert _cli("train", "--out", str(out), *RESUME_ARGS) == 0  # the same flags: no note
+  # The same flags (one step, 2 -> 3): no note.
+  assert _cli("train", "--out", str(out), *RESUME_ARGS, "--stop-after", "1") == 0
   assert "note:" not in capsys.readouterr().out
-  # --steps 4 < 6 is what the checkpoint (step 4 now) holds: nothing is left to train.
-  flags = [*RESUME_ARGS[:2], "4", *RESUME_ARGS[3:], "--lr", "0.02"]
+  # --steps 2: the checkpoint (step 3) is past it, nothing is left to train.
+  flags = [*RESUME_ARGS[:2], "2", *RESUME_ARGS[3:], "--lr", "0.02"]
   assert _cli("train", "--out", str(out), *flags) == 0
   assert (
-    "galore-jax: note: resuming at step 6 with changed --steps 4 (was 6), --lr 0.02 (was 0.01)"
+    "galore-jax: note: resuming at step 3 with changed --steps 2 (was 6), --lr 0.02 (was 0.01)"
     in capsys.readouterr().out
   )
 
