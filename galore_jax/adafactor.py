@@ -182,7 +182,7 @@ def descend_and_decay_adafactor(
 
   The reference decays the weight *before* the update, by the step's own ``lr_t`` (relative
   step size times ``max(eps2, RMS(W))``), which it recomputes here from its own count and
-  ``params``; the arguments must be those of :func:`scale_by_adafactor_hf`.
+  ``params``; build it with its step through :func:`step_and_descent`.
   """
   _check(learning_rate, relative_step, warmup_init)
 
@@ -207,6 +207,42 @@ def descend_and_decay_adafactor(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def step_and_descent(
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  eps: tuple[float, float] = (1e-30, 1e-3),
+  clip_threshold: float = 1.0,
+  decay_rate: float = -0.8,
+  beta1: float | None = None,
+  weight_decay: float = 0.0,
+  scale_parameter: bool = True,
+  relative_step: bool = True,
+  warmup_init: bool = False,
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """:func:`scale_by_adafactor_hf` and the :func:`descend_and_decay_adafactor` that matches
+  it: the two halves of one Adafactor, built from one set of arguments (the descent
+  recomputes the step's rate, so they must agree). GaLore goes around the first."""
+  step = scale_by_adafactor_hf(
+    learning_rate,
+    eps=eps,
+    clip_threshold=clip_threshold,
+    decay_rate=decay_rate,
+    beta1=beta1,
+    scale_parameter=scale_parameter,
+    relative_step=relative_step,
+    warmup_init=warmup_init,
+  )
+  descent = descend_and_decay_adafactor(
+    learning_rate,
+    weight_decay=weight_decay,
+    eps2=eps[1],
+    scale_parameter=scale_parameter,
+    relative_step=relative_step,
+    warmup_init=warmup_init,
+  )
+  return step, descent
+
+
 def adafactor_hf(
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,
@@ -222,24 +258,17 @@ def adafactor_hf(
   """``transformers.Adafactor`` (galore-torch's ``Adafactor`` without a GaLore group) as one
   optax transformation; the defaults are its own (relative step size, no first moment)."""
   return optax.chain(
-    scale_by_adafactor_hf(
+    *step_and_descent(
       learning_rate,
       eps=eps,
       clip_threshold=clip_threshold,
       decay_rate=decay_rate,
       beta1=beta1,
-      scale_parameter=scale_parameter,
-      relative_step=relative_step,
-      warmup_init=warmup_init,
-    ),
-    descend_and_decay_adafactor(
-      learning_rate,
       weight_decay=weight_decay,
-      eps2=eps[1],
       scale_parameter=scale_parameter,
       relative_step=relative_step,
       warmup_init=warmup_init,
-    ),
+    )
   )
 
 
@@ -286,18 +315,20 @@ def galore_adafactor(
   (Without ``beta1``, plain Adafactor's state is smaller still: GaLore adds its projectors.)
   Under ``optax.inject_hyperparams`` pass ``static_args=galore_jax.STATIC_ARGS``.
   """
+  step, descent = step_and_descent(
+    learning_rate,
+    eps=eps,
+    clip_threshold=clip_threshold,
+    decay_rate=decay_rate,
+    beta1=beta1,
+    weight_decay=weight_decay,
+    scale_parameter=scale_parameter,
+    relative_step=relative_step,
+    warmup_init=warmup_init,
+  )
   return optax.chain(
     galore_lib.galore(
-      scale_by_adafactor_hf(
-        learning_rate,
-        eps=eps,
-        clip_threshold=clip_threshold,
-        decay_rate=decay_rate,
-        beta1=beta1,
-        scale_parameter=scale_parameter,
-        relative_step=relative_step,
-        warmup_init=warmup_init,
-      ),
+      step,
       rank=rank,
       update_proj_gap=update_proj_gap,
       scale=scale,
@@ -316,12 +347,5 @@ def galore_adafactor(
       refresh_batch_elements=refresh_batch_elements,
       inner_params="full",  # the step size reads RMS of the whole weight, as the reference
     ),
-    descend_and_decay_adafactor(
-      learning_rate,
-      weight_decay=weight_decay,
-      eps2=eps[1],
-      scale_parameter=scale_parameter,
-      relative_step=relative_step,
-      warmup_init=warmup_init,
-    ),
+    descent,
   )

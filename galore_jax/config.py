@@ -117,6 +117,10 @@ class TrainConfig:
     return self.optimizer.startswith("galore")
 
   @property
+  def is_adafactor(self) -> bool:
+    return self.optimizer.endswith("adafactor")
+
+  @property
   def peak_lr(self) -> float:
     if self.lr is not None:
       return self.lr
@@ -249,7 +253,7 @@ def validate(cfg: TrainConfig) -> None:
       )
   if not 0.0 <= cfg.adafactor_beta1 < 1.0:  # (NaN fails both comparisons)
     raise ConfigError("--adafactor-beta1", f"must be in [0, 1), got {cfg.adafactor_beta1}")
-  if cfg.adafactor_beta1 and not cfg.optimizer.endswith("adafactor"):
+  if cfg.adafactor_beta1 and not cfg.is_adafactor:
     raise ConfigError(
       "--adafactor-beta1",
       f"applies to --optimizer adafactor or galore_adafactor, not {cfg.optimizer}",
@@ -388,7 +392,7 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
       values.pop("galore_scale"), values.pop("subspace_iters")
     elif c.svd != "subspace":
       values.pop("subspace_iters")
-    if not c.optimizer.endswith("adafactor"):
+    if not c.is_adafactor:
       values.pop("adafactor_beta1")
     return values
 
@@ -471,9 +475,19 @@ def build_optimizer(
   # Adafactor as galore-torch's torchrun_main builds it: the schedule's rate (no relative
   # step size, no parameter scale), a first moment only with --adafactor-beta1, the old
   # weight decayed.
-  factor = dict(relative_step=False, scale_parameter=False)
-  if cfg.optimizer.endswith("adafactor"):
-    inner = adafactor.scale_by_adafactor_hf(sched, beta1=cfg.adafactor_beta1 or None, **factor)
+  last = [
+    optax.scale_by_learning_rate(sched),
+    galore.decay_updated_weights(sched, cfg.weight_decay),
+  ]
+  if cfg.is_adafactor:
+    inner, descent = adafactor.step_and_descent(
+      sched,
+      beta1=cfg.adafactor_beta1 or None,
+      weight_decay=cfg.weight_decay,
+      relative_step=False,
+      scale_parameter=False,
+    )
+    last = [descent]  # the rate is inside Adafactor's step
   elif cfg.optimizer.endswith("8bit"):
     inner = adam8bit.scale_by_adam8bit(
       b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, **adam8bit_layout(cfg, mesh)
@@ -494,17 +508,10 @@ def build_optimizer(
       projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,
       refresh_batch_elements=1 if batched_lapack_hangs(cfg) else None,
-      inner_params="full" if cfg.optimizer.endswith("adafactor") else "low_rank",
+      inner_params="full" if cfg.is_adafactor else "low_rank",
     )
   else:
     core = inner
   clip = optax.identity() if clip_in_step else optax.clip_by_global_norm(cfg.grad_clip)
   parts = [clip] if cfg.grad_clip > 0 else []
-  if cfg.optimizer.endswith("adafactor"):
-    last = [adafactor.descend_and_decay_adafactor(sched, weight_decay=cfg.weight_decay, **factor)]
-  else:
-    last = [
-      optax.scale_by_learning_rate(sched),
-      galore.decay_updated_weights(sched, cfg.weight_decay),
-    ]
   return optax.chain(*parts, core, *last)

@@ -553,7 +553,7 @@ def suggestions(
       cands.append(
         (f"8-bit GaLore rank {galore_rank}", {"optimizer": "galore_adamw8bit", "rank": galore_rank})
       )
-  if not cfg.optimizer.endswith("adafactor"):  # another optimizer, so said in the label
+  if not cfg.is_adafactor:  # another optimizer, so said in the label
     cands.append(
       (
         "Adafactor (factored second moment, no first moment)",

@@ -299,7 +299,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "grad_clip": cfg.grad_clip > 0,
       "weight_decay": cfg.weight_decay > 0,
       # With a first moment the state holds one more array per weight.
-      "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.optimizer.endswith("adafactor") else None,
+      "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.is_adafactor else None,
     },
     "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
     **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
