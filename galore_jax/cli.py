@@ -20,9 +20,6 @@ import tempfile
 from typing import NamedTuple
 
 EXIT_USAGE = 2
-# What `sample --prompts` adds to each record, in this order ("completion" first: a line a
-# kill cut short is recognised by what comes before it, galore_jax.replies).
-REPLY_FIELDS = ("completion", "finish_reason")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -555,6 +552,8 @@ def _sample(args, records, reply_file) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=len(prompts), initial=first, unit="prompt", desc="sample", disable=None)
+  from galore_jax.replies import REPLY_FIELDS
+
   cut: list[int] = []  # --prompts lines whose reply the model's context cut short
   for start in range(first, len(prompts), n):
     batch = prompts[start : start + n]

@@ -34,6 +34,10 @@ from typing import Any
 from galore_jax.config import ConfigError
 
 SETTINGS_SUFFIX = ".settings.json"
+# What `sample --prompts` adds to each record, in this order ("completion" first: a line a
+# kill cut short is recognised by what comes before it, ReplyFile._check_kept). A record's
+# own fields of these names are replaced.
+REPLY_FIELDS = ("completion", "finish_reason")
 
 
 def _without(record: dict, *keys: str) -> dict:
@@ -100,11 +104,9 @@ class ReplyFile:
         got = None
       record, line_no = records[i]
       # Lines written before "finish_reason" existed have "completion" alone.
-      want = _without(record, "completion", "finish_reason")
+      want = _without(record, *REPLY_FIELDS)
       if not (
-        isinstance(got, dict)
-        and "completion" in got
-        and _without(got, "completion", "finish_reason") == want
+        isinstance(got, dict) and "completion" in got and _without(got, *REPLY_FIELDS) == want
       ):
         raise ConfigError(
           "--out",
@@ -116,7 +118,7 @@ class ReplyFile:
       # What a kill can leave: the first part of the line due here.
       due = ""  # the start of the reply line due here (the record, then "completion")
       if len(lines) < len(records):
-        due = json.dumps(_without(records[len(lines)][0], "completion", "finish_reason"))[:-1]
+        due = json.dumps(_without(records[len(lines)][0], *REPLY_FIELDS))[:-1]
         due += ', "completion": '
       if not due or not (due.startswith(tail) or tail.startswith(due)):
         raise ConfigError(
