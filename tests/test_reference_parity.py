@@ -76,6 +76,21 @@ def _gradients(steps, seed=0):
   return seq
 
 
+def _run_jax(tx, init, grads):
+  """The parameters after ``tx`` is applied to ``grads`` in turn, from ``init``."""
+  params = jax.tree.map(jnp.asarray, init)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for g in grads:
+    params, state = step(params, state, jax.tree.map(jnp.asarray, g))
+  return params
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_matches_galore_torch(reference, proj_type):
   steps, rank, gap, wd = 11, 6, 4, 0.1  # refreshes at 0, 4, 8: three of them
@@ -109,16 +124,7 @@ def test_matches_galore_torch(reference, proj_type):
   tx = galore_jax.galore_adamw(
     sched, rank=rank, update_proj_gap=gap, scale=0.25, proj_type=proj_type, weight_decay=wd
   )
-  params = jax.tree.map(jnp.asarray, init)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for g in grads:
-    params, state = step(params, state, jax.tree.map(jnp.asarray, g))
+  params = _run_jax(tx, init, grads)
 
   for k in SHAPES:
     change = np.max(np.abs(expected[k] - init[k]))
@@ -179,16 +185,7 @@ def test_galore_adafactor_matches_galore_torch(reference_adafactor, kwargs):
   tx = galore_jax.galore_adafactor(
     lr, rank=rank, update_proj_gap=gap, scale=0.25, proj_type=proj_type, **kwargs
   )
-  params = jax.tree.map(jnp.asarray, init)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for g in grads:
-    params, state = step(params, state, jax.tree.map(jnp.asarray, g))
+  params = _run_jax(tx, init, grads)
 
   for k in SHAPES:
     change = np.max(np.abs(expected[k] - init[k]))
