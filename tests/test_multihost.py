@@ -12,6 +12,7 @@ as it can.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,9 +69,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)  # the session's compile cache (conftest) is shared
+  env = dict(os.environ)  # the session's compile cache and XLA flags (conftest) are shared
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=re.sub(r"device_count=\d+", f"device_count={devices}", env["XLA_FLAGS"]),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     PYTHONUNBUFFERED="1",
