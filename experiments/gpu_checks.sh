@@ -29,6 +29,9 @@
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
 #   GPU_CHECKS=sample1b: sampling speed of llama_1b (experiments/bench_sample.py); it fits
 #      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
+#   GPU_CHECKS="adafactor7b clip7b": the llama_7b peak under the 24 GB cap with
+#      --optimizer galore_adafactor (planned 16.40 GB), then 8-bit GaLore with --grad-clip 1
+#      --per-layer-clip (the clip's second backward pass); each a 7B compile (~3 minutes).
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.
 # GPU_BENCH_ARGS adds flags (a dry run here: GPU_BENCH_ARGS="--cpu-smoke" MEMORY_ARGS=--cpu-smoke
@@ -75,7 +78,10 @@ PYEOF
       smaller) smaller ;;
       compile1b) compile1b ;;
       sample1b) sample1b ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, bench, memory)" ;;
+      adafactor7b) variant7b adafactor7b --optimizer galore_adafactor ;;
+      clip7b) variant7b clip7b --per-layer-clip ;;
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b," \
+        "adafactor7b, clip7b, bench, memory)" ;;
     esac
   done
 }
@@ -129,6 +135,18 @@ memory7b() {
       --compile-cache runs/jax-cache-7b --second-start --timeout $(( left - 60 )) \
       --budget "$left" --json "$OUT/memory_check.json" ${MEMORY_ARGS:-} \
       || echo "== memory7b rc=$?"
+}
+
+# The llama_7b memory check for another optimizer or step: variant7b NAME FLAGS...; its
+# results in $OUT/memory_NAME.json.
+variant7b() {
+  local name=$1; shift
+  local left; left=$(left_s 10)
+  (( left > ${MEMORY7B_S:-280} )) && left=${MEMORY7B_S:-280}
+  echo "== ${name}: ${left} s (elapsed ${SECONDS} s)"
+  timeout $(( left + 5 )) "$PY" experiments/gpu_memory_check.py --cases llama_7b "$@" \
+      --timeout $(( left - 5 )) --budget "$left" --json "$OUT/memory_${name}.json" \
+      ${MEMORY_ARGS:-} || echo "== ${name} rc=$?"
 }
 
 # Issue #16: the llama_350m and llama_60m pairs; issue #11: llama_1b's staggered refresh.

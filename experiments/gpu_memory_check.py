@@ -64,12 +64,15 @@ def run_case(
   svd: str = "subspace",
   compile_cache: str | None = None,
   first_step_only: bool = False,
+  optimizer: str = "galore_adamw8bit",
+  per_layer_clip: bool = False,
 ):
   """In the capped child process: plan, then train ``steps`` steps; returns a dict.
 
   With ``compile_cache`` JAX's persistent compilation cache is on in that directory (as
   the CLI's default); ``first_step_only`` stops after the first step (a second start's
   measurement: seconds from the parent's spawn to the first step's result).
+  ``per_layer_clip``: ``--grad-clip 1 --per-layer-clip`` (the clip's second backward pass).
   """
   import jax
 
@@ -85,7 +88,7 @@ def run_case(
 
   cfg = train.TrainConfig(
     model=model,
-    optimizer="galore_adamw8bit",
+    optimizer=optimizer,
     rank=rank,
     batch_size=batch,
     seq_len=seq_len,
@@ -96,9 +99,13 @@ def run_case(
     update_proj_gap=200,
     svd=svd,
     progress=False,
+    grad_clip=1.0 if per_layer_clip else 0.0,
+    per_layer_clip=per_layer_clip,
   )
   out: dict = {
     "model": model,
+    "optimizer": optimizer,
+    "per_layer_clip": per_layer_clip,
     "rank": rank,
     "batch": batch,
     "seq_len": seq_len,
@@ -195,6 +202,8 @@ def child(args) -> int:
       args.svd,
       args.compile_cache,
       args.first_step_only,
+      args.optimizer,
+      args.per_layer_clip,
     )
   except Exception as e:  # noqa: BLE001 - reported, including out-of-memory
     text = f"{type(e).__name__}: {e}"
@@ -251,7 +260,10 @@ def parent(args) -> int:
       "--seq-len", str(args.seq_len),
       "--vocab-size", str(args.vocab_size if not args.cpu_smoke else 512),
       "--svd", args.svd,
+      "--optimizer", args.optimizer,
     ]  # fmt: skip
+    if args.per_layer_clip:
+      cmd.append("--per-layer-clip")
     if args.compile_cache:
       cmd += ["--compile-cache", args.compile_cache]
     # A second start of the same configuration: the cache the first run filled.
@@ -304,8 +316,10 @@ def format_row(r: dict) -> str:
   if "error" in r:
     got = f" (compiled: planned {gb(r['planned_peak_bytes'])})" if "planned_peak_bytes" in r else ""
     return f"{r['case']:<24} ERROR{got} {r['error'][:300]}"
+  clip = " --per-layer-clip" if r.get("per_layer_clip") else ""
   return (
-    f"{r['case']:<24} planned {gb(r['planned_peak_bytes'])} ({r['planned_source']}), "
+    f"{r['case']:<24} {r.get('optimizer')}{clip}: planned {gb(r['planned_peak_bytes'])} "
+    f"({r['planned_source']}), "
     f"measured peak_bytes_in_use {gb(r['peak_bytes_in_use'])} (limit {gb(r['bytes_limit'])}; "
     f"after init {gb(r['init_peak_bytes'])}), {r['seconds_per_step']} s/step, "
     f"lower {r.get('lower_seconds')} s + compile {r['compile_seconds']} s, first step "
@@ -332,6 +346,16 @@ def main(argv=None) -> int:
   ap.add_argument("--json", default=None)
   ap.add_argument("--svd", default="subspace", choices=("exact", "randomized", "subspace"))
   ap.add_argument(
+    "--optimizer",
+    default="galore_adamw8bit",
+    help="the trainer's --optimizer (default: 8-bit GaLore, the paper's 24 GB setup)",
+  )
+  ap.add_argument(
+    "--per-layer-clip",
+    action="store_true",
+    help="train with --grad-clip 1 --per-layer-clip (a second backward pass per step)",
+  )
+  ap.add_argument(
     "--compile-cache",
     default=None,
     help="JAX persistent compilation cache directory for the runs (default: off)",
@@ -349,6 +373,10 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   ap.add_argument("--remat", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  from galore_jax.config import OPTIMIZERS  # imports jax; initialises no device
+
+  if args.optimizer not in OPTIMIZERS:
+    ap.error(f"--optimizer: unknown {args.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
   return child(args) if args.child else parent(args)
 
 
