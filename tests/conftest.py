@@ -3,8 +3,10 @@
 - 8 host CPU devices, for the sharding tests.
 - XLA's CPU backend compiling at LLVM optimisation level 0: compiling dominates most tests
   (tiny models, a few steps each), and -O0 cut the time of four of the slowest test files
-  from 193 s to 124 s on 2 cores. It changes the machine code, not the HLO programs, their
-  buffers (``memory_analysis``) or float semantics (XLA's CPU fast-math is off).
+  from 193 s to 124 s on 2 cores. It changes the machine code, not the HLO programs or their
+  buffers (``memory_analysis``); results may differ from an optimised build in the last
+  bits (unfused multiply-adds, other vector math), as on another CPU, which every
+  comparison's tolerance allows (exact comparisons are between runs of this session).
 - Single-threaded OpenBLAS (galore_jax/__init__.py: oversubscribed, CPU SVDs get 100x slower).
 - A persistent compilation cache shared by the session and its subprocesses: many tests
   compile the same train step, and on a 2-core machine compilation dominates their time.
