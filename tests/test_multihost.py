@@ -68,10 +68,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _other_xla_flags() -> str:
+  """The session's XLA_FLAGS (conftest: -O0) without its device count."""
+  return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+
+
 def _env(devices: int) -> dict[str, str]:
   env = dict(os.environ)  # the session's compile cache and XLA flags (conftest) are shared
   env.update(
-    XLA_FLAGS=re.sub(r"device_count=\d+", f"device_count={devices}", env["XLA_FLAGS"]),
+    XLA_FLAGS=f"{_other_xla_flags()} --xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
     PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     PYTHONUNBUFFERED="1",

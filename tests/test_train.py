@@ -1033,8 +1033,8 @@ def test_galore_whole_gradient_step_runs_on_a_mesh(tmp_path):
   cmd += ["--mesh", "data=2,fsdp=2", "--no-per-layer-updates", "--steps", "2"]
   cmd += ["--batch-size", "4", "--seq-len", "32", "--rank", "16", "--update-proj-gap", "1"]
   cmd += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
-  flags = re.sub(r"device_count=\d+", "device_count=4", os.environ["XLA_FLAGS"])  # conftest's
-  env = dict(os.environ, XLA_FLAGS=flags)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+  env = dict(os.environ, XLA_FLAGS=flags + " --xla_force_host_platform_device_count=4")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   losses = [r["loss"] for r in metrics.read_metrics(str(out)) if "loss" in r]
