@@ -176,7 +176,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="also log to Weights & Biases (pip install 'galore-jax[wandb]'; offline without "
     "network or API key; project $WANDB_PROJECT, default galore-jax)",
   )
-  p.add_argument("--no-progress", dest="progress", action="store_false")
+  p.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="no progress bar (in a terminal) or progress lines (in a log file)",
+  )
   from galore_jax import distributed  # multi-process hook: --coordinator, --num-processes, ...
 
   distributed.add_flags(p)

@@ -96,6 +96,18 @@ class Hooks:
 
 
 NO_HOOKS = Hooks()
+# Progress without a terminal (a batch job's log file, `train > log.txt`): a tqdm bar there
+# is one line redrawn at every step, so the trainer prints a plain line instead, for the
+# first and last steps and at most every PROGRESS_LINE_S seconds between, and one per
+# evaluation.
+PROGRESS_LINE_S = 30.0
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return stream is not None and stream.isatty()
+  except (AttributeError, ValueError):  # a replaced or closed stream
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -771,13 +783,14 @@ def _train_loop(
       return f"no checkpoint was saved in {ckpt_dir}"
     return f"the newest checkpoint is {ckpt_dir}/{saved_at}"
 
-  bar = None
-  if cfg.progress and distributed.is_primary():
+  bar, lines = None, cfg.progress and distributed.is_primary() and not _is_terminal(sys.stderr)
+  if cfg.progress and distributed.is_primary() and not lines:
     from tqdm import tqdm  # lazy: library users may not want a progress bar
 
     bar = tqdm(
       total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
+  last_line = -math.inf  # when `lines` last printed one
   try:
     batches = train_ds.iterate(start)
     while step < end:
@@ -835,13 +848,19 @@ def _train_loop(
             "startup_s": now - t_start,
           }
         )
+      mem = memory["peak_bytes"]
       if bar is not None:
         bar.update(1)
-        mem = memory["peak_bytes"]
         bar.set_postfix(
           loss=f"{loss:.3f}",
           tok_s=f"{tps:,.0f}",
           **({"mem": f"{mem / 2**30:.2f}GiB"} if mem is not None else {}),
+        )
+      elif lines and (now - last_line >= PROGRESS_LINE_S or step in (start + 1, end)):
+        last_line = now
+        log(
+          f"step {step}/{cfg.steps}: loss {loss:.4f}, lr {lr_used:.3g}, {tps:,.0f} tokens/s, "
+          f"{step_s:.3g} s/step" + (f", peak {mem / 2**30:.2f} GiB" if mem is not None else "")
         )
       if consecutive_bad >= cfg.max_nonfinite:
         raise TrainingDiverged(
@@ -857,8 +876,8 @@ def _train_loop(
         writer.write(
           {"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1], **eval_count}
         )
-        if bar is not None:
-          bar.write(
+        if bar is not None or lines:
+          (bar.write if bar is not None else log)(
             f"step {step}: eval loss {last_eval[0]:.4f}, ppl {last_eval[1]:.2f}"
             + (f" ({len(val_batches)} batches)" if eval_count else "")
           )

@@ -239,6 +239,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   # As a GPU reports it (CPU devices report no memory: test_peak_tflops_defaults_and_...).
   gpu_memory = {"peak_bytes": 3 << 30, "bytes_in_use": 1 << 30}
   monkeypatch.setattr(metrics, "device_memory", lambda devices: dict(gpu_memory))
+  monkeypatch.setattr(trainer, "_is_terminal", lambda stream: True)  # a bar, as in a terminal
   out = train.train(dataclasses.replace(cfg, progress=True), log=_quiet)
   bar = capsys.readouterr().err
   assert "tok_s=" in bar and "mem=3.00GiB" in bar
@@ -277,6 +278,32 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   logged = [(step, d) for step, d in fake.logged if "loss" in d]
   assert [step for step, _ in logged] == [1, 2, 3, 4]
   assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and logged[0][1]["peak_bytes"] == 3 << 30
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsys):
+  # A batch job's log file (stderr is not a terminal here, under pytest): no tqdm bar, which
+  # would redraw itself into one line, but a line for the first and last steps, at most one
+  # per PROGRESS_LINE_S between them, and one per evaluation.
+  monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 1e9)
+  monkeypatch.setattr(metrics, "device_memory", lambda devices: {"peak_bytes": 3 << 30})
+  cfg = _cfg(tmp_path, "lines", steps=6, stop_after=4, eval_every=2, progress=True)
+  logged = []
+  train.train(cfg, log=logged.append)
+  assert "\r" not in capsys.readouterr().err
+  progress = [line for line in logged if line.startswith("step ")]
+  assert [line.split(":")[0] for line in progress] == ["step 1/6", "step 2", "step 4/6", "step 4"]
+  assert re.fullmatch(
+    r"step 1/6: loss \d+\.\d{4}, lr \S+, [\d,]+ tokens/s, \S+ s/step, peak 3\.00 GiB",
+    progress[0],
+  )
+  assert progress[1].startswith("step 2: eval loss ")
+  # Between the two ends, one line per PROGRESS_LINE_S: every step when it is 0.
+  monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 0.0)
+  logged.clear()
+  train.train(dataclasses.replace(cfg, out=str(tmp_path / "every")), log=logged.append)
+  assert [line.split(":")[0] for line in logged if "/6:" in line] == [
+    f"step {i}/6" for i in range(1, 5)
+  ]
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
