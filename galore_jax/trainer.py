@@ -783,8 +783,10 @@ def _train_loop(
       return f"no checkpoint was saved in {ckpt_dir}"
     return f"the newest checkpoint is {ckpt_dir}/{saved_at}"
 
-  bar, lines = None, cfg.progress and distributed.is_primary() and not _is_terminal(sys.stderr)
-  if cfg.progress and distributed.is_primary() and not lines:
+  show = cfg.progress and distributed.is_primary()
+  lines = show and not _is_terminal(sys.stderr)  # else a bar
+  bar = None
+  if show and not lines:
     from tqdm import tqdm  # lazy: library users may not want a progress bar
 
     bar = tqdm(
