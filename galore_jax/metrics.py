@@ -57,11 +57,17 @@ class MetricsWriter:
     self._tb = _TensorBoard(os.path.join(out_dir, "tb"), purge_step) if tensorboard else None
 
   def write(self, record: dict[str, Any]) -> None:
+    """Appends ``record`` (it needs a ``step``), stamped with ``time`` (Unix seconds) unless
+    it has one: when each step ended, for a log read after the run. The stamp is not a
+    TensorBoard or W&B scalar (both keep their own wall time)."""
     clean = {k: _jsonable(v) for k, v in record.items()}
+    clean.setdefault("time", round(time.time(), 3))
     self._pending += (json.dumps(clean) + "\n").encode()
     self._write_pending()
     scalars = {
-      k: v for k, v in clean.items() if k != "step" and isinstance(v, int | float) and v is not None
+      k: v
+      for k, v in clean.items()
+      if k not in ("step", "time") and isinstance(v, int | float) and v is not None
     }
     if self._tb is not None:
       try:

@@ -240,6 +240,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   gpu_memory = {"peak_bytes": 3 << 30, "bytes_in_use": 1 << 30}
   monkeypatch.setattr(metrics, "device_memory", lambda devices: dict(gpu_memory))
   monkeypatch.setattr(trainer, "_is_terminal", lambda stream: True)  # a bar, as in a terminal
+  began = time.time()
   out = train.train(dataclasses.replace(cfg, progress=True), log=_quiet)
   bar = capsys.readouterr().err
   assert "tok_s=" in bar and "mem=3.00GiB" in bar
@@ -267,6 +268,10 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   assert {"step_s", "tokens_per_s", "mfu", "compile_s", "startup_s", "loss"} <= (
     _tensorboard_tags(tb)
   )
+  # Each record's wall time (when it was written), in the file only.
+  stamps = [r["time"] for r in records]
+  assert began < stamps[0] and stamps == sorted(stamps) and stamps[-1] <= time.time()
+  assert "time" not in _tensorboard_tags(tb)
   # --profile-steps 1:3: a jax.profiler trace of steps 2..3, where TensorBoard looks.
   traces = list((tmp_path / "run" / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
@@ -278,6 +283,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   logged = [(step, d) for step, d in fake.logged if "loss" in d]
   assert [step for step, _ in logged] == [1, 2, 3, 4]
   assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and logged[0][1]["peak_bytes"] == 3 << 30
+  assert "time" not in logged[0][1]
 
 
 def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsys):
