@@ -58,8 +58,8 @@ class MetricsWriter:
 
   def write(self, record: dict[str, Any]) -> None:
     """Appends ``record`` (it needs a ``step``), stamped with ``time`` (Unix seconds) unless
-    it has one: when each step ended, for a log read after the run. The stamp is not a
-    TensorBoard or W&B scalar (both keep their own wall time)."""
+    it has one: when it was written (a step's record: as the step ended), for a log read
+    after the run. The stamp is not a TensorBoard or W&B scalar (both keep their own)."""
     clean = {k: _jsonable(v) for k, v in record.items()}
     clean.setdefault("time", round(time.time(), 3))
     self._pending += (json.dumps(clean) + "\n").encode()
