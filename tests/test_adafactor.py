@@ -6,22 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tx_run import run_updates
 
 import galore_jax
 from galore_jax import adafactor
-
-
-def _run(tx, params, grads):
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for g in grads:
-    params, state = step(params, state, g)
-  return params, state
 
 
 @pytest.mark.parametrize(
@@ -84,7 +72,7 @@ def test_adafactor_hf_matches_transformers_adafactor(kwargs):
   kwargs = dict(kwargs)
   tx = galore_jax.adafactor_hf(kwargs.pop("lr", None), **kwargs)
   as_jax = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-  params, _ = _run(tx, as_jax(init), [as_jax(g) for g in grads])
+  params, _ = run_updates(tx, as_jax(init), [as_jax(g) for g in grads])
   for k in shapes:
     want = tparams[k].detach().numpy()
     change = np.max(np.abs(want - init[k]))
@@ -106,13 +94,13 @@ def test_moment_policies():
   params = {"w": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32)}
   grads = [{"w": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32)} for _ in range(3)]
   make = lambda **kw: galore_jax.galore_adafactor(rank=3, update_proj_gap=2, **kw)
-  keep, _ = _run(make(), params, grads)
-  no_first_moment, _ = _run(make(moment_policy="reproject"), params, grads)
+  keep, _ = run_updates(make(), params, grads)
+  no_first_moment, _ = run_updates(make(moment_policy="reproject"), params, grads)
   np.testing.assert_array_equal(keep["w"], no_first_moment["w"])
-  kept, _ = _run(make(beta1=0.9), params, grads)
-  rotated, _ = _run(make(beta1=0.9, moment_policy="reproject"), params, grads)
+  kept, _ = run_updates(make(beta1=0.9), params, grads)
+  rotated, _ = run_updates(make(beta1=0.9, moment_policy="reproject"), params, grads)
   assert not np.allclose(kept["w"], rotated["w"])  # the refresh at count 2 rotated mu
-  _, state = _run(make(moment_policy="reset"), params, grads)
+  _, state = run_updates(make(moment_policy="reset"), params, grads)
   # Reset at the count-2 refresh, then step t = 3 alone: v_row = (1 - b2_3) mean(R^2 + eps1)
   # with b2_3 = 1 - 3^-0.8 and R = G P^T in the new basis.
   basis = state[0].projectors["w"]

@@ -4,11 +4,11 @@ GaLoreAdafactor, number for number.
 Needs the `reference` extra (torch, galore-torch); skipped with a reason without it.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tx_run import run_updates
 
 import galore_jax
 import galore_jax.projector
@@ -76,21 +76,6 @@ def _gradients(steps, seed=0):
   return seq
 
 
-def _run_jax(tx, init, grads):
-  """The parameters after ``tx`` is applied to ``grads`` in turn, from ``init``."""
-  params = jax.tree.map(jnp.asarray, init)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for g in grads:
-    params, state = step(params, state, jax.tree.map(jnp.asarray, g))
-  return params
-
-
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_matches_galore_torch(reference, proj_type):
   steps, rank, gap, wd = 11, 6, 4, 0.1  # refreshes at 0, 4, 8: three of them
@@ -124,7 +109,7 @@ def test_matches_galore_torch(reference, proj_type):
   tx = galore_jax.galore_adamw(
     sched, rank=rank, update_proj_gap=gap, scale=0.25, proj_type=proj_type, weight_decay=wd
   )
-  params = _run_jax(tx, init, grads)
+  params, _ = run_updates(tx, init, grads)
 
   for k in SHAPES:
     change = np.max(np.abs(expected[k] - init[k]))
@@ -185,7 +170,7 @@ def test_galore_adafactor_matches_galore_torch(reference_adafactor, kwargs):
   tx = galore_jax.galore_adafactor(
     lr, rank=rank, update_proj_gap=gap, scale=0.25, proj_type=proj_type, **kwargs
   )
-  params = _run_jax(tx, init, grads)
+  params, _ = run_updates(tx, init, grads)
 
   for k in SHAPES:
     change = np.max(np.abs(expected[k] - init[k]))
