@@ -293,9 +293,6 @@ def check_prompt(prompt_ids: list[int], model_cfg) -> None:
     )
 
 
-FINISH_REASONS = ("stop", "length", "context")
-
-
 def finish_reason(prompt_ids: list[int], reply: list[int], max_new_tokens: int, model_cfg) -> str:
   """Why :func:`generate_batch` ended ``reply``: ``"length"`` (``max_new_tokens`` reached),
   ``"context"`` (the model's ``max_seq_len`` reached first) or ``"stop"`` (a stop id, which
