@@ -368,8 +368,12 @@ def _cmd_eval(args) -> int:
   cfg, batches = prepared["cfg"], prepared["batches"]
   # Every process reads the whole validation set and places its rows of each batch (as
   # train's evaluation does); the loss comes back replicated, and process 0 reports it.
-  loss, ppl = trainer.evaluate(run, params, batches, trainer.compile_eval_step(run))
-  if not distributed.is_primary():
+  eval_fn = trainer.compile_eval_step(run)
+  if distributed.is_primary():
+    with trainer.eval_progress(len(batches)) as progress:
+      loss, ppl = trainer.evaluate(run, params, batches, eval_fn, progress=progress)
+  else:
+    trainer.evaluate(run, params, batches, eval_fn)
     return 0
   result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
   print(

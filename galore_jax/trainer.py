@@ -10,6 +10,7 @@ optimizer-state array (GaLore projectors included) over ``fsdp``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -420,14 +421,61 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
 # Evaluation.
 
 
-def evaluate(run: Run, params, batches, eval_fn) -> tuple[float, float]:
-  total, count = 0.0, 0.0
-  for b in batches:
-    loss_sum, n = eval_fn(params, device_batch(run, b, 1))
+# Validation batches dispatched ahead of the one whose loss the host reads back: the device
+# computes while the host places the next batch, and at most this many queued batches
+# hold device memory (dispatching the whole validation set at once would hold all of it).
+EVAL_AHEAD = 2
+
+
+def evaluate(
+  run: Run, params, batches, eval_fn, *, progress: Callable[[int], None] | None = None
+) -> tuple[float, float]:
+  """Mean token loss over ``batches`` and its perplexity. ``progress(done)`` is called as
+  each batch's loss is read back (in order; the sum is the same as one batch at a time)."""
+  total, count, done = 0.0, 0.0, 0
+  pending: collections.deque = collections.deque()
+
+  def read_one():
+    nonlocal total, count, done
+    loss_sum, n = pending.popleft()
     total += float(loss_sum)
     count += float(n)
+    done += 1
+    if progress is not None:
+      progress(done)
+
+  for b in batches:
+    pending.append(eval_fn(params, device_batch(run, b, 1)))
+    if len(pending) > EVAL_AHEAD:
+      read_one()
+  while pending:
+    read_one()
   loss = total / max(count, 1.0)
   return loss, math.exp(min(loss, 50.0))
+
+
+@contextlib.contextmanager
+def eval_progress(total: int):
+  """``eval``'s progress over ``total`` batches, as ``progress(done)`` for :func:`evaluate`:
+  a bar in a terminal (gone when done: the result line follows); else, for a log file, a
+  line on stderr at most every ``PROGRESS_LINE_S`` seconds, so that stdout keeps only the
+  result (``--json`` stays parseable)."""
+  if _is_terminal(sys.stderr):
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="batch", desc="eval", leave=False) as bar:
+      yield lambda done: bar.update(done - bar.n)
+    return
+  start = last = time.monotonic()
+
+  def line(done: int) -> None:
+    nonlocal last
+    now = time.monotonic()
+    if done < total and now - last >= PROGRESS_LINE_S:
+      last = now
+      print(f"eval: {done}/{total} batches, {now - start:.0f} s", file=sys.stderr, flush=True)
+
+  yield line
 
 
 def compile_eval_step(run: Run):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -312,6 +313,33 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsy
   ]
 
 
+def test_evaluate_dispatches_ahead_and_reads_in_order():
+  # Batch i+EVAL_AHEAD is dispatched before batch i's loss is read (the device is not left
+  # idle while the host places a batch), never further ahead; the sum is in batch order.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  run = types.SimpleNamespace(mesh=mesh, cfg=types.SimpleNamespace(batch_size=1))
+  losses = [2.0, 0.5, 1.0, 4.0, 3.0]
+  batches = [
+    {k: np.full((1, 4), i, dt) for k, dt in (("inputs", np.int32), ("targets", np.int32))}
+    | {"mask": np.ones((1, 4), np.float32)}
+    for i in range(len(losses))
+  ]
+  dispatched, read = [], []
+
+  def eval_fn(params, batch):
+    i = int(batch["inputs"][0, 0, 0])
+    dispatched.append(i)
+    return jnp.float32(losses[i] * 4), jnp.float32(4)
+
+  loss, ppl = trainer.evaluate(
+    run, None, batches, eval_fn, progress=lambda n: read.append((n, len(dispatched)))
+  )
+  ahead = trainer.EVAL_AHEAD
+  assert ahead >= 1 and dispatched == list(range(5))
+  assert read == [(n, min(n + ahead, 5)) for n in range(1, 6)]
+  assert loss == pytest.approx(sum(losses) / 5) and ppl == pytest.approx(math.exp(loss))
+
+
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
   cfg = train.TrainConfig(steps=100, lr=0.01)
   sched = train.lr_schedule(cfg)
@@ -484,9 +512,20 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
   text = capsys.readouterr().out
   assert "final validation loss" in text and "perplexity" in text
   assert checkpoint.read_meta(out)[1]["compat"]["svd"] == "subspace"
+  # eval's progress: in a log file, lines on stderr (every batch but the last when
+  # PROGRESS_LINE_S is 0), so that stdout is the JSON result alone; in a terminal, a bar.
+  monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 0.0)
   assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
-  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  captured = capsys.readouterr()
+  result = json.loads(captured.out)
   assert result["step"] == 3 and result["eval_ppl"] > 1
+  assert re.fullmatch(r"eval: 1/2 batches, \d+ s\n", captured.err), captured.err
+  monkeypatch.setattr(trainer, "_is_terminal", lambda stream: True)
+  assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out) == result, captured.out
+  assert "eval:" in captured.err and "| 1/2 [" in captured.err, captured.err
+  monkeypatch.undo()
   assert (
     _cli("sample", "--checkpoint", out, "--prompt", "It is a truth", "--max-new-tokens", "5") == 0
   )
