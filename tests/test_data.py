@@ -118,11 +118,14 @@ def _docs(n: int, seed: int = 0) -> list[str]:
 
 
 def test_jsonl_gz_source(tmp_path, sp):
+  # Named and laid out as allenai/c4's shards (records with text, timestamp and url), read
+  # through a glob that picks two of three (the README's C4-without-TFDS command).
   docs = _docs(400)
-  path = tmp_path / "shard.jsonl.gz"
-  with gzip.open(path, "wt", encoding="utf-8") as f:
-    for i, d in enumerate(docs):
-      f.write(json.dumps({"text": d, "id": i}) + "\n")
+  for shard, part in ((0, docs[:150]), (1, docs[150:]), (9, ["Doc x: left out"] * 50)):
+    with gzip.open(tmp_path / f"c4-train.{shard:05d}-of-01024.json.gz", "wt") as f:
+      for d in part:
+        f.write(json.dumps({"text": d, "timestamp": "2019-04-25T12:57:54Z", "url": "u"}) + "\n")
+  path = tmp_path / "c4-train.0000[0-8]-of-01024.json.gz"
   train = gd.path_documents(str(path), "train")
   val = gd.path_documents(str(path), "validation")
   assert len(train) + len(val) == len(docs) and not set(train) & set(val)
@@ -293,8 +296,11 @@ def test_tfds_source_end_to_end(tfds_dir, monkeypatch, sp, packing):
 
 def test_tfds_errors(tfds_dir, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
-  with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz"):
+  with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz") as e:
     make_dataset(DataConfig(source="tfds:no_such_dataset_xyz"), "train")
+  # It says what to do: prepare the dataset, or pass JSON lines.
+  assert "tfds build no_such_dataset_xyz --file_format=array_record" in str(e.value)
+  assert "--data 'DIR/*.json.gz'" in str(e.value)
   with pytest.raises(ValueError, match="too small"):
     make_dataset(
       DataConfig(source="tfds:galore_jax_tiny_text/plain", batch_size=512, packing=False),

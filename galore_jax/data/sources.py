@@ -315,10 +315,19 @@ def tfds_source(source: str, split: str):
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; re-raise with context
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    where = (
+      f"TFDS_DATA_DIR ({data_dir})"
+      if data_dir
+      else "~/tensorflow_datasets (TFDS's default; TFDS_DATA_DIR names another)"
+    )
+    # What to do next, not only what failed: the dataset must be prepared once, and
+    # galore-jax never downloads (a multi-host job must not have every host fetch C4).
     raise ValueError(
-      f"--data {source!r}: cannot open split {split!r} of the prepared TFDS "
-      f"dataset {name!r} (TFDS_DATA_DIR={data_dir!r}; needs array_record files, "
-      f"nothing is downloaded): {type(e).__name__}: {first}"
+      f"--data {source!r}: cannot open split {split!r} of the TFDS dataset {name!r} in "
+      f"{where} ({type(e).__name__}: {first}). It is read in place as array_record files "
+      f"and nothing is downloaded: prepare it once with `tfds build {name} "
+      f"--file_format=array_record`, or pass the text as JSON lines (--data "
+      f"'DIR/*.json.gz', e.g. allenai/c4's en/ files)"
     ) from e
   if len(src) == 0:
     raise ValueError(f"--data {source!r}: split {split!r} is empty")
