@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -338,6 +339,32 @@ def test_evaluate_dispatches_ahead_and_reads_in_order():
   assert ahead >= 1 and dispatched == list(range(5))
   assert read == [(n, min(n + ahead, 5)) for n in range(1, 6)]
   assert loss == pytest.approx(sum(losses) / 5) and ppl == pytest.approx(math.exp(loss))
+
+
+def test_the_train_step_is_traced_with_the_garbage_collector_paused(monkeypatch):
+  # Tracing a large step with the collector running rescans every object the trace has
+  # made so far, again and again (trainer._gc_paused: 18.6 s -> 11.6 s for llama_7b).
+  seen = []
+
+  def select_train_step(graphdef, tx, cfg, model_cfg):
+    def step(params, opt_state, batch):
+      seen.append(gc.isenabled())
+      return params, opt_state, {}
+
+    return step
+
+  monkeypatch.setattr(steps, "select_train_step", select_train_step)
+  run = trainer.setup(config.TrainConfig(), 8192)
+  args = (run.abstract_params, run.abstract_opt, trainer.abstract_batch(run))
+  assert gc.isenabled()
+  trainer.compile_train_step(run).trace(*args)
+  assert seen == [False] and gc.isenabled()  # and running again after the trace
+  gc.disable()  # a caller's own choice is left as it was
+  try:
+    trainer.compile_train_step(run).trace(*args)
+    assert seen == [False, False] and not gc.isenabled()
+  finally:
+    gc.enable()
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
