@@ -214,17 +214,17 @@ def _gc_paused(fn: Callable) -> Callable:
   """``fn`` with Python's cyclic garbage collector paused while it runs, i.e. while JAX
   traces it. Tracing a large step allocates millions of objects that stay alive until it
   ends, and the collector rescans all of them, over and over: tracing the ``llama_7b``
-  8-bit GaLore step took 18.6 s with it running and 11.6 s paused (2-core CPU). What it
-  would have freed is freed when it resumes."""
+  8-bit GaLore step took 13-15 s paused against 17-23 s running (2-core CPU, the
+  README's figures). What it would have freed is freed when it resumes."""
 
   @functools.wraps(fn)
   def traced(*args):
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
       return fn(*args)
     finally:
-      if paused:
+      if was_enabled:
         gc.enable()
 
   return traced

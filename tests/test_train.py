@@ -343,7 +343,7 @@ def test_evaluate_dispatches_ahead_and_reads_in_order():
 
 def test_the_train_step_is_traced_with_the_garbage_collector_paused(monkeypatch):
   # Tracing a large step with the collector running rescans every object the trace has
-  # made so far, again and again (trainer._gc_paused: 18.6 s -> 11.6 s for llama_7b).
+  # made so far, again and again (trainer._gc_paused; llama_7b figures in the README).
   seen = []
 
   def select_train_step(graphdef, tx, cfg, model_cfg):
