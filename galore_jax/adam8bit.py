@@ -398,6 +398,50 @@ def _zeros_quantized(size: int, *, signed: bool, block_size: int):
   return QuantizedArray(codes=codes, scales=jnp.zeros((nb,), jnp.float32))
 
 
+def _adam_moments(g32, m_prev, v_prev, *, c1, c2, b1, b2, eps, eps_first):
+  """Adam's new moments and update (without learning rate) from float32 values;
+  ``c1``, ``c2`` are the bias corrections ``1 - b^t``; ``eps_first``: ``eps`` before them."""
+  m = b1 * m_prev + (1.0 - b1) * g32
+  v = b2 * v_prev + (1.0 - b2) * jnp.square(g32)
+  if eps_first:
+    u = (jnp.sqrt(c2) / c1) * m / (jnp.sqrt(v) + eps)
+  else:
+    u = (m / c1) / (jnp.sqrt(v / c2) + eps)
+  return u, m, v
+
+
+def _rows_update(arrays, c1, c2, v_key, *, b1, b2, eps, eps_first, rounding, out_dtype):
+  """One chunk of a quantised leaf's step: ``arrays`` = its gradient rows
+  ``(rows, block_size)`` and the stored moments' codes and scales of those rows ->
+  the update rows (``out_dtype``) and the new codes and scales."""
+  g_rows, m_codes, m_scales, v_codes, v_scales = arrays
+  # Padding rows are zeros in g and in both stored moments, so they stay 0.
+  u, m, v = _adam_moments(
+    g_rows.astype(jnp.float32),
+    _dequantize_blocks(QuantizedArray(m_codes, m_scales)),
+    _dequantize_blocks(QuantizedArray(v_codes, v_scales)),
+    c1=c1,
+    c2=c2,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    eps_first=eps_first,
+  )
+  m_new = _quantize_blocks(m, signed=True, rounding=rounding, key=None)
+  v_new = _quantize_blocks(v, signed=False, rounding=rounding, key=v_key)
+  return u.astype(out_dtype), *m_new, *v_new
+
+
+# The same, as a jitted function at module level, so that JAX's trace cache (keyed by the
+# function, the argument shapes and the static hyperparameters) serves every leaf and
+# chunk of one shape: a model's layers repeat a few shapes, and tracing and lowering this
+# quantiser once per leaf was about a third of the time to trace the llama_7b 8-bit step.
+# A nested jit is inlined by XLA, so the compiled program is the same.
+_rows_update_jit = jax.jit(
+  _rows_update, static_argnames=("b1", "b2", "eps", "eps_first", "rounding", "out_dtype")
+)
+
+
 class ScaleByAdam8bitState(NamedTuple):
   """State of :func:`scale_by_adam8bit`.
 
@@ -528,14 +572,14 @@ def scale_by_adam8bit(
 
     is_masked = lambda x: isinstance(x, optax.MaskedNode)
 
-    def moments(g32, m_prev, v_prev):
-      m = b1 * m_prev + (1.0 - b1) * g32
-      v = b2 * v_prev + (1.0 - b2) * jnp.square(g32)
-      if eps_before_bias_correction:
-        u = (jnp.sqrt(c2) / c1) * m / (jnp.sqrt(v) + eps)
-      else:
-        u = (m / c1) / (jnp.sqrt(v / c2) + eps)
-      return u, m, v
+    moments = functools.partial(
+      _adam_moments, c1=c1, c2=c2, b1=b1, b2=b2, eps=eps, eps_first=eps_before_bias_correction
+    )
+    # Python-number hyperparameters (the usual case; not ones injected as arrays) make the
+    # per-chunk update a cached jitted call: traced and lowered once per chunk shape, not
+    # once per leaf (see _rows_update).
+    cached = all(isinstance(x, (int, float)) for x in (b1, b2, eps))
+    rows_update = _rows_update_jit if cached else _rows_update
 
     def quantized_leaf(i, g, m_stored, v_stored):
       num_rows = m_stored.codes.shape[0]
@@ -548,18 +592,21 @@ def scale_by_adam8bit(
       leaf_key = jax.random.fold_in(step_key, i) if stochastic_rounding else None
 
       def rows(chunk, g_rows, m_codes, m_scales, v_codes, v_scales):
-        # Padding rows are zeros in g and in both stored moments, so they stay 0.
-        u, m, v = moments(
-          g_rows.astype(jnp.float32),
-          _dequantize_blocks(QuantizedArray(m_codes, m_scales)),
-          _dequantize_blocks(QuantizedArray(v_codes, v_scales)),
-        )
         v_key = leaf_key
         if v_key is not None and chunk is not None:
           v_key = jax.random.fold_in(v_key, chunk)
-        m_new = _quantize_blocks(m, signed=True, rounding=rounding, key=None)
-        v_new = _quantize_blocks(v, signed=False, rounding=rounding, key=v_key)
-        return u.astype(g.dtype), *m_new, *v_new
+        return rows_update(
+          (g_rows, m_codes, m_scales, v_codes, v_scales),
+          c1,
+          c2,
+          v_key,
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          eps_first=eps_before_bias_correction,
+          rounding=rounding,
+          out_dtype=jnp.dtype(g.dtype),
+        )
 
       target = num_rows if chunk_size is None else max(1, chunk_size // block_size)
       u_rows, m_codes, m_scales, v_codes, v_scales = _update_rows_in_place(

@@ -466,6 +466,30 @@ def test_chunked_update_equals_whole_leaf_update(shape):
   assert a8._chunk_rows(24, 8) == 8 and a8._chunk_rows(19, 8) == 8
 
 
+def test_leaves_of_one_shape_share_one_trace_of_the_quantiser(monkeypatch):
+  # A model repeats a few shapes over its layers; the per-chunk update (dequantise, Adam,
+  # quantise) is traced once per shape and hyperparameters, not once per leaf. Counted
+  # by its dequantisations (m and v: two per trace); b1 = 0.81 keys a cache entry of this
+  # test alone.
+  traces = []
+  dequantize = a8._dequantize_blocks
+  monkeypatch.setattr(a8, "_dequantize_blocks", lambda q: traces.append(1) or dequantize(q))
+  params = {f"w{i}": jnp.zeros((64, 128)) for i in range(4)} | {"other": jnp.zeros((32, 128))}
+  opt = a8.scale_by_adam8bit(b1=0.81, min_8bit_size=1, chunk_size=None)
+  g = jax.tree.map(lambda p: _heavy_tailed(jax.random.key(p.shape[0]), p.shape), params)
+  u, _ = jax.jit(opt.update)(g, opt.init(params))
+  assert len(traces) == 2 * 2  # (64, 128) and (32, 128), not 5 leaves
+  # Hyperparameters injected as arrays cannot key the cache: each leaf's update is traced
+  # inline, and it is the same update.
+  traces.clear()
+  static = ("min_8bit_size", "block_size", "chunk_size", "seed")
+  injected = optax.inject_hyperparams(a8.scale_by_adam8bit, static_args=static)
+  opt2 = injected(b1=0.81, min_8bit_size=1, chunk_size=None)
+  u2, _ = jax.jit(opt2.update)(g, opt2.init(params))
+  assert len(traces) == 2 * 5
+  chex.assert_trees_all_close(u2, u, rtol=1e-5)
+
+
 def test_chunked_update_bounds_temporaries():
   # Whole leaf: ~16 B/element of float32 moments and quantiser scratch. Chunked:
   # ~5 B/element, the loop's outputs (update, codes) plus one chunk's scratch.
