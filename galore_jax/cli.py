@@ -8,6 +8,7 @@ and SIGTERM exit 130 and 143 (128 + the signal, as a shell reports a killed proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -369,11 +370,10 @@ def _cmd_eval(args) -> int:
   # Every process reads the whole validation set and places its rows of each batch (as
   # train's evaluation does); the loss comes back replicated, and process 0 reports it.
   eval_fn = trainer.compile_eval_step(run)
-  if distributed.is_primary():
-    with trainer.eval_progress(len(batches)) as progress:
-      loss, ppl = trainer.evaluate(run, params, batches, eval_fn, progress=progress)
-  else:
-    trainer.evaluate(run, params, batches, eval_fn)
+  primary = distributed.is_primary()  # only process 0 shows progress
+  with trainer.eval_progress(len(batches)) if primary else contextlib.nullcontext() as progress:
+    loss, ppl = trainer.evaluate(run, params, batches, eval_fn, progress=progress)
+  if not primary:
     return 0
   result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
   print(
