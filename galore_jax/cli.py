@@ -361,6 +361,7 @@ def _cmd_eval(args) -> int:
     n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
     try:
       batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n)
+      batches[0]  # built when read (streamed during eval): the first one fails here
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError("--data", str(e)) from e
     prepared.update(cfg=cfg, batches=batches)

@@ -46,6 +46,19 @@ class ConfigError(ValueError):
     self.flag = flag
 
 
+# --lr unset, starting from a Hugging Face model (--init-from): a full fine-tune's usual rate
+# (Stanford Alpaca's, Llama 2's SFT), not pretraining's from scratch. Adam moves each entry
+# by about lr per step whatever the gradient's scale: at 0.01 (GaLore's weights 0.0025) a
+# step is a large part of an entry of a model initialised at std 0.02, and a pretrained
+# model soon loses what it learned (the README's fine-tuning section has a measurement).
+FINETUNE_LR = 2e-5
+
+
+def pretraining_lr(optimizer: str) -> float:
+  """``--lr`` unset, from scratch: the paper's 0.01 for GaLore, 1e-3 for full-rank Adam."""
+  return 0.01 if optimizer.startswith("galore_") else 1e-3
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a run depends on. Defaults: the main job (llama_tiny, GaLore, bundled corpus)."""
@@ -61,7 +74,7 @@ class TrainConfig:
   svd: str = "exact"
   subspace_iters: int = 2  # block power rounds per refresh with svd="subspace"
   refresh_schedule: str = "synchronous"
-  lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for full-rank Adam
+  lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for Adam; init_from: FINETUNE_LR
   warmup: int | None = None  # None: 10% of steps (paper)
   schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or constant
   min_lr_ratio: float = 0.1  # the final rate over the peak (reference: 0.1)
@@ -124,7 +137,9 @@ class TrainConfig:
   def peak_lr(self) -> float:
     if self.lr is not None:
       return self.lr
-    return 0.01 if self.is_galore else 1e-3
+    if self.init_from:
+      return FINETUNE_LR
+    return pretraining_lr(self.optimizer)
 
   @property
   def warmup_steps(self) -> int:
@@ -384,6 +399,8 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
   # A flag older versions did not have (or save) had its default then.
   defaults = TrainConfig()
   old = dataclasses.replace(cfg, **{k: saved.get(k, getattr(defaults, k)) for k in _COURSE_FLAGS})
+  if old.lr is None:  # the rate it ran at; a record without one predates FINETUNE_LR
+    old = dataclasses.replace(old, lr=saved.get("peak_lr", pretraining_lr(cfg.optimizer)))
 
   def course(c: TrainConfig) -> dict:
     values = {k: getattr(c, k) for k in _COURSE_FLAGS}

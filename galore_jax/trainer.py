@@ -336,7 +336,8 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       # With a first moment the state holds one more array per weight.
       "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.is_adafactor else None,
     },
-    "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+    # peak_lr: the rate --lr unset stood for, so that a resume under other defaults names it.
+    "train_config": {**dataclasses.asdict(cfg), "peak_lr": cfg.peak_lr},
     **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
     **({"hf_generation_config": gen} if (gen := _init_generation_config(cfg)) else {}),
     "data_position": {
@@ -599,7 +600,8 @@ def load_data(cfg: TrainConfig):
     train_ds = data.make_dataset(
       data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard
     )
-    val = data.eval_batches(data_config(cfg, cfg.batch_size), cfg.eval_batches)
+    # Held: every evaluation during training reads the same few batches again.
+    val = list(data.eval_batches(data_config(cfg, cfg.batch_size), cfg.eval_batches))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
   return sp, train_ds, val
@@ -773,6 +775,7 @@ def _train_loop(
     f"vocab {run.model_cfg.vocab_size}; "
     f"optimizer {cfg.optimizer}"
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
+    + f", peak lr {cfg.peak_lr:g}"
     + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
   )
 

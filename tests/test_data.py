@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import lzma
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from galore_jax import data as gd
-from galore_jax.data import DataConfig, eval_batches, load_tokenizer, make_dataset
+from galore_jax.data import DataConfig, batching, eval_batches, load_tokenizer, make_dataset
 
 KEYS = ("inputs", "targets", "mask")
 
@@ -90,6 +91,29 @@ def test_builtin_validation_and_eval_batches():
   allb = eval_batches(cfg, None)
   assert len(allb) == -(-val.num_examples // cfg.batch_size)
   assert allb[-1]["mask"].sum() == (val.num_examples % 8 or 8) * cfg.seq_len
+
+
+def test_eval_batches_are_built_when_read_not_held(monkeypatch):
+  """``eval --eval-batches all`` streams a large split: eval_batches builds nothing up
+  front, and each read builds one batch (the same arrays as before)."""
+  built = []
+  split_index = batching._split_index
+
+  def counting_index(*a):
+    index = split_index(*a)
+    make = index.make_batch
+    return dataclasses.replace(index, make_batch=lambda ids: built.append(1) or make(ids))
+
+  monkeypatch.setattr(batching, "_split_index", counting_index)
+  cfg = DataConfig(seq_len=128, batch_size=8)
+  ev = eval_batches(cfg, None)
+  assert len(ev) > 5 and built == []
+  last = ev[-1]
+  assert len(built) == 1 and _same(last, ev[len(ev) - 1]) and len(built) == 2
+  assert [b["inputs"][0, 0] for b in ev[1:3]] == [ev[1]["inputs"][0, 0], ev[2]["inputs"][0, 0]]
+  with pytest.raises(IndexError):
+    ev[len(ev)]
+  assert len(list(ev)) == len(ev)  # iteration stops at the end (Sequence protocol)
 
 
 def test_builtin_unpacked_mask(sp):

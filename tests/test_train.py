@@ -376,6 +376,26 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
   assert train.TrainConfig(optimizer="adamw").peak_lr == 1e-3
 
 
+def test_a_fine_tune_defaults_to_a_fine_tuning_rate():
+  # --init-from without --lr: not pretraining's 0.01 / 1e-3, which would overwrite what the
+  # model learned; an explicit --lr still wins.
+  for optimizer in ("galore_adamw", "adamw", "galore_adamw8bit"):
+    cfg = train.TrainConfig(init_from="hf_model", optimizer=optimizer)
+    assert cfg.peak_lr == config.FINETUNE_LR == 2e-5
+    assert dataclasses.replace(cfg, lr=1e-4).peak_lr == 1e-4
+  assert train.TrainConfig().peak_lr == 0.01
+
+
+def test_a_resume_names_the_rate_a_fine_tune_ran_at_under_other_defaults():
+  cfg = train.TrainConfig(init_from="hf_model", steps=100)
+  # Saved by this version (with the rate --lr unset stood for): nothing changed.
+  assert config.resume_changes({**dataclasses.asdict(cfg), "peak_lr": cfg.peak_lr}, cfg, 50) is None
+  # Saved before the fine-tuning default (no peak_lr: it ran at pretraining's 0.01). The
+  # resume takes this version's default, and says so rather than changing the rate silently.
+  line = config.resume_changes(dataclasses.asdict(cfg), cfg, 50)
+  assert "--lr 2e-05 (was 0.01)" in line and "the first run's schedule: 0.00" in line
+
+
 @pytest.mark.parametrize(
   "schedule, at_55, at_100", [("linear", 0.0055, 0.001), ("constant", 0.01, 0.01)]
 )

@@ -385,9 +385,30 @@ def make_dataset(config: DataConfig, split: str = "train", *, shard=None) -> Dat
   )
 
 
-def eval_batches(config: DataConfig, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+class EvalBatches(Sequence):
+  """Validation batches built on access, not held: ``len`` is known up front, ``[i]``
+  builds batch ``i`` (the same arrays every time). ``eval --eval-batches all`` over a
+  large split thus streams it (tokenising as it goes, overlapped with the device) instead
+  of reading the whole split into host memory before the first batch runs."""
+
+  def __init__(self, ds: grain.MapDataset, n: int):
+    self._ds, self._n = ds, n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(self._n))]
+    if not -self._n <= i < self._n:
+      raise IndexError(f"batch {i} of {self._n}")
+    return self._ds[i % self._n]
+
+
+def eval_batches(config: DataConfig, max_batches: int | None = None) -> EvalBatches:
   """Fixed validation batches: the validation split's examples in order (no shuffle),
-  the first ``max_batches`` batches (all if None). A last, partial batch is padded to
+  the first ``max_batches`` batches (all if None), built when read (see
+  :class:`EvalBatches`; ``list(...)`` holds them). A last, partial batch is padded to
   ``batch_size`` rows with fully masked rows, so every batch has the training shape.
   """
   sp = load_tokenizer(config.tokenizer)
@@ -396,4 +417,4 @@ def eval_batches(config: DataConfig, max_batches: int | None = None) -> list[dic
     raise _too_small(config, "validation", index)
   ds = grain.MapDataset.range(index.num_items).batch(index.per_batch).map(index.make_batch)
   n = len(ds) if max_batches is None else min(len(ds), int(max_batches))
-  return [ds[i] for i in range(n)]
+  return EvalBatches(ds, n)
