@@ -56,7 +56,7 @@ FINETUNE_LR = 2e-5
 
 def pretraining_lr(optimizer: str) -> float:
   """``--lr`` unset, from scratch: the paper's 0.01 for GaLore, 1e-3 for full-rank Adam."""
-  return 0.01 if optimizer.startswith("galore_") else 1e-3
+  return 0.01 if optimizer.startswith("galore") else 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
