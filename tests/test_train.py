@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from small_run import SMALL
 
-from galore_jax import checkpoint, config, metrics, steps, train, trainer
+from galore_jax import checkpoint, config, data, metrics, steps, train, trainer
 
 
 def _cfg(tmp_path, name, **kw):
@@ -386,7 +386,13 @@ def test_a_fine_tune_defaults_to_a_fine_tuning_rate():
   assert train.TrainConfig().peak_lr == 0.01
 
 
-def test_a_resume_names_the_rate_a_fine_tune_ran_at_under_other_defaults():
+def test_a_resume_names_the_rate_a_fine_tune_ran_at_under_other_defaults(tmp_path):
+  # A checkpoint records the rate --lr unset stood for.
+  plain = _cfg(tmp_path, "lr", lr=None)
+  run = train.setup(plain, vocab_size=8192)
+  saved = trainer.run_meta(plain, run, data.load_tokenizer(None))["train_config"]
+  assert saved["lr"] is None and saved["peak_lr"] == 0.01
+  assert config.resume_changes(saved, plain, 50) is None
   cfg = train.TrainConfig(init_from="hf_model", steps=100)
   # Saved by this version (with the rate --lr unset stood for): nothing changed.
   assert config.resume_changes({**dataclasses.asdict(cfg), "peak_lr": cfg.peak_lr}, cfg, 50) is None
