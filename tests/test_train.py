@@ -300,6 +300,10 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsy
   assert "\r" not in capsys.readouterr().err
   progress = [line for line in logged if line.startswith("step ")]
   assert [line.split(":")[0] for line in progress] == ["step 1/6", "step 2", "step 4/6", "step 4"]
+  # The start line names the optimizer and the peak rate it resolved (--lr unset here).
+  assert [line for line in logged if line.startswith("model llama_tiny: ")][0].count(
+    "; optimizer galore_adamw rank 16, peak lr 0.01; "
+  ) == 1
   assert re.fullmatch(
     r"step 1/6: loss \d+\.\d{4}, lr \S+, [\d,]+ tokens/s, \S+ s/step, peak 3\.00 GiB",
     progress[0],
