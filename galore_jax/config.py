@@ -54,11 +54,6 @@ class ConfigError(ValueError):
 FINETUNE_LR = 2e-5
 
 
-def pretraining_lr(optimizer: str) -> float:
-  """``--lr`` unset, from scratch: the paper's 0.01 for GaLore, 1e-3 for full-rank Adam."""
-  return 0.01 if optimizer.startswith("galore") else 1e-3
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a run depends on. Defaults: the main job (llama_tiny, GaLore, bundled corpus)."""
@@ -137,9 +132,12 @@ class TrainConfig:
   def peak_lr(self) -> float:
     if self.lr is not None:
       return self.lr
-    if self.init_from:
-      return FINETUNE_LR
-    return pretraining_lr(self.optimizer)
+    return FINETUNE_LR if self.init_from else self.pretraining_lr
+
+  @property
+  def pretraining_lr(self) -> float:
+    """``--lr`` unset, from scratch: the paper's 0.01 for GaLore, 1e-3 for full-rank Adam."""
+    return 0.01 if self.is_galore else 1e-3
 
   @property
   def warmup_steps(self) -> int:
@@ -400,7 +398,7 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
   defaults = TrainConfig()
   old = dataclasses.replace(cfg, **{k: saved.get(k, getattr(defaults, k)) for k in _COURSE_FLAGS})
   if old.lr is None:  # the rate it ran at; a record without one predates FINETUNE_LR
-    old = dataclasses.replace(old, lr=saved.get("peak_lr", pretraining_lr(cfg.optimizer)))
+    old = dataclasses.replace(old, lr=saved.get("peak_lr", cfg.pretraining_lr))
 
   def course(c: TrainConfig) -> dict:
     values = {k: getattr(c, k) for k in _COURSE_FLAGS}
