@@ -360,7 +360,8 @@ def _cmd_eval(args) -> int:
     check_mesh(args.mesh, cfg.batch_size)
     n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
     try:
-      batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n)
+      with trainer.data_progress() as progress:
+        batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n, progress=progress)
       batches[0]  # built when read (streamed during eval): the first one fails here
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError("--data", str(e)) from e

@@ -25,6 +25,7 @@ to each record's canonical JSON (1 in 100 by content hash, at least one record).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -38,27 +39,7 @@ from galore_jax import data
 
 def _read_records(path: Path) -> list[tuple[Any, str]]:
   """(record, where) for every JSON record of a .jsonl / .json file (compressed or not)."""
-  fmt, comp = data.file_kind(path)
-  raw = path.read_bytes()
-  if comp:
-    raw = data.COMPRESSION[comp](raw)
-  text = raw.decode("utf-8")
-  if fmt == ".json":
-    try:
-      whole = json.loads(text)
-      if isinstance(whole, list):
-        return [(r, f"{path} [item {i}]") for i, r in enumerate(whole)]
-      return [(whole, str(path))]
-    except json.JSONDecodeError:
-      pass  # JSON lines in a .json file
-  out = []
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if line.strip():
-      try:
-        out.append((json.loads(line), f"{path}:{lineno}"))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
-  return out
+  return list(data.json_records(path))
 
 
 def _kind(record: Any) -> str | None:
@@ -76,12 +57,13 @@ def is_instruction_data(files: Sequence[Path]) -> bool:
     fmt, _ = data.file_kind(f)
     if fmt == ".txt":
       return False
-    try:
-      records = _read_records(f)
+    try:  # the first record only: a C4 shard is not read whole at every start
+      with contextlib.closing(data.json_records(f)) as records:
+        first = next(records, None)
     except (ValueError, OSError, EOFError):
       return False  # let the text reader report it
-    if records:
-      return _kind(records[0][0]) is not None
+    if first is not None:
+      return _kind(first[0]) is not None
   return False
 
 
@@ -255,12 +237,10 @@ def reply_end_ids(tok, fmt: str) -> set[int]:
 
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
   """The path-source split rule (``galore_jax.data.path_documents``) on canonical JSON."""
-  hashes = [data.doc_hash(json.dumps(r, sort_keys=True)) for r, _ in records]
-  is_val = [h % data.PATH_VALIDATION_MODULUS == 0 for h in hashes]
-  if not any(is_val) and len(records) >= 2:
-    is_val[int(np.argmin(np.array(hashes, dtype=np.uint64)))] = True
-  want = split == "validation"
-  return [r for r, v in zip(records, is_val, strict=True) if v == want]
+  parts = {"train": [], "validation": []}
+  canonical = lambda rec: json.dumps(rec[0], sort_keys=True)
+  data.split_by_hash(records, parts["train"], parts["validation"], key=canonical)
+  return parts[split]
 
 
 class _ExampleBatch(data.Rows):

@@ -478,27 +478,74 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def eval_progress(total: int):
-  """``eval``'s progress over ``total`` batches, as ``progress(done)`` for :func:`evaluate`:
-  a bar in a terminal (gone when done: the result line follows); else, for a log file, a
-  line on stderr at most every ``PROGRESS_LINE_S`` seconds, so that stdout keeps only the
-  result (``--json`` stays parseable)."""
+def host_progress(desc: str, describe: Callable[[int, int], str], *, first_line=False, **bar):
+  """``progress(done, total)`` for a long task on the host: a tqdm bar in a terminal (``bar``:
+  its options; gone when done, since a result line follows); else, for a log file, a line
+  ``{desc}: {describe(done, total)}, {seconds} s`` on stderr at most every
+  ``PROGRESS_LINE_S`` seconds (and at the first call with ``first_line``), so that stdout
+  keeps only results (``--json`` stays parseable)."""
   if _is_terminal(sys.stderr):
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="batch", desc="eval", leave=False) as bar:
-      yield lambda done: bar.update(done - bar.n)
-    return
-  start = last = time.monotonic()
+    shown = None
 
-  def line(done: int) -> None:
+    def update(done: int, total: int) -> None:
+      nonlocal shown
+      if shown is None:
+        shown = tqdm(total=total, initial=done, desc=desc, leave=False, **bar)
+      else:
+        shown.update(done - shown.n)
+
+    try:
+      yield update
+    finally:
+      if shown is not None:
+        shown.close()
+    return
+  start = time.monotonic()
+  last = -math.inf if first_line else start
+
+  def line(done: int, total: int) -> None:
     nonlocal last
     now = time.monotonic()
     if done < total and now - last >= PROGRESS_LINE_S:
       last = now
-      print(f"eval: {done}/{total} batches, {now - start:.0f} s", file=sys.stderr, flush=True)
+      print(f"{desc}: {describe(done, total)}, {now - start:.0f} s", file=sys.stderr, flush=True)
 
   yield line
+
+
+@contextlib.contextmanager
+def eval_progress(total: int):
+  """``eval``'s progress over ``total`` batches (:func:`host_progress`), as ``progress(done)``
+  for :func:`evaluate`."""
+  with host_progress("eval", lambda done, n: f"{done}/{n} batches", unit="batch") as progress:
+    yield lambda done: progress(done, total)
+
+
+# A path source read for the first time (the token cache then holds it) shows its progress
+# from this size on: C4's JSON-lines shards take minutes to tokenize.
+DATA_PROGRESS_MIN_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def data_progress():
+  """``progress(done, total)`` (bytes) for ``data.make_dataset`` / ``eval_batches``: shown by
+  process 0 only, and only for sources of at least ``DATA_PROGRESS_MIN_BYTES``."""
+  gb = lambda n: f"{n / 1e9:.2f}"
+  with host_progress(
+    "tokenising --data (once: cached for later starts)",
+    lambda done, total: f"{gb(done)}/{gb(total)} GB",
+    first_line=True,
+    unit="B",
+    unit_scale=True,
+  ) as progress:
+    primary = distributed.is_primary()
+    yield (
+      lambda done, total: (
+        progress(done, total) if primary and total >= DATA_PROGRESS_MIN_BYTES else None
+      )
+    )
 
 
 def compile_eval_step(run: Run):
@@ -597,11 +644,13 @@ def load_data(cfg: TrainConfig):
     sharding.batch_sharding(sharding.make_mesh(cfg)), cfg.batch_size, cfg.seq_len
   )
   try:
-    train_ds = data.make_dataset(
-      data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard
-    )
-    # Held: every evaluation during training reads the same few batches again.
-    val = list(data.eval_batches(data_config(cfg, cfg.batch_size), cfg.eval_batches))
+    with data_progress() as progress:  # the first split read tokenizes (and caches) both
+      train_ds = data.make_dataset(
+        data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard, progress=progress
+      )
+      # Held: every evaluation during training reads the same few batches again.
+      val_cfg = data_config(cfg, cfg.batch_size)
+      val = list(data.eval_batches(val_cfg, cfg.eval_batches, progress=progress))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
   return sp, train_ds, val

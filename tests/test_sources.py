@@ -1,11 +1,16 @@
-"""Tests for galore_jax.data.sources: the tokenizer (path and TFDS sources: test_data.py)."""
+"""Tests for galore_jax.data.sources: the tokenizer, path sources read as streams and
+tokenized in batches (path and TFDS sources end to end: test_data.py)."""
 
 from __future__ import annotations
 
+import gzip
+import json
+
+import numpy as np
 import pytest
 
 from galore_jax import data as gd
-from galore_jax.data import load_tokenizer
+from galore_jax.data import load_tokenizer, sources
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +47,108 @@ def test_bundled_tokenizer_is_reproducible(load_experiment):
   mod = load_experiment("train_tokenizer")
   model, _ = mod.train_model()
   assert model == gd.BUILTIN_TOKENIZER.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------
+# Path sources read as streams, tokenized a batch at a time
+# ----------------------------------------------------------------------------------------
+
+
+class _EncodeSpy:
+  """The tokenizer, recording the characters of each ``encode`` call."""
+
+  def __init__(self, sp):
+    self.sp, self.calls = sp, []
+
+  def get_piece_size(self):
+    return self.sp.get_piece_size()
+
+  def encode(self, docs, **kw):
+    self.calls.append(sum(map(len, docs)))
+    return self.sp.encode(docs, **kw)
+
+
+def _write_jsonl_gz(path, texts):
+  with gzip.open(path, "wt") as f:
+    for t in texts:
+      f.write(json.dumps({"text": t, "url": "u"}) + "\n")
+
+
+def _texts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  words = np.array("the of and a to in is you that it he was for on are as with his".split())
+  return [f"Doc {i}: " + " ".join(rng.choice(words, size=rng.integers(5, 200))) for i in range(n)]
+
+
+def test_path_tokens_hold_one_batch_of_tokenizer_output_at_a_time(tmp_path, sp, monkeypatch):
+  # The tokenizer returns a Python int per token (~36 bytes), so a whole C4 shard at once
+  # would take ~9 GB per GB of text: the source is tokenized TOKENIZE_BATCH_CHARS at a time
+  # into the compact arrays, which equal tokenizing each split's documents in one call.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "TOKENIZE_BATCH_CHARS", 2000)
+  texts = _texts(400)
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", texts[:250])
+  _write_jsonl_gz(tmp_path / "b.jsonl.gz", texts[250:])
+  src = str(tmp_path / "*.jsonl.gz")
+  spy = _EncodeSpy(sp)
+  got = {s: sources.path_tokens(src, s, spy, ["t"]) for s in ("train", "validation")}
+  longest = max(map(len, texts))
+  assert len(spy.calls) > 20 and max(spy.calls) < 2000 + longest, spy.calls
+  for split, docs in got.items():
+    want = sp.encode(gd.path_documents(src, split))
+    assert docs.tokens.dtype == np.uint16 and docs.num_docs == len(want) > 0
+    np.testing.assert_array_equal(docs.tokens, np.concatenate(want))
+    np.testing.assert_array_equal(np.diff(docs.offsets), [len(x) for x in want])
+  # One pass cached both splits: reading validation again opens no file.
+  monkeypatch.setattr(sources, "_file_documents", lambda *a: pytest.fail("file read again"))
+  np.testing.assert_array_equal(
+    sources.path_tokens(src, "validation", spy, ["t"]).tokens, got["validation"].tokens
+  )
+
+
+def test_split_fallback_moves_the_smallest_hash_out_of_tokenized_batches(tmp_path, sp, monkeypatch):
+  # No document hashes to 0 mod 100: the one with the smallest hash becomes validation,
+  # taken out of the train arrays after earlier batches were already tokenized.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "TOKENIZE_BATCH_CHARS", 1)  # one document per batch
+  texts = [t for t in _texts(60, seed=1) if gd.doc_hash(t) % 100][:5]
+  (tmp_path / "five.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  smallest = min(range(5), key=lambda i: gd.doc_hash(texts[i]))
+  src = str(tmp_path / "five.jsonl")
+  for split, want in (
+    ("train", [t for i, t in enumerate(texts) if i != smallest]),
+    ("validation", [texts[smallest]]),
+  ):
+    assert gd.path_documents(src, split) == want
+    docs = sources.path_tokens(src, split, sp, ["f"])
+    np.testing.assert_array_equal(docs.tokens, np.concatenate(sp.encode(want)))
+    np.testing.assert_array_equal(np.diff(docs.offsets), [len(x) for x in sp.encode(want)])
+
+
+def test_json_lines_are_read_as_a_stream(tmp_path):
+  # A JSON-lines file is read a line at a time: its first record comes before the rest is
+  # read or parsed (a bad later line does not stop it), and the progress in bytes grows
+  # with it. The old reader decompressed and split the whole file first.
+  rng = np.random.default_rng(0)
+  texts = [rng.bytes(3000).hex() for _ in range(400)]  # ~2.4 MB, barely compressible
+  f = tmp_path / "c4.json.gz"
+  with gzip.open(f, "wt") as out:
+    out.write(json.dumps({"text": "first\u2028record"}, ensure_ascii=False) + "\n")
+    for t in texts:
+      out.write(json.dumps({"text": t}) + "\n")
+    out.write("{not json\n")
+  records = gd.json_records(f)
+  # U+2028 is a line break to str.splitlines, not to JSON lines.
+  assert next(records) == ({"text": "first\u2028record"}, f"{f}:1")
+  with pytest.raises(ValueError, match=r"c4\.json\.gz:402: invalid JSON line"):
+    list(records)
+  seen = []
+  docs = sources._all_documents([f], progress=lambda done, total: seen.append((done, total)))
+  size = f.stat().st_size
+  assert next(docs) == "first\u2028record" and seen[0][0] < size / 4, (seen, size)
+  with pytest.raises(ValueError, match="invalid JSON line"):
+    list(docs)
+  assert len(seen) > 100 and all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
+  f.write_bytes(gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts)))
+  assert list(sources._all_documents([f], progress=lambda *a: seen.append(a)))[-1] == texts[-1]
+  assert seen[-1] == (f.stat().st_size, f.stat().st_size)

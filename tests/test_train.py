@@ -318,6 +318,29 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsy
   ]
 
 
+def test_first_tokenization_of_a_large_source_shows_progress(tmp_path, monkeypatch, capsys):
+  # Eight C4 shards take minutes to tokenize on first use: load_data says so on stderr (a
+  # line at once, then one per PROGRESS_LINE_S); sources under DATA_PROGRESS_MIN_BYTES, and
+  # later starts (the token cache), are silent.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 1e9)
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(300)))
+  cfg = _cfg(tmp_path, "p", data=str(docs))
+  monkeypatch.setattr(trainer, "DATA_PROGRESS_MIN_BYTES", docs.stat().st_size + 1)
+  trainer.load_data(cfg)
+  assert capsys.readouterr().err == ""
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache2"))
+  monkeypatch.setattr(trainer, "DATA_PROGRESS_MIN_BYTES", docs.stat().st_size)
+  trainer.load_data(cfg)
+  assert re.fullmatch(
+    r"tokenising --data \(once: cached for later starts\): 0\.00/0\.00 GB, 0 s\n",
+    capsys.readouterr().err,
+  )
+  trainer.load_data(cfg)
+  assert capsys.readouterr().err == ""
+
+
 def test_evaluate_dispatches_ahead_and_reads_in_order():
   # Batch i+EVAL_AHEAD is dispatched before batch i's loss is read (the device is not left
   # idle while the host places a batch), never further ahead; the sum is in batch order.

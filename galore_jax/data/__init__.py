@@ -57,8 +57,10 @@ from galore_jax.data.sources import (  # noqa: F401
   cache_dir,
   doc_hash,
   file_kind,
+  json_records,
   load_tokenizer,
   path_documents,
+  split_by_hash,
   tfds_source,
 )
 

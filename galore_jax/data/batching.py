@@ -38,7 +38,7 @@ from galore_jax.data.sources import (
   _tokenize_docs,
   _tokenizer_hash,
   load_tokenizer,
-  path_documents,
+  path_tokens,
   tfds_source,
 )
 
@@ -314,7 +314,9 @@ def _tfds_index(config: DataConfig, split: str, sp, eos: int, pad: int) -> Split
   return SplitIndex(n, group, make, n, (n // group) * B, None, threads)
 
 
-def _split_index(config: DataConfig, split: str, sp: spm.SentencePieceProcessor) -> SplitIndex:
+def _split_index(
+  config: DataConfig, split: str, sp: spm.SentencePieceProcessor, progress=None
+) -> SplitIndex:
   _check_split(split)
   eos, pad = _special_ids(sp)
   source = config.source.strip()
@@ -332,8 +334,7 @@ def _split_index(config: DataConfig, split: str, sp: spm.SentencePieceProcessor)
     if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
       return sft.split_index(config, split, sp, files, eos, pad)
     key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
-    key += [tok_hash, split]
-    docs = _cached_tokens(key, lambda: _tokenize_docs(sp, path_documents(source, split)))
+    docs = path_tokens(source, split, sp, [*key, tok_hash], progress)
   return _in_memory_index(config, docs, eos, pad)
 
 
@@ -350,7 +351,7 @@ def _too_small(config: DataConfig, split: str, index: SplitIndex) -> ValueError:
   )
 
 
-def make_dataset(config: DataConfig, split: str = "train", *, shard=None) -> Dataset:
+def make_dataset(config: DataConfig, split: str = "train", *, shard=None, progress=None) -> Dataset:
   """Builds the shuffled, infinitely repeating batch stream for ``split``.
 
   grain pipeline (all random access, ``grain.MapDataset``): item indices ->
@@ -359,9 +360,12 @@ def make_dataset(config: DataConfig, split: str = "train", *, shard=None) -> Dat
 
   ``shard`` (a :class:`galore_jax.distributed.RowShard`, multi-process runs): batches hold
   only that process's rows of each global batch (the same shuffled indices).
+
+  ``progress(done, total)``: told the bytes read while a path source is tokenized (only
+  on a token-cache miss: the first use of those files with this tokenizer).
   """
   sp = load_tokenizer(config.tokenizer)
-  index = _split_index(config, split, sp)
+  index = _split_index(config, split, sp, progress)
   ds = grain.MapDataset.range(index.num_items).shuffle(seed=_shuffle_seed(config.seed))
   make_batch = index.make_batch
   if shard is not None:
@@ -405,14 +409,17 @@ class EvalBatches(Sequence):
     return self._ds[i % self._n]
 
 
-def eval_batches(config: DataConfig, max_batches: int | None = None) -> EvalBatches:
+def eval_batches(
+  config: DataConfig, max_batches: int | None = None, *, progress=None
+) -> EvalBatches:
   """Fixed validation batches: the validation split's examples in order (no shuffle),
   the first ``max_batches`` batches (all if None), built when read (see
   :class:`EvalBatches`; ``list(...)`` holds them). A last, partial batch is padded to
   ``batch_size`` rows with fully masked rows, so every batch has the training shape.
+  ``progress``: as for :func:`make_dataset`.
   """
   sp = load_tokenizer(config.tokenizer)
-  index = _split_index(config, "validation", sp)
+  index = _split_index(config, "validation", sp, progress)
   if index.num_items == 0:
     raise _too_small(config, "validation", index)
   ds = grain.MapDataset.range(index.num_items).batch(index.per_batch).map(index.make_batch)

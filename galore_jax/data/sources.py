@@ -12,16 +12,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob as globlib
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import sentencepiece as spm
 from galore_jax.data.corpus import (
   DOC_MIN_CHARS,
   PACKAGE_DATA,
+  SPLITS,
   _check_split,
   split_paragraph_documents,
 )
@@ -101,34 +104,102 @@ class _TokenDocs:
     return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
   def stream(self, eos: int) -> np.ndarray:
-    """All documents, each followed by EOS, as one int32 array."""
-    return np.insert(self.tokens.astype(np.int32), self.offsets[1:], eos)
+    """All documents, each followed by EOS, as one array of the tokens' dtype (uint16 for
+    the bundled vocabulary: half of int32's host memory; batches are int32)."""
+    return np.insert(self.tokens, self.offsets[1:], np.asarray(eos, self.tokens.dtype))
 
 
-def _tokenize_docs(sp: spm.SentencePieceProcessor, docs: Sequence[str]) -> _TokenDocs:
-  ids = sp.encode(list(docs), num_threads=max(1, min(4, os.cpu_count() or 1)))
-  lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-  offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-  np.cumsum(lengths, out=offsets[1:])
-  dtype = np.uint16 if sp.get_piece_size() <= 1 << 16 else np.int32
-  tokens = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(offsets[-1]))
-  return _TokenDocs(tokens, offsets)
+# Documents are tokenized a batch of about this many characters at a time: the tokenizer
+# returns a Python int per token (~36 bytes each), and a whole source at once took ~12 GB per
+# GB of JSON lines (experiments/data_load.py; one allenai/c4 shard holds ~0.8 GB). Only the
+# compact arrays grow with the source.
+TOKENIZE_BATCH_CHARS = 8 << 20
 
 
-def _cached_tokens(key_parts: Sequence[str], build) -> _TokenDocs:
-  """Loads tokenized documents from the cache, or builds (``build()``) and stores them.
+def _usable_cpus() -> int:
+  if hasattr(os, "sched_getaffinity"):  # a job scheduler's CPU set, not the machine's
+    return max(1, len(os.sched_getaffinity(0)))
+  return os.cpu_count() or 1
 
-  The cache is an optimisation only: an unwritable cache directory is ignored.
-  """
+
+class _TokenBuilder:
+  """Tokenizes appended documents a batch at a time into one compact array (uint16 for
+  vocabularies of up to 65536 pieces); ``finish()`` returns the :class:`_TokenDocs`."""
+
+  def __init__(self, sp):
+    self.sp = sp
+    self.dtype = np.uint16 if sp.get_piece_size() <= 1 << 16 else np.int32
+    self.threads = _usable_cpus()  # a one-off task the start waits for: every core
+    self._pending: list[str] = []
+    self._pending_chars = 0
+    self._tokens: list[np.ndarray] = []
+    self._lengths: list[np.ndarray] = []
+    self._count = 0
+
+  def __len__(self) -> int:
+    return self._count
+
+  def append(self, doc: str) -> None:
+    self._pending.append(doc)
+    self._pending_chars += len(doc)
+    self._count += 1
+    if self._pending_chars >= TOKENIZE_BATCH_CHARS:
+      self._flush()
+
+  def __delitem__(self, i: int) -> None:
+    """Drops document ``i`` (the split rule's fallback, which only small sources reach)."""
+    docs = self.finish()
+    keep = np.ones(len(docs.tokens), dtype=bool)
+    keep[docs.offsets[i] : docs.offsets[i + 1]] = False
+    self._tokens, self._lengths = [docs.tokens[keep]], [np.delete(np.diff(docs.offsets), i)]
+    self._count -= 1
+
+  def _flush(self) -> None:
+    if not self._pending:
+      return
+    ids = self.sp.encode(self._pending, num_threads=self.threads)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = itertools.chain.from_iterable(ids)
+    self._tokens.append(np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum())))
+    self._lengths.append(lengths)
+    self._pending, self._pending_chars = [], 0
+
+  def finish(self) -> _TokenDocs:
+    self._flush()
+    tokens = np.concatenate([np.zeros(0, self.dtype), *self._tokens])
+    lengths = np.concatenate([np.zeros(0, np.int64), *self._lengths])
+    self._tokens, self._lengths = [tokens], [lengths]  # merged once, however often called
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return _TokenDocs(tokens, offsets)
+
+
+def _tokenize_docs(sp: spm.SentencePieceProcessor, docs: Iterable[str]) -> _TokenDocs:
+  builder = _TokenBuilder(sp)
+  for doc in docs:
+    builder.append(doc)
+  return builder.finish()
+
+
+def _token_cache_path(key_parts: Sequence[str]) -> Path:
   key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:32]
-  path = cache_dir() / "tokens" / f"{key}.npz"
-  if path.is_file():
-    try:
-      with np.load(path) as z:
-        return _TokenDocs(z["tokens"], z["offsets"])
-    except (OSError, ValueError, KeyError):
-      pass  # corrupt / partial: rebuild
-  docs = build()
+  return cache_dir() / "tokens" / f"{key}.npz"
+
+
+def _load_tokens(path: Path) -> _TokenDocs | None:
+  """The cached documents at ``path``, or None (absent, corrupt or partial: rebuild)."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as z:
+      return _TokenDocs(z["tokens"], z["offsets"])
+  except (OSError, ValueError, KeyError, EOFError):
+    return None
+
+
+def _store_tokens(path: Path, docs: _TokenDocs) -> None:
+  """Writes ``docs`` to the cache atomically. The cache is an optimisation only: an
+  unwritable cache directory (or a full disk) is ignored."""
   tmp = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +210,15 @@ def _cached_tokens(key_parts: Sequence[str], build) -> _TokenDocs:
   except OSError:
     if tmp is not None:
       Path(tmp).unlink(missing_ok=True)
+
+
+def _cached_tokens(key_parts: Sequence[str], build) -> _TokenDocs:
+  """Loads tokenized documents from the cache, or builds (``build()``) and stores them."""
+  path = _token_cache_path(key_parts)
+  docs = _load_tokens(path)
+  if docs is None:
+    docs = build()
+    _store_tokens(path, docs)
   return docs
 
 
@@ -160,6 +240,7 @@ def _tokenizer_hash(sp: spm.SentencePieceProcessor) -> str:
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 COMPRESSION = {".gz": gzip.decompress, ".xz": lzma.decompress}
+_DECOMPRESSING = {".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), ".xz": lzma.LZMAFile}
 
 
 def file_kind(path: Path) -> tuple[str, str | None]:
@@ -219,45 +300,89 @@ def _record_text(rec: Any, where: str) -> str:
   raise ValueError(f'{where}: expected a JSON object with a string "text" field')
 
 
-def _file_documents(path: Path) -> list[str]:
-  """Documents of one file: a .txt file is cut into documents of >= 1000 characters at
-  blank lines, or at line ends inside longer paragraphs (``split_paragraph_documents``);
-  a JSON record is one document."""
-  fmt, comp = file_kind(path)
-  raw = path.read_bytes()
-  if comp:
+@contextlib.contextmanager
+def _reading(path: Path):
+  """``(text, raw)``: the file as UTF-8 text, decompressed as its suffix says, read as a
+  stream, and its binary file (``raw.tell()``: the bytes read). A decoding or decompression
+  error inside the block is a ValueError that names the file."""
+  _, comp = file_kind(path)
+  with open(path, "rb") as raw:
+    stream = _DECOMPRESSING[comp](raw) if comp else raw
     try:
-      raw = COMPRESSION[comp](raw)
+      # newline="\n": lines end at "\n" only ("\r" is JSON whitespace, and U+2028 may
+      # stand unescaped inside a JSON string)
+      yield io.TextIOWrapper(stream, encoding="utf-8", newline="\n"), raw
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not UTF-8 text: {e}") from e
     except (OSError, EOFError, lzma.LZMAError) as e:
+      if not comp:
+        raise
       raise ValueError(f"{path}: cannot decompress ({comp}): {e}") from e
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text: {e}") from e
+
+
+def json_records(path: Path) -> Iterator[tuple[Any, str]]:
+  """``(record, where)`` for each JSON record of a .jsonl / .json file (compressed or not),
+  ``where`` naming it for errors. JSON lines are read one line at a time, so memory does
+  not grow with the file; a .json file holding one array or object (possibly over many
+  lines) is parsed whole."""
+  fmt, _ = file_kind(path)
   if fmt == ".txt":
-    return split_paragraph_documents(text, cut_long_paragraphs=True)
-  docs: list[str] = []
-  whole: Any = None
-  if fmt == ".json":  # a JSON array / object, or JSON lines (C4's *.json.gz files)
+    raise ValueError(f"{path}: a .txt file holds no JSON records")
+  with _reading(path) as (text, _):
+    yield from _json_records(text, fmt, path)
+
+
+def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[Any, str]]:
+  lines = enumerate(text, 1)
+  if fmt == ".json":  # one JSON array or object, or JSON lines (C4's *.json.gz)
+    lineno, line = next(((n, x) for n, x in lines if x.strip()), (0, ""))
+    if not line:
+      return
     try:
-      whole = json.loads(text)
-    except json.JSONDecodeError:
-      whole = None
-  if isinstance(whole, list):
-    for i, rec in enumerate(whole):
-      docs.append(_record_text(rec, f"{path} [item {i}]"))
-  elif isinstance(whole, dict):
-    docs.append(_record_text(whole, str(path)))
-  else:  # JSON lines
-    for lineno, line in enumerate(io.StringIO(text), 1):
-      if not line.strip():
-        continue
+      first = json.loads(line)
+    except json.JSONDecodeError as e:
+      first = e
+    if isinstance(first, (list, json.JSONDecodeError)):  # not a record per line: one value
       try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
-      docs.append(_record_text(rec, f"{path}:{lineno}"))
-  return [d for d in docs if d.strip()]
+        whole = json.loads(line + text.read())
+      except json.JSONDecodeError:
+        whole = None
+      if isinstance(whole, list):
+        yield from ((rec, f"{path} [item {i}]") for i, rec in enumerate(whole))
+        return
+      if isinstance(whole, dict):
+        yield whole, str(path)
+        return
+      if isinstance(first, json.JSONDecodeError):
+        raise ValueError(f"{path}:{lineno}: invalid JSON line: {first}") from first
+    yield first, f"{path}:{lineno}"
+  for lineno, line in lines:
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+    yield rec, f"{path}:{lineno}"
+
+
+def _file_documents(path: Path, at=None) -> Iterator[str]:
+  """The non-empty documents of one file: a .txt file is cut into documents of >= 1000
+  characters at blank lines, or at line ends inside longer paragraphs
+  (``split_paragraph_documents``, on the whole file); a JSON record is one document (see
+  :func:`json_records`). ``at(n)`` is told the bytes of the file read so far (compressed
+  bytes for a compressed file)."""
+  fmt, _ = file_kind(path)
+  with _reading(path) as (text, raw):
+    if fmt == ".txt":
+      docs = split_paragraph_documents(text.read(), cut_long_paragraphs=True)
+    else:
+      docs = (_record_text(rec, where) for rec, where in _json_records(text, fmt, path))
+    for doc in docs:
+      if doc.strip():
+        if at is not None:
+          at(raw.tell())
+        yield doc
 
 
 def doc_hash(doc: str) -> int:
@@ -266,31 +391,78 @@ def doc_hash(doc: str) -> int:
   return int.from_bytes(h.digest(), "little")
 
 
-def path_documents(source: str, split: str) -> list[str]:
-  """Documents of a path source for ``split``, in file order (files sorted by path).
+def split_by_hash(items: Iterable, train, validation, key=lambda item: item) -> None:
+  """The validation rule of path sources, applied as ``items`` stream past: an item goes
+  to ``validation`` iff ``doc_hash(key(item)) % 100 == 0`` (1 in 100, by content, so
+  independent of file order and the same for duplicates), else to ``train``, each in
+  order. If that selects none and there are at least two, the item with the smallest hash
+  (the first of equals) moves from ``train`` to ``validation``. ``train`` and
+  ``validation`` take ``append``, ``len`` and ``del [i]`` (lists, or token builders)."""
+  smallest = None  # (hash, index in train, item)
+  for item in items:
+    h = doc_hash(key(item))
+    if h % PATH_VALIDATION_MODULUS == 0:
+      validation.append(item)
+      continue
+    if smallest is None or h < smallest[0]:
+      smallest = (h, len(train), item)
+    train.append(item)
+  if not len(validation) and len(train) >= 2:
+    del train[smallest[1]]
+    validation.append(smallest[2])
 
-  Validation rule: a document is in 'validation' iff ``blake2b(text) % 100 == 0``
-  (1 in 100, by content, so independent of file order and the same for duplicates).
-  If that selects no document and there are at least two, the one with the smallest
-  hash is the validation split.
-  """
+
+def _empty_split(source: str, split: str, total: int) -> ValueError:
+  if not total:
+    return ValueError(f"--data {source!r}: no non-empty documents")
+  return ValueError(
+    f"--data {source!r}: split {split!r} is empty ({total} document(s) in all; "
+    f"the validation split needs at least two. A .txt file gives one document per "
+    f"{DOC_MIN_CHARS} characters, cut at blank lines or line ends; a JSON record is one)"
+  )
+
+
+def _all_documents(files: Sequence[Path], progress=None) -> Iterator[str]:
+  """Every file's documents in order; ``progress(done, total)`` in bytes of the files."""
+  total, before = sum(f.stat().st_size for f in files), 0
+  for f in files:
+    at = None if progress is None else (lambda n, before=before: progress(before + n, total))
+    yield from _file_documents(f, at)
+    before += f.stat().st_size
+  if progress is not None:
+    progress(total, total)
+
+
+def path_documents(source: str, split: str) -> list[str]:
+  """Documents of a path source for ``split``, in file order (files sorted by path),
+  split by :func:`split_by_hash`."""
   _check_split(split)
-  docs = [d for f in _resolve_paths(source) for d in _file_documents(f)]
-  if not docs:
-    raise ValueError(f"--data {source!r}: no non-empty documents")
-  hashes = [doc_hash(d) for d in docs]
-  is_val = [h % PATH_VALIDATION_MODULUS == 0 for h in hashes]
-  if not any(is_val) and len(docs) >= 2:
-    is_val[int(np.argmin(np.array(hashes, dtype=np.uint64)))] = True
-  want = split == "validation"
-  out = [d for d, v in zip(docs, is_val, strict=True) if v == want]
-  if not out:
-    raise ValueError(
-      f"--data {source!r}: split {split!r} is empty ({len(docs)} document(s) in all; "
-      f"the validation split needs at least two. A .txt file gives one document per "
-      f"{DOC_MIN_CHARS} characters, cut at blank lines or line ends; a JSON record is one)"
-    )
-  return out
+  parts = {"train": [], "validation": []}
+  split_by_hash(_all_documents(_resolve_paths(source)), parts["train"], parts["validation"])
+  if not parts[split]:
+    raise _empty_split(source, split, len(parts["train"]) + len(parts["validation"]))
+  return parts[split]
+
+
+def path_tokens(source: str, split: str, sp, key_parts: Sequence[str], progress=None) -> _TokenDocs:
+  """The tokenized documents of ``split`` of a path source (what :func:`path_documents`
+  gives, tokenized), from the token cache under ``[*key_parts, split]``. A miss reads
+  the files once, as a stream, and caches both splits."""
+  _check_split(split)
+  docs = _load_tokens(_token_cache_path([*key_parts, split]))
+  if docs is not None:
+    return docs
+  parts = {s: _TokenBuilder(sp) for s in SPLITS}
+  files = _resolve_paths(source)
+  split_by_hash(_all_documents(files, progress), parts["train"], parts["validation"])
+  total = sum(map(len, parts.values()))
+  built = {s: b.finish() for s, b in parts.items()}
+  for s, d in built.items():
+    if d.num_docs:
+      _store_tokens(_token_cache_path([*key_parts, s]), d)
+  if not built[split].num_docs:
+    raise _empty_split(source, split, total)
+  return built[split]
 
 
 # ----------------------------------------------------------------------------------------

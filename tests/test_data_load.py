@@ -1,0 +1,15 @@
+"""Tests for experiments/data_load.py (the start-up time and memory of a C4-like source)."""
+
+from __future__ import annotations
+
+
+def test_data_load_measures_a_first_and_a_cached_start(tmp_path, load_experiment, capsys):
+  data_load = load_experiment("data_load")
+  results = data_load.main(["--dir", str(tmp_path), "--mb", "0.3"])
+  first, cached = results["first"], results["cached"]
+  assert first["tokens"] == cached["tokens"] > 50_000 and first["documents"] > 50
+  for r in (first, cached):
+    assert r["peak_bytes"] >= r["baseline_bytes"] > 50 << 20 and r["seconds"] > 0
+  assert (tmp_path / "cache" / "tokens").is_dir()  # the first start wrote the token cache
+  out = capsys.readouterr().out
+  assert "| first | " in out and "| cached | " in out
