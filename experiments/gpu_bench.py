@@ -108,6 +108,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -762,6 +763,16 @@ def main(argv=None) -> dict:
   }
   if args.json:
     write_json(args.json, report)
+  # The workers' files are in the report now; only a log written there (no --json) stays.
+  for entry in Path(workdir).iterdir():
+    if str(entry) == log_path:
+      continue
+    if entry.is_dir():
+      shutil.rmtree(entry)
+    else:
+      entry.unlink()
+  if not os.listdir(workdir):
+    os.rmdir(workdir)
   print(format_tables(summary, refresh, results, args), flush=True)
   if args.json:
     print(f"wrote {args.json} (worker log {log_path})", flush=True)

@@ -15,6 +15,7 @@
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault(
@@ -22,7 +23,12 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="galore_jax_xla_"))
+# Created here only if not given (xdist workers inherit the controller's); removed at the
+# end of the session that created it (pytest_unconfigure).
+_OWN_COMPILE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_COMPILE_CACHE = tempfile.mkdtemp(prefix="galore_jax_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILE_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import importlib.util  # noqa: E402
@@ -32,6 +38,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def pytest_unconfigure(config):
+  if _OWN_COMPILE_CACHE is not None:  # tens of MB per run otherwise left in the temp dir
+    shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
