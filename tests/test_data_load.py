@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 
-def test_data_load_measures_a_first_and_a_cached_start(tmp_path, load_experiment, capsys):
+
+@pytest.mark.parametrize("txt", [False, True])
+def test_data_load_measures_a_first_and_a_cached_start(tmp_path, load_experiment, capsys, txt):
   data_load = load_experiment("data_load")
-  results = data_load.main(["--dir", str(tmp_path), "--mb", "0.3"])
+  results = data_load.main(["--dir", str(tmp_path), "--mb", "0.3"] + ["--txt"] * txt)
+  assert (tmp_path / ("corpus.txt" if txt else "c4-train.00000-of-01024.json.gz")).is_file()
   first, cached = results["first"], results["cached"]
   assert first["tokens"] == cached["tokens"] > 50_000 and first["documents"] > 50
   for r in (first, cached):

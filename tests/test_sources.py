@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 
 import numpy as np
 import pytest
@@ -152,3 +153,23 @@ def test_json_lines_are_read_as_a_stream(tmp_path):
   f.write_bytes(gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts)))
   assert list(sources._all_documents([f], progress=lambda *a: seen.append(a)))[-1] == texts[-1]
   assert seen[-1] == (f.stat().st_size, f.stat().st_size)
+
+
+@pytest.mark.parametrize("blank_lines", [True, False])
+def test_txt_files_are_read_as_a_stream(tmp_path, blank_lines):
+  # A .txt file's documents come as its lines are read (a file of one sentence per line,
+  # without a blank line, is one paragraph: it is cut at line ends as it streams past, not
+  # held whole), and equal split_paragraph_documents of the whole text; "\r\n" and "\r"
+  # end lines as "\n" does.
+  rng = np.random.default_rng(1)
+  lines = [rng.bytes(int(rng.integers(10, 300))).hex() for _ in range(6000)]  # ~1.8 MB
+  sep = ["\n", "\r\n", "\r"] + (["\n\n", "\r\n\r\n"] if blank_lines else [])
+  text = "".join(line + sep[int(rng.integers(len(sep)))] for line in lines)
+  f = tmp_path / "lines.txt.xz"
+  f.write_bytes(lzma.compress(text.encode(), preset=0))
+  seen = []
+  docs = sources._all_documents([f], progress=lambda done, total: seen.append(done))
+  first = next(docs)
+  assert seen[0] < f.stat().st_size / 4, (seen[0], f.stat().st_size)
+  want = gd.split_paragraph_documents(text, cut_long_paragraphs=True)
+  assert [first, *docs] == want and len(want) > 500

@@ -48,6 +48,7 @@ from galore_jax.data.corpus import (  # noqa: F401
   VALIDATION_EVERY,
   _builtin_sections,
   builtin_documents,
+  paragraph_documents,
   split_paragraph_documents,
 )
 from galore_jax.data.sources import (  # noqa: F401

@@ -10,9 +10,10 @@ fixed: the token caches are keyed by ``DATA_FORMAT_VERSION``.
 
 from __future__ import annotations
 
+import itertools
 import lzma
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,40 +46,50 @@ _GLUED_TITLE = re.compile(r"^(.*?)([A-Z][A-Z0-9 ,;:'.\-]*)$")
 # ----------------------------------------------------------------------------------------
 
 
-def _paragraphs(lines: Sequence[str]) -> list[str]:
-  """Blank-line separated paragraphs; lines are right-stripped, inner newlines kept."""
-  out: list[str] = []
-  cur: list[str] = []
-  for line in lines:
-    line = line.rstrip()
-    if line.strip():
-      cur.append(line)
-    elif cur:
-      out.append("\n".join(cur))
-      cur = []
-  if cur:
-    out.append("\n".join(cur))
-  return out
-
-
-def _line_groups(para: str, min_chars: int) -> list[str]:
-  """A paragraph cut at line ends into groups of >= ``min_chars`` characters (a shorter
-  tail joins the previous group); a single long line stays whole."""
-  groups: list[list[str]] = []
+def _pieces(lines: Iterable[str], min_chars: int, cut_long_paragraphs: bool) -> Iterator[str]:
+  """The units documents are made of, as ``lines`` stream past: paragraphs (runs of
+  non-blank lines, right-stripped, joined by newlines); with ``cut_long_paragraphs``, each
+  paragraph cut at line ends into groups of >= ``min_chars`` characters (a shorter tail
+  joins the group before it; a single long line stays whole), so no paragraph is held
+  whole. A group is only given out once the next one is complete or its paragraph ends,
+  since the tail may still join it."""
+  done: list[str] | None = None  # a complete group the paragraph's tail may still join
   cur: list[str] = []
   size = 0
-  for line in para.split("\n"):
-    size += len(line) + (1 if cur else 0)
-    cur.append(line)
+  for line in itertools.chain(lines, [""]):  # a blank line ends the last paragraph
+    line = line.rstrip()
+    if line.strip():
+      size += len(line) + (1 if cur else 0)  # == len("\n".join(cur))
+      cur.append(line)
+      if cut_long_paragraphs and size >= min_chars:
+        if done is not None:
+          yield "\n".join(done)
+        done, cur, size = cur, [], 0
+    elif done is not None or cur:
+      yield "\n".join((done or []) + cur)
+      done, cur, size = None, [], 0
+
+
+def paragraph_documents(
+  lines: Iterable[str], min_chars: int = DOC_MIN_CHARS, *, cut_long_paragraphs: bool = False
+) -> Iterator[str]:
+  """:func:`split_paragraph_documents` over lines (without their line ends), as they
+  stream past: only the document being built and the one before it are held."""
+  done: str | None = None  # a complete document the text's tail may still join
+  cur: list[str] = []
+  size = 0
+  for piece in _pieces(lines, min_chars, cut_long_paragraphs):
+    size += len(piece) + (2 if cur else 0)  # == len("\n\n".join(cur))
+    cur.append(piece)
     if size >= min_chars:
-      groups.append(cur)
-      cur, size = [], 0
+      if done is not None:
+        yield done
+      done, cur, size = "\n\n".join(cur), [], 0
   if cur:
-    if groups:
-      groups[-1] += cur
-    else:
-      groups.append(cur)
-  return ["\n".join(g) for g in groups]
+    tail = "\n\n".join(cur)
+    yield tail if done is None else done + "\n\n" + tail
+  elif done is not None:
+    yield done
 
 
 def split_paragraph_documents(
@@ -94,25 +105,8 @@ def split_paragraph_documents(
   ``min_chars`` is first cut at line ends into groups of >= ``min_chars``, so a file
   without blank lines (one sentence per line) still gives many documents.
   """
-  docs: list[str] = []
-  cur: list[str] = []
-  size = 0
-  paras = _paragraphs(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
-  if cut_long_paragraphs:
-    paras = [g for p in paras for g in (_line_groups(p, min_chars) if len(p) > min_chars else [p])]
-  for para in paras:
-    size += len(para) + (2 if cur else 0)  # == len("\n\n".join(cur))
-    cur.append(para)
-    if size >= min_chars:
-      docs.append("\n\n".join(cur))
-      cur, size = [], 0
-  if cur:
-    tail = "\n\n".join(cur)
-    if docs:
-      docs[-1] = docs[-1] + "\n\n" + tail
-    else:
-      docs.append(tail)
-  return docs
+  lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+  return list(paragraph_documents(lines, min_chars, cut_long_paragraphs=cut_long_paragraphs))
 
 
 def _title_line(lines: Sequence[str], byline: int) -> int:

@@ -35,7 +35,7 @@ from galore_jax.data.corpus import (
   PACKAGE_DATA,
   SPLITS,
   _check_split,
-  split_paragraph_documents,
+  paragraph_documents,
 )
 
 BUILTIN_TOKENIZER = PACKAGE_DATA / "tokenizer.model"
@@ -301,17 +301,16 @@ def _record_text(rec: Any, where: str) -> str:
 
 
 @contextlib.contextmanager
-def _reading(path: Path):
+def _reading(path: Path, newline: str | None = "\n"):
   """``(text, raw)``: the file as UTF-8 text, decompressed as its suffix says, read as a
-  stream, and its binary file (``raw.tell()``: the bytes read). A decoding or decompression
-  error inside the block is a ValueError that names the file."""
+  stream (``newline`` as for ``open``), and its binary file (``raw.tell()``: the bytes
+  read). A decoding or decompression error inside the block is a ValueError that names
+  the file."""
   _, comp = file_kind(path)
   with open(path, "rb") as raw:
     stream = _DECOMPRESSING[comp](raw) if comp else raw
     try:
-      # newline="\n": lines end at "\n" only ("\r" is JSON whitespace, and U+2028 may
-      # stand unescaped inside a JSON string)
-      yield io.TextIOWrapper(stream, encoding="utf-8", newline="\n"), raw
+      yield io.TextIOWrapper(stream, encoding="utf-8", newline=newline), raw
     except UnicodeDecodeError as e:
       raise ValueError(f"{path}: not UTF-8 text: {e}") from e
     except (OSError, EOFError, lzma.LZMAError) as e:
@@ -328,7 +327,9 @@ def json_records(path: Path) -> Iterator[tuple[Any, str]]:
   fmt, _ = file_kind(path)
   if fmt == ".txt":
     raise ValueError(f"{path}: a .txt file holds no JSON records")
-  with _reading(path) as (text, _):
+  # Lines end at "\n" only: "\r" is JSON whitespace, and U+2028 may stand unescaped in a
+  # JSON string.
+  with _reading(path, newline="\n") as (text, _):
     yield from _json_records(text, fmt, path)
 
 
@@ -367,15 +368,15 @@ def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[A
 
 
 def _file_documents(path: Path, at=None) -> Iterator[str]:
-  """The non-empty documents of one file: a .txt file is cut into documents of >= 1000
-  characters at blank lines, or at line ends inside longer paragraphs
-  (``split_paragraph_documents``, on the whole file); a JSON record is one document (see
-  :func:`json_records`). ``at(n)`` is told the bytes of the file read so far (compressed
-  bytes for a compressed file)."""
+  """The non-empty documents of one file, read as a stream: a .txt file is cut into
+  documents of >= 1000 characters at blank lines, or at line ends inside longer paragraphs
+  (``paragraph_documents``; "\r\n" and "\r" end lines too); a JSON record is one document
+  (see :func:`json_records`). ``at(n)`` is told the bytes of the file read so far
+  (compressed bytes for a compressed file)."""
   fmt, _ = file_kind(path)
-  with _reading(path) as (text, raw):
+  with _reading(path, newline=None if fmt == ".txt" else "\n") as (text, raw):
     if fmt == ".txt":
-      docs = split_paragraph_documents(text.read(), cut_long_paragraphs=True)
+      docs = paragraph_documents(text, cut_long_paragraphs=True)
     else:
       docs = (_record_text(rec, where) for rec, where in _json_records(text, fmt, path))
     for doc in docs:
