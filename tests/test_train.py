@@ -1123,7 +1123,8 @@ def test_second_start_compiles_nothing_new(finished_run, tmp_path):
   }
   env["GALORE_JAX_CACHE_DIR"] = str(tmp_path / "home")
   cache = tmp_path / "home" / "jax-cache"
-  cmd = [sys.executable, "-m", "galore_jax.cli", "eval", "--checkpoint", str(finished_run)]
+  # `python -m galore_jax`, the command where the galore-jax script is not on PATH
+  cmd = [sys.executable, "-m", "galore_jax", "eval", "--checkpoint", str(finished_run)]
   cmd += ["--eval-batches", "1"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr
