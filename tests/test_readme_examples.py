@@ -1,4 +1,5 @@
-"""The README's "In your own Flax model" examples run as written."""
+"""The README's "In your own Flax model" examples run as written; its contents list and
+in-page links match its headings."""
 
 import pathlib
 import re
@@ -37,3 +38,27 @@ def test_ci_runs_the_readme_test_command():
   test_command = first_block.splitlines()[1]
   ci = (README.parent / ".ci" / "run").read_text().splitlines()
   assert test_command in ci, test_command
+
+
+def _outside_code(text: str) -> str:
+  return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_contents_and_links_match_its_headings():
+  # The contents list names every section and subsection, in order, and every in-page
+  # link lands on a heading (renaming a section without its links fails here).
+  text = _outside_code(README.read_text())
+  headings = re.findall(r"^(#{1,6}) (.+)$", text, flags=re.M)
+  anchors = {_slug(h) for _, h in headings}
+  links = re.findall(r"\]\(#([^)]+)\)", text)
+  assert len(links) > 15 and sorted(set(links) - anchors) == []
+  contents = text[text.index("**Contents**") : text.index("\n## ")]
+  listed = re.findall(r"^( *)- \[(.+)\]\(#(.+)\)$", contents, flags=re.M)
+  sections = [(len(level), h) for level, h in headings if len(level) in (2, 3)]
+  assert [(2 + len(indent) // 2, h) for indent, h, _ in listed] == sections
+  assert all(_slug(h) == anchor for _, h, anchor in listed)
