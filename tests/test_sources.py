@@ -173,3 +173,25 @@ def test_txt_files_are_read_as_a_stream(tmp_path, blank_lines):
   assert seen[0] < f.stat().st_size / 4, (seen[0], f.stat().st_size)
   want = gd.split_paragraph_documents(text, cut_long_paragraphs=True)
   assert [first, *docs] == want and len(want) > 500
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not a zip"])
+def test_a_damaged_token_cache_is_rebuilt(tmp_path, sp, monkeypatch, damage):
+  # A cache file cut short or with a bad CRC (a copy interrupted, a disk error) is read as
+  # a miss and rewritten, never a crash at start-up or wrong tokens.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(50)))
+  src = str(tmp_path / "d.jsonl")
+  want = sources.path_tokens(src, "train", sp, ["k"])
+  path = sources._token_cache_path(["k", "train"])
+  good = path.read_bytes()
+  if damage == "truncated":
+    path.write_bytes(good[: len(good) // 2])
+  elif damage == "flipped byte":
+    path.write_bytes(good[:200] + bytes([good[200] ^ 0xFF]) + good[201:])
+  else:
+    path.write_bytes(b"not a zip file")
+  got = sources.path_tokens(src, "train", sp, ["k"])
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.offsets, want.offsets)
+  assert path.read_bytes() == good  # rewritten

@@ -23,6 +23,7 @@ import json
 import lzma
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ def _load_tokens(path: Path) -> _TokenDocs | None:
   try:
     with np.load(path) as z:
       return _TokenDocs(z["tokens"], z["offsets"])
-  except (OSError, ValueError, KeyError, EOFError):
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a bad CRC, cut short
     return None
 
 
