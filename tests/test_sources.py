@@ -100,11 +100,19 @@ def test_path_tokens_hold_one_batch_of_tokenizer_output_at_a_time(tmp_path, sp, 
     assert docs.tokens.dtype == np.uint16 and docs.num_docs == len(want) > 0
     np.testing.assert_array_equal(docs.tokens, np.concatenate(want))
     np.testing.assert_array_equal(np.diff(docs.offsets), [len(x) for x in want])
-  # One pass cached both splits: reading validation again opens no file.
+  # Train's pass cached both splits: reading validation again opens no file.
+  read = sources._file_documents
   monkeypatch.setattr(sources, "_file_documents", lambda *a: pytest.fail("file read again"))
   np.testing.assert_array_equal(
     sources.path_tokens(src, "validation", spy, ["t"]).tokens, got["validation"].tokens
   )
+  # Validation first (eval of a new source) tokenizes validation alone: ~1 % of the text.
+  monkeypatch.setattr(sources, "_file_documents", read)
+  spy.calls.clear()
+  val = sources.path_tokens(src, "validation", spy, ["v"])
+  np.testing.assert_array_equal(val.tokens, got["validation"].tokens)
+  assert sum(spy.calls) == sum(map(len, gd.path_documents(src, "validation")))
+  assert not sources._token_cache_path(["v", "train"]).exists()
 
 
 def test_split_fallback_moves_the_smallest_hash_out_of_tokenized_batches(tmp_path, sp, monkeypatch):
@@ -117,8 +125,8 @@ def test_split_fallback_moves_the_smallest_hash_out_of_tokenized_batches(tmp_pat
   smallest = min(range(5), key=lambda i: gd.doc_hash(texts[i]))
   src = str(tmp_path / "five.jsonl")
   for split, want in (
+    ("validation", [texts[smallest]]),  # first: train is only counted on this pass
     ("train", [t for i, t in enumerate(texts) if i != smallest]),
-    ("validation", [texts[smallest]]),
   ):
     assert gd.path_documents(src, split) == want
     docs = sources.path_tokens(src, split, sp, ["f"])

@@ -446,19 +446,38 @@ def path_documents(source: str, split: str) -> list[str]:
   return parts[split]
 
 
+class _Count:
+  """A split that is only counted on this pass, not tokenized (:func:`split_by_hash`)."""
+
+  def __init__(self):
+    self.n = 0
+
+  def __len__(self) -> int:
+    return self.n
+
+  def append(self, _doc: str) -> None:
+    self.n += 1
+
+  def __delitem__(self, _i: int) -> None:
+    self.n -= 1
+
+
 def path_tokens(source: str, split: str, sp, key_parts: Sequence[str], progress=None) -> _TokenDocs:
   """The tokenized documents of ``split`` of a path source (what :func:`path_documents`
   gives, tokenized), from the token cache under ``[*key_parts, split]``. A miss reads
-  the files once, as a stream, and caches both splits."""
+  the files once, as a stream; for ``train`` it tokenizes and caches both splits (training
+  reads the validation split next), for ``validation`` (``eval`` of a new source) only
+  that one, the ~1 % of the text it needs."""
   _check_split(split)
   docs = _load_tokens(_token_cache_path([*key_parts, split]))
   if docs is not None:
     return docs
-  parts = {s: _TokenBuilder(sp) for s in SPLITS}
+  both = split == "train"
+  parts = {s: _TokenBuilder(sp) if both or s == split else _Count() for s in SPLITS}
   files = _resolve_paths(source)
   split_by_hash(_all_documents(files, progress), parts["train"], parts["validation"])
   total = sum(map(len, parts.values()))
-  built = {s: b.finish() for s, b in parts.items()}
+  built = {s: b.finish() for s, b in parts.items() if isinstance(b, _TokenBuilder)}
   for s, d in built.items():
     if d.num_docs:
       _store_tokens(_token_cache_path([*key_parts, s]), d)
