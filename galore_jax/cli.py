@@ -26,6 +26,7 @@ EXIT_USAGE = 2
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
   from galore_jax.config import (
     DTYPES,
+    FINETUNE_LR,
     LR_SCHEDULES,
     OPTIMIZERS,
     REFRESH_SCHEDULES,
@@ -65,7 +66,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "--lr",
     type=float,
     default=None,
-    help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW)",
+    help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW; with --init-from, "
+    f"{FINETUNE_LR:g}, a fine-tuning rate)",
   )
   p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%%)")
   p.add_argument(
@@ -99,8 +101,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--data",
     default=d.data,
-    help="builtin | PATH (txt / jsonl[.gz], glob ok; jsonl with prompt/completion "
-    "fields trains on the completions) | tfds:NAME (e.g. tfds:c4/en)",
+    help="builtin | PATH (a .txt / .jsonl / .json file, .gz / .xz ok, a directory or a "
+    "glob; JSON records of prompt/completion or messages train on the replies) | tfds:NAME "
+    "(e.g. tfds:c4/en)",
   )
   p.add_argument(
     "--tokenizer",
