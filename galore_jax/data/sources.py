@@ -371,7 +371,7 @@ def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[A
 def _file_documents(path: Path, at=None) -> Iterator[str]:
   """The non-empty documents of one file, read as a stream: a .txt file is cut into
   documents of >= 1000 characters at blank lines, or at line ends inside longer paragraphs
-  (``paragraph_documents``; "\r\n" and "\r" end lines too); a JSON record is one document
+  (``paragraph_documents``; CR LF and a lone CR end lines too); a JSON record is one document
   (see :func:`json_records`). ``at(n)`` is told the bytes of the file read so far
   (compressed bytes for a compressed file)."""
   fmt, _ = file_kind(path)
