@@ -73,8 +73,9 @@ def _pieces(lines: Iterable[str], min_chars: int, cut_long_paragraphs: bool) -> 
 def paragraph_documents(
   lines: Iterable[str], min_chars: int = DOC_MIN_CHARS, *, cut_long_paragraphs: bool = False
 ) -> Iterator[str]:
-  """:func:`split_paragraph_documents` over lines (without their line ends), as they
-  stream past: only the document being built and the one before it are held."""
+  """:func:`split_paragraph_documents` over a text's lines (each right-stripped, so line
+  ends may stay on), as they stream past: only the document being built and the one
+  before it are held."""
   done: str | None = None  # a complete document the text's tail may still join
   cur: list[str] = []
   size = 0
