@@ -407,8 +407,10 @@ def _read_prompts(path: str) -> list[_Prompt]:
   from galore_jax.config import ConfigError
 
   try:
-    with open(os.path.expanduser(path), encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    # Split at "\n" only: str.splitlines also breaks at U+2028, U+0085 and others, which a
+    # JSON string may hold unescaped (json.dumps(..., ensure_ascii=False) writes them so).
+    with open(os.path.expanduser(path), encoding="utf-8", newline="") as f:
+      lines = f.read().split("\n")
   except OSError as e:
     raise ConfigError("--prompts", f"{path}: {e.strerror or e}") from e
   except UnicodeDecodeError as e:

@@ -206,6 +206,18 @@ def test_sample_flags_are_named(lines_run, capsys, monkeypatch, tmp_path):
   assert code == 0, err  # an empty prompt starts a new document
 
 
+def test_a_prompts_file_is_split_at_newlines_only(tmp_path):
+  # json.dumps(..., ensure_ascii=False) leaves U+2028 and U+0085 unescaped in a string;
+  # str.splitlines would cut such a record in two ("not JSON"). CR LF ends a line too, and
+  # line numbers are an editor's.
+  f = tmp_path / "prompts.jsonl"
+  records = [{"prompt": "a\u2028b"}, {"prompt": "c\u0085d"}]
+  text = "\r\n\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
+  f.write_bytes(text.encode())
+  got = cli._read_prompts(str(f))
+  assert [(p.prompt, p.line) for p in got] == [("a\u2028b", 1), ("c\u0085d", 3)]
+
+
 def test_a_reply_the_context_cut_short_is_noted(lines_run, capsys, tmp_path):
   # llama_tiny's context is 1024 tokens: a 1000-token prompt leaves room for 24 of the 40
   # tokens asked for. The reply is not made to look like one that ended by itself.
