@@ -55,7 +55,7 @@ def is_instruction_data(files: Sequence[Path]) -> bool:
   """Whether the first record of the first JSON file is a prompt/completion or chat record."""
   for f in files:
     fmt, _ = data.file_kind(f)
-    if fmt == ".txt":
+    if fmt in (".txt", ".parquet"):  # text only
       return False
     try:  # the first record only: a C4 shard is not read whole at every start
       with contextlib.closing(data.json_records(f)) as records:

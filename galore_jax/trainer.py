@@ -799,12 +799,20 @@ def _train_loop(
     model_cfg=hooks.model_cfg,
   )
   meta = {**run_meta(cfg, run, sp), **hooks.meta}
+  if fingerprint := getattr(train_ds, "fingerprint", None):
+    meta["data_fingerprint"] = fingerprint
 
   if cfg.resume:
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
     if changes := resume_changes(saved.get("train_config", {}), cfg, start):
       log(f"galore-jax: note: {changes}")
+    was = saved.get("data_fingerprint")  # None: saved by an older version, or custom data
+    if was and fingerprint and was != fingerprint:  # the same --data, other files
+      log(
+        f"galore-jax: note: the files of --data changed since checkpoint {start} (added, "
+        "removed or edited): the batches from here on are not the ones its run would have read"
+      )
     if "hf_generation_config" in saved:  # as the run began, even if the directory is gone
       meta["hf_generation_config"] = saved["hf_generation_config"]
     restored = checkpoint.restore(

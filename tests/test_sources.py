@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -203,3 +205,47 @@ def test_a_damaged_token_cache_is_rebuilt(tmp_path, sp, monkeypatch, damage):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.offsets, want.offsets)
   assert path.read_bytes() == good  # rewritten
+
+
+def test_parquet_sources_read_the_text_column(tmp_path, sp, monkeypatch):
+  # HuggingFaceFW/fineweb(-edu) ships Parquet only: a row's "text" is one document, read a
+  # batch of rows at a time, split and tokenized as JSON records are.
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  texts = _texts(600, seed=2)
+  table = pa.table({"id": list(range(600)), "text": texts, "url": ["u"] * 600})
+  (tmp_path / "data").mkdir()
+  pq.write_table(table.slice(0, 400), tmp_path / "data" / "000.parquet", row_group_size=150)
+  pq.write_table(table.slice(400), tmp_path / "data" / "001.parquet", row_group_size=150)
+  src = str(tmp_path / "data")  # a directory: both files, in name order
+  docs = gd.path_documents(src, "train") + gd.path_documents(src, "validation")
+  assert sorted(docs) == sorted(texts)
+  assert gd.path_documents(src, "validation") == [t for t in texts if gd.doc_hash(t) % 100 == 0]
+  cfg = gd.DataConfig(source=src, seq_len=32, batch_size=4)
+  ds = gd.make_dataset(cfg, "train")
+  train = gd.path_documents(src, "train")
+  assert ds.num_documents == len(train)
+  assert ds.num_tokens == sum(len(x) + 1 for x in sp.encode(train))  # each + EOS
+
+  def parquet(name, **columns):
+    pq.write_table(pa.table(columns), tmp_path / name)
+    return str(tmp_path / name)
+
+  for source, says in [
+    (parquet("no_text.parquet", body=["a", "b"]), 'no "text" column (columns: body)'),
+    (parquet("ints.parquet", text=[1, 2]), '"text" column holds int64, not strings'),
+    (parquet("null.parquet", text=["a" * 50, None, "b"]), '[row 1]: "text" is null'),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(says)):
+      gd.path_documents(source, "train")
+  (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+  with pytest.raises(ValueError, match="not a readable Parquet file"):
+    gd.path_documents(str(tmp_path / "bad.parquet"), "train")
+  (tmp_path / "x.parquet.gz").write_bytes(b"")
+  with pytest.raises(ValueError, match="unsupported data file"):
+    gd.path_documents(str(tmp_path / "x.parquet.gz"), "train")
+  monkeypatch.setitem(sys.modules, "pyarrow", None)  # an environment without pyarrow
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+  with pytest.raises(ValueError, match=r"reading \.parquet needs pyarrow"):
+    gd.path_documents(src, "train")

@@ -63,6 +63,27 @@ def test_resume_continues_exactly(tmp_path, straight_run):
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_notes_that_the_data_files_changed(tmp_path):
+  # The same --data whose files changed (one edited here) gives other batches from the
+  # resumed step on: check_compatible cannot refuse what it cannot see, so the checkpoint
+  # keeps a digest of the files and the resume says so; unchanged files say nothing.
+  docs = tmp_path / "docs.jsonl"
+  texts = [f"document {i}: " + "some words here " * 30 for i in range(200)]
+  docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  cfg = _cfg(tmp_path, "fp", data=str(docs), steps=6, stop_after=2, save_every=2)
+  train.train(cfg, log=_quiet)
+  logged = []
+  train.train(dataclasses.replace(cfg, resume=True), log=logged.append)  # to step 4
+  assert not [line for line in logged if "files of --data changed" in str(line)]
+  docs.write_text(docs.read_text().replace("document 7:", "document seven:"))
+  logged.clear()
+  train.train(dataclasses.replace(cfg, stop_after=None, resume=True), log=logged.append)
+  assert [str(line) for line in logged if "files of --data changed" in str(line)] == [
+    "galore-jax: note: the files of --data changed since checkpoint 4 (added, removed or "
+    "edited): the batches from here on are not the ones its run would have read"
+  ]
+
+
 def test_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path, straight_run):
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   # 3 steps: projector refreshes at counts 0 and 2.

@@ -48,7 +48,8 @@ class DataConfig:
   """What to train on and how to cut it into batches.
 
   source: ``"builtin"`` | a path, directory or glob of ``.txt`` / ``.jsonl`` / ``.json``
-    files (optionally ``.gz`` / ``.xz``) | ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``).
+    files (optionally ``.gz`` / ``.xz``) or ``.parquet`` files | ``"tfds:NAME"`` (e.g.
+    ``"tfds:c4/en"``).
   packing: True -> documents are concatenated (each followed by EOS) into one token
     stream cut into windows of ``seq_len + 1`` tokens (stride ``seq_len``: every token
     after the first is a target exactly once). For ``tfds:`` sources the stream is
@@ -198,7 +199,9 @@ class Dataset:
   Attributes: config, split, tokenizer, vocab_size, eos_id, pad_id, num_documents,
   num_examples (windows / documents / packed rows per epoch), steps_per_epoch,
   num_tokens (tokens incl. one EOS per document; None for tfds sources),
-  grain_dataset (the infinite ``grain.MapDataset`` of batches).
+  grain_dataset (the infinite ``grain.MapDataset`` of batches), fingerprint (a digest of
+  the source's files and document rules, which changes when a file is added, removed or
+  edited; None for tfds sources).
   """
 
   def __init__(
@@ -213,6 +216,7 @@ class Dataset:
     num_documents: int,
     num_tokens: int | None,
     read_threads: int,
+    fingerprint: str | None = None,
   ):
     self.config = config
     self.split = split
@@ -225,6 +229,7 @@ class Dataset:
     self.num_documents = num_documents
     self.num_tokens = num_tokens
     self._read_threads = read_threads
+    self.fingerprint = fingerprint
 
   @property
   def seq_len(self) -> int:
@@ -282,6 +287,7 @@ class SplitIndex:
   num_examples: int
   num_tokens: int | None
   read_threads: int = 1
+  fingerprint: str | None = None  # see Dataset
 
 
 def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -> SplitIndex:
@@ -325,17 +331,25 @@ def _split_index(
   tok_hash = _tokenizer_hash(sp)
   if source == "builtin":
     corpus_hash = [_sha256_file(CORPUS_DIR / n) for n in CORPUS_FILES]
-    key = ["builtin", DATA_FORMAT_VERSION, *corpus_hash, tok_hash, split]
-    docs = _cached_tokens(key, lambda: _tokenize_docs(sp, builtin_documents(split)))
-  else:
-    files = _resolve_paths(source)
-    from galore_jax import sft  # lazy: sft builds on this module
+    key = ["builtin", DATA_FORMAT_VERSION, *corpus_hash]
+    docs = _cached_tokens(
+      [*key, tok_hash, split], lambda: _tokenize_docs(sp, builtin_documents(split))
+    )
+    return dataclasses.replace(_in_memory_index(config, docs, eos, pad), fingerprint=_digest(key))
+  files = _resolve_paths(source)
+  key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
+  from galore_jax import sft  # lazy: sft builds on this module
 
-    if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
-      return sft.split_index(config, split, sp, files, eos, pad)
-    key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
+  if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
+    index = sft.split_index(config, split, sp, files, eos, pad)
+  else:
     docs = path_tokens(source, split, sp, [*key, tok_hash], progress)
-  return _in_memory_index(config, docs, eos, pad)
+    index = _in_memory_index(config, docs, eos, pad)
+  return dataclasses.replace(index, fingerprint=_digest(key))
+
+
+def _digest(parts: Sequence[str]) -> str:
+  return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _too_small(config: DataConfig, split: str, index: SplitIndex) -> ValueError:
@@ -386,6 +400,7 @@ def make_dataset(config: DataConfig, split: str = "train", *, shard=None, progre
     num_documents=index.num_documents,
     num_tokens=index.num_tokens,
     read_threads=index.read_threads,
+    fingerprint=index.fingerprint,
   )
 
 

@@ -3,7 +3,8 @@
 * the tokenizer: the bundled 8k BPE SentencePiece model, another SentencePiece model,
   or a Hugging Face ``tokenizer.json`` (``galore_jax.hf``);
 * path sources: a file, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` files
-  (optionally ``.gz`` / ``.xz``), split 1 in 100 by content hash (``path_documents``);
+  (optionally ``.gz`` / ``.xz``) or ``.parquet`` files (a ``text`` column), read as
+  streams, split 1 in 100 by content hash (``split_by_hash``);
 * TFDS sources: an already prepared array_record dataset (``tfds_source``; the
   tensorflow_datasets import is lazy: the GPU image has none);
 * the token cache: tokenized documents stored under ``cache_dir()``, keyed by the
@@ -236,10 +237,10 @@ def _tokenizer_hash(sp: spm.SentencePieceProcessor) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Path sources (.txt / .jsonl / .json, optionally .gz / .xz)
+# Path sources (.txt / .jsonl / .json, optionally .gz / .xz; .parquet)
 # ----------------------------------------------------------------------------------------
 
-_TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 COMPRESSION = {".gz": gzip.decompress, ".xz": lzma.decompress}
 _DECOMPRESSING = {".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), ".xz": lzma.LZMAFile}
 
@@ -250,10 +251,10 @@ def file_kind(path: Path) -> tuple[str, str | None]:
   comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSION else None
   fmt_suffixes = suffixes[:-1] if comp else suffixes
   fmt = fmt_suffixes[-1] if fmt_suffixes else ""
-  if fmt not in _TEXT_SUFFIXES:
+  if fmt not in _TEXT_SUFFIXES or (fmt == ".parquet" and comp):
     raise ValueError(
       f"unsupported data file {str(path)!r}: expected .txt, .jsonl or .json "
-      "(optionally .gz / .xz compressed)"
+      "(optionally .gz / .xz compressed), or .parquet"
     )
   return fmt, comp
 
@@ -274,7 +275,7 @@ def _resolve_paths(source: str) -> list[Path]:
       files = sorted(q for q in p.rglob("*") if q.is_file() and _looks_like_data(q))
       if not files:
         raise FileNotFoundError(
-          f"--data {source!r}: directory holds no .txt / .jsonl / .json(.gz) files"
+          f"--data {source!r}: directory holds no .txt / .jsonl / .json(.gz) / .parquet files"
         )
     else:
       files = [p]
@@ -326,8 +327,8 @@ def json_records(path: Path) -> Iterator[tuple[Any, str]]:
   not grow with the file; a .json file holding one array or object (possibly over many
   lines) is parsed whole."""
   fmt, _ = file_kind(path)
-  if fmt == ".txt":
-    raise ValueError(f"{path}: a .txt file holds no JSON records")
+  if fmt in (".txt", ".parquet"):
+    raise ValueError(f"{path}: a {fmt} file holds no JSON records")
   # Lines end at "\n" only: "\r" is JSON whitespace, and U+2028 may stand unescaped in a
   # JSON string.
   with _reading(path, newline="\n") as (text, _):
@@ -368,23 +369,62 @@ def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[A
     yield rec, f"{path}:{lineno}"
 
 
+def _parquet_texts(raw, path: Path) -> Iterator[str]:
+  """The ``text`` column of a Parquet file (HuggingFaceFW/fineweb-edu's ``data/*.parquet``,
+  for one), read a batch of rows at a time; pyarrow (a dependency of tensorflow-datasets)
+  is imported here, where it is needed."""
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+  except ImportError as e:
+    raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from e
+  try:
+    file = pq.ParquetFile(raw)
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
+  schema = file.schema_arrow
+  if "text" not in schema.names:
+    raise ValueError(f'{path}: no "text" column (columns: {", ".join(schema.names)})')
+  kind = schema.field("text").type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    raise ValueError(f'{path}: the "text" column holds {kind}, not strings')
+  row = 0
+  try:
+    for batch in file.iter_batches(batch_size=1024, columns=["text"]):
+      for text in batch.column(0).to_pylist():
+        if text is None:
+          raise ValueError(f'{path} [row {row}]: "text" is null')
+        yield text
+        row += 1
+  except (pa.ArrowException, OSError) as e:  # a damaged row group
+    raise ValueError(f"{path}: cannot read from row {row} on: {e}") from e
+
+
 def _file_documents(path: Path, at=None) -> Iterator[str]:
   """The non-empty documents of one file, read as a stream: a .txt file is cut into
   documents of >= 1000 characters at blank lines, or at line ends inside longer paragraphs
-  (``paragraph_documents``; CR LF and a lone CR end lines too); a JSON record is one document
-  (see :func:`json_records`). ``at(n)`` is told the bytes of the file read so far
-  (compressed bytes for a compressed file)."""
+  (``paragraph_documents``; CR LF and a lone CR end lines too); a JSON record (see
+  :func:`json_records`) or a Parquet row (its ``text``) is one document. ``at(n)`` is told
+  the bytes of the file read so far (compressed bytes for a compressed file)."""
   fmt, _ = file_kind(path)
+  if fmt == ".parquet":
+    with open(path, "rb") as raw:
+      yield from _non_empty(_parquet_texts(raw, path), raw, at)
+    return
   with _reading(path, newline=None if fmt == ".txt" else "\n") as (text, raw):
     if fmt == ".txt":
       docs = paragraph_documents(text, cut_long_paragraphs=True)
     else:
       docs = (_record_text(rec, where) for rec, where in _json_records(text, fmt, path))
-    for doc in docs:
-      if doc.strip():
-        if at is not None:
-          at(raw.tell())
-        yield doc
+    yield from _non_empty(docs, raw, at)
+
+
+def _non_empty(docs: Iterable[str], raw, at) -> Iterator[str]:
+  for doc in docs:
+    if doc.strip():
+      if at is not None:
+        at(raw.tell())
+      yield doc
 
 
 def doc_hash(doc: str) -> int:
