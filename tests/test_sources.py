@@ -249,3 +249,23 @@ def test_parquet_sources_read_the_text_column(tmp_path, sp, monkeypatch):
   monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
   with pytest.raises(ValueError, match=r"reading \.parquet needs pyarrow"):
     gd.path_documents(src, "train")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".txt.xz"])
+def test_a_truncated_compressed_file_is_an_error_not_less_data(tmp_path, sp, monkeypatch, suffix):
+  # A download cut short still decompresses up to the cut: read as a stream, its first
+  # documents are already tokenized when the end is missed. That must fail the start
+  # (naming the file), never train on part of the file or cache the part.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  texts = _texts(300, seed=3)
+  if suffix == ".jsonl.gz":
+    whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+  else:
+    whole = lzma.compress("\n\n".join(texts).encode())
+  f = tmp_path / f"cut{suffix}"
+  f.write_bytes(whole[: len(whole) * 2 // 3])
+  with pytest.raises(ValueError, match=rf"cut{re.escape(suffix)}: cannot decompress"):
+    sources.path_tokens(str(f), "train", sp, ["cut"])
+  assert not (tmp_path / "cache" / "tokens").exists() or not any(
+    (tmp_path / "cache" / "tokens").iterdir()
+  )
