@@ -101,7 +101,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--data",
     default=d.data,
-    help="builtin | PATH (a .txt / .jsonl / .json file, .gz / .xz ok, or .parquet with a "
+    help="builtin | PATH (a .txt / .jsonl / .json file, .gz / .xz / .zst ok, or .parquet with a "
     "text column; a directory or a glob; JSON records of prompt/completion or messages train "
     "on the replies) | tfds:NAME (e.g. tfds:c4/en)",
   )

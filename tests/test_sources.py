@@ -269,3 +269,29 @@ def test_a_truncated_compressed_file_is_an_error_not_less_data(tmp_path, sp, mon
   assert not (tmp_path / "cache" / "tokens").exists() or not any(
     (tmp_path / "cache" / "tokens").iterdir()
   )
+
+
+def test_zst_sources_are_read_frame_after_frame_and_truncation_is_an_error(tmp_path, monkeypatch):
+  # SlimPajama and The Pile ship *.jsonl.zst. zstandard's own stream reader reads a file cut
+  # inside a frame back as less data without an error; ours raises, as gzip and lzma do.
+  zstandard = pytest.importorskip("zstandard")
+  texts = _texts(500, seed=4)
+  data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+  half = len(data) // 2  # two frames, as a file written in parts is
+  whole = b"".join(zstandard.ZstdCompressor().compress(x) for x in (data[:half], data[half:]))
+  f = tmp_path / "part.jsonl.zst"
+  f.write_bytes(whole)
+  assert list(sources._all_documents([f])) == texts
+  assert sources.COMPRESSION[".zst"](whole) == data
+  f.write_bytes(whole[: len(whole) // 3])  # cut inside the first frame
+  with pytest.raises(ValueError, match=r"cannot decompress \(\.zst\): the file ends inside a zstd"):
+    list(sources._all_documents([f]))
+  damaged = bytearray(whole)
+  damaged[40:60] = b"\xff" * 20
+  f.write_bytes(bytes(damaged))
+  with pytest.raises(ValueError, match=r"cannot decompress \(\.zst\): damaged zstd data"):
+    list(sources._all_documents([f]))
+  monkeypatch.setitem(sys.modules, "zstandard", None)  # an environment without it
+  f.write_bytes(whole)
+  with pytest.raises(ValueError, match=r"reading \.zst needs the zstandard package"):
+    list(sources._all_documents([f]))

@@ -6,7 +6,7 @@ Three kinds of source (``DataConfig.source``, the ``--data`` value):
   Shakespeare's complete works, ``galore_jax/data/corpus``), split into documents
   and into a train / validation split by a fixed rule (see ``builtin_documents``).
 * a path, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` files (each optionally
-  ``.gz`` or ``.xz`` compressed) or ``.parquet`` files (their ``text`` column). JSON
+  ``.gz``, ``.xz`` or ``.zst`` compressed) or ``.parquet`` files (their ``text`` column). JSON
   records need a ``"text"`` field, or are instruction records (``prompt`` /
   ``completion`` or ``messages``, ``galore_jax.sft``).
 * ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``) -- an already prepared TFDS dataset in

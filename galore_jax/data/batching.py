@@ -48,7 +48,7 @@ class DataConfig:
   """What to train on and how to cut it into batches.
 
   source: ``"builtin"`` | a path, directory or glob of ``.txt`` / ``.jsonl`` / ``.json``
-    files (optionally ``.gz`` / ``.xz``) or ``.parquet`` files | ``"tfds:NAME"`` (e.g.
+    files (optionally ``.gz`` / ``.xz`` / ``.zst``) or ``.parquet`` files | ``"tfds:NAME"`` (e.g.
     ``"tfds:c4/en"``).
   packing: True -> documents are concatenated (each followed by EOS) into one token
     stream cut into windows of ``seq_len + 1`` tokens (stride ``seq_len``: every token

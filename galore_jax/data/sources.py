@@ -3,7 +3,7 @@
 * the tokenizer: the bundled 8k BPE SentencePiece model, another SentencePiece model,
   or a Hugging Face ``tokenizer.json`` (``galore_jax.hf``);
 * path sources: a file, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` files
-  (optionally ``.gz`` / ``.xz``) or ``.parquet`` files (a ``text`` column), read as
+  (optionally ``.gz`` / ``.xz`` / ``.zst``) or ``.parquet`` files (a ``text`` column), read as
   streams, split 1 in 100 by content hash (``split_by_hash``);
 * TFDS sources: an already prepared array_record dataset (``tfds_source``; the
   tensorflow_datasets import is lazy: the GPU image has none);
@@ -237,12 +237,66 @@ def _tokenizer_hash(sp: spm.SentencePieceProcessor) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Path sources (.txt / .jsonl / .json, optionally .gz / .xz; .parquet)
+# Path sources (.txt / .jsonl / .json, optionally .gz / .xz / .zst; .parquet)
 # ----------------------------------------------------------------------------------------
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-COMPRESSION = {".gz": gzip.decompress, ".xz": lzma.decompress}
-_DECOMPRESSING = {".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), ".xz": lzma.LZMAFile}
+
+
+class _ZstdReader(io.RawIOBase):
+  """A .zst file decompressed as a stream, frame after frame (SlimPajama's and The Pile's
+  ``*.jsonl.zst``). The ``zstandard`` package's own stream reader ends quietly inside a
+  truncated frame (half a file read back as nothing, measured); this one raises EOFError
+  there, as gzip and lzma do, and OSError for a damaged frame."""
+
+  CHUNK = 1 << 18
+
+  def __init__(self, raw):
+    try:
+      import zstandard
+    except ImportError as e:
+      raise OSError("reading .zst needs the zstandard package (pip install zstandard)") from e
+    self._zstd, self._raw = zstandard, raw
+    self._frame = None  # the decompressor of the frame being read
+    self._out = memoryview(b"")  # decompressed, not yet read
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    while not self._out:
+      data = self._raw.read(self.CHUNK)
+      if not data:
+        if self._frame is not None and not self._frame.eof:
+          raise EOFError("the file ends inside a zstd frame (truncated?)")
+        return 0
+      out = []
+      while data:
+        if self._frame is None or self._frame.eof:
+          self._frame = self._zstd.ZstdDecompressor().decompressobj()
+        try:
+          out.append(self._frame.decompress(data))
+        except self._zstd.ZstdError as e:
+          raise OSError(f"damaged zstd data: {e}") from e
+        data = self._frame.unused_data if self._frame.eof else b""
+      self._out = memoryview(b"".join(out))
+    n = min(len(buffer), len(self._out))
+    buffer[:n] = self._out[:n]
+    self._out = self._out[n:]
+    return n
+
+
+# Whole-bytes decompression by suffix (the suffixes path sources accept as compressed).
+COMPRESSION = {
+  ".gz": gzip.decompress,
+  ".xz": lzma.decompress,
+  ".zst": lambda data: _ZstdReader(io.BytesIO(data)).read(),
+}
+_DECOMPRESSING = {
+  ".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+  ".xz": lzma.LZMAFile,
+  ".zst": lambda f: io.BufferedReader(_ZstdReader(f), buffer_size=_ZstdReader.CHUNK),
+}
 
 
 def file_kind(path: Path) -> tuple[str, str | None]:
@@ -254,7 +308,7 @@ def file_kind(path: Path) -> tuple[str, str | None]:
   if fmt not in _TEXT_SUFFIXES or (fmt == ".parquet" and comp):
     raise ValueError(
       f"unsupported data file {str(path)!r}: expected .txt, .jsonl or .json "
-      "(optionally .gz / .xz compressed), or .parquet"
+      "(optionally .gz / .xz / .zst compressed), or .parquet"
     )
   return fmt, comp
 
@@ -310,8 +364,8 @@ def _reading(path: Path, newline: str | None = "\n"):
   the file."""
   _, comp = file_kind(path)
   with open(path, "rb") as raw:
-    stream = _DECOMPRESSING[comp](raw) if comp else raw
     try:
+      stream = _DECOMPRESSING[comp](raw) if comp else raw
       yield io.TextIOWrapper(stream, encoding="utf-8", newline=newline), raw
     except UnicodeDecodeError as e:
       raise ValueError(f"{path}: not UTF-8 text: {e}") from e
