@@ -236,7 +236,7 @@ def reply_end_ids(tok, fmt: str) -> set[int]:
 
 
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
-  """The path-source split rule (``galore_jax.data.path_documents``) on canonical JSON."""
+  """The path-source split rule (``galore_jax.data.split_by_hash``) on canonical JSON."""
   parts = {"train": [], "validation": []}
   canonical = lambda rec: json.dumps(rec[0], sort_keys=True)
   data.split_by_hash(records, parts["train"], parts["validation"], key=canonical)

@@ -30,6 +30,7 @@ from galore_jax.data.corpus import (
 )
 from galore_jax.data.sources import (
   _cached_tokens,
+  _digest,
   _record_to_text,
   _resolve_paths,
   _sha256_file,
@@ -343,13 +344,9 @@ def _split_index(
   if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
     index = sft.split_index(config, split, sp, files, eos, pad)
   else:
-    docs = path_tokens(source, split, sp, [*key, tok_hash], progress)
+    docs = path_tokens(source, split, sp, [*key, tok_hash], progress, files=files)
     index = _in_memory_index(config, docs, eos, pad)
   return dataclasses.replace(index, fingerprint=_digest(key))
-
-
-def _digest(parts: Sequence[str]) -> str:
-  return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _too_small(config: DataConfig, split: str, index: SplitIndex) -> ValueError:

@@ -183,9 +183,14 @@ def _tokenize_docs(sp: spm.SentencePieceProcessor, docs: Iterable[str]) -> _Toke
   return builder.finish()
 
 
+def _digest(parts: Sequence[str], length: int = 16) -> str:
+  """The first ``length`` hex digits of the SHA-256 of ``parts`` (a cache key, a data
+  fingerprint)."""
+  return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:length]
+
+
 def _token_cache_path(key_parts: Sequence[str]) -> Path:
-  key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:32]
-  return cache_dir() / "tokens" / f"{key}.npz"
+  return cache_dir() / "tokens" / f"{_digest(key_parts, 32)}.npz"
 
 
 def _load_tokens(path: Path) -> _TokenDocs | None:
@@ -520,11 +525,12 @@ def _empty_split(source: str, split: str, total: int) -> ValueError:
 
 def _all_documents(files: Sequence[Path], progress=None) -> Iterator[str]:
   """Every file's documents in order; ``progress(done, total)`` in bytes of the files."""
-  total, before = sum(f.stat().st_size for f in files), 0
-  for f in files:
+  sizes = [f.stat().st_size for f in files]
+  total, before = sum(sizes), 0
+  for f, size in zip(files, sizes, strict=True):
     at = None if progress is None else (lambda n, before=before: progress(before + n, total))
     yield from _file_documents(f, at)
-    before += f.stat().st_size
+    before += size
   if progress is not None:
     progress(total, total)
 
@@ -556,19 +562,22 @@ class _Count:
     self.n -= 1
 
 
-def path_tokens(source: str, split: str, sp, key_parts: Sequence[str], progress=None) -> _TokenDocs:
+def path_tokens(
+  source: str, split: str, sp, key_parts: Sequence[str], progress=None, *, files=None
+) -> _TokenDocs:
   """The tokenized documents of ``split`` of a path source (what :func:`path_documents`
   gives, tokenized), from the token cache under ``[*key_parts, split]``. A miss reads
   the files once, as a stream; for ``train`` it tokenizes and caches both splits (training
   reads the validation split next), for ``validation`` (``eval`` of a new source) only
-  that one, the ~1 % of the text it needs."""
+  that one, the ~1 % of the text it needs. ``files``: ``source`` already resolved (a
+  caller that hashed them for the key), else resolved here."""
   _check_split(split)
   docs = _load_tokens(_token_cache_path([*key_parts, split]))
   if docs is not None:
     return docs
   both = split == "train"
   parts = {s: _TokenBuilder(sp) if both or s == split else _Count() for s in SPLITS}
-  files = _resolve_paths(source)
+  files = _resolve_paths(source) if files is None else files
   split_by_hash(_all_documents(files, progress), parts["train"], parts["validation"])
   total = sum(map(len, parts.values()))
   built = {s: b.finish() for s, b in parts.items() if isinstance(b, _TokenBuilder)}
