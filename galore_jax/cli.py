@@ -273,6 +273,16 @@ def _join_job(args) -> None:
     raise config.ConfigError(e.flag, e.message) from None
 
 
+def loss_trend(losses: list[float]) -> str:
+  """Mean loss of the first and of the last steps of a run, in windows of up to 10 steps
+  that never overlap (a run of 8 steps compares its first 4 with its last 4)."""
+  n = min(10, len(losses) // 2)
+  if n == 0:
+    return f"loss {losses[0]:.3f} (1 step)"
+  head, tail = sum(losses[:n]) / n, sum(losses[-n:]) / n
+  return f"loss {head:.3f} (first {n}) -> {tail:.3f} (last {n})"
+
+
 def _cmd_train(args) -> int:
   from galore_jax import distributed, trainer
   from galore_jax.errors import first_line
@@ -293,14 +303,9 @@ def _cmd_train(args) -> int:
     return 1
   if not distributed.is_primary():  # multi-process: process 0 reports
     return 0
-  losses = summary["losses"]
-  if losses:
-    head = sum(losses[:10]) / len(losses[:10])
-    tail = sum(losses[-10:]) / len(losses[-10:])
-    print(
-      f"trained steps {summary['start_step']}..{summary['step']}: "
-      f"loss {head:.3f} (first 10) -> {tail:.3f} (last 10)"
-    )
+  if summary["losses"]:
+    span = f"{summary['start_step']}..{summary['step']}"
+    print(f"trained steps {span}: {loss_trend(summary['losses'])}")
   if "eval_ppl" in summary:
     print(
       f"final validation loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f} "

@@ -835,6 +835,12 @@ def _train_loop(
     + f", peak lr {cfg.peak_lr:g}"
     + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
   )
+  if (n_devices := jax.device_count()) > run.mesh.size:  # one process (a job's mesh is all)
+    log(  # the default mesh is one device: a machine of 8 GPUs would train on 1 unnoticed
+      f"galore-jax: note: the run uses {run.mesh.size} of {n_devices} devices; "
+      f"--mesh data={n_devices} (or fsdp={n_devices}, which also shards the weights and "
+      "optimizer state) uses all of them"
+    )
 
   startup_check()
   if cfg.resume and distributed.is_primary():  # replayed steps' old records go (process 0's)

@@ -88,12 +88,17 @@ def test_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path, straig
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   # 3 steps: projector refreshes at counts 0 and 2.
   cfg = _cfg(tmp_path, "mesh", steps=6, stop_after=3, mesh="data=2,fsdp=4")
-  sharded = train.train(cfg, log=_quiet)
+  logged = []
+  sharded = train.train(cfg, log=logged.append)
+  assert not [line for line in logged if "devices; --mesh" in str(line)]  # (2, 4): all 8
   assert len(sharded["losses"]) == 3
   np.testing.assert_allclose(sharded["losses"], straight_run["losses"][:3], rtol=1e-4, atol=1e-4)
   # The sharded checkpoint resumed on one device (another mesh: orbax restores onto the new
   # run's shardings) follows the same trajectory. Its step is straight_run's, compiled.
-  resumed = train.train(_cfg(tmp_path, "mesh", steps=6, resume=True), log=_quiet)
+  resumed = train.train(_cfg(tmp_path, "mesh", steps=6, resume=True), log=logged.append)
+  # The default mesh (one device) says what the other seven would take.
+  note = "galore-jax: note: the run uses 1 of 8 devices; --mesh data=8 (or fsdp=8, "
+  assert [line for line in logged if str(line).startswith(note)]
   assert resumed["start_step"] == 3 and resumed["step"] == 6
   np.testing.assert_allclose(resumed["losses"], straight_run["losses"][3:], rtol=1e-4, atol=1e-4)
 
@@ -235,6 +240,16 @@ class _FakeWandb:
 
   def finish(self):
     self.finished += 1
+
+
+def test_the_loss_trend_compares_windows_that_do_not_overlap():
+  from galore_jax.cli import loss_trend
+
+  assert loss_trend([5.0] * 4 + [3.0] * 4) == "loss 5.000 (first 4) -> 3.000 (last 4)"
+  assert loss_trend([9.0, 1.0]) == "loss 9.000 (first 1) -> 1.000 (last 1)"
+  assert loss_trend([7.0]) == "loss 7.000 (1 step)"
+  long = [8.0] * 10 + [0.0] * 30 + [2.0] * 10
+  assert loss_trend(long) == "loss 8.000 (first 10) -> 2.000 (last 10)"
 
 
 def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
