@@ -11,10 +11,17 @@ fresh process:
 * ``cached``: the same again, from the token cache.
 
 Each prints its seconds and its peak resident memory (``VmHWM``, Linux), and the baseline of
-the same process after its imports (the peak is what the data adds on top). One real C4
-shard holds about 800 MB of text; eight (the README's glob) about 6.4 GB.
+the same process after its imports (the peak is what the data adds on top). Then it reads
+a byte of every page of the packed training stream (as an epoch of batches would) and
+prints the process's private memory (``RssAnon``) and file pages it maps (``RssFile``:
+the token cache, shared by processes that read the same source). One real C4 shard holds
+about 800 MB of text; eight (the README's glob) about 6.4 GB.
 
-    python experiments/data_load.py --dir /tmp/data_load --mb 200 [--txt]
+``--processes N`` starts N workers at once for each case, as a host's N GPUs (one
+process each) start on the same source: the seconds are the last worker's, the memory
+each worker's, and ``tokenized`` counts the workers that tokenized the files themselves.
+
+    python experiments/data_load.py --dir /tmp/data_load --mb 200 [--txt] [--processes 4]
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,30 +65,49 @@ def write_shard(path: Path, megabytes: float, seed: int = 0, txt: bool = False) 
   return docs
 
 
-def rss() -> int:
-  """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, which keeps the
-  parent's peak across fork + exec, it starts again at exec)."""
+def status(field: str = "VmHWM") -> int:
+  """A ``/proc/self/status`` memory field in bytes. VmHWM, the peak resident memory:
+  unlike ``ru_maxrss``, which keeps the parent's peak across fork + exec, it starts again
+  at exec."""
   with open("/proc/self/status") as f:
-    return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+    return next(int(x.split()[1]) * 1024 for x in f if x.startswith(f"{field}:"))
 
 
 def measure(source: str) -> dict:
-  """In this (fresh) process: the seconds and peak memory of loading both splits."""
+  """In this (fresh) process: the seconds and peak memory of loading both splits (what
+  ``make_dataset`` and ``eval_batches`` do), then the memory after reading every page of
+  the training stream."""
   from galore_jax import data
+  from galore_jax.data import batching, sources
 
   config = data.DataConfig(source=source, seq_len=256, batch_size=8)
-  data.load_tokenizer()
-  base = rss()
+  sp = data.load_tokenizer()
+  base = status()
+  encode, encoded = sources._TokenBuilder._flush, []
+
+  def counting_flush(self):  # whether this process tokenized (or read another's cache)
+    encoded.append(1)
+    return encode(self)
+
+  sources._TokenBuilder._flush = counting_flush
   t0 = time.perf_counter()
-  train = data.make_dataset(config, "train")
+  train = batching._split_index(config, "train", sp)
   validation = data.eval_batches(config, 4)
   validation[0]
+  seconds = time.perf_counter() - t0
+  peak = status()
+  stream = train.make_batch.stream
+  touched = int(np.asarray(stream[:: 4096 // stream.itemsize], np.int64).sum())  # every page
   return {
-    "seconds": round(time.perf_counter() - t0, 2),
-    "peak_bytes": rss(),
+    "seconds": round(seconds, 2),
+    "peak_bytes": peak,
     "baseline_bytes": base,
+    "anon_bytes": status("RssAnon"),
+    "file_bytes": status("RssFile"),
+    "stream_bytes": stream.nbytes,
+    "tokenized": bool(encoded),
     "tokens": train.num_tokens,
-    "documents": train.num_documents,
+    "touched": touched,
   }
 
 
@@ -88,6 +116,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--dir", default="/tmp/galore_jax_data_load", help="where the shard goes")
   ap.add_argument("--mb", type=float, default=200.0, help="MB of JSON lines to write")
   ap.add_argument("--txt", action="store_true", help="a plain-text file instead of JSON lines")
+  ap.add_argument("--processes", type=int, default=1, help="workers started at once per case")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
@@ -109,22 +138,36 @@ def main(argv=None) -> dict:
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
   results = {}
   for case in ("first", "cached"):
-    out = subprocess.run(
-      [sys.executable, __file__, "--worker", str(shard)],
-      env=env,
-      capture_output=True,
-      text=True,
-      check=True,
-    )
-    results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    workers = [
+      subprocess.Popen(
+        [sys.executable, __file__, "--worker", str(shard)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for _ in range(args.processes)
+    ]
+    outs = [w.communicate() for w in workers]
+    for w, (_, err) in zip(workers, outs, strict=True):
+      if w.returncode:
+        raise SystemExit(f"worker failed:\n{err}")
+    results[case] = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
   gb = lambda b: f"{b / 1e9:.2f}"
   print(f"{shard.name}: {shard.stat().st_size / 1e6:.0f} MB on disk, about {args.mb:g} MB of text")
-  print("| start | seconds | peak GB | after imports GB | tokens |")
-  print("|---|---:|---:|---:|---:|")
-  for case, r in results.items():
+  r0 = results["first"][0]
+  print(f"{r0['tokens']:,} training tokens, packed stream {gb(r0['stream_bytes'])} GB")
+  print(f"{args.processes} process(es) per case; memory columns: the largest worker's")
+  print(
+    "| start | seconds | tokenized | peak GB | after imports GB | private GB | mapped file GB |"
+  )
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for case, rs in results.items():
+    big = lambda k, rs=rs: max(r[k] for r in rs)
     print(
-      f"| {case} | {r['seconds']} | {gb(r['peak_bytes'])} | {gb(r['baseline_bytes'])} "
-      f"| {r['tokens']:,} |"
+      f"| {case} | {max(r['seconds'] for r in rs)} | {sum(r['tokenized'] for r in rs)} "
+      f"| {gb(big('peak_bytes'))} | {gb(big('baseline_bytes'))} | {gb(big('anon_bytes'))} "
+      f"| {gb(big('file_bytes'))} |"
     )
   return results
 

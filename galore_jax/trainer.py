@@ -629,6 +629,20 @@ def data_config(cfg: TrainConfig, batch_size: int):
   )
 
 
+def idle_devices_note(used: int, devices) -> str | None:
+  """A note when the mesh leaves accelerators idle: the default mesh is one device, so a
+  machine of 8 GPUs would train on 1 unnoticed. CPU devices are not counted (several
+  exist only where XLA_FLAGS asks for them, as the tests do); a job of several processes
+  already needs a mesh over all of its devices."""
+  n = sum(d.platform != "cpu" for d in devices)
+  if n <= used:
+    return None
+  return (
+    f"galore-jax: note: the run uses {used} of {n} devices; --mesh data={n} (or fsdp={n}, "
+    "which also shards the weights and optimizer state) uses all of them"
+  )
+
+
 def load_data(cfg: TrainConfig):
   """Tokenizer, training stream and fixed validation batches; bad --data is a ConfigError."""
   from galore_jax import data
@@ -835,12 +849,8 @@ def _train_loop(
     + f", peak lr {cfg.peak_lr:g}"
     + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
   )
-  if (n_devices := jax.device_count()) > run.mesh.size:  # one process (a job's mesh is all)
-    log(  # the default mesh is one device: a machine of 8 GPUs would train on 1 unnoticed
-      f"galore-jax: note: the run uses {run.mesh.size} of {n_devices} devices; "
-      f"--mesh data={n_devices} (or fsdp={n_devices}, which also shards the weights and "
-      "optimizer state) uses all of them"
-    )
+  if note := idle_devices_note(run.mesh.size, jax.devices()):
+    log(note)
 
   startup_check()
   if cfg.resume and distributed.is_primary():  # replayed steps' old records go (process 0's)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 import re
 import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,8 +67,8 @@ class _EncodeSpy:
   def __init__(self, sp):
     self.sp, self.calls = sp, []
 
-  def get_piece_size(self):
-    return self.sp.get_piece_size()
+  def __getattr__(self, name):  # eos_id, get_piece_size, ...
+    return getattr(self.sp, name)
 
   def encode(self, docs, **kw):
     self.calls.append(sum(map(len, docs)))
@@ -75,6 +79,15 @@ def _write_jsonl_gz(path, texts):
   with gzip.open(path, "wt") as f:
     for t in texts:
       f.write(json.dumps({"text": t, "url": "u"}) + "\n")
+
+
+def _assert_packed(docs, sp, texts):
+  """``docs`` (a _TokenDocs) holds ``texts`` tokenized, each followed by EOS."""
+  ids = sp.encode(texts)
+  want = np.concatenate([np.append(np.asarray(x, np.int64), sp.eos_id()) for x in ids])
+  np.testing.assert_array_equal(docs.stream, want)
+  np.testing.assert_array_equal(np.diff(docs.starts), [len(x) + 1 for x in ids])
+  np.testing.assert_array_equal(docs.doc(len(ids) - 1), ids[-1])
 
 
 def _texts(n, seed=0):
@@ -98,21 +111,20 @@ def test_path_tokens_hold_one_batch_of_tokenizer_output_at_a_time(tmp_path, sp, 
   longest = max(map(len, texts))
   assert len(spy.calls) > 20 and max(spy.calls) < 2000 + longest, spy.calls
   for split, docs in got.items():
-    want = sp.encode(gd.path_documents(src, split))
-    assert docs.tokens.dtype == np.uint16 and docs.num_docs == len(want) > 0
-    np.testing.assert_array_equal(docs.tokens, np.concatenate(want))
-    np.testing.assert_array_equal(np.diff(docs.offsets), [len(x) for x in want])
+    want = gd.path_documents(src, split)
+    assert docs.stream.dtype == np.uint16 and docs.num_docs == len(want) > 0
+    _assert_packed(docs, sp, want)
   # Train's pass cached both splits: reading validation again opens no file.
   read = sources._file_documents
   monkeypatch.setattr(sources, "_file_documents", lambda *a: pytest.fail("file read again"))
   np.testing.assert_array_equal(
-    sources.path_tokens(src, "validation", spy, ["t"]).tokens, got["validation"].tokens
+    sources.path_tokens(src, "validation", spy, ["t"]).stream, got["validation"].stream
   )
   # Validation first (eval of a new source) tokenizes validation alone: ~1 % of the text.
   monkeypatch.setattr(sources, "_file_documents", read)
   spy.calls.clear()
   val = sources.path_tokens(src, "validation", spy, ["v"])
-  np.testing.assert_array_equal(val.tokens, got["validation"].tokens)
+  np.testing.assert_array_equal(val.stream, got["validation"].stream)
   assert sum(spy.calls) == sum(map(len, gd.path_documents(src, "validation")))
   assert not sources._token_cache_path(["v", "train"]).exists()
 
@@ -131,9 +143,7 @@ def test_split_fallback_moves_the_smallest_hash_out_of_tokenized_batches(tmp_pat
     ("train", [t for i, t in enumerate(texts) if i != smallest]),
   ):
     assert gd.path_documents(src, split) == want
-    docs = sources.path_tokens(src, split, sp, ["f"])
-    np.testing.assert_array_equal(docs.tokens, np.concatenate(sp.encode(want)))
-    np.testing.assert_array_equal(np.diff(docs.offsets), [len(x) for x in sp.encode(want)])
+    _assert_packed(sources.path_tokens(src, split, sp, ["f"]), sp, want)
 
 
 def test_json_lines_are_read_as_a_stream(tmp_path):
@@ -185,26 +195,122 @@ def test_txt_files_are_read_as_a_stream(tmp_path, blank_lines):
   assert [first, *docs] == want and len(want) > 500
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not a zip"])
-def test_a_damaged_token_cache_is_rebuilt(tmp_path, sp, monkeypatch, damage):
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not the format"])
+@pytest.mark.parametrize("which", ["stream", "index"])
+def test_a_damaged_token_cache_is_rebuilt(tmp_path, sp, monkeypatch, which, damage):
   # A cache file cut short or with a bad CRC (a copy interrupted, a disk error) is read as
-  # a miss and rewritten, never a crash at start-up or wrong tokens.
+  # a miss and rewritten, never a crash at start-up or wrong tokens: the stream file by
+  # its length and the CRC-32 its index keeps, the index (a zip) by zip's own CRC.
   monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
   (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(50)))
   src = str(tmp_path / "d.jsonl")
   want = sources.path_tokens(src, "train", sp, ["k"])
-  path = sources._token_cache_path(["k", "train"])
-  good = path.read_bytes()
+  want_stream, want_starts = np.array(want.stream), np.array(want.starts)
+  del want  # (a mapped file: the damage below writes it in place)
+  stream_path = sources._token_cache_path(["k", "train"])
+  path = stream_path if which == "stream" else sources._docs_path(stream_path)
+  good, good_stream = path.read_bytes(), stream_path.read_bytes()
   if damage == "truncated":
     path.write_bytes(good[: len(good) // 2])
-  elif damage == "flipped byte":
-    path.write_bytes(good[:200] + bytes([good[200] ^ 0xFF]) + good[201:])
+  elif damage == "flipped byte":  # in the tokens (past the 128-byte .npy header) or the zip
+    at = len(good) // 2
+    path.write_bytes(good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1 :])
   else:
-    path.write_bytes(b"not a zip file")
+    path.write_bytes(b"not an array")
   got = sources.path_tokens(src, "train", sp, ["k"])
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_array_equal(got.offsets, want.offsets)
-  assert path.read_bytes() == good  # rewritten
+  np.testing.assert_array_equal(got.stream, want_stream)
+  np.testing.assert_array_equal(got.starts, want_starts)
+  assert stream_path.read_bytes() == good_stream  # rewritten
+  assert sources._load_tokens(stream_path, sp.eos_id()) is not None
+
+
+def test_a_cached_stream_is_a_read_only_map_of_its_file(tmp_path, sp, monkeypatch):
+  # The packed stream is not read into memory: the processes of a host that train on the
+  # same source (one per GPU) share the cache file's pages. The first start maps back
+  # what it wrote (its chunks never joined in memory).
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  texts = _texts(300)
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", texts)
+  src = str(tmp_path / "a.jsonl.gz")
+  joined = []
+  monkeypatch.setattr(sources._TokenBuilder, "finish", lambda self: joined.append(1))
+  for start in ("first", "cached"):
+    docs = sources.path_tokens(src, "train", sp, ["m"])
+    assert isinstance(docs.stream, np.memmap) and not docs.stream.flags.writeable, start
+    assert Path(docs.stream.filename) == sources._token_cache_path(["m", "train"])
+    _assert_packed(docs, sp, gd.path_documents(src, "train"))
+  assert joined == []
+
+
+def test_an_unwritable_cache_keeps_the_tokens_in_memory(tmp_path, sp, monkeypatch):
+  # The cache is an optimisation: where it cannot be written (a file where its directory
+  # should be, a full disk) the documents are joined in memory and the run goes on.
+  (tmp_path / "file").write_text("x")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "file" / "cache"))
+  texts = _texts(300)
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", texts)
+  src = str(tmp_path / "a.jsonl.gz")
+  for split in ("train", "validation"):
+    docs = sources.path_tokens(src, split, sp, ["u"])
+    assert not isinstance(docs.stream, np.memmap)
+    _assert_packed(docs, sp, gd.path_documents(src, split))
+
+
+def test_a_cache_entry_of_the_one_file_format_is_converted_not_rebuilt(tmp_path, sp, monkeypatch):
+  # Versions before the mapped stream kept tokens (no EOS) and offsets in one <key>.npz:
+  # an upgrade reads it into the new format, removes it, and tokenizes nothing.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  texts = _texts(300)
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", texts)
+  src = str(tmp_path / "a.jsonl.gz")
+  split_docs = {s: gd.path_documents(src, s) for s in ("train", "validation")}
+  for split, texts in split_docs.items():  # what the old reader cached
+    ids = sp.encode(texts)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+    legacy = sources._legacy_path(sources._token_cache_path(["o", split]))
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(legacy, tokens=np.concatenate(ids).astype(np.uint16), offsets=offsets)
+  monkeypatch.setattr(sources, "_file_documents", lambda *a: pytest.fail("tokenized again"))
+  for split, texts in split_docs.items():
+    docs = sources.path_tokens(src, split, sp, ["o"])
+    _assert_packed(docs, sp, texts)
+    assert isinstance(docs.stream, np.memmap)
+    assert not sources._legacy_path(sources._token_cache_path(["o", split])).exists()
+
+
+def test_a_second_process_waits_for_the_first_to_tokenize(tmp_path, sp, monkeypatch, capsys):
+  # Processes starting on the same source (one per GPU of a host) tokenize it once: the
+  # one holding the entry's lock builds, the others wait, then read its entry. Here this
+  # test holds the lock (flock: another open file conflicts even in one process).
+  fcntl = pytest.importorskip("fcntl")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  texts = _texts(300)
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", texts)
+  src = str(tmp_path / "a.jsonl.gz")
+  stream_path = sources._token_cache_path(["w", "train"])
+  stream_path.parent.mkdir(parents=True)
+  lock = os.open(
+    stream_path.with_name(stream_path.name.replace(".stream.npy", ".lock")), os.O_RDWR | os.O_CREAT
+  )
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  spy, got = _EncodeSpy(sp), []
+  waiter = threading.Thread(
+    target=lambda: got.append(sources.path_tokens(src, "train", spy, ["w"], lambda *a: None))
+  )
+  waiter.start()
+  deadline, err = time.monotonic() + 30, ""
+  while "waiting for another process" not in err and time.monotonic() < deadline:
+    time.sleep(0.05)
+    err += capsys.readouterr().err
+  assert "galore-jax: waiting for another process that is tokenizing the same files" in err
+  assert waiter.is_alive() and not got
+  for split in ("train", "validation"):  # "the other process" builds both entries
+    builder = sources._tokenize_docs(sp, gd.path_documents(src, split))
+    builder.store(sources._token_cache_path(["w", split]))
+  os.close(lock)
+  waiter.join(30)
+  assert not waiter.is_alive() and spy.calls == []  # read the entry, tokenized nothing
+  _assert_packed(got[0], sp, gd.path_documents(src, "train"))
 
 
 def test_parquet_sources_read_the_text_column(tmp_path, sp, monkeypatch):
@@ -266,9 +372,8 @@ def test_a_truncated_compressed_file_is_an_error_not_less_data(tmp_path, sp, mon
   f.write_bytes(whole[: len(whole) * 2 // 3])
   with pytest.raises(ValueError, match=rf"cut{re.escape(suffix)}: cannot decompress"):
     sources.path_tokens(str(f), "train", sp, ["cut"])
-  assert not (tmp_path / "cache" / "tokens").exists() or not any(
-    (tmp_path / "cache" / "tokens").iterdir()
-  )
+  left = (tmp_path / "cache" / "tokens").glob("*")
+  assert [p.suffix for p in left] == [".lock"]  # the build lock: nothing cached
 
 
 def test_zst_sources_are_read_frame_after_frame_and_truncation_is_an_error(tmp_path, monkeypatch):

@@ -88,17 +88,12 @@ def test_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path, straig
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   # 3 steps: projector refreshes at counts 0 and 2.
   cfg = _cfg(tmp_path, "mesh", steps=6, stop_after=3, mesh="data=2,fsdp=4")
-  logged = []
-  sharded = train.train(cfg, log=logged.append)
-  assert not [line for line in logged if "devices; --mesh" in str(line)]  # (2, 4): all 8
+  sharded = train.train(cfg, log=_quiet)
   assert len(sharded["losses"]) == 3
   np.testing.assert_allclose(sharded["losses"], straight_run["losses"][:3], rtol=1e-4, atol=1e-4)
   # The sharded checkpoint resumed on one device (another mesh: orbax restores onto the new
   # run's shardings) follows the same trajectory. Its step is straight_run's, compiled.
-  resumed = train.train(_cfg(tmp_path, "mesh", steps=6, resume=True), log=logged.append)
-  # The default mesh (one device) says what the other seven would take.
-  note = "galore-jax: note: the run uses 1 of 8 devices; --mesh data=8 (or fsdp=8, "
-  assert [line for line in logged if str(line).startswith(note)]
+  resumed = train.train(_cfg(tmp_path, "mesh", steps=6, resume=True), log=_quiet)
   assert resumed["start_step"] == 3 and resumed["step"] == 6
   np.testing.assert_allclose(resumed["losses"], straight_run["losses"][3:], rtol=1e-4, atol=1e-4)
 
@@ -240,6 +235,19 @@ class _FakeWandb:
 
   def finish(self):
     self.finished += 1
+
+
+def test_a_mesh_that_leaves_accelerators_idle_says_so():
+  # The default mesh is one device: on a machine of 8 GPUs the run names the other 7.
+  gpus = [types.SimpleNamespace(platform="gpu")] * 8
+  note = trainer.idle_devices_note(1, gpus)
+  assert note == (
+    "galore-jax: note: the run uses 1 of 8 devices; --mesh data=8 (or fsdp=8, which also "
+    "shards the weights and optimizer state) uses all of them"
+  )
+  assert trainer.idle_devices_note(8, gpus) is None  # --mesh data=2,fsdp=4
+  assert trainer.idle_devices_note(1, [types.SimpleNamespace(platform="cpu")] * 8) is None
+  assert trainer.idle_devices_note(1, jax.devices()) is None  # these tests' 8 CPU devices
 
 
 def test_the_loss_trend_compares_windows_that_do_not_overlap():

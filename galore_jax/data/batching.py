@@ -293,11 +293,10 @@ class SplitIndex:
 
 def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -> SplitIndex:
   B, L = config.batch_size, config.seq_len
-  n_tok = int(docs.offsets[-1]) + docs.num_docs
+  n_tok = len(docs.stream)  # each document + EOS
   if config.packing:
-    stream = docs.stream(eos)
-    n = max(len(stream) - 1, 0) // L
-    return SplitIndex(n, B, _WindowBatch(stream, B, L, pad), docs.num_docs, n, n_tok)
+    n = max(n_tok - 1, 0) // L
+    return SplitIndex(n, B, _WindowBatch(docs.stream, B, L, pad), docs.num_docs, n, n_tok)
   nd = docs.num_docs
   return SplitIndex(nd, B, _DocBatch(docs, B, L, eos, pad), nd, nd, n_tok)
 
@@ -334,7 +333,7 @@ def _split_index(
     corpus_hash = [_sha256_file(CORPUS_DIR / n) for n in CORPUS_FILES]
     key = ["builtin", DATA_FORMAT_VERSION, *corpus_hash]
     docs = _cached_tokens(
-      [*key, tok_hash, split], lambda: _tokenize_docs(sp, builtin_documents(split))
+      [*key, tok_hash, split], lambda: _tokenize_docs(sp, builtin_documents(split)), eos
     )
     return dataclasses.replace(_in_memory_index(config, docs, eos, pad), fingerprint=_digest(key))
   files = _resolve_paths(source)

@@ -8,7 +8,8 @@
 * TFDS sources: an already prepared array_record dataset (``tfds_source``; the
   tensorflow_datasets import is lazy: the GPU image has none);
 * the token cache: tokenized documents stored under ``cache_dir()``, keyed by the
-  source's content, the tokenizer and ``DATA_FORMAT_VERSION``.
+  source's content, the tokenizer and ``DATA_FORMAT_VERSION``; read back as a memory map,
+  built by one process at a time (``_building``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import itertools
 import json
 import lzma
 import os
+import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,22 +96,22 @@ def cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class _TokenDocs:
-  """Tokenized documents: ``tokens[offsets[i]:offsets[i + 1]]`` is document i (no EOS)."""
+  """Tokenized documents packed into one stream, each followed by EOS: document i is
+  ``stream[starts[i] : starts[i + 1] - 1]``. The stream is in the tokens' dtype (uint16
+  for the bundled vocabulary: half of int32's host memory; batches are int32); a cached
+  source's is a read-only memory map of its cache file, whose pages the processes reading
+  that source share (one per GPU of a host) and the OS can drop and read again."""
 
-  tokens: np.ndarray
-  offsets: np.ndarray
+  stream: np.ndarray
+  starts: np.ndarray
 
   @property
   def num_docs(self) -> int:
-    return len(self.offsets) - 1
+    return len(self.starts) - 1
 
   def doc(self, i: int) -> np.ndarray:
-    return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-  def stream(self, eos: int) -> np.ndarray:
-    """All documents, each followed by EOS, as one array of the tokens' dtype (uint16 for
-    the bundled vocabulary: half of int32's host memory; batches are int32)."""
-    return np.insert(self.tokens, self.offsets[1:], np.asarray(eos, self.tokens.dtype))
+    """Document ``i``'s tokens, without its EOS."""
+    return self.stream[self.starts[i] : self.starts[i + 1] - 1]
 
 
 # Documents are tokenized a batch of about this many characters at a time: the tokenizer
@@ -125,17 +128,20 @@ def _usable_cpus() -> int:
 
 
 class _TokenBuilder:
-  """Tokenizes appended documents a batch at a time into one compact array (uint16 for
-  vocabularies of up to 65536 pieces); ``finish()`` returns the :class:`_TokenDocs`."""
+  """Tokenizes appended documents a batch at a time into compact chunks of the packed
+  stream (each document + EOS; uint16 for vocabularies of up to 65536 pieces).
+  :meth:`store` writes them to the cache chunk by chunk; :meth:`finish` joins them in
+  memory."""
 
   def __init__(self, sp):
     self.sp = sp
+    self.eos = _special_ids(sp)[0]
     self.dtype = np.uint16 if sp.get_piece_size() <= 1 << 16 else np.int32
     self.threads = _usable_cpus()  # a one-off task the start waits for: every core
     self._pending: list[str] = []
     self._pending_chars = 0
-    self._tokens: list[np.ndarray] = []
-    self._lengths: list[np.ndarray] = []
+    self._chunks: list[np.ndarray] = []
+    self._lengths: list[np.ndarray] = []  # per document, EOS included
     self._count = 0
 
   def __len__(self) -> int:
@@ -151,9 +157,9 @@ class _TokenBuilder:
   def __delitem__(self, i: int) -> None:
     """Drops document ``i`` (the split rule's fallback, which only small sources reach)."""
     docs = self.finish()
-    keep = np.ones(len(docs.tokens), dtype=bool)
-    keep[docs.offsets[i] : docs.offsets[i + 1]] = False
-    self._tokens, self._lengths = [docs.tokens[keep]], [np.delete(np.diff(docs.offsets), i)]
+    keep = np.ones(len(docs.stream), dtype=bool)
+    keep[docs.starts[i] : docs.starts[i + 1]] = False
+    self._chunks, self._lengths = [docs.stream[keep]], [np.delete(np.diff(docs.starts), i)]
     self._count -= 1
 
   def _flush(self) -> None:
@@ -162,25 +168,42 @@ class _TokenBuilder:
     ids = self.sp.encode(self._pending, num_threads=self.threads)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = itertools.chain.from_iterable(ids)
-    self._tokens.append(np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum())))
-    self._lengths.append(lengths)
+    tokens = np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum()))
+    self._chunks.append(np.insert(tokens, np.cumsum(lengths), np.asarray(self.eos, self.dtype)))
+    self._lengths.append(lengths + 1)
     self._pending, self._pending_chars = [], 0
 
-  def finish(self) -> _TokenDocs:
-    self._flush()
-    tokens = np.concatenate([np.zeros(0, self.dtype), *self._tokens])
+  def _starts(self) -> np.ndarray:
     lengths = np.concatenate([np.zeros(0, np.int64), *self._lengths])
-    self._tokens, self._lengths = [tokens], [lengths]  # merged once, however often called
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return _TokenDocs(tokens, offsets)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    return starts
+
+  def finish(self) -> _TokenDocs:
+    """The documents, joined in memory (once, however often called)."""
+    self._flush()
+    stream = np.concatenate([np.zeros(0, self.dtype), *self._chunks])
+    starts = self._starts()
+    self._chunks, self._lengths = [stream], [np.diff(starts)]
+    return _TokenDocs(stream, starts)
+
+  def store(self, path: Path) -> _TokenDocs:
+    """The documents, written to the token cache at ``path`` chunk by chunk (never joined
+    in memory) and mapped back; joined in memory if the cache cannot be written."""
+    self._flush()
+    if _store_tokens(path, self._chunks, self._starts()):
+      docs = _load_tokens(path, self.eos, verify=False)  # just written: its CRC is known
+      if docs is not None:
+        self._chunks, self._lengths = [docs.stream], [np.diff(docs.starts)]
+        return docs
+    return self.finish()
 
 
-def _tokenize_docs(sp: spm.SentencePieceProcessor, docs: Iterable[str]) -> _TokenDocs:
+def _tokenize_docs(sp: spm.SentencePieceProcessor, docs: Iterable[str]) -> _TokenBuilder:
   builder = _TokenBuilder(sp)
   for doc in docs:
     builder.append(doc)
-  return builder.finish()
+  return builder
 
 
 def _digest(parts: Sequence[str], length: int = 16) -> str:
@@ -189,43 +212,145 @@ def _digest(parts: Sequence[str], length: int = 16) -> str:
   return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:length]
 
 
+# A cache entry is two files: <key>.stream.npy, the packed stream (memory-mapped when
+# read), and <key>.docs.npz, the document starts and the stream file's CRC-32, written
+# last: an entry without it, or whose stream is cut short or fails the CRC, is a miss.
+# Versions before the memory-mapped stream kept tokens and offsets in one <key>.npz.
 def _token_cache_path(key_parts: Sequence[str]) -> Path:
-  return cache_dir() / "tokens" / f"{_digest(key_parts, 32)}.npz"
+  """The entry's stream file; ``_docs_path`` gives its index."""
+  return cache_dir() / "tokens" / f"{_digest(key_parts, 32)}.stream.npy"
 
 
-def _load_tokens(path: Path) -> _TokenDocs | None:
-  """The cached documents at ``path``, or None (absent, corrupt or partial: rebuild)."""
-  if not path.is_file():
+def _docs_path(stream_path: Path) -> Path:
+  return stream_path.with_name(stream_path.name.replace(".stream.npy", ".docs.npz"))
+
+
+def _legacy_path(stream_path: Path) -> Path:
+  return stream_path.with_name(stream_path.name.replace(".stream.npy", ".npz"))
+
+
+_CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _file_crc32(path: Path) -> int:
+  crc = 0
+  with open(path, "rb") as f:  # read(), not the map: the pages stay out of this process
+    while chunk := f.read(8 << 20):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | None:
+  """The cached documents whose stream file is ``path``, or None (absent, corrupt or
+  partial: rebuild). ``verify``: check the stream file's CRC (a full read, ~1.3 GB/s),
+  which catches a damaged file that still has the right size."""
+  docs_path = _docs_path(path)
+  if not docs_path.is_file():
+    return _migrate_legacy(path, eos)
+  try:
+    with np.load(docs_path) as z:
+      starts, crc = z["starts"], int(z["crc32"])
+    stream = np.load(path, mmap_mode="r")
+  except _CACHE_ERRORS:
+    return None
+  if stream.ndim != 1 or starts.ndim != 1 or not len(starts) or starts[0] != 0:
+    return None
+  if starts[-1] != len(stream) or (verify and _file_crc32(path) != crc):
+    return None
+  return _TokenDocs(stream, starts)
+
+
+def _migrate_legacy(path: Path, eos: int) -> _TokenDocs | None:
+  """An entry of the one-file format (tokens without EOS, offsets), rewritten in this
+  one's and removed: an upgrade does not tokenize its sources again."""
+  legacy = _legacy_path(path)
+  if not legacy.is_file():
     return None
   try:
-    with np.load(path) as z:
-      return _TokenDocs(z["tokens"], z["offsets"])
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a bad CRC, cut short
+    with np.load(legacy) as z:
+      tokens, offsets = z["tokens"], z["offsets"]
+  except _CACHE_ERRORS:
     return None
+  stream = np.insert(tokens, offsets[1:], np.asarray(eos, tokens.dtype))
+  starts = offsets + np.arange(len(offsets), dtype=offsets.dtype)  # one EOS per document
+  del tokens
+  if not _store_tokens(path, [stream], starts):
+    return _TokenDocs(stream, starts)
+  legacy.unlink(missing_ok=True)
+  return _load_tokens(path, eos, verify=False) or _TokenDocs(stream, starts)
 
 
-def _store_tokens(path: Path, docs: _TokenDocs) -> None:
-  """Writes ``docs`` to the cache atomically. The cache is an optimisation only: an
-  unwritable cache directory (or a full disk) is ignored."""
-  tmp = None
+def _store_tokens(path: Path, chunks: Sequence[np.ndarray], starts: np.ndarray) -> bool:
+  """Writes the stream (``chunks``, in order) and its index to the cache, each file
+  atomically, the index last. The cache is an optimisation only: an unwritable cache
+  directory (or a full disk) is ignored (False)."""
+  tmps: list[str] = []
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = chunks[0].dtype if chunks else np.dtype(np.uint16)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmps.append(tmp)
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, tokens=docs.tokens, offsets=docs.offsets)
+      header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+      np.lib.format.write_array_header_1_0(f, {**header, "shape": (int(starts[-1]),)})
+      for chunk in chunks:
+        f.write(np.ascontiguousarray(chunk, dtype).data)
+    crc = _file_crc32(Path(tmp))
+    fd, tmp_docs = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmps.append(tmp_docs)
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, starts=starts, crc32=np.uint32(crc))
+    _docs_path(path).unlink(missing_ok=True)  # no index names a stream being replaced
     os.replace(tmp, path)
+    os.replace(tmp_docs, _docs_path(path))
+    return True
   except OSError:
-    if tmp is not None:
-      Path(tmp).unlink(missing_ok=True)
+    for t in tmps:
+      Path(t).unlink(missing_ok=True)
+    return False
 
 
-def _cached_tokens(key_parts: Sequence[str], build) -> _TokenDocs:
-  """Loads tokenized documents from the cache, or builds (``build()``) and stores them."""
+@contextlib.contextmanager
+def _building(path: Path, note=None):
+  """Holds the cache entry's build lock (``flock`` on ``<entry>.lock``) while its
+  documents are read and tokenized, so that of several processes starting on the same
+  source (one per GPU of a host, or jobs sharing a cache) one tokenizes and the others
+  wait and then read its entry, instead of each tokenizing the same files on the same
+  cores. ``note(text)`` is told when this process waits. Without locks (no ``fcntl``,
+  an unwritable cache, a file system without them) each process builds its own."""
+  lock = path.with_name(path.name.replace(".stream.npy", ".lock"))
+  try:
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+  except (ImportError, OSError):
+    yield
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if note is not None:
+        note("waiting for another process that is tokenizing the same files")
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # ENOLCK: no locks here
+      pass
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _cached_tokens(key_parts: Sequence[str], build, eos: int) -> _TokenDocs:
+  """Loads tokenized documents from the cache, or builds them (``build()`` returns a
+  :class:`_TokenBuilder`) and stores them."""
   path = _token_cache_path(key_parts)
-  docs = _load_tokens(path)
+  docs = _load_tokens(path, eos)
   if docs is None:
-    docs = build()
-    _store_tokens(path, docs)
+    with _building(path):
+      docs = _load_tokens(path, eos)  # another process built it while this one waited
+      if docs is None:
+        docs = build().store(path)
   return docs
 
 
@@ -572,20 +697,26 @@ def path_tokens(
   that one, the ~1 % of the text it needs. ``files``: ``source`` already resolved (a
   caller that hashed them for the key), else resolved here."""
   _check_split(split)
-  docs = _load_tokens(_token_cache_path([*key_parts, split]))
+  path, eos = _token_cache_path([*key_parts, split]), _special_ids(sp)[0]
+  docs = _load_tokens(path, eos)
   if docs is not None:
     return docs
-  both = split == "train"
-  parts = {s: _TokenBuilder(sp) if both or s == split else _Count() for s in SPLITS}
-  files = _resolve_paths(source) if files is None else files
-  split_by_hash(_all_documents(files, progress), parts["train"], parts["validation"])
-  total = sum(map(len, parts.values()))
-  built = {s: b.finish() for s, b in parts.items() if isinstance(b, _TokenBuilder)}
-  for s, d in built.items():
-    if d.num_docs:
-      _store_tokens(_token_cache_path([*key_parts, s]), d)
-  if not built[split].num_docs:
-    raise _empty_split(source, split, total)
+  note = None if progress is None else lambda text: print(f"galore-jax: {text}", file=sys.stderr)
+  with _building(_token_cache_path([*key_parts, "train"]), note):  # one lock per source
+    docs = _load_tokens(path, eos)  # another process built it while this one waited
+    if docs is not None:
+      return docs
+    both = split == "train"
+    parts = {s: _TokenBuilder(sp) if both or s == split else _Count() for s in SPLITS}
+    files = _resolve_paths(source) if files is None else files
+    split_by_hash(_all_documents(files, progress), parts["train"], parts["validation"])
+    total = sum(map(len, parts.values()))
+    if not len(parts[split]):
+      raise _empty_split(source, split, total)
+    built = {}
+    for s, b in parts.items():
+      if isinstance(b, _TokenBuilder) and len(b):
+        built[s] = b.store(_token_cache_path([*key_parts, s]))
   return built[split]
 
 
