@@ -17,11 +17,14 @@ prints the process's private memory (``RssAnon``) and file pages it maps (``RssF
 the token cache, shared by processes that read the same source). One real C4 shard holds
 about 800 MB of text; eight (the README's glob) about 6.4 GB.
 
+``--sft`` writes instruction records instead (``sft.jsonl``: prompt/completion, as a
+fine-tuning set), read by ``galore_jax.sft``.
+
 ``--processes N`` starts N workers at once for each case, as a host's N GPUs (one
 process each) start on the same source: the seconds are the last worker's, the memory
 each worker's, and ``tokenized`` counts the workers that tokenized the files themselves.
 
-    python experiments/data_load.py --dir /tmp/data_load --mb 200 [--txt] [--processes 4]
+    python experiments/data_load.py --dir /tmp/data_load --mb 200 [--txt | --sft] [--processes 4]
 """
 
 from __future__ import annotations
@@ -43,15 +46,24 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_shard(path: Path, megabytes: float, seed: int = 0, txt: bool = False) -> int:
-  """A C4-like JSON-lines shard of about ``megabytes`` MB of JSON (``txt``: plain text);
+def write_shard(
+  path: Path, megabytes: float, seed: int = 0, txt: bool = False, sft: bool = False
+) -> int:
+  """A C4-like JSON-lines shard of about ``megabytes`` MB of JSON (``txt``: plain text;
+  ``sft``: instruction records, a prompt of 1-4 sentences and a completion of 2-10);
   returns its documents."""
   from galore_jax.data import CORPUS_DIR, CORPUS_FILES
 
   text = " ".join(lzma.open(CORPUS_DIR / name, "rt").read() for name in CORPUS_FILES)
   sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if len(s) > 20]
   rng, target, written, docs = random.Random(seed), int(megabytes * 1e6), 0, 0
-  with open(path, "w") if txt else gzip.open(path, "wt", compresslevel=1) as f:
+  with open(path, "w") if txt or sft else gzip.open(path, "wt", compresslevel=1) as f:
+    while written < target and sft:
+      prompt = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 4)))
+      completion = " ".join(rng.choice(sentences) for _ in range(rng.randint(2, 10)))
+      line = json.dumps({"prompt": prompt, "completion": " " + completion}) + "\n"
+      f.write(line)
+      written, docs = written + len(line), docs + 1
     while written < target:
       doc, length = [], rng.randint(500, 4000)
       while sum(map(len, doc)) < length:
@@ -77,34 +89,45 @@ def measure(source: str) -> dict:
   """In this (fresh) process: the seconds and peak memory of loading both splits (what
   ``make_dataset`` and ``eval_batches`` do), then the memory after reading every page of
   the training stream."""
-  from galore_jax import data
+  import warnings
+
+  from galore_jax import data, sft
   from galore_jax.data import batching, sources
+
+  warnings.simplefilter("ignore")  # (instruction records cut by seq_len are counted)
 
   config = data.DataConfig(source=source, seq_len=256, batch_size=8)
   sp = data.load_tokenizer()
   base = status()
-  encode, encoded = sources._TokenBuilder._flush, []
+  encoded = []
+  builders = (sources._TokenBuilder, getattr(sft, "_ExampleBuilder", None))
+  for builder in filter(None, builders):  # text, instruction records (versions before: none)
 
-  def counting_flush(self):  # whether this process tokenized (or read another's cache)
-    encoded.append(1)
-    return encode(self)
+    def counting_flush(self, flush=builder._flush):  # whether this process tokenized
+      encoded.append(1)
+      return flush(self)
 
-  sources._TokenBuilder._flush = counting_flush
+    builder._flush = counting_flush
   t0 = time.perf_counter()
   train = batching._split_index(config, "train", sp)
   validation = data.eval_batches(config, 4)
   validation[0]
   seconds = time.perf_counter() - t0
   peak = status()
-  stream = train.make_batch.stream
-  touched = int(np.asarray(stream[:: 4096 // stream.itemsize], np.int64).sum())  # every page
+  batches = train.make_batch
+  if isinstance(getattr(batches, "examples", None), list):  # versions before: held arrays
+    stream_bytes, touched = sum(t.nbytes + m.nbytes for t, m in batches.examples), 0
+  else:
+    stream = batches.stream if hasattr(batches, "stream") else batches.examples.tokens
+    touched = int(np.asarray(stream[:: 4096 // stream.itemsize], np.int64).sum())  # each page
+    stream_bytes = stream.nbytes
   return {
     "seconds": round(seconds, 2),
     "peak_bytes": peak,
     "baseline_bytes": base,
     "anon_bytes": status("RssAnon"),
     "file_bytes": status("RssFile"),
-    "stream_bytes": stream.nbytes,
+    "stream_bytes": stream_bytes,
     "tokenized": bool(encoded),
     "tokens": train.num_tokens,
     "touched": touched,
@@ -116,6 +139,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--dir", default="/tmp/galore_jax_data_load", help="where the shard goes")
   ap.add_argument("--mb", type=float, default=200.0, help="MB of JSON lines to write")
   ap.add_argument("--txt", action="store_true", help="a plain-text file instead of JSON lines")
+  ap.add_argument("--sft", action="store_true", help="prompt/completion records (fine-tuning)")
   ap.add_argument("--processes", type=int, default=1, help="workers started at once per case")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -124,10 +148,11 @@ def main(argv=None) -> dict:
     return {}
   work = Path(args.dir)
   work.mkdir(parents=True, exist_ok=True)
-  shard = work / ("corpus.txt" if args.txt else "c4-train.00000-of-01024.json.gz")
+  name = "corpus.txt" if args.txt else "c4-train.00000-of-01024.json.gz"
+  shard = work / ("sft.jsonl" if args.sft else name)
   if not shard.is_file():
     t0 = time.perf_counter()
-    n = write_shard(shard, args.mb, txt=args.txt)
+    n = write_shard(shard, args.mb, txt=args.txt, sft=args.sft)
     print(f"wrote {shard} ({n} documents, {time.perf_counter() - t0:.0f} s)", flush=True)
   cache = work / "cache"
   if cache.exists():

@@ -21,12 +21,19 @@ Masking is the batch's ``mask`` (1.0 on trained targets), which the train step a
 multiplies into the token loss: a prompt token contributes nothing to the loss and gets
 no gradient. The train / validation split is the path rule of ``galore_jax.data`` applied
 to each record's canonical JSON (1 in 100 by content hash, at least one record).
+
+The records are read as a stream and tokenized a batch at a time (``_ExampleBuilder``)
+into the token cache of ``galore_jax.data``, keyed by the files, the tokenizer and its
+chat template (``cached_examples``); later starts read the examples as memory maps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,11 +42,7 @@ from typing import Any
 import numpy as np
 
 from galore_jax import data
-
-
-def _read_records(path: Path) -> list[tuple[Any, str]]:
-  """(record, where) for every JSON record of a .jsonl / .json file (compressed or not)."""
-  return list(data.json_records(path))
+from galore_jax.data import sources
 
 
 def _kind(record: Any) -> str | None:
@@ -238,51 +241,236 @@ def reply_end_ids(tok, fmt: str) -> set[int]:
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:
   """The path-source split rule (``galore_jax.data.split_by_hash``) on canonical JSON."""
   parts = {"train": [], "validation": []}
-  canonical = lambda rec: json.dumps(rec[0], sort_keys=True)
-  data.split_by_hash(records, parts["train"], parts["validation"], key=canonical)
+  data.split_by_hash(records, parts["train"], parts["validation"], key=_canonical)
   return parts[split]
+
+
+def _canonical(record: tuple[Any, str]) -> str:
+  return json.dumps(record[0], sort_keys=True)
+
+
+def _text_chars(record: Any) -> int:
+  """About how many characters a record holds (how full a tokenizer batch is)."""
+  if not isinstance(record, dict):
+    return 1
+  texts = [record.get("prompt"), record.get("completion")]
+  if isinstance(record.get("messages"), list):
+    texts += [m.get("content") for m in record["messages"] if isinstance(m, dict)]
+  return 1 + sum(len(t) for t in texts if isinstance(t, str))
+
+
+# No trained target in an example: its first trained position is past any row.
+_NONE = np.iinfo(np.int64).max
+
+
+class _ExampleBuilder:
+  """Tokenizes instruction records (``tokenize_examples``) a batch of about
+  ``TOKENIZE_BATCH_CHARS`` characters at a time into compact chunks: the examples' tokens
+  one after another (uint16 for vocabularies of up to 65536 pieces), whether each is
+  trained, and per example its first trained position from 0 and from 1 (what the
+  seq_len warnings need). :meth:`store` writes them to the token cache, which maps them
+  back; the same ``append`` / ``len`` / ``del`` as a list, for ``split_by_hash``."""
+
+  def __init__(self, tok):
+    self.tok = tok
+    self.dtype = np.uint16 if tok.get_piece_size() <= 1 << 16 else np.int32
+    self._pending: list[tuple[Any, str]] = []
+    self._pending_chars = 0
+    self._count = 0
+    self._tokens: list[np.ndarray] = []
+    self._trained: list[np.ndarray] = []
+    self._lengths: list[np.ndarray] = []
+    self._first: list[np.ndarray] = []  # (examples, 2): from position 0, from position 1
+
+  def __len__(self) -> int:
+    return self._count
+
+  def append(self, record: tuple[Any, str]) -> None:
+    self._pending.append(record)
+    self._pending_chars += _text_chars(record[0])
+    self._count += 1
+    if self._pending_chars >= sources.TOKENIZE_BATCH_CHARS:
+      self._flush()
+
+  def __delitem__(self, i: int) -> None:
+    """Drops example ``i`` (the split rule's fallback, which only small sources reach)."""
+    ex = self.finish()
+    keep = np.ones(len(ex.tokens), dtype=bool)
+    keep[ex.starts[i] : ex.starts[i + 1]] = False
+    self._tokens, self._trained = [ex.tokens[keep]], [ex.trained[keep]]
+    self._lengths, self._first = [np.delete(np.diff(ex.starts), i)], [np.delete(ex.first, i, 0)]
+    self._count -= 1
+
+  def _flush(self) -> None:
+    if not self._pending:
+      return
+    examples = tokenize_examples(self._pending, self.tok)
+    self._pending, self._pending_chars = [], 0
+    self._lengths.append(np.fromiter((len(t) for t, _ in examples), np.int64, len(examples)))
+    self._tokens.append(np.concatenate([t.astype(self.dtype) for t, _ in examples]))
+    self._trained.append(np.concatenate([m for _, m in examples]))
+    first = np.empty((len(examples), 2), np.int64)
+    for j, (toks, trained) in enumerate(examples):
+      first[j, 0] = int(np.argmax(trained)) if trained.any() else len(toks)
+      first[j, 1] = 1 + int(np.argmax(trained[1:])) if trained[1:].any() else _NONE
+    self._first.append(first)
+
+  def _starts(self) -> np.ndarray:
+    lengths = np.concatenate([np.zeros(0, np.int64), *self._lengths])
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+  def _joined_first(self) -> np.ndarray:
+    return np.concatenate([np.zeros((0, 2), np.int64), *self._first])
+
+  def finish(self) -> _Examples:
+    """The examples, joined in memory."""
+    self._flush()
+    ex = _Examples(
+      np.concatenate([np.zeros(0, self.dtype), *self._tokens]),
+      np.concatenate([np.zeros(0, bool), *self._trained]),
+      self._starts(),
+      self._joined_first(),
+    )
+    self._tokens, self._trained = [ex.tokens], [ex.trained]
+    self._lengths, self._first = [np.diff(ex.starts)], [ex.first]
+    return ex
+
+  def store(self, paths: tuple[Path, Path]) -> _Examples:
+    """The examples, written to the token cache (``paths``: the tokens' entry and the
+    trained flags') chunk by chunk and mapped back; in memory if it cannot be written."""
+    self._flush()
+    starts, first = self._starts(), self._joined_first()
+    tokens_at, trained_at = paths
+    if sources._store_tokens(trained_at, self._trained, starts) and sources._store_tokens(
+      tokens_at, self._tokens, starts, {"first": first}
+    ):
+      ex = _load_examples(paths, verify=False)
+      if ex is not None:
+        return ex
+    return self.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Examples:
+  """Tokenized instruction examples: example i is ``tokens[starts[i] : starts[i + 1]]``,
+  ``trained`` flags its tokens (the targets that carry loss are ``trained[1:]``), and
+  ``first[i]`` is its first trained position from 0 and from 1 (``_NONE``: none). Read
+  from the token cache, the two streams are read-only memory maps."""
+
+  tokens: np.ndarray
+  trained: np.ndarray
+  starts: np.ndarray
+  first: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.starts) - 1
+
+
+def _load_examples(paths: tuple[Path, Path], *, verify: bool = True) -> _Examples | None:
+  tokens = sources._load_tokens(paths[0], -1, verify=verify)  # (no one-file legacy entries)
+  trained = sources._load_tokens(paths[1], -1, verify=verify)
+  if tokens is None or trained is None or "first" not in tokens.extra:
+    return None
+  if not np.array_equal(tokens.starts, trained.starts):
+    return None
+  return _Examples(tokens.stream, trained.stream, tokens.starts, tokens.extra["first"])
+
+
+# Keys the example caches with the files, the tokenizer and its chat template: bump when
+# tokenize_examples lays examples out differently.
+EXAMPLES_FORMAT_VERSION = "1"
+
+
+def _cache_paths(key_parts: Sequence[str], split: str) -> tuple[Path, Path]:
+  key = [*key_parts, "sft", EXAMPLES_FORMAT_VERSION, split]
+  return sources._token_cache_path([*key, "tokens"]), sources._token_cache_path([*key, "trained"])
+
+
+def cached_examples(
+  source: str, split: str, tok, files: Sequence[Path], key_parts: Sequence[str], progress=None
+) -> _Examples:
+  """The tokenized examples of ``split`` of an instruction file set, from the token cache
+  under ``key_parts`` (the files and the tokenizer; its chat template is added here). A
+  miss reads the files once, as a stream, and, as for text sources, tokenizes and caches
+  both splits for ``train`` and only the validation split for ``validation``."""
+  template = getattr(tok, "chat_template", None) or ""
+  key = [*key_parts, hashlib.sha256(template.encode()).hexdigest()]
+  paths = _cache_paths(key, split)
+  ex = _load_examples(paths)
+  if ex is not None:
+    return ex
+  note = None if progress is None else lambda text: print(f"galore-jax: {text}", file=sys.stderr)
+  with sources._building(_cache_paths(key, "train")[0], note):
+    ex = _load_examples(paths)  # another process built it while this one waited
+    if ex is not None:
+      return ex
+    both = split == "train"
+    parts = {
+      s: _ExampleBuilder(tok) if both or s == split else sources._Count() for s in data.SPLITS
+    }
+    records = sources.read_files(files, data.json_records, progress)
+    data.split_by_hash(records, parts["train"], parts["validation"], key=_canonical)
+    total = sum(map(len, parts.values()))
+    if not total:
+      raise ValueError(f"--data {source!r}: no records")
+    if not len(parts[split]):
+      raise ValueError(
+        f"--data {source!r}: split {split!r} is empty ({total} record(s) in all; "
+        "the validation split needs at least two)"
+      )
+    built = {}
+    for s, b in parts.items():
+      if isinstance(b, _ExampleBuilder) and len(b):
+        built[s] = b.store(_cache_paths(key, s))
+  return built[split]
 
 
 class _ExampleBatch(data.Rows):
   """Example indices -> one example per row; ``mask`` is 1 where the target is trained."""
 
-  def __init__(self, examples, batch_size: int, seq_len: int, pad: int):
+  def __init__(self, examples: _Examples, batch_size: int, seq_len: int, pad: int):
     super().__init__(batch_size, seq_len, pad)
     self.examples = examples
 
   def __call__(self, idx) -> dict[str, np.ndarray]:
     buf, mask = self.empty()
+    ex = self.examples
     for r, i in enumerate(np.asarray(idx, dtype=np.int64).reshape(-1)):
-      toks, trained = self.examples[int(i)]
-      n = min(len(toks), self.seq_len + 1)
-      buf[r, :n] = toks[:n]
-      mask[r, : max(n - 1, 0)] = trained[1:n]  # target j is token j + 1
+      start, end = int(ex.starts[i]), int(ex.starts[i + 1])
+      n = min(end - start, self.seq_len + 1)
+      buf[r, :n] = ex.tokens[start : start + n]
+      mask[r, : max(n - 1, 0)] = ex.trained[start + 1 : start + n]  # target j is token j + 1
     return self.finish(buf, mask)
 
 
 def split_index(
-  config: data.DataConfig, split: str, tok, files: Sequence[Path], eos: int, pad: int
+  config: data.DataConfig,
+  split: str,
+  tok,
+  files: Sequence[Path],
+  eos: int,
+  pad: int,
+  key_parts: Sequence[str] = (),
+  progress=None,
 ):
-  """The ``data.SplitIndex`` of an instruction file set (one example per row, never packed)."""
+  """The ``data.SplitIndex`` of an instruction file set (one example per row, never
+  packed). ``key_parts``: the token cache's key of the files and the tokenizer (empty:
+  they are hashed here); ``progress``: as for ``data.make_dataset``."""
   del eos  # placed by tokenize_examples
-  records = [rw for f in files for rw in _read_records(f)]
-  if not records:
-    raise ValueError(f"--data {config.source!r}: no records")
-  chosen = split_records(records, split)
-  if not chosen:
-    raise ValueError(
-      f"--data {config.source!r}: split {split!r} is empty ({len(records)} record(s) in all; "
-      "the validation split needs at least two)"
-    )
-  examples = tokenize_examples(chosen, tok)
+  if not key_parts:
+    key_parts = [
+      *(f"{f.resolve()}:{sources._sha256_file(f)}" for f in files),
+      sources._tokenizer_hash(tok),
+    ]
+  examples = cached_examples(config.source, split, tok, files, key_parts, progress)
   n = len(examples)
-  n_tok = int(sum(len(t) for t, _ in examples))
+  n_tok = int(examples.starts[-1])
   B, L = config.batch_size, config.seq_len
   # A row holds seq_len + 1 tokens; an example whose reply starts after them trains nothing
   # (its mask is all zero), and a split of only such examples would report a loss of 0.
-  cut = sum(not trained[1 : L + 1].any() for _, trained in examples)
+  cut = int((examples.first[:, 1] > L).sum())
   if cut:
-    head = min(int(np.argmax(t)) if t.any() else len(t) for _, t in examples)
+    head = int(examples.first[:, 0].min())
     what = (
       f"--data {config.source!r}: {cut} of {n} {split} example(s) have no trained token "
       f"within --seq-len {L} (+1) tokens (the shortest prompt before a reply takes {head})"

@@ -27,3 +27,12 @@ def test_workers_started_together_tokenize_once(tmp_path, load_experiment, capsy
   assert [r["tokenized"] for r in results["first"]] in ([True, False], [False, True])
   assert [r["tokenized"] for r in results["cached"]] == [False, False]
   assert "2 process(es) per case" in capsys.readouterr().out
+
+
+def test_instruction_records_are_measured_too(tmp_path, load_experiment):
+  data_load = load_experiment("data_load")
+  results = data_load.main(["--dir", str(tmp_path), "--mb", "0.3", "--sft"])
+  [first], [cached] = results["first"], results["cached"]
+  assert first["tokenized"] and not cached["tokenized"]
+  assert first["tokens"] == cached["tokens"] > 30_000
+  assert '"prompt"' in (tmp_path / "sft.jsonl").read_text().splitlines()[0]

@@ -470,6 +470,35 @@ def test_chat_messages_train_on_assistant_turns(tok_dir, tmp_path):
     sft.tokenize_examples([(conv, "rec")], data.load_tokenizer(None))
 
 
+def test_cached_chat_examples_follow_the_chat_template(tok_dir, tmp_path, monkeypatch):
+  # The token cache of a chat set is keyed by the template too: the same tokenizer.json
+  # with another template renders (and caches) the conversations anew.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  convs = [
+    {"messages": [{"role": "user", "content": s}, {"role": "assistant", "content": "yes"}]}
+    for s in _sentences(60, seed=4)
+  ]
+  f = _write_jsonl(tmp_path / "chat.jsonl", convs)
+  other = tmp_path / "tok"
+  other.mkdir()
+  (other / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+  tcfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+  tcfg["chat_template"] = CHAT_TEMPLATE.replace("User: ", "Q: ")
+  (other / "tokenizer_config.json").write_text(json.dumps(tcfg))
+
+  def first_row(tok):
+    cfg = data.DataConfig(source=str(f), seq_len=32, batch_size=2, tokenizer=str(tok))
+    return list(data.eval_batches(cfg, 1))[0]["inputs"][0]
+
+  rows = [first_row(tok) for tok in (tok_dir, other, tok_dir)]  # the last from the cache
+  np.testing.assert_array_equal(rows[0], rows[2])
+  assert not np.array_equal(rows[0], rows[1])  # "Q: ..." rendered, not the cached "User: ..."
+  tok = data.load_tokenizer(str(other))
+  val = sft.split_records([(c, "") for c in convs], "validation")
+  ((want, _),) = sft.tokenize_examples(val[:1], tok)
+  np.testing.assert_array_equal(rows[1][: len(want)], want[:32])
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def trained_run(request, tok_dir, tmp_path_factory):
   """train --init-from (GaLore, per-layer updates) -> export, on instruction data; a Llama 3

@@ -341,7 +341,7 @@ def _split_index(
   from galore_jax import sft  # lazy: sft builds on this module
 
   if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
-    index = sft.split_index(config, split, sp, files, eos, pad)
+    index = sft.split_index(config, split, sp, files, eos, pad, [*key, tok_hash], progress)
   else:
     docs = path_tokens(source, split, sp, [*key, tok_hash], progress, files=files)
     index = _in_memory_index(config, docs, eos, pad)

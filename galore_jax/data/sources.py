@@ -104,6 +104,7 @@ class _TokenDocs:
 
   stream: np.ndarray
   starts: np.ndarray
+  extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # small, per entry
 
   @property
   def num_docs(self) -> int:
@@ -250,6 +251,7 @@ def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | N
   try:
     with np.load(docs_path) as z:
       starts, crc = z["starts"], int(z["crc32"])
+      extra = {k: z[k] for k in z.files if k not in ("starts", "crc32")}
     stream = np.load(path, mmap_mode="r")
   except _CACHE_ERRORS:
     return None
@@ -257,7 +259,7 @@ def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | N
     return None
   if starts[-1] != len(stream) or (verify and _file_crc32(path) != crc):
     return None
-  return _TokenDocs(stream, starts)
+  return _TokenDocs(stream, starts, extra)
 
 
 def _migrate_legacy(path: Path, eos: int) -> _TokenDocs | None:
@@ -280,10 +282,12 @@ def _migrate_legacy(path: Path, eos: int) -> _TokenDocs | None:
   return _load_tokens(path, eos, verify=False) or _TokenDocs(stream, starts)
 
 
-def _store_tokens(path: Path, chunks: Sequence[np.ndarray], starts: np.ndarray) -> bool:
-  """Writes the stream (``chunks``, in order) and its index to the cache, each file
-  atomically, the index last. The cache is an optimisation only: an unwritable cache
-  directory (or a full disk) is ignored (False)."""
+def _store_tokens(
+  path: Path, chunks: Sequence[np.ndarray], starts: np.ndarray, extra: dict | None = None
+) -> bool:
+  """Writes the stream (``chunks``, in order) and its index (``starts`` and the small
+  ``extra`` arrays) to the cache, each file atomically, the index last. The cache is an
+  optimisation only: an unwritable cache directory (or a full disk) is ignored (False)."""
   tmps: list[str] = []
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +303,7 @@ def _store_tokens(path: Path, chunks: Sequence[np.ndarray], starts: np.ndarray) 
     fd, tmp_docs = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     tmps.append(tmp_docs)
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, starts=starts, crc32=np.uint32(crc))
+      np.savez(f, starts=starts, crc32=np.uint32(crc), **(extra or {}))
     _docs_path(path).unlink(missing_ok=True)  # no index names a stream being replaced
     os.replace(tmp, path)
     os.replace(tmp_docs, _docs_path(path))
@@ -505,18 +509,21 @@ def _reading(path: Path, newline: str | None = "\n"):
       raise ValueError(f"{path}: cannot decompress ({comp}): {e}") from e
 
 
-def json_records(path: Path) -> Iterator[tuple[Any, str]]:
+def json_records(path: Path, at=None) -> Iterator[tuple[Any, str]]:
   """``(record, where)`` for each JSON record of a .jsonl / .json file (compressed or not),
   ``where`` naming it for errors. JSON lines are read one line at a time, so memory does
   not grow with the file; a .json file holding one array or object (possibly over many
-  lines) is parsed whole."""
+  lines) is parsed whole. ``at(n)``: as for :func:`_file_documents`."""
   fmt, _ = file_kind(path)
   if fmt in (".txt", ".parquet"):
     raise ValueError(f"{path}: a {fmt} file holds no JSON records")
   # Lines end at "\n" only: "\r" is JSON whitespace, and U+2028 may stand unescaped in a
   # JSON string.
-  with _reading(path, newline="\n") as (text, _):
-    yield from _json_records(text, fmt, path)
+  with _reading(path, newline="\n") as (text, raw):
+    for record in _json_records(text, fmt, path):
+      if at is not None:
+        at(raw.tell())
+      yield record
 
 
 def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[Any, str]]:
@@ -648,16 +655,22 @@ def _empty_split(source: str, split: str, total: int) -> ValueError:
   )
 
 
-def _all_documents(files: Sequence[Path], progress=None) -> Iterator[str]:
-  """Every file's documents in order; ``progress(done, total)`` in bytes of the files."""
+def read_files(files: Sequence[Path], read, progress=None) -> Iterator:
+  """``read(file, at)``'s items for every file in order (``_file_documents``,
+  ``json_records``); ``progress(done, total)`` in bytes of the files."""
   sizes = [f.stat().st_size for f in files]
   total, before = sum(sizes), 0
   for f, size in zip(files, sizes, strict=True):
     at = None if progress is None else (lambda n, before=before: progress(before + n, total))
-    yield from _file_documents(f, at)
+    yield from read(f, at)
     before += size
   if progress is not None:
     progress(total, total)
+
+
+def _all_documents(files: Sequence[Path], progress=None) -> Iterator[str]:
+  """Every file's documents in order; ``progress(done, total)`` in bytes of the files."""
+  return read_files(files, _file_documents, progress)
 
 
 def path_documents(source: str, split: str) -> list[str]:

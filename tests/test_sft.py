@@ -1,0 +1,121 @@
+"""Tests for galore_jax.sft's instruction-data pipeline: records read as a stream, tokenized
+in batches, cached and mapped (masking, chat templates and sampling: test_hf.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from galore_jax import data, sft
+from galore_jax.data import sources
+
+
+def _records(n, seed=0):
+  rng = random.Random(seed)
+  words = "the of and a to in is you that it he was for on are as with his".split()
+  say = lambda k: " ".join(rng.choice(words) for _ in range(k))
+  return [
+    {
+      "prompt": f"question {i}: {say(rng.randint(2, 30))} ?",
+      "completion": f" {say(rng.randint(1, 60))}",
+    }
+    for i in range(n)
+  ]
+
+
+def _write(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+def _batches(src, split="train", seq_len=48):
+  cfg = data.DataConfig(source=str(src), seq_len=seq_len, batch_size=4)
+  if split == "train":
+    ds = data.make_dataset(cfg, "train")
+    return [ds.batch(s) for s in range(ds.steps_per_epoch + 2)]
+  return list(data.eval_batches(cfg))
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(
+    x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    for x, y in zip(a, b, strict=True)
+  )
+
+
+def test_examples_are_tokenized_in_batches_and_equal_tokenizing_at_once(tmp_path, monkeypatch):
+  # A large instruction set is read as a stream and tokenized TOKENIZE_BATCH_CHARS at a
+  # time into compact arrays (it was parsed and tokenized whole, ~13 GB per GB of JSON
+  # lines, at every start); the examples equal tokenize_examples over the whole split.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "TOKENIZE_BATCH_CHARS", 3000)
+  records = _records(600)
+  src = _write(tmp_path / "sft.jsonl", records)
+  sp = data.load_tokenizer()
+  calls = []
+  tokenize = sft.tokenize_examples
+  monkeypatch.setattr(
+    sft, "tokenize_examples", lambda recs, tok: calls.append(len(recs)) or tokenize(recs, tok)
+  )
+  for split in ("train", "validation"):
+    ex = sft.cached_examples(str(src), split, sp, [src], ["k"])
+    want = tokenize([(r, "") for r, _ in sft.split_records([(r, "") for r in records], split)], sp)
+    assert len(ex) == len(want) > 0 and ex.tokens.dtype == np.uint16
+    for i in (0, len(want) // 2, len(want) - 1):
+      s, e = ex.starts[i], ex.starts[i + 1]
+      np.testing.assert_array_equal(ex.tokens[s:e], want[i][0])
+      np.testing.assert_array_equal(ex.trained[s:e], want[i][1])
+  assert len(calls) > 10 and max(calls) < 100, calls  # batches, not the whole file at once
+
+
+def test_a_second_start_reads_the_cached_examples(tmp_path, monkeypatch):
+  # Every start (a resume too) used to parse and tokenize the whole set again, twice (once
+  # per split). Train's pass caches both splits; later starts map them and tokenize nothing.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  src = _write(tmp_path / "sft.jsonl", _records(400, seed=1))
+  first = _batches(src), _batches(src, "validation")
+  monkeypatch.setattr(sft, "tokenize_examples", lambda *a: pytest.fail("tokenized again"))
+  monkeypatch.setattr(sources, "read_files", lambda *a: pytest.fail("file read again"))
+  again = _batches(src), _batches(src, "validation")
+  assert _same(first[0], again[0]) and _same(first[1], again[1])
+  ex = sft.cached_examples(str(src), "train", data.load_tokenizer(), [src], _key(src))
+  assert isinstance(ex.tokens, np.memmap) and isinstance(ex.trained, np.memmap)
+
+
+def _key(src):
+  sp = data.load_tokenizer()
+  return ["paths", data.DATA_FORMAT_VERSION, f"{src.resolve()}:{sources._sha256_file(src)}",
+          sources._tokenizer_hash(sp)]  # fmt: skip
+
+
+def test_the_seq_len_warning_is_given_at_every_start(tmp_path, monkeypatch):
+  # The examples whose reply starts past a row are counted for each run's --seq-len from
+  # what the cache keeps, not only when the set is tokenized.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  long = " ".join(["word"] * 80)
+  recs = [{"prompt": f"{i} {long}", "completion": " yes"} for i in range(30)] + _records(30)
+  src = _write(tmp_path / "sft.jsonl", recs)
+  for _ in range(2):
+    with pytest.warns(UserWarning, match=r"\b(29|30) of \d+ train example\(s\) have no trained"):
+      _batches(src, seq_len=48)
+  with pytest.raises(ValueError, match="nothing to learn from"):
+    _batches(_write(tmp_path / "cut.jsonl", recs[:30]), seq_len=48)
+
+
+def test_split_fallback_takes_the_example_out_of_tokenized_batches(tmp_path, monkeypatch):
+  # No record hashes to 0 mod 100: the one with the smallest hash moves to validation after
+  # the train builder has tokenized it (one record per batch here).
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "TOKENIZE_BATCH_CHARS", 1)
+  recs = [r for r in _records(80, seed=2) if data.doc_hash(json.dumps(r, sort_keys=True)) % 100]
+  src = _write(tmp_path / "five.jsonl", recs[:5])
+  sp = data.load_tokenizer()
+  for split in ("validation", "train"):
+    want = sft.tokenize_examples(sft.split_records([(r, "") for r in recs[:5]], split), sp)
+    ex = sft.cached_examples(str(src), split, sp, [src], ["f"])
+    assert len(ex) == len(want)
+    np.testing.assert_array_equal(ex.tokens, np.concatenate([t for t, _ in want]))
+    np.testing.assert_array_equal(ex.trained, np.concatenate([m for _, m in want]))
