@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from typing import NamedTuple
 
 EXIT_USAGE = 2
@@ -993,11 +994,30 @@ def _reader_gone() -> bool:
   return getattr(sys.stdout, "reader_gone", False)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_line_warnings(show):
+  """``warnings.showwarning`` that prints this package's warnings as its other messages
+  are, ``galore-jax: warning: ...`` (Python's format adds the library file, line and
+  source line); other packages' warnings go to ``show``."""
+
+  def show_warning(message, category, filename, lineno, file=None, line=None):
+    if os.path.abspath(str(filename)).startswith(_PACKAGE_DIR + os.sep):
+      print(f"galore-jax: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+      show(message, category, filename, lineno, file, line)
+
+  return show_warning
+
+
 def _main(argv: list[str]) -> int:
   stdout, stderr = sys.stdout, sys.stderr
   sys.stdout, sys.stderr = _StreamGuard(stdout), _StreamGuard(stderr)
   try:
-    return _run_command(argv)
+    with warnings.catch_warnings():
+      warnings.showwarning = _one_line_warnings(warnings.showwarning)
+      return _run_command(argv)
   finally:
     sys.stdout, sys.stderr = stdout, stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -119,3 +120,23 @@ def test_split_fallback_takes_the_example_out_of_tokenized_batches(tmp_path, mon
     assert len(ex) == len(want)
     np.testing.assert_array_equal(ex.tokens, np.concatenate([t for t, _ in want]))
     np.testing.assert_array_equal(ex.trained, np.concatenate([m for _, m in want]))
+
+
+def test_the_cli_prints_the_packages_warnings_as_one_line(monkeypatch, capsys):
+  # The seq_len warning above reached CLI users as Python's format: a library path, a
+  # line number and a source line of galore_jax. The CLI prints its own warnings as it
+  # prints its notes; other packages' warnings keep Python's format.
+  from galore_jax import cli
+
+  def command(argv):
+    here = sft.__file__
+    warnings.warn_explicit("3 of 9 train example(s) have no trained token", UserWarning, here, 1)
+    warnings.warn_explicit("from elsewhere", UserWarning, "/elsewhere/lib.py", 7)
+    return 0
+
+  monkeypatch.setattr(cli, "_run_command", command)
+  with pytest.warns(UserWarning, match="from elsewhere"):  # to the default (here pytest's)
+    assert cli._main([]) == 0
+  err = capsys.readouterr().err
+  assert "galore-jax: warning: 3 of 9 train example(s) have no trained token\n" in err
+  assert "sft.py" not in err and "galore-jax: warning: from elsewhere" not in err
