@@ -242,6 +242,22 @@ def test_a_cached_stream_is_a_read_only_map_of_its_file(tmp_path, sp, monkeypatc
   assert joined == []
 
 
+def test_cache_entries_get_the_umasks_mode(tmp_path, sp, monkeypatch):
+  # A cache directory several users share (GALORE_JAX_CACHE_DIR on a cluster) serves them
+  # all: the entries are 0644 under umask 022, not mkstemp's 0600, and the lock opens
+  # read-only (flock needs no write access). No temporary file is left.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", _texts(300))
+  old = os.umask(0o022)
+  try:
+    sources.path_tokens(str(tmp_path / "a.jsonl.gz"), "train", sp, ["p"])
+  finally:
+    os.umask(old)
+  made = sorted((tmp_path / "cache" / "tokens").iterdir())
+  assert len(made) == 5 and not [p for p in made if p.suffix == ".tmp"]  # 2 entries + lock
+  assert {oct(p.stat().st_mode & 0o777) for p in made} == {"0o644"}
+
+
 def test_an_unwritable_cache_keeps_the_tokens_in_memory(tmp_path, sp, monkeypatch):
   # The cache is an optimisation: where it cannot be written (a file where its directory
   # should be, a full disk) the documents are joined in memory and the run goes on.

@@ -24,8 +24,8 @@ import itertools
 import json
 import lzma
 import os
+import secrets
 import sys
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -282,6 +282,14 @@ def _migrate_legacy(path: Path, eos: int) -> _TokenDocs | None:
   return _load_tokens(path, eos, verify=False) or _TokenDocs(stream, starts)
 
 
+def _new_file(path: Path) -> tuple[int, str]:
+  """A new temporary file next to ``path`` (to replace it atomically), created with the
+  mode the umask gives: ``mkstemp``'s 0600 would keep the entries of a cache directory
+  that several users share (GALORE_JAX_CACHE_DIR) from all but the one who wrote them."""
+  tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+  return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
 def _store_tokens(
   path: Path, chunks: Sequence[np.ndarray], starts: np.ndarray, extra: dict | None = None
 ) -> bool:
@@ -292,7 +300,7 @@ def _store_tokens(
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = chunks[0].dtype if chunks else np.dtype(np.uint16)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = _new_file(path)
     tmps.append(tmp)
     with os.fdopen(fd, "wb") as f:
       header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
@@ -300,7 +308,7 @@ def _store_tokens(
       for chunk in chunks:
         f.write(np.ascontiguousarray(chunk, dtype).data)
     crc = _file_crc32(Path(tmp))
-    fd, tmp_docs = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp_docs = _new_file(_docs_path(path))
     tmps.append(tmp_docs)
     with os.fdopen(fd, "wb") as f:
       np.savez(f, starts=starts, crc32=np.uint32(crc), **(extra or {}))
@@ -327,7 +335,7 @@ def _building(path: Path, note=None):
     import fcntl
 
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)  # (flock needs no write access)
   except (ImportError, OSError):
     yield
     return
