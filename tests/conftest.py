@@ -12,6 +12,7 @@
   compile the same train step, and on a 2-core machine compilation dominates their time.
   The CLI keeps a cache directory JAX was given, so no test (in-process or a subprocess)
   writes the user's default one (~/.cache/galore_jax/jax-cache).
+- A token cache (GALORE_JAX_CACHE_DIR) of the session's own, removed at its end.
 """
 
 import os
@@ -30,6 +31,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_COMPILE_CACHE = tempfile.mkdtemp(prefix="galore_jax_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILE_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The token caches too: tests tokenize files of their temporary directories, whose cache
+# entries (new keys every run) would otherwise pile up in the developer's ~/.cache.
+_OWN_DATA_CACHE = None
+if "GALORE_JAX_CACHE_DIR" not in os.environ:
+  _OWN_DATA_CACHE = tempfile.mkdtemp(prefix="galore_jax_cache_")
+  os.environ["GALORE_JAX_CACHE_DIR"] = _OWN_DATA_CACHE
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
@@ -41,8 +48,9 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def pytest_unconfigure(config):
-  if _OWN_COMPILE_CACHE is not None:  # tens of MB per run otherwise left in the temp dir
-    shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
+  for own in (_OWN_COMPILE_CACHE, _OWN_DATA_CACHE):  # tens of MB per run otherwise left
+    if own is not None:
+      shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
