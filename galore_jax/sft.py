@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -263,34 +262,26 @@ def _text_chars(record: Any) -> int:
 _NONE = np.iinfo(np.int64).max
 
 
-class _ExampleBuilder:
+class _ExampleBuilder(sources._BatchBuilder):
   """Tokenizes instruction records (``tokenize_examples``) a batch of about
   ``TOKENIZE_BATCH_CHARS`` characters at a time into compact chunks: the examples' tokens
   one after another (uint16 for vocabularies of up to 65536 pieces), whether each is
   trained, and per example its first trained position from 0 and from 1 (what the
   seq_len warnings need). :meth:`store` writes them to the token cache, which maps them
-  back; the same ``append`` / ``len`` / ``del`` as a list, for ``split_by_hash``."""
+  back."""
 
   def __init__(self, tok):
+    super().__init__()
     self.tok = tok
     self.dtype = np.uint16 if tok.get_piece_size() <= 1 << 16 else np.int32
-    self._pending: list[tuple[Any, str]] = []
-    self._pending_chars = 0
-    self._count = 0
     self._tokens: list[np.ndarray] = []
     self._trained: list[np.ndarray] = []
     self._lengths: list[np.ndarray] = []
     self._first: list[np.ndarray] = []  # (examples, 2): from position 0, from position 1
 
-  def __len__(self) -> int:
-    return self._count
-
-  def append(self, record: tuple[Any, str]) -> None:
-    self._pending.append(record)
-    self._pending_chars += _text_chars(record[0])
-    self._count += 1
-    if self._pending_chars >= sources.TOKENIZE_BATCH_CHARS:
-      self._flush()
+  @staticmethod
+  def _chars(record: tuple[Any, str]) -> int:
+    return _text_chars(record[0])
 
   def __delitem__(self, i: int) -> None:
     """Drops example ``i`` (the split rule's fallback, which only small sources reach)."""
@@ -301,11 +292,8 @@ class _ExampleBuilder:
     self._lengths, self._first = [np.delete(np.diff(ex.starts), i)], [np.delete(ex.first, i, 0)]
     self._count -= 1
 
-  def _flush(self) -> None:
-    if not self._pending:
-      return
-    examples = tokenize_examples(self._pending, self.tok)
-    self._pending, self._pending_chars = [], 0
+  def _encode(self, records: list[tuple[Any, str]]) -> None:
+    examples = tokenize_examples(records, self.tok)
     self._lengths.append(np.fromiter((len(t) for t, _ in examples), np.int64, len(examples)))
     self._tokens.append(np.concatenate([t.astype(self.dtype) for t, _ in examples]))
     self._trained.append(np.concatenate([m for _, m in examples]))
@@ -314,10 +302,6 @@ class _ExampleBuilder:
       first[j, 0] = int(np.argmax(trained)) if trained.any() else len(toks)
       first[j, 1] = 1 + int(np.argmax(trained[1:])) if trained[1:].any() else _NONE
     self._first.append(first)
-
-  def _starts(self) -> np.ndarray:
-    lengths = np.concatenate([np.zeros(0, np.int64), *self._lengths])
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
   def _joined_first(self) -> np.ndarray:
     return np.concatenate([np.zeros((0, 2), np.int64), *self._first])
@@ -328,7 +312,7 @@ class _ExampleBuilder:
     ex = _Examples(
       np.concatenate([np.zeros(0, self.dtype), *self._tokens]),
       np.concatenate([np.zeros(0, bool), *self._trained]),
-      self._starts(),
+      sources._starts(self._lengths),
       self._joined_first(),
     )
     self._tokens, self._trained = [ex.tokens], [ex.trained]
@@ -339,7 +323,7 @@ class _ExampleBuilder:
     """The examples, written to the token cache (``paths``: the tokens' entry and the
     trained flags') chunk by chunk and mapped back; in memory if it cannot be written."""
     self._flush()
-    starts, first = self._starts(), self._joined_first()
+    starts, first = sources._starts(self._lengths), self._joined_first()
     tokens_at, trained_at = paths
     if sources._store_tokens(trained_at, self._trained, starts) and sources._store_tokens(
       tokens_at, self._tokens, starts, {"first": first}
@@ -395,34 +379,28 @@ def cached_examples(
   both splits for ``train`` and only the validation split for ``validation``."""
   template = getattr(tok, "chat_template", None) or ""
   key = [*key_parts, hashlib.sha256(template.encode()).hexdigest()]
-  paths = _cache_paths(key, split)
-  ex = _load_examples(paths)
-  if ex is not None:
-    return ex
-  note = None if progress is None else lambda text: print(f"galore-jax: {text}", file=sys.stderr)
-  with sources._building(_cache_paths(key, "train")[0], note):
-    ex = _load_examples(paths)  # another process built it while this one waited
-    if ex is not None:
-      return ex
-    both = split == "train"
-    parts = {
-      s: _ExampleBuilder(tok) if both or s == split else sources._Count() for s in data.SPLITS
-    }
-    records = sources.read_files(files, data.json_records, progress)
-    data.split_by_hash(records, parts["train"], parts["validation"], key=_canonical)
-    total = sum(map(len, parts.values()))
-    if not total:
-      raise ValueError(f"--data {source!r}: no records")
-    if not len(parts[split]):
-      raise ValueError(
-        f"--data {source!r}: split {split!r} is empty ({total} record(s) in all; "
-        "the validation split needs at least two)"
-      )
-    built = {}
-    for s, b in parts.items():
-      if isinstance(b, _ExampleBuilder) and len(b):
-        built[s] = b.store(_cache_paths(key, s))
-  return built[split]
+  return sources.load_or_build(
+    _cache_paths(key, "train")[0],  # one lock per file set
+    lambda: _load_examples(_cache_paths(key, split)),
+    lambda: sources.build_splits(
+      split,
+      lambda: _ExampleBuilder(tok),
+      sources.read_files(files, data.json_records, progress),
+      lambda s, builder: builder.store(_cache_paths(key, s)),
+      lambda total: _empty(source, split, total),
+      key=_canonical,
+    ),
+    say_waiting=progress is not None,
+  )
+
+
+def _empty(source: str, split: str, total: int) -> ValueError:
+  if not total:
+    return ValueError(f"--data {source!r}: no records")
+  return ValueError(
+    f"--data {source!r}: split {split!r} is empty ({total} record(s) in all; "
+    "the validation split needs at least two)"
+  )
 
 
 class _ExampleBatch(data.Rows):

@@ -128,32 +128,56 @@ def _usable_cpus() -> int:
   return os.cpu_count() or 1
 
 
-class _TokenBuilder:
+def _starts(lengths: Sequence[np.ndarray]) -> np.ndarray:
+  """Where each item begins in the items laid end to end (one more: where they end)."""
+  joined = np.concatenate([np.zeros(0, np.int64), *lengths])
+  starts = np.zeros(len(joined) + 1, dtype=np.int64)
+  np.cumsum(joined, out=starts[1:])
+  return starts
+
+
+class _BatchBuilder:
+  """Items appended one at a time and tokenized (``_encode``) a batch of about
+  ``TOKENIZE_BATCH_CHARS`` characters at a time; what :func:`split_by_hash` fills
+  (``append``, ``len``, ``del``; subclasses drop an item)."""
+
+  def __init__(self):
+    self._pending: list = []
+    self._pending_chars = 0
+    self._count = 0
+
+  def __len__(self) -> int:
+    return self._count
+
+  def append(self, item) -> None:
+    self._pending.append(item)
+    self._pending_chars += self._chars(item)
+    self._count += 1
+    if self._pending_chars >= TOKENIZE_BATCH_CHARS:
+      self._flush()
+
+  def _flush(self) -> None:
+    if self._pending:
+      pending, self._pending, self._pending_chars = self._pending, [], 0
+      self._encode(pending)
+
+
+class _TokenBuilder(_BatchBuilder):
   """Tokenizes appended documents a batch at a time into compact chunks of the packed
   stream (each document + EOS; uint16 for vocabularies of up to 65536 pieces).
   :meth:`store` writes them to the cache chunk by chunk; :meth:`finish` joins them in
   memory."""
 
   def __init__(self, sp):
+    super().__init__()
     self.sp = sp
     self.eos = _special_ids(sp)[0]
     self.dtype = np.uint16 if sp.get_piece_size() <= 1 << 16 else np.int32
     self.threads = _usable_cpus()  # a one-off task the start waits for: every core
-    self._pending: list[str] = []
-    self._pending_chars = 0
     self._chunks: list[np.ndarray] = []
     self._lengths: list[np.ndarray] = []  # per document, EOS included
-    self._count = 0
 
-  def __len__(self) -> int:
-    return self._count
-
-  def append(self, doc: str) -> None:
-    self._pending.append(doc)
-    self._pending_chars += len(doc)
-    self._count += 1
-    if self._pending_chars >= TOKENIZE_BATCH_CHARS:
-      self._flush()
+  _chars = staticmethod(len)
 
   def __delitem__(self, i: int) -> None:
     """Drops document ``i`` (the split rule's fallback, which only small sources reach)."""
@@ -163,28 +187,19 @@ class _TokenBuilder:
     self._chunks, self._lengths = [docs.stream[keep]], [np.delete(np.diff(docs.starts), i)]
     self._count -= 1
 
-  def _flush(self) -> None:
-    if not self._pending:
-      return
-    ids = self.sp.encode(self._pending, num_threads=self.threads)
+  def _encode(self, docs: list[str]) -> None:
+    ids = self.sp.encode(docs, num_threads=self.threads)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = itertools.chain.from_iterable(ids)
     tokens = np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum()))
     self._chunks.append(np.insert(tokens, np.cumsum(lengths), np.asarray(self.eos, self.dtype)))
     self._lengths.append(lengths + 1)
-    self._pending, self._pending_chars = [], 0
-
-  def _starts(self) -> np.ndarray:
-    lengths = np.concatenate([np.zeros(0, np.int64), *self._lengths])
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    return starts
 
   def finish(self) -> _TokenDocs:
     """The documents, joined in memory (once, however often called)."""
     self._flush()
     stream = np.concatenate([np.zeros(0, self.dtype), *self._chunks])
-    starts = self._starts()
+    starts = _starts(self._lengths)
     self._chunks, self._lengths = [stream], [np.diff(starts)]
     return _TokenDocs(stream, starts)
 
@@ -192,7 +207,7 @@ class _TokenBuilder:
     """The documents, written to the token cache at ``path`` chunk by chunk (never joined
     in memory) and mapped back; joined in memory if the cache cannot be written."""
     self._flush()
-    if _store_tokens(path, self._chunks, self._starts()):
+    if _store_tokens(path, self._chunks, _starts(self._lengths)):
       docs = _load_tokens(path, self.eos, verify=False)  # just written: its CRC is known
       if docs is not None:
         self._chunks, self._lengths = [docs.stream], [np.diff(docs.starts)]
@@ -323,13 +338,14 @@ def _store_tokens(
 
 
 @contextlib.contextmanager
-def _building(path: Path, note=None):
+def _building(path: Path, say_waiting: bool = False):
   """Holds the cache entry's build lock (``flock`` on ``<entry>.lock``) while its
   documents are read and tokenized, so that of several processes starting on the same
   source (one per GPU of a host, or jobs sharing a cache) one tokenizes and the others
   wait and then read its entry, instead of each tokenizing the same files on the same
-  cores. ``note(text)`` is told when this process waits. Without locks (no ``fcntl``,
-  an unwritable cache, a file system without them) each process builds its own."""
+  cores. ``say_waiting``: print a line on stderr when this process waits. Without locks
+  (no ``fcntl``, an unwritable cache, a file system without them) each process builds its
+  own."""
   lock = path.with_name(path.name.replace(".stream.npy", ".lock"))
   try:
     import fcntl
@@ -343,8 +359,11 @@ def _building(path: Path, note=None):
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      if note is not None:
-        note("waiting for another process that is tokenizing the same files")
+      if say_waiting:
+        print(
+          "galore-jax: waiting for another process that is tokenizing the same files",
+          file=sys.stderr,
+        )
       fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError:  # ENOLCK: no locks here
       pass
@@ -353,17 +372,39 @@ def _building(path: Path, note=None):
     os.close(fd)  # releases the lock
 
 
+def load_or_build(lock_path: Path, load, build, say_waiting: bool = False):
+  """``load()`` (a cache entry, or None), else ``build()`` (which stores it) under the
+  entry's build lock (:func:`_building`), after a second ``load()``: another process may
+  have built it while this one waited."""
+  got = load()
+  if got is None:
+    with _building(lock_path, say_waiting):
+      got = load()
+      if got is None:
+        got = build()
+  return got
+
+
+def build_splits(split: str, new_builder, items: Iterable, store, empty, key=lambda item: item):
+  """Splits ``items`` as they stream past (:func:`split_by_hash`) into builders, stores each
+  non-empty one (``store(split, builder)`` returns the stored split) and returns
+  ``split``'s. ``split="train"`` builds both splits (training reads validation next);
+  ``"validation"`` (``eval`` of a new source) builds that one only, the ~1 % of the items it
+  needs, and counts the other. ``empty(total)``: the error for an empty ``split``."""
+  both = split == "train"
+  parts = {s: new_builder() if both or s == split else _Count() for s in SPLITS}
+  split_by_hash(items, parts["train"], parts["validation"], key=key)
+  if not len(parts[split]):
+    raise empty(sum(map(len, parts.values())))
+  built = {s: store(s, b) for s, b in parts.items() if not isinstance(b, _Count) and len(b)}
+  return built[split]
+
+
 def _cached_tokens(key_parts: Sequence[str], build, eos: int) -> _TokenDocs:
   """Loads tokenized documents from the cache, or builds them (``build()`` returns a
   :class:`_TokenBuilder`) and stores them."""
   path = _token_cache_path(key_parts)
-  docs = _load_tokens(path, eos)
-  if docs is None:
-    with _building(path):
-      docs = _load_tokens(path, eos)  # another process built it while this one waited
-      if docs is None:
-        docs = build().store(path)
-  return docs
+  return load_or_build(path, lambda: _load_tokens(path, eos), lambda: build().store(path))
 
 
 def _sha256_file(path: Path) -> str:
@@ -428,16 +469,17 @@ class _ZstdReader(io.RawIOBase):
     return n
 
 
-# Whole-bytes decompression by suffix (the suffixes path sources accept as compressed).
-COMPRESSION = {
-  ".gz": gzip.decompress,
-  ".xz": lzma.decompress,
-  ".zst": lambda data: _ZstdReader(io.BytesIO(data)).read(),
-}
+# A binary file -> its decompressed stream, by suffix (the suffixes path sources accept as
+# compressed).
 _DECOMPRESSING = {
   ".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
   ".xz": lzma.LZMAFile,
   ".zst": lambda f: io.BufferedReader(_ZstdReader(f), buffer_size=_ZstdReader.CHUNK),
+}
+# The same, bytes -> bytes.
+COMPRESSION = {
+  suffix: (lambda data, open_=open_: open_(io.BytesIO(data)).read())
+  for suffix, open_ in _DECOMPRESSING.items()
 }
 
 
@@ -718,27 +760,24 @@ def path_tokens(
   that one, the ~1 % of the text it needs. ``files``: ``source`` already resolved (a
   caller that hashed them for the key), else resolved here."""
   _check_split(split)
-  path, eos = _token_cache_path([*key_parts, split]), _special_ids(sp)[0]
-  docs = _load_tokens(path, eos)
-  if docs is not None:
-    return docs
-  note = None if progress is None else lambda text: print(f"galore-jax: {text}", file=sys.stderr)
-  with _building(_token_cache_path([*key_parts, "train"]), note):  # one lock per source
-    docs = _load_tokens(path, eos)  # another process built it while this one waited
-    if docs is not None:
-      return docs
-    both = split == "train"
-    parts = {s: _TokenBuilder(sp) if both or s == split else _Count() for s in SPLITS}
-    files = _resolve_paths(source) if files is None else files
-    split_by_hash(_all_documents(files, progress), parts["train"], parts["validation"])
-    total = sum(map(len, parts.values()))
-    if not len(parts[split]):
-      raise _empty_split(source, split, total)
-    built = {}
-    for s, b in parts.items():
-      if isinstance(b, _TokenBuilder) and len(b):
-        built[s] = b.store(_token_cache_path([*key_parts, s]))
-  return built[split]
+  eos = _special_ids(sp)[0]
+
+  def build() -> _TokenDocs:
+    paths = _resolve_paths(source) if files is None else files
+    return build_splits(
+      split,
+      lambda: _TokenBuilder(sp),
+      _all_documents(paths, progress),
+      lambda s, builder: builder.store(_token_cache_path([*key_parts, s])),
+      lambda total: _empty_split(source, split, total),
+    )
+
+  return load_or_build(
+    _token_cache_path([*key_parts, "train"]),  # one lock per source
+    lambda: _load_tokens(_token_cache_path([*key_parts, split]), eos),
+    build,
+    say_waiting=progress is not None,
+  )
 
 
 # ----------------------------------------------------------------------------------------
