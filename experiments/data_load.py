@@ -122,7 +122,7 @@ def measure(source: str) -> dict:
     touched = int(np.asarray(stream[:: 4096 // stream.itemsize], np.int64).sum())  # each page
     stream_bytes = stream.nbytes
   return {
-    "seconds": round(seconds, 2),
+    "seconds": round(seconds, 4),
     "peak_bytes": peak,
     "baseline_bytes": base,
     "anon_bytes": status("RssAnon"),
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
   for case, rs in results.items():
     big = lambda k, rs=rs: max(r[k] for r in rs)
     print(
-      f"| {case} | {max(r['seconds'] for r in rs)} | {sum(r['tokenized'] for r in rs)} "
+      f"| {case} | {max(r['seconds'] for r in rs):.2f} | {sum(r['tokenized'] for r in rs)} "
       f"| {gb(big('peak_bytes'))} | {gb(big('baseline_bytes'))} | {gb(big('anon_bytes'))} "
       f"| {gb(big('file_bytes'))} |"
     )
