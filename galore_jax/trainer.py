@@ -529,9 +529,10 @@ DATA_PROGRESS_MIN_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
-def data_progress():
+def data_progress(stop_point: Callable[[], None] = lambda: None):
   """``progress(done, total)`` (bytes) for ``data.make_dataset`` / ``eval_batches``: shown by
-  process 0 only, and only for sources of at least ``DATA_PROGRESS_MIN_BYTES``."""
+  process 0 only, and only for sources of at least ``DATA_PROGRESS_MIN_BYTES``; each call
+  first calls ``stop_point()``."""
   gb = lambda n: f"{n / 1e9:.2f}"
   with host_progress(
     "tokenising --data (once: cached for later starts)",
@@ -541,11 +542,13 @@ def data_progress():
     unit_scale=True,
   ) as progress:
     primary = distributed.is_primary()
-    yield (
-      lambda done, total: (
-        progress(done, total) if primary and total >= DATA_PROGRESS_MIN_BYTES else None
-      )
-    )
+
+    def report(done, total):
+      stop_point()
+      if primary and total >= DATA_PROGRESS_MIN_BYTES:
+        progress(done, total)
+
+    yield report
 
 
 def compile_eval_step(run: Run):
@@ -567,15 +570,21 @@ def compile_eval_step(run: Run):
 class _Signals:
   """Turns SIGINT / SIGTERM into a flag checked between steps (then save and exit).
 
-  A second signal stops waiting for the current step (``KeyboardInterrupt``), except
-  while a checkpoint is being written (:meth:`saving`): it then waits for the save,
-  so that a checkpoint is never cut short by the user's own Ctrl-C.
+  The first signal says on stderr what will happen. It stops the run at once while the
+  data are being loaded (:meth:`loading`: tokenizing a large source, or waiting for
+  another process that tokenizes it, can take minutes, and nothing is saved then); else
+  it is a flag, checked before the first step and after each step. A second signal stops
+  waiting for the current step (``KeyboardInterrupt``), except while a checkpoint is
+  being written (:meth:`saving`): it then waits for the save, so that a checkpoint is
+  never cut short by the user's own Ctrl-C.
   """
 
   def __init__(self):
     self.received: int | None = None
+    self.training = False  # set when the first step begins: a signal then saves a step
     self._old = {}
     self._saving = False
+    self._loading = False
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -584,9 +593,53 @@ class _Signals:
 
   def _handle(self, signum, frame):
     del frame
+    if self._loading:
+      self.received = self.received or signum
+      raise KeyboardInterrupt
     if self.received is None:
       self.received = signum
+      self._say(signum)
     elif not self._saving:  # a second signal: stop waiting
+      raise KeyboardInterrupt
+
+  def _say(self, signum: int) -> None:
+    if not distributed.is_primary():  # one line per job
+      return
+    name = signal.Signals(signum).name
+    if self.training:
+      what = "stopping after the current step, which is saved; send it again to stop without saving"
+    else:
+      what = "stopping before the first step; send it again to stop at once"
+    try:  # os.write: a print here could re-enter one the signal interrupted
+      fd = sys.stderr.fileno()
+      lead = "\n" if os.isatty(fd) else ""  # off a progress bar's line
+      os.write(fd, f"{lead}galore-jax: {name}: {what}\n".encode())
+    except (OSError, ValueError, AttributeError):  # no stderr, or a closed one
+      pass
+
+  @contextlib.contextmanager
+  def loading(self):
+    """A signal stops the run at once: raised by the handler, and again by :meth:`stop_point`
+    (which the data progress calls between tokenizer batches) where Python ignored it."""
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info):
+      # The handler's KeyboardInterrupt can land where Python ignores exceptions (a gc
+      # callback, such as jax's, which runs often while tokenizing): not a traceback on
+      # the user's screen, since the next stop point raises it again.
+      if not (self._loading and isinstance(info.exc_value, KeyboardInterrupt)):
+        previous_hook(info)
+
+    sys.unraisablehook = unraisable
+    self._loading = True
+    try:
+      yield
+    finally:
+      self._loading = False
+      sys.unraisablehook = previous_hook
+
+  def stop_point(self) -> None:
+    if self._loading and self.received is not None:
       raise KeyboardInterrupt
 
   @contextlib.contextmanager
@@ -643,8 +696,9 @@ def idle_devices_note(used: int, devices) -> str | None:
   )
 
 
-def load_data(cfg: TrainConfig):
-  """Tokenizer, training stream and fixed validation batches; bad --data is a ConfigError."""
+def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None):
+  """Tokenizer, training stream and fixed validation batches; bad --data is a ConfigError.
+  ``stop_point()`` is called as the files are read (and may raise to stop)."""
   from galore_jax import data
 
   try:
@@ -658,7 +712,7 @@ def load_data(cfg: TrainConfig):
     sharding.batch_sharding(sharding.make_mesh(cfg)), cfg.batch_size, cfg.seq_len
   )
   try:
-    with data_progress() as progress:  # the first split read tokenizes (and caches) both
+    with data_progress(stop_point) as progress:  # the first split read tokenizes both
       train_ds = data.make_dataset(
         data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard, progress=progress
       )
@@ -803,7 +857,17 @@ def _train_loop(
         signals.received, None, "before the first step; nothing was written"
       )
 
-  sp, train_ds, val_batches = load_data(cfg) if hooks.data is None else hooks.data
+  if hooks.data is None:
+    startup_check()  # a signal that came before: not minutes of tokenizing first
+    try:
+      with signals.loading():  # a signal stops tokenizing at once (nothing to save yet)
+        sp, train_ds, val_batches = load_data(cfg, stop_point=signals.stop_point)
+    except KeyboardInterrupt:
+      raise TrainingInterrupted(
+        signals.received or signal.SIGINT, None, "while loading the data; nothing was written"
+      ) from None
+  else:
+    sp, train_ds, val_batches = hooks.data
   startup_check()
   run = setup(
     cfg,
@@ -944,6 +1008,7 @@ def _train_loop(
     while step < end:
       if step == start:
         startup_check()
+        signals.training = True
       if profile is not None and not profiling and profile[0] <= step < profile[1]:
         jax.profiler.start_trace(os.path.join(cfg.out, "tb"))
         profiling = True

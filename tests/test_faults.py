@@ -732,14 +732,96 @@ def test_second_process_on_a_run_directory_is_refused(tmp_path, capsys):
 
 
 def test_ctrl_c_during_start_up_exits_130_and_writes_nothing(tmp_path):
+  # After the data are loaded (the model line), before the first step: the first signal
+  # says what it does, and the run stops at the next check.
   out = tmp_path / "new"
   cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out), *SMALL_ARGS]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 120
-  while not out.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)  # the directory appears when train() holds it: loading starts
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    for line in proc.stdout:
+      if line.startswith("model "):
+        break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
   assert proc.returncode == 130, err
-  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("galore-jax: ")
+  lines = err.strip().splitlines()
+  assert "Traceback" not in err and lines[-1].startswith("galore-jax: interrupted by SIGINT")
+  assert "galore-jax: SIGINT: stopping before the first step" in err
   assert not out.exists()
+
+
+def test_ctrl_c_while_the_data_load_stops_at_once(tmp_path, monkeypatch):
+  # Tokenizing a large source (or waiting for the process that tokenizes it) takes minutes
+  # and saves nothing: the first Ctrl-C stops it at once. Here the CLI waits for this test,
+  # which holds the build lock of its source's cache entry.
+  src = tmp_path / "lines.txt"
+  src.write_text(_sentences(500))
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  from galore_jax.data import sources
+
+  class Found(Exception):
+    pass
+
+  def where(path, say_waiting=False):  # the data layer's own entry for this source
+    raise Found(path)
+
+  with monkeypatch.context() as m:
+    m.setattr(sources, "_building", where)
+    with pytest.raises(Found) as found:
+      data.make_dataset(data.DataConfig(source=str(src), seq_len=32, batch_size=8), "train")
+  lock = sources.lock_path(found.value.args[0])
+  lock.parent.mkdir(parents=True, exist_ok=True)
+  fd = os.open(lock, os.O_RDONLY | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  out = tmp_path / "run"
+  cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--data", str(src), "--out", str(out)]
+  proc = subprocess.Popen(
+    [*cmd, *SMALL_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  try:
+    for line in proc.stderr:
+      if "waiting for another process" in line:
+        break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # not when this test lets go of the lock
+  finally:
+    proc.kill()
+    os.close(fd)
+  assert proc.returncode == 130, err
+  assert err.strip() == (
+    "galore-jax: interrupted by SIGINT; while loading the data; nothing was written"
+  )
+  assert not out.exists()
+
+
+def test_a_signal_raised_where_python_ignores_it_still_stops_the_data_load(
+  tmp_path, monkeypatch, capfd
+):
+  # The handler's KeyboardInterrupt lands where Python ignores exceptions when the signal
+  # arrives in a gc callback (jax has one; tokenizing runs the gc often): the next progress
+  # call (between tokenizer batches) stops the load, and no traceback is printed.
+  calls = []
+
+  def make_dataset(config, split, *, shard=None, progress=None):
+    def ring(phase, info):
+      gc.callbacks.remove(ring)
+      os.kill(os.getpid(), signal.SIGINT)  # the handler runs here: inside the callback
+
+    gc.callbacks.append(ring)
+    gc.collect()
+    for i in range(100):  # the batches of a large source
+      progress(i, 100)
+      calls.append(i)
+    raise AssertionError("the load went on after the signal")
+
+  monkeypatch.setattr(data, "make_dataset", make_dataset)
+  cfg = train.TrainConfig(out=str(tmp_path / "run"), steps=6, **SMALL)
+  with pytest.raises(train.TrainingInterrupted, match="while loading the data") as stop:
+    train.train(cfg, log=_quiet)
+  assert stop.value.signum == signal.SIGINT and calls == []
+  assert "Traceback" not in capfd.readouterr().err
+  assert not (tmp_path / "run").exists()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

@@ -272,6 +272,26 @@ def test_an_unwritable_cache_keeps_the_tokens_in_memory(tmp_path, sp, monkeypatc
     _assert_packed(docs, sp, gd.path_documents(src, split))
 
 
+def test_an_interrupted_cache_write_leaves_no_files(tmp_path, sp, monkeypatch):
+  # A Ctrl-C while an entry is written (the trainer stops the data load at once) leaves
+  # neither temporary files nor an entry, and the next start builds it.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  _write_jsonl_gz(tmp_path / "a.jsonl.gz", _texts(300))
+  src = str(tmp_path / "a.jsonl.gz")
+  crc = sources._file_crc32
+
+  def interrupted(path):  # the stream is written; its index is not
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as m:
+    m.setattr(sources, "_file_crc32", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+      sources.path_tokens(src, "train", sp, ["k"])
+  assert [p.suffix for p in (tmp_path / "cache" / "tokens").iterdir()] == [".lock"]
+  assert sources._file_crc32 is crc
+  _assert_packed(sources.path_tokens(src, "train", sp, ["k"]), sp, gd.path_documents(src, "train"))
+
+
 def test_a_cache_entry_of_the_one_file_format_is_converted_not_rebuilt(tmp_path, sp, monkeypatch):
   # Versions before the mapped stream kept tokens (no EOS) and offsets in one <key>.npz:
   # an upgrade reads it into the new format, removes it, and tokenizes nothing.
@@ -305,9 +325,7 @@ def test_a_second_process_waits_for_the_first_to_tokenize(tmp_path, sp, monkeypa
   src = str(tmp_path / "a.jsonl.gz")
   stream_path = sources._token_cache_path(["w", "train"])
   stream_path.parent.mkdir(parents=True)
-  lock = os.open(
-    stream_path.with_name(stream_path.name.replace(".stream.npy", ".lock")), os.O_RDWR | os.O_CREAT
-  )
+  lock = os.open(sources.lock_path(stream_path), os.O_RDWR | os.O_CREAT)
   fcntl.flock(lock, fcntl.LOCK_EX)
   spy, got = _EncodeSpy(sp), []
   waiter = threading.Thread(

@@ -331,10 +331,17 @@ def _store_tokens(
     os.replace(tmp, path)
     os.replace(tmp_docs, _docs_path(path))
     return True
-  except OSError:
+  except BaseException as e:  # a full disk, or a Ctrl-C while writing: no stray files
     for t in tmps:
       Path(t).unlink(missing_ok=True)
-    return False
+    if isinstance(e, OSError):
+      return False
+    raise
+
+
+def lock_path(path: Path) -> Path:
+  """The build lock of the cache entry whose stream is ``path`` (:func:`_building`)."""
+  return path.with_name(path.name.replace(".stream.npy", ".lock"))
 
 
 @contextlib.contextmanager
@@ -346,7 +353,7 @@ def _building(path: Path, say_waiting: bool = False):
   cores. ``say_waiting``: print a line on stderr when this process waits. Without locks
   (no ``fcntl``, an unwritable cache, a file system without them) each process builds its
   own."""
-  lock = path.with_name(path.name.replace(".stream.npy", ".lock"))
+  lock = lock_path(path)
   try:
     import fcntl
 
@@ -372,13 +379,13 @@ def _building(path: Path, say_waiting: bool = False):
     os.close(fd)  # releases the lock
 
 
-def load_or_build(lock_path: Path, load, build, say_waiting: bool = False):
+def load_or_build(path: Path, load, build, say_waiting: bool = False):
   """``load()`` (a cache entry, or None), else ``build()`` (which stores it) under the
-  entry's build lock (:func:`_building`), after a second ``load()``: another process may
-  have built it while this one waited."""
+  build lock of the entry whose stream is ``path`` (:func:`_building`), after a second
+  ``load()``: another process may have built it while this one waited."""
   got = load()
   if got is None:
-    with _building(lock_path, say_waiting):
+    with _building(path, say_waiting):
       got = load()
       if got is None:
         got = build()
