@@ -715,6 +715,65 @@ def _cmd_plan(args) -> int:
   return 0
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
+
+
+def _cmd_cache(args) -> int:
+  import time
+
+  from galore_jax import cache, compile_cache
+  from galore_jax.config import ConfigError
+  from galore_jax.memory_plan import fmt_bytes
+
+  try:
+    compile_dir = compile_cache.directory(args.compile_cache_dir)
+  except ValueError as e:
+    raise ConfigError("--compile-cache", str(e)) from e
+  entries, hashes = cache.token_entries(), {}
+  stale = {e: cache.stale_reason(e, hashes) for e in entries}
+  tokens_dir = cache.sources.cache_dir() / "tokens"
+  if args.remove in ("stale", "tokens", "all"):
+    if args.remove == "stale":
+      chosen = [e for e in entries if stale[e]]
+    else:
+      chosen = cache.token_entries(locks=True)
+    kept = {e: why for e in chosen if (why := cache.remove_token_entry(e))}
+    gone = [e for e in chosen if e not in kept]
+    print(
+      f"token cache {tokens_dir}: removed {_count(sum(e.readable for e in gone), 'entry')}, "
+      f"{fmt_bytes(sum(e.size for e in gone))}"
+    )
+    for e, why in kept.items():
+      print(f"  kept {e.describe()}: {why}")
+  if args.remove in ("compile", "all") and compile_dir is not None:
+    removed = cache.clear_compile_cache(compile_dir)
+    print(
+      f"compilation cache {compile_dir}: removed {removed.files} files, {fmt_bytes(removed.size)}"
+    )
+  if args.remove is not None:
+    return 0
+
+  n_stale = [e for e in entries if stale[e]]
+  print(
+    f"token cache {tokens_dir}: {_count(len(entries), 'entry')}, "
+    f"{fmt_bytes(sum(e.size for e in entries))}"
+    + (f"; {len(n_stale)} stale, {fmt_bytes(sum(e.size for e in n_stale))}" if n_stale else "")
+  )
+  for e in entries:
+    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)) if e.used else ""
+    why = f"  [stale: {stale[e]}]" if stale[e] else ""
+    print(f"  {used:16}  {fmt_bytes(e.size):>9}  {e.describe()}{why}")
+  if compile_dir is not None:
+    usage = cache.compile_cache_usage(compile_dir)
+    print(f"compilation cache {compile_dir}: {usage.files} files, {fmt_bytes(usage.size)}")
+  print(
+    "galore-jax cache --remove stale removes the stale entries; "
+    "--remove tokens, compile or all empties a cache"
+  )
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   from galore_jax.config import DTYPES, OPTIMIZERS, REMAT_MODES, SVD_METHODS, TrainConfig
 
@@ -880,6 +939,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print one JSON object")
   _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_plan)
+
+  p = sub.add_parser(
+    "cache",
+    help="list the token and compilation caches (size, what each token entry holds, which "
+    "are stale) or remove them",
+  )
+  p.add_argument(
+    "--remove",
+    choices=("stale", "tokens", "compile", "all"),
+    default=None,
+    help="stale: token entries whose source files were deleted or edited since (no run "
+    "reads them again); tokens / compile / all: every entry of that cache. Entries being "
+    "built are kept",
+  )
+  p.add_argument(
+    "--compile-cache",
+    dest="compile_cache_dir",
+    default=None,
+    metavar="DIR|none",
+    help="the compilation cache to look at (default: the one train uses)",
+  )
+  p.set_defaults(fn=_cmd_cache)
   return parser
 
 

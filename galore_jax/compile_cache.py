@@ -37,6 +37,20 @@ def default_dir() -> str:
   return str(data.cache_dir() / "jax-cache")
 
 
+def directory(spec: str | None) -> str | None:
+  """The directory ``--compile-cache spec`` names (None: the default, or the user's
+  JAX_COMPILATION_CACHE_DIR; ``"none"``: off, returns None)."""
+  import jax
+
+  if spec is not None and spec.strip().lower() == NONE:
+    return None
+  if spec is None and jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR: the user's choice
+  if spec is not None and not spec.strip():
+    raise ValueError("expected a directory or 'none', got ''")
+  return os.path.abspath(os.path.expanduser(spec if spec is not None else default_dir()))
+
+
 def enable(spec: str | None) -> str | None:
   """Points JAX's persistent cache at ``spec`` (None: the default; ``"none"``: off) and
   returns the directory used (None when off). Must run before the first compilation.
@@ -45,15 +59,10 @@ def enable(spec: str | None) -> str | None:
   """
   import jax
 
-  if spec is not None and spec.strip().lower() == NONE:
+  path = directory(spec)
+  if path is None:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
-  if spec is None and jax.config.jax_compilation_cache_dir:
-    path = jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR: the user's choice
-  else:
-    if spec is not None and not spec.strip():
-      raise ValueError("expected a directory or 'none', got ''")
-    path = os.path.abspath(os.path.expanduser(spec if spec is not None else default_dir()))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"{path} is not a directory")
   try:

@@ -319,15 +319,15 @@ class _ExampleBuilder(sources._BatchBuilder):
     self._lengths, self._first = [np.diff(ex.starts)], [ex.first]
     return ex
 
-  def store(self, paths: tuple[Path, Path]) -> _Examples:
-    """The examples, written to the token cache (``paths``: the tokens' entry and the
+  def store(self, keys: tuple[list[str], list[str]]) -> _Examples:
+    """The examples, written to the token cache (``keys``: the tokens' entry and the
     trained flags') chunk by chunk and mapped back; in memory if it cannot be written."""
     self._flush()
     starts, first = sources._starts(self._lengths), self._joined_first()
-    tokens_at, trained_at = paths
-    if sources._store_tokens(trained_at, self._trained, starts) and sources._store_tokens(
-      tokens_at, self._tokens, starts, {"first": first}
-    ):
+    paths = tuple(map(sources._token_cache_path, keys))
+    if sources._store_tokens(
+      paths[1], self._trained, starts, key=keys[1]
+    ) and sources._store_tokens(paths[0], self._tokens, starts, {"first": first}, key=keys[0]):
       ex = _load_examples(paths, verify=False)
       if ex is not None:
         return ex
@@ -365,9 +365,14 @@ def _load_examples(paths: tuple[Path, Path], *, verify: bool = True) -> _Example
 EXAMPLES_FORMAT_VERSION = "1"
 
 
-def _cache_paths(key_parts: Sequence[str], split: str) -> tuple[Path, Path]:
+def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[str]]:
   key = [*key_parts, "sft", EXAMPLES_FORMAT_VERSION, split]
-  return sources._token_cache_path([*key, "tokens"]), sources._token_cache_path([*key, "trained"])
+  return [*key, "tokens"], [*key, "trained"]
+
+
+def _cache_paths(key_parts: Sequence[str], split: str) -> tuple[Path, Path]:
+  tokens, trained = _cache_keys(key_parts, split)
+  return sources._token_cache_path(tokens), sources._token_cache_path(trained)
 
 
 def cached_examples(
@@ -386,7 +391,7 @@ def cached_examples(
       split,
       lambda: _ExampleBuilder(tok),
       sources.read_files(files, data.json_records, progress),
-      lambda s, builder: builder.store(_cache_paths(key, s)),
+      lambda s, builder: builder.store(_cache_keys(key, s)),
       lambda total: _empty(source, split, total),
       key=_canonical,
     ),

@@ -340,7 +340,7 @@ def test_a_second_process_waits_for_the_first_to_tokenize(tmp_path, sp, monkeypa
   assert waiter.is_alive() and not got
   for split in ("train", "validation"):  # "the other process" builds both entries
     builder = sources._tokenize_docs(sp, gd.path_documents(src, split))
-    builder.store(sources._token_cache_path(["w", split]))
+    builder.store(["w", split])
   os.close(lock)
   waiter.join(30)
   assert not waiter.is_alive() and spy.calls == []  # read the entry, tokenized nothing

@@ -337,6 +337,8 @@ def _split_index(
     )
     return dataclasses.replace(_in_memory_index(config, docs, eos, pad), fingerprint=_digest(key))
   files = _resolve_paths(source)
+  # Each file as "<absolute path>:<sha256>": `galore-jax cache` reads them back from the
+  # entry's index (galore_jax.cache) to name the source and to tell stale entries.
   key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
   from galore_jax import sft  # lazy: sft builds on this module
 

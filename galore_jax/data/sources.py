@@ -203,11 +203,12 @@ class _TokenBuilder(_BatchBuilder):
     self._chunks, self._lengths = [stream], [np.diff(starts)]
     return _TokenDocs(stream, starts)
 
-  def store(self, path: Path) -> _TokenDocs:
-    """The documents, written to the token cache at ``path`` chunk by chunk (never joined
-    in memory) and mapped back; joined in memory if the cache cannot be written."""
+  def store(self, key: Sequence[str]) -> _TokenDocs:
+    """The documents, written to the token cache under ``key`` chunk by chunk (never
+    joined in memory) and mapped back; joined in memory if the cache cannot be written."""
     self._flush()
-    if _store_tokens(path, self._chunks, _starts(self._lengths)):
+    path = _token_cache_path(key)
+    if _store_tokens(path, self._chunks, _starts(self._lengths), key=key):
       docs = _load_tokens(path, self.eos, verify=False)  # just written: its CRC is known
       if docs is not None:
         self._chunks, self._lengths = [docs.stream], [np.diff(docs.starts)]
@@ -246,6 +247,7 @@ def _legacy_path(stream_path: Path) -> Path:
 
 
 _CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+_KEY = "key"  # the index's record of the key parts the entry was stored under
 
 
 def _file_crc32(path: Path) -> int:
@@ -266,7 +268,7 @@ def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | N
   try:
     with np.load(docs_path) as z:
       starts, crc = z["starts"], int(z["crc32"])
-      extra = {k: z[k] for k in z.files if k not in ("starts", "crc32")}
+      extra = {k: z[k] for k in z.files if k not in ("starts", "crc32", _KEY)}
     stream = np.load(path, mmap_mode="r")
   except _CACHE_ERRORS:
     return None
@@ -274,6 +276,8 @@ def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | N
     return None
   if starts[-1] != len(stream) or (verify and _file_crc32(path) != crc):
     return None
+  with contextlib.suppress(OSError):  # when it was last used (galore-jax cache)
+    os.utime(docs_path)
   return _TokenDocs(stream, starts, extra)
 
 
@@ -306,11 +310,17 @@ def _new_file(path: Path) -> tuple[int, str]:
 
 
 def _store_tokens(
-  path: Path, chunks: Sequence[np.ndarray], starts: np.ndarray, extra: dict | None = None
+  path: Path,
+  chunks: Sequence[np.ndarray],
+  starts: np.ndarray,
+  extra: dict | None = None,
+  *,
+  key: Sequence[str] | None = None,
 ) -> bool:
-  """Writes the stream (``chunks``, in order) and its index (``starts`` and the small
-  ``extra`` arrays) to the cache, each file atomically, the index last. The cache is an
-  optimisation only: an unwritable cache directory (or a full disk) is ignored (False)."""
+  """Writes the stream (``chunks``, in order) and its index (``starts``, the small
+  ``extra`` arrays and the entry's ``key`` parts, which ``galore-jax cache`` shows) to the
+  cache, each file atomically, the index last. The cache is an optimisation only: an
+  unwritable cache directory (or a full disk) is ignored (False)."""
   tmps: list[str] = []
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +336,8 @@ def _store_tokens(
     fd, tmp_docs = _new_file(_docs_path(path))
     tmps.append(tmp_docs)
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, starts=starts, crc32=np.uint32(crc), **(extra or {}))
+      recorded = {} if key is None else {_KEY: np.array(list(key), dtype=str)}
+      np.savez(f, starts=starts, crc32=np.uint32(crc), **recorded, **(extra or {}))
     _docs_path(path).unlink(missing_ok=True)  # no index names a stream being replaced
     os.replace(tmp, path)
     os.replace(tmp_docs, _docs_path(path))
@@ -411,7 +422,7 @@ def _cached_tokens(key_parts: Sequence[str], build, eos: int) -> _TokenDocs:
   """Loads tokenized documents from the cache, or builds them (``build()`` returns a
   :class:`_TokenBuilder`) and stores them."""
   path = _token_cache_path(key_parts)
-  return load_or_build(path, lambda: _load_tokens(path, eos), lambda: build().store(path))
+  return load_or_build(path, lambda: _load_tokens(path, eos), lambda: build().store(key_parts))
 
 
 def _sha256_file(path: Path) -> str:
@@ -775,7 +786,7 @@ def path_tokens(
       split,
       lambda: _TokenBuilder(sp),
       _all_documents(paths, progress),
-      lambda s, builder: builder.store(_token_cache_path([*key_parts, s])),
+      lambda s, builder: builder.store([*key_parts, s]),
       lambda total: _empty_split(source, split, total),
     )
 
