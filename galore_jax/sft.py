@@ -328,7 +328,7 @@ class _ExampleBuilder(sources._BatchBuilder):
     if sources._store_tokens(
       paths[1], self._trained, starts, key=keys[1]
     ) and sources._store_tokens(paths[0], self._tokens, starts, {"first": first}, key=keys[0]):
-      ex = _load_examples(paths, verify=False)
+      ex = _load_examples(keys, verify=False)
       if ex is not None:
         return ex
     return self.finish()
@@ -350,9 +350,12 @@ class _Examples:
     return len(self.starts) - 1
 
 
-def _load_examples(paths: tuple[Path, Path], *, verify: bool = True) -> _Examples | None:
-  tokens = sources._load_tokens(paths[0], -1, verify=verify)  # (no one-file legacy entries)
-  trained = sources._load_tokens(paths[1], -1, verify=verify)
+def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) -> _Examples | None:
+  """The examples cached under ``keys`` (:func:`_cache_keys`), or None."""
+  paths = tuple(map(sources._token_cache_path, keys))
+  # (No entries of the one-file format: instruction sets were not cached before it.)
+  tokens = sources._load_tokens(paths[0], -1, verify=verify, key=keys[0])
+  trained = sources._load_tokens(paths[1], -1, verify=verify, key=keys[1])
   if tokens is None or trained is None or "first" not in tokens.extra:
     return None
   if not np.array_equal(tokens.starts, trained.starts):
@@ -370,11 +373,6 @@ def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[s
   return [*key, "tokens"], [*key, "trained"]
 
 
-def _cache_paths(key_parts: Sequence[str], split: str) -> tuple[Path, Path]:
-  tokens, trained = _cache_keys(key_parts, split)
-  return sources._token_cache_path(tokens), sources._token_cache_path(trained)
-
-
 def cached_examples(
   source: str, split: str, tok, files: Sequence[Path], key_parts: Sequence[str], progress=None
 ) -> _Examples:
@@ -385,8 +383,8 @@ def cached_examples(
   template = getattr(tok, "chat_template", None) or ""
   key = [*key_parts, hashlib.sha256(template.encode()).hexdigest()]
   return sources.load_or_build(
-    _cache_paths(key, "train")[0],  # one lock per file set
-    lambda: _load_examples(_cache_paths(key, split)),
+    sources._token_cache_path(_cache_keys(key, "train")[0]),  # one lock per file set
+    lambda: _load_examples(_cache_keys(key, split)),
     lambda: sources.build_splits(
       split,
       lambda: _ExampleBuilder(tok),

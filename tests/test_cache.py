@@ -135,9 +135,11 @@ def test_loading_an_entry_marks_it_used(caches):
   assert cache.token_entries()[0].name != entry.name
 
 
-def test_entries_of_older_versions_are_unknown_not_stale(caches):
-  # An index written before keys were recorded: shown as unknown, never removed as stale.
-  entry = next(e for e in cache.token_entries() if e.describe().startswith("validation: text"))
+def test_entries_of_older_versions_are_unknown_until_read(caches):
+  # An index written before keys were recorded: shown as unknown, never removed as stale,
+  # and given its key by the next run that reads it.
+  b = f"validation: text {caches / 'b.txt'}"
+  entry = next(e for e in cache.token_entries() if e.describe() == b)
   index = caches / "cache" / "tokens" / f"{entry.name}.docs.npz"
   with sources.np.load(index) as z:
     kept = {k: z[k] for k in z.files if k != "key"}
@@ -146,6 +148,12 @@ def test_entries_of_older_versions_are_unknown_not_stale(caches):
   old = next(e for e in cache.token_entries() if e.name == entry.name)
   assert old.key is None and old.describe() == "unknown (written by an older version)"
   assert cache.stale_reason(old, {}) is None
+  cfg = data.DataConfig(source=str(caches / "b.txt"), seq_len=32, batch_size=2)
+  list(data.eval_batches(cfg, 1))
+  (now,) = [e for e in cache.token_entries() if e.name == entry.name]
+  assert now.describe() == b and not now.temporaries
+  with sources.np.load(index) as z:
+    assert all(sources.np.array_equal(z[k], v) for k, v in kept.items())
   index.write_bytes(b"not an index")  # damaged: rebuilt where it is next read
   (got,) = [e for e in cache.token_entries() if e.name == entry.name]
   assert got.describe().startswith("damaged index") and cache.stale_reason(got, {}) is None

@@ -258,17 +258,21 @@ def _file_crc32(path: Path) -> int:
   return crc
 
 
-def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | None:
+def _load_tokens(
+  path: Path, eos: int, *, verify: bool = True, key: Sequence[str] | None = None
+) -> _TokenDocs | None:
   """The cached documents whose stream file is ``path``, or None (absent, corrupt or
   partial: rebuild). ``verify``: check the stream file's CRC (a full read, ~1.3 GB/s),
-  which catches a damaged file that still has the right size."""
+  which catches a damaged file that still has the right size. ``key``: the entry's key
+  parts, recorded in an index written before keys were (for ``galore-jax cache``)."""
   docs_path = _docs_path(path)
   if not docs_path.is_file():
-    return _migrate_legacy(path, eos)
+    return _migrate_legacy(path, eos, key)
   try:
     with np.load(docs_path) as z:
       starts, crc = z["starts"], int(z["crc32"])
       extra = {k: z[k] for k in z.files if k not in ("starts", "crc32", _KEY)}
+      unrecorded = key is not None and _KEY not in z.files
     stream = np.load(path, mmap_mode="r")
   except _CACHE_ERRORS:
     return None
@@ -276,12 +280,45 @@ def _load_tokens(path: Path, eos: int, *, verify: bool = True) -> _TokenDocs | N
     return None
   if starts[-1] != len(stream) or (verify and _file_crc32(path) != crc):
     return None
-  with contextlib.suppress(OSError):  # when it was last used (galore-jax cache)
-    os.utime(docs_path)
+  if unrecorded:
+    _write_index(docs_path, starts, crc, extra, key)
+  else:
+    with contextlib.suppress(OSError):  # when it was last used (galore-jax cache)
+      os.utime(docs_path)
   return _TokenDocs(stream, starts, extra)
 
 
-def _migrate_legacy(path: Path, eos: int) -> _TokenDocs | None:
+def _new_index(
+  docs_path: Path, starts: np.ndarray, crc: int, extra: dict | None, key: Sequence[str] | None
+) -> str:
+  """Writes an entry's index to a new temporary file next to ``docs_path``; returns its
+  name (the caller moves it into place, or removes it)."""
+  fd, tmp = _new_file(docs_path)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      recorded = {} if key is None else {_KEY: np.array(list(key), dtype=str)}
+      np.savez(f, starts=starts, crc32=np.uint32(crc), **recorded, **(extra or {}))
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return tmp
+
+
+def _write_index(docs_path: Path, *args) -> None:
+  """Rewrites an entry's index atomically (:func:`_new_index`, then ``os.replace``); an
+  unwritable cache is left as it is."""
+  tmp = None
+  try:
+    tmp = _new_index(docs_path, *args)
+    os.replace(tmp, docs_path)
+  except OSError:
+    pass
+  finally:
+    if tmp is not None:
+      Path(tmp).unlink(missing_ok=True)
+
+
+def _migrate_legacy(path: Path, eos: int, key: Sequence[str] | None) -> _TokenDocs | None:
   """An entry of the one-file format (tokens without EOS, offsets), rewritten in this
   one's and removed: an upgrade does not tokenize its sources again."""
   legacy = _legacy_path(path)
@@ -295,7 +332,7 @@ def _migrate_legacy(path: Path, eos: int) -> _TokenDocs | None:
   stream = np.insert(tokens, offsets[1:], np.asarray(eos, tokens.dtype))
   starts = offsets + np.arange(len(offsets), dtype=offsets.dtype)  # one EOS per document
   del tokens
-  if not _store_tokens(path, [stream], starts):
+  if not _store_tokens(path, [stream], starts, key=key):
     return _TokenDocs(stream, starts)
   legacy.unlink(missing_ok=True)
   return _load_tokens(path, eos, verify=False) or _TokenDocs(stream, starts)
@@ -333,14 +370,10 @@ def _store_tokens(
       for chunk in chunks:
         f.write(np.ascontiguousarray(chunk, dtype).data)
     crc = _file_crc32(Path(tmp))
-    fd, tmp_docs = _new_file(_docs_path(path))
-    tmps.append(tmp_docs)
-    with os.fdopen(fd, "wb") as f:
-      recorded = {} if key is None else {_KEY: np.array(list(key), dtype=str)}
-      np.savez(f, starts=starts, crc32=np.uint32(crc), **recorded, **(extra or {}))
+    tmps.append(_new_index(_docs_path(path), starts, crc, extra, key))
     _docs_path(path).unlink(missing_ok=True)  # no index names a stream being replaced
     os.replace(tmp, path)
-    os.replace(tmp_docs, _docs_path(path))
+    os.replace(tmps[-1], _docs_path(path))
     return True
   except BaseException as e:  # a full disk, or a Ctrl-C while writing: no stray files
     for t in tmps:
@@ -422,7 +455,9 @@ def _cached_tokens(key_parts: Sequence[str], build, eos: int) -> _TokenDocs:
   """Loads tokenized documents from the cache, or builds them (``build()`` returns a
   :class:`_TokenBuilder`) and stores them."""
   path = _token_cache_path(key_parts)
-  return load_or_build(path, lambda: _load_tokens(path, eos), lambda: build().store(key_parts))
+  return load_or_build(
+    path, lambda: _load_tokens(path, eos, key=key_parts), lambda: build().store(key_parts)
+  )
 
 
 def _sha256_file(path: Path) -> str:
@@ -792,7 +827,7 @@ def path_tokens(
 
   return load_or_build(
     _token_cache_path([*key_parts, "train"]),  # one lock per source
-    lambda: _load_tokens(_token_cache_path([*key_parts, split]), eos),
+    lambda: _load_tokens(_token_cache_path([*key_parts, split]), eos, key=[*key_parts, split]),
     build,
     say_waiting=progress is not None,
   )
