@@ -369,7 +369,7 @@ def _cmd_eval(args) -> int:
     check_mesh(args.mesh, cfg.batch_size)
     n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
     try:
-      with trainer.data_progress() as progress:
+      with trainer.data_progress(_stop_point) as progress:
         batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n, progress=progress)
       batches[0]  # built when read (streamed during eval): the first one fails here
     except (FileNotFoundError, ValueError) as e:
@@ -383,7 +383,13 @@ def _cmd_eval(args) -> int:
   eval_fn = trainer.compile_eval_step(run)
   primary = distributed.is_primary()  # only process 0 shows progress
   with trainer.eval_progress(len(batches)) if primary else contextlib.nullcontext() as progress:
-    loss, ppl = trainer.evaluate(run, params, batches, eval_fn, progress=progress)
+
+    def done(n: int) -> None:
+      _stop_point()
+      if progress is not None:
+        progress(n)
+
+    loss, ppl = trainer.evaluate(run, params, batches, eval_fn, progress=done)
   if not primary:
     return 0
   result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
@@ -578,6 +584,7 @@ def _sample(args, records, reply_file) -> int:
 
   cut: list[int] = []  # --prompts lines whose reply the model's context cut short
   for start in range(first, len(prompts), n):
+    _stop_point()  # (the replies so far are written)
     batch = prompts[start : start + n]
     # The last batch is filled up with copies, so that every batch runs the same programs.
     filled = batch + [batch[-1]] * (n - len(batch)) if todo > n else batch
@@ -989,11 +996,25 @@ def _end_job_on_failure(code: int, traceback: bool = False) -> None:
     dist.end_job_on_failure(code, traceback=traceback)
 
 
+# The signals this command received (:func:`_main_with_signals`).
+_RECEIVED: list[int] = []
+
+
+def _stop_point() -> None:
+  """Raises a signal's ``_Interrupted`` again if Python ignored it: a handler's exception
+  raised inside a gc callback (jax has one, and tokenizing or decoding runs the collector
+  often) is only reported, not propagated. Called between batches of eval's data load,
+  its evaluation and sample's generation."""
+  if _RECEIVED:
+    raise _Interrupted(_RECEIVED[0])
+
+
 def _main_with_signals(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   # Until train() installs its own handlers (which save and exit), a signal ends the
   # command with one line and 128 + signum; nothing is being written then.
-  received: list[int] = []
+  received = _RECEIVED
+  received.clear()
   armed = False
 
   def interrupt(signum, frame):
@@ -1002,7 +1023,14 @@ def _main_with_signals(argv: list[str] | None = None) -> int:
     if armed:
       raise _Interrupted(signum)
 
+  previous_hook = sys.unraisablehook
+
+  def unraisable(info):  # an _Interrupted that Python ignored: _stop_point raises it again
+    if not isinstance(info.exc_value, _Interrupted):
+      previous_hook(info)
+
   old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+  sys.unraisablehook = unraisable
   try:
     # The heavy imports (jax) with signals only recorded: an exception raised inside a C
     # extension's initialisation aborts the interpreter (nanobind: std::terminate).
@@ -1020,6 +1048,7 @@ def _main_with_signals(argv: list[str] | None = None) -> int:
     print(f"galore-jax: interrupted by {name}; nothing was written", file=sys.stderr)
     return 128 + signum
   finally:
+    sys.unraisablehook = previous_hook
     for sig, handler in old.items():
       signal.signal(sig, handler)
 

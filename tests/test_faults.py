@@ -825,3 +825,28 @@ def test_a_signal_raised_where_python_ignores_it_still_stops_the_data_load(
   assert "Traceback" not in capfd.readouterr().err
   assert not (tmp_path / "run").exists()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_eval_stops_at_a_signal_python_ignored(lines_run, monkeypatch, capfd):
+  # As for train's data load: eval's handler raises where the signal lands, which may be a
+  # gc callback (then only reported); the next progress call (data load, evaluation,
+  # sample's next batch) raises it again, and no traceback is printed.
+  calls = []
+
+  def eval_batches(config, max_batches=None, *, progress=None):
+    def ring(phase, info):
+      gc.callbacks.remove(ring)
+      os.kill(os.getpid(), signal.SIGINT)  # the handler runs here: inside the callback
+
+    gc.callbacks.append(ring)
+    gc.collect()
+    for i in range(100):
+      progress(i, 100)
+      calls.append(i)
+    raise AssertionError("the load went on after the signal")
+
+  monkeypatch.setattr(data, "eval_batches", eval_batches)
+  code = cli.main(["eval", "--checkpoint", str(lines_run[0] / "run")])
+  err = capfd.readouterr().err
+  assert code == 130 and calls == [], err
+  assert err.strip() == "galore-jax: interrupted by SIGINT; nothing was written"
