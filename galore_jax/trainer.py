@@ -589,7 +589,17 @@ class _Signals:
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
       self._old[sig] = signal.signal(sig, self._handle)
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
     return self
+
+  def _unraisable(self, info):
+    # The handler's KeyboardInterrupt can land where Python ignores exceptions (a gc
+    # callback, such as jax's, which runs often while tokenizing): not a traceback on the
+    # user's screen. The signal is recorded: the data load's next stop point raises it
+    # again, and the loop stops after the current step.
+    if not isinstance(info.exc_value, KeyboardInterrupt):
+      self._previous_hook(info)
 
   def _handle(self, signum, frame):
     del frame
@@ -621,22 +631,11 @@ class _Signals:
   def loading(self):
     """A signal stops the run at once: raised by the handler, and again by :meth:`stop_point`
     (which the data progress calls between tokenizer batches) where Python ignored it."""
-    previous_hook = sys.unraisablehook
-
-    def unraisable(info):
-      # The handler's KeyboardInterrupt can land where Python ignores exceptions (a gc
-      # callback, such as jax's, which runs often while tokenizing): not a traceback on
-      # the user's screen, since the next stop point raises it again.
-      if not (self._loading and isinstance(info.exc_value, KeyboardInterrupt)):
-        previous_hook(info)
-
-    sys.unraisablehook = unraisable
     self._loading = True
     try:
       yield
     finally:
       self._loading = False
-      sys.unraisablehook = previous_hook
 
   def stop_point(self) -> None:
     if self._loading and self.received is not None:
@@ -651,6 +650,7 @@ class _Signals:
       self._saving = False
 
   def __exit__(self, *exc):
+    sys.unraisablehook = self._previous_hook
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
