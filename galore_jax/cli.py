@@ -367,17 +367,23 @@ def _cmd_eval(args) -> int:
     )
     check_seq_len(cfg.seq_len, cfg.init_from or cfg.model, run.model_cfg.max_seq_len)
     check_mesh(args.mesh, cfg.batch_size)
-    n = run.cfg.eval_batches if n_batches == "run" else n_batches  # "run": what train reported
+    split = args.split or _default_eval_split(cfg.data, run.cfg.data)
+    if n_batches != "run":
+      n = n_batches
+    else:  # the count train reported for its validation split; a held-out set whole
+      n = run.cfg.eval_batches if split == "validation" else None
     try:
       with trainer.data_progress(_stop_point) as progress:
-        batches = data.eval_batches(trainer.data_config(cfg, cfg.batch_size), n, progress=progress)
+        batches = data.eval_batches(
+          trainer.data_config(cfg, cfg.batch_size), n, progress=progress, split=split
+        )
       batches[0]  # built when read (streamed during eval): the first one fails here
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError("--data", str(e)) from e
-    prepared.update(cfg=cfg, batches=batches)
+    prepared.update(cfg=cfg, batches=batches, split=split)
 
   run, params, _, step = _load_for_inference(args, check_flags_and_read_data)
-  cfg, batches = prepared["cfg"], prepared["batches"]
+  cfg, batches, split = prepared["cfg"], prepared["batches"], prepared["split"]
   # Every process reads the whole validation set and places its rows of each batch (as
   # train's evaluation does); the loss comes back replicated, and process 0 reports it.
   eval_fn = trainer.compile_eval_step(run)
@@ -392,14 +398,41 @@ def _cmd_eval(args) -> int:
     loss, ppl = trainer.evaluate(run, params, batches, eval_fn, progress=done)
   if not primary:
     return 0
-  result = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "batches": len(batches)}
+  result = {
+    "step": step,
+    "eval_loss": loss,
+    "eval_ppl": ppl,
+    "batches": len(batches),
+    "split": split,
+  }
+  what = "validation loss" if split == "validation" else "loss on all of --data"
   print(
     json.dumps(result)
     if args.json
-    else f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f} "
+    else f"step {step}: {what} {loss:.4f}, perplexity {ppl:.2f} "
     f"({len(batches)} batches of {cfg.batch_size} x {cfg.seq_len})"
   )
   return 0
+
+
+def _default_eval_split(source: str, trained_on: str) -> str:
+  """``eval --split``'s default: ``all`` for a path source other than the run's training
+  data (the user's own held-out set, which the run never saw), else ``validation`` (the
+  documents the run held out of its own data, or the validation split of the bundled
+  corpus or a TFDS dataset)."""
+  from galore_jax.data import sources
+
+  if source.strip() == "builtin" or source.startswith("tfds:") or source == trained_on:
+    return "validation"
+
+  def files(s: str) -> set:
+    return {p.resolve() for p in sources._resolve_paths(s)}
+
+  try:
+    same = files(source) == files(trained_on)
+  except (OSError, ValueError):  # the run's data is gone (or not a path): another source
+    same = False
+  return "validation" if same else "all"
 
 
 class _Prompt(NamedTuple):
@@ -794,14 +827,28 @@ def build_parser() -> argparse.ArgumentParser:
   _add_train_flags(p)
   p.set_defaults(fn=_cmd_train)
 
-  p = sub.add_parser("eval", help="validation perplexity of a checkpoint")
+  p = sub.add_parser(
+    "eval", help="perplexity of a checkpoint on its validation split, or on a held-out --data"
+  )
   p.add_argument(
     "--checkpoint",
     required=True,
     help="run directory, its checkpoints/ or checkpoints/STEP, or a Hugging Face model "
     "directory (the model before training)",
   )
-  p.add_argument("--data", default=None, help="default: the data the run trained on")
+  p.add_argument(
+    "--data",
+    default=None,
+    help="default: the data the run trained on (the documents it held out for validation)",
+  )
+  p.add_argument(
+    "--split",
+    choices=("validation", "all"),
+    default=None,
+    help="validation: the documents held out from training (1 in 100 by hash for a path "
+    "source); all: every document of --data. Default: all for a path source other than "
+    "the run's training data (a held-out set of your own), else validation",
+  )
   p.add_argument("--tokenizer", default=None)
   p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
   p.add_argument("--seq-len", type=int, default=None, help="default: the run's")
@@ -809,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--eval-batches",
     default=None,
-    help="N or 'all' (default: the run's --eval-batches, the count train reported)",
+    help="N or 'all' (default: the run's --eval-batches, the count train reported, for the "
+    "validation split; all batches with --split all)",
   )
   p.add_argument(
     "--no-packing",

@@ -350,6 +350,18 @@ class _Examples:
     return len(self.starts) - 1
 
 
+def _joined_examples(parts: Sequence[_Examples]) -> _Examples:
+  """The examples of ``parts``, one part after another (copied into memory)."""
+  offsets = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+  starts = [p.starts[1:] + o for p, o in zip(parts, offsets, strict=True)]
+  return _Examples(
+    np.concatenate([p.tokens for p in parts]),
+    np.concatenate([p.trained for p in parts]),
+    np.concatenate([[0], *starts]).astype(np.int64),
+    np.concatenate([p.first for p in parts]),
+  )
+
+
 def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) -> _Examples | None:
   """The examples cached under ``keys`` (:func:`_cache_keys`), or None."""
   paths = tuple(map(sources._token_cache_path, keys))
@@ -443,7 +455,12 @@ def split_index(
       *(f"{f.resolve()}:{sources._sha256_file(f)}" for f in files),
       sources._tokenizer_hash(tok),
     ]
-  examples = cached_examples(config.source, split, tok, files, key_parts, progress)
+  if split == "all":  # eval of a held-out set of the user's own: every example
+    examples = _joined_examples(
+      [cached_examples(config.source, s, tok, files, key_parts, progress) for s in data.SPLITS]
+    )
+  else:
+    examples = cached_examples(config.source, split, tok, files, key_parts, progress)
   n = len(examples)
   n_tok = int(examples.starts[-1])
   B, L = config.batch_size, config.seq_len
@@ -453,7 +470,8 @@ def split_index(
   if cut:
     head = int(examples.first[:, 0].min())
     what = (
-      f"--data {config.source!r}: {cut} of {n} {split} example(s) have no trained token "
+      f"--data {config.source!r}: {cut} of {n} {'' if split == 'all' else split + ' '}"
+      "example(s) have no trained token "
       f"within --seq-len {L} (+1) tokens (the shortest prompt before a reply takes {head})"
     )
     if cut == n:

@@ -93,6 +93,21 @@ def test_builtin_validation_and_eval_batches():
   assert allb[-1]["mask"].sum() == (val.num_examples % 8 or 8) * cfg.seq_len
 
 
+def test_eval_batches_of_all_documents_are_both_splits_in_turn():
+  # split="all" (eval of a held-out set of the user's own): the training split's
+  # documents, then the validation split's, one window each without packing.
+  cfg = DataConfig(seq_len=128, batch_size=8, packing=False)
+  docs = gd.builtin_documents("train") + gd.builtin_documents("validation")
+  allb = list(eval_batches(cfg, None, split="all"))
+  assert len(allb) == -(-len(docs) // 8)
+  sp = load_tokenizer()
+  for i in (0, len(gd.builtin_documents("train")), len(docs) - 1):  # each part's first, last
+    want = sp.encode(docs[i])[: cfg.seq_len]
+    np.testing.assert_array_equal(allb[i // 8]["inputs"][i % 8][: len(want)], want)
+  with pytest.raises(ValueError, match="split must be one of"):
+    eval_batches(cfg, 1, split="train")
+
+
 def test_packed_stream_is_held_in_the_tokens_dtype(sp):
   # The packed token stream stays uint16 for the bundled vocabulary (half of int32's host
   # memory: 3.2 GB, not 6.4, for 1.6B tokens of eight C4 shards); batches are int32.

@@ -142,6 +142,40 @@ def test_paths_are_stored_absolute_and_eval_works_elsewhere(
   assert "batches of 2 x 32" in out and "(2 batches" not in out, out
 
 
+def test_eval_of_another_file_reads_all_of_it(lines_run, tmp_path, capsys, monkeypatch):
+  # `eval --data held_out.txt`: the user's own held-out set, which the run never saw, is
+  # evaluated whole (it used to be its 1 in 100 documents held out by hash, silently:
+  # 2 of 500 records). The run's own data, named by another path, stays its validation
+  # split: the other documents were trained on.
+  root, _ = lines_run
+  run = root / "run"
+  (tmp_path / "held_out.txt").write_text(_sentences(4000)[::-1])
+  n_docs = len(data.path_documents(str(tmp_path / "held_out.txt"), "train")) + len(
+    data.path_documents(str(tmp_path / "held_out.txt"), "validation")
+  )
+  flags = ["--batch-size", "2", "--no-packing", "--json"]
+  code, out, err = _cli(
+    capsys, "eval", "--checkpoint", run, "--data", tmp_path / "held_out.txt", *flags
+  )
+  assert code == 0, err
+  got = json.loads(out)
+  assert got["split"] == "all" and got["batches"] == math.ceil(n_docs / 2)  # every document
+  code, out, err = _cli(
+    capsys, "eval", "--checkpoint", run, "--data", tmp_path / "held_out.txt", "--split",
+    "validation", *flags,
+  )  # fmt: skip
+  assert code == 0, err
+  assert json.loads(out)["split"] == "validation" and json.loads(out)["batches"] < got["batches"]
+  monkeypatch.chdir(root)
+  code, out, err = _cli(capsys, "eval", "--checkpoint", run, "--data", "./corpus/../corpus", *flags)
+  assert code == 0, err
+  assert json.loads(out)["split"] == "validation"  # the training data: held-out documents only
+  code, out, err = _cli(
+    capsys, "eval", "--checkpoint", run, "--data", "tfds:c4/en", "--split", "all"
+  )
+  assert code == 2 and "a TFDS source has its own held-out split" in err, err
+
+
 def test_eval_records_name_their_batch_count(lines_run):
   root, summary = lines_run
   evals = [r for r in metrics.read_metrics(str(root / "run")) if "eval_loss" in r]
@@ -833,7 +867,7 @@ def test_eval_stops_at_a_signal_python_ignored(lines_run, monkeypatch, capfd):
   # sample's next batch) raises it again, and no traceback is printed.
   calls = []
 
-  def eval_batches(config, max_batches=None, *, progress=None):
+  def eval_batches(config, max_batches=None, *, progress=None, split="validation"):
     def ring(phase, info):
       gc.callbacks.remove(ring)
       os.kill(os.getpid(), signal.SIGINT)  # the handler runs here: inside the callback

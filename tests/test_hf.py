@@ -558,7 +558,8 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   assert abs(metrics[0]["loss"] - s / n) < 1e-4, (metrics[0]["loss"], s / n)
 
   # The export is a transformers model whose loss equals galore-jax eval's on the same
-  # windows (eval --data FILE --no-packing; the windows rebuilt here by the data module).
+  # windows (eval --data FILE --no-packing, all of FILE; the windows rebuilt here by the
+  # data module).
   capsys.readouterr()
   args = ["eval", "--checkpoint", str(r["run"]), "--data", str(r["held"]), "--no-packing"]
   args += ["--eval-batches", "2"]
@@ -570,10 +571,12 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
       source=str(r["held"]), seq_len=32, batch_size=4, packing=False, tokenizer=tokfile
     ),
     2,
+    split="all",  # eval of a file the run did not train on: all of it
   )
   sums = [_hf_loss(exported.eval(), b) for b in windows]
   theirs = sum(s for s, _ in sums) / sum(n for _, n in sums)
   assert len(windows) == ours["batches"] == 2 and sum(n for _, n in sums) > 64
+  assert ours["split"] == "all"
   assert abs(ours["eval_loss"] - theirs) <= 1e-3, (ours["eval_loss"], theirs)
   print(f"eval loss: galore-jax {ours['eval_loss']:.7f}, transformers {theirs:.7f}")
 
@@ -652,10 +655,11 @@ def test_eval_and_sample_read_a_hugging_face_directory(trained_run, tmp_path, ca
       source=str(r["held"]), seq_len=32, batch_size=4, packing=False, tokenizer=tokfile
     ),
     2,
+    split="all",  # eval of a file the run did not train on: all of it
   )
   sums = [_hf_loss(model, b) for b in windows]
   theirs = sum(s for s, _ in sums) / sum(n for _, n in sums)
-  assert ours["step"] == 0 and ours["batches"] == 2
+  assert ours["step"] == 0 and ours["batches"] == 2 and ours["split"] == "all"
   assert abs(ours["eval_loss"] - theirs) <= 1e-4, (ours["eval_loss"], theirs)
   # In bfloat16, weights and compute (how a 7B model fits a 24 GB card): close, not equal.
   # (Once: the dtype does not depend on the architecture.)

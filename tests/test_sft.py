@@ -72,6 +72,22 @@ def test_examples_are_tokenized_in_batches_and_equal_tokenizing_at_once(tmp_path
   assert len(calls) > 10 and max(calls) < 100, calls  # batches, not the whole file at once
 
 
+def test_all_examples_are_both_splits_in_turn(tmp_path, monkeypatch):
+  # eval --split all of an instruction set: every example, the training split's first.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  src = _write(tmp_path / "sft.jsonl", _records(300))
+  cfg = data.DataConfig(source=str(src), seq_len=48, batch_size=4)
+  parts = [list(data.eval_batches(cfg, None, split=s)) for s in ("all", "validation")]
+  train = data.make_dataset(cfg, "train")
+  n_val = sum(int(b["mask"].any(axis=1).sum()) for b in parts[1])
+  assert sum(int(b["mask"].any(axis=1).sum()) for b in parts[0]) == train.num_examples + n_val
+  n_train = train.num_examples
+  last = parts[0][(n_train + n_val - 1) // 4]  # the validation split's examples come last
+  np.testing.assert_array_equal(
+    last["inputs"][(n_train + n_val - 1) % 4], parts[1][-1]["inputs"][(n_val - 1) % 4]
+  )
+
+
 def test_a_second_start_reads_the_cached_examples(tmp_path, monkeypatch):
   # Every start (a resume too) used to parse and tokenize the whole set again, twice (once
   # per split). Train's pass caches both splits; later starts map them and tokenize nothing.

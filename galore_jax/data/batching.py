@@ -38,6 +38,7 @@ from galore_jax.data.sources import (
   _TokenDocs,
   _tokenize_docs,
   _tokenizer_hash,
+  joined_docs,
   load_tokenizer,
   path_tokens,
   tfds_source,
@@ -320,20 +321,39 @@ def _tfds_index(config: DataConfig, split: str, sp, eos: int, pad: int) -> Split
   return SplitIndex(n, group, make, n, (n // group) * B, None, threads)
 
 
+# What eval_batches reads: the documents held out from training, or every document of a
+# source (a held-out set of the user's own: `eval --data held_out.jsonl`).
+EVAL_SPLITS = ("validation", "all")
+
+
+def _of_split(split: str, of):
+  """``of(split)``, or for ``"all"`` both splits' documents one after the other."""
+  return of(split) if split != "all" else joined_docs([of("train"), of("validation")])
+
+
 def _split_index(
   config: DataConfig, split: str, sp: spm.SentencePieceProcessor, progress=None
 ) -> SplitIndex:
-  _check_split(split)
+  if split != "all":
+    _check_split(split)
   eos, pad = _special_ids(sp)
   source = config.source.strip()
   if source.startswith("tfds:"):
+    if split == "all":
+      raise ValueError(
+        f"--data {source!r}: a TFDS source has its own held-out split; evaluate its "
+        "validation split (--split validation)"
+      )
     return _tfds_index(config, split, sp, eos, pad)
   tok_hash = _tokenizer_hash(sp)
   if source == "builtin":
     corpus_hash = [_sha256_file(CORPUS_DIR / n) for n in CORPUS_FILES]
     key = ["builtin", DATA_FORMAT_VERSION, *corpus_hash]
-    docs = _cached_tokens(
-      [*key, tok_hash, split], lambda: _tokenize_docs(sp, builtin_documents(split)), eos
+    docs = _of_split(
+      split,
+      lambda s: _cached_tokens(
+        [*key, tok_hash, s], lambda: _tokenize_docs(sp, builtin_documents(s)), eos
+      ),
     )
     return dataclasses.replace(_in_memory_index(config, docs, eos, pad), fingerprint=_digest(key))
   files = _resolve_paths(source)
@@ -345,7 +365,9 @@ def _split_index(
   if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
     index = sft.split_index(config, split, sp, files, eos, pad, [*key, tok_hash], progress)
   else:
-    docs = path_tokens(source, split, sp, [*key, tok_hash], progress, files=files)
+    docs = _of_split(
+      split, lambda s: path_tokens(source, s, sp, [*key, tok_hash], progress, files=files)
+    )
     index = _in_memory_index(config, docs, eos, pad)
   return dataclasses.replace(index, fingerprint=_digest(key))
 
@@ -423,18 +445,22 @@ class EvalBatches(Sequence):
 
 
 def eval_batches(
-  config: DataConfig, max_batches: int | None = None, *, progress=None
+  config: DataConfig, max_batches: int | None = None, *, progress=None, split="validation"
 ) -> EvalBatches:
-  """Fixed validation batches: the validation split's examples in order (no shuffle),
-  the first ``max_batches`` batches (all if None), built when read (see
-  :class:`EvalBatches`; ``list(...)`` holds them). A last, partial batch is padded to
-  ``batch_size`` rows with fully masked rows, so every batch has the training shape.
+  """Fixed evaluation batches: the examples of ``split`` in order (no shuffle), the first
+  ``max_batches`` batches (all if None), built when read (see :class:`EvalBatches`;
+  ``list(...)`` holds them). A last, partial batch is padded to ``batch_size`` rows with
+  fully masked rows, so every batch has the training shape. ``split``: ``"validation"``
+  (the documents held out from training) or ``"all"`` (every document of a path source
+  or the bundled corpus: the training split's, then the validation split's).
   ``progress``: as for :func:`make_dataset`.
   """
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
   sp = load_tokenizer(config.tokenizer)
-  index = _split_index(config, "validation", sp, progress)
+  index = _split_index(config, split, sp, progress)
   if index.num_items == 0:
-    raise _too_small(config, "validation", index)
+    raise _too_small(config, split, index)
   ds = grain.MapDataset.range(index.num_items).batch(index.per_batch).map(index.make_batch)
   n = len(ds) if max_batches is None else min(len(ds), int(max_batches))
   return EvalBatches(ds, n)

@@ -115,6 +115,15 @@ class _TokenDocs:
     return self.stream[self.starts[i] : self.starts[i + 1] - 1]
 
 
+def joined_docs(parts: Sequence[_TokenDocs]) -> _TokenDocs:
+  """The documents of ``parts``, one part after another (copied into memory: ``eval
+  --split all`` of a held-out set)."""
+  stream = np.concatenate([p.stream for p in parts])
+  offsets = np.cumsum([0] + [len(p.stream) for p in parts[:-1]])
+  starts = np.concatenate([[0]] + [p.starts[1:] + o for p, o in zip(parts, offsets, strict=True)])
+  return _TokenDocs(stream, starts.astype(np.int64))
+
+
 # Documents are tokenized a batch of about this many characters at a time: the tokenizer
 # returns a Python int per token (~36 bytes each), and a whole source at once took ~12 GB per
 # GB of JSON lines (experiments/data_load.py; one allenai/c4 shard holds ~0.8 GB). Only the
