@@ -107,6 +107,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "on the replies) | tfds:NAME (e.g. tfds:c4/en)",
   )
   p.add_argument(
+    "--eval-data",
+    default=None,
+    help="a held-out source (as --data) to evaluate on during training, all of it (up to "
+    "--eval-batches batches); default: the documents held out of --data",
+  )
+  p.add_argument(
     "--tokenizer",
     default=None,
     help="SentencePiece .model or tokenizer.json (default: --init-from's, else bundled)",
@@ -358,16 +364,20 @@ def _cmd_eval(args) -> int:
   prepared = {}
 
   def check_flags_and_read_data(run, _tok, _step):  # before the weights: a bad flag fails
+    # Default: what the run evaluated on (its --eval-data, all of it; else its held-out part).
+    held_out = getattr(run.cfg, "eval_data", None)
     cfg = dataclasses.replace(
       run.cfg,
-      data=absolute_source(args.data) if args.data else run.cfg.data,
+      data=absolute_source(args.data) if args.data else held_out or run.cfg.data,
       batch_size=args.batch_size or run.cfg.batch_size,
       seq_len=args.seq_len or run.cfg.seq_len,
       packing=run.cfg.packing if args.packing is None else args.packing,
     )
     check_seq_len(cfg.seq_len, cfg.init_from or cfg.model, run.model_cfg.max_seq_len)
     check_mesh(args.mesh, cfg.batch_size)
-    split = args.split or _default_eval_split(cfg.data, run.cfg.data)
+    split = args.split or (
+      "all" if not args.data and held_out else _default_eval_split(cfg.data, run.cfg.data)
+    )
     if n_batches != "run":
       n = n_batches
     else:  # the count train reported for its validation split; a held-out set whole
@@ -839,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--data",
     default=None,
-    help="default: the data the run trained on (the documents it held out for validation)",
+    help="default: what the run evaluated on (its --eval-data, else the documents it held "
+    "out of its training data)",
   )
   p.add_argument(
     "--split",

@@ -86,6 +86,8 @@ class TrainConfig:
   b2: float = 0.999
   eps: float = 1e-6
   data: str = "builtin"
+  # A held-out source evaluated whole during training (None: the documents held out of data).
+  eval_data: str | None = None
   tokenizer: str | None = None
   packing: bool = True
   eval_every: int = 50

@@ -251,7 +251,7 @@ def compile_train_step(run: Run):
 # so that a resume (or a new run directory) with the same flags loads the entry. Every other
 # field is in the key, whether the step reads it or not: a field the step starts to read
 # must not be added here.
-_NOT_IN_STEP = ("out", "resume", "stop_after", "overwrite", "progress")
+_NOT_IN_STEP = ("out", "resume", "stop_after", "overwrite", "progress", "eval_data")
 
 
 def cached_train_step(
@@ -716,11 +716,28 @@ def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None
       train_ds = data.make_dataset(
         data_config(cfg, cfg.batch_size * cfg.grad_accum), "train", shard=shard, progress=progress
       )
-      # Held: every evaluation during training reads the same few batches again.
-      val_cfg = data_config(cfg, cfg.batch_size)
-      val = list(data.eval_batches(val_cfg, cfg.eval_batches, progress=progress))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
+  # Held: every evaluation during training reads the same few batches again. --eval-data:
+  # a held-out set of the user's own, all of it; else the documents held out of --data.
+  val_cfg = data_config(cfg, cfg.batch_size)
+  if cfg.eval_data:
+    val_cfg = dataclasses.replace(val_cfg, source=cfg.eval_data)
+  try:
+    with data_progress(stop_point) as progress:
+      val = list(
+        data.eval_batches(
+          val_cfg,
+          cfg.eval_batches,
+          progress=progress,
+          split="all" if cfg.eval_data else "validation",
+        )
+      )
+  except (FileNotFoundError, ValueError) as e:
+    if not cfg.eval_data:
+      raise ConfigError("--data", str(e)) from e
+    message = str(e).removeprefix("--data ")  # the data layer names the source as --data
+    raise ConfigError("--eval-data", message) from e
   return sp, train_ds, val
 
 
@@ -797,6 +814,7 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
   cfg = dataclasses.replace(
     cfg,
     data=absolute_source(cfg.data),
+    eval_data=absolute_source(cfg.eval_data) if cfg.eval_data else None,
     tokenizer=os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else None,
   )
   if cfg.init_from:  # absolute: a resume may run from another directory

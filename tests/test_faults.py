@@ -176,6 +176,40 @@ def test_eval_of_another_file_reads_all_of_it(lines_run, tmp_path, capsys, monke
   assert code == 2 and "a TFDS source has its own held-out split" in err, err
 
 
+def test_eval_data_is_a_held_out_set_evaluated_during_training_and_by_eval(
+  lines_run, tmp_path, capsys
+):
+  # train --eval-data FILE evaluates on FILE (the first --eval-batches batches of all of
+  # it), not on the documents held out of --data; eval of the run then defaults to FILE.
+  root, _ = lines_run
+  held = tmp_path / "held_out.txt"
+  held.write_text(_sentences(3000)[::-1])
+  cfg = train.TrainConfig(
+    out=str(tmp_path / "run"),
+    data=str(root / "corpus" / "lines.txt"),
+    tokenizer=str(root / "tok.model"),
+    eval_data=str(held),
+    steps=6,
+    stop_after=2,
+    **(SMALL | {"eval_every": 2}),
+  )
+  train.train(cfg, log=_quiet)
+  (record,) = [r for r in metrics.read_metrics(cfg.out) if "eval_loss" in r]
+  flags = ["--eval-batches", "2", "--json"]
+  code, out, err = _cli(capsys, "eval", "--checkpoint", cfg.out, *flags)
+  assert code == 0, err
+  ours = json.loads(out)
+  assert ours["split"] == "all" and ours["batches"] == record["eval_batches"] == 2
+  assert abs(ours["eval_loss"] - record["eval_loss"]) < 1e-5
+  code, out, err = _cli(capsys, "eval", "--checkpoint", cfg.out, "--data", cfg.data, *flags)
+  assert code == 0 and json.loads(out)["split"] == "validation", err
+  assert abs(json.loads(out)["eval_loss"] - record["eval_loss"]) > 1e-3  # another set
+  missing = dataclasses.replace(cfg, out=str(tmp_path / "run2"), eval_data=str(tmp_path / "no"))
+  with pytest.raises(train.ConfigError, match=f"^--eval-data: '{tmp_path / 'no'}'"):
+    train.train(missing, log=_quiet)
+  assert not (tmp_path / "run2").exists()
+
+
 def test_eval_records_name_their_batch_count(lines_run):
   root, summary = lines_run
   evals = [r for r in metrics.read_metrics(str(root / "run")) if "eval_loss" in r]
