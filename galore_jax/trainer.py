@@ -903,6 +903,15 @@ def _train_loop(
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
     if changes := resume_changes(saved.get("train_config", {}), cfg, start):
       log(f"galore-jax: note: {changes}")
+    was_eval = saved.get("train_config", {}).get("eval_data")
+    if was_eval != cfg.eval_data:  # a resume command that forgot (or changed) --eval-data
+      held = lambda source: (
+        f"--eval-data {source}" if source else "the documents held out of --data"
+      )
+      log(
+        f"galore-jax: note: evaluating on {held(cfg.eval_data)}, where the run before step "
+        f"{start} evaluated on {held(was_eval)}: its eval losses are not comparable across it"
+      )
     was = saved.get("data_fingerprint")  # None: saved by an older version, or custom data
     if was and fingerprint and was != fingerprint:  # the same --data, other files
       log(

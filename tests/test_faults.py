@@ -204,6 +204,15 @@ def test_eval_data_is_a_held_out_set_evaluated_during_training_and_by_eval(
   code, out, err = _cli(capsys, "eval", "--checkpoint", cfg.out, "--data", cfg.data, *flags)
   assert code == 0 and json.loads(out)["split"] == "validation", err
   assert abs(json.loads(out)["eval_loss"] - record["eval_loss"]) > 1e-3  # another set
+  # A resume that forgot --eval-data says that the evaluation set changes.
+  logged = []
+  train.train(
+    dataclasses.replace(cfg, eval_data=None, resume=True, stop_after=1), log=logged.append
+  )
+  assert (
+    "galore-jax: note: evaluating on the documents held out of --data, where the run before "
+    f"step 2 evaluated on --eval-data {held}: its eval losses are not comparable across it"
+  ) in logged
   missing = dataclasses.replace(cfg, out=str(tmp_path / "run2"), eval_data=str(tmp_path / "no"))
   with pytest.raises(train.ConfigError, match=f"^--eval-data: '{tmp_path / 'no'}'"):
     train.train(missing, log=_quiet)
