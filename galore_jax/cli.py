@@ -1082,14 +1082,10 @@ def _main_with_signals(argv: list[str] | None = None) -> int:
     if armed:
       raise _Interrupted(signum)
 
-  previous_hook = sys.unraisablehook
+  from galore_jax.errors import hide_ignored_interrupts
 
-  def unraisable(info):  # an _Interrupted that Python ignored: _stop_point raises it again
-    if not isinstance(info.exc_value, _Interrupted):
-      previous_hook(info)
-
+  hide_ignored_interrupts(_Interrupted)  # one that Python ignored: _stop_point raises it again
   old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-  sys.unraisablehook = unraisable
   try:
     # The heavy imports (jax) with signals only recorded: an exception raised inside a C
     # extension's initialisation aborts the interpreter (nanobind: std::terminate).
@@ -1107,7 +1103,6 @@ def _main_with_signals(argv: list[str] | None = None) -> int:
     print(f"galore-jax: interrupted by {name}; nothing was written", file=sys.stderr)
     return 128 + signum
   finally:
-    sys.unraisablehook = previous_hook
     for sig, handler in old.items():
       signal.signal(sig, handler)
 

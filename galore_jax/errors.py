@@ -9,3 +9,30 @@ def first_line(error: BaseException, limit: int = 200) -> str:
   into an ``IndexError``)."""
   lines = str(error).strip().splitlines()
   return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+# Interrupt exceptions (types) whose ignored copies the hook below drops.
+_QUIET_INTERRUPTS: set[type[BaseException]] = set()
+
+
+def hide_ignored_interrupts(*types: type[BaseException]) -> None:
+  """Drops the "Exception ignored in ..." report of an interrupt (``types``) that Python
+  could not propagate: a signal handler's exception raised where the signal landed, when
+  that was inside a gc callback (jax registers one, and tokenizing or decoding runs the
+  collector often) or a ``__del__``. Its handler has recorded the signal, and the caller
+  acts on it at its next check; the report would only be a traceback on the user's screen.
+
+  The hook is installed once per process, on top of the one in place, and never removed:
+  other hooks may have been installed over it since (``checkpoint``'s), which restoring
+  an old one would drop."""
+  if not _QUIET_INTERRUPTS:
+    import sys
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not isinstance(unraisable.exc_value, tuple(_QUIET_INTERRUPTS)):
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+  _QUIET_INTERRUPTS.update(types)

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from galore_jax import checkpoint, distributed, metrics, rundir, sharding, steps
+from galore_jax import checkpoint, distributed, errors, metrics, rundir, sharding, steps
 from galore_jax import model as model_lib
 from galore_jax.config import (
   ConfigError,
@@ -589,17 +589,11 @@ class _Signals:
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
       self._old[sig] = signal.signal(sig, self._handle)
-    self._previous_hook = sys.unraisablehook
-    sys.unraisablehook = self._unraisable
-    return self
-
-  def _unraisable(self, info):
     # The handler's KeyboardInterrupt can land where Python ignores exceptions (a gc
-    # callback, such as jax's, which runs often while tokenizing): not a traceback on the
-    # user's screen. The signal is recorded: the data load's next stop point raises it
-    # again, and the loop stops after the current step.
-    if not isinstance(info.exc_value, KeyboardInterrupt):
-      self._previous_hook(info)
+    # callback): no traceback for it. The signal is recorded: the data load's next stop
+    # point raises it again, and the loop stops after the current step.
+    errors.hide_ignored_interrupts(KeyboardInterrupt)
+    return self
 
   def _handle(self, signum, frame):
     del frame
@@ -650,7 +644,6 @@ class _Signals:
       self._saving = False
 
   def __exit__(self, *exc):
-    sys.unraisablehook = self._previous_hook
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
