@@ -376,7 +376,9 @@ def _cmd_eval(args) -> int:
     check_seq_len(cfg.seq_len, cfg.init_from or cfg.model, run.model_cfg.max_seq_len)
     check_mesh(args.mesh, cfg.batch_size)
     split = args.split or (
-      "all" if not args.data and held_out else _default_eval_split(cfg.data, run.cfg.data)
+      data.held_out_split(held_out)
+      if not args.data and held_out
+      else _default_eval_split(cfg.data, run.cfg.data)
     )
     if n_batches != "run":
       n = n_batches
@@ -415,7 +417,7 @@ def _cmd_eval(args) -> int:
     "batches": len(batches),
     "split": split,
   }
-  what = "validation loss" if split == "validation" else "loss on all of --data"
+  what = "validation loss" if split == "validation" else f"loss on all of {cfg.data}"
   print(
     json.dumps(result)
     if args.json
@@ -430,9 +432,10 @@ def _default_eval_split(source: str, trained_on: str) -> str:
   data (the user's own held-out set, which the run never saw), else ``validation`` (the
   documents the run held out of its own data, or the validation split of the bundled
   corpus or a TFDS dataset)."""
+  from galore_jax import data
   from galore_jax.data import sources
 
-  if source.strip() == "builtin" or source.startswith("tfds:") or source == trained_on:
+  if data.held_out_split(source) == "validation" or source == trained_on:
     return "validation"
 
   def files(s: str) -> set:

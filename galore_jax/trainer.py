@@ -712,7 +712,8 @@ def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
   # Held: every evaluation during training reads the same few batches again. --eval-data:
-  # a held-out set of the user's own, all of it; else the documents held out of --data.
+  # a held-out set of the user's own (all of a path source); else the documents held out
+  # of --data.
   val_cfg = data_config(cfg, cfg.batch_size)
   if cfg.eval_data:
     val_cfg = dataclasses.replace(val_cfg, source=cfg.eval_data)
@@ -723,7 +724,7 @@ def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None
           val_cfg,
           cfg.eval_batches,
           progress=progress,
-          split="all" if cfg.eval_data else "validation",
+          split=data.held_out_split(cfg.eval_data) if cfg.eval_data else "validation",
         )
       )
   except (FileNotFoundError, ValueError) as e:

@@ -37,6 +37,7 @@ from galore_jax.data.batching import (  # noqa: F401
   Rows,
   SplitIndex,
   eval_batches,
+  held_out_split,
   make_dataset,
 )
 from galore_jax.data.corpus import (  # noqa: F401
@@ -76,6 +77,7 @@ __all__ = [
   "builtin_documents",
   "cache_dir",
   "eval_batches",
+  "held_out_split",
   "load_tokenizer",
   "make_dataset",
   "path_documents",

@@ -326,6 +326,14 @@ def _tfds_index(config: DataConfig, split: str, sp, eos: int, pad: int) -> Split
 EVAL_SPLITS = ("validation", "all")
 
 
+def held_out_split(source: str) -> str:
+  """What of ``source`` to evaluate when it is a held-out set (``train --eval-data``, or
+  ``eval --data`` of a source the run did not train on): all of a path source; the
+  validation split of the bundled corpus or of a TFDS dataset, which have one."""
+  source = source.strip()
+  return "validation" if source == "builtin" or source.startswith("tfds:") else "all"
+
+
 def _of_split(split: str, of):
   """``of(split)``, or for ``"all"`` both splits' documents one after the other."""
   return of(split) if split != "all" else joined_docs([of("train"), of("validation")])
