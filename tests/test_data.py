@@ -106,6 +106,12 @@ def test_eval_batches_of_all_documents_are_both_splits_in_turn():
     np.testing.assert_array_equal(allb[i // 8]["inputs"][i % 8][: len(want)], want)
   with pytest.raises(ValueError, match="split must be one of"):
     eval_batches(cfg, 1, split="train")
+  # What a held-out set (train --eval-data, eval --data) means: all of a path source.
+  assert [gd.held_out_split(s) for s in ("a.jsonl", " builtin", "tfds:c4/en")] == [
+    "all",
+    "validation",
+    "validation",
+  ]
 
 
 def test_packed_stream_is_held_in_the_tokens_dtype(sp):
