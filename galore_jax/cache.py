@@ -203,6 +203,12 @@ def remove_token_entry(entry: TokenEntry) -> str | None:
   return None
 
 
+def clear_hash_records() -> None:
+  """Removes the recorded hashes of source files (``sources._sha256_file``): each source
+  is hashed again at its next start."""
+  shutil.rmtree(sources.cache_dir() / "hashes", ignore_errors=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileCacheUsage:
   files: int

@@ -791,6 +791,7 @@ def _cmd_cache(args) -> int:
       chosen = [e for e in entries if stale[e]]
     else:
       chosen = cache.token_entries(locks=True)
+      cache.clear_hash_records()
     kept = {e: why for e in chosen if (why := cache.remove_token_entry(e))}
     gone = [e for e in chosen if e not in kept]
     print(

@@ -28,6 +28,7 @@ def caches(tmp_path, monkeypatch):
   splits, as training builds them), b.txt (validation only, as eval of a new source
   does) and sft.jsonl (instruction records: tokens and trained flags, both splits)."""
   monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "_HASH_FRESH_S", 0.0)  # record the new files' hashes
   (tmp_path / "a.txt").write_text(_words(400, 1))
   (tmp_path / "b.txt").write_text(_words(400, 2))
   records = [{"prompt": f"q {i}?", "completion": f" {_words(1, i)[:80]}"} for i in range(300)]
@@ -118,8 +119,9 @@ def test_an_entry_being_built_is_listed_and_kept(caches, capsys):
     ]
   finally:
     os.close(fd)
+  assert (caches / "cache" / "hashes").is_dir()  # the source files' recorded hashes
   _run(capsys, "--remove", "tokens")
-  assert list(root.iterdir()) == []
+  assert list(root.iterdir()) == [] and not (caches / "cache" / "hashes").exists()
 
 
 def test_loading_an_entry_marks_it_used(caches):

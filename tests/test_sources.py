@@ -4,6 +4,7 @@ tokenized in batches (path and TFDS sources end to end: test_data.py)."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -270,6 +271,42 @@ def test_an_unwritable_cache_keeps_the_tokens_in_memory(tmp_path, sp, monkeypatc
     docs = sources.path_tokens(src, split, sp, ["u"])
     assert not isinstance(docs.stream, np.memmap)
     _assert_packed(docs, sp, gd.path_documents(src, split))
+
+
+def test_a_source_file_is_hashed_again_only_when_it_changed(tmp_path, monkeypatch):
+  # The cache key hashes every source file at every start (about 1 GB/s: minutes for a
+  # few hundred GB, in every process of a host). The hash is recorded with the file's
+  # stat and read back while it is unchanged; any write changes the ctime.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "_HASH_FRESH_S", 0.0)
+  src = tmp_path / "a.txt"
+  src.write_text("one document\n" * 1000)
+  hashed = []
+  contents = sources._hash_contents
+  monkeypatch.setattr(sources, "_hash_contents", lambda p: hashed.append(p) or contents(p))
+  want = hashlib.sha256(src.read_bytes()).hexdigest()
+  assert sources._sha256_file(src) == want and len(hashed) == 1
+  assert sources._sha256_file(src) == want and len(hashed) == 1  # recorded: not read
+  # Same size, same mtime (set back), other bytes: the ctime tells.
+  before = src.stat()
+  src.write_text("two document\n" * 1000)
+  os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert src.stat().st_size == before.st_size
+  want = hashlib.sha256(src.read_bytes()).hexdigest()
+  assert sources._sha256_file(src) == want and len(hashed) == 2
+  # Replaced by another file (a new inode) with the same times.
+  other = tmp_path / "b.txt"
+  other.write_text("six document\n" * 1000)
+  os.replace(other, src)
+  assert sources._sha256_file(src) == hashlib.sha256(src.read_bytes()).hexdigest()
+  assert len(hashed) == 3
+  # A file changed within the last _HASH_FRESH_S seconds is not recorded (a second write
+  # in the same tick of the file clock would keep its times).
+  monkeypatch.setattr(sources, "_HASH_FRESH_S", 3600.0)
+  fresh = tmp_path / "fresh.txt"
+  fresh.write_text("x")
+  sources._sha256_file(fresh), sources._sha256_file(fresh)
+  assert len(hashed) == 5
 
 
 def test_an_interrupted_cache_write_leaves_no_files(tmp_path, sp, monkeypatch):

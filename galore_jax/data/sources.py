@@ -26,6 +26,7 @@ import lzma
 import os
 import secrets
 import sys
+import time
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -469,12 +470,52 @@ def _cached_tokens(key_parts: Sequence[str], build, eos: int) -> _TokenDocs:
   )
 
 
-def _sha256_file(path: Path) -> str:
+def _hash_contents(path: Path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
+
+
+# A file changed this recently is hashed again at every start (its hash is not recorded):
+# file times tick coarsely (a few ms), so a second write within the same tick as the one
+# recorded would keep its times (git's "racy" entries).
+_HASH_FRESH_S = 2.0
+
+
+def _sha256_file(path: Path) -> str:
+  """The SHA-256 of ``path``'s contents (the token cache's key of a source file).
+
+  Recorded under ``hashes/`` in the cache with the file's device, inode, size, mtime and
+  ctime, and read back while all five are unchanged: a start on a large source (hundreds
+  of GB of JSON lines, hashed at about 1 GB/s by every process of a host) then hashes only
+  the files that changed. Any write changes the ctime, which cannot be set back."""
+  path = Path(path)
+  st = path.stat()
+  stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+  record = cache_dir() / "hashes" / f"{_digest([str(path.resolve())], 32)}.json"
+  with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    saved = json.loads(record.read_text())
+    if saved["stamp"] == stamp and saved["path"] == str(path.resolve()):
+      return saved["sha256"]
+  sha = _hash_contents(path)
+  after = path.stat()
+  fresh = time.time() - after.st_ctime < _HASH_FRESH_S
+  if not fresh and [after.st_size, after.st_mtime_ns, after.st_ctime_ns] == stamp[2:]:
+    tmp = None
+    try:
+      record.parent.mkdir(parents=True, exist_ok=True)
+      fd, tmp = _new_file(record)
+      with os.fdopen(fd, "w") as f:
+        json.dump({"path": str(path.resolve()), "stamp": stamp, "sha256": sha}, f)
+      os.replace(tmp, record)
+    except OSError:  # an unwritable cache: hashed at every start, as before
+      pass
+    finally:
+      if tmp is not None:
+        Path(tmp).unlink(missing_ok=True)
+  return sha
 
 
 def _tokenizer_hash(sp: spm.SentencePieceProcessor) -> str:
