@@ -529,13 +529,13 @@ DATA_PROGRESS_MIN_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
-def data_progress(stop_point: Callable[[], None] = lambda: None):
+def data_progress(stop_point: Callable[[], None] = lambda: None, flag: str = "--data"):
   """``progress(done, total)`` (bytes) for ``data.make_dataset`` / ``eval_batches``: shown by
   process 0 only, and only for sources of at least ``DATA_PROGRESS_MIN_BYTES``; each call
-  first calls ``stop_point()``."""
+  first calls ``stop_point()``. ``flag``: the source's, as the line names it."""
   gb = lambda n: f"{n / 1e9:.2f}"
   with host_progress(
-    "tokenising --data (once: cached for later starts)",
+    f"tokenising {flag} (once: cached for later starts)",
     lambda done, total: f"{gb(done)}/{gb(total)} GB",
     first_line=True,
     unit="B",
@@ -718,7 +718,7 @@ def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None
   if cfg.eval_data:
     val_cfg = dataclasses.replace(val_cfg, source=cfg.eval_data)
   try:
-    with data_progress(stop_point) as progress:
+    with data_progress(stop_point, "--eval-data" if cfg.eval_data else "--data") as progress:
       val = list(
         data.eval_batches(
           val_cfg,
