@@ -352,12 +352,10 @@ class _Examples:
 
 def _joined_examples(parts: Sequence[_Examples]) -> _Examples:
   """The examples of ``parts``, one part after another (copied into memory)."""
-  offsets = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
-  starts = [p.starts[1:] + o for p, o in zip(parts, offsets, strict=True)]
   return _Examples(
     np.concatenate([p.tokens for p in parts]),
     np.concatenate([p.trained for p in parts]),
-    np.concatenate([[0], *starts]).astype(np.int64),
+    sources._starts([np.diff(p.starts) for p in parts]),
     np.concatenate([p.first for p in parts]),
   )
 

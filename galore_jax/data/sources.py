@@ -29,7 +29,7 @@ import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,7 @@ def joined_docs(parts: Sequence[_TokenDocs]) -> _TokenDocs:
   """The documents of ``parts``, one part after another (copied into memory: ``eval
   --split all`` of a held-out set)."""
   stream = np.concatenate([p.stream for p in parts])
-  offsets = np.cumsum([0] + [len(p.stream) for p in parts[:-1]])
-  starts = np.concatenate([[0]] + [p.starts[1:] + o for p, o in zip(parts, offsets, strict=True)])
-  return _TokenDocs(stream, starts.astype(np.int64))
+  return _TokenDocs(stream, _starts([np.diff(p.starts) for p in parts]))
 
 
 # Documents are tokenized a batch of about this many characters at a time: the tokenizer
@@ -298,34 +296,19 @@ def _load_tokens(
   return _TokenDocs(stream, starts, extra)
 
 
-def _new_index(
-  docs_path: Path, starts: np.ndarray, crc: int, extra: dict | None, key: Sequence[str] | None
-) -> str:
-  """Writes an entry's index to a new temporary file next to ``docs_path``; returns its
-  name (the caller moves it into place, or removes it)."""
-  fd, tmp = _new_file(docs_path)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      recorded = {} if key is None else {_KEY: np.array(list(key), dtype=str)}
-      np.savez(f, starts=starts, crc32=np.uint32(crc), **recorded, **(extra or {}))
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  return tmp
+def _index_writer(
+  starts: np.ndarray, crc: int, extra: dict | None, key: Sequence[str] | None
+) -> Callable:
+  """``write(f)`` of an entry's index: the starts, the stream's CRC-32, the key parts (which
+  ``galore-jax cache`` shows) and the small ``extra`` arrays."""
+  recorded = {} if key is None else {_KEY: np.array(list(key), dtype=str)}
+  return lambda f: np.savez(f, starts=starts, crc32=np.uint32(crc), **recorded, **(extra or {}))
 
 
 def _write_index(docs_path: Path, *args) -> None:
-  """Rewrites an entry's index atomically (:func:`_new_index`, then ``os.replace``); an
+  """Rewrites an entry's index atomically (:func:`_index_writer`'s arguments); an
   unwritable cache is left as it is."""
-  tmp = None
-  try:
-    tmp = _new_index(docs_path, *args)
-    os.replace(tmp, docs_path)
-  except OSError:
-    pass
-  finally:
-    if tmp is not None:
-      Path(tmp).unlink(missing_ok=True)
+  _replace(docs_path, _index_writer(*args))
 
 
 def _migrate_legacy(path: Path, eos: int, key: Sequence[str] | None) -> _TokenDocs | None:
@@ -348,12 +331,38 @@ def _migrate_legacy(path: Path, eos: int, key: Sequence[str] | None) -> _TokenDo
   return _load_tokens(path, eos, verify=False) or _TokenDocs(stream, starts)
 
 
-def _new_file(path: Path) -> tuple[int, str]:
-  """A new temporary file next to ``path`` (to replace it atomically), created with the
-  mode the umask gives: ``mkstemp``'s 0600 would keep the entries of a cache directory
-  that several users share (GALORE_JAX_CACHE_DIR) from all but the one who wrote them."""
+def _new_temp(path: Path, write: Callable, mode: str = "wb") -> str:
+  """A new temporary file next to ``path`` (to replace it atomically) holding what
+  ``write(f)`` writes; returns its name, or removes it and raises if writing fails. It is
+  created with the mode the umask gives: ``mkstemp``'s 0600 would keep the entries of a
+  cache directory that several users share (GALORE_JAX_CACHE_DIR) from all but the one
+  who wrote them."""
   tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-  return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(fd, mode) as f:
+      write(f)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return tmp
+
+
+def _replace(path: Path, write: Callable, mode: str = "wb") -> bool:
+  """Replaces ``path`` atomically with what ``write(f)`` writes (:func:`_new_temp`); False,
+  and no file left, where the cache cannot be written (the cache is an optimisation)."""
+  tmp = None
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp(path, write, mode)
+    os.replace(tmp, path)
+    tmp = None
+    return True
+  except OSError:
+    return False
+  finally:
+    if tmp is not None:  # not moved into place (an error, or a Ctrl-C)
+      Path(tmp).unlink(missing_ok=True)
 
 
 def _store_tokens(
@@ -368,22 +377,23 @@ def _store_tokens(
   ``extra`` arrays and the entry's ``key`` parts, which ``galore-jax cache`` shows) to the
   cache, each file atomically, the index last. The cache is an optimisation only: an
   unwritable cache directory (or a full disk) is ignored (False)."""
+  dtype = chunks[0].dtype if chunks else np.dtype(np.uint16)
+
+  def write_stream(f) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+    np.lib.format.write_array_header_1_0(f, {**header, "shape": (int(starts[-1]),)})
+    for chunk in chunks:
+      f.write(np.ascontiguousarray(chunk, dtype).data)
+
   tmps: list[str] = []
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = chunks[0].dtype if chunks else np.dtype(np.uint16)
-    fd, tmp = _new_file(path)
-    tmps.append(tmp)
-    with os.fdopen(fd, "wb") as f:
-      header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-      np.lib.format.write_array_header_1_0(f, {**header, "shape": (int(starts[-1]),)})
-      for chunk in chunks:
-        f.write(np.ascontiguousarray(chunk, dtype).data)
-    crc = _file_crc32(Path(tmp))
-    tmps.append(_new_index(_docs_path(path), starts, crc, extra, key))
+    tmps.append(_new_temp(path, write_stream))
+    crc = _file_crc32(Path(tmps[0]))
+    tmps.append(_new_temp(_docs_path(path), _index_writer(starts, crc, extra, key)))
     _docs_path(path).unlink(missing_ok=True)  # no index names a stream being replaced
-    os.replace(tmp, path)
-    os.replace(tmps[-1], _docs_path(path))
+    os.replace(tmps[0], path)
+    os.replace(tmps[1], _docs_path(path))
     return True
   except BaseException as e:  # a full disk, or a Ctrl-C while writing: no stray files
     for t in tmps:
@@ -494,27 +504,18 @@ def _sha256_file(path: Path) -> str:
   path = Path(path)
   st = path.stat()
   stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-  record = cache_dir() / "hashes" / f"{_digest([str(path.resolve())], 32)}.json"
+  name = str(path.resolve())
+  record = cache_dir() / "hashes" / f"{_digest([name], 32)}.json"
   with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
     saved = json.loads(record.read_text())
-    if saved["stamp"] == stamp and saved["path"] == str(path.resolve()):
+    if saved["stamp"] == stamp and saved["path"] == name:
       return saved["sha256"]
   sha = _hash_contents(path)
   after = path.stat()
   fresh = time.time() - after.st_ctime < _HASH_FRESH_S
   if not fresh and [after.st_size, after.st_mtime_ns, after.st_ctime_ns] == stamp[2:]:
-    tmp = None
-    try:
-      record.parent.mkdir(parents=True, exist_ok=True)
-      fd, tmp = _new_file(record)
-      with os.fdopen(fd, "w") as f:
-        json.dump({"path": str(path.resolve()), "stamp": stamp, "sha256": sha}, f)
-      os.replace(tmp, record)
-    except OSError:  # an unwritable cache: hashed at every start, as before
-      pass
-    finally:
-      if tmp is not None:
-        Path(tmp).unlink(missing_ok=True)
+    # (An unwritable cache: hashed at every start, as before.)
+    _replace(record, lambda f: json.dump({"path": name, "stamp": stamp, "sha256": sha}, f), "w")
   return sha
 
 
