@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -577,6 +578,9 @@ class _Signals:
   waiting for the current step (``KeyboardInterrupt``), except while a checkpoint is
   being written (:meth:`saving`): it then waits for the save, so that a checkpoint is
   never cut short by the user's own Ctrl-C.
+
+  Off the main thread (:func:`train` called from a worker thread of the caller's) Python
+  allows no signal handlers: none are installed, and the process's own handling applies.
   """
 
   def __init__(self):
@@ -587,6 +591,8 @@ class _Signals:
     self._loading = False
 
   def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self  # signal.signal would raise ValueError there
     for sig in (signal.SIGINT, signal.SIGTERM):
       self._old[sig] = signal.signal(sig, self._handle)
     # The handler's KeyboardInterrupt can land where Python ignores exceptions (a gc
@@ -787,7 +793,8 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
 
   The run directory is locked for the whole call (:func:`galore_jax.rundir.locked`);
   SIGINT / SIGTERM raise :class:`TrainingInterrupted` after saving (or, before the
-  first step, after removing a run directory this call created).
+  first step, after removing a run directory this call created). Called from a thread
+  other than the main one, it installs no signal handlers (Python allows none there).
 
   In a multi-process job (:mod:`galore_jax.distributed`) every process calls this with the
   same ``cfg``; process 0 holds the lock, writes the metrics and logs; the others only train

@@ -63,6 +63,30 @@ def test_resume_continues_exactly(tmp_path, straight_run):
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
+  # A library caller's worker thread (a web app, an orchestrator): Python allows signal
+  # handlers only in the main thread, and train() installing them raised ValueError there
+  # before anything ran.
+  import threading
+
+  assert threading.current_thread() is threading.main_thread()
+  before = signal.getsignal(signal.SIGINT)
+  done = {}
+
+  def work():
+    try:
+      done["summary"] = train.train(_cfg(tmp_path, "thread", steps=6), log=_quiet)
+    except BaseException as e:  # reported below, with the test's own assertion
+      done["error"] = e
+
+  worker = threading.Thread(target=work)
+  worker.start()
+  worker.join(timeout=300)
+  assert "error" not in done, done.get("error")
+  np.testing.assert_allclose(done["summary"]["losses"], straight_run["losses"], rtol=1e-6)
+  assert signal.getsignal(signal.SIGINT) is before  # the main thread's handler untouched
+
+
 def test_a_resume_notes_that_the_data_files_changed(tmp_path):
   # The same --data whose files changed (one edited here) gives other batches from the
   # resumed step on: check_compatible cannot refuse what it cannot see, so the checkpoint
