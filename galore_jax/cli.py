@@ -102,9 +102,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--data",
     default=d.data,
-    help="builtin | PATH (a .txt / .jsonl / .json file, .gz / .xz / .zst ok, or .parquet with a "
-    "text column; a directory or a glob; JSON records of prompt/completion or messages train "
-    "on the replies) | tfds:NAME (e.g. tfds:c4/en)",
+    help="builtin | PATH (a .txt / .md / .jsonl / .json file, .gz / .xz / .zst ok, or .parquet "
+    "with a text column; a directory (its .txt / .jsonl / .json / .parquet files) or a glob; "
+    "JSON records of prompt/completion or messages train on the replies) | tfds:NAME "
+    "(e.g. tfds:c4/en)",
   )
   p.add_argument(
     "--eval-data",
@@ -380,6 +381,8 @@ def _cmd_eval(args) -> int:
       if not args.data and held_out
       else _default_eval_split(cfg.data, run.cfg.data)
     )
+    if (note := data.unread_note(cfg.data)) and distributed.is_primary():
+      print(note, file=sys.stderr)
     if n_batches != "run":
       n = n_batches
     else:  # the count train reported for its validation split; a held-out set whole

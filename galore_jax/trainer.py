@@ -943,6 +943,12 @@ def _train_loop(
   )
   if note := idle_devices_note(run.mesh.size, jax.devices()):
     log(note)
+  if hooks.data is None:  # files a directory source holds but does not read
+    from galore_jax import data
+
+    for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+      if note := data.unread_note(source, flag):
+        log(note)
 
   startup_check()
   if cfg.resume and distributed.is_primary():  # replayed steps' old records go (process 0's)

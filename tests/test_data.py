@@ -226,6 +226,39 @@ def test_txt_json_dir_and_glob_sources(tmp_path):
     assert len(eval_batches(cfg, 2)) >= 1
 
 
+def test_a_directory_names_the_files_it_does_not_read_and_markdown_is_read_when_named(tmp_path):
+  # A directory of markdown notes beside one .txt file trained on that one file, silently.
+  # Markdown is now read as plain text where it is named (a file or a glob), and a
+  # directory's walk, which skips it (a dataset repository's README.md is its card), names
+  # what it skips. Hidden files and directories are skipped silently, as a glob's * does.
+  from galore_jax.data import sources
+
+  docs = _docs(40, seed=3)
+  root = tmp_path / "corpus"
+  (root / "sub").mkdir(parents=True)
+  (root / "a.txt").write_text("\n\n".join(docs[:20]))
+  (root / "README.md").write_text("\n\n".join(docs[20:]))
+  (root / "sub" / "table.csv").write_text("a,b")
+  (root / ".git").mkdir()
+  (root / ".git" / "notes.txt").write_text("not data")
+  (root / ".hidden.jsonl").write_text('{"text": "not data"}\n')
+  assert sources._resolve_paths(str(root)) == [root / "a.txt"]
+  assert gd.unread_note(str(root), "--eval-data") == (
+    f"galore-jax: note: --eval-data {root}: not reading its 2 other files (README.md, "
+    f"sub/table.csv); a glob names other files to read (e.g. '{root}/**/*.md'; markdown is "
+    "read as plain text)"
+  )
+  md = str(root / "README.md")
+  read = gd.path_documents(md, "train") + gd.path_documents(md, "validation")
+  assert sorted(read) == sorted(gd.split_paragraph_documents("\n\n".join(docs[20:])))
+  assert sources._resolve_paths(str(root / "**" / "*.md")) == [root / "README.md"]
+  for quiet in (str(root / "a.txt"), str(root / "*.txt"), "builtin", "tfds:c4/en", None):
+    assert gd.unread_note(quiet) is None
+  (root / "a.txt").unlink()
+  with pytest.raises(FileNotFoundError, match=r"holds 2 other files \(README.md, sub/table.csv\)"):
+    sources._resolve_paths(str(root))
+
+
 def test_epoch_is_a_permutation(tmp_path):
   (tmp_path / "d.txt").write_text("\n\n".join(_docs(40, seed=2)))
   cfg = DataConfig(source=str(tmp_path / "d.txt"), seq_len=8, batch_size=1, seed=7)

@@ -108,6 +108,24 @@ def test_a_resume_notes_that_the_data_files_changed(tmp_path):
   ]
 
 
+def test_a_run_names_the_files_of_its_data_directory_it_does_not_read(tmp_path):
+  (tmp_path / "data").mkdir()
+  texts = [f"document {i}: " + "some words here " * 30 for i in range(200)]
+  (tmp_path / "data" / "docs.jsonl").write_text(
+    "".join(json.dumps({"text": t}) + "\n" for t in texts)
+  )
+  (tmp_path / "data" / "notes.md").write_text("# notes\n\nnot read from a directory\n")
+  logged = []
+  train.train(
+    _cfg(tmp_path, "dir", data=str(tmp_path / "data"), steps=6, stop_after=1), log=logged.append
+  )
+  assert [line for line in logged if "not reading" in str(line)] == [
+    f"galore-jax: note: --data {tmp_path / 'data'}: not reading its 1 other file (notes.md); "
+    f"a glob names other files to read (e.g. '{tmp_path / 'data'}/**/*.md'; markdown is read "
+    "as plain text)"
+  ]
+
+
 def test_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path, straight_run):
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   # 3 steps: projector refreshes at counts 0 and 2.

@@ -6,7 +6,8 @@ Three kinds of source (``DataConfig.source``, the ``--data`` value):
   Shakespeare's complete works, ``galore_jax/data/corpus``), split into documents
   and into a train / validation split by a fixed rule (see ``builtin_documents``).
 * a path, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` files (each optionally
-  ``.gz``, ``.xz`` or ``.zst`` compressed) or ``.parquet`` files (their ``text`` column). JSON
+  ``.gz``, ``.xz`` or ``.zst`` compressed) or ``.parquet`` files (their ``text`` column);
+  a named ``.md`` file is read as ``.txt`` (a directory skips them, see ``unread_note``). JSON
   records need a ``"text"`` field, or are instruction records (``prompt`` /
   ``completion`` or ``messages``, ``galore_jax.sft``).
 * ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``) -- an already prepared TFDS dataset in
@@ -65,6 +66,7 @@ from galore_jax.data.sources import (  # noqa: F401
   path_documents,
   split_by_hash,
   tfds_source,
+  unread_note,
 )
 
 # Former private names, kept for code that used them.
@@ -83,6 +85,7 @@ __all__ = [
   "path_documents",
   "split_paragraph_documents",
   "tfds_source",
+  "unread_note",
   "BUILTIN_TOKENIZER",
   "CORPUS_DIR",
   "CORPUS_FILES",

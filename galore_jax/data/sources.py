@@ -3,8 +3,9 @@
 * the tokenizer: the bundled 8k BPE SentencePiece model, another SentencePiece model,
   or a Hugging Face ``tokenizer.json`` (``galore_jax.hf``);
 * path sources: a file, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` files
-  (optionally ``.gz`` / ``.xz`` / ``.zst``) or ``.parquet`` files (a ``text`` column), read as
-  streams, split 1 in 100 by content hash (``split_by_hash``);
+  (optionally ``.gz`` / ``.xz`` / ``.zst``) or ``.parquet`` files (a ``text`` column), and
+  markdown read as text where named (not in a directory's walk), read as streams, split 1
+  in 100 by content hash (``split_by_hash``);
 * TFDS sources: an already prepared array_record dataset (``tfds_source``; the
   tensorflow_datasets import is lazy: the GPU image has none);
 * the token cache: tokenized documents stored under ``cache_dir()``, keyed by the
@@ -528,6 +529,9 @@ def _tokenizer_hash(sp: spm.SentencePieceProcessor) -> str:
 # ----------------------------------------------------------------------------------------
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# Plain text read as a .txt file is, when named (a file, or a glob's match). A directory's
+# walk skips them: a dataset repository's README.md is its card, not its data.
+_NAMED_TEXT_SUFFIXES = (".md", ".markdown")
 
 
 class _ZstdReader(io.RawIOBase):
@@ -587,18 +591,46 @@ COMPRESSION = {
 }
 
 
-def file_kind(path: Path) -> tuple[str, str | None]:
-  """(format suffix, compression suffix or None), or ValueError."""
+def _suffixes(path: Path) -> tuple[str, str | None]:
+  """(format suffix as named, compression suffix or None)."""
   suffixes = [s.lower() for s in path.suffixes]
   comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSION else None
   fmt_suffixes = suffixes[:-1] if comp else suffixes
-  fmt = fmt_suffixes[-1] if fmt_suffixes else ""
+  return (fmt_suffixes[-1] if fmt_suffixes else ""), comp
+
+
+def file_kind(path: Path) -> tuple[str, str | None]:
+  """(format suffix, compression suffix or None), or ValueError. Markdown is ``.txt``."""
+  fmt, comp = _suffixes(path)
+  if fmt in _NAMED_TEXT_SUFFIXES:
+    fmt = ".txt"
   if fmt not in _TEXT_SUFFIXES or (fmt == ".parquet" and comp):
     raise ValueError(
-      f"unsupported data file {str(path)!r}: expected .txt, .jsonl or .json "
+      f"unsupported data file {str(path)!r}: expected .txt, .md, .jsonl or .json "
       "(optionally .gz / .xz / .zst compressed), or .parquet"
     )
   return fmt, comp
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+  """A directory source's data files and its other files, each sorted. Hidden files and
+  directories (``.git``, ``.cache``) are neither, as a glob's ``*`` skips them; markdown
+  is an other file here (see _NAMED_TEXT_SUFFIXES). Symlinked directories are not
+  followed (symlinked files are read)."""
+  data, other = [], []
+  for folder, dirs, names in os.walk(root):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for name in names:
+      q = Path(folder, name)
+      if name.startswith(".") or not q.is_file():
+        continue
+      try:
+        file_kind(q)
+        readable = _suffixes(q)[0] not in _NAMED_TEXT_SUFFIXES
+      except ValueError:
+        readable = False
+      (data if readable else other).append(q)
+  return sorted(data), sorted(other)
 
 
 def _resolve_paths(source: str) -> list[Path]:
@@ -614,10 +646,12 @@ def _resolve_paths(source: str) -> list[Path]:
     if not p.exists():
       raise FileNotFoundError(f"--data {source!r}: no such file or directory")
     if p.is_dir():
-      files = sorted(q for q in p.rglob("*") if q.is_file() and _looks_like_data(q))
+      files, other = _walk(p)
       if not files:
         raise FileNotFoundError(
-          f"--data {source!r}: directory holds no .txt / .jsonl / .json(.gz) / .parquet files"
+          f"--data {source!r}: the directory holds no .txt / .jsonl / .json / .parquet "
+          "files (optionally .gz / .xz / .zst compressed)"
+          + (f"; it holds {_named(p, other)}: {_glob_hint(source)}" if other else "")
         )
     else:
       files = [p]
@@ -626,12 +660,32 @@ def _resolve_paths(source: str) -> list[Path]:
   return files
 
 
-def _looks_like_data(path: Path) -> bool:
-  try:
-    file_kind(path)
-    return True
-  except ValueError:
-    return False
+def _glob_hint(source: str) -> str:
+  pattern = os.path.join(source, "**", "*.md")
+  return f"a glob names other files to read (e.g. '{pattern}'; markdown is read as plain text)"
+
+
+def _named(root: Path, files: list[Path], shown: int = 3) -> str:
+  names = [str(f.relative_to(root)) for f in files[:shown]]
+  more = f" and {len(files) - shown} more" if len(files) > shown else ""
+  return f"{len(files)} other file{'s' if len(files) > 1 else ''} ({', '.join(names)}{more})"
+
+
+def unread_note(source: str | None, flag: str = "--data") -> str | None:
+  """A note naming the files a directory source holds but does not read (of no data
+  format, or markdown), or None: a directory of `.md` documents beside one `.txt` file
+  would otherwise train on that one file, unnoticed."""
+  if not source or source == "builtin" or source.startswith("tfds:"):
+    return None
+  p = Path(os.path.expanduser(source))
+  if any(c in str(p) for c in "*?[") or not p.is_dir():
+    return None
+  _, other = _walk(p)
+  if not other:
+    return None
+  return f"galore-jax: note: {flag} {source}: not reading its {_named(p, other)}; " + _glob_hint(
+    source
+  )
 
 
 def _record_text(rec: Any, where: str) -> str:
