@@ -294,6 +294,10 @@ def test_source_errors(tmp_path):
   one.write_text('{"text": "a single document"}\n')
   with pytest.raises(ValueError, match="validation"):
     eval_batches(DataConfig(source=str(one), seq_len=4, batch_size=1), 1)
+  one_line = tmp_path / "text8.txt"  # text8-like: 100 MB without a line end is one document
+  one_line.write_text(" ".join(_docs(40)).replace("\n", " "))
+  with pytest.raises(ValueError, match=r"one document \(break it into lines first, e.g. fold"):
+    eval_batches(DataConfig(source=str(one_line), seq_len=4, batch_size=1), 1)
   with pytest.raises(ValueError):
     DataConfig(seq_len=0)
 

@@ -859,7 +859,8 @@ def _empty_split(source: str, split: str, total: int) -> ValueError:
   return ValueError(
     f"--data {source!r}: split {split!r} is empty ({total} document(s) in all; "
     f"the validation split needs at least two. A .txt file gives one document per "
-    f"{DOC_MIN_CHARS} characters, cut at blank lines or line ends; a JSON record is one)"
+    f"{DOC_MIN_CHARS} characters, cut at blank lines or line ends, so a file of one line is "
+    "one document (break it into lines first, e.g. fold -s -w 1000); a JSON record is one)"
   )
 
 
