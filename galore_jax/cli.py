@@ -831,12 +831,32 @@ def _cmd_cache(args) -> int:
   return 0
 
 
+def _versions() -> str:
+  """This package's version and those of the libraries a bug report needs (read from the
+  installed distributions: importing jax here would slow every --help)."""
+  from importlib import metadata
+
+  import galore_jax
+
+  found = []
+  for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+    try:
+      found.append(f"{dist} {metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+      found.append(f"{dist} not installed")
+  python = ".".join(map(str, sys.version_info[:3]))
+  return f"galore-jax {galore_jax.__version__} ({', '.join(found)}; Python {python})"
+
+
 def build_parser() -> argparse.ArgumentParser:
   from galore_jax.config import DTYPES, OPTIMIZERS, REMAT_MODES, SVD_METHODS, TrainConfig
 
   parser = argparse.ArgumentParser(
-    prog="galore-jax", description="GaLore pretraining of LLaMA-style models in JAX."
+    prog="galore-jax",
+    description="GaLore pretraining of LLaMA-style models in JAX.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,  # --version on one line
   )
+  parser.add_argument("--version", action="version", version=_versions())
   sub = parser.add_subparsers(dest="command")
   p = sub.add_parser(
     "train", help="pretrain a model (default: llama_tiny + GaLore on the bundled corpus)"

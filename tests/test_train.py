@@ -778,6 +778,21 @@ def test_cli_unknown_optimizer_exit_2(capsys):
   assert e.value.code == 2 and "invalid choice: 'always'" in capsys.readouterr().err
 
 
+def test_cli_version_is_one_line_naming_the_libraries(capsys, monkeypatch):
+  import galore_jax
+
+  monkeypatch.setenv("COLUMNS", "40")  # argparse would wrap it at the terminal's width
+  with pytest.raises(SystemExit) as e:
+    _cli("--version")
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and out.count("\n") == 1
+  assert out.startswith(f"galore-jax {galore_jax.__version__} (jax {jax.__version__}, jaxlib ")
+  assert "flax " in out and "optax " in out and "orbax-checkpoint " in out
+  from importlib import metadata
+
+  assert metadata.version("galore-jax") == galore_jax.__version__  # pyproject.toml's
+
+
 # Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 6 steps).
 RESUME_ARGS = [
   "--resume",
