@@ -1220,9 +1220,10 @@ def _run_command(argv: list[str]) -> int:
     parser.print_help()
     return EXIT_USAGE
 
+  from galore_jax import errors
   from galore_jax.checkpoint import CheckpointError, CheckpointWriteError
   from galore_jax.config import ConfigError
-  from galore_jax.trainer import TrainingDiverged
+  from galore_jax.trainer import OutOfMemory, TrainingDiverged
 
   try:
     if hasattr(args, "compile_cache"):  # before the first compilation
@@ -1244,6 +1245,22 @@ def _run_command(argv: list[str]) -> int:
     return 1
   except CheckpointWriteError as e:
     print(f"galore-jax: error: {e}", file=sys.stderr)
+    return 1
+  except OutOfMemory as e:
+    print(f"galore-jax: error: {e}", file=sys.stderr)
+    return 1
+  except RuntimeError as e:  # eval, sample, export: XLA's error is a long traceback
+    if not errors.is_out_of_memory(e):
+      raise
+    import jax
+
+    pool = errors.memory_pool(jax.local_devices())
+    print(
+      f"galore-jax: error: the device ran out of memory ({errors.first_line(e)}); a smaller "
+      "--batch-size, or --mesh fsdp=N over several devices, lowers the peak"
+      + (f"; {pool}" if pool else ""),
+      file=sys.stderr,
+    )
     return 1
 
 

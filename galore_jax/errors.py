@@ -36,3 +36,40 @@ def hide_ignored_interrupts(*types: type[BaseException]) -> None:
 
     sys.unraisablehook = hook
   _QUIET_INTERRUPTS.update(types)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """XLA's out-of-memory error (``JaxRuntimeError`` / ``XlaRuntimeError``, a RuntimeError,
+  whose message begins with the status ``RESOURCE_EXHAUSTED``)."""
+  return isinstance(error, RuntimeError) and str(error).lstrip().startswith("RESOURCE_EXHAUSTED")
+
+
+# The environment variables that size JAX's GPU memory pool (the second is the newer name of
+# the first; JAX refuses both at once).
+MEMORY_FRACTION_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+
+
+def memory_pool(devices) -> str:
+  """What bounds the devices' memory, for an out-of-memory message: the size of JAX's pool
+  where the backend reports it (GPUs: by default a fixed share of the device, 75 %), and
+  how to give it more when no fraction was set. Empty where nothing is known (CPU)."""
+  import os
+
+  limits = []
+  for d in devices:
+    try:
+      limit = (d.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - a backend without the query
+      limit = None
+    if limit:
+      limits.append((int(limit), d))
+  if not limits:
+    return ""
+  limit, device = min(limits, key=lambda x: x[0])
+  said = f"JAX's memory pool on {device} holds {limit / 1e9:.2f} GB"
+  if device.platform == "gpu" and not any(os.environ.get(v) for v in MEMORY_FRACTION_VARS):
+    said += (
+      " (by default 75% of the GPU; XLA_PYTHON_CLIENT_MEM_FRACTION=.95 gives it 95%, with"
+      " nothing else on the GPU)"
+    )
+  return said

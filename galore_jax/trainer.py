@@ -663,6 +663,11 @@ class TrainingInterrupted(Exception):
     self.signum, self.step = signum, step
 
 
+class OutOfMemory(RuntimeError):
+  """The device ran out of memory during the run; the message says what was saved and what
+  to change. The CLI exits 1."""
+
+
 class TrainingDiverged(RuntimeError):
   pass
 
@@ -1022,6 +1027,34 @@ def _train_loop(
       saved_at = at
     return True
 
+  def out_of_memory(e: RuntimeError) -> str:
+    """The message of an out-of-memory error, after saving the last whole step where its
+    arrays are intact: a step that failed may have consumed its donated inputs (then the
+    newest checkpoint is named). A job of several processes saves collectively, which one
+    process cannot do alone."""
+    where = newest_checkpoint()
+    arrays = [x for x in jax.tree.leaves(kept) if isinstance(x, jax.Array)]
+    if (
+      step > start and not distributed.is_multiprocess() and not any(x.is_deleted() for x in arrays)
+    ):
+      try:
+        if save(step, last=True):
+          where = f"step {step} is saved in {ckpt_dir}/{step}"
+      except checkpoint.CheckpointWriteError as w:
+        where = f"step {step} could not be saved: {w}"
+    if step == start:  # nothing trained yet: any flag may change
+      hints = [
+        "`galore-jax plan` with the same flags predicts the peak and what would shrink it"
+        " (a smaller --batch-size with a larger --grad-accum, --remat full, 8-bit states,"
+        " bfloat16 weights)"
+      ]
+    else:  # a resume keeps the batch shape
+      hints = ["--remat full (which a resume may add) lowers the peak"] * (cfg.remat != "full")
+    if pool := errors.memory_pool(local_devices):
+      hints.append(pool)
+    said = f"the device ran out of memory in {doing} ({errors.first_line(e)}); {where}"
+    return said + (f". {'; '.join(hints)}" if hints else "")
+
   def newest_checkpoint() -> str:
     if saved_at is None:
       return f"no checkpoint was saved in {ckpt_dir}"
@@ -1037,12 +1070,16 @@ def _train_loop(
       total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
   last_line = -math.inf  # when `lines` last printed one
+  # The state at `step` (a whole step's outputs, before the next step's callbacks), and
+  # what the loop is doing: an out-of-memory error names it and saves this state.
+  kept, doing = (params, opt_state), f"step {start + 1}"
   try:
     batches = train_ds.iterate(start)
     while step < end:
       if step == start:
         startup_check()
         signals.training = True
+      kept, doing = (params, opt_state), f"step {step + 1}"
       if profile is not None and not profiling and profile[0] <= step < profile[1]:
         jax.profiler.start_trace(os.path.join(cfg.out, "tb"))
         profiling = True
@@ -1051,9 +1088,11 @@ def _train_loop(
         params, opt_state = callback(step, params, opt_state, writer)
       batch = device_batch(run, next(batches), cfg.grad_accum, local=True)
       params, opt_state, m = step_fn(params, opt_state, batch)
-      m = jax.device_get(m)
+      m = jax.device_get(m)  # the step ran (an error of its outputs is raised here)
+      kept = (params, opt_state)
       lr_used = float(lr_at(step))
       step += 1
+      doing = f"the end of step {step}"  # its records, evaluation, checkpoint, callbacks
       now = time.perf_counter()
       step_s = max(now - t_step, 1e-9)
       tps = tokens_per_step / step_s
@@ -1116,10 +1155,12 @@ def _train_loop(
           "Lower --lr or enable --grad-clip."
         )
       if step % cfg.eval_every == 0 or step == cfg.steps:
+        doing = f"the evaluation at step {step}"
         if hooks.evaluate is None:
           last_eval = evaluate(run, params, val_batches, eval_fn)
         else:  # the hook's own batches: their number is not the run's --eval-batches
           last_eval = hooks.evaluate(run, params, eval_fn)
+        doing = f"the end of step {step}"
         writer.write(
           {"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1], **eval_count}
         )
@@ -1145,6 +1186,11 @@ def _train_loop(
             f"not saved (the last {consecutive_bad} steps were not finite); " + newest_checkpoint()
           )
         raise TrainingInterrupted(stop, step, why)
+  except RuntimeError as e:
+    if not errors.is_out_of_memory(e):
+      raise
+    params, opt_state = kept
+    raise OutOfMemory(out_of_memory(e)) from e
   except KeyboardInterrupt:  # a second signal, during a step
     if step == start:
       raise  # before the first step ended: train() cleans up

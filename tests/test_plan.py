@@ -87,6 +87,24 @@ def test_fits_flips_with_gpu_memory(capsys):
   assert small["peak_bytes"] == big["peak_bytes"]
   gib = _cli_json(capsys, "--gpu-memory", "2GiB")
   assert gib["gpu_memory_bytes"] == 2 * 2**30
+  # A peak between JAX's default pool (75% of the GPU) and the GPU: it fits only with a
+  # larger XLA_PYTHON_CLIENT_MEM_FRACTION, which the plan gives (5 points above its share).
+  assert big["jax_memory_fraction"] is None and small["jax_memory_fraction"] is None
+  tight = _cli_json(capsys, "--gpu-memory", f"{int(big['peak_bytes'] / 0.84)}B")
+  assert tight["fits"] and tight["jax_memory_fraction"] == 0.9
+  assert (
+    cli.main(["plan", *SMALL, "--no-compile", "--gpu-memory", f"{int(big['peak_bytes'] / 0.84)}B"])
+    == 0
+  )
+  assert capsys.readouterr().out.strip().splitlines()[-1] == (
+    "  note: that is 84% of the GPU, and JAX takes 75% of it by default: run with "
+    "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 (with nothing else on the GPU)"
+  )
+  from galore_jax import memory_plan
+
+  assert (
+    memory_plan.memory_fraction(99, 100) == 0.95 and memory_plan.memory_fraction(76, 100) == 0.85
+  )
 
 
 def test_suggestions_when_it_does_not_fit(capsys):

@@ -63,6 +63,109 @@ def test_resume_continues_exactly(tmp_path, straight_run):
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def _out_of_memory_at(monkeypatch, call: int, *, consumed: bool = False) -> None:
+  """The train step's ``call``-th call fails as XLA's allocator does on a full GPU; with
+  ``consumed``, after deleting its (donated) inputs, as a step that failed may have."""
+  real = trainer.cached_train_step
+
+  def patched(run, hooks, log):
+    step_fn, calls = real(run, hooks, log), []
+
+    def step(params, opt_state, batch):
+      calls.append(1)
+      if len(calls) == call:
+        if consumed:
+          for x in jax.tree.leaves((params, opt_state)):
+            x.delete()
+        raise jax.errors.JaxRuntimeError(
+          "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.00GiB.\nmore lines"
+        )
+      return step_fn(params, opt_state, batch)
+
+    return step
+
+  monkeypatch.setattr(trainer, "cached_train_step", patched)
+
+
+def test_out_of_memory_saves_the_last_step_and_is_one_line(
+  tmp_path, straight_run, monkeypatch, capsys
+):
+  # A GPU that fills up mid-run (another process, fragmentation) ended the run with XLA's
+  # traceback, losing the steps since the last checkpoint. The state of the last whole
+  # step is still on the device: it is saved, and the resume continues exactly.
+  _out_of_memory_at(monkeypatch, 4)
+  with pytest.raises(trainer.OutOfMemory) as e:
+    train.train(_cfg(tmp_path, "oom", steps=6), log=_quiet)
+  assert str(e.value).startswith(
+    "the device ran out of memory in step 4 (RESOURCE_EXHAUSTED: Out of memory while trying "
+    f"to allocate 12.00GiB.); step 3 is saved in {tmp_path / 'oom' / 'checkpoints'}/3. "
+    "--remat full (which a resume may add) lowers the peak"
+  ), e.value
+  monkeypatch.undo()
+  resumed = train.train(_cfg(tmp_path, "oom", steps=6, resume=True), log=_quiet)
+  assert resumed["start_step"] == 3
+  np.testing.assert_allclose(resumed["losses"], straight_run["losses"][3:], rtol=1e-6)
+
+  # A failed step that consumed its inputs: nothing to save; the newest checkpoint is named.
+  _out_of_memory_at(monkeypatch, 3, consumed=True)
+  with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; the newest checkpoint is .*/2\."):
+    train.train(_cfg(tmp_path, "gone", steps=6, save_every=2), log=_quiet)
+  assert checkpoint.latest_step(str(tmp_path / "gone")) == 2
+
+  # From the CLI, in the first step: one line, exit 1, with what to shrink.
+  monkeypatch.undo()
+  _out_of_memory_at(monkeypatch, 1)
+  small = "--batch-size 8 --seq-len 32 --rank 16 --update-proj-gap 2 --eval-every 1000"
+  code = _cli("train", "--out", str(tmp_path / "first"), "--steps", "6", *small.split())
+  err = capsys.readouterr().err.strip()
+  assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+  assert err.startswith(
+    "galore-jax: error: the device ran out of memory in step 1 (RESOURCE_EXHAUSTED: Out of "
+    "memory while trying to allocate 12.00GiB.); no checkpoint was saved in "
+  ), err
+  assert "`galore-jax plan` with the same flags predicts the peak" in err
+
+  # eval, sample and export: one line too.
+  monkeypatch.undo()
+
+  def full(*_, **__):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3 GiB")
+
+  monkeypatch.setattr(trainer, "evaluate", full)
+  code = _cli("eval", "--checkpoint", str(tmp_path / "oom"))
+  err = capsys.readouterr().err.strip()
+  assert code == 1 and err == (
+    "galore-jax: error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory "
+    "allocating 3 GiB); a smaller --batch-size, or --mesh fsdp=N over several devices, lowers "
+    "the peak"
+  )
+
+
+def test_an_out_of_memory_message_gives_the_gpu_pool_and_how_to_grow_it(monkeypatch):
+  from galore_jax import errors
+
+  class Gpu:
+    platform = "gpu"
+
+    def memory_stats(self):
+      return {"bytes_limit": 18_000_000_000, "bytes_in_use": 5}
+
+    def __str__(self):
+      return "cuda:0"
+
+  for name in errors.MEMORY_FRACTION_VARS:
+    monkeypatch.delenv(name, raising=False)
+  assert errors.memory_pool([Gpu()]) == (
+    "JAX's memory pool on cuda:0 holds 18.00 GB (by default 75% of the GPU; "
+    "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 gives it 95%, with nothing else on the GPU)"
+  )
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", ".9")  # the user's own choice: not advised
+  assert errors.memory_pool([Gpu()]) == "JAX's memory pool on cuda:0 holds 18.00 GB"
+  assert errors.memory_pool(jax.devices("cpu")) == ""  # no pool to speak of
+  assert errors.is_out_of_memory(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: x"))
+  assert not errors.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: RESOURCE_EXHAUSTED"))
+
+
 def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
   # A library caller's worker thread (a web app, an orchestrator): Python allows signal
   # handlers only in the main thread, and train() installing them raised ValueError there
