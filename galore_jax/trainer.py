@@ -45,6 +45,7 @@ from galore_jax.config import (
   resume_changes,
   validate,
 )
+from galore_jax.tree import tree_bytes
 
 # ---------------------------------------------------------------------------
 # Hooks: what a caller may change without copying the loop.
@@ -746,6 +747,42 @@ def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None
   return sp, train_ds, val
 
 
+def checkpoint_room_note(
+  ckpt_dir: str, state_bytes: int, *, keep: int, existing: int, saves: int
+) -> str | None:
+  """A warning, at the start of a run, when the free space of the checkpoints' file system
+  cannot hold what the run will write: ``saves`` checkpoints of about ``state_bytes`` each
+  (the weights and optimizer state), of which ``keep`` are kept and one more exists while
+  the next is written, beside the ``existing`` ones. A save that does not fit fails with a
+  warning and training goes on, but a run left alone (a 7B run's checkpoint is 19 GB)
+  would then save nothing for hours."""
+  if saves < 1:
+    return None
+  at_once = max(1, min(keep + 1, existing + saves) - existing)
+  probe = ckpt_dir
+  while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  try:
+    free = shutil.disk_usage(probe).free
+  except OSError:
+    return None
+  if free >= at_once * state_bytes:
+    return None
+  gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+  if free < state_bytes:
+    return (
+      f"galore-jax: warning: {probe} has {gb(free)} free, less than one checkpoint of this run "
+      f"(about {gb(state_bytes)}): saves fail until there is room (training goes on, and each "
+      "save step tries again)"
+    )
+  return (
+    f"galore-jax: warning: {probe} has {gb(free)} free; this run's checkpoints take about "
+    f"{gb(state_bytes)} each, {at_once} at once ({gb(at_once * state_bytes)}: "
+    f"--keep-checkpoints {keep}, and one more while the next is written): make room or lower "
+    "--keep-checkpoints, or the later saves fail"
+  )
+
+
 def default_out(cfg: TrainConfig) -> str:
   """``runs/<model>_<optimizer>_<timestamp>``; the model is ``--init-from``'s directory name
   when there is one (its config.json, not ``--model``, is the architecture)."""
@@ -955,6 +992,23 @@ def _train_loop(
       if note := data.unread_note(source, flag):
         log(note)
 
+  end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+  if distributed.is_primary() and hooks.save is None:
+    saves = (
+      end // cfg.save_every - start // cfg.save_every + (end > start and end % cfg.save_every > 0)
+    )
+    kept_now = (
+      sum(name.isdigit() for name in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else 0
+    )
+    if note := checkpoint_room_note(
+      ckpt_dir,
+      tree_bytes((run.abstract_params, run.abstract_opt)),
+      keep=cfg.keep_checkpoints,
+      existing=kept_now,
+      saves=saves,
+    ):
+      log(note)
+
   startup_check()
   if cfg.resume and distributed.is_primary():  # replayed steps' old records go (process 0's)
     dropped = metrics.drop_after(cfg.out, start)
@@ -986,7 +1040,6 @@ def _train_loop(
   peak_tflops = cfg.peak_tflops or metrics.default_peak_tflops(devices[0].device_kind)
   profile = parse_profile_steps(cfg.profile_steps, cfg.steps)
   profiling = False
-  end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
   losses: list[float] = []
   last_eval: tuple[float, float] | None = None
   consecutive_bad = 0

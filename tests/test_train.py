@@ -166,6 +166,37 @@ def test_an_out_of_memory_message_gives_the_gpu_pool_and_how_to_grow_it(monkeypa
   assert not errors.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: RESOURCE_EXHAUSTED"))
 
 
+def test_a_run_warns_at_its_start_when_its_checkpoints_will_not_fit(tmp_path, monkeypatch):
+  # A save that does not fit fails with a warning and training goes on; a run left alone
+  # would save nothing for hours. Its start now compares the free space with the
+  # checkpoints it will write (about the state's bytes each, --keep-checkpoints at once,
+  # plus the one being written).
+  free = {"bytes": 10**12}
+  monkeypatch.setattr(
+    trainer.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free["bytes"])
+  )
+  note = lambda **kw: trainer.checkpoint_room_note(str(tmp_path / "run" / "checkpoints"), **kw)
+  assert note(state_bytes=10**9, keep=3, existing=0, saves=100) is None
+  free["bytes"] = 3 * 10**9  # 4 at once: 3 kept, one being written
+  assert note(state_bytes=10**9, keep=3, existing=0, saves=100) == (
+    f"galore-jax: warning: {tmp_path} has 3.00 GB free; this run's checkpoints take about "
+    "1.00 GB each, 4 at once (4.00 GB: --keep-checkpoints 3, and one more while the next is "
+    "written): make room or lower --keep-checkpoints, or the later saves fail"
+  )
+  assert note(state_bytes=10**9, keep=3, existing=0, saves=3) is None  # a short run: 3
+  assert note(state_bytes=10**9, keep=3, existing=3, saves=9) is None  # resumed: 1 more
+  assert note(state_bytes=10**9, keep=3, existing=0, saves=0) is None
+  free["bytes"] = 5 * 10**8
+  assert note(state_bytes=10**9, keep=3, existing=3, saves=1).startswith(
+    f"galore-jax: warning: {tmp_path} has 0.50 GB free, less than one checkpoint of this run "
+    "(about 1.00 GB): saves fail until there is room"
+  )
+  free["bytes"] = 10**5  # less than the SMALL run's state (3.5 MB)
+  logged = []
+  train.train(_cfg(tmp_path, "full", steps=6, stop_after=1), log=logged.append)
+  assert [str(x) for x in logged if "less than one checkpoint" in str(x)]
+
+
 def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
   # A library caller's worker thread (a web app, an orchestrator): Python allows signal
   # handlers only in the main thread, and train() installing them raised ValueError there
