@@ -687,6 +687,33 @@ def data_config(cfg: TrainConfig, batch_size: int):
   )
 
 
+def describe_devices(devices) -> str:
+  """``8 x NVIDIA H200``, ``1 x cpu``: what the run trains on, on its first line."""
+  kinds = collections.Counter(d.device_kind for d in devices)
+  return ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
+
+
+def cpu_fallback_note(devices, gpu_present: bool | None = None) -> str | None:
+  """A warning when the run trains on the CPU of a machine with an NVIDIA GPU: JAX falls
+  back to the CPU, with one log line, where its CUDA backend is missing (a jaxlib without
+  it) or cannot start (another process holding the GPU's memory), and a run meant for the
+  GPU would go on a thousand times slower. Not where the CPU was asked for
+  (``JAX_PLATFORMS=cpu``)."""
+  if any(d.platform != "cpu" for d in devices):
+    return None
+  if "cpu" in os.environ.get("JAX_PLATFORMS", "").lower().split(","):
+    return None
+  if gpu_present is None:
+    gpu_present = os.path.exists("/dev/nvidiactl")
+  if not gpu_present:
+    return None
+  return (
+    "galore-jax: warning: training on the CPU, but this machine has an NVIDIA GPU: JAX could "
+    "not use it (see its warning above: a jax without CUDA, pip install 'galore-jax[cuda]'; or "
+    "the GPU's memory held by another process). JAX_PLATFORMS=cpu says the CPU is meant"
+  )
+
+
 def idle_devices_note(used: int, devices) -> str | None:
   """A note when the mesh leaves accelerators idle: the default mesh is one device, so a
   machine of 8 GPUs would train on 1 unnoticed. CPU devices are not counted (several
@@ -981,9 +1008,12 @@ def _train_loop(
     f"optimizer {cfg.optimizer}"
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f", peak lr {cfg.peak_lr:g}"
-    + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)}"
+    + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)} "
+    f"on {describe_devices(run.mesh.devices.flat)}"
   )
   if note := idle_devices_note(run.mesh.size, jax.devices()):
+    log(note)
+  if note := cpu_fallback_note(jax.devices()):
     log(note)
   if hooks.data is None:  # files a directory source holds but does not read
     from galore_jax import data

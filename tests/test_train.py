@@ -426,6 +426,21 @@ def test_a_mesh_that_leaves_accelerators_idle_says_so():
   assert trainer.idle_devices_note(1, jax.devices()) is None  # these tests' 8 CPU devices
 
 
+def test_a_run_names_its_devices_and_a_cpu_fallback_beside_a_gpu(monkeypatch):
+  # JAX falls back to the CPU, with one log line, where its CUDA backend is missing or
+  # cannot start: a run meant for the GPU went on unnoticed (its first line named no device).
+  gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
+  assert trainer.describe_devices([gpu] * 8) == "8 x NVIDIA H200"
+  assert trainer.describe_devices(jax.devices()[:2]) == "2 x cpu"
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  note = trainer.cpu_fallback_note(jax.devices(), gpu_present=True)
+  assert note.startswith("galore-jax: warning: training on the CPU, but this machine has an ")
+  assert trainer.cpu_fallback_note(jax.devices(), gpu_present=False) is None
+  assert trainer.cpu_fallback_note([gpu], gpu_present=True) is None
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the CPU was asked for
+  assert trainer.cpu_fallback_note(jax.devices(), gpu_present=True) is None
+
+
 def test_the_loss_trend_compares_windows_that_do_not_overlap():
   from galore_jax.cli import loss_trend
 
