@@ -687,6 +687,16 @@ def data_config(cfg: TrainConfig, batch_size: int):
   )
 
 
+def _round_up(x: float) -> int:
+  """The smallest of 1, 2, 5, 10, 20, 50, ... at or above ``x``."""
+  power = 1
+  while True:
+    for digit in (1, 2, 5):
+      if digit * power >= x:
+        return digit * power
+    power *= 10
+
+
 def describe_devices(devices) -> str:
   """``8 x NVIDIA H200``, ``1 x cpu``: what the run trains on, on its first line."""
   kinds = collections.Counter(d.device_kind for d in devices)
@@ -1094,6 +1104,7 @@ def _train_loop(
       return False
     if saved_at != at:  # a signal at a save step: already on disk
       with signals.saving():  # a second signal waits for the save
+        t_save = time.perf_counter()
         try:
           write_checkpoint(at, params, opt_state, meta)
         except checkpoint.CheckpointWriteError as e:
@@ -1108,7 +1119,32 @@ def _train_loop(
           )
           return False
       saved_at = at
+      took = time.perf_counter() - t_save
+      writer.write({"step": at, "save_s": took})
+      if not last and (note := save_cost_note(at, took)):
+        log(note)
     return True
+
+  step_times: collections.deque[float] = collections.deque(maxlen=100)  # this session's
+  advised = False
+
+  def save_cost_note(at: int, took: float) -> str | None:
+    """Once a run: a note when writing checkpoints takes more than 10% of its time (saves
+    are synchronous; a 7B checkpoint is some 19 GB, at --save-every 100 of 0.4 s steps),
+    with the --save-every that would make it 5%."""
+    nonlocal advised
+    if advised or len(step_times) < 3:
+      return None
+    step_s = float(np.median(step_times))
+    share = took / (took + cfg.save_every * step_s)
+    if share <= 0.1:
+      return None
+    advised = True
+    return (
+      f"galore-jax: note: checkpoint {at} took {took:.1f} s to write, {share:.0%} of the "
+      f"run's time at --save-every {cfg.save_every} ({step_s:.3g} s/step); --save-every "
+      f"{_round_up(took * 19 / step_s)} would make it 5%"
+    )
 
   def out_of_memory(e: RuntimeError) -> str:
     """The message of an out-of-memory error, after saving the last whole step where its
@@ -1178,6 +1214,8 @@ def _train_loop(
       doing = f"the end of step {step}"  # its records, evaluation, checkpoint, callbacks
       now = time.perf_counter()
       step_s = max(now - t_step, 1e-9)
+      if step > start + 1:  # not the compiling one
+        step_times.append(step_s)
       tps = tokens_per_step / step_s
       if profiling and step >= profile[1]:
         jax.block_until_ready((params, opt_state))

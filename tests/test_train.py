@@ -197,6 +197,30 @@ def test_a_run_warns_at_its_start_when_its_checkpoints_will_not_fit(tmp_path, mo
   assert [str(x) for x in logged if "less than one checkpoint" in str(x)]
 
 
+def test_a_run_whose_saves_take_much_of_its_time_says_so_once(tmp_path, monkeypatch):
+  # Saves are synchronous: a 7B checkpoint (some 19 GB) every 100 steps of 0.4 s would
+  # take most of the run. The first save that costs over 10% names a --save-every for 5%.
+  real = checkpoint.save
+
+  def slow(*args, **kwargs):
+    time.sleep(0.5)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "save", slow)
+  logged = []
+  train.train(_cfg(tmp_path, "slow", steps=6, save_every=2), log=logged.append)
+  notes = [str(x) for x in logged if "to write" in str(x)]
+  assert len(notes) == 1, logged  # once: not at step 6 again
+  assert re.fullmatch(
+    r"galore-jax: note: checkpoint 4 took \d+\.\d s to write, \d+% of the run's time at "
+    r"--save-every 2 \(\S+ s/step\); --save-every [125]0* would make it 5%",
+    notes[0],
+  ), notes[0]
+  saves = [r for r in metrics.read_metrics(str(tmp_path / "slow")) if "save_s" in r]
+  assert [r["step"] for r in saves] == [2, 4, 6] and all(r["save_s"] >= 0.5 for r in saves)
+  assert [trainer._round_up(x) for x in (0.3, 1, 1.5, 3, 7, 11, 4900)] == [1, 1, 2, 5, 10, 20, 5000]
+
+
 def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
   # A library caller's worker thread (a web app, an orchestrator): Python allows signal
   # handlers only in the main thread, and train() installing them raised ValueError there
