@@ -1159,8 +1159,8 @@ def _train_loop(
       try:
         if save(step, last=True):
           where = f"step {step} is saved in {ckpt_dir}/{step}"
-      except checkpoint.CheckpointWriteError as w:
-        where = f"step {step} could not be saved: {w}"
+      except Exception as w:  # noqa: BLE001 - a full disk, or the device again: say so
+        where = f"step {step} could not be saved ({errors.first_line(w)}); {where}"
     if step == start:  # nothing trained yet: any flag may change
       hints = [
         "`galore-jax plan` with the same flags predicts the peak and what would shrink it"
