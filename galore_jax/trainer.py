@@ -1160,7 +1160,10 @@ def _train_loop(
         if save(step, last=True):
           where = f"step {step} is saved in {ckpt_dir}/{step}"
       except Exception as w:  # noqa: BLE001 - a full disk, or the device again: say so
-        where = f"step {step} could not be saved ({errors.first_line(w)}); {where}"
+        named = isinstance(w, checkpoint.CheckpointWriteError)  # it names the newest one
+        where = f"step {step} could not be saved: {errors.first_line(w, 400)}" + (
+          "" if named else f"; {where}"
+        )
     if step == start:  # nothing trained yet: any flag may change
       hints = [
         "`galore-jax plan` with the same flags predicts the peak and what would shrink it"
