@@ -112,6 +112,18 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
     train.train(_cfg(tmp_path, "gone", steps=6, save_every=2), log=_quiet)
   assert checkpoint.latest_step(str(tmp_path / "gone")) == 2
 
+  # ... and one whose save fails too (a full disk): both said, the newest checkpoint once.
+  def no_room(mngr, step, *_):
+    raise checkpoint.CheckpointWriteError(f"checkpoint {step} could not be written (full)")
+
+  monkeypatch.setattr(checkpoint, "save", no_room)
+  _out_of_memory_at(monkeypatch, 2)
+  with pytest.raises(trainer.OutOfMemory) as e:
+    train.train(_cfg(tmp_path, "full", steps=6), log=_quiet)
+  said = str(e.value)
+  assert "; step 1 could not be saved: checkpoint 1 could not be written (full); no " in said
+  assert said.count("no checkpoint was saved in") == 1, said
+
   # From the CLI, in the first step: one line, exit 1, with what to shrink.
   monkeypatch.undo()
   _out_of_memory_at(monkeypatch, 1)
