@@ -29,6 +29,8 @@
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
 #   GPU_CHECKS=sample1b: sampling speed of llama_1b (experiments/bench_sample.py); it fits
 #      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
+#   GPU_CHECKS=oom: out of memory mid-run (experiments/gpu_oom_check.py, about a minute):
+#      does the failed step leave its donated inputs, so that train saves the step before?
 #   GPU_CHECKS="adafactor7b clip7b": the llama_7b peak under the 24 GB cap with
 #      --optimizer galore_adafactor (planned 16.40 GB), then 8-bit GaLore with --grad-clip 1
 #      --per-layer-clip (the clip's second backward pass); each a 7B compile (~3 minutes).
@@ -78,9 +80,10 @@ PYEOF
       smaller) smaller ;;
       compile1b) compile1b ;;
       sample1b) sample1b ;;
+      oom) oom ;;
       adafactor7b) variant7b adafactor7b --optimizer galore_adafactor ;;
       clip7b) variant7b clip7b --per-layer-clip ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b," \
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, oom," \
         "adafactor7b, clip7b, bench, memory)" ;;
     esac
   done
@@ -185,6 +188,16 @@ sample1b() {
   timeout "$left" "$PY" experiments/bench_sample.py --model llama_1b --dtype bfloat16 \
       --json "$OUT/bench_sample.json" ${SAMPLE_ARGS:-}
   echo "== sample1b rc=$? after ${SECONDS} s"
+}
+
+# Out of device memory mid-run (experiments/gpu_oom_check.py): llama_130m under a 10% pool,
+# filled before step 4; whether the failed step left its donated inputs for train's save,
+# and the resume from it (about a minute, two compiles).
+oom() {
+  local left; left=$(left_s 5)
+  echo "== oom: ${left} s (elapsed ${SECONDS} s)"
+  timeout "$left" "$PY" experiments/gpu_oom_check.py --json "$OUT/oom_check.json" ${OOM_ARGS:-}
+  echo "== oom rc=$? after ${SECONDS} s"
 }
 
 main 2>&1 | tee "$OUT/gpu_checks.txt"

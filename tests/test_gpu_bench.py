@@ -7,6 +7,7 @@ at toy size and reports every field and ratio the GPU run is read for.
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,22 @@ def test_jacobi_svd_probe_reports_why_it_cannot_run_on_cpu(load_experiment):
   probe = bench_jax._safe_probe(leaves, "exact_jacobi", jnp.float32)
   assert "not implemented on CPU" in probe["error"] and probe["sum_over_leaves_s"] is None
   assert bench_jax._safe_probe(leaves, "exact", jnp.float32)["sum_over_leaves_s"] > 0
+
+
+def test_oom_check_saves_the_step_before_an_injected_out_of_memory(
+  load_experiment, tmp_path, monkeypatch
+):
+  # experiments/gpu_oom_check.py's logic on the CPU (the error injected as in
+  # test_train.py); on a GPU it fills a small pool instead, to see whether XLA's runtime
+  # leaves a failed step's donated inputs intact for the save.
+  monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
+  check = load_experiment("gpu_oom_check")
+  out = tmp_path / "oom.json"
+  flags = ["--cpu-smoke", "--seq-len", "32", "--out", str(tmp_path / "run"), "--json", str(out)]
+  assert check.main(flags) == 0
+  result = json.loads(out.read_text())
+  assert result["out_of_memory"].startswith(
+    "the device ran out of memory in step 4 (RESOURCE_EXHAUSTED: injected (--cpu-smoke)); "
+    f"step 3 is saved in {tmp_path / 'run' / 'checkpoints'}/3."
+  )
+  assert result["saved_step"] and result["resumed"] == {"start_step": 3, "step": 6}
