@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+  """``train``'s flags, in groups (``--help`` lists some fifty)."""
   from galore_jax.config import (
     DTYPES,
     FINETUNE_LR,
@@ -37,113 +38,153 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   )
 
   d = TrainConfig()
-  p.add_argument(
+  g = p.add_argument_group("model and optimizer")
+  g.add_argument(
     "--model", default=None, help=f"llama_tiny, llama_60m, ..., llama_13b (default {d.model})"
   )
-  p.add_argument(
+  g.add_argument(
     "--init-from",
     default=None,
+    metavar="DIR",
     help="Hugging Face model directory (config.json + safetensors) to fine-tune; "
     "instead of --model; its tokenizer is the default",
   )
-  p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-  p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
-  p.add_argument(
+  g.add_argument(
+    "--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default %(default)s)"
+  )
+  g.add_argument("--rank", type=int, default=d.rank, help="GaLore rank (default %(default)s)")
+  g.add_argument(
     "--update-proj-gap",
     type=int,
     default=d.update_proj_gap,
-    help="steps between projector refreshes (T)",
+    help="steps between projector refreshes, T (default %(default)s)",
   )
-  p.add_argument("--galore-scale", type=float, default=d.galore_scale, help="alpha")
-  p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
-  p.add_argument(
+  g.add_argument(
+    "--galore-scale", type=float, default=d.galore_scale, help="alpha (default %(default)s)"
+  )
+  g.add_argument(
+    "--svd",
+    default=d.svd,
+    choices=SVD_METHODS,
+    help="how a refresh finds the projector: exact (the reference's SVD, the default), "
+    "randomized, or subspace (warm-started block power iteration: matmuls, no SVD)",
+  )
+  g.add_argument(
     "--subspace-iters",
     type=int,
     default=d.subspace_iters,
-    help="block power rounds per refresh with --svd subspace",
+    help="block power rounds per refresh with --svd subspace (default %(default)s)",
   )
-  p.add_argument("--refresh-schedule", default=d.refresh_schedule, choices=REFRESH_SCHEDULES)
-  p.add_argument(
-    "--lr",
-    type=float,
-    default=None,
-    help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW; with --init-from, "
-    f"{FINETUNE_LR:g}, a fine-tuning rate)",
+  g.add_argument(
+    "--refresh-schedule",
+    default=d.refresh_schedule,
+    choices=REFRESH_SCHEDULES,
+    help="synchronous (default: every matrix at steps 0, T, 2T, ...) or staggered over the T steps",
   )
-  p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%%)")
-  p.add_argument(
-    "--schedule",
-    default=d.schedule,
-    choices=LR_SCHEDULES,
-    help="after warmup: cosine (default, the paper's) or linear decay to --min-lr-ratio of the "
-    "peak, or the peak held",
+  g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
+  g.add_argument(
+    "--grad-clip", type=float, default=d.grad_clip, help="global norm; 0 = off (the default)"
   )
-  p.add_argument(
-    "--min-lr-ratio",
-    type=float,
-    default=d.min_lr_ratio,
-    help="final learning rate over the peak (default %(default)s)",
-  )
-  p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
-  p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-  p.add_argument("--seq-len", type=int, default=d.seq_len)
-  p.add_argument(
-    "--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step"
-  )
-  p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global norm; 0 = off")
-  p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  p.add_argument(
+  g.add_argument(
     "--adafactor-beta1",
     type=float,
     default=d.adafactor_beta1,
     help="first-moment coefficient of --optimizer adafactor / galore_adafactor (default 0: "
     "none, the reference's)",
   )
-  p.add_argument(
+
+  g = p.add_argument_group("steps, batches and learning rate")
+  g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+  g.add_argument(
+    "--batch-size",
+    type=int,
+    default=d.batch_size,
+    help="sequences per micro-batch (default %(default)s)",
+  )
+  g.add_argument(
+    "--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default %(default)s)"
+  )
+  g.add_argument(
+    "--grad-accum",
+    type=int,
+    default=d.grad_accum,
+    help="micro-batches per optimizer step (default %(default)s)",
+  )
+  g.add_argument(
+    "--lr",
+    type=float,
+    default=None,
+    help="peak learning rate (default 0.01 for GaLore, 1e-3 for AdamW; with --init-from, "
+    f"{FINETUNE_LR:g}, a fine-tuning rate)",
+  )
+  g.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%%)")
+  g.add_argument(
+    "--schedule",
+    default=d.schedule,
+    choices=LR_SCHEDULES,
+    help="after warmup: cosine (default, the paper's) or linear decay to --min-lr-ratio of the "
+    "peak, or the peak held",
+  )
+  g.add_argument(
+    "--min-lr-ratio",
+    type=float,
+    default=d.min_lr_ratio,
+    help="final learning rate over the peak (default %(default)s)",
+  )
+  g.add_argument(
+    "--seed", type=int, default=d.seed, help="initialisation and data order (default %(default)s)"
+  )
+
+  g = p.add_argument_group("data and evaluation")
+  g.add_argument(
     "--data",
     default=d.data,
-    help="builtin | PATH (a .txt / .md / .jsonl / .json file, .gz / .xz / .zst ok, or .parquet "
-    "with a text column; a directory (its .txt / .jsonl / .json / .parquet files) or a glob; "
-    "JSON records of prompt/completion or messages train on the replies) | tfds:NAME "
-    "(e.g. tfds:c4/en)",
+    metavar="SOURCE",
+    help="builtin (the default: the bundled corpus) | PATH (a .txt / .md / .jsonl / .json "
+    "file, .gz / .xz / .zst ok, or .parquet with a text column; a directory (its .txt / "
+    ".jsonl / .json / .parquet files) or a glob; JSON records of prompt/completion or "
+    "messages train on the replies) | tfds:NAME (e.g. tfds:c4/en)",
   )
-  p.add_argument(
+  g.add_argument(
     "--eval-data",
     default=None,
+    metavar="SOURCE",
     help="a held-out source (as --data) to evaluate on during training, all of it (up to "
     "--eval-batches batches); default: the documents held out of --data",
   )
-  p.add_argument(
+  g.add_argument(
     "--tokenizer",
     default=None,
+    metavar="PATH",
     help="SentencePiece .model or tokenizer.json (default: --init-from's, else bundled)",
   )
-  p.add_argument(
+  g.add_argument(
     "--no-packing",
     dest="packing",
     action="store_false",
     help="truncate / pad each document (the paper's C4 setup)",
   )
-  p.add_argument("--eval-every", type=int, default=d.eval_every)
-  p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-  p.add_argument("--save-every", type=int, default=d.save_every)
-  p.add_argument(
-    "--keep-checkpoints",
+  g.add_argument(
+    "--eval-every",
     type=int,
-    default=d.keep_checkpoints,
-    help="newest checkpoints kept (default %(default)s); older ones are deleted",
+    default=d.eval_every,
+    help="steps between evaluations (default %(default)s)",
   )
-  p.add_argument(
-    "--max-nonfinite",
+  g.add_argument(
+    "--eval-batches",
     type=int,
-    default=d.max_nonfinite,
-    help="consecutive non-finite (skipped) steps that stop the run (default %(default)s)",
+    default=d.eval_batches,
+    help="validation batches per evaluation (default %(default)s)",
   )
-  p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument(
-    "--out", default=d.out, help="run directory (default: runs/<model>_<optimizer>_<timestamp>)"
+
+  g = p.add_argument_group("run directory and checkpoints")
+  g.add_argument(
+    "--out",
+    default=d.out,
+    metavar="DIR",
+    help="run directory (default: runs/<model>_<optimizer>_<timestamp>)",
   )
-  p.add_argument(
+  g.add_argument(
     "--resume",
     nargs="?",
     const=True,
@@ -152,43 +193,82 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="continue the run in --out; --resume auto: continue it if it has a checkpoint, "
     "else start (what a requeued job runs every time)",
   )
-  p.add_argument(
+  g.add_argument(
     "--overwrite",
     action="store_true",
     help="delete the checkpoints, metrics and TensorBoard events in --out and start over",
   )
-  p.add_argument(
+  g.add_argument(
     "--stop-after",
     type=int,
     default=None,
     help="stop (saving a checkpoint) after this many steps in this invocation",
   )
-  p.add_argument("--mesh", default=None, help="data=N,fsdp=M")
-  p.add_argument("--param-dtype", default=d.param_dtype, choices=tuple(DTYPES))
-  p.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES), help="compute dtype")
-  p.add_argument("--remat", default=d.remat, choices=REMAT_MODES)
-  _add_memory_flags(p)
-  _add_compile_cache_flag(p)
-  p.add_argument(
+  g.add_argument(
+    "--save-every",
+    type=int,
+    default=d.save_every,
+    help="steps between checkpoints (default %(default)s; the last step is always saved)",
+  )
+  g.add_argument(
+    "--keep-checkpoints",
+    type=int,
+    default=d.keep_checkpoints,
+    help="newest checkpoints kept (default %(default)s); older ones are deleted",
+  )
+  g.add_argument(
+    "--max-nonfinite",
+    type=int,
+    default=d.max_nonfinite,
+    help="consecutive non-finite (skipped) steps that stop the run (default %(default)s)",
+  )
+
+  g = p.add_argument_group("devices, dtypes and memory")
+  g.add_argument(
+    "--mesh",
+    default=None,
+    help="data=N,fsdp=M: batches over both axes, weights and optimizer state sharded over "
+    "fsdp (default: one device)",
+  )
+  g.add_argument(
+    "--param-dtype",
+    default=d.param_dtype,
+    choices=tuple(DTYPES),
+    help="weights (default %(default)s; bfloat16 with no float32 copy, as the paper's 7B)",
+  )
+  g.add_argument(
+    "--dtype", default=d.dtype, choices=tuple(DTYPES), help="compute (default %(default)s)"
+  )
+  g.add_argument(
+    "--remat",
+    default=d.remat,
+    choices=REMAT_MODES,
+    help="recompute activations in the backward pass: none (default), full, or save_matmuls",
+  )
+  _add_memory_flags(g)
+  _add_compile_cache_flag(g)
+
+  g = p.add_argument_group("what the run reports")
+  g.add_argument(
     "--peak-tflops",
     type=float,
     default=None,
     help="per-device peak TFLOP/s for the mfu metric (default: the bf16 datasheet peak of an "
     "H100, H200, A100 or RTX 4090; none otherwise)",
   )
-  p.add_argument(
+  g.add_argument(
     "--profile-steps",
     default=None,
     metavar="A:B",
     help="write a jax.profiler trace of steps A+1..B into --out/tb (TensorBoard's profile tab)",
   )
-  p.add_argument(
+  g.add_argument(
     "--wandb",
     action="store_true",
     help="also log to Weights & Biases (pip install 'galore-jax[wandb]'; offline without "
     "network or API key; project $WANDB_PROJECT, default galore-jax)",
   )
-  p.add_argument(
+  g.add_argument(
     "--no-progress",
     dest="progress",
     action="store_false",
@@ -199,7 +279,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   distributed.add_flags(p)
 
 
-def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+def _add_compile_cache_flag(p) -> None:  # a parser or an argument group
   p.add_argument(
     "--compile-cache",
     default=None,
@@ -209,7 +289,7 @@ def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
   )
 
 
-def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+def _add_memory_flags(p) -> None:  # a parser or an argument group
   from galore_jax.config import DTYPES
 
   p.add_argument(

@@ -124,7 +124,9 @@ def add_flags(p) -> None:
     "multi-process (one process per host or GPU; see the README's Multi-host section)"
   )
   g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
-  g.add_argument("--num-processes", type=int, default=None, metavar="N")
+  g.add_argument(
+    "--num-processes", type=int, default=None, metavar="N", help="processes in the job"
+  )
   g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
   g.add_argument(
     "--distributed",

@@ -1,5 +1,6 @@
 """The training loop: resume exactness, sharding, accumulation, faults, outputs."""
 
+import argparse
 import contextlib
 import dataclasses
 import gc
@@ -976,6 +977,19 @@ def test_cli_version_is_one_line_naming_the_libraries(capsys, monkeypatch):
   from importlib import metadata
 
   assert metadata.version("galore-jax") == galore_jax.__version__  # pyproject.toml's
+
+
+def test_every_train_flag_has_help_in_a_group():
+  # Some fifty flags: `train --help` lists them by topic, each with what it does.
+  from galore_jax import cli
+
+  sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+  train_parser = sub.choices["train"]
+  groups = {g.title: g._group_actions for g in train_parser._action_groups}
+  assert [a.dest for a in groups["options"]] == ["help"]
+  assert "model and optimizer" in groups and "data and evaluation" in groups
+  flags = [a for a in train_parser._actions if a.dest != "help"]
+  assert len(flags) > 45 and all(a.help for a in flags), [a.dest for a in flags if not a.help]
 
 
 # Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 6 steps).
