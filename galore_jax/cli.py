@@ -967,7 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     "source); all: every document of --data. Default: all for a path source other than "
     "the run's training data (a held-out set of your own), else validation",
   )
-  p.add_argument("--tokenizer", default=None)
+  p.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the run's")
   p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
   p.add_argument("--seq-len", type=int, default=None, help="default: the run's")
   _add_inference_dtype_flags(p)
@@ -985,7 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="one document per window, from its first token (default: as the run trained)",
   )
-  p.add_argument("--json", action="store_true")
+  p.add_argument("--json", action="store_true", help="print the result as one JSON line")
   p.add_argument(
     "--mesh",
     default=None,
@@ -1037,15 +1037,19 @@ def build_parser() -> argparse.ArgumentParser:
     "prompt ([BOS] prompt, as {prompt, completion} records), chat (a user turn, or a "
     "--prompts conversation, in the tokenizer's chat template; prints the reply)",
   )
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.8)
-  p.add_argument("--top-k", type=int, default=40)
+  p.add_argument(
+    "--max-new-tokens", type=int, default=64, help="tokens per reply (default %(default)s)"
+  )
+  p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default %(default)s)")
+  p.add_argument(
+    "--top-k", type=int, default=40, help="sample among the k likeliest (default %(default)s)"
+  )
   p.add_argument(
     "--top-p", type=float, default=1.0, help="nucleus sampling within the top-k (1: off)"
   )
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="of the sampling (default %(default)s)")
   _add_inference_dtype_flags(p)
-  p.add_argument("--tokenizer", default=None)
+  p.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the run's")
   p.add_argument(
     "--mesh", default=None, help="data=N,fsdp=M: weights sharded over fsdp (default: one device)"
   )
@@ -1068,7 +1072,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="plan for a Hugging Face model directory's architecture (its config.json; no "
     "weights are read) instead of --model",
   )
-  p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+  p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="as for train")
   p.add_argument(
     "--adafactor-beta1",
     type=float,
@@ -1076,10 +1080,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="as for train: Adafactor's first moment (0: none)",
   )
   p.add_argument("--rank", type=int, default=d.rank, help="GaLore rank")
-  p.add_argument("--svd", default=d.svd, choices=SVD_METHODS)
+  p.add_argument("--svd", default=d.svd, choices=SVD_METHODS, help="as for train")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-  p.add_argument("--seq-len", type=int, default=d.seq_len)
-  p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+  p.add_argument("--seq-len", type=int, default=d.seq_len, help="as for train")
+  p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="as for train")
   p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global norm; 0 = off")
   p.add_argument(
     "--param-dtype",
@@ -1088,7 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="default bfloat16: the paper trains pure bf16",
   )
   p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="compute dtype")
-  p.add_argument("--remat", default=d.remat, choices=REMAT_MODES)
+  p.add_argument("--remat", default=d.remat, choices=REMAT_MODES, help="as for train")
   p.add_argument(
     "--vocab-size",
     type=int,
