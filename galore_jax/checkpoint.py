@@ -14,6 +14,7 @@ to a fresh start. One that cannot be written (a full disk) raises
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -64,6 +65,27 @@ def checkpoint_dir(path: str) -> str:
   path = os.path.abspath(path)
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
+
+
+def saved_train_config(out: str) -> tuple[int, dict[str, Any]] | None:
+  """``(step, train_config)`` of the newest checkpoint in run directory ``out`` whose
+  metadata reads, or None: read from the files alone, without orbax or JAX, so that
+  ``train --resume`` can take the run's flags before a multi-process job has joined.
+  (Orbax commits a step by renaming its directory to the bare number.)"""
+  ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
+  try:
+    steps = sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True)
+  except OSError:
+    return None
+  for step in steps:
+    try:
+      with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
+        config = json.load(f).get("train_config")
+    except (OSError, ValueError, AttributeError):
+      continue  # an unreadable one: the trainer's own read reports it
+    if isinstance(config, dict):
+      return step, config
+  return None
 
 
 def step_in_path(path: str) -> int | None:

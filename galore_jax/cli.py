@@ -190,8 +190,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     const=True,
     default=False,
     choices=["auto"],
-    help="continue the run in --out; --resume auto: continue it if it has a checkpoint, "
-    "else start (what a requeued job runs every time)",
+    help="continue the run in --out, with its own flags unless given here; --resume auto: "
+    "continue it if it has a checkpoint, else start (what a requeued job runs every time)",
   )
   g.add_argument(
     "--overwrite",
@@ -337,6 +337,60 @@ def _train_config(args):
   return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+# Flags that belong to one invocation: a resume does not take them from the run.
+_PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "progress", "profile_steps")
+# Flags whose `store_false` form is the one named (--no-packing, ...).
+_NEGATED = ("packing", "per_layer_updates", "lowrank_accum")
+
+
+def _given_train_flags(argv: list[str]) -> set[str]:
+  """The ``train`` flags (their dests) that ``argv`` gives, as opposed to their defaults."""
+  probe = build_parser()
+  commands = next(a for a in probe._actions if isinstance(a, argparse._SubParsersAction))
+  train = commands.choices["train"]
+  for action in train._actions:  # (set_defaults would store them as values)
+    action.default = argparse.SUPPRESS
+  return set(vars(probe.parse_args(argv))) - {"command", "fn"}
+
+
+def _with_the_runs_flags(cfg, given: set[str] | None):
+  """``train --resume``: every flag the command line does not give takes the value the run
+  was started with (its newest checkpoint's ``train_config``), so ``--resume --out RUN`` is
+  the whole command; the flags given override. Returns ``(cfg, note or None)``. A start of
+  ``--resume auto`` (no checkpoint yet) keeps the flags as given."""
+  from galore_jax import checkpoint
+  from galore_jax.config import TrainConfig
+
+  if not cfg.resume or given is None:
+    return cfg, None
+  found = checkpoint.saved_train_config(cfg.out)
+  if found is None:
+    return cfg, None
+  step, saved = found
+  skip = set(_PER_INVOCATION) | given
+  if given & {"model", "init_from"}:  # the architecture named here, one way or the other
+    skip |= {"model", "init_from"}
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  taken = {k: v for k, v in saved.items() if k in fields and k not in skip}
+  restored = {k: v for k, v in taken.items() if v != getattr(cfg, k)}
+  cfg = dataclasses.replace(cfg, **taken)
+  if not restored:
+    return cfg, None
+
+  def flag(name: str, value) -> str:
+    if name in _NEGATED:
+      return f"--no-{name.replace('_', '-')}" if value is False else f"--{name} {value}"
+    if value is True:
+      return f"--{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value}"
+
+  said = ", ".join(flag(k, v) for k, v in restored.items())
+  return cfg, (
+    f"galore-jax: note: resuming with the run's own flags (checkpoint {step}): {said}; a flag "
+    "given here overrides its value"
+  )
+
+
 def _resume_hint(out: str) -> str:
   """Where a failed multi-process run can be resumed from. Read from the directory itself:
   orbax's own lookup would wait at a barrier for the processes that are gone."""
@@ -375,8 +429,10 @@ def _cmd_train(args) -> int:
   from galore_jax import distributed, trainer
   from galore_jax.errors import first_line
 
-  cfg = _train_config(args)
+  cfg, restored = _with_the_runs_flags(_train_config(args), getattr(args, "given", None))
   _join_job(args)
+  if restored and distributed.is_primary():
+    print(restored)
   try:
     summary = trainer.train(cfg)
   except trainer.TrainingInterrupted as e:
@@ -1303,6 +1359,8 @@ def _run_command(argv: list[str]) -> int:
   if args.command is None:
     parser.print_help()
     return EXIT_USAGE
+  if args.command == "train":  # --resume takes the others from the run
+    args.given = _given_train_flags(argv)
 
   from galore_jax import errors
   from galore_jax.checkpoint import CheckpointError, CheckpointWriteError

@@ -390,11 +390,11 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
   """What a resume at ``step`` changes about the course of the run that saved the checkpoint
   (``saved``: its ``train_config``), as one line, or None.
 
-  Such flags may change on resume (lowering the rate after a loss spike, extending a run),
-  but a resume command that forgot one of the first run's flags takes its default: this line
-  is how the user sees it. Compared as effective values (``--lr`` unset is the optimizer's
-  default; ``--warmup`` unset is 10 % of ``--steps``), with the rate of the next step under
-  both schedules when the schedule changed.
+  Such flags may change on resume (lowering the rate after a loss spike, extending a run);
+  this line says so. (The CLI takes every flag not given from the run; a library caller's
+  ``TrainConfig`` that left one out shows here.) Compared as effective values (``--lr``
+  unset is the optimizer's default; ``--warmup`` unset is 10 % of ``--steps``), with the
+  rate of the next step under both schedules when the schedule changed.
   """
   # A flag older versions did not have (or save) had its default then.
   defaults = TrainConfig()

@@ -984,7 +984,7 @@ def _train_loop(
     if changes := resume_changes(saved.get("train_config", {}), cfg, start):
       log(f"galore-jax: note: {changes}")
     was_eval = saved.get("train_config", {}).get("eval_data")
-    if was_eval != cfg.eval_data:  # a resume command that forgot (or changed) --eval-data
+    if was_eval != cfg.eval_data:  # a resume that changed (or, in a library call, left out) it
       held = lambda source: (
         f"--eval-data {source}" if source else "the documents held out of --data"
       )

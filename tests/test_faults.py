@@ -204,7 +204,7 @@ def test_eval_data_is_a_held_out_set_evaluated_during_training_and_by_eval(
   code, out, err = _cli(capsys, "eval", "--checkpoint", cfg.out, "--data", cfg.data, *flags)
   assert code == 0 and json.loads(out)["split"] == "validation", err
   assert abs(json.loads(out)["eval_loss"] - record["eval_loss"]) > 1e-3  # another set
-  # A resume that forgot --eval-data says that the evaluation set changes.
+  # A resume (a library call) that left out --eval-data says that the evaluation set changes.
   logged = []
   train.train(
     dataclasses.replace(cfg, eval_data=None, resume=True, stop_after=1), log=logged.append

@@ -1034,8 +1034,9 @@ def test_a_resume_that_changes_the_runs_course_says_so(finished_run, tmp_path, c
 
   out = tmp_path / "run"
   shutil.copytree(finished_run, out)
-  # The same flags (one step, 2 -> 3): no note.
-  assert _cli("train", "--out", str(out), *RESUME_ARGS, "--stop-after", "1") == 0
+  # The same flags as the first run, all of them (one step, 2 -> 3): no note.
+  same = [*RESUME_ARGS, "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000"]
+  assert _cli("train", "--out", str(out), *same, "--stop-after", "1") == 0
   assert "note:" not in capsys.readouterr().out
   # --steps 2: the checkpoint (step 3) is past it, nothing is left to train.
   flags = [*RESUME_ARGS[:2], "2", *RESUME_ARGS[3:], "--lr", "0.02"]
@@ -1044,6 +1045,36 @@ def test_a_resume_that_changes_the_runs_course_says_so(finished_run, tmp_path, c
     "galore-jax: note: resuming at step 3 with changed --steps 2 (was 6), --lr 0.02 (was 0.01)"
     in capsys.readouterr().out
   )
+
+
+def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(finished_run, tmp_path, capsys):
+  # `train --resume --out RUN` is the whole command: every flag not given takes the run's
+  # value. Before, each took its default: a resume that forgot --rank or --model failed,
+  # and one that forgot --eval-every, --save-every or --lr silently changed the run.
+  import shutil
+
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  assert _cli("train", "--resume", "--out", str(out), "--stop-after", "1", "--no-progress") == 0
+  said = capsys.readouterr().out
+  assert (
+    "galore-jax: note: resuming with the run's own flags (checkpoint 2): --rank 16, "
+    "--update-proj-gap 2, --steps 6, --seq-len 32, --eval-every 1000, --eval-batches 2, "
+    "--save-every 1000; a flag given here overrides its value"
+  ) in said, said
+  assert "changed" not in said  # nothing about the course changed
+  record = checkpoint.saved_train_config(str(out))
+  assert record[0] == 3 and record[1]["rank"] == 16 and record[1]["eval_every"] == 1000
+  # Flags given override (a course flag is noted as changed; a state flag is refused).
+  assert _cli("train", "--resume", "--out", str(out), "--stop-after", "1", "--lr", "0.02") == 0
+  assert "with changed --lr 0.02 (was 0.01)" in capsys.readouterr().out
+  assert _cli("train", "--resume", "--out", str(out), "--rank", "8") == 2
+  assert "galore-jax: error: --rank: checkpoint" in capsys.readouterr().err
+  # --resume auto without a checkpoint: a start with the flags as given.
+  fresh = tmp_path / "fresh"
+  flags = ["--resume", "auto", "--out", str(fresh), "--steps", "6", "--stop-after", "1"]
+  assert _cli("train", *flags, "--rank", "16", "--seq-len", "32", "--update-proj-gap", "2") == 0
+  assert "run's own flags" not in capsys.readouterr().out
 
 
 def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
