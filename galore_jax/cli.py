@@ -264,7 +264,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   )
   g.add_argument(
     "--wandb",
-    action="store_true",
+    action=argparse.BooleanOptionalAction,
+    default=False,
     help="also log to Weights & Biases (pip install 'galore-jax[wandb]'; offline without "
     "network or API key; project $WANDB_PROJECT, default galore-jax)",
   )
@@ -298,27 +299,30 @@ def _add_memory_flags(p) -> None:  # a parser or an argument group
     choices=tuple(DTYPES),
     help="dtype of GaLore's projectors (default: the param dtype, as the reference)",
   )
+  # Both forms of each switch: a resume takes the run's value unless told otherwise.
   p.add_argument(
-    "--no-per-layer-updates",
-    dest="per_layer_updates",
-    action="store_false",
-    help="update after the whole gradient exists (per-layer updates are the default "
-    "unless --grad-clip is set without --per-layer-clip, or --grad-accum > 1 without "
-    "GaLore's low-rank accumulation)",
+    "--per-layer-updates",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="update each layer as soon as its gradient exists; --no-per-layer-updates: after "
+    "the whole gradient exists (the step used anyway with --grad-clip without "
+    "--per-layer-clip, or --grad-accum > 1 without GaLore's low-rank accumulation)",
   )
   p.add_argument(
     "--per-layer-clip",
-    action="store_true",
+    action=argparse.BooleanOptionalAction,
+    default=False,
     help="with --grad-clip, keep per-layer updates: the step takes the global norm in a "
     "first forward and backward pass (per-layer memory, about twice the step's compute; "
     "one micro-batch)",
   )
   p.add_argument(
-    "--no-lowrank-accum",
-    dest="lowrank_accum",
-    action="store_false",
-    help="with GaLore and --grad-accum > 1, accumulate the whole float32 gradient (the "
-    "large-batch step exactly, refresh steps included) instead of projected gradients",
+    "--lowrank-accum",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="with GaLore and --grad-accum > 1, accumulate projected gradients; "
+    "--no-lowrank-accum: the whole float32 gradient (the large-batch step exactly, refresh "
+    "steps included)",
   )
 
 

@@ -1077,6 +1077,35 @@ def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(finished_run, tmp
   assert "run's own flags" not in capsys.readouterr().out
 
 
+def test_a_resume_names_the_switches_it_takes_from_the_run(tmp_path):
+  # Switches a resume takes from the run have both forms, to be turned back (a resume on
+  # a machine without wandb: --no-wandb).
+  from galore_jax import cli
+
+  step = tmp_path / "run" / "checkpoints" / "5" / "meta"
+  step.mkdir(parents=True)
+  saved = dataclasses.asdict(train.TrainConfig(out=str(tmp_path / "run"), init_from="/m"))
+  saved.update(per_layer_updates=False, wandb=True, mesh="data=2", stop_after=3)
+  (step / "metadata").write_text(json.dumps({"train_config": saved}))
+
+  def resume(*flags):
+    argv = ["train", "--resume", "--out", str(tmp_path / "run"), *flags]
+    args = cli.build_parser().parse_args(argv)
+    return cli._with_the_runs_flags(cli._train_config(args), cli._given_train_flags(argv))
+
+  cfg, note = resume()
+  assert note == (
+    "galore-jax: note: resuming with the run's own flags (checkpoint 5): --init-from /m, "
+    "--mesh data=2, --no-per-layer-updates, --wandb; a flag given here overrides its value"
+  )
+  assert cfg.stop_after is None and cfg.resume is True  # the invocation's own
+  cfg, note = resume("--no-wandb", "--per-layer-updates", "--model", "llama_60m")
+  assert not cfg.wandb and cfg.per_layer_updates and cfg.init_from is None
+  assert cfg.model == "llama_60m" and note.endswith(
+    ": --mesh data=2; a flag given here overrides its value"
+  )
+
+
 def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
   import sentencepiece as spm
 
