@@ -144,6 +144,14 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
   def full(*_, **__):
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3 GiB")
 
+  monkeypatch.setattr(trainer, "init_state", full)  # placing the weights, before step 1
+  code = _cli("train", "--out", str(tmp_path / "init"), "--steps", "6", *small.split())
+  err = capsys.readouterr().err.strip()
+  assert code == 1 and err == (
+    "galore-jax: error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory "
+    "allocating 3 GiB); `galore-jax plan` with the same flags predicts the peak and what "
+    "would shrink it"
+  )
   monkeypatch.setattr(trainer, "evaluate", full)
   code = _cli("eval", "--checkpoint", str(tmp_path / "oom"))
   err = capsys.readouterr().err.strip()
