@@ -1149,12 +1149,16 @@ def _train_loop(
   def out_of_memory(e: RuntimeError) -> str:
     """The message of an out-of-memory error, after saving the last whole step where its
     arrays are intact: a step that failed may have consumed its donated inputs (then the
-    newest checkpoint is named). A job of several processes saves collectively, which one
-    process cannot do alone."""
+    newest checkpoint is named), and one after callbacks that replace the state keeps none
+    (``kept``). A job of several processes saves collectively, which one process cannot do
+    alone."""
     where = newest_checkpoint()
     arrays = [x for x in jax.tree.leaves(kept) if isinstance(x, jax.Array)]
     if (
-      step > start and not distributed.is_multiprocess() and not any(x.is_deleted() for x in arrays)
+      kept is not None
+      and step > start
+      and not distributed.is_multiprocess()
+      and not any(x.is_deleted() for x in arrays)
     ):
       try:
         if save(step, last=True):
@@ -1201,7 +1205,10 @@ def _train_loop(
       if step == start:
         startup_check()
         signals.training = True
-      kept, doing = (params, opt_state), f"step {step + 1}"
+      # Callbacks may replace the state (ReLoRA's merge): holding the old one through the
+      # step would cost a copy of it, and saving the new one as `step` would run them twice.
+      kept = (params, opt_state) if not hooks.before_step else None
+      doing = f"step {step + 1}"
       if profile is not None and not profiling and profile[0] <= step < profile[1]:
         jax.profiler.start_trace(os.path.join(cfg.out, "tb"))
         profiling = True
@@ -1313,7 +1320,8 @@ def _train_loop(
   except RuntimeError as e:
     if not errors.is_out_of_memory(e):
       raise
-    params, opt_state = kept
+    if kept is not None:
+      params, opt_state = kept
     raise OutOfMemory(out_of_memory(e)) from e
   except KeyboardInterrupt:  # a second signal, during a step
     if step == start:

@@ -113,10 +113,18 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
     train.train(_cfg(tmp_path, "gone", steps=6, save_every=2), log=_quiet)
   assert checkpoint.latest_step(str(tmp_path / "gone")) == 2
 
+  # A run whose callbacks may replace the state before each step keeps none to save.
+  identity = trainer.Hooks(before_step=[lambda step, p, o, writer: (p, o)])
+  monkeypatch.undo()
+  _out_of_memory_at(monkeypatch, 3)
+  with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; no checkpoint was saved in "):
+    train.train(_cfg(tmp_path, "hooked", steps=6), log=_quiet, hooks=identity)
+
   # ... and one whose save fails too (a full disk): both said, the newest checkpoint once.
   def no_room(mngr, step, *_):
     raise checkpoint.CheckpointWriteError(f"checkpoint {step} could not be written (full)")
 
+  monkeypatch.undo()
   monkeypatch.setattr(checkpoint, "save", no_room)
   _out_of_memory_at(monkeypatch, 2)
   with pytest.raises(trainer.OutOfMemory) as e:
