@@ -45,8 +45,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 # The environment variables that size JAX's GPU memory pool (the second is the newer name of
-# the first; JAX refuses both at once).
+# the first; JAX refuses both at once), and the share of the GPU it takes without them.
 MEMORY_FRACTION_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+JAX_DEFAULT_FRACTION = 0.75
 
 
 def memory_pool(devices) -> str:
@@ -69,7 +70,7 @@ def memory_pool(devices) -> str:
   said = f"JAX's memory pool on {device} holds {limit / 1e9:.2f} GB"
   if device.platform == "gpu" and not any(os.environ.get(v) for v in MEMORY_FRACTION_VARS):
     said += (
-      " (by default 75% of the GPU; XLA_PYTHON_CLIENT_MEM_FRACTION=.95 gives it 95%, with"
-      " nothing else on the GPU)"
+      f" (by default {JAX_DEFAULT_FRACTION:.0%} of the GPU; XLA_PYTHON_CLIENT_MEM_FRACTION=.95"
+      " gives it 95%, with nothing else on the GPU)"
     )
   return said

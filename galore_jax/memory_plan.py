@@ -87,6 +87,7 @@ import jax.numpy as jnp
 from galore_jax import config, sharding, steps, targets, trainer, xla_memory
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
+from galore_jax.errors import JAX_DEFAULT_FRACTION
 from galore_jax.tree import tree_bytes, tree_size
 
 GB = 1e9
@@ -527,11 +528,6 @@ def compile_estimate(
 
 def _fits(peak: int, gpu: int) -> bool:
   return peak <= gpu
-
-
-# JAX's GPU memory pool is this share of the device unless XLA_PYTHON_CLIENT_MEM_FRACTION
-# says otherwise (galore_jax.errors.MEMORY_FRACTION_VARS).
-JAX_DEFAULT_FRACTION = 0.75
 
 
 def memory_fraction(peak: int, gpu: int) -> float | None:

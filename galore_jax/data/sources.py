@@ -633,10 +633,14 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
   return sorted(data), sorted(other)
 
 
+def _is_glob(source: str) -> bool:
+  return any(c in source for c in "*?[")
+
+
 def _resolve_paths(source: str) -> list[Path]:
   """Expands a --data path / directory / glob into a sorted list of data files."""
   expanded = os.path.expanduser(source)
-  if any(c in expanded for c in "*?["):
+  if _is_glob(expanded):
     matches = sorted(Path(p) for p in globlib.glob(expanded, recursive=True))
     files = [p for p in matches if p.is_file()]
     if not files:
@@ -678,7 +682,7 @@ def unread_note(source: str | None, flag: str = "--data") -> str | None:
   if not source or source == "builtin" or source.startswith("tfds:"):
     return None
   p = Path(os.path.expanduser(source))
-  if any(c in str(p) for c in "*?[") or not p.is_dir():
+  if _is_glob(str(p)) or not p.is_dir():
     return None
   _, other = _walk(p)
   if not other:
