@@ -343,8 +343,6 @@ def _train_config(args):
 
 # Flags that belong to one invocation: a resume does not take them from the run.
 _PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "progress", "profile_steps")
-# Flags whose `store_false` form is the one named (--no-packing, ...).
-_NEGATED = ("packing", "per_layer_updates", "lowrank_accum")
 
 
 def _given_train_flags(argv: list[str]) -> set[str]:
@@ -365,7 +363,7 @@ def _with_the_runs_flags(cfg, given: set[str] | None):
   from galore_jax import checkpoint
   from galore_jax.config import TrainConfig
 
-  if not cfg.resume or given is None:
+  if not cfg.resume or given is None or not cfg.out:  # (no --out: the trainer says so)
     return cfg, None
   found = checkpoint.saved_train_config(cfg.out)
   if found is None:
@@ -381,12 +379,11 @@ def _with_the_runs_flags(cfg, given: set[str] | None):
   if not restored:
     return cfg, None
 
-  def flag(name: str, value) -> str:
-    if name in _NEGATED:
-      return f"--no-{name.replace('_', '-')}" if value is False else f"--{name} {value}"
-    if value is True:
-      return f"--{name.replace('_', '-')}"
-    return f"--{name.replace('_', '-')} {value}"
+  def flag(name: str, value) -> str:  # a switch by its form: --wandb, --no-packing
+    name = name.replace("_", "-")
+    if isinstance(value, bool):
+      return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
 
   said = ", ".join(flag(k, v) for k, v in restored.items())
   return cfg, (
