@@ -719,8 +719,9 @@ def cpu_fallback_note(devices, gpu_present: bool | None = None) -> str | None:
     return None
   return (
     "galore-jax: warning: training on the CPU, but this machine has an NVIDIA GPU: JAX could "
-    "not use it (see its warning above: a jax without CUDA, pip install 'galore-jax[cuda]'; or "
-    "the GPU's memory held by another process). JAX_PLATFORMS=cpu says the CPU is meant"
+    "not use it (see its warning above: a jax without CUDA, which pip install -U "
+    "'jax[cuda12]' (this package's [cuda] extra) adds; or the GPU's memory held by another "
+    "process). JAX_PLATFORMS=cpu says the CPU is meant"
   )
 
 
