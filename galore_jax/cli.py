@@ -205,6 +205,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="stop (saving a checkpoint) after this many steps in this invocation",
   )
   g.add_argument(
+    "--time-limit",
+    default=None,
+    metavar="DURATION",
+    help="stop with a checkpoint before this much time has passed since the start, e.g. "
+    "23h50m or 23:50:00 for a batch job of 24 hours (the next job continues with --resume)",
+  )
+  g.add_argument(
     "--save-every",
     type=int,
     default=d.save_every,
@@ -342,7 +349,9 @@ def _train_config(args):
 
 
 # Flags that belong to one invocation: a resume does not take them from the run.
-_PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "progress", "profile_steps")
+_PER_INVOCATION = (
+  "resume", "overwrite", "stop_after", "out", "progress", "profile_steps", "time_limit",
+)  # fmt: skip
 
 
 def _given_train_flags(argv: list[str]) -> set[str]:

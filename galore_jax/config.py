@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,9 @@ class TrainConfig:
   progress: bool = True
   peak_tflops: float | None = None  # per device, for mfu; None: known GPUs' datasheet peak
   profile_steps: str | None = None  # "A:B": a jax.profiler trace of steps A+1..B
+  # "23h50m" or "23:50:00": stop with a checkpoint before this much time has passed (a
+  # batch job's wall-clock limit); measured from the start of train().
+  time_limit: str | None = None
   wandb: bool = False  # also log to Weights & Biases (the `wandb` extra)
 
   @property
@@ -176,6 +180,41 @@ def parse_profile_steps(spec: str | None, steps: int) -> tuple[int, int] | None:
   if b_i > steps:
     raise ConfigError("--profile-steps", f"B must be <= --steps {steps}, got {spec!r}")
   return a_i, b_i
+
+
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(spec: str | None) -> float | None:
+  """``--time-limit``: ``"23h50m"``, ``"90m"``, ``"1d"``, ``"45s"`` (units d, h, m, s, in
+  that order) or SLURM's ``"HH:MM:SS"`` / ``"D-HH:MM:SS"`` -> seconds. A bare number is
+  refused: minutes or seconds would be a guess."""
+  if spec is None:
+    return None
+  text = spec.strip().lower()
+  why = f"expected a duration such as 23h50m, 90m or 23:50:00, got {spec!r}"
+  if ":" in text:
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+      raise ConfigError("--time-limit", why)
+    if days and not days.isdigit():
+      raise ConfigError("--time-limit", why)
+    h, m, sec = ([0] * (3 - len(parts))) + [int(p) for p in parts]
+    seconds = (int(days or 0) * 24 + h) * 3600 + m * 60 + sec
+  else:
+    found = re.fullmatch(
+      r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?"
+      r"(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?",
+      text,
+    )
+    if not text or found is None:
+      raise ConfigError("--time-limit", why)
+    amounts = zip(found.groups(), "dhms", strict=True)
+    seconds = sum(float(v or 0) * _DURATION_UNITS[unit] for v, unit in amounts)
+  if not seconds > 0:
+    raise ConfigError("--time-limit", f"must be more than 0, got {spec!r}")
+  return float(seconds)
 
 
 def base_model_config(cfg: TrainConfig, hf_config: dict | None = None) -> model_lib.LlamaConfig:
@@ -306,6 +345,7 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.resume and cfg.overwrite:
     raise ConfigError("--overwrite", "cannot be combined with --resume")
   parse_profile_steps(cfg.profile_steps, cfg.steps)
+  parse_duration(cfg.time_limit)
   if cfg.wandb:
     try:
       import wandb  # noqa: F401

@@ -41,6 +41,7 @@ from galore_jax.config import (
   build_optimizer,
   lr_schedule,
   model_config,
+  parse_duration,
   parse_profile_steps,
   resume_changes,
   validate,
@@ -664,6 +665,11 @@ class TrainingInterrupted(Exception):
     self.signum, self.step = signum, step
 
 
+# What a process past --time-limit asks the others for (distributed.agree_signal), beside
+# the numbers of the signals.
+TIME_UP = -1
+
+
 class OutOfMemory(RuntimeError):
   """The device ran out of memory during the run; the message says what was saved and what
   to change. The CLI exits 1."""
@@ -1100,7 +1106,7 @@ def _train_loop(
     perhaps after the user has made room. The ``last`` save of a run, or any in a
     multi-process job (whose saves are collective), raises ``CheckpointWriteError`` instead.
     """
-    nonlocal saved_at, mngr
+    nonlocal saved_at, mngr, last_save_s
     if consecutive_bad:
       return False
     if saved_at != at:  # a signal at a save step: already on disk
@@ -1120,7 +1126,7 @@ def _train_loop(
           )
           return False
       saved_at = at
-      took = time.perf_counter() - t_save
+      took = last_save_s = time.perf_counter() - t_save
       writer.write({"step": at, "save_s": took})
       if not last and (note := save_cost_note(at, took)):
         log(note)
@@ -1128,6 +1134,17 @@ def _train_loop(
 
   step_times: collections.deque[float] = collections.deque(maxlen=100)  # this session's
   advised = False
+  last_save_s = 0.0
+  time_limit = parse_duration(cfg.time_limit)
+
+  def out_of_time(step_s: float) -> bool:
+    """Whether another step and its save might not end within ``--time-limit``: the time
+    left is less than the longest of the recent steps (refresh steps included) plus the
+    last save's duration."""
+    if time_limit is None:
+      return False
+    margin = max(step_times, default=step_s) + last_save_s
+    return time.perf_counter() - t_start + margin >= time_limit
 
   def save_cost_note(at: int, took: float) -> str | None:
     """Once a run: a note when writing checkpoints takes more than 10% of its time (saves
@@ -1305,8 +1322,23 @@ def _train_loop(
         save(step, last=step == end)
       for callback in hooks.after_step:
         callback(step, m)
-      # Multi-process: a signal to any process stops all after this step (saving is collective).
-      if (stop := distributed.agree_signal(signals.received)) is not None:
+      # Multi-process: a signal to any process stops all after this step (saving is
+      # collective), and so does the first process past --time-limit.
+      ask = signals.received or (TIME_UP if step < end and out_of_time(step_s) else None)
+      stop = distributed.agree_signal(ask)
+      if stop == TIME_UP:
+        saved = save(step, last=True)
+        log(
+          f"stopped at the time limit (--time-limit) after step {step} of {cfg.steps}; "
+          + (
+            f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
+            if saved
+            else f"not saved (the last {consecutive_bad} steps were not finite); "
+            + newest_checkpoint()
+          )
+        )
+        break
+      if stop is not None:
         try:
           saved = save(step, last=True)
         except checkpoint.CheckpointWriteError as e:

@@ -96,6 +96,7 @@ class Job:
     n: int = 2,
     command: str = "train",
     cwds: list[Path] | None = None,
+    extra: list[list[str]] | None = None,
   ):
     port = _free_port()
     self.logs = [tmp / f"{name}.{i}.log" for i in range(n)]
@@ -103,7 +104,7 @@ class Job:
     for i in range(n):
       cmd = [sys.executable, "-m", "galore_jax.cli", command, *args]
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
-      cmd += ["--process-id", str(i), "--init-timeout", "120"]
+      cmd += ["--process-id", str(i), "--init-timeout", "120", *(extra[i] if extra else [])]
       with open(self.logs[i], "w") as log:
         self.procs.append(
           subprocess.Popen(
@@ -288,6 +289,25 @@ def test_sigterm_to_one_process_stops_all(runs):
   assert step is not None and step >= 10
   assert f"interrupted by SIGTERM at step {step}" in job.output(0)
   assert f"interrupted by SIGTERM at step {step}" in job.output(1)
+  assert sorted(_losses(out)) == list(range(1, step + 1))
+
+
+def test_a_time_limit_one_process_reaches_stops_all_after_the_same_step(tmp_path, tiny_model, runs):
+  # A batch job's wall-clock limit (--time-limit): process 1 alone is given one here (the
+  # processes of a real job start at slightly different times), and both stop after the
+  # same step, save it together and exit 0. (`runs`: the step is compiled in the cache.)
+  out = tmp_path / "timed"
+  job = Job(
+    tmp_path,
+    "timed",
+    ["--out", str(out), *_flags(init_from=tiny_model)],
+    extra=[[], ["--time-limit", "1s"]],
+  )
+  codes = job.wait()
+  assert codes == [0, 0], job.output(0) + job.output(1)
+  step = checkpoint.latest_step(str(out))
+  assert step is not None and step < RUN["steps"]
+  assert f"stopped at the time limit (--time-limit) after step {step} of " in job.output(0)
   assert sorted(_losses(out)) == list(range(1, step + 1))
 
 

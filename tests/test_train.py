@@ -250,6 +250,32 @@ def test_a_run_whose_saves_take_much_of_its_time_says_so_once(tmp_path, monkeypa
   assert [trainer._round_up(x) for x in (0.3, 1, 1.5, 3, 7, 11, 4900)] == [1, 1, 2, 5, 10, 20, 5000]
 
 
+def test_a_time_limit_stops_with_a_checkpoint_and_the_resume_continues_exactly(
+  tmp_path, straight_run
+):
+  # A batch job's wall-clock limit: the run stops with a checkpoint while another step and
+  # its save still fit (here, at once: the first step's compile alone takes longer).
+  logged = []
+  first = train.train(_cfg(tmp_path, "timed", steps=6, time_limit="1s"), log=logged.append)
+  assert first["step"] == 1 and checkpoint.latest_step(str(tmp_path / "timed")) == 1
+  assert (
+    "stopped at the time limit (--time-limit) after step 1 of 6; checkpoint saved in "
+    f"{tmp_path / 'timed' / 'checkpoints'}/1; continue with --resume"
+  ) in logged
+  rest = train.train(_cfg(tmp_path, "timed", steps=6, resume=True), log=_quiet)
+  np.testing.assert_allclose(first["losses"] + rest["losses"], straight_run["losses"], rtol=1e-6)
+
+
+def test_time_limits_are_durations_with_units():
+  seconds = {"23h50m": 85800, "90m": 5400, "1d": 86400, "1.5h": 5400, "45s": 45}
+  seconds |= {"23:50:00": 85800, "10:00": 600, "1-00:00:00": 86400, "2h30m15s": 9015}
+  for spec, want in seconds.items():
+    assert config.parse_duration(spec) == want, spec
+  for bad in ("90", "", "h", "5m3h", "1:2:3:4", "x-1:00", "0s"):
+    with pytest.raises(config.ConfigError, match="^--time-limit: "):
+      config.parse_duration(bad)
+
+
 def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
   # A library caller's worker thread (a web app, an orchestrator): Python allows signal
   # handlers only in the main thread, and train() installing them raised ValueError there
