@@ -1134,16 +1134,18 @@ def _train_loop(
 
   step_times: collections.deque[float] = collections.deque(maxlen=100)  # this session's
   advised = False
-  last_save_s = 0.0
+  last_save_s = last_eval_s = 0.0
   time_limit = parse_duration(cfg.time_limit)
 
   def out_of_time(step_s: float) -> bool:
     """Whether another step and its save might not end within ``--time-limit``: the time
     left is less than the longest of the recent steps (refresh steps included) plus the
-    last save's duration."""
+    last save's duration, and the last evaluation's where the next step evaluates."""
     if time_limit is None:
       return False
     margin = max(step_times, default=step_s) + last_save_s
+    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+      margin += last_eval_s
     return time.perf_counter() - t_start + margin >= time_limit
 
   def save_cost_note(at: int, took: float) -> str | None:
@@ -1304,12 +1306,12 @@ def _train_loop(
           "Lower --lr or enable --grad-clip."
         )
       if step % cfg.eval_every == 0 or step == cfg.steps:
-        doing = f"the evaluation at step {step}"
+        doing, t_eval = f"the evaluation at step {step}", time.perf_counter()
         if hooks.evaluate is None:
           last_eval = evaluate(run, params, val_batches, eval_fn)
         else:  # the hook's own batches: their number is not the run's --eval-batches
           last_eval = hooks.evaluate(run, params, eval_fn)
-        doing = f"the end of step {step}"
+        doing, last_eval_s = f"the end of step {step}", time.perf_counter() - t_eval
         writer.write(
           {"step": step, "eval_loss": last_eval[0], "eval_ppl": last_eval[1], **eval_count}
         )
