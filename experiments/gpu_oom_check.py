@@ -6,7 +6,8 @@ whether XLA's GPU runtime does so is what this measures (CPU tests inject the er
 
 A run of `--model` (default llama_130m, bf16) under a small memory pool
 (XLA_PYTHON_CLIENT_MEM_FRACTION, `--fraction`) fills the pool before step `--at + 1`
-(a `Hooks.before_step` callback allocates what the pool has left), so that step's
+(a `Hooks.after_step` callback allocates what the pool has left after step `--at`:
+callbacks before a step may replace the state, and train then saves none), so that step's
 temporaries cannot be allocated. Reported in `--json`: the error's message, whether step
 `--at` was saved, and whether the same run then resumes from it to `--steps`.
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
   )
   hog = []
 
-  def fill_the_pool(step, params, opt_state, writer):
+  def fill_the_pool(step, metrics):
     """Holds what the pool has left, in chunks of 256 MB down to 1 MB (a fragmented pool
     has no single free block of its whole room), so that the next step cannot allocate."""
     if step == args.at and not hog and not args.cpu_smoke:
@@ -147,7 +148,6 @@ def main(argv=None) -> int:
           except Exception:  # noqa: BLE001 - the pool is full at this size
             break
       result["filled_bytes"] = sum(x.nbytes for x in hog)
-    return params, opt_state
 
   patched = None
   if args.cpu_smoke:  # no pool to fill: the step fails as XLA's allocator does
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
       return step
 
     trainer.cached_train_step = failing
-  hooks = trainer.Hooks(data=(sp, train_ds, val), before_step=[fill_the_pool])
+  hooks = trainer.Hooks(data=(sp, train_ds, val), after_step=[fill_the_pool])
   t0 = time.perf_counter()
   try:
     trainer.train(cfg, log=print, hooks=hooks)
