@@ -150,7 +150,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     default=None,
     metavar="SOURCE",
     help="a held-out source (as --data) to evaluate on during training, all of it (up to "
-    "--eval-batches batches); default: the documents held out of --data",
+    "--eval-batches batches); default (or none, to turn back a resumed run's): the "
+    "documents held out of --data",
   )
   g.add_argument(
     "--tokenizer",
@@ -345,7 +346,10 @@ def _train_config(args):
   fields = {f.name for f in dataclasses.fields(TrainConfig)} - (
     {"model"} if args.model is None else set()
   )
-  return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  values = {k: v for k, v in vars(args).items() if k in fields}
+  if values.get("eval_data") == "none":  # a resume's way back to the held-out documents
+    values["eval_data"] = None
+  return TrainConfig(**values)
 
 
 # Flags that belong to one invocation: a resume does not take them from the run.

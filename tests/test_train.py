@@ -1141,11 +1141,15 @@ def test_a_resume_names_the_switches_it_takes_from_the_run(tmp_path):
     "--mesh data=2, --no-per-layer-updates, --wandb; a flag given here overrides its value"
   )
   assert cfg.stop_after is None and cfg.resume is True  # the invocation's own
+  saved.update(eval_data="/held_out.jsonl")
+  (step / "metadata").write_text(json.dumps({"train_config": saved}))
   cfg, note = resume("--no-wandb", "--per-layer-updates", "--model", "llama_60m")
+  assert cfg.eval_data == "/held_out.jsonl"
   assert not cfg.wandb and cfg.per_layer_updates and cfg.init_from is None
   assert cfg.model == "llama_60m" and note.endswith(
-    ": --mesh data=2; a flag given here overrides its value"
+    ": --eval-data /held_out.jsonl, --mesh data=2; a flag given here overrides its value"
   )
+  assert resume("--eval-data", "none")[0].eval_data is None  # back to the held-out documents
 
 
 def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
