@@ -67,17 +67,23 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+def finished_steps(ckpt_dir: str) -> list[int]:
+  """The steps of the committed checkpoints in ``ckpt_dir``, newest first, read from the
+  directory alone (no orbax, no JAX: usable before a multi-process job has joined, or
+  after one of its processes is gone). Orbax commits a step by renaming its directory to
+  the bare number; unfinished saves carry a suffix."""
+  try:
+    return sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True)
+  except OSError:
+    return []
+
+
 def saved_train_config(out: str) -> tuple[int, dict[str, Any]] | None:
   """``(step, train_config)`` of the newest checkpoint in run directory ``out`` whose
-  metadata reads, or None: read from the files alone, without orbax or JAX, so that
-  ``train --resume`` can take the run's flags before a multi-process job has joined.
-  (Orbax commits a step by renaming its directory to the bare number.)"""
+  metadata reads, or None (:func:`finished_steps`), so that ``train --resume`` can take
+  the run's flags before a multi-process job has joined."""
   ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
-  try:
-    steps = sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True)
-  except OSError:
-    return None
-  for step in steps:
+  for step in finished_steps(ckpt_dir):
     try:
       with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
         config = json.load(f).get("train_config")

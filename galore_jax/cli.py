@@ -411,11 +411,10 @@ def _resume_hint(out: str) -> str:
   from galore_jax import checkpoint
 
   ckpt_dir = checkpoint.checkpoint_dir(out)
-  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-  steps = [int(n) for n in names if n.isdigit()]  # unfinished saves carry a suffix
+  steps = checkpoint.finished_steps(ckpt_dir)
   if not steps:
     return f"no checkpoint was saved in {ckpt_dir}"
-  return f"the newest checkpoint is {ckpt_dir}/{max(steps)}; start every process with --resume"
+  return f"the newest checkpoint is {ckpt_dir}/{steps[0]}; start every process with --resume"
 
 
 def _join_job(args) -> None:

@@ -1044,14 +1044,11 @@ def _train_loop(
     saves = (
       end // cfg.save_every - start // cfg.save_every + (end > start and end % cfg.save_every > 0)
     )
-    kept_now = (
-      sum(name.isdigit() for name in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else 0
-    )
     if note := checkpoint_room_note(
       ckpt_dir,
       tree_bytes((run.abstract_params, run.abstract_opt)),
       keep=cfg.keep_checkpoints,
-      existing=kept_now,
+      existing=len(checkpoint.finished_steps(ckpt_dir)),
       saves=saves,
     ):
       log(note)
