@@ -1409,12 +1409,14 @@ def _run_command(argv: list[str]) -> int:
       raise
     import jax
 
+    from galore_jax import metrics
+
     hint = (
-      "`galore-jax plan` with the same flags predicts the peak and what would shrink it"
+      errors.PLAN_HINT
       if args.command == "train"  # out of memory before its first step: placing the state
       else "a smaller --batch-size, or --mesh fsdp=N over several devices, lowers the peak"
     )
-    pool = errors.memory_pool(jax.local_devices())
+    pool = metrics.memory_pool(jax.local_devices())
     print(
       f"galore-jax: error: the device ran out of memory ({errors.first_line(e)}); {hint}"
       + (f"; {pool}" if pool else ""),

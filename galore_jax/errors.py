@@ -44,33 +44,5 @@ def is_out_of_memory(error: BaseException) -> bool:
   return isinstance(error, RuntimeError) and str(error).lstrip().startswith("RESOURCE_EXHAUSTED")
 
 
-# The environment variables that size JAX's GPU memory pool (the second is the newer name of
-# the first; JAX refuses both at once), and the share of the GPU it takes without them.
-MEMORY_FRACTION_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
-JAX_DEFAULT_FRACTION = 0.75
-
-
-def memory_pool(devices) -> str:
-  """What bounds the devices' memory, for an out-of-memory message: the size of JAX's pool
-  where the backend reports it (GPUs: by default a fixed share of the device, 75 %), and
-  how to give it more when no fraction was set. Empty where nothing is known (CPU)."""
-  import os
-
-  limits = []
-  for d in devices:
-    try:
-      limit = (d.memory_stats() or {}).get("bytes_limit")
-    except Exception:  # noqa: BLE001 - a backend without the query
-      limit = None
-    if limit:
-      limits.append((int(limit), d))
-  if not limits:
-    return ""
-  limit, device = min(limits, key=lambda x: x[0])
-  said = f"JAX's memory pool on {device} holds {limit / 1e9:.2f} GB"
-  if device.platform == "gpu" and not any(os.environ.get(v) for v in MEMORY_FRACTION_VARS):
-    said += (
-      f" (by default {JAX_DEFAULT_FRACTION:.0%} of the GPU; XLA_PYTHON_CLIENT_MEM_FRACTION=.95"
-      " gives it 95%, with nothing else on the GPU)"
-    )
-  return said
+# What an out-of-memory message before training (or in its first step) points to.
+PLAN_HINT = "`galore-jax plan` with the same flags predicts the peak and what would shrink it"

@@ -87,7 +87,7 @@ import jax.numpy as jnp
 from galore_jax import config, sharding, steps, targets, trainer, xla_memory
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
-from galore_jax.errors import JAX_DEFAULT_FRACTION
+from galore_jax.metrics import JAX_DEFAULT_FRACTION
 from galore_jax.tree import tree_bytes, tree_size
 
 GB = 1e9

@@ -233,19 +233,51 @@ def mfu(n_params: int, tokens_per_s: float, peak_tflops: float | None, n_devices
   return 6.0 * n_params * tokens_per_s / (peak_tflops * 1e12 * n_devices)
 
 
+def _memory_stats(device) -> dict:
+  """``Device.memory_stats()`` where the backend reports them (GPUs and TPUs), else {}."""
+  try:
+    return device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - a backend without the query
+    return {}
+
+
 def device_memory(devices) -> dict[str, int | None]:
   """``peak_bytes`` and ``bytes_in_use``, the largest over ``devices``, where the backend
   reports them (``Device.memory_stats()``: GPUs and TPUs; None on CPU)."""
   out: dict[str, int | None] = {"peak_bytes": None, "bytes_in_use": None}
   for d in devices:
-    try:
-      stats = d.memory_stats() or {}
-    except Exception:  # noqa: BLE001 - a backend without the query
-      stats = {}
+    stats = _memory_stats(d)
     for key, name in (("peak_bytes", "peak_bytes_in_use"), ("bytes_in_use", "bytes_in_use")):
       if name in stats:
         out[key] = max(out[key] or 0, int(stats[name]))
   return out
+
+
+# The environment variables that size JAX's GPU memory pool (the second is the newer name of
+# the first; JAX refuses both at once), and the share of the GPU it takes without them.
+MEMORY_FRACTION_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+JAX_DEFAULT_FRACTION = 0.75
+
+
+def memory_pool(devices) -> str:
+  """What bounds the devices' memory, for an out-of-memory message: the size of JAX's pool
+  where the backend reports it (GPUs: by default a fixed share of the device, 75 %), and
+  how to give it more when no fraction was set. Empty where nothing is known (CPU)."""
+  limits = [
+    (int(stats["bytes_limit"]), d)
+    for d in devices
+    if (stats := _memory_stats(d)).get("bytes_limit")
+  ]
+  if not limits:
+    return ""
+  limit, device = min(limits, key=lambda x: x[0])
+  said = f"JAX's memory pool on {device} holds {limit / 1e9:.2f} GB"
+  if device.platform == "gpu" and not any(os.environ.get(v) for v in MEMORY_FRACTION_VARS):
+    said += (
+      f" (by default {JAX_DEFAULT_FRACTION:.0%} of the GPU; XLA_PYTHON_CLIENT_MEM_FRACTION=.95"
+      " gives it 95%, with nothing else on the GPU)"
+    )
+  return said
 
 
 # JAX's monitoring events of a compilation: tracing, lowering to StableHLO, XLA compiling

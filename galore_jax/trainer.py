@@ -1187,13 +1187,12 @@ def _train_loop(
         )
     if step == start:  # nothing trained yet: any flag may change
       hints = [
-        "`galore-jax plan` with the same flags predicts the peak and what would shrink it"
-        " (a smaller --batch-size with a larger --grad-accum, --remat full, 8-bit states,"
-        " bfloat16 weights)"
+        f"{errors.PLAN_HINT} (a smaller --batch-size with a larger --grad-accum, --remat full,"
+        " 8-bit states, bfloat16 weights)"
       ]
     else:  # a resume keeps the batch shape
       hints = ["--remat full (which a resume may add) lowers the peak"] * (cfg.remat != "full")
-    if pool := errors.memory_pool(local_devices):
+    if pool := metrics.memory_pool(local_devices):
       hints.append(pool)
     said = f"the device ran out of memory in {doing} ({errors.first_line(e)}); {where}"
     return said + (f". {'; '.join(hints)}" if hints else "")

@@ -182,15 +182,15 @@ def test_an_out_of_memory_message_gives_the_gpu_pool_and_how_to_grow_it(monkeypa
     def __str__(self):
       return "cuda:0"
 
-  for name in errors.MEMORY_FRACTION_VARS:
+  for name in metrics.MEMORY_FRACTION_VARS:
     monkeypatch.delenv(name, raising=False)
-  assert errors.memory_pool([Gpu()]) == (
+  assert metrics.memory_pool([Gpu()]) == (
     "JAX's memory pool on cuda:0 holds 18.00 GB (by default 75% of the GPU; "
     "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 gives it 95%, with nothing else on the GPU)"
   )
   monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", ".9")  # the user's own choice: not advised
-  assert errors.memory_pool([Gpu()]) == "JAX's memory pool on cuda:0 holds 18.00 GB"
-  assert errors.memory_pool(jax.devices("cpu")) == ""  # no pool to speak of
+  assert metrics.memory_pool([Gpu()]) == "JAX's memory pool on cuda:0 holds 18.00 GB"
+  assert metrics.memory_pool(jax.devices("cpu")) == ""  # no pool to speak of
   assert errors.is_out_of_memory(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: x"))
   assert not errors.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: RESOURCE_EXHAUSTED"))
 
