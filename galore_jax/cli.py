@@ -937,10 +937,11 @@ def _cmd_cache(args) -> int:
     raise ConfigError("--compile-cache", str(e)) from e
   entries, hashes = cache.token_entries(), {}
   stale = {e: cache.stale_reason(e, hashes) for e in entries}
+  stale_entries = [e for e in entries if stale[e]]
   tokens_dir = cache.sources.cache_dir() / "tokens"
   if args.remove in ("stale", "tokens", "all"):
     if args.remove == "stale":
-      chosen = [e for e in entries if stale[e]]
+      chosen = stale_entries
     else:
       chosen = cache.token_entries(locks=True)
       cache.clear_hash_records()
@@ -960,11 +961,14 @@ def _cmd_cache(args) -> int:
   if args.remove is not None:
     return 0
 
-  n_stale = [e for e in entries if stale[e]]
   print(
     f"token cache {tokens_dir}: {_count(len(entries), 'entry')}, "
     f"{fmt_bytes(sum(e.size for e in entries))}"
-    + (f"; {len(n_stale)} stale, {fmt_bytes(sum(e.size for e in n_stale))}" if n_stale else "")
+    + (
+      f"; {len(stale_entries)} stale, {fmt_bytes(sum(e.size for e in stale_entries))}"
+      if stale_entries
+      else ""
+    )
   )
   for e in entries:
     used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)) if e.used else ""
@@ -1398,10 +1402,7 @@ def _run_command(argv: list[str]) -> int:
   except TrainingDiverged as e:
     print(f"galore-jax: error: training diverged: {e}", file=sys.stderr)
     return 1
-  except CheckpointWriteError as e:
-    print(f"galore-jax: error: {e}", file=sys.stderr)
-    return 1
-  except OutOfMemory as e:
+  except (CheckpointWriteError, OutOfMemory) as e:
     print(f"galore-jax: error: {e}", file=sys.stderr)
     return 1
   except RuntimeError as e:  # eval, sample, export: XLA's error is a long traceback

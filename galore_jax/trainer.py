@@ -1323,23 +1323,12 @@ def _train_loop(
       # Multi-process: a signal to any process stops all after this step (saving is
       # collective), and so does the first process past --time-limit.
       ask = signals.received or (TIME_UP if step < end and out_of_time(step_s) else None)
-      stop = distributed.agree_signal(ask)
-      if stop == TIME_UP:
-        saved = save(step, last=True)
-        log(
-          f"stopped at the time limit (--time-limit) after step {step} of {cfg.steps}; "
-          + (
-            f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
-            if saved
-            else f"not saved (the last {consecutive_bad} steps were not finite); "
-            + newest_checkpoint()
-          )
-        )
-        break
-      if stop is not None:
+      if (stop := distributed.agree_signal(ask)) is not None:
         try:
           saved = save(step, last=True)
         except checkpoint.CheckpointWriteError as e:
+          if stop == TIME_UP:
+            raise
           raise TrainingInterrupted(stop, step, f"not saved: {e}") from None
         if saved:
           why = f"checkpoint saved in {ckpt_dir}/{step}; continue with --resume"
@@ -1347,7 +1336,10 @@ def _train_loop(
           why = (
             f"not saved (the last {consecutive_bad} steps were not finite); " + newest_checkpoint()
           )
-        raise TrainingInterrupted(stop, step, why)
+        if stop != TIME_UP:
+          raise TrainingInterrupted(stop, step, why)
+        log(f"stopped at the time limit (--time-limit) after step {step} of {cfg.steps}; {why}")
+        break
   except RuntimeError as e:
     if not errors.is_out_of_memory(e):
       raise
