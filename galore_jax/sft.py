@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from galore_jax import data
-from galore_jax.data import sources
+from galore_jax.data import batching, sources
 
 
 def _kind(record: Any) -> str | None:
@@ -453,12 +453,12 @@ def split_index(
       *(f"{f.resolve()}:{sources._sha256_file(f)}" for f in files),
       sources._tokenizer_hash(tok),
     ]
-  if split == "all":  # eval of a held-out set of the user's own: every example
-    examples = _joined_examples(
-      [cached_examples(config.source, s, tok, files, key_parts, progress) for s in data.SPLITS]
-    )
-  else:
-    examples = cached_examples(config.source, split, tok, files, key_parts, progress)
+  # "all": eval of a held-out set of the user's own, every example.
+  examples = batching._of_split(
+    split,
+    lambda s: cached_examples(config.source, s, tok, files, key_parts, progress),
+    _joined_examples,
+  )
   n = len(examples)
   n_tok = int(examples.starts[-1])
   B, L = config.batch_size, config.seq_len

@@ -25,6 +25,7 @@ from galore_jax.data.corpus import (
   CORPUS_DIR,
   CORPUS_FILES,
   DATA_FORMAT_VERSION,
+  SPLITS,
   _check_split,
   builtin_documents,
 )
@@ -38,6 +39,7 @@ from galore_jax.data.sources import (
   _TokenDocs,
   _tokenize_docs,
   _tokenizer_hash,
+  is_path_source,
   joined_docs,
   load_tokenizer,
   path_tokens,
@@ -330,13 +332,13 @@ def held_out_split(source: str) -> str:
   """What of ``source`` to evaluate when it is a held-out set (``train --eval-data``, or
   ``eval --data`` of a source the run did not train on): all of a path source; the
   validation split of the bundled corpus or of a TFDS dataset, which have one."""
-  source = source.strip()
-  return "validation" if source == "builtin" or source.startswith("tfds:") else "all"
+  return "all" if is_path_source(source) else "validation"
 
 
-def _of_split(split: str, of):
-  """``of(split)``, or for ``"all"`` both splits' documents one after the other."""
-  return of(split) if split != "all" else joined_docs([of("train"), of("validation")])
+def _of_split(split: str, of, join=joined_docs):
+  """``of(split)``, or for ``"all"`` both splits' documents (or examples, with their
+  ``join``) one after the other."""
+  return of(split) if split != "all" else join([of(s) for s in SPLITS])
 
 
 def _split_index(

@@ -633,6 +633,14 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
   return sorted(data), sorted(other)
 
 
+def is_path_source(source: str) -> bool:
+  """Whether ``--data source`` names files (a path, directory or glob), not the bundled
+  corpus or a TFDS dataset. (``config.absolute_source`` keeps its own test: the config
+  module must not import the data pipeline, which needs grain.)"""
+  source = source.strip()
+  return source != "builtin" and not source.startswith("tfds:")
+
+
 def _is_glob(source: str) -> bool:
   return any(c in source for c in "*?[")
 
@@ -679,7 +687,7 @@ def unread_note(source: str | None, flag: str = "--data") -> str | None:
   """A note naming the files a directory source holds but does not read (of no data
   format, or markdown), or None: a directory of `.md` documents beside one `.txt` file
   would otherwise train on that one file, unnoticed."""
-  if not source or source == "builtin" or source.startswith("tfds:"):
+  if not source or not is_path_source(source):
     return None
   p = Path(os.path.expanduser(source))
   if _is_glob(str(p)) or not p.is_dir():
