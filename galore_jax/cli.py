@@ -45,9 +45,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument(
     "--init-from",
     default=None,
-    metavar="DIR",
-    help="Hugging Face model directory (config.json + safetensors) to fine-tune; "
-    "instead of --model; its tokenizer is the default",
+    metavar="DIR|ORG/NAME",
+    help="Hugging Face model directory (config.json + safetensors) or Hub id (fetched into "
+    "the Hugging Face cache) to fine-tune; instead of --model; its tokenizer is the default",
   )
   g.add_argument(
     "--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default %(default)s)"
@@ -157,7 +157,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "--tokenizer",
     default=None,
     metavar="PATH",
-    help="SentencePiece .model or tokenizer.json (default: --init-from's, else bundled)",
+    help="SentencePiece .model, tokenizer.json, a model directory or Hub id (default: "
+    "--init-from's, else bundled)",
   )
   g.add_argument(
     "--no-packing",
@@ -487,6 +488,23 @@ def _add_inference_dtype_flags(p) -> None:
   )
 
 
+def _local_hub_args(args, **needs: str) -> None:
+  """The flags named (``checkpoint="model"``, ...) that give a Hugging Face Hub id
+  (:mod:`galore_jax.hub`) become the cache directory holding what they read, fetched if it
+  is not there yet; each says so in one line."""
+  from galore_jax import distributed, hub
+
+  def say(line: str) -> None:
+    if distributed.is_primary():  # one line per job
+      print(line, file=sys.stderr)
+
+  for name, need in needs.items():
+    value = getattr(args, name)
+    if value:
+      flag = "--" + name.replace("_", "-")
+      setattr(args, name, hub.local_dir(value, flag=flag, need=need, log=say))
+
+
 def _load_for_inference(args, before_restore):
   """``eval`` / ``sample``: the model ``--checkpoint`` names, with their shared flags;
   ``before_restore(run, tokenizer, step)`` checks the others before any weight is read."""
@@ -511,6 +529,7 @@ def _cmd_eval(args) -> int:
       raise ConfigError(flag, f"must be >= 1, got {value}")
   n_batches = _eval_batches_flag(args.eval_batches)
   _join_job(args)
+  _local_hub_args(args, checkpoint="model", tokenizer="tokenizer")
   prepared = {}
 
   def check_flags_and_read_data(run, _tok, _step):  # before the weights: a bad flag fails
@@ -674,6 +693,7 @@ def _cmd_sample(args) -> int:
     raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
   if args.out is not None and args.prompts is None:
     raise ConfigError("--out", "needs --prompts (a --prompt reply streams to the terminal)")
+  _local_hub_args(args, checkpoint="model", tokenizer="tokenizer")
 
   records = (
     [_Prompt({"prompt": args.prompt}, args.prompt, None)]
@@ -844,6 +864,7 @@ def _cmd_export(args) -> int:
     raise ConfigError("--out", f"{args.out} exists and is not a directory")
   if os.path.isdir(out) and os.listdir(out):
     raise ConfigError("--out", f"{args.out} exists and is not empty")
+  _local_hub_args(args, checkpoint="model", tokenizer="tokenizer")
   from galore_jax import sft
 
   run, params, sp, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
@@ -909,6 +930,7 @@ def _cmd_plan(args) -> int:
     _host_devices(data_n * fsdp_n)
   if args.init_from and args.vocab_size is not None:
     raise ConfigError("--vocab-size", "the vocabulary is --init-from's (its config.json)")
+  _local_hub_args(args, init_from="config")
   cfg = _train_config(args)
   result = plan.plan(
     cfg,
@@ -1024,7 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--checkpoint",
     required=True,
     help="run directory, its checkpoints/ or checkpoints/STEP, or a Hugging Face model "
-    "directory (the model before training)",
+    "directory or Hub id (the model before training)",
   )
   p.add_argument(
     "--data",
@@ -1141,9 +1163,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--init-from",
     default=None,
-    metavar="DIR",
-    help="plan for a Hugging Face model directory's architecture (its config.json; no "
-    "weights are read) instead of --model",
+    metavar="DIR|ORG/NAME",
+    help="plan for a Hugging Face model directory's or Hub id's architecture (its "
+    "config.json; no weights are read or fetched) instead of --model",
   )
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="as for train")
   p.add_argument(

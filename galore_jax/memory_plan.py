@@ -84,7 +84,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from galore_jax import config, sharding, steps, targets, trainer, xla_memory
+from galore_jax import config, hub, sharding, steps, targets, trainer, xla_memory
 from galore_jax import model as model_lib
 from galore_jax import optimizer as galore
 from galore_jax.metrics import JAX_DEFAULT_FRACTION
@@ -637,7 +637,7 @@ def plan(
   n_params = tree_size(p.params)
   result: dict[str, Any] = {
     "config": {
-      "model": cfg.init_from or cfg.model,
+      "model": hub.describe(cfg.init_from) if cfg.init_from else cfg.model,
       "optimizer": cfg.optimizer,
       "rank": cfg.rank if cfg.is_galore else None,
       "batch_size": cfg.batch_size,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from galore_jax import checkpoint, distributed
+from galore_jax import checkpoint, distributed, hub
 from galore_jax.config import DTYPES, ConfigError, TrainConfig, check_mesh
 from galore_jax.trainer import Run, setup, tokenizer_hash
 
@@ -152,7 +152,11 @@ def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=Non
       f"the run's weights are {cfg.param_dtype} (its --param-dtype); they load as trained",
     )
   cfg = dataclasses.replace(
-    cfg, mesh=mesh, tokenizer=tokenizer or cfg.tokenizer, dtype=dtype or cfg.dtype
+    cfg,
+    mesh=mesh,
+    # A Hub id the run recorded: its snapshot in this machine's cache.
+    tokenizer=tokenizer or hub.local_dir(cfg.tokenizer, flag="--tokenizer", need="tokenizer"),
+    dtype=dtype or cfg.dtype,
   )
   from galore_jax import data
 

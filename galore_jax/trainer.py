@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from galore_jax import checkpoint, distributed, errors, metrics, rundir, sharding, steps
+from galore_jax import checkpoint, distributed, errors, hub, metrics, rundir, sharding, steps
 from galore_jax import model as model_lib
 from galore_jax.config import (
   ConfigError,
@@ -340,7 +340,13 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.is_adafactor else None,
     },
     # peak_lr: the rate --lr unset stood for, so that a resume under other defaults names it.
-    "train_config": {**dataclasses.asdict(cfg), "peak_lr": cfg.peak_lr},
+    # A Hugging Face cache path as ORG/NAME@COMMIT: another cache (or machine) finds it too.
+    "train_config": {
+      **dataclasses.asdict(cfg),
+      "init_from": hub.pinned(cfg.init_from),
+      "tokenizer": hub.pinned(cfg.tokenizer),
+      "peak_lr": cfg.peak_lr,
+    },
     **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
     **({"hf_generation_config": gen} if (gen := _init_generation_config(cfg)) else {}),
     "data_position": {
@@ -827,10 +833,25 @@ def checkpoint_room_note(
   )
 
 
+def _local_hub_paths(cfg: TrainConfig, log) -> TrainConfig:
+  """``--init-from`` and ``--tokenizer`` given as Hugging Face Hub ids, fetched (or found in
+  the Hugging Face cache) as the snapshot directories the run then records
+  (:mod:`galore_jax.hub`)."""
+  if cfg.init_from:
+    cfg = dataclasses.replace(
+      cfg, init_from=hub.local_dir(cfg.init_from, flag="--init-from", log=log)
+    )
+  if cfg.tokenizer:
+    cfg = dataclasses.replace(
+      cfg, tokenizer=hub.local_dir(cfg.tokenizer, flag="--tokenizer", need="tokenizer", log=log)
+    )
+  return cfg
+
+
 def default_out(cfg: TrainConfig) -> str:
   """``runs/<model>_<optimizer>_<timestamp>``; the model is ``--init-from``'s directory name
   when there is one (its config.json, not ``--model``, is the architecture)."""
-  model = os.path.basename(os.path.normpath(cfg.init_from)) if cfg.init_from else cfg.model
+  model = hub.model_name(cfg.init_from) if cfg.init_from else cfg.model
   return os.path.join("runs", f"{model}_{cfg.optimizer}_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -890,6 +911,7 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
     raise ConfigError("--out", "a multi-process run needs --out (the same for every process)")
   if not distributed.is_primary():  # one copy of each line per job
     log = distributed.primary_log(log)
+  cfg = _local_hub_paths(cfg, log)
   if cfg.out is None:
     if cfg.resume:
       raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
@@ -914,7 +936,8 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
       raise ConfigError(
         "--tokenizer", f"{cfg.init_from} has no tokenizer.json or tokenizer.model; name one"
       )
-    cfg = dataclasses.replace(cfg, tokenizer=str(found.resolve()))
+    # Not resolved: the Hugging Face cache links each file to a blob without its name.
+    cfg = dataclasses.replace(cfg, tokenizer=os.path.abspath(found))
   with _Signals() as signals, contextlib.ExitStack() as stack:
     try:
       # Multi-process: process 0 holds the lock for the job (galore_jax.distributed).
@@ -1020,7 +1043,8 @@ def _train_loop(
 
   n_params = sum(x.size for x in jax.tree.leaves(params))
   log(
-    f"model {cfg.init_from or cfg.model}: {n_params / 1e6:.2f}M params, "
+    f"model {hub.describe(cfg.init_from) if cfg.init_from else cfg.model}: "
+    f"{n_params / 1e6:.2f}M params, "
     f"vocab {run.model_cfg.vocab_size}; "
     f"optimizer {cfg.optimizer}"
     + (f" rank {cfg.rank}" if cfg.is_galore else "")

@@ -1,0 +1,215 @@
+"""Hugging Face Hub ids as local model directories.
+
+Every flag that takes a Hugging Face model directory (``train --init-from``, ``eval`` and
+``sample --checkpoint``, ``plan --init-from``, ``--tokenizer``) also takes a Hub id,
+``ORG/NAME`` or ``ORG/NAME@REVISION`` (a branch, tag or commit), when no local path of that
+name exists. ``huggingface_hub`` fetches the files into its cache, or finds them there: one
+copy per revision, shared with transformers and vLLM, under ``HF_HOME`` / ``HF_HUB_CACHE``,
+with ``HF_TOKEN`` (or ``hf auth login``) for gated models and ``HF_HUB_OFFLINE=1`` for a
+machine without network, which uses what the cache holds.
+
+Only the files a model directory is read for are fetched: ``config.json``, the tokenizer,
+``generation_config.json`` and the safetensors weights (``model.safetensors``, or exactly
+the shards that ``model.safetensors.index.json`` names). Many repositories carry the
+weights twice more (``*.bin`` pickles; Llama's ``original/`` checkpoint, 16 GB for
+Llama-3.1-8B; Mistral's ``consolidated.safetensors``), which a plain snapshot would fetch.
+
+The directory handed on is the cache's snapshot of one commit
+(``.../models--ORG--NAME/snapshots/<commit>``), so a run records the exact revision it
+started from and its resume needs no network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+
+from galore_jax.config import ConfigError
+
+# ORG/NAME[@REVISION], as the Hub spells them; anything else is taken as a path.
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# .../models--ORG--NAME/snapshots/<commit>: a directory of the Hugging Face cache.
+_SNAPSHOT = re.compile(
+  r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})"
+)
+
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer.model",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "chat_template.jinja",
+)
+# What each use reads: plan the config alone, a tokenizer its files, a model all of them.
+NEEDS = {
+  "config": ("config.json",),
+  "tokenizer": TOKENIZER_FILES,
+  "model": (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
+  ),
+}
+
+
+def is_hub_id(source: str) -> bool:
+  """``ORG/NAME`` or ``ORG/NAME@REVISION`` naming no local file or directory."""
+  return bool(_HUB_ID.fullmatch(source)) and not os.path.exists(os.path.expanduser(source))
+
+
+def describe(path: str) -> str:
+  """``ORG/NAME@<commit, 12 digits>`` for a snapshot directory of the Hugging Face cache,
+  else ``path`` itself."""
+  m = _SNAPSHOT.fullmatch(os.path.normpath(path))
+  return f"{m['org']}/{m['name']}@{m['rev'][:12]}" if m else path
+
+
+def model_name(path: str) -> str:
+  """A run's name for the model at ``path``: NAME for a cache snapshot of ORG/NAME (not its
+  commit hash), else the directory's own name."""
+  m = _SNAPSHOT.fullmatch(os.path.normpath(path))
+  return m["name"] if m else os.path.basename(os.path.normpath(path))
+
+
+def pinned(path: str | None) -> str | None:
+  """What a run records for ``path``: ``ORG/NAME@COMMIT`` for a snapshot directory of the
+  Hugging Face cache, or for the tokenizer file such a directory is read for; else ``path``.
+  A resume, an ``eval`` or a machine with another cache resolves the record again
+  (:func:`local_dir`), fetching that exact commit if its cache lacks it."""
+  if not path:
+    return path
+  m = _SNAPSHOT.fullmatch(os.path.normpath(path))
+  if m is None:
+    from galore_jax import hf
+
+    folder = os.path.dirname(os.path.normpath(path))
+    m = _SNAPSHOT.fullmatch(folder)
+    found = hf.find_tokenizer(folder) if m else None
+    if found is None or os.path.normpath(found) != os.path.normpath(path):
+      return path
+  return f"{m['org']}/{m['name']}@{m['rev']}"
+
+
+def local_dir(source: str | None, *, flag: str, need: str = "model", log=None) -> str | None:
+  """``source`` unchanged (None too) unless it is a Hub id (:func:`is_hub_id`); then the
+  cache's snapshot directory holding what ``need`` (``model``, ``config`` or ``tokenizer``)
+  reads, fetched if it is not there. ``log`` gets one line naming the commit and the
+  directory. Raises :class:`ConfigError` for ``flag`` in one line: no such model, a gated
+  one without a token, no network and nothing cached, or a repository without safetensors
+  weights."""
+  if not source or not is_hub_id(source):
+    return source
+  m = _HUB_ID.fullmatch(source)
+  repo = m["repo"]
+  folder = _fetch(repo, m["rev"], NEEDS[need], lambda f: _lacks(f, need), source, flag)
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if need == "model" and os.path.isfile(index):
+    try:
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ConfigError(flag, f"{source}: unreadable model.safetensors.index.json ({e})") from e
+
+    def lacks_shards(folder: str) -> str | None:
+      missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+      return f"shard {missing[0]} of its index" if missing else None
+
+    # The commit the first call found: the shards of the index just read.
+    folder = _fetch(repo, os.path.basename(folder), shards, lacks_shards, source, flag)
+    if lacking := lacks_shards(folder):
+      raise ConfigError(flag, f"{source} ({describe(folder)}, {folder}) has no {lacking}")
+  if lacking := _lacks(folder, need):
+    offline = "; offline, only the files fetched before are there" if _offline() else ""
+    raise ConfigError(flag, f"{source} ({describe(folder)}, {folder}) has no {lacking}{offline}")
+  if log is not None:
+    log(f"galore-jax: note: {flag} {source}: {describe(folder)}, in {folder}")
+  return folder
+
+
+def _lacks(folder: str, need: str) -> str | None:
+  """What ``need`` reads and ``folder`` does not hold, in words; None if nothing."""
+
+  def has(name: str) -> bool:
+    return os.path.isfile(os.path.join(folder, name))
+
+  if need in ("config", "model") and not has("config.json"):
+    return "config.json: not a transformers model"
+  if need == "tokenizer" and not (has("tokenizer.json") or has("tokenizer.model")):
+    return "tokenizer.json or tokenizer.model"
+  if need == "model" and not (has("model.safetensors") or has("model.safetensors.index.json")):
+    return (
+      "model.safetensors or model.safetensors.index.json: only safetensors weights are read "
+      "(a repository of *.bin pickles can be converted with transformers' from_pretrained, "
+      "then save_pretrained)"
+    )
+  return None
+
+
+def _fetch(repo: str, revision: str | None, patterns, lacks, source: str, flag: str) -> str:
+  """The snapshot of ``repo`` at ``revision`` with the files ``patterns`` allows. A commit's
+  cached snapshot is used without asking the Hub when ``lacks(folder)`` finds nothing
+  missing: a commit never changes, and without network huggingface_hub retries such a
+  request for about 25 s. A branch or tag is looked up on the Hub, as transformers does
+  (the cache's copy when the Hub cannot be reached)."""
+  import huggingface_hub
+  from huggingface_hub import errors
+
+  get = functools.partial(
+    huggingface_hub.snapshot_download, repo, revision=revision, allow_patterns=list(patterns)
+  )
+  # Its retries log through `logging`, a line per failed request; what went wrong is said
+  # once, below. Download progress bars are tqdm's and stay.
+  quiet = logging.getLogger("huggingface_hub")
+  level = quiet.level
+  quiet.setLevel(logging.ERROR)
+  try:
+    if revision and _COMMIT.fullmatch(revision):
+      try:
+        folder = get(local_files_only=True)
+        if lacks(folder) is None:
+          return folder
+      except errors.LocalEntryNotFoundError:  # not cached (or not whole): ask the Hub
+        pass
+    return get()
+  except errors.GatedRepoError:
+    why = (
+      "a gated model: accept its license on huggingface.co, then log in (hf auth login) or "
+      "set HF_TOKEN"
+    )
+  except errors.RevisionNotFoundError:
+    why = f"the Hub has no revision {revision!r} of {repo}"
+  except errors.RepositoryNotFoundError:
+    why = (
+      "not a local path, and no Hugging Face model has that id (a private one needs hf auth "
+      "login or HF_TOKEN)"
+    )
+  except errors.LocalEntryNotFoundError:
+    offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
+    why = (
+      "not a local path, and as a Hugging Face Hub id it is not in the cache "
+      f"({_cache_dir()}) and the Hub could not be reached{offline}"
+    )
+  except (OSError, ValueError) as e:  # HTTP errors, a full disk, a malformed id
+    lines = str(e).strip().splitlines()
+    why = f"fetching it from the Hugging Face Hub failed: {lines[0] if lines else type(e).__name__}"
+  finally:
+    quiet.setLevel(level)
+  raise ConfigError(flag, f"{source}: {why}")
+
+
+def _offline() -> bool:
+  from huggingface_hub import constants
+
+  return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cache_dir() -> str:
+  from huggingface_hub import constants
+
+  return constants.HF_HUB_CACHE
