@@ -78,20 +78,26 @@ def finished_steps(ckpt_dir: str) -> list[int]:
     return []
 
 
-def saved_train_config(out: str) -> tuple[int, dict[str, Any]] | None:
-  """``(step, train_config)`` of the newest checkpoint in run directory ``out`` whose
-  metadata reads, or None (:func:`finished_steps`), so that ``train --resume`` can take
-  the run's flags before a multi-process job has joined."""
+def saved_record(out: str, key: str) -> tuple[int, dict[str, Any]] | None:
+  """``(step, record)``: the dict under ``key`` in the metadata of the newest checkpoint in
+  run directory ``out`` whose metadata reads and has it (:func:`finished_steps`), or None.
+  Read as JSON, without orbax: ``train --resume`` takes the run's flags from it before a
+  multi-process job has joined."""
   ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
   for step in finished_steps(ckpt_dir):
     try:
       with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
-        config = json.load(f).get("train_config")
+        record = json.load(f).get(key)
     except (OSError, ValueError, AttributeError):
       continue  # an unreadable one: the trainer's own read reports it
-    if isinstance(config, dict):
-      return step, config
+    if isinstance(record, dict):
+      return step, record
   return None
+
+
+def saved_train_config(out: str) -> tuple[int, dict[str, Any]] | None:
+  """``(step, train_config)`` of the run in ``out`` (:func:`saved_record`)."""
+  return saved_record(out, "train_config")
 
 
 def step_in_path(path: str) -> int | None:

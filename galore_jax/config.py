@@ -258,8 +258,9 @@ def model_config(
     raise ConfigError("--model", str(e)) from e
 
 
-def validate(cfg: TrainConfig) -> None:
-  """Checks flags that need no data or devices; raises ConfigError."""
+def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
+  """Checks flags that need no data or devices; raises ConfigError. ``hf_config``:
+  ``--init-from``'s config.json as a checkpoint kept it (None: read from the directory)."""
   if cfg.model not in model_lib.CONFIGS and not cfg.init_from:
     raise ConfigError(
       "--model", f"unknown model {cfg.model!r}; choose from {', '.join(model_lib.CONFIGS)}"
@@ -268,7 +269,7 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError(
       "--optimizer", f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
     )
-  mc = base_model_config(cfg)
+  mc = base_model_config(cfg, hf_config)
   name = cfg.init_from or cfg.model  # the architecture the messages below speak of
   for flag, value in [
     ("--steps", cfg.steps),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from galore_jax import checkpoint, distributed, hub
+from galore_jax import checkpoint, distributed
 from galore_jax.config import DTYPES, ConfigError, TrainConfig, check_mesh
-from galore_jax.trainer import Run, setup, tokenizer_hash
+from galore_jax.trainer import Run, run_tokenizer, setup, tokenizer_hash
 
 
 def load_for_inference(
@@ -154,8 +155,9 @@ def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=Non
   cfg = dataclasses.replace(
     cfg,
     mesh=mesh,
-    # A Hub id the run recorded: its snapshot in this machine's cache.
-    tokenizer=tokenizer or hub.local_dir(cfg.tokenizer, flag="--tokenizer", need="tokenizer"),
+    # A Hub id the run recorded: its snapshot in this machine's cache; a tokenizer that is
+    # gone: the run's own copy.
+    tokenizer=tokenizer or run_tokenizer(cfg.tokenizer, _run_dir(path), _note),
     dtype=dtype or cfg.dtype,
   )
   from galore_jax import data
@@ -186,6 +188,17 @@ def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=Non
     before_restore(run, sp, step)
   params = checkpoint.restore(path, step, {"params": run.abstract_params})["params"]
   return run, params, sp, step
+
+
+def _run_dir(path: str) -> str:
+  """The run directory of a checkpoint path (``RUN``, ``RUN/checkpoints`` or a step's)."""
+  ckpt_dir = checkpoint.checkpoint_dir(path)
+  return os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
+
+
+def _note(line: str) -> None:
+  if distributed.is_primary():  # one line per job
+    print(line, file=sys.stderr)
 
 
 def _pick(logits_V, key, temperature: float, top_k: int, top_p: float):

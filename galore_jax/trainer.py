@@ -21,9 +21,11 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -317,8 +319,9 @@ def tokenizer_hash(sp) -> str:
   return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
 
 
-def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
-  """Checkpoint metadata; the ``compat`` part must match for a resume."""
+def run_meta(cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None) -> dict[str, Any]:
+  """Checkpoint metadata; the ``compat`` part must match for a resume. ``hf_config``:
+  ``--init-from``'s config.json as kept before (None: read from the directory)."""
   return {
     "compat": {
       # The tokenizer first: another vocabulary also changes the model's shapes.
@@ -347,7 +350,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp) -> dict[str, Any]:
       "tokenizer": hub.pinned(cfg.tokenizer),
       "peak_lr": cfg.peak_lr,
     },
-    **({"hf_config": _init_config(cfg)} if cfg.init_from else {}),
+    **({"hf_config": hf_config or _init_config(cfg)} if cfg.init_from else {}),
     **({"hf_generation_config": gen} if (gen := _init_generation_config(cfg)) else {}),
     "data_position": {
       "seed": cfg.seed,
@@ -833,19 +836,99 @@ def checkpoint_room_note(
   )
 
 
-def _local_hub_paths(cfg: TrainConfig, log) -> TrainConfig:
-  """``--init-from`` and ``--tokenizer`` given as Hugging Face Hub ids, fetched (or found in
-  the Hugging Face cache) as the snapshot directories the run then records
-  (:mod:`galore_jax.hub`)."""
+def _local_paths(cfg: TrainConfig, log) -> tuple[TrainConfig, dict | None]:
+  """``--init-from`` and ``--tokenizer`` as local paths: Hugging Face Hub ids fetched, or
+  found in the Hugging Face cache, as the snapshot directories the run then records
+  (:mod:`galore_jax.hub`).
+
+  A resume whose ``--init-from`` or tokenizer can no longer be read (a directory deleted, a
+  scratch file system purged, a cache emptied on a machine without network) goes on with
+  what the run kept of them: the ``config.json`` in its checkpoint, returned as the second
+  value (None otherwise), and the tokenizer's copy (:func:`run_tokenizer`). The weights are
+  the checkpoint's anyway."""
+  kept = checkpoint.saved_record(cfg.out, "hf_config") if cfg.resume and cfg.out else None
+  hf_config = None
   if cfg.init_from:
-    cfg = dataclasses.replace(
-      cfg, init_from=hub.local_dir(cfg.init_from, flag="--init-from", log=log)
-    )
+    try:
+      init = hub.local_dir(cfg.init_from, flag="--init-from", log=log)
+      if kept and not os.path.isdir(os.path.expanduser(init)):
+        raise ConfigError("--init-from", f"{init}: no such directory")
+      cfg = dataclasses.replace(cfg, init_from=init)
+    except ConfigError as e:
+      if kept is None:
+        raise
+      step, hf_config = kept
+      log(
+        f"galore-jax: note: --init-from {str(e).removeprefix('--init-from: ')}; the run goes "
+        f"on with the config.json that its checkpoint {step} kept (its weights are the "
+        "checkpoint's)"
+      )
   if cfg.tokenizer:
-    cfg = dataclasses.replace(
-      cfg, tokenizer=hub.local_dir(cfg.tokenizer, flag="--tokenizer", need="tokenizer", log=log)
+    if cfg.resume and cfg.out and checkpoint.saved_train_config(cfg.out):
+      tokenizer = run_tokenizer(cfg.tokenizer, cfg.out, log)
+    else:
+      tokenizer = hub.local_dir(cfg.tokenizer, flag="--tokenizer", need="tokenizer", log=log)
+    cfg = dataclasses.replace(cfg, tokenizer=tokenizer)
+  return cfg, hf_config
+
+
+# RUN/tokenizer/: the run's copy of its tokenizer's files (keep_tokenizer).
+TOKENIZER_COPY = "tokenizer"
+
+
+def keep_tokenizer(cfg: TrainConfig, sp, log) -> None:
+  """Copies the files of the run's ``--tokenizer`` (not the bundled one, which the package
+  holds) into ``RUN/tokenizer/``, once, so that the run can be resumed, evaluated and
+  exported after they are gone (:func:`run_tokenizer`). The copy is written whole or not
+  at all (a rename) and must load as the same tokenizer; a copy that fails only warns."""
+  from galore_jax import data, hf
+
+  dest = os.path.join(cfg.out, TOKENIZER_COPY)
+  if not cfg.tokenizer or not distributed.is_primary() or os.path.isdir(dest):
+    return
+  source = Path(cfg.tokenizer)
+  if source.is_dir():
+    source = hf.find_tokenizer(source)
+  if hasattr(sp, "files"):  # a tokenizer.json, with the files beside it that it reads
+    files = {"tokenizer.json": source, **{f.name: f for f in sp.files()[1:]}}
+    if (source.parent / hf.CONFIG_FILE).is_file():  # special ids may come from it
+      files[hf.CONFIG_FILE] = source.parent / hf.CONFIG_FILE
+  else:
+    files = {"tokenizer.model": source}
+  partial = tempfile.mkdtemp(prefix=f".{TOKENIZER_COPY}.partial-", dir=cfg.out)
+  try:
+    os.chmod(partial, hf.umask_mode(0o777))  # as the run's other directories, not 0700
+    for name, file in files.items():
+      shutil.copyfile(file, os.path.join(partial, name))
+    if tokenizer_hash(data.load_tokenizer(partial)) != tokenizer_hash(sp):
+      raise ValueError("the copy loads as another tokenizer")
+    os.rename(partial, dest)
+  except (OSError, ValueError) as e:
+    log(f"galore-jax: warning: could not keep a copy of the tokenizer in {dest} ({e})")
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def run_tokenizer(recorded: str | None, out: str, log=None) -> str | None:
+  """The tokenizer a run recorded, as a local path (a Hub id found or fetched); where that
+  can no longer be read, the copy the run kept in ``RUN/tokenizer/`` (:func:`keep_tokenizer`),
+  with one note. Either way the checkpoint's tokenizer hash is checked after."""
+  copy = os.path.abspath(os.path.join(out, TOKENIZER_COPY))
+  try:
+    path = hub.local_dir(recorded, flag="--tokenizer", need="tokenizer", log=log)
+    if not path or os.path.exists(os.path.expanduser(path)) or not os.path.isdir(copy):
+      return path
+    why = "no such file"
+  except ConfigError as e:
+    if not os.path.isdir(copy):
+      raise
+    why = str(e).removeprefix("--tokenizer: ")
+  if log is not None:
+    log(
+      f"galore-jax: note: the run's tokenizer {recorded} cannot be read ({why}); using the copy "
+      f"the run kept in {copy}"
     )
-  return cfg
+  return copy
 
 
 def default_out(cfg: TrainConfig) -> str:
@@ -856,7 +939,7 @@ def default_out(cfg: TrainConfig) -> str:
 
 
 # What a previous run leaves in --out; a new run (no --resume) refuses to mix with it.
-_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", metrics.WANDB_DIR)
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", metrics.WANDB_DIR, TOKENIZER_COPY)
 
 
 def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
@@ -911,14 +994,14 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
     raise ConfigError("--out", "a multi-process run needs --out (the same for every process)")
   if not distributed.is_primary():  # one copy of each line per job
     log = distributed.primary_log(log)
-  cfg = _local_hub_paths(cfg, log)
+  cfg, kept_hf_config = _local_paths(cfg, log)
   if cfg.out is None:
     if cfg.resume:
       raise ConfigError("--out", "--resume needs the --out directory of the run to continue")
     cfg = dataclasses.replace(cfg, out=default_out(cfg))
   if not cfg.out.strip():
     raise ConfigError("--out", "must name a directory, got ''")
-  validate(cfg)
+  validate(cfg, kept_hf_config)
   # Absolute paths: eval, sample and --resume may run from another directory.
   cfg = dataclasses.replace(
     cfg,
@@ -926,7 +1009,8 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
     eval_data=absolute_source(cfg.eval_data) if cfg.eval_data else None,
     tokenizer=os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else None,
   )
-  if cfg.init_from:  # absolute: a resume may run from another directory
+  if cfg.init_from and not hub.is_hub_id(cfg.init_from):  # (one kept unresolved: above)
+    # Absolute: a resume may run from another directory.
     cfg = dataclasses.replace(cfg, init_from=os.path.abspath(os.path.expanduser(cfg.init_from)))
   if cfg.init_from and cfg.tokenizer is None:  # the model's own tokenizer, if it has one
     from galore_jax import hf
@@ -945,7 +1029,7 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
     except rundir.RunDirError as e:
       raise ConfigError("--out", str(e)) from None
     try:
-      return _train(cfg, signals, log, hooks)
+      return _train(cfg, signals, log, hooks, kept_hf_config)
     except KeyboardInterrupt:  # a second signal before the first step ended
       if created:
         shutil.rmtree(cfg.out, ignore_errors=True)
@@ -962,15 +1046,19 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
       raise
 
 
-def _train(cfg: TrainConfig, signals: _Signals, log, hooks: Hooks) -> dict[str, Any]:
+def _train(
+  cfg: TrainConfig, signals: _Signals, log, hooks: Hooks, hf_config: dict | None
+) -> dict[str, Any]:
   t_start = time.perf_counter()
   with metrics.CompileTimer() as compile_timer:  # until the first step ends (below)
-    return _train_loop(cfg, signals, log, t_start, compile_timer, hooks)
+    return _train_loop(cfg, signals, log, t_start, compile_timer, hooks, hf_config)
 
 
 def _train_loop(
-  cfg: TrainConfig, signals, log, t_start: float, compile_timer, hooks: Hooks
+  cfg: TrainConfig, signals, log, t_start: float, compile_timer, hooks: Hooks, hf_config
 ) -> dict[str, Any]:
+  """``hf_config``: ``--init-from``'s config.json as a checkpoint kept it, for a resume
+  whose directory is gone (:func:`_local_paths`); None reads the directory."""
   ckpt_dir = os.path.join(cfg.out, "checkpoints")
   existing = _check_out(cfg, ckpt_dir)
   distributed.barrier("out_checked")  # multi-process: all checked before anyone writes
@@ -997,14 +1085,16 @@ def _train_loop(
   else:
     sp, train_ds, val_batches = hooks.data
   startup_check()
+  keep_tokenizer(cfg, sp, log)
   run = setup(
     cfg,
     sp.get_piece_size(),
+    hf_config,
     tx=hooks.tx,
     parametrization=hooks.parametrization,
     model_cfg=hooks.model_cfg,
   )
-  meta = {**run_meta(cfg, run, sp), **hooks.meta}
+  meta = {**run_meta(cfg, run, sp, hf_config), **hooks.meta}
   if fingerprint := getattr(train_ds, "fingerprint", None):
     meta["data_fingerprint"] = fingerprint
 

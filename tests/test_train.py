@@ -1605,3 +1605,53 @@ def test_galore_whole_gradient_step_runs_on_a_mesh(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   losses = [r["loss"] for r in metrics.read_metrics(str(out)) if "loss" in r]
   assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_run_keeps_a_copy_of_its_tokenizer(tmp_path, monkeypatch):
+  """RUN/tokenizer/ holds every file the tokenizer reads (here its EOS id comes from the
+  model's config.json beside it), loads as the same tokenizer, is written once, and a
+  copy that fails only warns and leaves nothing behind."""
+  tokenizers = pytest.importorskip("tokenizers")
+  model = tmp_path / "model"
+  model.mkdir()
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  special = ["<unk>", "<stop_here>"]
+  bpe = tokenizers.trainers.BpeTrainer(vocab_size=80, special_tokens=special, show_progress=False)
+  tok.train_from_iterator(["the cat sat on the mat", "a dog ran"] * 20, bpe)
+  tok.save(str(model / "tokenizer.json"))
+  (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+  (model / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+  sp = data.load_tokenizer(model)
+  assert sp.eos_id() == 1
+  run = tmp_path / "run"
+  run.mkdir()
+  cfg = config.TrainConfig(tokenizer=str(model / "tokenizer.json"), out=str(run))
+  said = []
+  trainer.keep_tokenizer(cfg, sp, said.append)
+  assert sorted(os.listdir(run / "tokenizer")) == [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+  ]
+  copy = data.load_tokenizer(run / "tokenizer")
+  assert trainer.tokenizer_hash(copy) == trainer.tokenizer_hash(sp) and copy.eos_id() == 1
+  assert copy.chat_template == "{{ messages }}" and said == []
+  (model / "tokenizer_config.json").write_text("{}")  # kept once: not copied again
+  trainer.keep_tokenizer(cfg, data.load_tokenizer(model), said.append)
+  assert data.load_tokenizer(run / "tokenizer").chat_template == "{{ messages }}"
+
+  # The bundled tokenizer is the package's: nothing to keep. A failed copy warns.
+  trainer.keep_tokenizer(dataclasses.replace(cfg, tokenizer=None, out=str(tmp_path)), sp, print)
+  assert not (tmp_path / "tokenizer").exists()
+
+  def full(*args):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(trainer.shutil, "copyfile", full)
+  other = tmp_path / "other"
+  other.mkdir()
+  trainer.keep_tokenizer(dataclasses.replace(cfg, out=str(other)), sp, said.append)
+  assert os.listdir(other) == [] and len(said) == 1
+  assert said[0].startswith("galore-jax: warning: could not keep a copy of the tokenizer in ")
+  assert "No space left on device" in said[0]
