@@ -1085,7 +1085,6 @@ def _train_loop(
   else:
     sp, train_ds, val_batches = hooks.data
   startup_check()
-  keep_tokenizer(cfg, sp, log)
   run = setup(
     cfg,
     sp.get_piece_size(),
@@ -1192,6 +1191,7 @@ def _train_loop(
   except metrics.WandbError as e:
     mngr.close()
     raise ConfigError("--wandb", str(e)) from e
+  keep_tokenizer(cfg, sp, log)  # with the run's first outputs (a refused rerun names them)
   tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
   devices = list(run.mesh.devices.flat)
   local_devices = [d for d in devices if d.process_index == jax.process_index()]
