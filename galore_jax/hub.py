@@ -1,7 +1,7 @@
 """Hugging Face Hub ids as local model directories.
 
-Every flag that takes a Hugging Face model directory (``train --init-from``, ``eval`` and
-``sample --checkpoint``, ``plan --init-from``, ``--tokenizer``) also takes a Hub id,
+Every flag that takes a Hugging Face model directory (``train --init-from``, ``eval`` /
+``sample`` / ``export --checkpoint``, ``plan --init-from``, ``--tokenizer``) takes a Hub id,
 ``ORG/NAME`` or ``ORG/NAME@REVISION`` (a branch, tag or commit), when no local path of that
 name exists. ``huggingface_hub`` fetches the files into its cache, or finds them there: one
 copy per revision, shared with transformers and vLLM, under ``HF_HOME`` / ``HF_HUB_CACHE``,
@@ -15,8 +15,9 @@ weights twice more (``*.bin`` pickles; Llama's ``original/`` checkpoint, 16 GB f
 Llama-3.1-8B; Mistral's ``consolidated.safetensors``), which a plain snapshot would fetch.
 
 The directory handed on is the cache's snapshot of one commit
-(``.../models--ORG--NAME/snapshots/<commit>``), so a run records the exact revision it
-started from and its resume needs no network.
+(``.../models--ORG--NAME/snapshots/<commit>``); a run records it as ``ORG/NAME@COMMIT``
+(:func:`pinned`), so its resume finds that exact revision, without network where the
+cache holds it.
 """
 
 from __future__ import annotations
