@@ -142,8 +142,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     metavar="SOURCE",
     help="builtin (the default: the bundled corpus) | PATH (a .txt / .md / .jsonl / .json "
     "file, .gz / .xz / .zst ok, or .parquet with a text column; a directory (its .txt / "
-    ".jsonl / .json / .parquet files) or a glob; JSON records of prompt/completion or "
-    "messages train on the replies) | tfds:NAME (e.g. tfds:c4/en)",
+    ".jsonl / .json / .parquet files) or a glob; JSON or Parquet records of "
+    "prompt/completion or messages train on the replies) | tfds:NAME (e.g. tfds:c4/en) | "
+    "hf://datasets/ORG/NAME[@REV]/PATH (a Hugging Face dataset's files, fetched into its "
+    "cache)",
   )
   g.add_argument(
     "--eval-data",
@@ -489,9 +491,10 @@ def _add_inference_dtype_flags(p) -> None:
 
 
 def _local_hub_args(args, **needs: str) -> None:
-  """The flags named (``checkpoint="model"``, ...) that give a Hugging Face Hub id
-  (:mod:`galore_jax.hub`) become the cache directory holding what they read, fetched if it
-  is not there yet; each says so in one line."""
+  """The flags named (``checkpoint="model"``, ``data="data"``, ...) that give a Hugging
+  Face Hub id or ``hf://datasets/...`` files (:mod:`galore_jax.hub`) become the cache
+  directory or files holding what they read, fetched if they are not there yet; each says
+  so in one line."""
   from galore_jax import distributed, hub
 
   def say(line: str) -> None:
@@ -502,7 +505,10 @@ def _local_hub_args(args, **needs: str) -> None:
     value = getattr(args, name)
     if value:
       flag = "--" + name.replace("_", "-")
-      setattr(args, name, hub.local_dir(value, flag=flag, need=need, log=say))
+      if need == "data":
+        setattr(args, name, hub.local_data(value, flag=flag, log=say))
+      else:
+        setattr(args, name, hub.local_dir(value, flag=flag, need=need, log=say))
 
 
 def _load_for_inference(args, before_restore):
@@ -529,7 +535,7 @@ def _cmd_eval(args) -> int:
       raise ConfigError(flag, f"must be >= 1, got {value}")
   n_batches = _eval_batches_flag(args.eval_batches)
   _join_job(args)
-  _local_hub_args(args, checkpoint="model", tokenizer="tokenizer")
+  _local_hub_args(args, checkpoint="model", tokenizer="tokenizer", data="data")
   prepared = {}
 
   def check_flags_and_read_data(run, _tok, _step):  # before the weights: a bad flag fails

@@ -23,16 +23,23 @@ cache holds it.
 from __future__ import annotations
 
 import functools
+import glob as globlib
 import json
 import logging
 import os
 import re
+import urllib.parse
 
 from galore_jax.config import ConfigError
 
 # ORG/NAME[@REVISION], as the Hub spells them; anything else is taken as a path.
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# hf://datasets/ORG/NAME[@REVISION][/PATH]: a dataset's files, as huggingface_hub's
+# HfFileSystem spells them.
+_DATASET = re.compile(
+  r"hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^/]+))?(?P<path>/.*)?"
+)
 # .../models--ORG--NAME/snapshots/<commit>: a directory of the Hugging Face cache.
 _SNAPSHOT = re.compile(
   r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})"
@@ -133,6 +140,38 @@ def local_dir(source: str | None, *, flag: str, need: str = "model", log=None) -
   return folder
 
 
+def local_data(source: str | None, *, flag: str, log=None) -> str | None:
+  """A ``--data`` source ``hf://datasets/ORG/NAME[@REVISION]/PATH`` (huggingface_hub's own
+  spelling; PATH a file, a directory or a glob of the dataset's files, e.g.
+  ``data/train-*.parquet``; a revision such as ``refs/convert/parquet``, the Hub's Parquet
+  copy of a dataset, may be written with ``%2F`` for its slashes) as the same files in the
+  cache's snapshot, fetched if they are not there: a local path or glob, which the data
+  pipeline reads as any other. Any other source is returned unchanged."""
+  if not source or not source.startswith("hf://"):
+    return source
+  m = _DATASET.fullmatch(source)
+  if m is None or not (m["path"] or "").strip("/"):
+    raise ConfigError(
+      flag,
+      f"{source}: expected hf://datasets/ORG/NAME[@REVISION]/PATH, PATH naming the dataset's "
+      "files (a file, a directory or a glob such as data/train-*.parquet)",
+    )
+  path = m["path"].strip("/")
+  revision = urllib.parse.unquote(m["rev"]) if m["rev"] else None
+
+  def lacks(folder: str) -> str | None:
+    found = globlib.glob(os.path.join(folder, path), recursive=True)
+    return None if found else f"no file matching {path}"
+
+  patterns = [path, f"{path}/*"]  # the files it names, or those under the directory
+  folder = _fetch(m["repo"], revision, patterns, lacks, source, flag, repo_type="dataset")
+  if lacking := lacks(folder):
+    raise ConfigError(flag, f"{source}: the dataset ({folder}) has {lacking}")
+  if log is not None:
+    log(f"galore-jax: note: {flag} {source}: commit {os.path.basename(folder)[:12]}, in {folder}")
+  return os.path.join(folder, path)
+
+
 def _lacks(folder: str, need: str) -> str | None:
   """What ``need`` reads and ``folder`` does not hold, in words; None if nothing."""
 
@@ -152,7 +191,9 @@ def _lacks(folder: str, need: str) -> str | None:
   return None
 
 
-def _fetch(repo: str, revision: str | None, patterns, lacks, source: str, flag: str) -> str:
+def _fetch(
+  repo: str, revision: str | None, patterns, lacks, source: str, flag: str, repo_type=None
+) -> str:
   """The snapshot of ``repo`` at ``revision`` with the files ``patterns`` allows. A commit's
   cached snapshot is used without asking the Hub when ``lacks(folder)`` finds nothing
   missing: a commit never changes, and without network huggingface_hub retries such a
@@ -162,7 +203,11 @@ def _fetch(repo: str, revision: str | None, patterns, lacks, source: str, flag: 
   from huggingface_hub import errors
 
   get = functools.partial(
-    huggingface_hub.snapshot_download, repo, revision=revision, allow_patterns=list(patterns)
+    huggingface_hub.snapshot_download,
+    repo,
+    repo_type=repo_type,
+    revision=revision,
+    allow_patterns=list(patterns),
   )
   # Its retries log through `logging`, a line per failed request; what went wrong is said
   # once, below. Download progress bars are tqdm's and stay.
@@ -186,16 +231,20 @@ def _fetch(repo: str, revision: str | None, patterns, lacks, source: str, flag: 
   except errors.RevisionNotFoundError:
     why = f"the Hub has no revision {revision!r} of {repo}"
   except errors.RepositoryNotFoundError:
-    why = (
-      "not a local path, and no Hugging Face model has that id (a private one needs hf auth "
-      "login or HF_TOKEN)"
+    what = (
+      "no Hugging Face dataset has that id"
+      if repo_type == "dataset"
+      else "not a local path, and no Hugging Face model has that id"
     )
+    why = f"{what} (a private one needs hf auth login or HF_TOKEN)"
   except errors.LocalEntryNotFoundError:
     offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
-    why = (
-      "not a local path, and as a Hugging Face Hub id it is not in the cache "
-      f"({_cache_dir()}) and the Hub could not be reached{offline}"
+    what = (
+      "the Hugging Face dataset is"
+      if repo_type == "dataset"
+      else "not a local path, and as a Hugging Face Hub id it is"
     )
+    why = f"{what} not in the cache ({_cache_dir()}) and the Hub could not be reached{offline}"
   except (OSError, ValueError) as e:  # HTTP errors, a full disk, a malformed id
     lines = str(e).strip().splitlines()
     why = f"fetching it from the Hugging Face Hub failed: {lines[0] if lines else type(e).__name__}"

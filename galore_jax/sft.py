@@ -1,7 +1,7 @@
 """Instruction data for fine-tuning: the loss is taken on the answers only.
 
-A ``--data`` file of JSON lines (or a JSON array; ``.gz`` / ``.xz`` allowed) whose records
-are either
+A ``--data`` file of JSON lines (or a JSON array; ``.gz`` / ``.xz`` allowed), or a Parquet
+file (a Hub dataset's usual form) whose rows have these columns, whose records are either
 
 * ``{"prompt": "...", "completion": "..."}``: one example is ``[BOS] prompt completion
   EOS`` (BOS when the tokenizer has one), prompt and completion tokenized separately so
@@ -54,13 +54,14 @@ def _kind(record: Any) -> str | None:
 
 
 def is_instruction_data(files: Sequence[Path]) -> bool:
-  """Whether the first record of the first JSON file is a prompt/completion or chat record."""
+  """Whether the first record of the first JSON or Parquet file is a prompt/completion or
+  chat record."""
   for f in files:
     fmt, _ = data.file_kind(f)
-    if fmt in (".txt", ".parquet"):  # text only
+    if fmt == ".txt":  # text only
       return False
     try:  # the first record only: a C4 shard is not read whole at every start
-      with contextlib.closing(data.json_records(f)) as records:
+      with contextlib.closing(data.records(f)) as records:
         first = next(records, None)
     except (ValueError, OSError, EOFError):
       return False  # let the text reader report it
@@ -398,7 +399,7 @@ def cached_examples(
     lambda: sources.build_splits(
       split,
       lambda: _ExampleBuilder(tok),
-      sources.read_files(files, data.json_records, progress),
+      sources.read_files(files, data.records, progress),
       lambda s, builder: builder.store(_cache_keys(key, s)),
       lambda total: _empty(source, split, total),
       key=_canonical,

@@ -837,8 +837,9 @@ def checkpoint_room_note(
 
 
 def _local_paths(cfg: TrainConfig, log) -> tuple[TrainConfig, dict | None]:
-  """``--init-from`` and ``--tokenizer`` as local paths: Hugging Face Hub ids fetched, or
-  found in the Hugging Face cache, as the snapshot directories the run then records
+  """``--init-from``, ``--tokenizer``, ``--data`` and ``--eval-data`` as local paths:
+  Hugging Face Hub ids (``hf://datasets/...`` for data) fetched, or found in the Hugging
+  Face cache, as the snapshot directories or files the run then records
   (:mod:`galore_jax.hub`).
 
   A resume whose ``--init-from`` or tokenizer can no longer be read (a directory deleted, a
@@ -846,6 +847,11 @@ def _local_paths(cfg: TrainConfig, log) -> tuple[TrainConfig, dict | None]:
   what the run kept of them: the ``config.json`` in its checkpoint, returned as the second
   value (None otherwise), and the tokenizer's copy (:func:`run_tokenizer`). The weights are
   the checkpoint's anyway."""
+  cfg = dataclasses.replace(
+    cfg,
+    data=hub.local_data(cfg.data, flag="--data", log=log),
+    eval_data=hub.local_data(cfg.eval_data, flag="--eval-data", log=log),
+  )
   kept = checkpoint.saved_record(cfg.out, "hf_config") if cfg.resume and cfg.out else None
   hf_config = None
   if cfg.init_from:

@@ -229,16 +229,22 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
   assert json.loads(captured.out)["config"]["model"] == "acme/tiny-llama@0123456789ab"
   assert f"--init-from acme/tiny-llama: acme/tiny-llama@0123456789ab, in {snap}" in captured.err
 
+  files = _cache_dataset(offline_cache)  # instruction data, from the Hub too
   run = tmp_path / "run"
   args = ["train", "--init-from", "acme/tiny-llama", "--steps", "2", "--batch-size", "2"]
   args += ["--seq-len", "32", "--rank", "4", "--eval-every", "2", "--eval-batches", "1"]
   args += ["--save-every", "2", "--out", str(run), "--no-progress"]
+  args += ["--data", "hf://datasets/acme/arith/data/train-*.parquet"]
   assert cli.main(args) == 0
   out = capsys.readouterr().out
   assert "model acme/tiny-llama@0123456789ab: " in out, out
+  assert (
+    f"--data hf://datasets/acme/arith/data/train-*.parquet: commit 0123456789ab, in {files}" in out
+  )
   saved = checkpoint.saved_train_config(str(run))[1]
   # The commit, not this cache's path: another machine's cache resolves it too.
   assert saved["init_from"] == saved["tokenizer"] == f"acme/tiny-llama@{COMMIT}"
+  assert saved["data"] == f"{files}/data/train-*.parquet"
 
   # The resume takes them from the run and finds the snapshot without the Hub.
   assert cli.main(["train", "--resume", "--out", str(run), "--steps", "3", "--no-progress"]) == 0
@@ -263,6 +269,47 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
   assert f"--init-from acme/tiny-llama@{COMMIT}: not a local path" in captured.out
   assert "goes on with the config.json that its checkpoint 3 kept" in captured.out
   assert checkpoint.saved_train_config(str(run))[1]["init_from"] == f"acme/tiny-llama@{COMMIT}"
+
+
+def _cache_dataset(cache, repo="acme/arith"):
+  """A dataset repository in the cache: prompt/completion records in two Parquet files."""
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  org, name = repo.split("/")
+  root = cache / f"datasets--{org}--{name}"
+  snap = root / "snapshots" / COMMIT
+  (snap / "data").mkdir(parents=True)
+  (root / "refs").mkdir()
+  (root / "refs" / "main").write_text(COMMIT)
+  for shard in range(2):
+    rows = [
+      {"prompt": f"What is {a} plus {shard}? ", "completion": f"{a + shard}.", "id": a}
+      for a in range(200)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), snap / "data" / f"train-{shard:05d}.parquet")
+  return snap
+
+
+def test_hub_dataset_files_are_named_as_huggingface_hub_does(offline_cache):
+  snap = _cache_dataset(offline_cache)
+  said = []
+  got = hub.local_data(
+    "hf://datasets/acme/arith/data/train-*.parquet", flag="--data", log=said.append
+  )
+  assert got == f"{snap}/data/train-*.parquet" and len(said) == 1
+  assert hub.local_data("hf://datasets/acme/arith@main/data", flag="--data") == f"{snap}/data"
+  assert hub.local_data(f"hf://datasets/acme/arith@{COMMIT}/data/", flag="--data").endswith("data")
+  assert hub.local_data("/local/x.jsonl", flag="--data") == "/local/x.jsonl"
+  assert hub.local_data("tfds:c4/en", flag="--data") == "tfds:c4/en"
+  for source, why in [
+    ("hf://datasets/acme/arith", "expected hf://datasets/ORG/NAME[@REVISION]/PATH"),
+    ("hf://models/acme/arith/x", "expected hf://datasets/ORG/NAME[@REVISION]/PATH"),
+    ("hf://datasets/acme/arith/test-*.parquet", "has no file matching test-*.parquet"),
+    ("hf://datasets/acme/other/x.parquet", "the Hugging Face dataset is not in the cache"),
+  ]:
+    with pytest.raises(ConfigError) as e:
+      hub.local_data(source, flag="--eval-data")
+    assert str(e.value).startswith(f"--eval-data: {source}: ") and why in str(e.value), e.value
 
 
 def test_a_run_outlives_its_init_from_directory(offline_cache, tmp_path, capsys):

@@ -156,3 +156,32 @@ def test_the_cli_prints_the_packages_warnings_as_one_line(monkeypatch, capsys):
   err = capsys.readouterr().err
   assert "galore-jax: warning: 3 of 9 train example(s) have no trained token\n" in err
   assert "sft.py" not in err and "galore-jax: warning: from elsewhere" not in err
+
+
+def test_parquet_rows_are_instruction_records_as_json_lines_are(tmp_path, monkeypatch):
+  """A Hub dataset's Parquet file (prompt/completion columns, or ``messages`` as a list of
+  structs) gives the records, and so the batches, of the same data as JSON lines; columns
+  the records do not use are not read into them; a text Parquet file stays text."""
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  records = _records(300)
+  src = _write(tmp_path / "sft.jsonl", records)
+  table = [{"id": i, "score": 0.5, **r} for i, r in enumerate(records)]
+  pq.write_table(pa.Table.from_pylist(table), tmp_path / "sft.parquet")
+  assert sft.is_instruction_data([tmp_path / "sft.parquet"])
+  assert [r for r, _ in data.records(tmp_path / "sft.parquet")] == records
+  for split in ("train", "validation"):
+    assert _same(_batches(tmp_path / "sft.parquet", split), _batches(src, split))
+
+  chats = [
+    {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": c}]}
+    for r, c in zip(records, ["yes", "no", "maybe"] * 100, strict=True)
+  ]
+  pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chat.parquet")
+  rows = list(data.records(tmp_path / "chat.parquet"))
+  assert [r for r, _ in rows] == chats and rows[7][1] == f"{tmp_path / 'chat.parquet'} [row 7]"
+  assert sft.is_instruction_data([tmp_path / "chat.parquet"])
+
+  pq.write_table(pa.Table.from_pylist([{"text": "a b c", "id": 1}]), tmp_path / "text.parquet")
+  assert not sft.is_instruction_data([tmp_path / "text.parquet"])

@@ -64,6 +64,7 @@ from galore_jax.data.sources import (  # noqa: F401
   json_records,
   load_tokenizer,
   path_documents,
+  records,
   split_by_hash,
   tfds_source,
   unread_note,

@@ -780,35 +780,69 @@ def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[A
     yield rec, f"{path}:{lineno}"
 
 
-def _parquet_texts(raw, path: Path) -> Iterator[str]:
-  """The ``text`` column of a Parquet file (HuggingFaceFW/fineweb-edu's ``data/*.parquet``,
-  for one), read a batch of rows at a time; pyarrow (a dependency of tensorflow-datasets)
-  is imported here, where it is needed."""
+def _parquet(raw, path: Path):
+  """``(pyarrow, ParquetFile)`` of an open file; pyarrow (a dependency of
+  tensorflow-datasets) is imported here, where it is needed. Errors name the file."""
   try:
     import pyarrow as pa
     import pyarrow.parquet as pq
   except ImportError as e:
     raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from e
   try:
-    file = pq.ParquetFile(raw)
+    return pa, pq.ParquetFile(raw)
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
+
+
+def _parquet_rows(pa, file, path: Path, columns: list[str]) -> Iterator[tuple[dict, str]]:
+  """``(row, where)``: ``columns`` of each row as a dict, read a batch of rows at a time."""
+  row = 0
+  try:
+    for batch in file.iter_batches(batch_size=1024, columns=columns):
+      for record in batch.to_pylist():
+        yield record, f"{path} [row {row}]"
+        row += 1
+  except (pa.ArrowException, OSError) as e:  # a damaged row group
+    raise ValueError(f"{path}: cannot read from row {row} on: {e}") from e
+
+
+def _parquet_texts(raw, path: Path) -> Iterator[str]:
+  """The ``text`` column of a Parquet file (HuggingFaceFW/fineweb-edu's ``data/*.parquet``,
+  for one)."""
+  pa, file = _parquet(raw, path)
   schema = file.schema_arrow
   if "text" not in schema.names:
     raise ValueError(f'{path}: no "text" column (columns: {", ".join(schema.names)})')
   kind = schema.field("text").type
   if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
     raise ValueError(f'{path}: the "text" column holds {kind}, not strings')
-  row = 0
-  try:
-    for batch in file.iter_batches(batch_size=1024, columns=["text"]):
-      for text in batch.column(0).to_pylist():
-        if text is None:
-          raise ValueError(f'{path} [row {row}]: "text" is null')
-        yield text
-        row += 1
-  except (pa.ArrowException, OSError) as e:  # a damaged row group
-    raise ValueError(f"{path}: cannot read from row {row} on: {e}") from e
+  for record, where in _parquet_rows(pa, file, path, ["text"]):
+    if record["text"] is None:
+      raise ValueError(f'{where}: "text" is null')
+    yield record["text"]
+
+
+# The columns a Parquet row is read as a record with (instruction data: galore_jax.sft),
+# so that other columns (ids, scores, timestamps) neither cost reading nor enter the
+# record, whose canonical JSON decides its split.
+RECORD_COLUMNS = ("prompt", "completion", "messages", "text")
+
+
+def records(path: Path, at=None) -> Iterator[tuple[Any, str]]:
+  """``(record, where)`` for each record of a .jsonl / .json file (:func:`json_records`) or
+  each row of a .parquet file, as a dict of its :data:`RECORD_COLUMNS` (a Hub dataset's
+  instruction data: ``messages`` as a list of ``{role, content}`` structs). ``at(n)``: as
+  for :func:`_file_documents`."""
+  if file_kind(path)[0] != ".parquet":
+    yield from json_records(path, at)
+    return
+  with open(path, "rb") as raw:
+    pa, file = _parquet(raw, path)
+    columns = [c for c in RECORD_COLUMNS if c in file.schema_arrow.names]
+    for record in _parquet_rows(pa, file, path, columns):
+      if at is not None:
+        at(raw.tell())
+      yield record
 
 
 def _file_documents(path: Path, at=None) -> Iterator[str]:
