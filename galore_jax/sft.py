@@ -10,7 +10,8 @@ file (a Hub dataset's usual form) whose rows have these columns, whose records a
 * ``{"messages": [{"role": ..., "content": ...}, ...]}``: the conversation rendered with
   the tokenizer's chat template (``chat_template`` in ``tokenizer_config.json``); the text
   of every assistant turn, as the template renders it (its end-of-turn token included),
-  is trained, everything else is not.
+  is trained, everything else is not. ShareGPT's ``{"conversations": [{"from": "human",
+  "value": ...}, {"from": "gpt", ...}]}`` is read as these messages (:data:`SHAREGPT_ROLES`).
 
 **No packing.** Each example is one row of ``seq_len + 1`` tokens, truncated at the end and
 padded (padding masked), whatever ``--no-packing`` says: examples never share a row, so no
@@ -48,9 +49,41 @@ def _kind(record: Any) -> str | None:
   if isinstance(record, dict):
     if "prompt" in record and "completion" in record:
       return "prompt"
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
       return "messages"
   return None
+
+
+# ShareGPT's spelling of a chat, {"conversations": [{"from": "human", "value": ...}]}, which
+# many Hub datasets use (OpenHermes, SlimOrca, ...): its speakers as chat templates name
+# the roles.
+SHAREGPT_ROLES = {
+  "system": "system",
+  "human": "user",
+  "user": "user",
+  "gpt": "assistant",
+  "assistant": "assistant",
+}
+
+
+def _messages(rec: dict, where: str) -> list:
+  """A chat record's ``messages``, or its ShareGPT ``conversations`` as messages."""
+  if "messages" in rec:
+    _check_messages(rec["messages"], where)
+    return rec["messages"]
+  turns = rec["conversations"]
+  if not isinstance(turns, list) or not all(
+    isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+    for t in turns
+  ):
+    raise ValueError(f'{where}: "conversations" must be a list of {{"from", "value"}} objects')
+  unknown = sorted({t["from"] for t in turns} - set(SHAREGPT_ROLES))
+  if unknown:
+    raise ValueError(
+      f'{where}: "conversations" has the speaker {unknown[0]!r}; expected one of '
+      f"{', '.join(SHAREGPT_ROLES)}"
+    )
+  return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
 def is_instruction_data(files: Sequence[Path]) -> bool:
@@ -115,8 +148,7 @@ def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
   one (true of ordinary templates), otherwise the turn boundaries are unknown.
   """
   render = _chat_renderer(tok, where)
-  messages = rec["messages"]
-  _check_messages(messages, where)
+  messages = _messages(rec, where)
   full = render(messages, False)
   pieces: list[tuple[str, bool]] = []
   done = 0
@@ -160,7 +192,8 @@ def tokenize_examples(
         trained += [flag] * len(ids)
     else:
       raise ValueError(
-        f'{w}: expected {{"prompt", "completion"}} or {{"messages"}} like the first record'
+        f'{w}: expected {{"prompt", "completion"}}, {{"messages"}} or {{"conversations"}} '
+        "like the first record"
       )
     out.append((np.asarray(toks, np.int32), np.asarray(trained, bool)))
   return out
@@ -256,6 +289,8 @@ def _text_chars(record: Any) -> int:
   texts = [record.get("prompt"), record.get("completion")]
   if isinstance(record.get("messages"), list):
     texts += [m.get("content") for m in record["messages"] if isinstance(m, dict)]
+  if isinstance(record.get("conversations"), list):
+    texts += [m.get("value") for m in record["conversations"] if isinstance(m, dict)]
   return 1 + sum(len(t) for t in texts if isinstance(t, str))
 
 

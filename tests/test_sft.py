@@ -185,3 +185,46 @@ def test_parquet_rows_are_instruction_records_as_json_lines_are(tmp_path, monkey
 
   pq.write_table(pa.Table.from_pylist([{"text": "a b c", "id": 1}]), tmp_path / "text.parquet")
   assert not sft.is_instruction_data([tmp_path / "text.parquet"])
+
+
+def test_sharegpt_conversations_are_read_as_messages(tmp_path):
+  """ShareGPT's {"conversations": [{"from", "value"}]} (many Hub datasets) tokenizes as the
+  same chat in "messages" form, in JSON lines and in Parquet; unknown speakers and
+  malformed turns are errors naming the record."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  special = ["<unk>", "<s>", "</s>"]
+  bpe = tokenizers.trainers.BpeTrainer(vocab_size=90, special_tokens=special, show_progress=False)
+  tok.train_from_iterator(["what is two add two ? four and one add one two be brief"] * 9, bpe)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  template = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+  )
+  config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+  turns = [("system", "be brief"), ("user", "what is two add two ?"), ("assistant", "four")]
+  messages = {"messages": [{"role": r, "content": c} for r, c in turns]}
+  speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+  sharegpt = {"conversations": [{"from": speakers[r], "value": c} for r, c in turns]}
+  (want,), (got,) = (sft.tokenize_examples([(r, "rec")], tok) for r in (messages, sharegpt))
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert want[1].any() and not want[1].all()
+
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  pq.write_table(pa.Table.from_pylist([sharegpt, sharegpt]), tmp_path / "chat.parquet")
+  assert sft.is_instruction_data([tmp_path / "chat.parquet"])
+  assert [r for r, _ in data.records(tmp_path / "chat.parquet")] == [sharegpt, sharegpt]
+
+  for bad, why in [
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "the speaker 'bot'; expected one of"),
+    ({"conversations": [{"from": "gpt"}]}, 'must be a list of {"from", "value"} objects'),
+  ]:
+    with pytest.raises(ValueError, match="^rec 7: ") as e:
+      sft.tokenize_examples([(bad, "rec 7")], tok)
+    assert why in str(e.value)

@@ -825,7 +825,7 @@ def _parquet_texts(raw, path: Path) -> Iterator[str]:
 # The columns a Parquet row is read as a record with (instruction data: galore_jax.sft),
 # so that other columns (ids, scores, timestamps) neither cost reading nor enter the
 # record, whose canonical JSON decides its split.
-RECORD_COLUMNS = ("prompt", "completion", "messages", "text")
+RECORD_COLUMNS = ("prompt", "completion", "messages", "conversations", "text")
 
 
 def records(path: Path, at=None) -> Iterator[tuple[Any, str]]:
