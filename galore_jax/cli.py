@@ -527,7 +527,7 @@ def _load_for_inference(args, before_restore):
 
 
 def _cmd_eval(args) -> int:
-  from galore_jax import data, distributed, trainer
+  from galore_jax import data, distributed, hub, trainer
   from galore_jax.config import ConfigError, absolute_source, check_mesh, check_seq_len
 
   for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
@@ -540,10 +540,12 @@ def _cmd_eval(args) -> int:
 
   def check_flags_and_read_data(run, _tok, _step):  # before the weights: a bad flag fails
     # Default: what the run evaluated on (its --eval-data, all of it; else its held-out part).
-    held_out = getattr(run.cfg, "eval_data", None)
+    # A Hugging Face dataset's files it recorded: in this machine's cache.
+    held_out = hub.local_data(getattr(run.cfg, "eval_data", None), flag="--eval-data")
+    run_data = hub.local_data(run.cfg.data, flag="--data")
     cfg = dataclasses.replace(
       run.cfg,
-      data=absolute_source(args.data) if args.data else held_out or run.cfg.data,
+      data=absolute_source(args.data) if args.data else held_out or run_data,
       batch_size=args.batch_size or run.cfg.batch_size,
       seq_len=args.seq_len or run.cfg.seq_len,
       packing=run.cfg.packing if args.packing is None else args.packing,
@@ -553,7 +555,7 @@ def _cmd_eval(args) -> int:
     split = args.split or (
       data.held_out_split(held_out)
       if not args.data and held_out
-      else _default_eval_split(cfg.data, run.cfg.data)
+      else _default_eval_split(cfg.data, run_data)
     )
     if (note := data.unread_note(cfg.data)) and distributed.is_primary():
       print(note, file=sys.stderr)

@@ -386,7 +386,7 @@ def check_mesh(mesh: str | None, batch_size: int | None = None) -> None:
 
 def absolute_source(source: str) -> str:
   """``--data`` as stored in a run: paths made absolute (``eval`` may run elsewhere)."""
-  if not source.strip() or source.strip() == "builtin" or source.startswith("tfds:"):
+  if not source.strip() or source.strip() == "builtin" or source.startswith(("tfds:", "hf://")):
     return source  # (an empty one is refused by the data pipeline)
   return os.path.abspath(os.path.expanduser(source))
 

@@ -40,6 +40,10 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 _DATASET = re.compile(
   r"hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^/]+))?(?P<path>/.*)?"
 )
+# .../datasets--ORG--NAME/snapshots/<commit>[/PATH]: a dataset's files in the cache.
+_DATA_SNAPSHOT = re.compile(
+  r".*/datasets--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})(?P<path>/.*)?"
+)
 # .../models--ORG--NAME/snapshots/<commit>: a directory of the Hugging Face cache.
 _SNAPSHOT = re.compile(
   r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})"
@@ -87,11 +91,14 @@ def model_name(path: str) -> str:
 
 def pinned(path: str | None) -> str | None:
   """What a run records for ``path``: ``ORG/NAME@COMMIT`` for a snapshot directory of the
-  Hugging Face cache, or for the tokenizer file such a directory is read for; else ``path``.
+  Hugging Face cache, or for the tokenizer file such a directory is read for;
+  ``hf://datasets/ORG/NAME@COMMIT/PATH`` for a dataset's files there; else ``path``.
   A resume, an ``eval`` or a machine with another cache resolves the record again
   (:func:`local_dir`), fetching that exact commit if its cache lacks it."""
   if not path:
     return path
+  if d := _DATA_SNAPSHOT.fullmatch(os.path.normpath(path)):  # --data's files
+    return f"hf://datasets/{d['org']}/{d['name']}@{d['rev']}{d['path'] or ''}"
   m = _SNAPSHOT.fullmatch(os.path.normpath(path))
   if m is None:
     from galore_jax import hf

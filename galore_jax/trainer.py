@@ -348,13 +348,15 @@ def run_meta(cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None) -> d
       **dataclasses.asdict(cfg),
       "init_from": hub.pinned(cfg.init_from),
       "tokenizer": hub.pinned(cfg.tokenizer),
+      "data": hub.pinned(cfg.data),
+      "eval_data": hub.pinned(cfg.eval_data),
       "peak_lr": cfg.peak_lr,
     },
     **({"hf_config": hf_config or _init_config(cfg)} if cfg.init_from else {}),
     **({"hf_generation_config": gen} if (gen := _init_generation_config(cfg)) else {}),
     "data_position": {
       "seed": cfg.seed,
-      "source": cfg.data,
+      "source": hub.pinned(cfg.data),
       "batch_size": cfg.batch_size,
       "grad_accum": cfg.grad_accum,
       "seq_len": cfg.seq_len,
@@ -1109,7 +1111,7 @@ def _train_loop(
     if changes := resume_changes(saved.get("train_config", {}), cfg, start):
       log(f"galore-jax: note: {changes}")
     was_eval = saved.get("train_config", {}).get("eval_data")
-    if was_eval != cfg.eval_data:  # a resume that changed (or, in a library call, left out) it
+    if was_eval != hub.pinned(cfg.eval_data):  # a resume that changed (or left out) it
       held = lambda source: (
         f"--eval-data {source}" if source else "the documents held out of --data"
       )

@@ -220,7 +220,7 @@ def test_without_network_the_cache_is_used_and_its_gaps_are_named(offline_cache,
 
 
 def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
-  offline_cache, tmp_path, capsys
+  offline_cache, tmp_path, capsys, monkeypatch
 ):
   snap = _cache_model(offline_cache)
   plan = ["plan", "--init-from", "acme/tiny-llama", "--no-compile", "--json"]
@@ -244,11 +244,17 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
   saved = checkpoint.saved_train_config(str(run))[1]
   # The commit, not this cache's path: another machine's cache resolves it too.
   assert saved["init_from"] == saved["tokenizer"] == f"acme/tiny-llama@{COMMIT}"
-  assert saved["data"] == f"{files}/data/train-*.parquet"
+  assert saved["data"] == f"hf://datasets/acme/arith@{COMMIT}/data/train-*.parquet"
 
-  # The resume takes them from the run and finds the snapshot without the Hub.
+  # The resume takes them from the run and finds the snapshots without the Hub, in another
+  # cache too (another machine's, or this one's moved): the run names no cache path.
+  moved = tmp_path / "moved_cache"
+  shutil.move(offline_cache, moved)
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(moved))
   assert cli.main(["train", "--resume", "--out", str(run), "--steps", "3", "--no-progress"]) == 0
-  assert "trained steps 2..3" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "trained steps 2..3" in out and f"in {moved}/datasets--acme--arith" in out
+  offline_cache = moved
   # eval of the run reads its tokenizer from the cache; of the Hub id, the model before.
   assert cli.main(["eval", "--checkpoint", str(run), "--eval-batches", "1", "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["step"] == 3
@@ -297,6 +303,9 @@ def test_hub_dataset_files_are_named_as_huggingface_hub_does(offline_cache):
     "hf://datasets/acme/arith/data/train-*.parquet", flag="--data", log=said.append
   )
   assert got == f"{snap}/data/train-*.parquet" and len(said) == 1
+  # A run records them so that any cache finds them: read back, the same files.
+  pinned = f"hf://datasets/acme/arith@{COMMIT}/data/train-*.parquet"
+  assert hub.pinned(got) == pinned and hub.local_data(pinned, flag="--data") == got
   assert hub.local_data("hf://datasets/acme/arith@main/data", flag="--data") == f"{snap}/data"
   assert hub.local_data(f"hf://datasets/acme/arith@{COMMIT}/data/", flag="--data").endswith("data")
   assert hub.local_data("/local/x.jsonl", flag="--data") == "/local/x.jsonl"
