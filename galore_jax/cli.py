@@ -450,7 +450,7 @@ def _cmd_train(args) -> int:
   if restored and distributed.is_primary():
     print(restored)
   try:
-    summary = trainer.train(cfg)
+    summary = trainer.train(cfg, started=trainer.process_start())  # --time-limit's clock
   except trainer.TrainingInterrupted as e:
     print(f"galore-jax: {e}", file=sys.stderr)
     return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

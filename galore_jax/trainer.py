@@ -983,11 +983,31 @@ def _check_out(cfg: TrainConfig, ckpt_dir: str) -> int | None:
   return None
 
 
-def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, Any]:
+def process_start() -> float:
+  """The ``time.perf_counter()`` reading at which this process started (Linux's
+  ``/proc/self/stat``, to 10 ms); now where that cannot be read. A batch job's time limit
+  counts from about then: interpreter start, imports and joining a job included."""
+  try:
+    with open("/proc/self/stat") as f:
+      ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    with open("/proc/uptime") as f:
+      age = float(f.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter()
+  return time.perf_counter() - max(age, 0.0)
+
+
+def train(
+  cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS, started: float | None = None
+) -> dict[str, Any]:
   """Runs (or resumes) training; returns a summary with the final losses and paths.
 
   ``hooks`` (:class:`Hooks`) change the optimizer, the trained tree, the evaluation, the
   checkpoint writes and add per-step callbacks; the loop itself is the same for every run.
+
+  ``started``: the ``time.perf_counter()`` reading ``--time-limit`` counts from (default:
+  this call). The CLI passes :func:`process_start`, so that a job's imports and the wait
+  for its other processes count against its limit too.
 
   The run directory is locked for the whole call (:func:`galore_jax.rundir.locked`);
   SIGINT / SIGTERM raise :class:`TrainingInterrupted` after saving (or, before the
@@ -1037,7 +1057,7 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
     except rundir.RunDirError as e:
       raise ConfigError("--out", str(e)) from None
     try:
-      return _train(cfg, signals, log, hooks, kept_hf_config)
+      return _train(cfg, signals, log, hooks, kept_hf_config, started)
     except KeyboardInterrupt:  # a second signal before the first step ended
       if created:
         shutil.rmtree(cfg.out, ignore_errors=True)
@@ -1055,18 +1075,33 @@ def train(cfg: TrainConfig, *, log=print, hooks: Hooks = NO_HOOKS) -> dict[str, 
 
 
 def _train(
-  cfg: TrainConfig, signals: _Signals, log, hooks: Hooks, hf_config: dict | None
+  cfg: TrainConfig,
+  signals: _Signals,
+  log,
+  hooks: Hooks,
+  hf_config: dict | None,
+  started: float | None,
 ) -> dict[str, Any]:
   t_start = time.perf_counter()
   with metrics.CompileTimer() as compile_timer:  # until the first step ends (below)
-    return _train_loop(cfg, signals, log, t_start, compile_timer, hooks, hf_config)
+    return _train_loop(
+      cfg, signals, log, t_start, compile_timer, hooks, hf_config, started or t_start
+    )
 
 
 def _train_loop(
-  cfg: TrainConfig, signals, log, t_start: float, compile_timer, hooks: Hooks, hf_config
+  cfg: TrainConfig,
+  signals,
+  log,
+  t_start: float,
+  compile_timer,
+  hooks: Hooks,
+  hf_config,
+  limit_start: float,
 ) -> dict[str, Any]:
   """``hf_config``: ``--init-from``'s config.json as a checkpoint kept it, for a resume
-  whose directory is gone (:func:`_local_paths`); None reads the directory."""
+  whose directory is gone (:func:`_local_paths`); None reads the directory.
+  ``limit_start``: the clock reading ``--time-limit`` counts from (:func:`train`)."""
   ckpt_dir = os.path.join(cfg.out, "checkpoints")
   existing = _check_out(cfg, ckpt_dir)
   distributed.barrier("out_checked")  # multi-process: all checked before anyone writes
@@ -1265,7 +1300,7 @@ def _train_loop(
     margin = max(step_times, default=step_s) + last_save_s
     if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
       margin += last_eval_s
-    return time.perf_counter() - t_start + margin >= time_limit
+    return time.perf_counter() - limit_start + margin >= time_limit
 
   def save_cost_note(at: int, took: float) -> str | None:
     """Once a run: a note when writing checkpoints takes more than 10% of its time (saves

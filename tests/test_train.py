@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 from small_run import SMALL
 
-from galore_jax import checkpoint, config, data, metrics, steps, train, trainer
+from galore_jax import checkpoint, cli, config, data, metrics, steps, train, trainer
+
+_SESSION_START = time.perf_counter()
 
 
 def _cfg(tmp_path, name, **kw):
@@ -264,6 +266,30 @@ def test_a_time_limit_stops_with_a_checkpoint_and_the_resume_continues_exactly(
   ) in logged
   rest = train.train(_cfg(tmp_path, "timed", steps=6, resume=True), log=_quiet)
   np.testing.assert_allclose(first["losses"] + rest["losses"], straight_run["losses"], rtol=1e-6)
+
+  # The limit counts from `started`: the CLI passes its process's start, so the imports and
+  # the wait for a job's other processes count (they happen before train is called).
+  ago = time.perf_counter() - 3599.5
+  late = trainer.train(_cfg(tmp_path, "late", steps=6, time_limit="1h"), log=_quiet, started=ago)
+  assert late["step"] == 1 and checkpoint.latest_step(str(tmp_path / "late")) == 1
+  age = time.perf_counter() - trainer.process_start()
+  assert 0.1 < age < time.perf_counter() - _SESSION_START + 300, age  # this process's age
+
+
+class _Started(Exception):
+  pass
+
+
+def test_the_cli_counts_the_time_limit_from_its_process_start(tmp_path, monkeypatch):
+  def fake_train(cfg, *, started=None, **kw):
+    raise _Started(started)
+
+  monkeypatch.setattr(trainer, "train", fake_train)
+  before = time.perf_counter()
+  with pytest.raises(_Started) as e:
+    cli.main(["train", "--steps", "1", "--out", str(tmp_path / "r"), "--time-limit", "1h"])
+  assert e.value.args[0] == pytest.approx(trainer.process_start(), abs=0.05)
+  assert e.value.args[0] < before  # not the call's own time
 
 
 def test_time_limits_are_durations_with_units():
