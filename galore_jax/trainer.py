@@ -1085,7 +1085,14 @@ def _train(
   t_start = time.perf_counter()
   with metrics.CompileTimer() as compile_timer:  # until the first step ends (below)
     return _train_loop(
-      cfg, signals, log, t_start, compile_timer, hooks, hf_config, started or t_start
+      cfg,
+      signals,
+      log,
+      t_start,
+      compile_timer,
+      hooks,
+      hf_config,
+      t_start if started is None else started,
     )
 
 
