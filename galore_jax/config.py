@@ -122,7 +122,8 @@ class TrainConfig:
   peak_tflops: float | None = None  # per device, for mfu; None: known GPUs' datasheet peak
   profile_steps: str | None = None  # "A:B": a jax.profiler trace of steps A+1..B
   # "23h50m" or "23:50:00": stop with a checkpoint before this much time has passed (a
-  # batch job's wall-clock limit); measured from the start of train().
+  # batch job's wall-clock limit); measured from train()'s `started` (the CLI: the process's
+  # start).
   time_limit: str | None = None
   wandb: bool = False  # also log to Weights & Biases (the `wandb` extra)
 

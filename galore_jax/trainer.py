@@ -854,9 +854,12 @@ def _local_paths(cfg: TrainConfig, log) -> tuple[TrainConfig, dict | None]:
     data=hub.local_data(cfg.data, flag="--data", log=log),
     eval_data=hub.local_data(cfg.eval_data, flag="--eval-data", log=log),
   )
-  kept = checkpoint.saved_record(cfg.out, "hf_config") if cfg.resume and cfg.out else None
+  # A resume of a run that has a checkpoint (a directory listing, not its metadata).
+  ckpt_dir = os.path.join(cfg.out, "checkpoints") if cfg.out else None
+  resuming = bool(cfg.resume and ckpt_dir and checkpoint.finished_steps(ckpt_dir))
   hf_config = None
   if cfg.init_from:
+    kept = checkpoint.saved_record(cfg.out, "hf_config") if resuming else None
     try:
       init = hub.local_dir(cfg.init_from, flag="--init-from", log=log)
       if kept and not os.path.isdir(os.path.expanduser(init)):
@@ -872,7 +875,7 @@ def _local_paths(cfg: TrainConfig, log) -> tuple[TrainConfig, dict | None]:
         "checkpoint's)"
       )
   if cfg.tokenizer:
-    if cfg.resume and cfg.out and checkpoint.saved_train_config(cfg.out):
+    if resuming:
       tokenizer = run_tokenizer(cfg.tokenizer, cfg.out, log)
     else:
       tokenizer = hub.local_dir(cfg.tokenizer, flag="--tokenizer", need="tokenizer", log=log)
