@@ -32,22 +32,19 @@ import urllib.parse
 
 from galore_jax.config import ConfigError
 
-# ORG/NAME[@REVISION], as the Hub spells them; anything else is taken as a path.
-_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?")
+# A repository id, ORG/NAME, as the Hub spells them.
+_REPO = r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
+# ORG/NAME[@REVISION]; anything else is taken as a path.
+_HUB_ID = re.compile(_REPO + r"(?:@(?P<rev>[\w./-]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # hf://datasets/ORG/NAME[@REVISION][/PATH]: a dataset's files, as huggingface_hub's
 # HfFileSystem spells them.
-_DATASET = re.compile(
-  r"hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^/]+))?(?P<path>/.*)?"
-)
-# .../datasets--ORG--NAME/snapshots/<commit>[/PATH]: a dataset's files in the cache.
-_DATA_SNAPSHOT = re.compile(
-  r".*/datasets--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})(?P<path>/.*)?"
-)
-# .../models--ORG--NAME/snapshots/<commit>: a directory of the Hugging Face cache.
-_SNAPSHOT = re.compile(
-  r".*/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})"
-)
+_DATASET = re.compile(r"hf://datasets/" + _REPO + r"(?:@(?P<rev>[^/]+))?(?P<path>/.*)?")
+# A snapshot of one commit in the Hugging Face cache, .../KIND--ORG--NAME/snapshots/<commit>:
+# a model's directory, or a dataset's with the PATH of its files.
+_CACHED = r".*/{kind}--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{{40}})"
+_SNAPSHOT = re.compile(_CACHED.format(kind="models"))
+_DATA_SNAPSHOT = re.compile(_CACHED.format(kind="datasets") + r"(?P<path>/.*)?")
 
 TOKENIZER_FILES = (
   "tokenizer.json",
