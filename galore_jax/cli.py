@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -497,10 +498,7 @@ def _local_hub_args(args, **needs: str) -> None:
   so in one line."""
   from galore_jax import distributed, hub
 
-  def say(line: str) -> None:
-    if distributed.is_primary():  # one line per job
-      print(line, file=sys.stderr)
-
+  say = distributed.primary_log(functools.partial(print, file=sys.stderr))
   for name, need in needs.items():
     value = getattr(args, name)
     if value:

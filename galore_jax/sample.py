@@ -152,12 +152,13 @@ def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=Non
       "--param-dtype",
       f"the run's weights are {cfg.param_dtype} (its --param-dtype); they load as trained",
     )
+  note = distributed.primary_log(functools.partial(print, file=sys.stderr))
   cfg = dataclasses.replace(
     cfg,
     mesh=mesh,
     # A Hub id the run recorded: its snapshot in this machine's cache; a tokenizer that is
     # gone: the run's own copy.
-    tokenizer=tokenizer or run_tokenizer(cfg.tokenizer, _run_dir(path), _note),
+    tokenizer=tokenizer or run_tokenizer(cfg.tokenizer, _run_dir(path), note),
     dtype=dtype or cfg.dtype,
   )
   from galore_jax import data
@@ -194,11 +195,6 @@ def _run_dir(path: str) -> str:
   """The run directory of a checkpoint path (``RUN``, ``RUN/checkpoints`` or a step's)."""
   ckpt_dir = checkpoint.checkpoint_dir(path)
   return os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
-
-
-def _note(line: str) -> None:
-  if distributed.is_primary():  # one line per job
-    print(line, file=sys.stderr)
 
 
 def _pick(logits_V, key, temperature: float, top_k: int, top_p: float):
