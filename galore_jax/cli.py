@@ -144,9 +144,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="builtin (the default: the bundled corpus) | PATH (a .txt / .md / .jsonl / .json "
     "file, .gz / .xz / .zst ok, or .parquet with a text column; a directory (its .txt / "
     ".jsonl / .json / .parquet files) or a glob; JSON or Parquet records of "
-    "prompt/completion or messages train on the replies) | tfds:NAME (e.g. tfds:c4/en) | "
+    "prompt/completion, messages, ShareGPT conversations or Alpaca instruction/input/output "
+    "train on the replies) | tfds:NAME (e.g. tfds:c4/en) | "
     "hf://datasets/ORG/NAME[@REV]/PATH (a Hugging Face dataset's files, fetched into its "
     "cache)",
+  )
+  g.add_argument(
+    "--columns",
+    default=None,
+    metavar="FIELD=COLUMN,...",
+    help="read record fields from JSON keys / Parquet columns of other names, e.g. "
+    "input=context,output=response (databricks-dolly-15k as Alpaca records), "
+    "prompt=question,completion=answer, text=content; fields: text, prompt, completion, "
+    "messages, conversations, instruction, input, output (also for --eval-data)",
   )
   g.add_argument(
     "--eval-data",
@@ -547,7 +557,14 @@ def _cmd_eval(args) -> int:
       batch_size=args.batch_size or run.cfg.batch_size,
       seq_len=args.seq_len or run.cfg.seq_len,
       packing=run.cfg.packing if args.packing is None else args.packing,
+      columns=getattr(run.cfg, "columns", None) if args.columns is None else args.columns,
     )
+    if cfg.columns == "none":
+      cfg = dataclasses.replace(cfg, columns=None)
+    try:
+      data.parse_columns(cfg.columns)
+    except ValueError as e:
+      raise ConfigError("--columns", str(e)) from e
     check_seq_len(cfg.seq_len, cfg.init_from or cfg.model, run.model_cfg.max_seq_len)
     check_mesh(args.mesh, cfg.batch_size)
     split = args.split or (
@@ -636,9 +653,9 @@ class _Prompt(NamedTuple):
 
 
 def _read_prompts(path: str) -> list[_Prompt]:
-  """``sample --prompts``: the JSON lines of ``path``, each ``{"prompt": str}`` or (for
-  ``--format chat``) ``{"messages": [...]}``, a conversation for the assistant to go on;
-  other fields are kept."""
+  """``sample --prompts``: the JSON lines of ``path``, each ``{"prompt": str}``, (for
+  ``--format chat``) ``{"messages": [...]}``, a conversation for the assistant to go on, or
+  (for ``--format alpaca``) ``{"instruction": str, "input": str}``; other fields are kept."""
   from galore_jax.config import ConfigError
 
   try:
@@ -662,9 +679,13 @@ def _read_prompts(path: str) -> list[_Prompt]:
       records.append(_Prompt(record, record["prompt"], i))
     elif isinstance(record, dict) and isinstance(record.get("messages"), list):
       records.append(_Prompt(record, record["messages"], i))
+    elif isinstance(record, dict) and isinstance(record.get("instruction"), str):
+      records.append(_Prompt(record, {k: record.get(k) for k in ("instruction", "input")}, i))
     else:
       raise ConfigError(
-        "--prompts", f'{path} line {i}: expected {{"prompt": "..."}} or {{"messages": [...]}}'
+        "--prompts",
+        f'{path} line {i}: expected {{"prompt": "..."}}, {{"messages": [...]}} or '
+        '{"instruction": "..."}',
       )
   if not records:
     raise ConfigError("--prompts", f"{path} holds no prompt")
@@ -741,6 +762,21 @@ def _open_reply_file(args, records):
   return replies.ReplyFile(args.out, [(r.record, r.line) for r in records], settings, args.prompts)
 
 
+def _trained_format(path: str, step: int) -> str:
+  """``sample``'s default ``--format``: the form of the run's ``--data`` as its checkpoint
+  recorded it (``"text"`` for a Hugging Face model directory, or a run saved before runs
+  recorded it), with a note when it is not text."""
+  from galore_jax import checkpoint, distributed
+
+  if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+    return "text"
+  form = checkpoint.read_meta(path, step)[1].get("data_format", "text")
+  if form != "text":
+    log = distributed.primary_log(functools.partial(print, file=sys.stderr))
+    log(f"galore-jax: note: --format {form}: the form of the run's --data")
+  return form
+
+
 def _sample(args, records, reply_file) -> int:
   from galore_jax import sample, sft
   from galore_jax.config import ConfigError
@@ -754,6 +790,8 @@ def _sample(args, records, reply_file) -> int:
       raise ConfigError(
         "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
       )
+    if args.format is None:
+      args.format = _trained_format(args.checkpoint, step)
     flag = "--prompt" if args.prompts is None else "--prompts"
     prompts.clear()  # a retried read calls again
     for _, prompt, line in records:
@@ -784,10 +822,10 @@ def _sample(args, records, reply_file) -> int:
     eos_id=stops,
   )
   if args.prompts is None:
-    # The reply streams out as it is drawn. A chat reply alone: the prompt would come back
-    # inside the template's markup.
+    # The reply streams out as it is drawn. A chat or Alpaca reply alone: the prompt would
+    # come back inside the template's markup.
     write = lambda text: print(text, end="", flush=True)
-    if args.format != "chat":
+    if args.format in ("text", "prompt"):
       write(args.prompt)
     stream = sample.ReplyStream(sp, prompts[0], write)
     reply = sample.generate(run, params, prompts[0], on_token=stream, **settings)
@@ -1068,6 +1106,12 @@ def build_parser() -> argparse.ArgumentParser:
     "source); all: every document of --data. Default: all for a path source other than "
     "the run's training data (a held-out set of your own), else validation",
   )
+  p.add_argument(
+    "--columns",
+    default=None,
+    metavar="FIELD=COLUMN,...|none",
+    help="as for train (default: the run's; none: the fields' own names)",
+  )
   p.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the run's")
   p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
   p.add_argument("--seq-len", type=int, default=None, help="default: the run's")
@@ -1118,8 +1162,9 @@ def build_parser() -> argparse.ArgumentParser:
     "--prompts",
     metavar="FILE",
     help='JSON lines {"prompt": "..."} (or {"messages": [...]}, a conversation, with --format '
-    'chat), sampled --batch-size at a time; prints each record with its "completion" (the '
-    'reply alone) and "finish_reason" (stop, length or context) as each batch ends',
+    'chat; {"instruction", "input"} with --format alpaca), sampled --batch-size at a time; '
+    'prints each record with its "completion" (the reply alone) and "finish_reason" (stop, '
+    "length or context) as each batch ends",
   )
   p.add_argument(
     "--batch-size", type=int, default=8, help="prompts decoded together with --prompts (default 8)"
@@ -1132,11 +1177,12 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--format",
-    default="text",
-    choices=("text", "prompt", "chat"),
-    help="lay the prompt out as training laid out its data: text (pretraining; default), "
-    "prompt ([BOS] prompt, as {prompt, completion} records), chat (a user turn, or a "
-    "--prompts conversation, in the tokenizer's chat template; prints the reply)",
+    choices=("text", "prompt", "chat", "alpaca"),
+    help="lay the prompt out as training laid out its data: text (pretraining), prompt "
+    "([BOS] prompt, as {prompt, completion} records), chat (a user turn, or a --prompts "
+    "conversation, in the tokenizer's chat template; prints the reply), alpaca (an "
+    "instruction, or --prompts {instruction, input}, in the Alpaca prompt). Default: the "
+    "form of the run's --data (text for a Hugging Face model or a run older than this)",
   )
   p.add_argument(
     "--max-new-tokens", type=int, default=64, help="tokens per reply (default %(default)s)"

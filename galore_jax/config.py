@@ -87,6 +87,8 @@ class TrainConfig:
   b2: float = 0.999
   eps: float = 1e-6
   data: str = "builtin"
+  # "FIELD=COLUMN,...": record fields read from columns of other names (data.parse_columns)
+  columns: str | None = None
   # A held-out source evaluated whole during training (None: the documents held out of data).
   eval_data: str | None = None
   tokenizer: str | None = None
@@ -322,6 +324,15 @@ def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
     )
   if not 0.0 <= cfg.min_lr_ratio <= 1.0:  # (NaN fails both comparisons)
     raise ConfigError("--min-lr-ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+  if cfg.columns:
+    if cfg.data.strip() == "builtin" or cfg.data.startswith("tfds:"):
+      raise ConfigError("--columns", f"names columns of files; --data {cfg.data} has none")
+    from galore_jax.data import sources  # lazy: only a run that names columns needs it
+
+    try:
+      sources.parse_columns(cfg.columns)
+    except ValueError as e:
+      raise ConfigError("--columns", str(e)) from e
   if cfg.svd not in SVD_METHODS:
     raise ConfigError("--svd", f"must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
   if cfg.subspace_iters < 1:

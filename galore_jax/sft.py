@@ -11,7 +11,15 @@ file (a Hub dataset's usual form) whose rows have these columns, whose records a
   the tokenizer's chat template (``chat_template`` in ``tokenizer_config.json``); the text
   of every assistant turn, as the template renders it (its end-of-turn token included),
   is trained, everything else is not. ShareGPT's ``{"conversations": [{"from": "human",
-  "value": ...}, {"from": "gpt", ...}]}`` is read as these messages (:data:`SHAREGPT_ROLES`).
+  "value": ...}, {"from": "gpt", ...}]}`` is read as these messages (:data:`SHAREGPT_ROLES`);
+  or
+* ``{"instruction": "...", "input": "...", "output": "..."}`` (Stanford Alpaca's form;
+  ``input`` optional): a prompt/completion example whose prompt is the Alpaca template
+  around the instruction and input (:data:`ALPACA_PROMPT`) and whose completion is the
+  output.
+
+A file set's first record names its form; ``sample`` lays prompts out the same way
+(:func:`prompt_ids`; the run records the form, and ``sample``'s ``--format`` defaults to it).
 
 **No packing.** Each example is one row of ``seq_len + 1`` tokens, truncated at the end and
 padded (padding masked), whatever ``--no-packing`` says: examples never share a row, so no
@@ -46,12 +54,52 @@ from galore_jax.data import batching, sources
 
 
 def _kind(record: Any) -> str | None:
+  """The form of an instruction record, its --format in ``sample`` (None: not one)."""
   if isinstance(record, dict):
     if "prompt" in record and "completion" in record:
       return "prompt"
     if "messages" in record or "conversations" in record:
-      return "messages"
+      return "chat"
+    if "instruction" in record and "output" in record:
+      return "alpaca"
   return None
+
+
+# Stanford Alpaca's record {"instruction", "input", "output"} (tatsu-lab/alpaca,
+# yahma/alpaca-cleaned, and the many sets made in its form) is trained as the Alpaca
+# project laid it out: this prompt, then the output as the completion. The prompt ends in
+# a newline (as in the Hub set's "text" column and Alpaca-LoRA's template), so the reply
+# starts on a token boundary of its own. An empty or missing "input" takes the short form.
+ALPACA_PROMPT = (
+  "Below is an instruction that describes a task. Write a response that appropriately "
+  "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+  "Below is an instruction that describes a task, paired with an input that provides "
+  "further context. Write a response that appropriately completes the request.\n\n"
+  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: Any, input: Any = None, where: str = "--prompt") -> str:
+  """The Alpaca prompt of an instruction and its optional input (``None`` or ``""``: none)."""
+  if not isinstance(instruction, str) or not (input is None or isinstance(input, str)):
+    raise ValueError(f'{where}: "instruction" and "input" must be strings')
+  if input:
+    return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+  return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def _prompt_completion(rec: dict, where: str) -> tuple[str, str]:
+  """A ``"prompt"`` or ``"alpaca"`` record as the texts trained on: (prompt, completion)."""
+  if _kind(rec) == "alpaca":
+    prompt, completion = alpaca_prompt(rec["instruction"], rec.get("input"), where), rec["output"]
+    if not isinstance(completion, str):
+      raise ValueError(f'{where}: "output" must be a string')
+    return prompt, completion
+  if not (isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
+    raise ValueError(f'{where}: "prompt" and "completion" must be strings')
+  return rec["prompt"], rec["completion"]
 
 
 # ShareGPT's spelling of a chat, {"conversations": [{"from": "human", "value": ...}]}, which
@@ -86,21 +134,22 @@ def _messages(rec: dict, where: str) -> list:
   return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
-def is_instruction_data(files: Sequence[Path]) -> bool:
-  """Whether the first record of the first JSON or Parquet file is a prompt/completion or
-  chat record."""
+def instruction_format(files: Sequence[Path], columns: dict[str, str] | None = None) -> str | None:
+  """The form of the first record of the first JSON or Parquet file if it is an instruction
+  record (``"prompt"``, ``"chat"`` or ``"alpaca"``), else None (text data). ``columns``: as
+  for ``data.records``."""
   for f in files:
     fmt, _ = data.file_kind(f)
     if fmt == ".txt":  # text only
-      return False
+      return None
     try:  # the first record only: a C4 shard is not read whole at every start
-      with contextlib.closing(data.records(f)) as records:
+      with contextlib.closing(data.records(f, columns=columns)) as records:
         first = next(records, None)
     except (ValueError, OSError, EOFError):
-      return False  # let the text reader report it
+      return None  # let the text reader report it
     if first is not None:
-      return _kind(first[0]) is not None
-  return False
+      return _kind(first[0])
+  return None
 
 
 def render_chat(template: str, messages: list, *, add_generation_prompt: bool, **specials) -> str:
@@ -171,20 +220,18 @@ def tokenize_examples(
   eos, bos = tok.eos_id(), tok.bos_id()
   prefix = [bos] if bos >= 0 else []
   out: list[tuple[np.ndarray, np.ndarray]] = []
-  prompts = [(r, w) for r, w in records if _kind(r) == "prompt"]
-  for r, w in prompts:
-    if not (isinstance(r["prompt"], str) and isinstance(r["completion"], str)):
-      raise ValueError(f'{w}: "prompt" and "completion" must be strings')
-  p_ids = tok.encode([r["prompt"] for r, _ in prompts]) if prompts else []
-  c_ids = tok.encode([r["completion"] for r, _ in prompts]) if prompts else []
+  # Prompts and completions are tokenized in two batched calls (the fast tokenizer's threads).
+  texts = [_prompt_completion(r, w) for r, w in records if _kind(r) in ("prompt", "alpaca")]
+  p_ids = tok.encode([p for p, _ in texts]) if texts else []
+  c_ids = tok.encode([c for _, c in texts]) if texts else []
   by_prompt = iter(zip(p_ids, c_ids, strict=True))
   for r, w in records:
     kind = _kind(r)
-    if kind == "prompt":
+    if kind in ("prompt", "alpaca"):
       p, c = next(by_prompt)
       toks = prefix + list(p) + list(c) + [eos]
       trained = [False] * (len(prefix) + len(p)) + [True] * (len(c) + 1)
-    elif kind == "messages":
+    elif kind == "chat":
       toks, trained = [], []
       for text, flag in _chat_segments(r, w, tok):
         ids = tok.encode(text)
@@ -192,17 +239,19 @@ def tokenize_examples(
         trained += [flag] * len(ids)
     else:
       raise ValueError(
-        f'{w}: expected {{"prompt", "completion"}}, {{"messages"}} or {{"conversations"}} '
-        "like the first record"
+        f'{w}: expected {{"prompt", "completion"}}, {{"messages"}}, {{"conversations"}} or '
+        '{"instruction", "output"} like the first record'
       )
     out.append((np.asarray(toks, np.int32), np.asarray(trained, bool)))
   return out
 
 
-PROMPT_FORMATS = ("text", "prompt", "chat")
+PROMPT_FORMATS = ("text", "prompt", "chat", "alpaca")
 
 
-def prompt_ids(tok, prompt: str | list[dict], fmt: str, where: str = "--prompt") -> list[int]:
+def prompt_ids(
+  tok, prompt: str | list[dict] | dict, fmt: str, where: str = "--prompt"
+) -> list[int]:
   """Token ids to sample a reply to ``prompt`` from, laid out as training laid out its data:
 
   * ``"text"``: the text as is (pretraining documents; an empty prompt is one EOS, the
@@ -212,19 +261,28 @@ def prompt_ids(tok, prompt: str | list[dict], fmt: str, where: str = "--prompt")
   * ``"chat"``: a ``{"messages"}`` conversation rendered with the chat template up to where
     the next assistant reply starts (the generation prompt). ``prompt`` is a string (one user
     turn) or a list of ``{"role", "content"}`` messages (a system turn, earlier turns of a
-    conversation) whose last is not the assistant's.
+    conversation) whose last is not the assistant's;
+  * ``"alpaca"``: ``[BOS]`` and the Alpaca prompt of an instruction (a string) or of an
+    ``{"instruction", "input"}`` dict, as an ``{"instruction", "input", "output"}`` example
+    holds it before its output.
 
-  The last two are the untrained head of :func:`tokenize_examples`' own example, each piece
+  The last three are the untrained head of :func:`tokenize_examples`' own example, each piece
   tokenized as training tokenized it (earlier assistant turns on their own), so a prompt is
   tokenized exactly as in training. ``ValueError`` if the tokenizer has no chat template;
   starting with ``where`` for messages the template cannot render as a prompt (another
   format, no turn, the assistant's turn last, roles the template refuses).
   """
-  if not isinstance(prompt, str) and fmt != "chat":
+  if isinstance(prompt, dict) and fmt == "alpaca":
+    prompt = alpaca_prompt(prompt.get("instruction"), prompt.get("input"), where)
+  elif isinstance(prompt, str) and fmt == "alpaca":
+    prompt = alpaca_prompt(prompt)
+  elif isinstance(prompt, dict):
+    raise ValueError(f'{where}: an "instruction" is an Alpaca prompt; use --format alpaca')
+  elif not isinstance(prompt, str) and fmt != "chat":
     raise ValueError(f'{where}: a list of "messages" is a chat; use --format chat')
   if fmt == "text":
     return tok.encode(prompt) if prompt else [tok.eos_id()]
-  if fmt == "prompt":
+  if fmt in ("prompt", "alpaca"):
     ((toks, trained),) = tokenize_examples([({"prompt": prompt, "completion": ""}, where)], tok)
     return toks[: int(np.argmax(trained))].tolist()
   if fmt != "chat":
@@ -286,7 +344,7 @@ def _text_chars(record: Any) -> int:
   """About how many characters a record holds (how full a tokenizer batch is)."""
   if not isinstance(record, dict):
     return 1
-  texts = [record.get("prompt"), record.get("completion")]
+  texts = [record.get(k) for k in ("prompt", "completion", "instruction", "input", "output")]
   if isinstance(record.get("messages"), list):
     texts += [m.get("content") for m in record["messages"] if isinstance(m, dict)]
   if isinstance(record.get("conversations"), list):
@@ -420,12 +478,19 @@ def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[s
 
 
 def cached_examples(
-  source: str, split: str, tok, files: Sequence[Path], key_parts: Sequence[str], progress=None
+  source: str,
+  split: str,
+  tok,
+  files: Sequence[Path],
+  key_parts: Sequence[str],
+  progress=None,
+  columns: dict[str, str] | None = None,
 ) -> _Examples:
   """The tokenized examples of ``split`` of an instruction file set, from the token cache
   under ``key_parts`` (the files and the tokenizer; its chat template is added here). A
   miss reads the files once, as a stream, and, as for text sources, tokenizes and caches
-  both splits for ``train`` and only the validation split for ``validation``."""
+  both splits for ``train`` and only the validation split for ``validation``. ``columns``:
+  as for ``data.records`` (``key_parts`` must name them)."""
   template = getattr(tok, "chat_template", None) or ""
   key = [*key_parts, hashlib.sha256(template.encode()).hexdigest()]
   return sources.load_or_build(
@@ -434,7 +499,7 @@ def cached_examples(
     lambda: sources.build_splits(
       split,
       lambda: _ExampleBuilder(tok),
-      sources.read_files(files, data.records, progress),
+      sources.read_files(files, lambda f, at: data.records(f, at, columns), progress),
       lambda s, builder: builder.store(_cache_keys(key, s)),
       lambda total: _empty(source, split, total),
       key=_canonical,
@@ -492,7 +557,9 @@ def split_index(
   # "all": eval of a held-out set of the user's own, every example.
   examples = batching._of_split(
     split,
-    lambda s: cached_examples(config.source, s, tok, files, key_parts, progress),
+    lambda s: cached_examples(
+      config.source, s, tok, files, key_parts, progress, sources.parse_columns(config.columns)
+    ),
     _joined_examples,
   )
   n = len(examples)

@@ -701,6 +701,7 @@ def data_config(cfg: TrainConfig, batch_size: int):
     packing=cfg.packing,
     seed=cfg.seed,
     tokenizer=cfg.tokenizer,
+    columns=cfg.columns,
   )
 
 
@@ -740,6 +741,21 @@ def cpu_fallback_note(devices, gpu_present: bool | None = None) -> str | None:
     "'jax[cuda12]' (this package's [cuda] extra) adds; or the GPU's memory held by another "
     "process). JAX_PLATFORMS=cpu says the CPU is meant"
   )
+
+
+_INSTRUCTION_FORMS = {
+  "prompt": "prompt/completion records",
+  "chat": "chat records in the tokenizer's chat template",
+  "alpaca": "Alpaca records in the Alpaca prompt",
+}
+
+
+def _instruction_note(data_format: str) -> str:
+  """What the model line says of instruction data (nothing for text): which records, and
+  that the loss is on the replies alone, so a user sees how their file was read."""
+  if data_format not in _INSTRUCTION_FORMS:
+    return ""
+  return f" ({_INSTRUCTION_FORMS[data_format]}, loss on the replies only)"
 
 
 def idle_devices_note(used: int, devices) -> str | None:
@@ -1149,6 +1165,8 @@ def _train_loop(
   meta = {**run_meta(cfg, run, sp, hf_config), **hooks.meta}
   if fingerprint := getattr(train_ds, "fingerprint", None):
     meta["data_fingerprint"] = fingerprint
+  # How the data laid its examples out: `sample` lays a prompt out the same way by default.
+  meta["data_format"] = getattr(train_ds, "data_format", "text")
 
   if cfg.resume:
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
@@ -1168,7 +1186,18 @@ def _train_loop(
     if was and fingerprint and was != fingerprint:  # the same --data, other files
       log(
         f"galore-jax: note: the files of --data changed since checkpoint {start} (added, "
-        "removed or edited): the batches from here on are not the ones its run would have read"
+        "removed or edited, or --columns reads them otherwise): the batches from here on "
+        "are not the ones its run would have read"
+      )
+    form = meta["data_format"]
+    # Not recorded: saved before runs recorded it, when Alpaca records were read as text.
+    was_form = saved.get("data_format", "text" if form == "alpaca" else form)
+    if was_form != form:
+      read_as = lambda f: _INSTRUCTION_FORMS.get(f, "text")
+      log(
+        f"galore-jax: note: --data is read as {read_as(form)}, where the run before step "
+        f"{start} read it as {read_as(was_form)}: its examples and loss are not the same "
+        "across it"
       )
     if "hf_generation_config" in saved:  # as the run began, even if the directory is gone
       meta["hf_generation_config"] = saved["hf_generation_config"]
@@ -1191,7 +1220,9 @@ def _train_loop(
     f"optimizer {cfg.optimizer}"
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f", peak lr {cfg.peak_lr:g}"
-    + f"; {train_ds.num_tokens or 'streamed'} training tokens; mesh {dict(run.mesh.shape)} "
+    + f"; {train_ds.num_tokens or 'streamed'} training tokens"
+    + _instruction_note(getattr(train_ds, "data_format", "text"))
+    + f"; mesh {dict(run.mesh.shape)} "
     f"on {describe_devices(run.mesh.devices.flat)}"
   )
   if note := idle_devices_note(run.mesh.size, jax.devices()):

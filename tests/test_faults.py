@@ -884,6 +884,8 @@ def test_a_signal_raised_where_python_ignores_it_still_stops_the_data_load(
   # arrives in a gc callback (jax has one; tokenizing runs the gc often): the next progress
   # call (between tokenizer batches) stops the load, and no traceback is printed.
   calls = []
+  # (Python's own handler, or SIG_IGN in a process a shell started in the background.)
+  before = signal.getsignal(signal.SIGINT)
 
   def make_dataset(config, split, *, shard=None, progress=None):
     def ring(phase, info):
@@ -904,7 +906,7 @@ def test_a_signal_raised_where_python_ignores_it_still_stops_the_data_load(
   assert stop.value.signum == signal.SIGINT and calls == []
   assert "Traceback" not in capfd.readouterr().err
   assert not (tmp_path / "run").exists()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+  assert signal.getsignal(signal.SIGINT) is before  # put back
 
 
 def test_eval_stops_at_a_signal_python_ignored(lines_run, monkeypatch, capfd):

@@ -742,7 +742,21 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   run = str(trained_run["run"])
   flags = ["--max-new-tokens", "3", "--temperature", "0"]
   assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "prompt", *flags]) == 0
-  assert capsys.readouterr().out.startswith(q)
+  prompt_reply = capsys.readouterr().out
+  assert prompt_reply.startswith(q)
+  # Without --format: the form of the run's --data as its checkpoint recorded it
+  # (prompt/completion records here), with a note; a Hugging Face directory's is text.
+  assert (
+    json.loads(next(trained_run["run"].glob("checkpoints/*/meta/metadata")).read_text())[
+      "data_format"
+    ]
+    == "prompt"
+  )
+  assert cli.main(["sample", "--checkpoint", run, "--prompt", q, *flags]) == 0
+  out, err = capsys.readouterr()
+  assert out == prompt_reply and "note: --format prompt: the form of the run's --data" in err
+  assert cli.main(["sample", "--checkpoint", str(trained_run["init"]), "--prompt", q, *flags]) == 0
+  assert "--format" not in capsys.readouterr().err
   assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "chat", *flags]) == 0
   chat_reply = capsys.readouterr().out
   assert "User:" not in chat_reply  # the reply alone

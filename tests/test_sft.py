@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_parquet_rows_are_instruction_records_as_json_lines_are(tmp_path, monkey
   src = _write(tmp_path / "sft.jsonl", records)
   table = [{"id": i, "score": 0.5, **r} for i, r in enumerate(records)]
   pq.write_table(pa.Table.from_pylist(table), tmp_path / "sft.parquet")
-  assert sft.is_instruction_data([tmp_path / "sft.parquet"])
+  assert sft.instruction_format([tmp_path / "sft.parquet"]) == "prompt"
   assert [r for r, _ in data.records(tmp_path / "sft.parquet")] == records
   for split in ("train", "validation"):
     assert _same(_batches(tmp_path / "sft.parquet", split), _batches(src, split))
@@ -181,10 +182,124 @@ def test_parquet_rows_are_instruction_records_as_json_lines_are(tmp_path, monkey
   pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chat.parquet")
   rows = list(data.records(tmp_path / "chat.parquet"))
   assert [r for r, _ in rows] == chats and rows[7][1] == f"{tmp_path / 'chat.parquet'} [row 7]"
-  assert sft.is_instruction_data([tmp_path / "chat.parquet"])
+  assert sft.instruction_format([tmp_path / "chat.parquet"]) == "chat"
 
   pq.write_table(pa.Table.from_pylist([{"text": "a b c", "id": 1}]), tmp_path / "text.parquet")
-  assert not sft.is_instruction_data([tmp_path / "text.parquet"])
+  assert sft.instruction_format([tmp_path / "text.parquet"]) is None
+
+
+def _alpaca(n, seed=0):
+  rng = random.Random(seed)
+  words = "the of and a to in is you that it he was for on are as with his".split()
+  say = lambda k: " ".join(rng.choice(words) for _ in range(k))
+  return [
+    {"instruction": f"task {i}: {say(4)}", "input": say(3) if i % 3 else "", "output": say(5)}
+    for i in range(n)
+  ]
+
+
+def test_alpaca_records_train_on_the_output_after_the_alpaca_prompt(tmp_path, monkeypatch):
+  """Stanford Alpaca's {"instruction", "input", "output"} (tatsu-lab/alpaca and the many sets
+  in its form) trains as the Alpaca project laid it out: its prompt (the short one without
+  an input) untrained, the output and EOS trained; sample's --format alpaca is the same head.
+  From Parquet only its columns are read (tatsu-lab/alpaca's "text" holds the example again),
+  so the batches equal the JSON file's."""
+  sp = data.load_tokenizer()
+  with_input = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nAdd the numbers.\n\n### Input:\none two\n\n### Response:\n"
+  )
+  without = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
+  )
+  recs = [
+    {"instruction": "Add the numbers.", "input": "one two", "output": "three"},
+    {"instruction": "Say hi.", "input": "", "output": "hi there"},
+    {"instruction": "Say hi.", "output": "hi there", "text": "ignored"},  # no input: the same
+  ]
+  # sample --format alpaca asks with the instruction, or the instruction and its input.
+  asks = [{"instruction": "Add the numbers.", "input": "one two"}, "Say hi.", "Say hi."]
+  got = sft.tokenize_examples([(r, "rec") for r in recs], sp)
+  for (toks, trained), prompt, rec, ask in zip(
+    got, [with_input, without, without], recs, asks, strict=True
+  ):
+    head, tail = [sp.bos_id(), *sp.encode(prompt)], [*sp.encode(rec["output"]), sp.eos_id()]
+    assert toks.tolist() == head + tail
+    assert trained.tolist() == [False] * len(head) + [True] * len(tail)
+    assert sft.prompt_ids(sp, ask, "alpaca") == head  # the example's untrained head
+  for bad, says in [
+    ({"instruction": 3, "output": "x"}, '"instruction" and "input" must be strings'),
+    ({"instruction": "x", "input": ["y"], "output": "x"}, '"instruction" and "input" must be'),
+    ({"instruction": "x", "output": None}, '"output" must be a string'),
+  ]:
+    with pytest.raises(ValueError, match="^rec 4: ") as e:
+      sft.tokenize_examples([(bad, "rec 4")], sp)
+    assert says in str(e.value)
+  with pytest.raises(ValueError, match="use --format alpaca"):
+    sft.prompt_ids(sp, {"instruction": "x"}, "prompt")
+
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  records = _alpaca(300)
+  src = tmp_path / "alpaca_data.json"  # Alpaca's own file is one JSON array
+  src.write_text(json.dumps(records))
+  table = [{**r, "text": r["instruction"] + r["output"], "id": i} for i, r in enumerate(records)]
+  pq.write_table(pa.Table.from_pylist(table), tmp_path / "alpaca.parquet")
+  assert [r for r, _ in data.records(tmp_path / "alpaca.parquet")] == records
+  assert sft.instruction_format([tmp_path / "alpaca.parquet"]) == "alpaca"
+  for split in ("train", "validation"):
+    # (seq_len 96: the Alpaca prompt alone is 62 tokens of the bundled tokenizer.)
+    parquet = _batches(tmp_path / "alpaca.parquet", split, seq_len=96)
+    assert _same(parquet, _batches(src, split, seq_len=96))
+    assert any(b["mask"].any() for b in parquet)
+  cfg = data.DataConfig(source=str(src), seq_len=96, batch_size=4)
+  assert data.make_dataset(cfg).data_format == "alpaca"
+  # A prompt/completion set that also has an "input" column reads as before: its records
+  # (so its split) do not change.
+  pc = [{**r, "input": "x"} for r in _records(5)]
+  pq.write_table(pa.Table.from_pylist(pc), tmp_path / "pc.parquet")
+  assert [r for r, _ in data.records(tmp_path / "pc.parquet")] == _records(5)
+  assert sft.instruction_format([tmp_path / "pc.parquet"]) == "prompt"
+
+
+def test_columns_read_a_datasets_own_names_as_instruction_records(tmp_path, monkeypatch):
+  """--columns input=context,output=response reads databricks-dolly-15k's records as Alpaca
+  records, from JSON lines and Parquet alike (the same batches as the Alpaca file); a
+  column missing from a record is an error naming the record and the mapping."""
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  columns = {"input": "context", "output": "response"}
+  alpaca = _alpaca(300)
+  dolly = [
+    {"instruction": r["instruction"], "context": r["input"], "response": r["output"]}
+    for r in alpaca
+  ]
+  (tmp_path / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dolly))
+  # (Parquet rows are read as the fields they give; a JSON record keeps its other keys.)
+  table = [{**r, "category": "open_qa"} for r in dolly]
+  pq.write_table(pa.Table.from_pylist(table), tmp_path / "dolly.parquet")
+  (tmp_path / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
+  parquet = [r for r, _ in data.records(tmp_path / "dolly.parquet", columns=columns)]
+  assert parquet == alpaca  # only the fields read ("category" is not)
+  for f in ("dolly.jsonl", "dolly.parquet"):
+    assert sft.instruction_format([tmp_path / f]) is None  # text, without the mapping
+    assert sft.instruction_format([tmp_path / f], columns) == "alpaca"
+
+  def batches(src, spec=None):
+    cfg = data.DataConfig(source=str(src), seq_len=96, batch_size=4, columns=spec)
+    return [data.make_dataset(cfg).batch(s) for s in range(3)] + list(data.eval_batches(cfg))
+
+  want = batches(tmp_path / "alpaca.jsonl")
+  for f in ("dolly.jsonl", "dolly.parquet"):
+    assert _same(batches(tmp_path / f, "input=context,output=response"), want)
+
+  (tmp_path / "short.jsonl").write_text(json.dumps({"instruction": "x", "context": ""}) + "\n")
+  with pytest.raises(ValueError, match=re.escape('short.jsonl:1: no "response" (--columns output')):
+    list(data.records(tmp_path / "short.jsonl", columns=columns))
 
 
 def test_sharegpt_conversations_are_read_as_messages(tmp_path):
@@ -218,7 +333,7 @@ def test_sharegpt_conversations_are_read_as_messages(tmp_path):
   pa = pytest.importorskip("pyarrow")
   pq = pytest.importorskip("pyarrow.parquet")
   pq.write_table(pa.Table.from_pylist([sharegpt, sharegpt]), tmp_path / "chat.parquet")
-  assert sft.is_instruction_data([tmp_path / "chat.parquet"])
+  assert sft.instruction_format([tmp_path / "chat.parquet"]) == "chat"
   assert [r for r, _ in data.records(tmp_path / "chat.parquet")] == [sharegpt, sharegpt]
 
   for bad, why in [

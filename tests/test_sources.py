@@ -3,6 +3,7 @@ tokenized in batches (path and TFDS sources end to end: test_data.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -410,7 +411,10 @@ def test_parquet_sources_read_the_text_column(tmp_path, sp, monkeypatch):
     return str(tmp_path / name)
 
   for source, says in [
-    (parquet("no_text.parquet", body=["a", "b"]), 'no "text" column (columns: body)'),
+    (
+      parquet("no_text.parquet", body=["a", "b"]),
+      'no "text" column (columns: body; --columns text=COLUMN reads another)',
+    ),
     (parquet("ints.parquet", text=[1, 2]), '"text" column holds int64, not strings'),
     (parquet("null.parquet", text=["a" * 50, None, "b"]), '[row 1]: "text" is null'),
   ]:
@@ -471,3 +475,70 @@ def test_zst_sources_are_read_frame_after_frame_and_truncation_is_an_error(tmp_p
   f.write_bytes(whole)
   with pytest.raises(ValueError, match=r"reading \.zst needs the zstandard package"):
     list(sources._all_documents([f]))
+
+
+def test_columns_read_a_records_fields_from_columns_of_other_names(tmp_path, sp, monkeypatch):
+  """--columns text=content reads The Stack's (or RedPajama's) text column, in JSON and in
+  Parquet, as the same documents a "text" field gives; a column that is not there, and a
+  malformed spec, are errors naming them; the token cache keeps the mapping apart."""
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  assert sources.parse_columns(" input = context , output=response") == {
+    "input": "context",
+    "output": "response",
+  }
+  assert sources.parse_columns(None) == sources.parse_columns("") == {}
+  for bad, says in [
+    ("text", "expected FIELD=COLUMN[,FIELD=COLUMN...], got 'text'"),
+    ("text=", "expected FIELD=COLUMN"),
+    ("body=content", "unknown field 'body'; fields: text, prompt,"),
+    ("text=a,text=b", "text is given twice"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(says)):
+      sources.parse_columns(bad)
+    with pytest.raises(ValueError, match=re.escape(says)):
+      gd.DataConfig(source=str(tmp_path), columns=bad)
+
+  texts = _texts(120, seed=3)
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  _write_jsonl_gz(plain / "a.jsonl.gz", texts)
+  # A "text" key that is not the text: the mapping replaces it.
+  stack = [{"content": t, "text": "not this", "id": i} for i, t in enumerate(texts)]
+  (tmp_path / "stack.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stack))
+  pq.write_table(
+    pa.Table.from_pylist([{"content": t, "id": i} for i, t in enumerate(texts)]),
+    tmp_path / "stack.parquet",
+  )
+  for split in ("train", "validation"):
+    want = gd.path_documents(str(plain), split)
+    for f in ("stack.jsonl", "stack.parquet"):
+      assert gd.path_documents(str(tmp_path / f), split, {"text": "content"}) == want
+  assert gd.path_documents(str(tmp_path / "stack.jsonl"), "train")[0] == "not this"
+
+  # The same files through the pipeline, with and without the mapping: other batches (the
+  # mapping is in the token cache's key, or the second would read the first's tokens).
+  cfg = gd.DataConfig(source=str(tmp_path / "stack.parquet"), seq_len=16, batch_size=2)
+  with pytest.raises(ValueError, match='no "text" column .*--columns text=COLUMN reads another'):
+    gd.make_dataset(cfg)
+  mapped = gd.make_dataset(dataclasses.replace(cfg, columns="text=content"))
+  cfg = dataclasses.replace(cfg, source=str(tmp_path / "stack.jsonl"))  # "text": "not this"
+  unmapped = gd.make_dataset(cfg).batch(0)["inputs"]
+  assert sp.decode(unmapped[0].tolist()).startswith("not this")
+  got = gd.make_dataset(dataclasses.replace(cfg, columns="text=content")).batch(0)["inputs"]
+  np.testing.assert_array_equal(got, mapped.batch(0)["inputs"])
+  assert not np.array_equal(got, unmapped)
+
+  for f, says in [
+    ("stack.jsonl", 'stack.jsonl:1: no "body" (--columns text=body; its fields: content,'),
+    (
+      "stack.parquet",
+      'stack.parquet: no "body" column (--columns text=body; columns: content, id)',
+    ),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(says)):
+      gd.path_documents(str(tmp_path / f), "train", {"text": "body"})
+  (tmp_path / "c.jsonl").write_text('{"content": "x", "id": 1}\n')
+  with pytest.raises(ValueError, match=re.escape("(its fields: content, id; --columns text=FIELD")):
+    gd.path_documents(str(tmp_path / "c.jsonl"), "train")

@@ -332,19 +332,35 @@ def test_a_resume_notes_that_the_data_files_changed(tmp_path):
   # keeps a digest of the files and the resume says so; unchanged files say nothing.
   docs = tmp_path / "docs.jsonl"
   texts = [f"document {i}: " + "some words here " * 30 for i in range(200)]
-  docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  docs.write_text(
+    "".join(
+      json.dumps({"text": t, "q": f"what is {i} ?", "a": f" {i}"}) + "\n"
+      for i, t in enumerate(texts)
+    )
+  )
   cfg = _cfg(tmp_path, "fp", data=str(docs), steps=6, stop_after=2, save_every=2)
   train.train(cfg, log=_quiet)
   logged = []
   train.train(dataclasses.replace(cfg, resume=True), log=logged.append)  # to step 4
-  assert not [line for line in logged if "files of --data changed" in str(line)]
+  assert not [line for line in logged if "--data" in str(line)]
   docs.write_text(docs.read_text().replace("document 7:", "document seven:"))
   logged.clear()
-  train.train(dataclasses.replace(cfg, stop_after=None, resume=True), log=logged.append)
-  assert [str(line) for line in logged if "files of --data changed" in str(line)] == [
+  train.train(dataclasses.replace(cfg, stop_after=1, resume=True), log=logged.append)
+  assert [str(line) for line in logged if "--data" in str(line)] == [
     "galore-jax: note: the files of --data changed since checkpoint 4 (added, removed or "
-    "edited): the batches from here on are not the ones its run would have read"
+    "edited, or --columns reads them otherwise): the batches from here on are not the ones "
+    "its run would have read"
   ]
+  # The same files read as other records (--columns): their form changed too.
+  logged.clear()
+  columns = dict(columns="prompt=q,completion=a", stop_after=None, resume=True)
+  train.train(dataclasses.replace(cfg, **columns), log=logged.append)
+  said = [str(line) for line in logged if "--data" in str(line)]
+  assert len(said) == 2 and "or --columns reads them otherwise" in said[0], said
+  assert said[1] == (
+    "galore-jax: note: --data is read as prompt/completion records, where the run before "
+    "step 5 read it as text: its examples and loss are not the same across it"
+  )
 
 
 def test_a_run_names_the_files_of_its_data_directory_it_does_not_read(tmp_path):
@@ -1006,6 +1022,8 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
     (["--mesh", "data=3,fsdp=5"], "--mesh"),
     (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer"),
     (["--resume", "auto", "--overwrite"], "--overwrite"),
+    (["--columns", "body=content"], "--columns"),
+    (["--columns", "text=content"], "--columns"),  # the bundled corpus has no columns
   ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, flag):
@@ -1143,6 +1161,34 @@ def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(finished_run, tmp
   flags = ["--resume", "auto", "--out", str(fresh), "--steps", "6", "--stop-after", "1"]
   assert _cli("train", *flags, "--rank", "16", "--seq-len", "32", "--update-proj-gap", "2") == 0
   assert "run's own flags" not in capsys.readouterr().out
+
+
+def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, capsys):
+  """--columns is one of the run's flags: a resume and eval read the files through it (as
+  GSM8K's question / answer records here), and the model line says how they were read."""
+  rows = [
+    {"question": f"what is {a} and {b} ?", "answer": f" {a + b}"}
+    for a in range(20)
+    for b in range(10)
+  ]
+  (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = str(tmp_path / "run")
+  small = ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--rank", "16"]
+  small += ["--update-proj-gap", "2", "--eval-every", "1000", "--eval-batches", "2"]
+  columns = ["--columns", "prompt=question,completion=answer"]
+  args = ["train", "--data", str(tmp_path / "qa.jsonl"), *small, "--no-progress", "--out", out]
+  assert _cli(*args, *columns, "--stop-after", "3") == 0
+  assert "(prompt/completion records, loss on the replies only)" in capsys.readouterr().out
+  assert _cli("train", "--resume", "--out", out, "--no-progress") == 0
+  said = capsys.readouterr().out
+  assert "--columns prompt=question,completion=answer" in said and "steps 3..6" in said, said
+  assert _cli("eval", "--checkpoint", out, "--json") == 0
+  assert json.loads(capsys.readouterr().out)["step"] == 6
+  # Without the mapping the records are not text: one line naming what they hold.
+  assert _cli("eval", "--checkpoint", out, "--columns", "none") == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("galore-jax: error: --data: ") and len(err.splitlines()) == 1
+  assert err.endswith("(its fields: question, answer; --columns text=FIELD reads another)")
 
 
 def test_a_resume_names_the_switches_it_takes_from_the_run(tmp_path):

@@ -9,7 +9,9 @@ Three kinds of source (``DataConfig.source``, the ``--data`` value):
   ``.gz``, ``.xz`` or ``.zst`` compressed) or ``.parquet`` files (their ``text`` column);
   a named ``.md`` file is read as ``.txt`` (a directory skips them, see ``unread_note``). JSON
   records need a ``"text"`` field, or are instruction records (``prompt`` /
-  ``completion`` or ``messages``, ``galore_jax.sft``).
+  ``completion``, ``messages``, ``conversations`` or ``instruction`` / ``output``,
+  ``galore_jax.sft``); ``DataConfig.columns`` reads these fields from keys / columns of
+  other names (``parse_columns``).
 * ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``) -- an already prepared TFDS dataset in
   array_record format, read with ``tfds.data_source`` from ``$TFDS_DATA_DIR``
   (never downloaded), tokenized on the fly.
@@ -58,11 +60,13 @@ from galore_jax.data.sources import (  # noqa: F401
   BUILTIN_TOKENIZER,
   COMPRESSION,
   PATH_VALIDATION_MODULUS,
+  RECORD_FIELDS,
   cache_dir,
   doc_hash,
   file_kind,
   json_records,
   load_tokenizer,
+  parse_columns,
   path_documents,
   records,
   split_by_hash,

@@ -39,9 +39,11 @@ from galore_jax.data.sources import (
   _TokenDocs,
   _tokenize_docs,
   _tokenizer_hash,
+  columns_spec,
   is_path_source,
   joined_docs,
   load_tokenizer,
+  parse_columns,
   path_tokens,
   tfds_source,
 )
@@ -61,6 +63,10 @@ class DataConfig:
     each document (+ EOS) truncated / padded to ``seq_len + 1`` tokens, padding masked.
   seed: shuffle seed (any int); epoch ``e`` is shuffled with a seed derived from it.
   tokenizer: SentencePiece model path; ``None`` -> the bundled 8k BPE model.
+  columns: ``"FIELD=COLUMN,..."``: a path source's record fields (``text``, ``prompt``,
+    ``output``, ...) read from JSON keys / Parquet columns of other names
+    (``sources.parse_columns``; other sources have no columns); ``None``: the fields' own
+    names.
   """
 
   source: str = "builtin"
@@ -69,6 +75,7 @@ class DataConfig:
   packing: bool = True
   seed: int = 0
   tokenizer: str | None = None
+  columns: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.source, str) or not self.source.strip():
@@ -77,6 +84,7 @@ class DataConfig:
       raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
     if int(self.batch_size) < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    parse_columns(self.columns)  # a malformed spec fails here, not at the first read
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -205,7 +213,8 @@ class Dataset:
   num_tokens (tokens incl. one EOS per document; None for tfds sources),
   grain_dataset (the infinite ``grain.MapDataset`` of batches), fingerprint (a digest of
   the source's files and document rules, which changes when a file is added, removed or
-  edited; None for tfds sources).
+  edited; None for tfds sources), data_format (``"text"``, or the form of instruction
+  records: ``"prompt"``, ``"chat"`` or ``"alpaca"``, see ``galore_jax.sft``).
   """
 
   def __init__(
@@ -221,6 +230,7 @@ class Dataset:
     num_tokens: int | None,
     read_threads: int,
     fingerprint: str | None = None,
+    data_format: str = "text",
   ):
     self.config = config
     self.split = split
@@ -234,6 +244,7 @@ class Dataset:
     self.num_tokens = num_tokens
     self._read_threads = read_threads
     self.fingerprint = fingerprint
+    self.data_format = data_format
 
   @property
   def seq_len(self) -> int:
@@ -292,6 +303,7 @@ class SplitIndex:
   num_tokens: int | None
   read_threads: int = 1
   fingerprint: str | None = None  # see Dataset
+  data_format: str = "text"  # see Dataset
 
 
 def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -> SplitIndex:
@@ -370,13 +382,20 @@ def _split_index(
   # Each file as "<absolute path>:<sha256>": `galore-jax cache` reads them back from the
   # entry's index (galore_jax.cache) to name the source and to tell stale entries.
   key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
+  columns = parse_columns(config.columns)
+  if columns:  # other records from the same files (and so other batches)
+    key.append(f"columns={columns_spec(columns)}")
   from galore_jax import sft  # lazy: sft builds on this module
 
-  if sft.is_instruction_data(files):  # prompt/completion or chat records: masked loss
+  if form := sft.instruction_format(files, columns):  # instruction records: masked loss
     index = sft.split_index(config, split, sp, files, eos, pad, [*key, tok_hash], progress)
+    index = dataclasses.replace(index, data_format=form)
   else:
     docs = _of_split(
-      split, lambda s: path_tokens(source, s, sp, [*key, tok_hash], progress, files=files)
+      split,
+      lambda s: path_tokens(
+        source, s, sp, [*key, tok_hash], progress, files=files, columns=columns
+      ),
     )
     index = _in_memory_index(config, docs, eos, pad)
   return dataclasses.replace(index, fingerprint=_digest(key))
@@ -431,6 +450,7 @@ def make_dataset(config: DataConfig, split: str = "train", *, shard=None, progre
     num_tokens=index.num_tokens,
     read_threads=index.read_threads,
     fingerprint=index.fingerprint,
+    data_format=index.data_format,
   )
 
 

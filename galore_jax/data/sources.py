@@ -700,6 +700,53 @@ def unread_note(source: str | None, flag: str = "--data") -> str | None:
   )
 
 
+# --columns FIELD=COLUMN,...: the fields a record is read by, each of which may be taken
+# from a column (a JSON key) of another name.
+RECORD_FIELDS = ("text", "prompt", "completion", "messages", "conversations", "instruction",
+                 "input", "output")  # fmt: skip
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+  """``--columns``: ``"input=context,output=response"`` -> ``{"input": "context", ...}``
+  (``FIELD=COLUMN``: the record field :data:`RECORD_FIELDS` names is read from
+  ``COLUMN``). ValueError on a malformed spec, an unknown field or a field named twice."""
+  if not spec:
+    return {}
+  columns: dict[str, str] = {}
+  for part in spec.split(","):
+    field, eq, column = (x.strip() for x in part.partition("="))
+    if not (eq and field and column):
+      raise ValueError(f"expected FIELD=COLUMN[,FIELD=COLUMN...], got {part.strip()!r}")
+    if field not in RECORD_FIELDS:
+      raise ValueError(f"unknown field {field!r}; fields: {', '.join(RECORD_FIELDS)}")
+    if field in columns:
+      raise ValueError(f"{field} is given twice")
+    columns[field] = column
+  return columns
+
+
+def columns_spec(columns: dict[str, str]) -> str:
+  """The canonical ``--columns`` of a mapping (sorted by field): the token cache's key."""
+  return ",".join(f"{f}={c}" for f, c in sorted(columns.items()))
+
+
+def _renamed(rec: Any, columns: dict[str, str], where: str) -> Any:
+  """A JSON record with each ``--columns`` field read from its column (which must be
+  there); other keys are kept, a key of a mapped field's name is replaced."""
+  if not columns or not isinstance(rec, dict):
+    return rec
+  for field, column in columns.items():
+    if column not in rec:
+      raise ValueError(
+        f'{where}: no "{column}" (--columns {field}={column}; its fields: {", ".join(rec)})'
+      )
+  taken = set(columns) | set(columns.values())
+  return {
+    **{k: v for k, v in rec.items() if k not in taken},
+    **{f: rec[c] for f, c in columns.items()},
+  }
+
+
 def _record_text(rec: Any, where: str) -> str:
   if isinstance(rec, str):
     return rec
@@ -707,7 +754,11 @@ def _record_text(rec: Any, where: str) -> str:
     text = rec["text"]
     if isinstance(text, str):
       return text
-  raise ValueError(f'{where}: expected a JSON object with a string "text" field')
+  fields = f" (its fields: {', '.join(rec)}; --columns text=FIELD reads another)"
+  raise ValueError(
+    f'{where}: expected a JSON object with a string "text" field'
+    + (fields if isinstance(rec, dict) and "text" not in rec else "")
+  )
 
 
 @contextlib.contextmanager
@@ -806,61 +857,95 @@ def _parquet_rows(pa, file, path: Path, columns: list[str]) -> Iterator[tuple[di
     raise ValueError(f"{path}: cannot read from row {row} on: {e}") from e
 
 
-def _parquet_texts(raw, path: Path) -> Iterator[str]:
-  """The ``text`` column of a Parquet file (HuggingFaceFW/fineweb-edu's ``data/*.parquet``,
-  for one)."""
+def _parquet_texts(raw, path: Path, column: str = "text") -> Iterator[str]:
+  """The ``text`` column (or ``column``, ``--columns text=COLUMN``) of a Parquet file
+  (HuggingFaceFW/fineweb-edu's ``data/*.parquet``, for one)."""
   pa, file = _parquet(raw, path)
   schema = file.schema_arrow
-  if "text" not in schema.names:
-    raise ValueError(f'{path}: no "text" column (columns: {", ".join(schema.names)})')
-  kind = schema.field("text").type
+  if column not in schema.names:
+    names = ", ".join(schema.names)
+    if column == "text":
+      raise ValueError(
+        f'{path}: no "text" column (columns: {names}; --columns text=COLUMN reads another)'
+      )
+    raise ValueError(f'{path}: no "{column}" column (--columns text={column}; columns: {names})')
+  kind = schema.field(column).type
   if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-    raise ValueError(f'{path}: the "text" column holds {kind}, not strings')
-  for record, where in _parquet_rows(pa, file, path, ["text"]):
-    if record["text"] is None:
-      raise ValueError(f'{where}: "text" is null')
-    yield record["text"]
+    raise ValueError(f'{path}: the "{column}" column holds {kind}, not strings')
+  for record, where in _parquet_rows(pa, file, path, [column]):
+    if record[column] is None:
+      raise ValueError(f'{where}: "{column}" is null')
+    yield record[column]
 
 
 # The columns a Parquet row is read as a record with (instruction data: galore_jax.sft),
 # so that other columns (ids, scores, timestamps) neither cost reading nor enter the
-# record, whose canonical JSON decides its split.
+# record, whose canonical JSON decides its split. Alpaca's columns are read only from a
+# file without the others (tatsu-lab/alpaca also has "text", the example laid out whole).
 RECORD_COLUMNS = ("prompt", "completion", "messages", "conversations", "text")
+ALPACA_COLUMNS = ("instruction", "input", "output")
 
 
-def records(path: Path, at=None) -> Iterator[tuple[Any, str]]:
+def _record_columns(names: Sequence[str]) -> list[str]:
+  """The columns of a Parquet file with column ``names`` that its records are made of."""
+  alpaca = {"instruction", "output"} <= set(names)
+  if alpaca and not set(RECORD_COLUMNS[:4]) & set(names):  # no prompt, messages, ...
+    return [c for c in ALPACA_COLUMNS if c in names]
+  return [c for c in RECORD_COLUMNS if c in names]
+
+
+def records(
+  path: Path, at=None, columns: dict[str, str] | None = None
+) -> Iterator[tuple[Any, str]]:
   """``(record, where)`` for each record of a .jsonl / .json file (:func:`json_records`) or
   each row of a .parquet file, as a dict of its :data:`RECORD_COLUMNS` (a Hub dataset's
   instruction data: ``messages`` as a list of ``{role, content}`` structs). ``at(n)``: as
-  for :func:`_file_documents`."""
+  for :func:`_file_documents`. ``columns`` (:func:`parse_columns`): fields read from
+  columns of other names; each column must be in every record."""
+  columns = columns or {}
   if file_kind(path)[0] != ".parquet":
-    yield from json_records(path, at)
+    for rec, where in json_records(path, at):
+      yield _renamed(rec, columns, where), where
     return
   with open(path, "rb") as raw:
     pa, file = _parquet(raw, path)
-    columns = [c for c in RECORD_COLUMNS if c in file.schema_arrow.names]
-    for record in _parquet_rows(pa, file, path, columns):
+    names = file.schema_arrow.names
+    for field, column in columns.items():
+      if column not in names:
+        raise ValueError(
+          f'{path}: no "{column}" column (--columns {field}={column}; columns: {", ".join(names)})'
+        )
+    # The fields as the renamed rows have them, and the columns they are read from.
+    taken = set(columns) | set(columns.values())
+    fields = _record_columns([*columns, *(n for n in names if n not in taken)])
+    read = list(dict.fromkeys(columns.get(f, f) for f in fields))
+    for record, where in _parquet_rows(pa, file, path, read):
       if at is not None:
         at(raw.tell())
-      yield record
+      yield ({f: record[columns.get(f, f)] for f in fields} if columns else record), where
 
 
-def _file_documents(path: Path, at=None) -> Iterator[str]:
+def _file_documents(path: Path, at=None, columns: dict[str, str] | None = None) -> Iterator[str]:
   """The non-empty documents of one file, read as a stream: a .txt file is cut into
   documents of >= 1000 characters at blank lines, or at line ends inside longer paragraphs
   (``paragraph_documents``; CR LF and a lone CR end lines too); a JSON record (see
   :func:`json_records`) or a Parquet row (its ``text``) is one document. ``at(n)`` is told
-  the bytes of the file read so far (compressed bytes for a compressed file)."""
+  the bytes of the file read so far (compressed bytes for a compressed file). ``columns``:
+  as for :func:`records` (``text=COLUMN``: the text is read from ``COLUMN``)."""
   fmt, _ = file_kind(path)
+  columns = columns or {}
   if fmt == ".parquet":
     with open(path, "rb") as raw:
-      yield from _non_empty(_parquet_texts(raw, path), raw, at)
+      yield from _non_empty(_parquet_texts(raw, path, columns.get("text", "text")), raw, at)
     return
   with _reading(path, newline=None if fmt == ".txt" else "\n") as (text, raw):
     if fmt == ".txt":
       docs = paragraph_documents(text, cut_long_paragraphs=True)
     else:
-      docs = (_record_text(rec, where) for rec, where in _json_records(text, fmt, path))
+      docs = (
+        _record_text(_renamed(rec, columns, where), where)
+        for rec, where in _json_records(text, fmt, path)
+      )
     yield from _non_empty(docs, raw, at)
 
 
@@ -923,17 +1008,20 @@ def read_files(files: Sequence[Path], read, progress=None) -> Iterator:
     progress(total, total)
 
 
-def _all_documents(files: Sequence[Path], progress=None) -> Iterator[str]:
-  """Every file's documents in order; ``progress(done, total)`` in bytes of the files."""
-  return read_files(files, _file_documents, progress)
+def _all_documents(files: Sequence[Path], progress=None, columns=None) -> Iterator[str]:
+  """Every file's documents in order; ``progress(done, total)`` in bytes of the files;
+  ``columns``: as for :func:`records`."""
+  read = _file_documents if not columns else lambda f, at: _file_documents(f, at, columns)
+  return read_files(files, read, progress)
 
 
-def path_documents(source: str, split: str) -> list[str]:
+def path_documents(source: str, split: str, columns: dict[str, str] | None = None) -> list[str]:
   """Documents of a path source for ``split``, in file order (files sorted by path),
-  split by :func:`split_by_hash`."""
+  split by :func:`split_by_hash`; ``columns``: as for :func:`records`."""
   _check_split(split)
   parts = {"train": [], "validation": []}
-  split_by_hash(_all_documents(_resolve_paths(source)), parts["train"], parts["validation"])
+  docs = _all_documents(_resolve_paths(source), columns=columns)
+  split_by_hash(docs, parts["train"], parts["validation"])
   if not parts[split]:
     raise _empty_split(source, split, len(parts["train"]) + len(parts["validation"]))
   return parts[split]
@@ -956,14 +1044,15 @@ class _Count:
 
 
 def path_tokens(
-  source: str, split: str, sp, key_parts: Sequence[str], progress=None, *, files=None
+  source: str, split: str, sp, key_parts: Sequence[str], progress=None, *, files=None, columns=None
 ) -> _TokenDocs:
   """The tokenized documents of ``split`` of a path source (what :func:`path_documents`
   gives, tokenized), from the token cache under ``[*key_parts, split]``. A miss reads
   the files once, as a stream; for ``train`` it tokenizes and caches both splits (training
   reads the validation split next), for ``validation`` (``eval`` of a new source) only
   that one, the ~1 % of the text it needs. ``files``: ``source`` already resolved (a
-  caller that hashed them for the key), else resolved here."""
+  caller that hashed them for the key), else resolved here. ``columns``: as for
+  :func:`records` (``key_parts`` must name them)."""
   _check_split(split)
   eos = _special_ids(sp)[0]
 
@@ -972,7 +1061,7 @@ def path_tokens(
     return build_splits(
       split,
       lambda: _TokenBuilder(sp),
-      _all_documents(paths, progress),
+      _all_documents(paths, progress, columns),
       lambda s, builder: builder.store([*key_parts, s]),
       lambda total: _empty_split(source, split, total),
     )
