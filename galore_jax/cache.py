@@ -89,6 +89,9 @@ class TokenEntry:
     files = [path for path, _ in self.sources]
     if files:
       what += f" {files[0]}" + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+    for part in self.key:  # the files read through --columns (galore_jax.data.batching)
+      if part.startswith("columns="):
+        what += f" (--columns {part.removeprefix('columns=')})"
     return f"{self.split}: {what}"
 
 

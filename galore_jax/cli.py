@@ -31,6 +31,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     DTYPES,
     FINETUNE_LR,
     LR_SCHEDULES,
+    MOMENT_POLICIES,
     OPTIMIZERS,
     REFRESH_SCHEDULES,
     REMAT_MODES,
@@ -81,6 +82,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     default=d.refresh_schedule,
     choices=REFRESH_SCHEDULES,
     help="synchronous (default: every matrix at steps 0, T, 2T, ...) or staggered over the T steps",
+  )
+  g.add_argument(
+    "--moment-policy",
+    default=d.moment_policy,
+    choices=MOMENT_POLICIES,
+    help="Adam's moments at a projector refresh: keep (the reference's, default), reproject "
+    "(the first moment rotated into the new basis; galore_adamw) or reset",
   )
   g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
   g.add_argument(

@@ -32,6 +32,7 @@ OPTIMIZERS = (
 )
 SVD_METHODS = projector.SVD_METHODS
 REFRESH_SCHEDULES = galore.REFRESH_SCHEDULES
+MOMENT_POLICIES = galore.MOMENT_POLICIES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_MODES = ("none", "full", "save_matmuls")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -70,6 +71,9 @@ class TrainConfig:
   svd: str = "exact"
   subspace_iters: int = 2  # block power rounds per refresh with svd="subspace"
   refresh_schedule: str = "synchronous"
+  # What Adam's moments do when a projector changes: keep (the reference), reproject (the
+  # first moment rotated into the new basis) or reset.
+  moment_policy: str = "keep"
   lr: float | None = None  # None: 0.01 for GaLore (paper), 1e-3 for Adam; init_from: FINETUNE_LR
   warmup: int | None = None  # None: 10% of steps (paper)
   schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or constant
@@ -339,6 +343,20 @@ def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
     raise ConfigError("--subspace-iters", f"must be >= 1, got {cfg.subspace_iters}")
   if cfg.refresh_schedule not in REFRESH_SCHEDULES:
     raise ConfigError("--refresh-schedule", f"must be one of {REFRESH_SCHEDULES}")
+  if cfg.moment_policy not in MOMENT_POLICIES:
+    raise ConfigError(
+      "--moment-policy", f"must be one of {', '.join(MOMENT_POLICIES)}, got {cfg.moment_policy!r}"
+    )
+  if cfg.moment_policy != "keep" and not cfg.is_galore:
+    raise ConfigError("--moment-policy", f"applies to GaLore optimizers, not {cfg.optimizer}")
+  if cfg.moment_policy == "reproject" and cfg.optimizer != "galore_adamw":
+    # 8-bit Adam stores its first moment quantized (no linear change of basis); Adafactor
+    # has none unless --adafactor-beta1.
+    raise ConfigError(
+      "--moment-policy",
+      f"reproject rotates Adam's float32 first moment: --optimizer galore_adamw, not "
+      f"{cfg.optimizer}",
+    )
   if cfg.param_dtype not in DTYPES or cfg.dtype not in DTYPES:
     raise ConfigError("--param-dtype", f"dtypes must be one of {', '.join(DTYPES)}")
   if cfg.projector_dtype is not None and cfg.projector_dtype not in DTYPES:
@@ -435,6 +453,7 @@ _COURSE_FLAGS = {  # flags a resume may change; each changes the run's course fr
   "weight_decay": "--weight-decay",
   "galore_scale": "--galore-scale",
   "subspace_iters": "--subspace-iters",
+  "moment_policy": "--moment-policy",
   "adafactor_beta1": "--adafactor-beta1",
 }
 
@@ -459,7 +478,7 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
     values = {k: getattr(c, k) for k in _COURSE_FLAGS}
     values.update(lr=c.peak_lr, warmup=c.warmup_steps)
     if not c.is_galore:
-      values.pop("galore_scale"), values.pop("subspace_iters")
+      values.pop("galore_scale"), values.pop("subspace_iters"), values.pop("moment_policy")
     elif c.svd != "subspace":
       values.pop("subspace_iters")
     if not c.is_adafactor:
@@ -575,6 +594,7 @@ def build_optimizer(
       svd=cfg.svd,
       subspace_iters=cfg.subspace_iters,
       refresh_schedule=cfg.refresh_schedule,
+      moment_policy=cfg.moment_policy,
       projector_dtype=DTYPES[cfg.projector_dtype] if cfg.projector_dtype else None,
       seed=cfg.seed,
       refresh_batch_elements=1 if batched_lapack_hangs(cfg) else None,

@@ -3,6 +3,7 @@ caches hold, which token entries are stale, and removing them."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -64,6 +65,14 @@ def test_entries_name_their_source_and_split(caches):
   assert all(cache.stale_reason(e, hashes) is None for e in cache.token_entries())
   # Each source file was hashed once for all of its entries.
   assert sorted(hashes) == sorted(str(caches / n) for n in ("a.txt", "b.txt", "sft.jsonl"))
+  # Files read through --columns: the entry says how.
+  records = [{"q": f"q {i}?", "a": f" {_words(1, i)[:80]}"} for i in range(300)]
+  (caches / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  cfg = data.DataConfig(source=str(caches / "qa.jsonl"), seq_len=32, batch_size=2)
+  list(data.eval_batches(dataclasses.replace(cfg, columns="prompt=q,completion=a"), 1))
+  assert f"validation: instructions {caches / 'qa.jsonl'} (--columns completion=a,prompt=q)" in [
+    e.describe() for e in cache.token_entries()
+  ]
 
 
 def test_edited_or_deleted_sources_make_their_entries_stale_and_only_those_are_removed(

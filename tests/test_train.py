@@ -839,6 +839,46 @@ def test_resume_changes_name_each_changed_flag_and_the_next_rate():
   )
 
 
+def test_the_moment_policy_reaches_the_optimizer_and_may_change_on_resume():
+  """--moment-policy reproject rotates Adam's first moment at a refresh (keep leaves it, reset
+  zeroes it); the policy changes no state shape, so a resume may change it (and says so)."""
+  params = {"layers": [{"attn": {"q_proj": {"kernel": jnp.ones((8, 8))}}}]}
+  grads = [
+    jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(i), p.shape), params)
+    for i in range(3)
+  ]
+
+  def first_moment(policy):
+    cfg = train.TrainConfig(rank=2, update_proj_gap=2, moment_policy=policy, lr=0.01)
+    tx = config.build_optimizer(cfg)
+    state = tx.init(params)
+    moments = []
+    for g in grads:  # counts 0, 1, 2: a refresh at 0 and at 2
+      _, state = tx.update(g, state, params)
+      (galore_state,) = [s for s in jax.tree.leaves(state, is_leaf=_is_galore) if _is_galore(s)]
+      moments.append(galore_state.inner_state.mu["layers"][0]["attn"]["q_proj"]["kernel"])
+    return moments
+
+  keep, reproject, reset = (first_moment(p) for p in ("keep", "reproject", "reset"))
+  for a, b in zip(keep[:2], reproject[:2], strict=True):  # the same until the basis changes
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(keep[2], reproject[2])
+  # The step-2 moment is b1 * (the old one: kept, rotated, or zero) + (1 - b1) * P_new g,
+  # with the same new projector under every policy (it comes from g alone).
+  b1 = train.TrainConfig().b1
+  np.testing.assert_allclose(keep[2] - b1 * keep[1], reset[2], atol=1e-6)
+  rotated = np.linalg.norm(reproject[2] - reset[2]) / b1
+  # A rotation into a rank-2 subspace keeps part of the old moment: less than all of it.
+  assert 1e-3 < rotated < np.linalg.norm(keep[1]) - 1e-3, (rotated, np.linalg.norm(keep[1]))
+  saved = dataclasses.asdict(train.TrainConfig())
+  line = config.resume_changes(saved, train.TrainConfig(moment_policy="reproject"), 10)
+  assert "--moment-policy reproject (was keep)" in line
+
+
+def _is_galore(x):
+  return type(x).__name__ == "GaLoreState"
+
+
 def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
   run = train.setup(_cfg(tmp_path, "mask"), vocab_size=8192)
   mask = train.galore_mask(run.abstract_params)
@@ -1023,6 +1063,8 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
     (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer"),
     (["--resume", "auto", "--overwrite"], "--overwrite"),
     (["--columns", "body=content"], "--columns"),
+    (["--moment-policy", "reproject", "--optimizer", "galore_adamw8bit"], "--moment-policy"),
+    (["--moment-policy", "reset", "--optimizer", "adamw"], "--moment-policy"),
     (["--columns", "text=content"], "--columns"),  # the bundled corpus has no columns
   ],
 )
