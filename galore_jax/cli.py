@@ -994,6 +994,85 @@ def _cmd_plan(args) -> int:
   return 0
 
 
+def _cmd_preview(args) -> int:
+  """``galore-jax preview``: the first records of ``--data`` (or a run's data) as the examples
+  training makes of them, the trained pieces marked, before a run spends its time on them."""
+  import itertools
+
+  from galore_jax import checkpoint, data, hub, sft, trainer
+  from galore_jax.config import ConfigError, TrainConfig
+  from galore_jax.data import sources
+
+  for flag, value in (("--examples", args.examples), ("--seq-len", args.seq_len)):
+    if value is not None and value < 1:
+      raise ConfigError(flag, f"must be >= 1, got {value}")
+  say = functools.partial(print, file=sys.stderr)
+  run = {}
+  if args.checkpoint:
+    found = checkpoint.saved_train_config(os.path.expanduser(args.checkpoint))
+    if found is None:
+      raise ConfigError("--checkpoint", f"{args.checkpoint}: not a run with a checkpoint")
+    run = found[1]
+  columns = args.columns if args.columns is not None else run.get("columns")
+  try:
+    columns = data.parse_columns(None if columns == "none" else columns)
+  except ValueError as e:
+    raise ConfigError("--columns", str(e)) from e
+  seq_len = args.seq_len or run.get("seq_len") or TrainConfig().seq_len
+  if args.tokenizer:
+    tokenizer = hub.local_dir(args.tokenizer, flag="--tokenizer", need="tokenizer", log=say)
+  elif run.get("tokenizer"):  # the run's, or the copy it kept
+    tokenizer = trainer.run_tokenizer(run["tokenizer"], os.path.expanduser(args.checkpoint), say)
+  elif args.init_from:  # a fine-tune's default tokenizer: the model's own
+    tokenizer = hub.local_dir(args.init_from, flag="--init-from", need="tokenizer", log=say)
+  else:
+    tokenizer = None  # the bundled one
+  try:
+    tok = data.load_tokenizer(tokenizer)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--tokenizer", str(e)) from e
+  source = hub.local_data(args.data or run.get("data") or "builtin", flag="--data", log=say)
+  if source.startswith("tfds:"):
+    raise ConfigError("--data", f"{source}: preview reads files and the bundled corpus")
+  form = None
+  try:
+    if source.strip() == "builtin":
+      docs = data.builtin_documents("train")
+      items = ((d, f"the bundled corpus, document {i}") for i, d in enumerate(docs))
+    else:
+      files = sources._resolve_paths(source)
+      form = sft.instruction_format(files, columns)
+      if form:
+        items = sources.read_files(files, lambda f, at: data.records(f, at, columns))
+      else:  # documents, named by their file
+        items = ((d, str(f)) for f in files for d in sources._file_documents(f, None, columns))
+    items = list(itertools.islice(items, args.examples))
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError("--data", str(e)) from e
+  if form:
+    print(f"--data {source}: {sft.FORM_NAMES[form]}; the loss is on the [[marked]] tokens")
+  else:
+    print(
+      f"--data {source}: text, every token trained (documents packed into rows of "
+      "--seq-len + 1 tokens, or one per row with --no-packing)"
+    )
+  for record, where in items:
+    print()
+    if not form:  # packed: no row cuts a document, so its start is enough to show
+      shown = record[:_PREVIEW_CHARS] + ("..." if len(record) > _PREVIEW_CHARS else "")
+      print(f"{where}: {len(tok.encode(record)) + 1} tokens (with EOS)\n{shown}")
+      continue
+    try:
+      ((toks, trained),) = sft.tokenize_examples([(record, where)], tok)
+    except ValueError as e:
+      raise ConfigError("--data", str(e)) from e
+    print(sft.show_example(tok, toks, trained, seq_len, where))
+  return 0
+
+
+_PREVIEW_CHARS = 500  # of a text document
+
+
 def _count(n: int, noun: str) -> str:
   return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
 
@@ -1271,6 +1350,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print one JSON object")
   _add_compile_cache_flag(p)
   p.set_defaults(fn=_cmd_plan)
+
+  p = sub.add_parser(
+    "preview",
+    help="show the first records of --data as the examples training makes of them: the "
+    "text, the tokens, what the loss is taken on and what --seq-len cuts off",
+  )
+  p.add_argument("--data", default=None, help="as for train (default: --checkpoint's)")
+  p.add_argument("--columns", default=None, help="as for train (default: --checkpoint's)")
+  p.add_argument(
+    "--tokenizer", default=None, help="as for train (default: --checkpoint's or --init-from's)"
+  )
+  p.add_argument("--init-from", default=None, help="a model directory or Hub id: its tokenizer")
+  p.add_argument(
+    "--checkpoint",
+    default=None,
+    metavar="RUN",
+    help="a run: its --data, --columns, tokenizer and --seq-len",
+  )
+  p.add_argument(
+    "--seq-len", type=int, default=None, help="as for train (default: the run's, else 128)"
+  )
+  p.add_argument("--examples", type=int, default=3, help="how many (default %(default)s)")
+  p.set_defaults(fn=_cmd_preview)
 
   p = sub.add_parser(
     "cache",

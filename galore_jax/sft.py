@@ -65,6 +65,14 @@ def _kind(record: Any) -> str | None:
   return None
 
 
+# What each form is called where a run or `galore-jax preview` says how it reads the data.
+FORM_NAMES = {
+  "prompt": "prompt/completion records",
+  "chat": "chat records in the tokenizer's chat template",
+  "alpaca": "Alpaca records in the Alpaca prompt",
+}
+
+
 # Stanford Alpaca's record {"instruction", "input", "output"} (tatsu-lab/alpaca,
 # yahma/alpaca-cleaned, and the many sets made in its form) is trained as the Alpaca
 # project laid it out: this prompt, then the output as the completion. The prompt ends in
@@ -320,13 +328,46 @@ def reply_end_ids(tok, fmt: str) -> set[int]:
   template closes an assistant turn with (Qwen's ``<|im_end|>``, which a base model's
   tokenizer does not call EOS): the first special token of an empty reply's trained tail."""
   ends = {tok.eos_id()}
-  added = getattr(getattr(tok, "tok", None), "get_added_tokens_decoder", None)
-  if fmt == "chat" and added is not None:
+  if fmt == "chat" and (special := _added_special_ids(tok)):
     turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
     ((toks, trained),) = tokenize_examples([({"messages": turns}, "--prompt")], tok)
-    special = {i for i, t in added().items() if t.special}
     ends |= next(({int(i)} for i in toks[trained] if int(i) in special), set())
   return ends
+
+
+def _added_special_ids(tok) -> set[int]:
+  """The special tokens a ``tokenizer.json`` adds (a chat template's turn markers, Qwen's
+  ``<|im_end|>``); none for a SentencePiece model."""
+  added = getattr(getattr(tok, "tok", None), "get_added_tokens_decoder", None)
+  return set() if added is None else {int(i) for i, t in added().items() if t.special}
+
+
+def show_example(tok, toks: np.ndarray, trained: np.ndarray, seq_len: int, where: str) -> str:
+  """One example as ``galore-jax preview`` prints it: a line naming it (its tokens, how many
+  are trained, what a row of ``seq_len + 1`` tokens cuts off), then its text with the trained
+  pieces in ``[[ ]]`` and special tokens by name; the text stops where the row ends."""
+  row = seq_len + 1
+  n, n_trained = len(toks), int(trained.sum())
+  head = f"{where}: {n} tokens, {n_trained} trained"
+  if n > row:
+    head += f"; a row holds {row} (--seq-len {seq_len} + 1), so the last {n - row} are cut"
+    if n_trained and not trained[1:row].any():  # target j is token j + 1
+      head += ", every trained one among them: this example trains nothing"
+  # By name: decoding drops them, and a chat template's are the turns' boundaries.
+  special = ({tok.bos_id(), tok.eos_id()} | _added_special_ids(tok)) - {-1}
+  runs: list[list] = []  # [ids, trained, special]: a special token alone, else a flag's run
+  for t, flag in zip(toks[:row].tolist(), trained[:row].tolist(), strict=True):
+    if runs and not runs[-1][2] and t not in special and runs[-1][1] == flag:
+      runs[-1][0].append(t)
+    else:
+      runs.append([[t], flag, t in special])
+  text, was = [], False
+  for ids, flag, alone in runs:
+    if flag != was:  # a trained stretch opens or closes
+      text.append("[[" if flag else "]]")
+      was = flag
+    text.append(tok.id_to_piece(ids[0]) if alone else tok.decode(ids))
+  return f"{head}\n{''.join(text)}" + ("]]" if was else "")
 
 
 def split_records(records: list[tuple[Any, str]], split: str) -> list[tuple[Any, str]]:

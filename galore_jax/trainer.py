@@ -743,19 +743,14 @@ def cpu_fallback_note(devices, gpu_present: bool | None = None) -> str | None:
   )
 
 
-_INSTRUCTION_FORMS = {
-  "prompt": "prompt/completion records",
-  "chat": "chat records in the tokenizer's chat template",
-  "alpaca": "Alpaca records in the Alpaca prompt",
-}
-
-
 def _instruction_note(data_format: str) -> str:
   """What the model line says of instruction data (nothing for text): which records, and
   that the loss is on the replies alone, so a user sees how their file was read."""
-  if data_format not in _INSTRUCTION_FORMS:
+  from galore_jax.sft import FORM_NAMES
+
+  if data_format not in FORM_NAMES:
     return ""
-  return f" ({_INSTRUCTION_FORMS[data_format]}, loss on the replies only)"
+  return f" ({FORM_NAMES[data_format]}, loss on the replies only)"
 
 
 def idle_devices_note(used: int, devices) -> str | None:
@@ -1193,7 +1188,9 @@ def _train_loop(
     # Not recorded: saved before runs recorded it, when Alpaca records were read as text.
     was_form = saved.get("data_format", "text" if form == "alpaca" else form)
     if was_form != form:
-      read_as = lambda f: _INSTRUCTION_FORMS.get(f, "text")
+      from galore_jax.sft import FORM_NAMES
+
+      read_as = lambda f: FORM_NAMES.get(f, "text")
       log(
         f"galore-jax: note: --data is read as {read_as(form)}, where the run before step "
         f"{start} read it as {read_as(was_form)}: its examples and loss are not the same "

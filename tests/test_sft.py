@@ -302,25 +302,30 @@ def test_columns_read_a_datasets_own_names_as_instruction_records(tmp_path, monk
     list(data.records(tmp_path / "short.jsonl", columns=columns))
 
 
-def test_sharegpt_conversations_are_read_as_messages(tmp_path):
-  """ShareGPT's {"conversations": [{"from", "value"}]} (many Hub datasets) tokenizes as the
-  same chat in "messages" form, in JSON lines and in Parquet; unknown speakers and
-  malformed turns are errors naming the record."""
+def _chat_tokenizer(root):
+  """A small tokenizer.json whose tokenizer_config.json has a chat template."""
   tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   special = ["<unk>", "<s>", "</s>"]
   bpe = tokenizers.trainers.BpeTrainer(vocab_size=90, special_tokens=special, show_progress=False)
   tok.train_from_iterator(["what is two add two ? four and one add one two be brief"] * 9, bpe)
-  tok.save(str(tmp_path / "tokenizer.json"))
+  tok.save(str(root / "tokenizer.json"))
   template = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
   )
   config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
-  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-  tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+  (root / "tokenizer_config.json").write_text(json.dumps(config))
+  return root / "tokenizer.json"
+
+
+def test_sharegpt_conversations_are_read_as_messages(tmp_path):
+  """ShareGPT's {"conversations": [{"from", "value"}]} (many Hub datasets) tokenizes as the
+  same chat in "messages" form, in JSON lines and in Parquet; unknown speakers and
+  malformed turns are errors naming the record."""
+  tok = data.load_tokenizer(_chat_tokenizer(tmp_path))
   turns = [("system", "be brief"), ("user", "what is two add two ?"), ("assistant", "four")]
   messages = {"messages": [{"role": r, "content": c} for r, c in turns]}
   speakers = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -343,3 +348,46 @@ def test_sharegpt_conversations_are_read_as_messages(tmp_path):
     with pytest.raises(ValueError, match="^rec 7: ") as e:
       sft.tokenize_examples([(bad, "rec 7")], tok)
     assert why in str(e.value)
+
+
+def test_preview_shows_what_training_takes_the_loss_on(tmp_path, capsys):
+  """galore-jax preview: the first records as examples, the trained tokens in [[ ]] (special
+  tokens by name), and what --seq-len cuts off, in the form and through the --columns a run
+  would read; bad flags are one line naming the flag."""
+  from galore_jax import cli
+
+  dolly = [
+    {"instruction": "Say hi.", "context": "", "response": "hi there"},
+    {"instruction": "Add.", "context": "one two " * 40, "response": "three"},
+  ]
+  (tmp_path / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dolly))
+  args = ["preview", "--data", str(tmp_path / "dolly.jsonl"), "--seq-len", "80"]
+  assert cli.main([*args, "--columns", "input=context,output=response"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(
+    f"--data {tmp_path / 'dolly.jsonl'}: Alpaca records in the Alpaca prompt; "
+    "the loss is on the [[marked]] tokens\n\n"
+  )
+  sp = data.load_tokenizer()
+  n = len(sp.encode(sft.alpaca_prompt("Say hi."))) + len(sp.encode("hi there")) + 2
+  assert f"dolly.jsonl:1: {n} tokens, {len(sp.encode('hi there')) + 1} trained\n<s>Below" in out
+  assert out.count("### Response:\n[[hi there</s>]]") == 1
+  assert "dolly.jsonl:2: " in out and "so the last" in out and "this example trains nothing" in out
+  # Without the mapping the records are text: the text reader's error, one line.
+  assert cli.main(args) == 2
+  assert "--columns text=FIELD reads another" in capsys.readouterr().err
+
+  # A chat: the template's text, the assistant's turn (and its EOS) marked.
+  tokfile = _chat_tokenizer(tmp_path)
+  chat = {"messages": [{"role": "user", "content": "two add two ?"}]}
+  chat["messages"].append({"role": "assistant", "content": "four"})
+  (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+  assert (
+    cli.main(["preview", "--data", str(tmp_path / "chat.jsonl"), "--tokenizer", str(tokfile)]) == 0
+  )
+  out = capsys.readouterr().out
+  assert "chat records in the tokenizer's chat template" in out
+  assert "[[" in out and out.rstrip().endswith("</s>]]"), out
+  for bad, flag in [(["--examples", "0"], "--examples"), (["--columns", "x"], "--columns")]:
+    assert cli.main(["preview", *bad]) == 2
+    assert capsys.readouterr().err.startswith(f"galore-jax: error: {flag}: ")

@@ -1226,6 +1226,11 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
   assert "--columns prompt=question,completion=answer" in said and "steps 3..6" in said, said
   assert _cli("eval", "--checkpoint", out, "--json") == 0
   assert json.loads(capsys.readouterr().out)["step"] == 6
+  # preview --checkpoint: the run's data, columns, tokenizer and --seq-len 32.
+  assert _cli("preview", "--checkpoint", out, "--examples", "1") == 0
+  said = capsys.readouterr().out
+  assert said.startswith(f"--data {tmp_path / 'qa.jsonl'}: prompt/completion records;"), said
+  assert "qa.jsonl:1: " in said and "<s>what is 0 and 0 ?[[" in said and "</s>]]" in said
   # Without the mapping the records are not text: one line naming what they hold.
   assert _cli("eval", "--checkpoint", out, "--columns", "none") == 2
   err = capsys.readouterr().err.strip()
