@@ -774,11 +774,9 @@ def _trained_format(path: str, step: int) -> str:
   """``sample``'s default ``--format``: the form of the run's ``--data`` as its checkpoint
   recorded it (``"text"`` for a Hugging Face model directory, or a run saved before runs
   recorded it), with a note when it is not text."""
-  from galore_jax import checkpoint, distributed
+  from galore_jax import distributed, sample
 
-  if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-    return "text"
-  form = checkpoint.read_meta(path, step)[1].get("data_format", "text")
+  form = sample.trained_format(path, step)
   if form != "text":
     log = distributed.primary_log(functools.partial(print, file=sys.stderr))
     log(f"galore-jax: note: --format {form}: the form of the run's --data")
@@ -921,7 +919,11 @@ def _cmd_export(args) -> int:
 
   run, params, sp, step = sample.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
   base = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
-  chat = getattr(sp, "chat_template", None)
+  # A run fine-tuned on prompt/completion or Alpaca records: a chat template that lays a
+  # user message out as its examples did, for transformers' apply_chat_template and vLLM.
+  form = sample.trained_format(args.checkpoint, step)
+  template = sft.export_chat_template(form, sp)
+  chat = template is None and getattr(sp, "chat_template", None)
   generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
   # Written into a sibling directory and renamed into place when complete, so that --out
   # is never a partial model (a killed or failed export), nor a mix of two exports.
@@ -935,7 +937,13 @@ def _cmd_export(args) -> int:
   previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
     files = hf.save_pretrained(
-      partial, run.model_cfg, params, dtype=args.dtype, tokenizer=sp, generation=generation
+      partial,
+      run.model_cfg,
+      params,
+      dtype=args.dtype,
+      tokenizer=sp,
+      generation=generation,
+      chat_template=template,
     )
   except BaseException as e:
     shutil.rmtree(partial, ignore_errors=True)
@@ -953,6 +961,12 @@ def _cmd_export(args) -> int:
       f"complete in {partial}",
     ) from e
   print(f"exported step {step} to {out} ({len(files)} files)")
+  if template is not None:
+    print(
+      f"its chat template lays one user message out as the run's {sft.FORM_NAMES[form]} "
+      "(replacing the tokenizer's own): transformers' apply_chat_template and vLLM's chat "
+      "endpoint prompt the model as it was trained"
+    )
   return 0
 
 

@@ -574,6 +574,7 @@ def save_pretrained(
   tokenizer: Any = None,
   generation: dict[str, Any] | None = None,
   max_shard_bytes: int = MAX_SHARD_BYTES,
+  chat_template: str | None = None,
 ) -> list[str]:
   """Writes ``config.json`` + safetensors (+ the tokenizer's files) under ``path``.
 
@@ -584,7 +585,8 @@ def save_pretrained(
   holds at most one shard (5 GB by default). ``tokenizer``: what :func:`load_tokenizer`
   or ``data.load_tokenizer`` returned; its files are copied and its special tokens go
   into ``config.json``. ``generation``: written as ``generation_config.json``
-  (:func:`generation_config`). Returns the files written.
+  (:func:`generation_config`). ``chat_template``: the tokenizer's, replaced
+  (:func:`save_tokenizer`). Returns the files written.
   """
   from safetensors.numpy import save_file
 
@@ -652,7 +654,7 @@ def save_pretrained(
   cfg = config_to_dict(config, dtype=dtype)
   if tokenizer is not None:
     cfg.update(_token_ids(tokenizer))
-    written += save_tokenizer(tokenizer, root)
+    written += save_tokenizer(tokenizer, root, chat_template)
   (root / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
   written.append(str(root / CONFIG_FILE))
   if generation is not None:
@@ -818,10 +820,23 @@ def tokenizer_sha(tok) -> str:
   return hashlib.sha256(tok.serialized_model_proto()).hexdigest()
 
 
-def save_tokenizer(tok, root: Path) -> list[str]:
+def save_tokenizer(tok, root: Path, chat_template: str | None = None) -> list[str]:
   """Copies a tokenizer's files into ``root`` in the layout transformers' AutoTokenizer
   reads. A SentencePiece model becomes ``tokenizer.model`` with a LlamaTokenizer config
-  that adds no BOS / EOS (this package's pretraining placed neither at the start)."""
+  that adds no BOS / EOS (this package's pretraining placed neither at the start).
+  ``chat_template``: set in ``tokenizer_config.json`` (and in a copied ``chat_template.jinja``,
+  which transformers 5 reads first) in place of the tokenizer's own."""
+  written = _save_tokenizer_files(tok, root)
+  if chat_template is not None:
+    config_file = root / "tokenizer_config.json"
+    cfg = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**cfg, "chat_template": chat_template}, indent=2) + "\n")
+    if (root / "chat_template.jinja").is_file():
+      (root / "chat_template.jinja").write_text(chat_template)
+  return written
+
+
+def _save_tokenizer_files(tok, root: Path) -> list[str]:
   written = []
   if isinstance(tok, HFTokenizer):
     for f in tok.files():

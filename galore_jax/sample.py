@@ -98,6 +98,16 @@ def kept_generation_config(
   return gen
 
 
+def trained_format(path: str, step: int) -> str:
+  """The form of the ``--data`` the run at ``path`` trained on (``"text"``, ``"prompt"``,
+  ``"chat"``, ``"alpaca"``), as its checkpoint ``step`` recorded it: how ``sample`` lays out a
+  prompt and ``export`` a chat template. ``"text"`` for a Hugging Face model directory, or a
+  run saved before runs recorded it."""
+  if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+    return "text"
+  return checkpoint.read_meta(path, step)[1].get("data_format", "text")
+
+
 def stop_ids(generation: dict[str, Any] | None) -> set[int]:
   """The ``eos_token_id`` (one id or a list) of a generation config, as a set."""
   eos = (generation or {}).get("eos_token_id")

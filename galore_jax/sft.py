@@ -89,6 +89,54 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 
+def export_chat_template(form: str, tok) -> str | None:
+  """For ``export``: a chat template that lays out one user message (and, for training
+  elsewhere, its assistant reply) as a run's ``"prompt"`` or ``"alpaca"`` examples held them:
+  ``[BOS] prompt`` or ``[BOS]`` and the Alpaca prompt of the message as the instruction, then
+  the reply and EOS. So ``apply_chat_template`` in transformers, and vLLM's chat endpoint,
+  prompt the fine-tuned model as it was trained. None for other forms (a chat run keeps its
+  tokenizer's template; text has none to give), or where no rendering tokenizes as
+  training did (:func:`_after_bos`)."""
+  if form == "prompt":
+    head = "{{ messages[0]['content'] }}"
+  elif form == "alpaca":
+    before, after = ALPACA_PROMPT.split("{instruction}")
+    head = before + "{{ messages[0]['content'] }}" + after
+  else:
+    return None
+  sep = _after_bos(tok)
+  if sep is None:
+    return None
+  return (
+    "{% if not (messages | length in [1, 2] and messages[0]['role'] == 'user' and "
+    "(messages | length == 1 or messages[1]['role'] == 'assistant')) %}"
+    "{{ raise_exception('this model was fine-tuned on single prompts: give one user "
+    "message (and its assistant reply)') }}{% endif %}"
+    f"{{% if bos_token %}}{{{{ bos_token }}}}{sep}{{% endif %}}" + head + "{% if messages | "
+    "length == 2 %}{{ messages[1]['content'] }}{{ eos_token }}{% endif %}"
+  )
+
+
+def _after_bos(tok) -> str | None:
+  """What a template writes between BOS and the prompt so that tokenizing the rendered text
+  whole, as transformers and vLLM do, gives training's ``[BOS] + encode(prompt)``: nothing
+  for a byte-level BPE (Llama 3, Qwen2), a space where text after a special token gets no
+  word-start marker (a Metaspace pre-tokenizer with ``prepend_scheme: first``, which
+  transformers also builds from a SentencePiece ``tokenizer.model``). None if neither does."""
+  bos = tok.bos_id()
+  if bos < 0:
+    return ""
+  inner = getattr(tok, "tok", None)  # a tokenizer.json's tokenizers.Tokenizer
+  if inner is None:  # exported as tokenizer.model: transformers' Metaspace, scheme "first"
+    return " "
+  probe = "Below is an instruction."
+  want = [bos, *tok.encode(probe)]
+  for sep in ("", " "):
+    if inner.encode(tok.id_to_piece(bos) + sep + probe, add_special_tokens=False).ids == want:
+      return sep
+  return None
+
+
 def alpaca_prompt(instruction: Any, input: Any = None, where: str = "--prompt") -> str:
   """The Alpaca prompt of an instruction and its optional input (``None`` or ``""``: none)."""
   if not isinstance(instruction, str) or not (input is None or isinstance(input, str)):

@@ -613,6 +613,19 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   # Export refuses to overwrite.
   assert cli.main(["export", "--checkpoint", str(r["run"]), "--out", str(r["out"])]) == 2
 
+  # The run trained on prompt/completion records: the export's chat template (in place of the
+  # base's) gives transformers the ids a prompt had in training, [BOS] prompt, then the
+  # reply and EOS. (Not checked for qwen2: transformers 5 tokenises with its own class, above.)
+  q, messages = "what is one add two ?", [{"role": "user", "content": "what is one add two ?"}]
+  auto_tok = transformers.AutoTokenizer.from_pretrained(r["out"])
+  text = auto_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  ours = sft.prompt_ids(data.load_tokenizer(tokfile), q, "prompt")
+  assert (
+    auto_tok(text, add_special_tokens=False)["input_ids"] == ours or cfg["model_type"] == "qwen2"
+  )
+  reply = [*messages, {"role": "assistant", "content": " three"}]
+  assert auto_tok.apply_chat_template(reply, tokenize=False) == text + " three</s>"
+
 
 def test_generation_config_lists_every_stop_id(tok_dir):
   """EOS first, then a chat template's turn-closing token (Qwen's <|im_end|> is not its

@@ -391,3 +391,59 @@ def test_preview_shows_what_training_takes_the_loss_on(tmp_path, capsys):
   for bad, flag in [(["--examples", "0"], "--examples"), (["--columns", "x"], "--columns")]:
     assert cli.main(["preview", *bad]) == 2
     assert capsys.readouterr().err.startswith(f"galore-jax: error: {flag}: ")
+
+
+@pytest.mark.parametrize(
+  "pre,after_bos",
+  [("byte_level", ""), ("metaspace_first", " "), ("metaspace_always", "")],
+)
+def test_the_export_chat_template_tokenizes_as_training_did(tmp_path, pre, after_bos):
+  """export's chat template for prompt/completion and Alpaca runs: rendered (as transformers
+  renders it) and tokenized whole, it gives the ids training gave the prompt, [BOS] and the
+  prompt tokenized alone, for a byte-level BPE (Llama 3, Qwen2) and for Metaspace tokenizers,
+  whose text after a special token may lack the word-start marker."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = {
+    "byte_level": tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "metaspace_first": tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first"),
+    "metaspace_always": tokenizers.pre_tokenizers.Metaspace(prepend_scheme="always"),
+  }[pre]
+  tok.decoder = (
+    tokenizers.decoders.ByteLevel() if pre == "byte_level" else tokenizers.decoders.Metaspace()
+  )
+  bpe = tokenizers.trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=["<unk>", "<s>", "</s>"],
+    show_progress=False,
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet() if pre == "byte_level" else [],
+  )
+  text = sft.ALPACA_PROMPT.format(instruction="Say hi to the world.") + "hi there"
+  tok.train_from_iterator([text, "Below is an instruction."] * 20, bpe)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
+  )
+  tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+  assert sft._after_bos(tok) == after_bos
+  inner = tok.tok
+  for form in ("prompt", "alpaca"):
+    template = sft.export_chat_template(form, tok)
+    user = [{"role": "user", "content": "Say hi to the world."}]
+    rendered = sft.render_chat(
+      template, user, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
+    ids = inner.encode(rendered, add_special_tokens=False).ids
+    assert ids == sft.prompt_ids(tok, "Say hi to the world.", form), (form, rendered)
+    reply = [*user, {"role": "assistant", "content": "hi there"}]
+    full = sft.render_chat(
+      template, reply, add_generation_prompt=False, bos_token="<s>", eos_token="</s>"
+    )
+    assert full == rendered + "hi there</s>"
+    with pytest.raises(ValueError, match="give one user message"):
+      sft.render_chat(
+        template, reply[1:], add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+      )
+  assert (
+    sft.export_chat_template("chat", tok) is None and sft.export_chat_template("text", tok) is None
+  )

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from small_run import SMALL
 
-from galore_jax import checkpoint, cli, config, data, metrics, steps, train, trainer
+from galore_jax import checkpoint, cli, config, data, metrics, sft, steps, train, trainer
 
 _SESSION_START = time.perf_counter()
 
@@ -1231,6 +1231,21 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
   said = capsys.readouterr().out
   assert said.startswith(f"--data {tmp_path / 'qa.jsonl'}: prompt/completion records;"), said
   assert "qa.jsonl:1: " in said and "<s>what is 0 and 0 ?[[" in said and "</s>]]" in said
+  # export: a chat template that gives transformers the ids a prompt had in training (the
+  # bundled SentencePiece model, which transformers reads with its own Metaspace rules).
+  assert _cli("export", "--checkpoint", out, "--out", str(tmp_path / "hf")) == 0
+  assert "its chat template lays one user message out" in capsys.readouterr().out
+  try:
+    import transformers
+  except ImportError:  # the reference extra
+    return
+  auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  q = "what is 7 and 3 ?"
+  text = auto.apply_chat_template(
+    [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+  )
+  ids = auto(text, add_special_tokens=False)["input_ids"]
+  assert ids == sft.prompt_ids(data.load_tokenizer(), q, "prompt"), (text, ids)
   # Without the mapping the records are not text: one line naming what they hold.
   assert _cli("eval", "--checkpoint", out, "--columns", "none") == 2
   err = capsys.readouterr().err.strip()
