@@ -1370,12 +1370,27 @@ def build_parser() -> argparse.ArgumentParser:
     help="show the first records of --data as the examples training makes of them: the "
     "text, the tokens, what the loss is taken on and what --seq-len cuts off",
   )
-  p.add_argument("--data", default=None, help="as for train (default: --checkpoint's)")
-  p.add_argument("--columns", default=None, help="as for train (default: --checkpoint's)")
   p.add_argument(
-    "--tokenizer", default=None, help="as for train (default: --checkpoint's or --init-from's)"
+    "--data", default=None, metavar="SOURCE", help="as for train (default: --checkpoint's)"
   )
-  p.add_argument("--init-from", default=None, help="a model directory or Hub id: its tokenizer")
+  p.add_argument(
+    "--columns",
+    default=None,
+    metavar="FIELD=COLUMN,...|none",
+    help="as for train (default: --checkpoint's)",
+  )
+  p.add_argument(
+    "--tokenizer",
+    default=None,
+    metavar="PATH",
+    help="as for train (default: --checkpoint's or --init-from's)",
+  )
+  p.add_argument(
+    "--init-from",
+    default=None,
+    metavar="DIR|ORG/NAME",
+    help="a model directory or Hub id: its tokenizer",
+  )
   p.add_argument(
     "--checkpoint",
     default=None,
