@@ -164,7 +164,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     help="read record fields from JSON keys / Parquet columns of other names, e.g. "
     "input=context,output=response (databricks-dolly-15k as Alpaca records), "
     "prompt=question,completion=answer, text=content; fields: text, prompt, completion, "
-    "messages, conversations, instruction, input, output (also for --eval-data)",
+    "messages, conversations, instruction, input, output (also for --eval-data; none: a "
+    "resumed run's back to the fields' own names)",
   )
   g.add_argument(
     "--eval-data",
@@ -369,8 +370,9 @@ def _train_config(args):
     {"model"} if args.model is None else set()
   )
   values = {k: v for k, v in vars(args).items() if k in fields}
-  if values.get("eval_data") == "none":  # a resume's way back to the held-out documents
-    values["eval_data"] = None
+  for name in ("eval_data", "columns"):  # a resume's way back to the default
+    if values.get(name) == "none":
+      values[name] = None
   return TrainConfig(**values)
 
 

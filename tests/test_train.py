@@ -1253,6 +1253,14 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
   assert err.endswith("(its fields: question, answer; --columns text=FIELD reads another)")
 
 
+def test_none_turns_a_resumed_runs_source_flags_back():
+  # --eval-data none / --columns none: a resume's way back to the defaults (a run's value
+  # is otherwise taken for every flag not given).
+  args = cli.build_parser().parse_args(["train", "--columns", "none", "--eval-data", "none"])
+  cfg = cli._train_config(args)
+  assert cfg.columns is None and cfg.eval_data is None
+
+
 def test_a_resume_names_the_switches_it_takes_from_the_run(tmp_path):
   # Switches a resume takes from the run have both forms, to be turned back (a resume on
   # a machine without wandb: --no-wandb).
