@@ -923,7 +923,8 @@ def _cmd_export(args) -> int:
   base = sample.kept_generation_config(args.checkpoint, step, args.tokenizer)
   # A run fine-tuned on prompt/completion or Alpaca records: a chat template that lays a
   # user message out as its examples did, for transformers' apply_chat_template and vLLM.
-  form = sample.trained_format(args.checkpoint, step)
+  meta = sample.run_meta(args.checkpoint, step)  # None: a Hugging Face directory
+  form = "text" if meta is None else meta.get("data_format", "text")
   template = sft.export_chat_template(form, sp)
   chat = template is None and getattr(sp, "chat_template", None)
   generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
@@ -947,6 +948,18 @@ def _cmd_export(args) -> int:
       generation=generation,
       chat_template=template,
     )
+    if meta is not None:  # the model card the Hub shows: what was trained how
+      card = hf.model_card(
+        meta.get("train_config", {}),
+        step,
+        form=form,
+        eval_loss=sample.last_eval(args.checkpoint, step),
+        chat_template=template if template is not None else getattr(sp, "chat_template", None),
+        bos_token=sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else "",
+      )
+      with open(os.path.join(partial, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)
+      files.append(os.path.join(partial, "README.md"))
   except BaseException as e:
     shutil.rmtree(partial, ignore_errors=True)
     if isinstance(e, OSError):  # a full disk: named in --out's terms (the partial is gone)

@@ -820,6 +820,111 @@ def tokenizer_sha(tok) -> str:
   return hashlib.sha256(tok.serialized_model_proto()).hexdigest()
 
 
+def model_card(
+  run: dict[str, Any],
+  step: int,
+  *,
+  form: str = "text",
+  eval_loss: tuple[int, float] | None = None,
+  chat_template: str | None = None,
+  bos_token: str = "",
+) -> str:
+  """``README.md`` of an exported run, the model card the Hub shows: YAML metadata
+  (``huggingface_hub.ModelCardData``: the base model and datasets where the run read them
+  from the Hub, ``library_name``, tags) and what was trained how, from the checkpoint's
+  ``train_config`` (``run``) at ``step``; ``eval_loss``: ``(step, loss)`` of the run's
+  last evaluation; ``form``: its data's form (``galore_jax.sft``), with ``chat_template``,
+  the exported one, shown on an example message."""
+  import huggingface_hub
+
+  from galore_jax import __version__, hub, sft
+
+  base = hub.repo_id(run.get("init_from"))
+  datasets = [d for d in map(hub.repo_id, (run.get("data"), run.get("eval_data"))) if d]
+  meta = huggingface_hub.ModelCardData(
+    base_model=base,
+    datasets=list(dict.fromkeys(datasets)) or None,
+    library_name="transformers",
+    pipeline_tag="text-generation",
+    tags=["galore", "galore-jax"],
+  )
+  if base:
+    origin = f"Fine-tuned from [{base}](https://huggingface.co/{base})"
+  elif run.get("init_from"):
+    origin = f"Fine-tuned from `{os.path.basename(os.path.normpath(run['init_from']))}`"
+  else:
+    origin = f"Trained from a random initialisation (`{run.get('model')}`)"
+  galore = run.get("optimizer", "").startswith("galore")
+  how = (
+    f"with GaLore (gradient low-rank projection, Zhao et al., ICML 2024): every weight is "
+    f"trained, the optimizer state of the attention and MLP matrices kept in rank-{run['rank']} "
+    "projections"
+    if galore
+    else f"with {run.get('optimizer')}"
+  )
+  rows = [
+    ("steps", f"{step} of {run.get('steps')}"),
+    (
+      "tokens per step",
+      f"{run.get('batch_size')} x {run.get('grad_accum', 1)} x "
+      f"{run.get('seq_len')} (sequences x accumulation x length)",
+    ),
+    ("optimizer", run.get("optimizer")),
+  ]
+  if galore:
+    rows.append(
+      (
+        "GaLore",
+        f"rank {run['rank']}, projectors refreshed every {run.get('update_proj_gap')} "
+        f"steps (`{run.get('svd')}`), scale {run.get('galore_scale')}",
+      )
+    )
+  rows += [
+    ("learning rate", f"{run.get('peak_lr')}, {run.get('schedule', 'cosine')} schedule"),
+    ("weight decay", run.get("weight_decay")),
+    (
+      "data",
+      f"`{run.get('data')}`" + (f" ({sft.FORM_NAMES[form]})" if form in sft.FORM_NAMES else ""),
+    ),
+    ("weights / compute dtype", f"{run.get('param_dtype')} / {run.get('dtype')}"),
+  ]
+  if eval_loss is not None:
+    rows.append(("validation loss", f"{eval_loss[1]:.4f} at step {eval_loss[0]}"))
+  lines = [
+    f"# {os.path.basename(os.path.normpath(run.get('out') or 'model'))}",
+    "",
+    f"{origin} {how}, by galore-jax {__version__} (JAX).",
+    "",
+    "| | |",
+    "| --- | --- |",
+    *(f"| {k} | {v} |" for k, v in rows),
+    "",
+  ]
+  if form in sft.FORM_NAMES:
+    lines += ["## Prompt format", ""]
+    if chat_template is not None:
+      example = sft.render_chat(
+        chat_template,
+        [{"role": "user", "content": "<your message>"}],
+        add_generation_prompt=True,
+        bos_token=bos_token,
+        eos_token="",
+      )
+      lines += [
+        f"Trained on {sft.FORM_NAMES[form]}. The chat template in `tokenizer_config.json` "
+        "lays one user message out as training did (`apply_chat_template(messages, "
+        "add_generation_prompt=True)`; vLLM's chat endpoint uses it too):",
+        "",
+        "```",
+        example,
+        "```",
+        "",
+      ]
+    else:
+      lines += [f"Trained on {sft.FORM_NAMES[form]}, which this directory's tokenizer keeps.", ""]
+  return f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
 def save_tokenizer(tok, root: Path, chat_template: str | None = None) -> list[str]:
   """Copies a tokenizer's files into ``root`` in the layout transformers' AutoTokenizer
   reads. A SentencePiece model becomes ``tokenizer.model`` with a LlamaTokenizer config

@@ -108,6 +108,15 @@ def pinned(path: str | None) -> str | None:
   return f"{m['org']}/{m['name']}@{m['rev']}"
 
 
+def repo_id(record: str | None) -> str | None:
+  """``ORG/NAME`` of what a run recorded from the Hub (``ORG/NAME[@REV]`` or
+  ``hf://datasets/ORG/NAME[@REV]/PATH``, :func:`pinned`), else None (a local path)."""
+  if not record:
+    return None
+  m = _DATASET.fullmatch(record) or _HUB_ID.fullmatch(record)
+  return m["repo"] if m else None
+
+
 def local_dir(source: str | None, *, flag: str, need: str = "model", log=None) -> str | None:
   """``source`` unchanged (None too) unless it is a Hub id (:func:`is_hub_id`); then the
   cache's snapshot directory holding what ``need`` (``model``, ``config`` or ``tokenizer``)

@@ -103,9 +103,29 @@ def trained_format(path: str, step: int) -> str:
   ``"chat"``, ``"alpaca"``), as its checkpoint ``step`` recorded it: how ``sample`` lays out a
   prompt and ``export`` a chat template. ``"text"`` for a Hugging Face model directory, or a
   run saved before runs recorded it."""
+  meta = run_meta(path, step)
+  return "text" if meta is None else meta.get("data_format", "text")
+
+
+def run_meta(path: str, step: int) -> dict[str, Any] | None:
+  """The metadata of checkpoint ``step`` of the run at ``path``; None for a Hugging Face
+  model directory."""
   if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-    return "text"
-  return checkpoint.read_meta(path, step)[1].get("data_format", "text")
+    return None
+  return checkpoint.read_meta(path, step)[1]
+
+
+def last_eval(path: str, step: int) -> tuple[int, float] | None:
+  """``(step, loss)`` of the last evaluation the run at ``path`` logged up to ``step``
+  (its ``metrics.jsonl``), or None."""
+  from galore_jax import metrics
+
+  try:
+    records = metrics.read_metrics(_run_dir(path))
+  except (OSError, ValueError):
+    return None
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and r["step"] <= step]
+  return evals[-1] if evals else None
 
 
 def stop_ids(generation: dict[str, Any] | None) -> set[int]:

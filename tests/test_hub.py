@@ -275,6 +275,12 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
   assert f"--init-from acme/tiny-llama@{COMMIT}: not a local path" in captured.out
   assert "goes on with the config.json that its checkpoint 3 kept" in captured.out
   assert checkpoint.saved_train_config(str(run))[1]["init_from"] == f"acme/tiny-llama@{COMMIT}"
+  # The export's model card names the base model and the dataset as the Hub does.
+  assert cli.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+  card = huggingface_hub.ModelCard.load(tmp_path / "hf" / "README.md")
+  assert card.data.base_model == "acme/tiny-llama" and card.data.datasets == ["acme/arith"]
+  assert "Fine-tuned from [acme/tiny-llama](https://huggingface.co/acme/tiny-llama)" in card.text
+  assert "| steps | 4 of 4 |" in card.text and "## Prompt format" in card.text
 
 
 def _cache_dataset(cache, repo="acme/arith"):
