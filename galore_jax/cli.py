@@ -952,6 +952,7 @@ def _cmd_export(args) -> int:
       card = hf.model_card(
         meta.get("train_config", {}),
         step,
+        name=os.path.basename(out),
         form=form,
         eval_loss=sample.last_eval(args.checkpoint, step),
         chat_template=template if template is not None else getattr(sp, "chat_template", None),

@@ -824,6 +824,7 @@ def model_card(
   run: dict[str, Any],
   step: int,
   *,
+  name: str = "model",
   form: str = "text",
   eval_loss: tuple[int, float] | None = None,
   chat_template: str | None = None,
@@ -832,7 +833,8 @@ def model_card(
   """``README.md`` of an exported run, the model card the Hub shows: YAML metadata
   (``huggingface_hub.ModelCardData``: the base model and datasets where the run read them
   from the Hub, ``library_name``, tags) and what was trained how, from the checkpoint's
-  ``train_config`` (``run``) at ``step``; ``eval_loss``: ``(step, loss)`` of the run's
+  ``train_config`` (``run``) at ``step``; ``name``: its title (the export's directory
+  name); ``eval_loss``: ``(step, loss)`` of the run's
   last evaluation; ``form``: its data's form (``galore_jax.sft``), with ``chat_template``,
   the exported one, shown on an example message."""
   import huggingface_hub
@@ -880,7 +882,10 @@ def model_card(
       )
     )
   rows += [
-    ("learning rate", f"{run.get('peak_lr')}, {run.get('schedule', 'cosine')} schedule"),
+    (
+      "learning rate",
+      f"{run.get('peak_lr', run.get('lr'))}, {run.get('schedule', 'cosine')} schedule",
+    ),
     ("weight decay", run.get("weight_decay")),
     (
       "data",
@@ -891,7 +896,7 @@ def model_card(
   if eval_loss is not None:
     rows.append(("validation loss", f"{eval_loss[1]:.4f} at step {eval_loss[0]}"))
   lines = [
-    f"# {os.path.basename(os.path.normpath(run.get('out') or 'model'))}",
+    f"# {name}",
     "",
     f"{origin} {how}, by galore-jax {__version__} (JAX).",
     "",
