@@ -794,6 +794,15 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   assert [{k: v for k, v in r.items() if k not in reply_fields} for r in got] == records
   assert {r["finish_reason"] for r in got} <= {"stop", "length"}
   assert got[0]["completion"] == got[2]["completion"] == chat_reply.removesuffix("\n")
+  # Alpaca records: an instruction and its input, laid out in the Alpaca prompt.
+  alpaca = tmp_path / "alpaca.jsonl"
+  alpaca.write_text(json.dumps({"instruction": "add one and two .", "input": "be brief"}) + "\n")
+  args = ["sample", "--checkpoint", run, "--prompts", str(alpaca), *flags, "--format", "alpaca"]
+  assert cli.main(args) == 0
+  (got,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert got["instruction"] == "add one and two ." and got["finish_reason"] in ("stop", "length")
+  assert cli.main([*args[:-1], "prompt"]) == 2  # an instruction is not a prompt
+  assert "use --format alpaca" in capsys.readouterr().err
   # A conversation is a chat: with another format, one line naming the record.
   assert cli.main([*prompts, "--format", "prompt"]) == 2
   err = capsys.readouterr().err.strip()
