@@ -567,14 +567,8 @@ def _cmd_eval(args) -> int:
       batch_size=args.batch_size or run.cfg.batch_size,
       seq_len=args.seq_len or run.cfg.seq_len,
       packing=run.cfg.packing if args.packing is None else args.packing,
-      columns=getattr(run.cfg, "columns", None) if args.columns is None else args.columns,
+      columns=_columns_flag(args.columns, getattr(run.cfg, "columns", None)),
     )
-    if cfg.columns == "none":
-      cfg = dataclasses.replace(cfg, columns=None)
-    try:
-      data.parse_columns(cfg.columns)
-    except ValueError as e:
-      raise ConfigError("--columns", str(e)) from e
     check_seq_len(cfg.seq_len, cfg.init_from or cfg.model, run.model_cfg.max_seq_len)
     check_mesh(args.mesh, cfg.batch_size)
     split = args.split or (
@@ -702,6 +696,21 @@ def _read_prompts(path: str) -> list[_Prompt]:
   return records
 
 
+def _columns_flag(given: str | None, recorded: str | None) -> str | None:
+  """``eval`` / ``preview --columns``: as given, else the run's (``recorded``); ``none``: the
+  fields' own names. A malformed mapping is a ``--columns`` error here."""
+  from galore_jax import data
+  from galore_jax.config import ConfigError
+
+  spec = recorded if given is None else given
+  spec = None if spec == "none" else spec
+  try:
+    data.parse_columns(spec)
+  except ValueError as e:
+    raise ConfigError("--columns", str(e)) from e
+  return spec
+
+
 def _eval_batches_flag(value: str | None) -> int | str | None:
   """``--eval-batches``: None -> the run's own count ("run"), ``all`` -> None, else N >= 1."""
   if value is None:
@@ -778,7 +787,7 @@ def _trained_format(path: str, step: int) -> str:
   recorded it), with a note when it is not text."""
   from galore_jax import distributed, sample
 
-  form = sample.trained_format(path, step)
+  form = sample.data_format(sample.run_meta(path, step))
   if form != "text":
     log = distributed.primary_log(functools.partial(print, file=sys.stderr))
     log(f"galore-jax: note: --format {form}: the form of the run's --data")
@@ -924,7 +933,7 @@ def _cmd_export(args) -> int:
   # A run fine-tuned on prompt/completion or Alpaca records: a chat template that lays a
   # user message out as its examples did, for transformers' apply_chat_template and vLLM.
   meta = sample.run_meta(args.checkpoint, step)  # None: a Hugging Face directory
-  form = "text" if meta is None else meta.get("data_format", "text")
+  form = sample.data_format(meta)
   template = sft.export_chat_template(form, sp)
   chat = template is None and getattr(sp, "chat_template", None)
   generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
@@ -1043,11 +1052,7 @@ def _cmd_preview(args) -> int:
     if found is None:
       raise ConfigError("--checkpoint", f"{args.checkpoint}: not a run with a checkpoint")
     run = found[1]
-  columns = args.columns if args.columns is not None else run.get("columns")
-  try:
-    columns = data.parse_columns(None if columns == "none" else columns)
-  except ValueError as e:
-    raise ConfigError("--columns", str(e)) from e
+  columns = data.parse_columns(_columns_flag(args.columns, run.get("columns")))
   seq_len = args.seq_len or run.get("seq_len") or TrainConfig().seq_len
   if args.tokenizer:
     tokenizer = hub.local_dir(args.tokenizer, flag="--tokenizer", need="tokenizer", log=say)

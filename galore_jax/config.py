@@ -329,10 +329,10 @@ def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
   if not 0.0 <= cfg.min_lr_ratio <= 1.0:  # (NaN fails both comparisons)
     raise ConfigError("--min-lr-ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
   if cfg.columns:
-    if cfg.data.strip() == "builtin" or cfg.data.startswith("tfds:"):
-      raise ConfigError("--columns", f"names columns of files; --data {cfg.data} has none")
     from galore_jax.data import sources  # lazy: only a run that names columns needs it
 
+    if not sources.is_path_source(cfg.data):
+      raise ConfigError("--columns", f"names columns of files; --data {cfg.data} has none")
     try:
       sources.parse_columns(cfg.columns)
     except ValueError as e:

@@ -98,12 +98,11 @@ def kept_generation_config(
   return gen
 
 
-def trained_format(path: str, step: int) -> str:
-  """The form of the ``--data`` the run at ``path`` trained on (``"text"``, ``"prompt"``,
-  ``"chat"``, ``"alpaca"``), as its checkpoint ``step`` recorded it: how ``sample`` lays out a
-  prompt and ``export`` a chat template. ``"text"`` for a Hugging Face model directory, or a
-  run saved before runs recorded it."""
-  meta = run_meta(path, step)
+def data_format(meta: dict[str, Any] | None) -> str:
+  """The form of the ``--data`` a run trained on (``"text"``, ``"prompt"``, ``"chat"``,
+  ``"alpaca"``), as the checkpoint metadata ``meta`` (:func:`run_meta`) recorded it: how
+  ``sample`` lays out a prompt and ``export`` a chat template. ``"text"`` for a Hugging
+  Face model directory (``meta`` None), or a run saved before runs recorded it."""
   return "text" if meta is None else meta.get("data_format", "text")
 
 

@@ -1218,7 +1218,7 @@ def _train_loop(
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f", peak lr {cfg.peak_lr:g}"
     + f"; {train_ds.num_tokens or 'streamed'} training tokens"
-    + _instruction_note(getattr(train_ds, "data_format", "text"))
+    + _instruction_note(meta["data_format"])
     + f"; mesh {dict(run.mesh.shape)} "
     f"on {describe_devices(run.mesh.devices.flat)}"
   )
