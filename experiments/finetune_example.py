@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -114,10 +115,16 @@ def optimizer_bytes(cfg: TrainConfig, vocab: int) -> tuple[int, int]:
   return size(run.abstract_params), size(run.abstract_opt)
 
 
+def one_per_row(cfg: TrainConfig):
+  """The run's validation examples one per row: plain forward passes (here and in
+  transformers) read them without the packed rows' segment ids, and the loss is the same."""
+  return dataclasses.replace(trainer.data_config(cfg, cfg.batch_size), packing=False)
+
+
 def completion_accuracy(run_dir: str) -> float:
   """Next-token accuracy on the validation completions (the masked targets)."""
   run, params, _, _ = sample.load_for_inference(run_dir)
-  batches = data.eval_batches(trainer.data_config(run.cfg, run.cfg.batch_size))
+  batches = data.eval_batches(one_per_row(run.cfg))
   forward = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x).argmax(-1))
   hit = total = 0.0
   for b in batches:
@@ -134,7 +141,7 @@ def transformers_loss(model_dir: Path, run_dir: str) -> float:
   run, _, _, _ = sample.load_for_inference(run_dir)
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
   loss = count = 0.0
-  for b in data.eval_batches(trainer.data_config(run.cfg, run.cfg.batch_size)):
+  for b in data.eval_batches(one_per_row(run.cfg)):
     with torch.no_grad():
       logits = model(torch.tensor(b["inputs"], dtype=torch.long)).logits.double()
     nll = torch.nn.functional.cross_entropy(

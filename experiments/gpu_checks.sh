@@ -29,6 +29,9 @@
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
 #   GPU_CHECKS=sample1b: sampling speed of llama_1b (experiments/bench_sample.py); it fits
 #      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
+#   GPU_CHECKS=packed: packed instruction batches (several examples per row, kept apart by
+#      a mask) through cuDNN's fused attention vs XLA's (experiments/gpu_packed_check.py,
+#      under a minute); it fits in any call's spare time.
 #   GPU_CHECKS=oom: out of memory mid-run (experiments/gpu_oom_check.py, about a minute):
 #      does the failed step leave its donated inputs, so that train saves the step before?
 #   GPU_CHECKS="adafactor7b clip7b": the llama_7b peak under the 24 GB cap with
@@ -81,9 +84,10 @@ PYEOF
       compile1b) compile1b ;;
       sample1b) sample1b ;;
       oom) oom ;;
+      packed) packed ;;
       adafactor7b) variant7b adafactor7b --optimizer galore_adafactor ;;
       clip7b) variant7b clip7b --per-layer-clip ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, oom," \
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, oom, packed," \
         "adafactor7b, clip7b, bench, memory)" ;;
     esac
   done
@@ -188,6 +192,17 @@ sample1b() {
   timeout "$left" "$PY" experiments/bench_sample.py --model llama_1b --dtype bfloat16 \
       --json "$OUT/bench_sample.json" ${SAMPLE_ARGS:-}
   echo "== sample1b rc=$? after ${SECONDS} s"
+}
+
+# Packed instruction batches through cuDNN's fused attention, the mask as a bias
+# (experiments/gpu_packed_check.py, llama_130m, 8 x 1024, bf16; well under a minute): is
+# cuDNN used, do its logits equal XLA's and each example's alone, and at what speed.
+packed() {
+  local left; left=$(left_s 5)
+  echo "== packed: ${left} s (elapsed ${SECONDS} s)"
+  timeout "$left" "$PY" experiments/gpu_packed_check.py --json "$OUT/packed_check.json" \
+      ${PACKED_ARGS:-}
+  echo "== packed rc=$? after ${SECONDS} s"
 }
 
 # Out of device memory mid-run (experiments/gpu_oom_check.py): llama_130m under a 10% pool,

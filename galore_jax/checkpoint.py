@@ -78,11 +78,11 @@ def finished_steps(ckpt_dir: str) -> list[int]:
     return []
 
 
-def saved_record(out: str, key: str) -> tuple[int, dict[str, Any]] | None:
-  """``(step, record)``: the dict under ``key`` in the metadata of the newest checkpoint in
-  run directory ``out`` whose metadata reads and has it (:func:`finished_steps`), or None.
-  Read as JSON, without orbax: ``train --resume`` takes the run's flags from it before a
-  multi-process job has joined."""
+def saved_record(out: str, key: str, kind: type = dict) -> tuple[int, Any] | None:
+  """``(step, record)``: the value under ``key`` (of type ``kind``) in the metadata of the
+  newest checkpoint in run directory ``out`` whose metadata reads and has it
+  (:func:`finished_steps`), or None. Read as JSON, without orbax: ``train --resume`` takes
+  the run's flags from it before a multi-process job has joined."""
   ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
   for step in finished_steps(ckpt_dir):
     try:
@@ -90,7 +90,7 @@ def saved_record(out: str, key: str) -> tuple[int, dict[str, Any]] | None:
         record = json.load(f).get(key)
     except (OSError, ValueError, AttributeError):
       continue  # an unreadable one: the trainer's own read reports it
-    if isinstance(record, dict):
+    if isinstance(record, kind):
       return step, record
   return None
 

@@ -183,10 +183,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "--init-from's, else bundled)",
   )
   g.add_argument(
-    "--no-packing",
-    dest="packing",
-    action="store_false",
-    help="truncate / pad each document (the paper's C4 setup)",
+    "--packing",
+    action=argparse.BooleanOptionalAction,
+    default=d.packing,
+    help="text: documents packed into rows one after another, or (--no-packing) each "
+    "truncated / padded to a row (the paper's C4 setup); instruction records: examples "
+    "packed several to a row, kept apart in attention, or one per row (default: packed)",
   )
   g.add_argument(
     "--eval-every",
@@ -392,6 +394,20 @@ def _given_train_flags(argv: list[str]) -> set[str]:
   return set(vars(probe.parse_args(argv))) - {"command", "fn"}
 
 
+def _examples_one_per_row(out: str, step: int) -> bool:
+  """Whether checkpoint ``step`` of run ``out`` is of instruction data that a version before
+  examples were packed laid out one per row (its record of the data's form, but not of the
+  rows): its resume continues that way."""
+  from galore_jax import checkpoint
+  from galore_jax.sft import FORM_NAMES
+
+  form = checkpoint.saved_record(out, "data_format", str)
+  position = checkpoint.saved_record(out, "data_position")
+  if form is None or position is None or form[0] != step or position[0] != step:
+    return False
+  return form[1] in FORM_NAMES and "example_rows" not in position[1]
+
+
 def _with_the_runs_flags(cfg, given: set[str] | None):
   """``train --resume``: every flag the command line does not give takes the value the run
   was started with (its newest checkpoint's ``train_config``), so ``--resume --out RUN`` is
@@ -406,6 +422,8 @@ def _with_the_runs_flags(cfg, given: set[str] | None):
   if found is None:
     return cfg, None
   step, saved = found
+  if _examples_one_per_row(cfg.out, step):  # (its train_config says packing, for text)
+    saved = {**saved, "packing": False}
   skip = set(_PER_INVOCATION) | given
   if given & {"model", "init_from"}:  # the architecture named here, one way or the other
     skip |= {"model", "init_from"}
@@ -1076,6 +1094,7 @@ def _cmd_preview(args) -> int:
       items = ((d, f"the bundled corpus, document {i}") for i, d in enumerate(docs))
     else:
       files = sources._resolve_paths(source)
+      sources.check_columns_read(files, columns)
       form = sft.instruction_format(files, columns)
       if form:
         items = sources.read_files(files, lambda f, at: data.records(f, at, columns))
@@ -1245,12 +1264,12 @@ def build_parser() -> argparse.ArgumentParser:
     "validation split; all batches with --split all)",
   )
   p.add_argument(
-    "--no-packing",
-    dest="packing",
-    action="store_const",
-    const=False,
+    "--packing",
+    action=argparse.BooleanOptionalAction,
     default=None,
-    help="one document per window, from its first token (default: as the run trained)",
+    help="--no-packing: one document (or instruction example) per row, from its first "
+    "token (default: as the run trained; the loss of instruction examples is the same "
+    "either way)",
   )
   p.add_argument("--json", action="store_true", help="print the result as one JSON line")
   p.add_argument(

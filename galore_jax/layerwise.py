@@ -32,11 +32,17 @@ class Stage:
       this stage owns. Every parameter must be owned by exactly one stage.
     module: path from the model to the module ``fn`` receives: attribute names and list
       indices, e.g. ``("layers", 3)``; ``()`` is the model itself.
+    takes_segments: ``fn(module, x, segments)`` gets a packed batch's segment ids
+      (``batch["segments"]``, (B, L); None for a batch without them) as its third argument:
+      the attention stages of a model that keeps packed examples apart. A packed batch
+      through stages none of which takes them is refused (its examples would attend to
+      each other).
   """
 
-  fn: Callable[[Any, jax.Array], jax.Array]
+  fn: Callable[..., jax.Array]
   keys: tuple
   module: tuple = ()
+  takes_segments: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +250,10 @@ def make_layerwise_step(
     def runner(stage):
       module = _module_at(model, stage.module)
       gd, sub = nnx.graphdef(module), _get_at(params, stage.module)
+      extra = (micro.get("segments"),) if stage.takes_segments else ()
 
       def run(weights, x):
-        return stage.fn(nnx.merge(gd, {**sub, **weights}), x)
+        return stage.fn(nnx.merge(gd, {**sub, **weights}), x, *extra)
 
       return run, {k: sub[k] for k in stage.keys}
 
@@ -373,6 +380,11 @@ def make_layerwise_step(
     model = nnx.merge(graphdef, params)
     spec = model_stages(model, stages)
     _check_owners(spec, params)
+    if "segments" in batch and not any(s.takes_segments for b in spec.blocks for s in b):
+      raise ValueError(
+        "a packed batch (with 'segments') through layerwise stages none of which takes "
+        "segment ids (Stage.takes_segments): its examples would attend to each other"
+      )
     count = jnp.sum(batch["mask"].astype(jnp.float32))
     denom = jnp.maximum(count, 1.0)
     earlier_loss, acc, by_path = jnp.zeros([], jnp.float32), None, None

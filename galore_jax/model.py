@@ -304,11 +304,17 @@ def llama3_inv_freq(inv_freq_K2: jax.Array, scaling: tuple[float, float, float, 
 
 
 def rope_cos_sin(
-  seq_len: int, head_dim: int, base: float, scaling: tuple | None = None, start: Any = 0
+  seq_len: int,
+  head_dim: int,
+  base: float,
+  scaling: tuple | None = None,
+  start: Any = 0,
+  positions: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Rotary tables for positions ``start .. start + seq_len - 1``, each (seq_len, head_dim)
   float32, in the rotate_half layout; a (batch, 1) ``start`` gives each row its own
-  positions and (batch, seq_len, head_dim) tables.
+  positions and (batch, seq_len, head_dim) tables, as do ``positions`` (batch, seq_len), any
+  positions (a packed row's: :func:`segment_positions`).
 
   Frequency ``i`` rotates the pair (i, i + head_dim/2), not the interleaved
   pair (2i, 2i+1): this is how Hugging Face's LLaMA arranges q/k, so its
@@ -320,6 +326,8 @@ def rope_cos_sin(
   if scaling is not None:
     inv_freq_K2 = llama3_inv_freq(inv_freq_K2, scaling)
   pos_L = start + jnp.arange(seq_len, dtype=jnp.float32)  # (seq_len,) or (batch, seq_len)
+  if positions is not None:
+    pos_L = positions.astype(jnp.float32)
   angle_LxK2 = pos_L[..., None] * inv_freq_K2
   angle_LxK = jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1)
   return jnp.cos(angle_LxK), jnp.sin(angle_LxK)
@@ -352,25 +360,54 @@ def _use_cudnn(impl: str, dtype: Any, head_dim: int) -> bool:
   )
 
 
+def segment_positions(segments_BxL: jax.Array) -> jax.Array:
+  """Each token's position in its segment (0 at the segment's first token), int32 (B, L).
+
+  A packed row holds several examples one after another, numbered by ``segments_BxL``
+  (1, 1, 1, 2, 2, 0, 0: two examples, then padding); each example's rotary positions
+  start again from 0, as they would in a row of its own."""
+  idx_L = jnp.arange(segments_BxL.shape[1], dtype=jnp.int32)
+  new_BxL = jnp.concatenate(
+    [
+      jnp.ones_like(segments_BxL[:, :1], dtype=bool),
+      segments_BxL[:, 1:] != segments_BxL[:, :-1],
+    ],
+    axis=1,
+  )
+  first_BxL = jax.lax.cummax(jnp.where(new_BxL, idx_L, 0), axis=1)
+  return idx_L - first_BxL
+
+
 def causal_attention(
-  q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, impl: str
+  q_BxLxHxK: jax.Array,
+  k_BxLxHxK: jax.Array,
+  v_BxLxHxK: jax.Array,
+  impl: str,
+  segments_BxL: jax.Array | None = None,
 ) -> jax.Array:
   """Causal softmax attention through ``jax.nn.dot_product_attention``.
+
+  ``segments_BxL``: a packed batch's segment ids; a query then sees only the earlier keys
+  of its own segment (an explicit (B, 1, L, L) mask on top of the causal one; cuDNN takes
+  it as an additive bias), so no example attends to another.
 
   With ``impl="auto"`` a cuDNN call that is rejected while tracing (no cuDNN,
   unsupported shape or dtype) falls back to XLA; ``impl="cudnn"`` lets the
   error through so a user who asked for it learns why.
   """
+  mask = None
+  if segments_BxL is not None:
+    mask = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
   if _use_cudnn(impl, q_BxLxHxK.dtype, q_BxLxHxK.shape[-1]):
     try:
       return jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn"
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask, is_causal=True, implementation="cudnn"
       )
     except (ValueError, RuntimeError, NotImplementedError, TypeError):
       if impl == "cudnn":
         raise
   return jax.nn.dot_product_attention(
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla"
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask, is_causal=True, implementation="xla"
   )
 
 
@@ -408,16 +445,20 @@ class Attention(nnx.Module):
     self.v_proj = _linear(d, kv_dim, config, rngs, use_bias=bias)
     self.o_proj = _linear(d, d, config, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, segments_BxL: jax.Array | None = None) -> jax.Array:
+    """``segments_BxL``: a packed batch's segment ids (see :func:`causal_attention`)."""
     b, seq_len, d = x_BxLxD.shape
     h, k, g = self.num_heads, self.head_dim, self.num_kv_heads
     q_BxLxHxK = self.q_proj(x_BxLxD).reshape(b, seq_len, h, k)
     k_BxLxHxK = self.k_proj(x_BxLxD).reshape(b, seq_len, g, k)
     v_BxLxHxK = self.v_proj(x_BxLxD).reshape(b, seq_len, g, k)
-    cos_LxK, sin_LxK = rope_cos_sin(seq_len, k, self.rope_base, self.rope_scaling)
+    positions = None if segments_BxL is None else segment_positions(segments_BxL)
+    cos_LxK, sin_LxK = rope_cos_sin(
+      seq_len, k, self.rope_base, self.rope_scaling, positions=positions
+    )
     q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxK, sin_LxK)
     k_BxLxHxK = apply_rope(k_BxLxHxK, cos_LxK, sin_LxK)
-    out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.impl)
+    out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.impl, segments_BxL)
     return self.o_proj(out_BxLxHxK.reshape(b, seq_len, d))
 
   def decode(
@@ -484,15 +525,17 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    return self.mlp_residual(self.attention_residual(x_BxLxD))
+  def __call__(self, x_BxLxD: jax.Array, segments_BxL: jax.Array | None = None) -> jax.Array:
+    return self.mlp_residual(self.attention_residual(x_BxLxD, segments_BxL))
 
   # The two halves are separate stages of the per-layer train step.
   ATTENTION = ("attn_norm", "attn")
   MLP = ("mlp_norm", "mlp")
 
-  def attention_residual(self, x_BxLxD: jax.Array) -> jax.Array:
-    return x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+  def attention_residual(
+    self, x_BxLxD: jax.Array, segments_BxL: jax.Array | None = None
+  ) -> jax.Array:
+    return x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segments_BxL)
 
   def mlp_residual(self, x_BxLxD: jax.Array) -> jax.Array:
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
@@ -527,15 +570,15 @@ def _block_runner(remat: str):
   through ``nnx.jit``.
   """
   if remat == "none":
-    return lambda block, x_BxLxD: block(x_BxLxD)
+    return lambda block, x_BxLxD, segments_BxL=None: block(x_BxLxD, segments_BxL)
 
-  def run(block: DecoderBlock, x_BxLxD: jax.Array) -> jax.Array:
+  def run(block: DecoderBlock, x_BxLxD: jax.Array, segments_BxL=None) -> jax.Array:
     graphdef, state = nnx.split(block)
 
-    def apply(state, x_BxLxD):
-      return nnx.merge(graphdef, state)(x_BxLxD)
+    def apply(state, x_BxLxD, segments_BxL):
+      return nnx.merge(graphdef, state)(x_BxLxD, segments_BxL)
 
-    return checkpointed(apply, remat)(state, x_BxLxD)
+    return checkpointed(apply, remat)(state, x_BxLxD, segments_BxL)
 
   return run
 
@@ -556,16 +599,22 @@ class Llama(nnx.Module):
     if not config.tie_embeddings:
       self.lm_head = _lm_head(config, rngs)
 
-  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-    """Maps int tokens (B, L) to float32 next-token logits (B, L, V)."""
+  def __call__(self, tokens_BxL: jax.Array, segments_BxL: jax.Array | None = None) -> jax.Array:
+    """Maps int tokens (B, L) to float32 next-token logits (B, L, V).
+
+    ``segments_BxL``: for a packed batch, each token's example within its row (1, 2, ...;
+    0 for padding). Each example then sees only itself, from rotary position 0: its logits
+    are those of the example alone in a row (up to float rounding)."""
     cfg = self.config
     seq_len = tokens_BxL.shape[1]
     if seq_len > cfg.max_seq_len:
       raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {cfg.max_seq_len}")
+    if segments_BxL is not None and segments_BxL.shape != tokens_BxL.shape:
+      raise ValueError(f"segments {segments_BxL.shape} do not match tokens {tokens_BxL.shape}")
     run_block = _block_runner(cfg.remat)
     x_BxLxD = embed_lookup(self.embed.embedding[...], tokens_BxL, cfg.dtype)
     for block in self.layers:
-      x_BxLxD = run_block(block, x_BxLxD)
+      x_BxLxD = run_block(block, x_BxLxD, segments_BxL)
     return self.head(x_BxLxD)
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
@@ -617,7 +666,12 @@ class Llama(nnx.Module):
     stage = layerwise.Stage
     blocks = [
       [
-        stage(lambda b, x: b.attention_residual(x), DecoderBlock.ATTENTION, ("layers", i)),
+        stage(
+          lambda b, x, segments: b.attention_residual(x, segments),
+          DecoderBlock.ATTENTION,
+          ("layers", i),
+          takes_segments=True,
+        ),
         stage(lambda b, x: b.mlp_residual(x), DecoderBlock.MLP, ("layers", i)),
       ]
       for i in range(len(self.layers))

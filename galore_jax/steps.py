@@ -26,8 +26,13 @@ def summed_cross_entropy(logits_BxLxV, batch) -> jax.Array:
 
 
 def token_loss(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy over unmasked targets, and the number of them."""
-  logits_BxLxV = nnx.merge(graphdef, params)(batch["inputs"])
+  """Summed cross-entropy over unmasked targets, and the number of them. A packed batch of
+  instruction examples also has ``segments`` (:meth:`galore_jax.model.Llama.__call__`)."""
+  model = nnx.merge(graphdef, params)
+  if "segments" in batch:
+    logits_BxLxV = model(batch["inputs"], batch["segments"])
+  else:
+    logits_BxLxV = model(batch["inputs"])
   return summed_cross_entropy(logits_BxLxV, batch), jnp.sum(batch["mask"].astype(jnp.float32))
 
 

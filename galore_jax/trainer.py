@@ -444,9 +444,29 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
   pos_a, pos_b = dict(saved.get("data_position", {})), current["data_position"]
   if "source" in pos_a:  # older runs stored a relative --data as typed
     pos_a["source"] = absolute_source(pos_a["source"])
+  form = current.get("data_format", "text")
+  # As the resume's form note reads it: before runs recorded it, Alpaca records were text.
+  was_form = saved.get("data_format", "text" if form == "alpaca" else form)
+  if "example_rows" in pos_b and was_form == "text":  # rows of text before (noted)
+    pos_b = {k: v for k, v in pos_b.items() if k != "example_rows"}
+  elif "example_rows" in pos_b:
+    # Instruction examples: their rows are the data order ("packing" said nothing of them
+    # before they were packed, when every version saved them one per row).
+    pos_a.setdefault("example_rows", "one per row")
+    pos_b = {k: v for k, v in pos_b.items() if k != "packing"}
   changed = sorted(k for k in pos_b if pos_a.get(k) != pos_b[k])
+  if changed == ["example_rows"]:
+    recorded = "example_rows" in saved.get("data_position", {})
+    why = "" if recorded else " (as versions before packing them did)"
+    raise ConfigError(
+      "--no-packing" if pos_a["example_rows"] == "one per row" else "--packing",
+      f"checkpoint {where} had its instruction examples {pos_a['example_rows']}{why}; this run "
+      f"has them {pos_b['example_rows']}, which would not continue its data order",
+    )
   if changed:
-    flag = {"source": "--data"}.get(changed[0], "--" + changed[0].replace("_", "-"))
+    flag = {"source": "--data", "example_rows": "--packing"}.get(
+      changed[0], "--" + changed[0].replace("_", "-")
+    )
     raise ConfigError(
       flag,
       f"checkpoint {where} was trained on data {pos_a}; resuming with "
@@ -743,14 +763,24 @@ def cpu_fallback_note(devices, gpu_present: bool | None = None) -> str | None:
   )
 
 
-def _instruction_note(data_format: str) -> str:
-  """What the model line says of instruction data (nothing for text): which records, and
-  that the loss is on the replies alone, so a user sees how their file was read."""
+def _instruction_note(data_format: str, train_ds=None) -> str:
+  """What the model line says of instruction data (nothing for text): which records, that
+  the loss is on the replies alone, and how the examples fill the rows, so a user sees how
+  their file was read."""
   from galore_jax.sft import FORM_NAMES
 
   if data_format not in FORM_NAMES:
     return ""
-  return f" ({FORM_NAMES[data_format]}, loss on the replies only)"
+  rows = ""
+  n_ex, n_rows = getattr(train_ds, "num_documents", None), getattr(train_ds, "num_examples", 0)
+  packed = getattr(getattr(train_ds, "config", None), "packing", None)
+  if n_ex and n_rows and packed is not None:
+    rows = (
+      f"; {n_ex} examples packed into {n_rows} rows ({n_ex / n_rows:.1f} per row)"
+      if packed
+      else f"; {n_ex} examples, one per row"
+    )
+  return f" ({FORM_NAMES[data_format]}, loss on the replies only{rows})"
 
 
 def idle_devices_note(used: int, devices) -> str | None:
@@ -1162,6 +1192,8 @@ def _train_loop(
     meta["data_fingerprint"] = fingerprint
   # How the data laid its examples out: `sample` lays a prompt out the same way by default.
   meta["data_format"] = getattr(train_ds, "data_format", "text")
+  if meta["data_format"] != "text":  # part of the data order since examples are packed
+    meta["data_position"]["example_rows"] = "packed" if cfg.packing else "one per row"
 
   if cfg.resume:
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
@@ -1218,7 +1250,7 @@ def _train_loop(
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f", peak lr {cfg.peak_lr:g}"
     + f"; {train_ds.num_tokens or 'streamed'} training tokens"
-    + _instruction_note(meta["data_format"])
+    + _instruction_note(meta["data_format"], train_ds)
     + f"; mesh {dict(run.mesh.shape)} "
     f"on {describe_devices(run.mesh.devices.flat)}"
   )

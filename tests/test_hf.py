@@ -408,7 +408,11 @@ def test_prompt_tokens_get_no_gradient(tok_dir, tmp_path):
   recs += [{"prompt": s, "completion": " it was big"} for s in _sentences(40, seed=1)]
   f = _write_jsonl(tmp_path / "sft.jsonl", recs)
   cfg = data.DataConfig(
-    source=str(f), seq_len=24, batch_size=4, tokenizer=str(tok_dir / "tokenizer.json")
+    source=str(f),
+    seq_len=24,
+    batch_size=4,
+    tokenizer=str(tok_dir / "tokenizer.json"),
+    packing=False,  # one example per row, to read each row's mask (packed: test_sft.py)
   )
   ds = data.make_dataset(cfg, "train")
   batch = ds.batch(0)
@@ -536,8 +540,18 @@ def trained_run(request, tok_dir, tmp_path_factory):
 
 
 def _hf_loss(model, batch):
+  """transformers' summed loss and token count on ``batch``. A packed batch goes in as
+  transformers takes packed sequences: each example's position ids from 0, and a 4D
+  additive attention mask that lets a token see only the earlier ones of its example."""
+  kw = {}
+  if "segments" in batch:
+    seg = torch.tensor(batch["segments"], dtype=torch.long)
+    L = seg.shape[1]
+    seen = (seg[:, :, None] == seg[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+    kw["attention_mask"] = torch.where(seen, 0.0, torch.finfo(torch.float32).min)[:, None]
+    kw["position_ids"] = torch.tensor(np.asarray(M.segment_positions(batch["segments"])))
   with torch.no_grad():
-    logits = model(torch.tensor(batch["inputs"], dtype=torch.long)).logits.double()
+    logits = model(torch.tensor(batch["inputs"], dtype=torch.long), **kw).logits.double()
   logp = torch.log_softmax(logits, -1)
   nll = -logp.gather(-1, torch.tensor(batch["targets"], dtype=torch.long)[..., None])[..., 0]
   mask = torch.tensor(batch["mask"], dtype=torch.float64)
@@ -548,7 +562,8 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   r = trained_run
   tokfile = str(r["init"] / "tokenizer.json")
   # Training started from the checkpoint's weights: step 1's loss is transformers' loss
-  # of the initial model on the same batch.
+  # of the initial model on the same batch (of packed examples: transformers given their
+  # positions and a mask that keeps them apart, as it takes packed sequences).
   init_model = transformers.AutoModelForCausalLM.from_pretrained(r["init"], dtype=torch.float32)
   first = data.make_dataset(
     data.DataConfig(source=str(r["sft"]), seq_len=32, batch_size=4, tokenizer=tokfile)

@@ -146,6 +146,15 @@ def test_stages_must_own_every_parameter():
 N_MICRO = 4
 
 
+def test_a_packed_batch_needs_a_stage_that_takes_segment_ids():
+  # gpt_stages' attention cannot keep packed examples apart: refused, not run unmasked.
+  graphdef, params, tx, opt = setup()
+  b = {**batch(0), "segments": jnp.ones((1, 2, SEQ), jnp.int32)}
+  step = layerwise.make_layerwise_step(graphdef, tx, stages=gpt_stages)
+  with pytest.raises(ValueError, match="takes segment ids"):
+    jax.eval_shape(step, params, opt, b)
+
+
 def handed_gradient(graphdef, params, opt_state, b):
   """The documented gradient the accumulated step hands ``tx.update``, computed directly:
   per projected leaf ``g_N + P P^T sum_{k<N} g_k`` (left side) or ``g_N + sum_{k<N} g_k P^T

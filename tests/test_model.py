@@ -315,6 +315,55 @@ def test_position_matters():
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
+def _packed_jit(graphdef, params, tokens_BxL, segments_BxL):
+  return nnx.merge(graphdef, params)(tokens_BxL, segments_BxL)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, dict(num_kv_heads=2, remat="full"), dict(remat="save_matmuls", attention_impl="cudnn")],
+  ids=["mha", "gqa-remat-full", "save-matmuls-cudnn-asked"],
+)
+def test_a_packed_row_gives_each_example_its_own_logits(overrides):
+  """Examples packed into one row (``segments``) get the logits each gets alone in a row:
+  no example sees another (a mask on top of the causal one), and each one's rotary
+  positions start from 0. Without the segments the later examples' logits differ.
+  (``attention_impl="cudnn"`` on a CPU: the request is refused and must not fall back
+  to unmasked attention; it raises, as a user who asked for cuDNN expects.)"""
+  config = _tiny(**overrides)
+  if config.attention_impl == "cudnn":
+    model = _model(config)
+    segments = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError, TypeError)):
+      _packed_jit(*nnx.split(model, nnx.Param), _tokens(1, 8), segments)
+    config = dataclasses.replace(config, attention_impl="auto")
+  model = _model(config)
+  graphdef, params = nnx.split(model, nnx.Param)
+  lengths = (5, 9, 3)  # then 7 padding tokens
+  seq = 24
+  examples = [_tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+  row = jnp.concatenate([*examples, jnp.zeros(seq - sum(lengths), jnp.int32)])[None]
+  segments = jnp.concatenate(
+    [jnp.full(n, i + 1, jnp.int32) for i, n in enumerate(lengths)]
+    + [jnp.zeros(seq - sum(lengths), jnp.int32)]
+  )[None]
+  np.testing.assert_array_equal(
+    M.segment_positions(segments)[0], [*range(5), *range(9), *range(3), *range(7)]
+  )
+  packed = _packed_jit(graphdef, params, row, segments)[0]
+  unmasked = _forward(model, row)[0]
+  start = 0
+  for i, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
+    alone = _forward(model, ex[None])[0]
+    np.testing.assert_allclose(packed[start : start + n], alone, rtol=2e-5, atol=2e-5)
+    if i:  # the unpacked row lets it see the examples before it
+      assert float(jnp.max(jnp.abs(unmasked[start : start + n] - alone))) > 1e-3
+    start += n
+  with pytest.raises(ValueError, match="segments"):
+    model(row, segments[:, :-1])
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
 def _decode_jit(graphdef, params, tokens_BxT, caches, pos, logits_at=None):
   return nnx.merge(graphdef, params).decode(tokens_BxT, caches, pos, logits_at=logits_at)
 

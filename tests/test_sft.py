@@ -74,10 +74,11 @@ def test_examples_are_tokenized_in_batches_and_equal_tokenizing_at_once(tmp_path
 
 
 def test_all_examples_are_both_splits_in_turn(tmp_path, monkeypatch):
-  # eval --split all of an instruction set: every example, the training split's first.
+  # eval --split all of an instruction set: every example, the training split's first (one
+  # per row, to see the order).
   monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
   src = _write(tmp_path / "sft.jsonl", _records(300))
-  cfg = data.DataConfig(source=str(src), seq_len=48, batch_size=4)
+  cfg = data.DataConfig(source=str(src), seq_len=48, batch_size=4, packing=False)
   parts = [list(data.eval_batches(cfg, None, split=s)) for s in ("all", "validation")]
   train = data.make_dataset(cfg, "train")
   n_val = sum(int(b["mask"].any(axis=1).sum()) for b in parts[1])
@@ -87,6 +88,93 @@ def test_all_examples_are_both_splits_in_turn(tmp_path, monkeypatch):
   np.testing.assert_array_equal(
     last["inputs"][(n_train + n_val - 1) % 4], parts[1][-1]["inputs"][(n_val - 1) % 4]
   )
+
+
+def _trained_part(b, r, at):
+  """Row r's inputs, targets and mask at positions ``at``, up to the last trained target
+  (what the loss reads: a packed row may end on an example's EOS as a target only)."""
+  keep = at[: int(np.flatnonzero(b["mask"][r, at]).max(initial=-1)) + 1]
+  return tuple(tuple(b[k][r, keep].tolist()) for k in ("inputs", "targets", "mask"))
+
+
+def _segments_of(batches):
+  """What the loss reads of each example in packed batches, cut out by segment id."""
+  return [
+    _trained_part(b, r, np.flatnonzero(b["segments"][r] == k))
+    for b in batches
+    for r in range(len(b["inputs"]))
+    for k in range(1, int(b["segments"][r].max()) + 1)
+  ]
+
+
+def _rows_of(batches):
+  """What the loss reads of each example in one-per-row batches (rows with a mask)."""
+  L = batches[0]["inputs"].shape[1]
+  return [
+    _trained_part(b, r, np.arange(L))
+    for b in batches
+    for r in range(len(b["inputs"]))
+    if b["mask"][r].any()
+  ]
+
+
+def test_packed_rows_hold_each_example_as_a_row_of_its_own_does(tmp_path, monkeypatch):
+  # By default instruction examples are packed several to a row (--no-packing: one per row):
+  # every example of the split once, with the tokens and trained targets it has alone, in
+  # fewer rows; no target crosses into the next example. An epoch of training reads each
+  # example once.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  recs = _records(400, seed=3) + [{"prompt": "q", "completion": " long" * 300}]  # > a row
+  src = _write(tmp_path / "sft.jsonl", recs)
+  cfg = data.DataConfig(source=str(src), seq_len=256, batch_size=4)
+  one = data.DataConfig(source=str(src), seq_len=256, batch_size=4, packing=False)
+  for split in ("validation", "all"):
+    packed, alone = list(data.eval_batches(cfg, split=split)), data.eval_batches(one, split=split)
+    assert all(b["segments"].shape == b["inputs"].shape for b in packed)
+    assert "segments" not in alone[0]
+    trained = [x for x in _segments_of(packed) if x[0]]  # (examples that train something)
+    assert sorted(trained) == sorted(_rows_of(alone))
+    assert len(packed) < len(alone) / 2 if split == "all" else len(packed) <= len(alone)
+  ds, ds_one = data.make_dataset(cfg, "train"), data.make_dataset(one, "train")
+  assert ds.num_documents == ds_one.num_examples > 2 * ds.num_examples
+  epoch = [ds.batch(s) for s in range(ds.steps_per_epoch)]
+  seen = _segments_of(epoch)
+  assert len(set(seen)) == len(seen) > 0.9 * ds.num_documents  # (the dropped last batch)
+  for b in epoch:  # a target is trained only within its own example
+    seg = b["segments"]
+    crossing = np.zeros_like(seg, bool)
+    crossing[:, :-1] = seg[:, 1:] != seg[:, :-1]
+    assert not (b["mask"][crossing]).any() and not b["mask"][seg == 0].any()
+
+
+def test_pack_rows_fills_rows_close_to_the_fewest_possible():
+  rng = np.random.default_rng(0)
+  lengths = np.clip(rng.lognormal(4.5, 0.8, 5000).astype(int), 2, 900)
+  rows = sft.pack_rows(lengths, 257)
+  assert sorted(rows.members) == list(range(5000))
+  for i in range(len(rows)):
+    members = rows.members[rows.starts[i] : rows.starts[i + 1]]
+    assert list(members) == sorted(members)  # in the split's order within a row
+    fill = np.minimum(lengths[members], 257).sum()
+    assert fill <= 257 and (len(members) == 1 or lengths[members].max() < 257)
+  fewest = int(np.ceil(np.minimum(lengths, 257).sum() / 257))
+  assert fewest <= len(rows) <= 1.01 * fewest
+  again = sft.pack_rows(lengths, 257)
+  assert np.array_equal(again.members, rows.members) and np.array_equal(again.starts, rows.starts)
+
+
+def test_a_packed_row_never_trains_a_target_across_examples():
+  # With no BOS and an empty prompt an example's first token is trained; in a packed row
+  # it follows the example before, whose last token must not be trained to predict it.
+  lengths = np.array([3, 4, 2])
+  tokens = np.arange(10, 19, dtype=np.uint16)
+  ex = sft._Examples(tokens, np.ones(9, bool), np.array([0, 3, 7, 9]), np.zeros((3, 2), np.int64))
+  rows = sft.pack_rows(lengths, 10)
+  assert len(rows) == 1
+  b = sft._PackedExampleBatch(ex, rows, 1, 9, pad=0)([0])
+  np.testing.assert_array_equal(b["inputs"][0], [10, 11, 12, 13, 14, 15, 16, 17, 18])
+  np.testing.assert_array_equal(b["segments"][0], [1, 1, 1, 2, 2, 2, 2, 3, 3])
+  np.testing.assert_array_equal(b["mask"][0], [1, 1, 0, 1, 1, 1, 0, 1, 0])
 
 
 def test_a_second_start_reads_the_cached_examples(tmp_path, monkeypatch):

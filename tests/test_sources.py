@@ -542,3 +542,15 @@ def test_columns_read_a_records_fields_from_columns_of_other_names(tmp_path, sp,
   (tmp_path / "c.jsonl").write_text('{"content": "x", "id": 1}\n')
   with pytest.raises(ValueError, match=re.escape("(its fields: content, id; --columns text=FIELD")):
     gd.path_documents(str(tmp_path / "c.jsonl"), "train")
+  # Plain text has no fields: --columns with only .txt / .md files is an error, not ignored
+  # (with records among the files it maps theirs).
+  (tmp_path / "notes").mkdir()
+  for name in ("a.txt", "b.md"):
+    (tmp_path / "notes" / name).write_text("\n\n".join(texts[:60]))
+  notes = gd.DataConfig(source=str(tmp_path / "notes"), seq_len=16, batch_size=2)
+  gd.make_dataset(notes)
+  with pytest.raises(ValueError, match=re.escape("--columns text=content: the files are plain ")):
+    gd.make_dataset(dataclasses.replace(notes, columns="text=content"))
+  (tmp_path / "notes" / "c.jsonl").write_text('{"content": "mapped", "id": 1}\n')
+  glob = str(tmp_path / "notes" / "*")
+  gd.make_dataset(dataclasses.replace(notes, source=glob, columns="text=content"))

@@ -821,6 +821,50 @@ def test_turning_an_on_off_flag_on_or_off_at_resume_is_refused_naming_its_values
     trainer.check_compatible(meta(), meta(weight_decay=0.1), "C")
 
 
+def test_a_checkpoint_of_examples_one_per_row_resumes_only_that_way(tmp_path):
+  # Versions before instruction examples were packed laid them out one per row, whatever
+  # their recorded --packing said: their checkpoints continue one per row (a packed resume
+  # would read other batches), and a text run's checkpoint read as records now is the form
+  # change the resume notes, not refused.
+  def meta(form, rows=None, packing=True):
+    position = {"seed": 0, "packing": packing, **({"example_rows": rows} if rows else {})}
+    return {"compat": {}, "data_position": position, **({"data_format": form} if form else {})}
+
+  old = meta("prompt")
+  for saved in (old, meta(None)):  # with the form recorded, and before it was (no record)
+    trainer.check_compatible(saved, meta("prompt", "one per row", packing=False), "C")
+    with pytest.raises(config.ConfigError) as e:
+      trainer.check_compatible(saved, meta("prompt", "packed"), "C")
+    assert str(e.value) == (
+      "--no-packing: checkpoint C had its instruction examples one per row (as versions "
+      "before packing them did); this run has them packed, which would not continue its "
+      "data order"
+    )
+  trainer.check_compatible(meta("prompt", "packed"), meta("prompt", "packed"), "C")
+  with pytest.raises(config.ConfigError, match="^--packing: .* examples packed; this run has"):
+    trainer.check_compatible(meta("prompt", "packed"), meta("prompt", "one per row", False), "C")
+  trainer.check_compatible(meta("text"), meta("prompt", "packed"), "C")
+  trainer.check_compatible(meta(None), meta("alpaca", "packed"), "C")  # Alpaca was text then
+  # The CLI resumes such a run with --no-packing, the one flag it takes from no record.
+  step = tmp_path / "run" / "checkpoints" / "5" / "meta"
+  step.mkdir(parents=True)
+  record = {"train_config": dataclasses.asdict(train.TrainConfig(out=str(tmp_path / "run")))}
+
+  def resume(saved, *flags):
+    (step / "metadata").write_text(json.dumps({**record, **saved}))
+    argv = ["train", "--resume", "--out", str(tmp_path / "run"), *flags]
+    args = cli.build_parser().parse_args(argv)
+    return cli._with_the_runs_flags(cli._train_config(args), cli._given_train_flags(argv))
+
+  cfg, note = resume(old)
+  assert not cfg.packing and note == (
+    "galore-jax: note: resuming with the run's own flags (checkpoint 5): --no-packing; a flag "
+    "given here overrides its value"
+  )
+  assert resume(old, "--packing")[0].packing  # (which check_compatible then refuses)
+  assert resume(meta("prompt", "packed"))[0].packing and resume(meta("text"))[0].packing
+
+
 def test_resume_changes_name_each_changed_flag_and_the_next_rate():
   saved = dataclasses.asdict(train.TrainConfig(steps=100, lr=None, svd="subspace"))
   same = train.TrainConfig(steps=100, lr=0.01, svd="subspace")  # the default rate, spelled out
@@ -1220,12 +1264,25 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
   columns = ["--columns", "prompt=question,completion=answer"]
   args = ["train", "--data", str(tmp_path / "qa.jsonl"), *small, "--no-progress", "--out", out]
   assert _cli(*args, *columns, "--stop-after", "3") == 0
-  assert "(prompt/completion records, loss on the replies only)" in capsys.readouterr().out
+  said = capsys.readouterr().out
+  assert re.search(
+    r"\(prompt/completion records, loss on the replies only; 19\d examples packed into "
+    r"\d+ rows \((2|3)\.\d per row\)\)",
+    said,
+  ), said
   assert _cli("train", "--resume", "--out", out, "--no-progress") == 0
   said = capsys.readouterr().out
   assert "--columns prompt=question,completion=answer" in said and "steps 3..6" in said, said
   assert _cli("eval", "--checkpoint", out, "--json") == 0
-  assert json.loads(capsys.readouterr().out)["step"] == 6
+  packed = json.loads(capsys.readouterr().out)
+  assert packed["step"] == 6
+  # Every held-out example, packed or one per row: the same loss.
+  assert _cli("eval", "--checkpoint", out, "--json", "--eval-batches", "all") == 0
+  packed = json.loads(capsys.readouterr().out)
+  assert _cli("eval", "--checkpoint", out, "--json", "--eval-batches", "all", "--no-packing") == 0
+  one_per_row = json.loads(capsys.readouterr().out)
+  assert one_per_row["batches"] >= packed["batches"]
+  assert one_per_row["eval_loss"] == pytest.approx(packed["eval_loss"], rel=1e-5)
   # preview --checkpoint: the run's data, columns, tokenizer and --seq-len 32.
   assert _cli("preview", "--checkpoint", out, "--examples", "1") == 0
   said = capsys.readouterr().out
@@ -1451,6 +1508,45 @@ def test_layerwise_step_equals_whole_gradient_step(jitted_steps, optimizer, rema
       diff = np.abs(np.asarray(b, np.float32) - np.asarray(a, np.float32))
       assert np.mean(diff > 2e-5 + 2e-3 * np.abs(np.asarray(a))) < 1e-4 and diff.max() < 1e-3
     else:
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+
+
+def test_packed_examples_train_as_they_do_one_per_row(jitted_steps):
+  # Instruction examples packed several to a row (sft.pack_rows, the batch's "segments")
+  # give the loss, token count, gradient norm and update of the same examples one per row,
+  # in the whole-gradient and the per-layer step: packing saves padding, nothing else.
+  from galore_jax import sft
+
+  run, whole, layerwise = jitted_steps()
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(4, 25, size=8)
+  tokens = rng.integers(3, 8192, size=int(lengths.sum())).astype(np.uint16)
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  trained = np.zeros(len(tokens), bool)
+  for s, n in zip(starts[:-1], lengths, strict=True):
+    trained[s + rng.integers(1, n - 1) : s + n] = True  # a prompt, then the trained reply
+  ex = sft._Examples(tokens, trained, starts, np.zeros((8, 2), np.int64))
+  rows = sft.pack_rows(lengths, 33)
+  assert len(rows) <= 6
+  one_per_row = sft._ExampleBatch(ex, 8, 32, pad=0)(np.arange(8))
+  packed = sft._PackedExampleBatch(ex, rows, 8, 32, pad=0)(np.arange(len(rows)))
+  assert packed["mask"].sum() == one_per_row["mask"].sum() == trained.sum()
+  add_axis = lambda b: jax.tree.map(lambda x: jnp.asarray(x)[None], b)
+  out = {}
+  for name, step, b in (
+    ("one per row", whole, one_per_row),
+    ("packed", whole, packed),
+    ("packed, per layer", layerwise, packed),
+  ):
+    params, opt_state = train.init_state(run)
+    out[name] = step(params, opt_state, add_axis(b))
+  ref_params, _, ref = out["one per row"]
+  for name in ("packed", "packed, per layer"):
+    params, _, m = out[name]
+    assert int(m["tokens"]) == int(ref["tokens"])
+    np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
 
 

@@ -25,7 +25,8 @@ mixes two epochs (an epoch's remainder is dropped).
 Batches are ``{"inputs": int32 (B, L), "targets": int32 (B, L), "mask": float32 (B, L)}``;
 each row is one window of L + 1 tokens, so ``targets[:, :-1] == inputs[:, 1:]``, and
 ``mask`` is 1.0 where the target is a real token, 0.0 on padding. Documents are
-followed by EOS; no BOS is added.
+followed by EOS; no BOS is added. Packed instruction examples (``galore_jax.sft``) add
+``"segments": int32 (B, L)``, each input token's example within its row (0: padding).
 
 Modules: ``corpus`` (the bundled corpus and its document / split rules), ``sources``
 (tokenizer, path and TFDS sources, token cache), ``batching`` (``DataConfig``,

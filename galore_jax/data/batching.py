@@ -39,6 +39,7 @@ from galore_jax.data.sources import (
   _TokenDocs,
   _tokenize_docs,
   _tokenizer_hash,
+  check_columns_read,
   columns_spec,
   is_path_source,
   joined_docs,
@@ -61,6 +62,8 @@ class DataConfig:
     after the first is a target exactly once). For ``tfds:`` sources the stream is
     built per batch from a fixed group of documents. False -> the paper's C4 setup:
     each document (+ EOS) truncated / padded to ``seq_len + 1`` tokens, padding masked.
+    Instruction records (``galore_jax.sft``): True -> whole examples packed several to a
+    row and kept apart (``segments``); False -> one example per row.
   seed: shuffle seed (any int); epoch ``e`` is shuffled with a seed derived from it.
   tokenizer: SentencePiece model path; ``None`` -> the bundled 8k BPE model.
   columns: ``"FIELD=COLUMN,..."``: a path source's record fields (``text``, ``prompt``,
@@ -379,10 +382,11 @@ def _split_index(
     )
     return dataclasses.replace(_in_memory_index(config, docs, eos, pad), fingerprint=_digest(key))
   files = _resolve_paths(source)
+  columns = parse_columns(config.columns)
+  check_columns_read(files, columns)
   # Each file as "<absolute path>:<sha256>": `galore-jax cache` reads them back from the
   # entry's index (galore_jax.cache) to name the source and to tell stale entries.
   key = ["paths", DATA_FORMAT_VERSION, *(f"{f.resolve()}:{_sha256_file(f)}" for f in files)]
-  columns = parse_columns(config.columns)
   if columns:  # other records from the same files (and so other batches)
     key.append(f"columns={columns_spec(columns)}")
   from galore_jax import sft  # lazy: sft builds on this module

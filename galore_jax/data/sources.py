@@ -725,6 +725,17 @@ def parse_columns(spec: str | None) -> dict[str, str]:
   return columns
 
 
+def check_columns_read(files: Sequence[Path], columns: dict[str, str]) -> None:
+  """ValueError when ``--columns`` is given for files that are all plain text: a ``.txt``
+  or ``.md`` file has no fields, and the mapping would otherwise be ignored unsaid."""
+  if columns and files and all(file_kind(f)[0] == ".txt" for f in files):
+    raise ValueError(
+      f"--columns {columns_spec(columns)}: the files are plain text ({files[0].name}"
+      f"{f' and {len(files) - 1} more' if len(files) > 1 else ''}), which has no fields; "
+      "--columns reads JSON lines, JSON and Parquet records"
+    )
+
+
 def columns_spec(columns: dict[str, str]) -> str:
   """The canonical ``--columns`` of a mapping (sorted by field): the token cache's key."""
   return ",".join(f"{f}={c}" for f, c in sorted(columns.items()))
