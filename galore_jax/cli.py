@@ -183,6 +183,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "--init-from's, else bundled)",
   )
   g.add_argument(
+    "--chat-template",
+    default=None,
+    metavar="FILE|chatml|none",
+    help='the chat template "messages" records are rendered with, in place of the '
+    "tokenizer's (a base model's has none): a chat_template.jinja or tokenizer_config.json, "
+    "or chatml (ChatML's turns); kept in the run for eval, sample and export",
+  )
+  g.add_argument(
     "--packing",
     action=argparse.BooleanOptionalAction,
     default=d.packing,
@@ -372,9 +380,16 @@ def _train_config(args):
     {"model"} if args.model is None else set()
   )
   values = {k: v for k, v in vars(args).items() if k in fields}
-  for name in ("eval_data", "columns"):  # a resume's way back to the default
+  for name in ("eval_data", "columns", "chat_template"):  # a resume's way back to the default
     if values.get(name) == "none":
       values[name] = None
+  if values.get("chat_template"):  # its text: the run keeps it, not a path that may go
+    from galore_jax.sft import read_chat_template
+
+    try:
+      values["chat_template"] = read_chat_template(values["chat_template"])
+    except (OSError, ValueError) as e:
+      raise ConfigError("--chat-template", str(e)) from e
   return TrainConfig(**values)
 
 
@@ -438,6 +453,8 @@ def _with_the_runs_flags(cfg, given: set[str] | None):
     name = name.replace("_", "-")
     if isinstance(value, bool):
       return f"--{name}" if value else f"--no-{name}"
+    if name == "chat-template" and value:  # its text, not worth a screen
+      return f"--{name} (the run's, {len(value)} characters)"
     return f"--{name} {value}"
 
   said = ", ".join(flag(k, v) for k, v in restored.items())
@@ -953,7 +970,11 @@ def _cmd_export(args) -> int:
   meta = sample.run_meta(args.checkpoint, step)  # None: a Hugging Face directory
   form = sample.data_format(meta)
   template = sft.export_chat_template(form, sp)
-  chat = template is None and getattr(sp, "chat_template", None)
+  # A chat run's --chat-template (the tokenizer has another, or none): written with it.
+  own = form == "chat" and getattr(run.cfg, "chat_template", None)
+  if own:
+    template = run.cfg.chat_template
+  chat = (template is None or own) and getattr(sp, "chat_template", None)
   generation = hf.generation_config(sp, sft.reply_end_ids(sp, "chat") if chat else set(), base)
   # Written into a sibling directory and renamed into place when complete, so that --out
   # is never a partial model (a killed or failed export), nor a mix of two exports.
@@ -1004,7 +1025,9 @@ def _cmd_export(args) -> int:
       f"complete in {partial}",
     ) from e
   print(f"exported step {step} to {out} ({len(files)} files)")
-  if template is not None:
+  if own:
+    print("its chat template is the run's --chat-template, which its chat records were laid out in")
+  elif template is not None:
     print(
       f"its chat template lays one user message out as the run's {sft.FORM_NAMES[form]} "
       "(replacing the tokenizer's own): transformers' apply_chat_template and vLLM's chat "
@@ -1080,8 +1103,14 @@ def _cmd_preview(args) -> int:
     tokenizer = hub.local_dir(args.init_from, flag="--init-from", need="tokenizer", log=say)
   else:
     tokenizer = None  # the bundled one
+  template = run.get("chat_template") if args.chat_template is None else None
+  if args.chat_template not in (None, "none"):
+    try:
+      template = sft.read_chat_template(args.chat_template)
+    except (OSError, ValueError) as e:
+      raise ConfigError("--chat-template", str(e)) from e
   try:
-    tok = data.load_tokenizer(tokenizer)
+    tok = data.load_tokenizer(tokenizer, template)
   except (OSError, ValueError) as e:
     raise ConfigError("--tokenizer", str(e)) from e
   source = hub.local_data(args.data or run.get("data") or "builtin", flag="--data", log=say)
@@ -1321,7 +1350,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices=("text", "prompt", "chat", "alpaca"),
     help="lay the prompt out as training laid out its data: text (pretraining), prompt "
     "([BOS] prompt, as {prompt, completion} records), chat (a user turn, or a --prompts "
-    "conversation, in the tokenizer's chat template; prints the reply), alpaca (an "
+    "conversation, in the run's --chat-template or the tokenizer's; prints the reply), alpaca (an "
     "instruction, or --prompts {instruction, input}, in the Alpaca prompt). Default: the "
     "form of the run's --data (text for a Hugging Face model or a run older than this)",
   )
@@ -1389,6 +1418,17 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--gpu-memory", default="24GB", help="e.g. 24GB, 24GiB, 80000MB (per device)")
   p.add_argument(
+    "--data",
+    default=d.data,
+    metavar="SOURCE",
+    help="as for train: local instruction records (read: the first one) are planned with the "
+    "attention mask of packed examples; other data plans as text",
+  )
+  p.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...", help="as for train")
+  p.add_argument(
+    "--packing", action=argparse.BooleanOptionalAction, default=d.packing, help="as for train"
+  )
+  p.add_argument(
     "--mesh",
     default=None,
     help="data=N,fsdp=M as for train: plan one device of that mesh (params and optimizer "
@@ -1435,7 +1475,13 @@ def build_parser() -> argparse.ArgumentParser:
     "--checkpoint",
     default=None,
     metavar="RUN",
-    help="a run: its --data, --columns, tokenizer and --seq-len",
+    help="a run: its --data, --columns, tokenizer, --chat-template and --seq-len",
+  )
+  p.add_argument(
+    "--chat-template",
+    default=None,
+    metavar="FILE|chatml|none",
+    help="as for train (default: --checkpoint's, else the tokenizer's)",
   )
   p.add_argument(
     "--seq-len", type=int, default=None, help="as for train (default: the run's, else 128)"

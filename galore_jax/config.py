@@ -96,6 +96,9 @@ class TrainConfig:
   # A held-out source evaluated whole during training (None: the documents held out of data).
   eval_data: str | None = None
   tokenizer: str | None = None
+  # A chat template (its Jinja text) for "messages" records, in place of the tokenizer's
+  # (sft.read_chat_template: --chat-template FILE or a preset name).
+  chat_template: str | None = None
   packing: bool = True
   eval_every: int = 50
   eval_batches: int = 16
@@ -337,6 +340,14 @@ def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
       sources.parse_columns(cfg.columns)
     except ValueError as e:
       raise ConfigError("--columns", str(e)) from e
+  if cfg.chat_template is not None and not ("{{" in cfg.chat_template or "{%" in cfg.chat_template):
+    # A preset's name or a path where the template's text belongs (a library caller's
+    # TrainConfig) would render every conversation as that word.
+    raise ConfigError(
+      "--chat-template",
+      f"{cfg.chat_template[:60]!r} is no Jinja template's text (a preset or a file? "
+      "galore_jax.sft.read_chat_template reads either)",
+    )
   if cfg.svd not in SVD_METHODS:
     raise ConfigError("--svd", f"must be one of {', '.join(SVD_METHODS)}, got {cfg.svd!r}")
   if cfg.subspace_iters < 1:

@@ -193,7 +193,7 @@ def _load(path, tokenizer, mesh, *, dtype, param_dtype, before_restore, step=Non
   from galore_jax import data
 
   try:
-    sp = data.load_tokenizer(cfg.tokenizer)
+    sp = data.load_tokenizer(cfg.tokenizer, cfg.chat_template)
   except (OSError, ValueError) as e:
     if tokenizer is None:  # the user passed none: say where the path came from
       raise ConfigError(

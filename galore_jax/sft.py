@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,7 +76,7 @@ def _kind(record: Any) -> str | None:
 # What each form is called where a run or `galore-jax preview` says how it reads the data.
 FORM_NAMES = {
   "prompt": "prompt/completion records",
-  "chat": "chat records in the tokenizer's chat template",
+  "chat": "chat records in the chat template",
   "alpaca": "Alpaca records in the Alpaca prompt",
 }
 
@@ -215,6 +216,70 @@ def instruction_format(files: Sequence[Path], columns: dict[str, str] | None = N
   return None
 
 
+def packs_examples(source: str, columns: str | None, packing: bool) -> bool:
+  """Whether batches of ``--data source`` are packed instruction examples, with segment ids
+  (``packing`` on, and local files whose first record is an instruction record). Reads one
+  record; a source that is not local files (the bundled corpus, TFDS, a Hub dataset not
+  fetched) or cannot be read counts as text. For ``plan``, which lowers the step without
+  reading the data."""
+  if not packing or not sources.is_path_source(source) or source.startswith("hf://"):
+    return False
+  try:
+    files = sources._resolve_paths(source)
+    return instruction_format(files, sources.parse_columns(columns)) is not None
+  except (OSError, ValueError):
+    return False
+
+
+# --chat-template presets, for tokenizers that have no chat template of their own (a base
+# model's). "chatml": ChatML's turns, <|im_start|>ROLE\nCONTENT<|im_end|>, one per line, as
+# Qwen and many fine-tunes lay conversations out. An assistant turn ends with the tokenizer's
+# EOS right after <|im_end|> (unless EOS is <|im_end|> itself), and the newline between turns
+# opens the next one: the reply's trained tail is CONTENT<|im_end|>EOS, so sampling stops
+# where a reply ends even when <|im_end|> is no single token of the tokenizer, and the only
+# trained target after the prompt's last newline is a reply's first token.
+CHAT_TEMPLATES = {
+  "chatml": (
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' and eos_token != '<|im_end|>' %}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+  ),
+}
+
+
+def read_chat_template(value: str) -> str:
+  """``--chat-template``: a preset's name (:data:`CHAT_TEMPLATES`), a ``tokenizer_config.json``
+  (its ``chat_template``), or a file holding the Jinja text (``chat_template.jinja``).
+  ValueError for a file that is missing or holds no template, and for a template Jinja cannot
+  parse (now, not after the data is read)."""
+  import jinja2.sandbox
+
+  if value in CHAT_TEMPLATES:
+    template = CHAT_TEMPLATES[value]
+  else:
+    path = Path(value).expanduser()
+    if not path.is_file():
+      raise ValueError(f"{value}: no such file, and not a preset ({', '.join(CHAT_TEMPLATES)})")
+    template = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+      try:
+        template = json.loads(template).get("chat_template")
+      except (ValueError, AttributeError):
+        template = None
+      if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+      if not isinstance(template, str):
+        raise ValueError(f'{value}: no "chat_template" string in it')
+  try:
+    jinja2.sandbox.ImmutableSandboxedEnvironment().parse(template)
+  except jinja2.TemplateSyntaxError as e:
+    raise ValueError(f"{value}: not a Jinja template ({e.message}, line {e.lineno})") from e
+  return template
+
+
 def render_chat(template: str, messages: list, *, add_generation_prompt: bool, **specials) -> str:
   """A chat template rendered as transformers renders it (sandboxed Jinja, trimmed blocks)."""
   import jinja2.sandbox
@@ -234,8 +299,9 @@ def _chat_renderer(tok, where: str):
   template = getattr(tok, "chat_template", None)
   if not template:
     raise ValueError(
-      f'{where}: "messages" records need a tokenizer with a chat template '
-      "(chat_template in tokenizer_config.json)"
+      f'{where}: "messages" records need a chat template, and the tokenizer has none '
+      "(chat_template in tokenizer_config.json); --chat-template FILE names one, "
+      f"--chat-template {next(iter(CHAT_TEMPLATES))} uses ChatML's"
     )
   specials = {}
   for name, fn in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
@@ -250,6 +316,25 @@ def _check_messages(messages: Any, where: str) -> None:
     for m in messages
   ):
     raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+
+
+def _encode_rendered(tok, text: str) -> list[int]:
+  """Token ids of text a chat template rendered. A ``tokenizer.json`` finds its special
+  tokens in text itself; a SentencePiece model reads ``<s>`` / ``</s>`` as plain characters,
+  so the BOS and EOS pieces a template writes (``bos_token``, ``eos_token``) become their ids
+  here (else a reply's EOS would be trained as three pieces, and sampling never stop)."""
+  if hasattr(tok, "tok"):  # galore_jax.hf's tokenizer.json wrapper
+    return tok.encode(text)
+  specials = {tok.id_to_piece(i): i for i in (tok.bos_id(), tok.eos_id()) if i >= 0}
+  if not any(s in text for s in specials):
+    return tok.encode(text)
+  ids: list[int] = []
+  for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+    if part in specials:
+      ids.append(specials[part])
+    elif part:
+      ids += tok.encode(part)
+  return ids
 
 
 def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
@@ -297,7 +382,7 @@ def tokenize_examples(
     elif kind == "chat":
       toks, trained = [], []
       for text, flag in _chat_segments(r, w, tok):
-        ids = tok.encode(text)
+        ids = _encode_rendered(tok, text)
         toks += ids
         trained += [flag] * len(ids)
     else:
@@ -352,8 +437,8 @@ def prompt_ids(
     raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(PROMPT_FORMATS)}")
   if not getattr(tok, "chat_template", None):
     raise ValueError(
-      "chat: the tokenizer has no chat template (chat_template in tokenizer_config.json); "
-      "use --format text or prompt"
+      "chat: the tokenizer has no chat template (chat_template in tokenizer_config.json, or "
+      "the run's --chat-template); use --format text or prompt"
     )
   messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
   _check_messages(messages, where)
@@ -373,7 +458,7 @@ def prompt_ids(
   for text, _ in pieces:
     if at + len(text) > cut:
       break
-    head += tok.encode(text)
+    head += _encode_rendered(tok, text)
     at += len(text)
   return head
 
@@ -565,7 +650,7 @@ def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) ->
 
 # Keys the example caches with the files, the tokenizer and its chat template: bump when
 # tokenize_examples lays examples out differently.
-EXAMPLES_FORMAT_VERSION = "1"
+EXAMPLES_FORMAT_VERSION = "2"  # 2: a SentencePiece template's BOS / EOS text as their ids
 
 
 def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[str]]:

@@ -256,7 +256,9 @@ def compile_train_step(run: Run):
 # so that a resume (or a new run directory) with the same flags loads the entry. Every other
 # field is in the key, whether the step reads it or not: a field the step starts to read
 # must not be added here.
-_NOT_IN_STEP = ("out", "resume", "stop_after", "overwrite", "progress", "eval_data")
+_NOT_IN_STEP = (
+  "out", "resume", "stop_after", "overwrite", "progress", "eval_data", "chat_template",
+)  # fmt: skip
 
 
 def cached_train_step(
@@ -308,10 +310,15 @@ def device_batch(run: Run, batch: dict[str, np.ndarray], grad_accum: int, *, loc
 
 def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes, dtypes and shardings of the batch :func:`device_batch` gives the run's step
-  (``(grad_accum, B, L)``; int32 tokens, float32 mask), to lower it without data."""
+  (``(grad_accum, B, L)``; int32 tokens, float32 mask, and int32 segment ids where the run's
+  ``--data`` is instruction records packed into rows), to lower it without data."""
+  from galore_jax import sft
+
   shape = (run.cfg.grad_accum, run.cfg.batch_size, run.cfg.seq_len)
   sh = sharding.batch_sharding(run.mesh)
   dtypes = {"inputs": np.int32, "targets": np.int32, "mask": np.float32}
+  if sft.packs_examples(run.cfg.data, run.cfg.columns, run.cfg.packing):
+    dtypes["segments"] = np.int32
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in dtypes.items()}
 
 
@@ -722,6 +729,7 @@ def data_config(cfg: TrainConfig, batch_size: int):
     seed=cfg.seed,
     tokenizer=cfg.tokenizer,
     columns=cfg.columns,
+    chat_template=cfg.chat_template,
   )
 
 
@@ -803,7 +811,7 @@ def load_data(cfg: TrainConfig, *, stop_point: Callable[[], None] = lambda: None
   from galore_jax import data
 
   try:
-    sp = data.load_tokenizer(cfg.tokenizer)
+    sp = data.load_tokenizer(cfg.tokenizer, cfg.chat_template)
   except (OSError, RuntimeError, ValueError) as e:
     raise ConfigError("--tokenizer", str(e)) from e
   if sp.eos_id() < 0:
@@ -1228,6 +1236,13 @@ def _train_loop(
         f"{start} read it as {read_as(was_form)}: its examples and loss are not the same "
         "across it"
       )
+    was_template = saved.get("train_config", {}).get("chat_template")
+    if form == "chat" and was_template != cfg.chat_template:
+      log(
+        f"galore-jax: note: the chat template is not the one the run used before step {start} "
+        "(--chat-template, or the tokenizer's own): its examples are laid out otherwise from "
+        "here on"
+      )
     if "hf_generation_config" in saved:  # as the run began, even if the directory is gone
       meta["hf_generation_config"] = saved["hf_generation_config"]
     restored = checkpoint.restore(
@@ -1254,6 +1269,13 @@ def _train_loop(
     + f"; mesh {dict(run.mesh.shape)} "
     f"on {describe_devices(run.mesh.devices.flat)}"
   )
+  if cfg.chat_template and meta["data_format"] != "chat":
+    from galore_jax.sft import FORM_NAMES
+
+    log(
+      'galore-jax: note: --chat-template renders "messages" records; --data holds '
+      f"{FORM_NAMES.get(meta['data_format'], 'text')}, which it leaves as they are"
+    )
   if note := idle_devices_note(run.mesh.size, jax.devices()):
     log(note)
   if note := cpu_fallback_note(jax.devices()):

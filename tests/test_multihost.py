@@ -433,16 +433,33 @@ def test_resume_hint_reads_finished_checkpoints_from_the_directory(tmp_path):
 # Per-process data, in this process: the shards of real batches.
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_process_shards_are_disjoint_and_make_the_global_batch(packing):
+@pytest.mark.parametrize(
+  "packing,records", [(True, False), (False, False), (True, True)], ids=["packed", "one", "sft"]
+)
+def test_process_shards_are_disjoint_and_make_the_global_batch(
+  packing, records, tmp_path, monkeypatch
+):
   micro, accum = 4, 2  # two micro-batches per step, as with --grad-accum 2
-  config = data.DataConfig(seq_len=32, batch_size=micro * accum, packing=packing, seed=3)
+  source = "builtin"
+  if records:  # instruction examples packed into rows, with their segment ids
+    monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    source = str(tmp_path / "qa.jsonl")
+    Path(source).write_text(
+      "".join(
+        json.dumps({"prompt": f"what is {i} and {i % 7} ?", "completion": f" {i + i % 7}"}) + "\n"
+        for i in range(300)
+      )
+    )
+  config = data.DataConfig(
+    source=source, seq_len=32, batch_size=micro * accum, packing=packing, seed=3
+  )
   full = data.make_dataset(config)
   shards = [distributed.RowShard(0, 1, micro), distributed.RowShard(1, 4, micro)]
   parts = [data.make_dataset(config, shard=s) for s in shards]
   for step in (0, 1, full.steps_per_epoch):  # the last one: the second epoch's first
     want = full.batch(step)
     got = [p.batch(step) for p in parts]
+    assert ("segments" in want) == records
     for k, v in want.items():
       assert [g[k].shape[0] for g in got] == [accum * 1, accum * 3]
       # Micro-batch by micro-batch, process 0's rows then process 1's: the global batch.

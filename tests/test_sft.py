@@ -177,6 +177,53 @@ def test_a_packed_row_never_trains_a_target_across_examples():
   np.testing.assert_array_equal(b["mask"][0], [1, 1, 0, 1, 1, 1, 0, 1, 0])
 
 
+def test_read_chat_template_takes_a_preset_a_jinja_file_or_a_tokenizer_config(tmp_path):
+  chatml = sft.read_chat_template("chatml")
+  assert chatml == sft.CHAT_TEMPLATES["chatml"]
+  (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+  assert sft.read_chat_template(str(tmp_path / "chat_template.jinja")).startswith("{{ messages")
+  config = tmp_path / "tokenizer_config.json"
+  config.write_text(json.dumps({"chat_template": "{{ 'one' }}"}))
+  assert sft.read_chat_template(str(config)) == "{{ 'one' }}"
+  config.write_text(json.dumps({"chat_template": [{"name": "default", "template": "{{ 2 }}"}]}))
+  assert sft.read_chat_template(str(config)) == "{{ 2 }}"
+  for text, says in [
+    (json.dumps({"eos_token": "</s>"}), 'no "chat_template" string'),
+    ("{% if x %}", "not a Jinja template"),
+  ]:
+    bad = tmp_path / ("bad.json" if text.startswith('{"') else "bad.jinja")
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=says):
+      sft.read_chat_template(str(bad))
+  with pytest.raises(ValueError, match="no such file, and not a preset \\(chatml\\)"):
+    sft.read_chat_template("chatmI")
+  # A library caller's TrainConfig holds the text: a preset's name there is refused, not
+  # rendered as the word "chatml" for every conversation.
+  from galore_jax import config
+
+  config.validate(config.TrainConfig(chat_template=chatml))
+  with pytest.raises(config.ConfigError, match="--chat-template: 'chatml' is no Jinja template"):
+    config.validate(config.TrainConfig(chat_template="chatml"))
+
+
+def test_chatml_on_a_sentencepiece_tokenizer_trains_the_reply_and_its_eos():
+  # The bundled SentencePiece model has no chat template and reads "</s>" as characters:
+  # the preset's EOS after a reply becomes the EOS id (the last trained token), the newline
+  # before the next turn is not trained, and a prompt ends where training's reply began.
+  tok = data.load_tokenizer(None, sft.read_chat_template("chatml"))
+  turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+  rec = {"messages": [*turns, {"role": "user", "content": "bye"}, turns[1]]}
+  ((toks, trained),) = sft.tokenize_examples([(rec, "x")], tok)
+  eos = np.flatnonzero(toks == tok.eos_id())
+  assert len(eos) == 2 and trained[eos].all() and toks[-1] == tok.eos_id()
+  assert not trained[eos[0] + 1]  # the newline that opens the next turn
+  assert tok.decode(toks[trained].tolist()).count("<|im_end|>") == 2
+  head = sft.prompt_ids(tok, turns[:1], "chat")
+  np.testing.assert_array_equal(head, toks[: len(head)])
+  assert trained[len(head)] and not trained[len(head) - 1]
+  assert sft.reply_end_ids(tok, "chat") == {tok.eos_id()}
+
+
 def test_a_second_start_reads_the_cached_examples(tmp_path, monkeypatch):
   # Every start (a resume too) used to parse and tokenize the whole set again, twice (once
   # per split). Train's pass caches both splits; later starts map them and tokenize nothing.
@@ -474,7 +521,7 @@ def test_preview_shows_what_training_takes_the_loss_on(tmp_path, capsys):
     cli.main(["preview", "--data", str(tmp_path / "chat.jsonl"), "--tokenizer", str(tokfile)]) == 0
   )
   out = capsys.readouterr().out
-  assert "chat records in the tokenizer's chat template" in out
+  assert "chat records in the chat template" in out
   assert "[[" in out and out.rstrip().endswith("</s>]]"), out
   for bad, flag in [(["--examples", "0"], "--examples"), (["--columns", "x"], "--columns")]:
     assert cli.main(["preview", *bad]) == 2

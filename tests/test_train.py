@@ -1310,6 +1310,61 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
   assert err.endswith("(its fields: question, answer; --columns text=FIELD reads another)")
 
 
+def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path, capsys):
+  """--chat-template gives "messages" records a template where the tokenizer has none (the
+  bundled SentencePiece model, as a base model's): the run keeps its text, so a resume, eval,
+  sample, preview and export use it without the flag; a text run says it is unused."""
+  chats = [
+    {"messages": [{"role": "user", "content": f"what is {a} and {b} ?"},
+                  {"role": "assistant", "content": f"{a + b}"}]}
+    for a in range(20) for b in range(10)
+  ]  # fmt: skip
+  data_file = tmp_path / "chat.jsonl"
+  data_file.write_text("".join(json.dumps(r) + "\n" for r in chats))
+  out = str(tmp_path / "run")
+  small = ["--steps", "4", "--batch-size", "8", "--seq-len", "64", "--rank", "16"]
+  small += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
+  args = ["train", "--data", str(data_file), *small, "--out", out]
+  assert _cli(*args) == 2
+  assert "--chat-template chatml uses ChatML's" in capsys.readouterr().err
+  assert _cli(*args, "--chat-template", str(tmp_path / "missing.jinja")) == 2
+  assert "--chat-template: " in capsys.readouterr().err
+  (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
+  assert _cli(*args, "--chat-template", str(tmp_path / "bad.jinja")) == 2
+  assert "not a Jinja template" in capsys.readouterr().err
+  assert _cli(*args, "--chat-template", "chatml", "--stop-after", "2") == 0
+  assert "(chat records in the chat template, loss on the replies" in capsys.readouterr().out
+  assert _cli("train", "--resume", "--out", out, "--no-progress") == 0
+  said = capsys.readouterr().out
+  assert "--chat-template (the run's, " in said and "steps 2..4" in said, said
+  assert "template is not the one" not in said
+  assert _cli("eval", "--checkpoint", out, "--json") == 0
+  assert json.loads(capsys.readouterr().out)["step"] == 4
+  assert _cli("preview", "--checkpoint", out, "--examples", "1") == 0
+  assert "<|im_start|>assistant\n[[" in capsys.readouterr().out
+  # The reply's tail is <|im_end|> and the EOS id (not "</s>" spelt out): sampling stops.
+  tok = data.load_tokenizer(None, sft.read_chat_template("chatml"))
+  ((toks, trained),) = sft.tokenize_examples([(chats[0], "x")], tok)
+  assert toks[-1] == tok.eos_id() and trained[-1] and "</" not in tok.decode(toks.tolist())
+  assert (
+    _cli("sample", "--checkpoint", out, "--prompt", "what is 1 and 2 ?", "--max-new-tokens", "3")
+    == 0
+  )
+  assert "--format chat" in capsys.readouterr().err
+  assert _cli("export", "--checkpoint", out, "--out", str(tmp_path / "hf")) == 0
+  assert "the run's --chat-template" in capsys.readouterr().out
+  saved = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+  assert saved["chat_template"] == sft.CHAT_TEMPLATES["chatml"]
+  # Another template on resume is noted (its examples change); none for text data.
+  (tmp_path / "t.jinja").write_text(sft.CHAT_TEMPLATES["chatml"].replace("im_", "turn_"))
+  resume = ["train", "--resume", "--out", out, "--steps", "5", "--no-progress"]
+  assert _cli(*resume, "--chat-template", str(tmp_path / "t.jinja")) == 0
+  assert "the chat template is not the one the run used" in capsys.readouterr().out
+  text = ["train", *small, "--steps", "1", "--out", str(tmp_path / "text")]
+  assert _cli(*text, "--chat-template", "chatml") == 0
+  assert '--chat-template renders "messages" records; --data holds text' in capsys.readouterr().out
+
+
 def test_none_turns_a_resumed_runs_source_flags_back():
   # --eval-data none / --columns none: a resume's way back to the defaults (a run's value
   # is otherwise taken for every flag not given).
@@ -1548,6 +1603,22 @@ def test_packed_examples_train_as_they_do_one_per_row(jitted_steps):
     np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+
+
+def test_plan_lowers_the_step_a_packed_instruction_run_takes(tmp_path):
+  # `plan` lowers the step without data: for packed instruction records it takes segment ids
+  # (the attention mask is in the program it measures), read from the first record alone.
+  qa = tmp_path / "qa.jsonl"
+  qa.write_text(
+    "".join(json.dumps({"prompt": f"{i} ?", "completion": " ok"}) + "\n" for i in range(9))
+  )
+  run = train.setup(_cfg(tmp_path, "plan", data=str(qa)), vocab_size=8192)
+  batch = trainer.abstract_batch(run)
+  assert batch["segments"].shape == batch["inputs"].shape and batch["segments"].dtype == np.int32
+  train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, batch)  # traces
+  assert "segments" not in trainer.abstract_batch(train.setup(_cfg(tmp_path, "t"), 8192))
+  unpacked = train.setup(_cfg(tmp_path, "u", data=str(qa), packing=False), 8192)
+  assert "segments" not in trainer.abstract_batch(unpacked)
 
 
 def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, poison_stage_gradients):

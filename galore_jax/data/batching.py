@@ -70,6 +70,8 @@ class DataConfig:
     ``output``, ...) read from JSON keys / Parquet columns of other names
     (``sources.parse_columns``; other sources have no columns); ``None``: the fields' own
     names.
+  chat_template: Jinja text that renders ``"messages"`` records in place of the tokenizer's
+    chat template (``galore_jax.sft.read_chat_template``); ``None``: the tokenizer's.
   """
 
   source: str = "builtin"
@@ -79,6 +81,7 @@ class DataConfig:
   seed: int = 0
   tokenizer: str | None = None
   columns: str | None = None
+  chat_template: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.source, str) or not self.source.strip():
@@ -431,7 +434,7 @@ def make_dataset(config: DataConfig, split: str = "train", *, shard=None, progre
   ``progress(done, total)``: told the bytes read while a path source is tokenized (only
   on a token-cache miss: the first use of those files with this tokenizer).
   """
-  sp = load_tokenizer(config.tokenizer)
+  sp = load_tokenizer(config.tokenizer, config.chat_template)
   index = _split_index(config, split, sp, progress)
   ds = grain.MapDataset.range(index.num_items).shuffle(seed=_shuffle_seed(config.seed))
   make_batch = index.make_batch
@@ -491,7 +494,7 @@ def eval_batches(
   """
   if split not in EVAL_SPLITS:
     raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
-  sp = load_tokenizer(config.tokenizer)
+  sp = load_tokenizer(config.tokenizer, config.chat_template)
   index = _split_index(config, split, sp, progress)
   if index.num_items == 0:
     raise _too_small(config, split, index)

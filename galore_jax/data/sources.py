@@ -56,18 +56,25 @@ PATH_VALIDATION_MODULUS = 100
 # ----------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str | os.PathLike | None = None) -> spm.SentencePieceProcessor:
+def load_tokenizer(
+  path: str | os.PathLike | None = None, chat_template: str | None = None
+) -> spm.SentencePieceProcessor:
   """Loads a SentencePiece model; ``None`` -> the bundled 8k BPE model. A ``tokenizer.json``
-  or a model directory goes to :func:`galore_jax.hf.load_tokenizer` (same interface)."""
+  or a model directory goes to :func:`galore_jax.hf.load_tokenizer` (same interface).
+  ``chat_template``: the chat template it renders ``"messages"`` records with, in place of
+  its own (``--chat-template``; a SentencePiece model has none of its own)."""
   if path is not None and (str(path).endswith(".json") or Path(path).expanduser().is_dir()):
     from galore_jax import hf
 
-    return hf.load_tokenizer(path)
-  p = Path(path).expanduser() if path is not None else BUILTIN_TOKENIZER
-  if not p.is_file():
-    raise FileNotFoundError(f"tokenizer model not found: {str(p)!r}")
-  sp = spm.SentencePieceProcessor()
-  sp.Load(str(p))
+    sp = hf.load_tokenizer(path)
+  else:
+    p = Path(path).expanduser() if path is not None else BUILTIN_TOKENIZER
+    if not p.is_file():
+      raise FileNotFoundError(f"tokenizer model not found: {str(p)!r}")
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(p))
+  if chat_template is not None:
+    sp.chat_template = chat_template
   return sp
 
 
