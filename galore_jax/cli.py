@@ -1647,11 +1647,15 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def _one_line_warnings(show):
   """``warnings.showwarning`` that prints this package's warnings as its other messages
   are, ``galore-jax: warning: ...`` (Python's format adds the library file, line and
-  source line); other packages' warnings go to ``show``."""
+  source line), on process 0 of a job only (every process reads the same data and would
+  say the same); other packages' warnings go to ``show``."""
 
   def show_warning(message, category, filename, lineno, file=None, line=None):
     if os.path.abspath(str(filename)).startswith(_PACKAGE_DIR + os.sep):
-      print(f"galore-jax: warning: {message}", file=sys.stderr if file is None else file)
+      from galore_jax import distributed
+
+      if not distributed.joined_as_another_process():
+        print(f"galore-jax: warning: {message}", file=sys.stderr if file is None else file)
     else:
       show(message, category, filename, lineno, file, line)
 

@@ -225,6 +225,16 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def joined_as_another_process() -> bool:
+  """Whether this process joined a job (``jax.distributed.initialize``) as a process other
+  than 0. Unlike :func:`is_primary` it starts no backend: a warning shown before the first
+  computation (or in a command that needs none) must not claim the accelerators."""
+  from jax._src import distributed as jax_distributed
+
+  state = jax_distributed.global_state
+  return state.client is not None and state.process_id != 0
+
+
 def primary_log(log):
   """``log`` on process 0, a no-op elsewhere (one copy of each line per job)."""
   return log if is_primary() else (lambda *args, **kwargs: None)

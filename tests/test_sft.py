@@ -292,6 +292,14 @@ def test_the_cli_prints_the_packages_warnings_as_one_line(monkeypatch, capsys):
   err = capsys.readouterr().err
   assert "galore-jax: warning: 3 of 9 train example(s) have no trained token\n" in err
   assert "sft.py" not in err and "galore-jax: warning: from elsewhere" not in err
+  # In a job, process 0 alone says it (every process reads the same data).
+  from galore_jax import distributed
+
+  assert not distributed.joined_as_another_process()  # a test process joins no job
+  monkeypatch.setattr(distributed, "joined_as_another_process", lambda: True)
+  with pytest.warns(UserWarning, match="from elsewhere"):
+    assert cli._main([]) == 0
+  assert "galore-jax: warning" not in capsys.readouterr().err
 
 
 def test_parquet_rows_are_instruction_records_as_json_lines_are(tmp_path, monkeypatch):

@@ -385,6 +385,30 @@ def test_a_second_process_waits_for_the_first_to_tokenize(tmp_path, sp, monkeypa
   _assert_packed(got[0], sp, gd.path_documents(src, "train"))
 
 
+def test_only_process_0_of_a_job_says_it_waits(tmp_path, monkeypatch, capsys):
+  # Every process of a host's job waits for the one tokenizing: one line for the job.
+  fcntl = pytest.importorskip("fcntl")
+  from galore_jax import distributed
+
+  monkeypatch.setattr(distributed, "joined_as_another_process", lambda: True)
+  entry = tmp_path / "entry"
+  lock = os.open(sources.lock_path(entry), os.O_RDWR | os.O_CREAT)
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  entered = threading.Event()
+
+  def wait():
+    with sources._building(entry, say_waiting=True):
+      entered.set()
+
+  waiter = threading.Thread(target=wait)
+  waiter.start()
+  time.sleep(0.3)
+  assert not entered.is_set()  # it waits ...
+  os.close(lock)
+  waiter.join(30)
+  assert entered.is_set() and "waiting" not in capsys.readouterr().err  # ... and says nothing
+
+
 def test_parquet_sources_read_the_text_column(tmp_path, sp, monkeypatch):
   # HuggingFaceFW/fineweb(-edu) ships Parquet only: a row's "text" is one document, read a
   # batch of rows at a time, split and tokenized as JSON records are.

@@ -422,7 +422,8 @@ def _building(path: Path, say_waiting: bool = False):
   documents are read and tokenized, so that of several processes starting on the same
   source (one per GPU of a host, or jobs sharing a cache) one tokenizes and the others
   wait and then read its entry, instead of each tokenizing the same files on the same
-  cores. ``say_waiting``: print a line on stderr when this process waits. Without locks
+  cores. ``say_waiting``: print a line on stderr when this process waits (not on the other
+  processes of a job: process 0 speaks for it). Without locks
   (no ``fcntl``, an unwritable cache, a file system without them) each process builds its
   own."""
   lock = lock_path(path)
@@ -438,7 +439,9 @@ def _building(path: Path, say_waiting: bool = False):
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      if say_waiting:
+      from galore_jax import distributed
+
+      if say_waiting and not distributed.joined_as_another_process():
         print(
           "galore-jax: waiting for another process that is tokenizing the same files",
           file=sys.stderr,
