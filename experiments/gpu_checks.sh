@@ -31,7 +31,7 @@
 #      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
 #   GPU_CHECKS=packed: packed instruction batches (several examples per row, kept apart by
 #      a mask) through cuDNN's fused attention vs XLA's (experiments/gpu_packed_check.py,
-#      under a minute); it fits in any call's spare time.
+#      six compiles of llama_130m, a minute or two); it fits in any call's spare time.
 #   GPU_CHECKS=oom: out of memory mid-run (experiments/gpu_oom_check.py, about a minute):
 #      does the failed step leave its donated inputs, so that train saves the step before?
 #   GPU_CHECKS="adafactor7b clip7b": the llama_7b peak under the 24 GB cap with
@@ -195,7 +195,7 @@ sample1b() {
 }
 
 # Packed instruction batches through cuDNN's fused attention, the mask as a bias
-# (experiments/gpu_packed_check.py, llama_130m, 8 x 1024, bf16; well under a minute): is
+# (experiments/gpu_packed_check.py, llama_130m, 8 x 1024, bf16; six compiles, a minute or two): is
 # cuDNN used, do its logits equal XLA's and each example's alone, and at what speed.
 packed() {
   local left; left=$(left_s 5)
