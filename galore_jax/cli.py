@@ -199,6 +199,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "packed several to a row, kept apart in attention, or one per row (default: packed)",
   )
   g.add_argument(
+    "--document-mask",
+    action=argparse.BooleanOptionalAction,
+    default=d.document_mask,
+    help="packed text: each document attends only to itself, not to the documents before "
+    "it in its row (the paper, and by default here, lets them attend across)",
+  )
+  g.add_argument(
     "--eval-every",
     type=int,
     default=d.eval_every,
@@ -1427,6 +1434,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...", help="as for train")
   p.add_argument(
     "--packing", action=argparse.BooleanOptionalAction, default=d.packing, help="as for train"
+  )
+  p.add_argument(
+    "--document-mask",
+    action=argparse.BooleanOptionalAction,
+    default=d.document_mask,
+    help="as for train (planned with its attention mask)",
   )
   p.add_argument(
     "--mesh",

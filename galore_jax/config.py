@@ -100,6 +100,8 @@ class TrainConfig:
   # (sft.read_chat_template: --chat-template FILE or a preset name).
   chat_template: str | None = None
   packing: bool = True
+  # Packed text: each document attends only to itself (data.DataConfig.document_mask).
+  document_mask: bool = False
   eval_every: int = 50
   eval_batches: int = 16
   save_every: int = 100
@@ -340,6 +342,10 @@ def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
       sources.parse_columns(cfg.columns)
     except ValueError as e:
       raise ConfigError("--columns", str(e)) from e
+  if cfg.document_mask and not cfg.packing:
+    raise ConfigError(
+      "--document-mask", "keeps packed documents apart; with --no-packing a row holds one"
+    )
   if cfg.chat_template is not None and not ("{{" in cfg.chat_template or "{%" in cfg.chat_template):
     # A preset's name or a path where the template's text belongs (a library caller's
     # TrainConfig) would render every conversation as that word.
@@ -466,6 +472,7 @@ _COURSE_FLAGS = {  # flags a resume may change; each changes the run's course fr
   "subspace_iters": "--subspace-iters",
   "moment_policy": "--moment-policy",
   "adafactor_beta1": "--adafactor-beta1",
+  "document_mask": "--document-mask",
 }
 
 
@@ -497,13 +504,17 @@ def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> str | None:
     return values
 
   before, now = course(old), course(cfg)
-  changed = [
-    f"{_COURSE_FLAGS[k]} {now[k]:g} (was {before[k]:g})"
-    if not isinstance(now[k], str)
-    else f"{_COURSE_FLAGS[k]} {now[k]} (was {before[k]})"
-    for k in now
-    if now[k] != before[k]
-  ]
+
+  def said(k, v) -> str:
+    flag = _COURSE_FLAGS[k]
+    if isinstance(v, bool):  # a switch by its form
+      return flag if v else flag.replace("--", "--no-", 1)
+    return f"{flag} {v}" if isinstance(v, str) else f"{flag} {v:g}"
+
+  def was(k, v) -> str:  # the value alone; a switch by its form
+    return said(k, v) if isinstance(v, bool) else said(k, v).split(" ", 1)[1]
+
+  changed = [f"{said(k, now[k])} (was {was(k, before[k])})" for k in now if now[k] != before[k]]
   if not changed:
     return None
   line = f"resuming at step {step} with changed {', '.join(changed)}"

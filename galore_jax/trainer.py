@@ -317,7 +317,9 @@ def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
   shape = (run.cfg.grad_accum, run.cfg.batch_size, run.cfg.seq_len)
   sh = sharding.batch_sharding(run.mesh)
   dtypes = {"inputs": np.int32, "targets": np.int32, "mask": np.float32}
-  if sft.packs_examples(run.cfg.data, run.cfg.columns, run.cfg.packing):
+  if sft.packs_examples(run.cfg.data, run.cfg.columns, run.cfg.packing) or (
+    run.cfg.document_mask and run.cfg.packing
+  ):
     dtypes["segments"] = np.int32
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in dtypes.items()}
 
@@ -730,6 +732,7 @@ def data_config(cfg: TrainConfig, batch_size: int):
     tokenizer=cfg.tokenizer,
     columns=cfg.columns,
     chat_template=cfg.chat_template,
+    document_mask=cfg.document_mask,
   )
 
 
@@ -1269,6 +1272,11 @@ def _train_loop(
     + f"; mesh {dict(run.mesh.shape)} "
     f"on {describe_devices(run.mesh.devices.flat)}"
   )
+  if cfg.document_mask and meta["data_format"] != "text":
+    log(
+      "galore-jax: note: --document-mask keeps packed text documents apart; instruction "
+      "examples are kept apart whenever they are packed, so it changes nothing here"
+    )
   if cfg.chat_template and meta["data_format"] != "chat":
     from galore_jax.sft import FORM_NAMES
 

@@ -204,6 +204,26 @@ def test_jsonl_gz_source(tmp_path, sp):
   assert make_dataset(cfg, "train").batch(3)["inputs"].tolist() == x["inputs"].tolist()
 
 
+def test_document_mask_gives_each_packed_document_its_segment(tmp_path, sp):
+  # --document-mask: the same packed windows, targets and mask, plus segments that begin at
+  # each EOS (a document's separator before it); eval batches too; not without packing.
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(300)))
+  plain = DataConfig(source=str(path), seq_len=64, batch_size=4)
+  masked = dataclasses.replace(plain, document_mask=True)
+  a, b = make_dataset(plain).batch(2), make_dataset(masked).batch(2)
+  assert "segments" not in a and all(np.array_equal(a[k], b[k]) for k in a)
+  eos = sp.eos_id()
+  for inputs, seg in zip(b["inputs"], b["segments"], strict=True):
+    # A new segment exactly where an EOS is, and nowhere else.
+    np.testing.assert_array_equal(np.diff(seg) == 1, inputs[1:] == eos)
+    assert set(np.diff(seg)) <= {0, 1} and seg[0] in (1, 2)
+  assert (b["inputs"] == eos).sum() >= 4  # several documents per row here
+  assert "segments" in eval_batches(masked)[0]
+  one = dataclasses.replace(masked, packing=False)
+  assert "segments" not in make_dataset(one).batch(0)  # a row holds one document
+
+
 def test_txt_json_dir_and_glob_sources(tmp_path):
   docs = _docs(60, seed=1)
   (tmp_path / "a.txt").write_text("\n\n".join(docs[:30]) + "\n", encoding="utf-8")

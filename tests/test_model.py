@@ -363,6 +363,28 @@ def test_a_packed_row_gives_each_example_its_own_logits(overrides):
     model(row, segments[:, :-1])
 
 
+def test_a_document_masked_row_gives_each_document_its_logits_from_its_eos():
+  # --document-mask: packed text's documents get segments that begin at the EOS before
+  # each (data.Rows.document_eos); a document's logits are those of EOS + document alone,
+  # as `sample --prompt ""` starts one. Without the mask they see the document before.
+  from galore_jax.data import batching
+
+  model = _model()
+  graphdef, params = nnx.split(model, nnx.Param)
+  eos = 2
+  a, b = (_tokens(1, n, seed=20 + n, vocab=VOCAB - 3)[0] + 3 for n in (5, 6))  # no EOS
+  row = np.concatenate([a, [eos], b, [eos], [7, 8, 9]]).astype(np.int32)  # 15 + 1 target
+  rows = batching.Rows(1, 15, pad=0)
+  rows.document_eos = eos
+  batch = rows.finish(row[None], np.ones((1, 15), np.float32))
+  np.testing.assert_array_equal(batch["segments"][0], [1] * 5 + [2] * 7 + [3] * 3)
+  masked = _packed_jit(graphdef, params, jnp.asarray(batch["inputs"]), batch["segments"])[0]
+  alone = _forward(model, jnp.asarray(row[5:12])[None])[0]  # EOS + b
+  np.testing.assert_allclose(masked[5:12], alone, rtol=2e-5, atol=2e-5)
+  unmasked = _forward(model, jnp.asarray(batch["inputs"]))[0]
+  assert float(jnp.max(jnp.abs(unmasked[5:12] - alone))) > 1e-3
+
+
 @functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
 def _decode_jit(graphdef, params, tokens_BxT, caches, pos, logits_at=None):
   return nnx.merge(graphdef, params).decode(tokens_BxT, caches, pos, logits_at=logits_at)

@@ -1313,7 +1313,7 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
 def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path, capsys):
   """--chat-template gives "messages" records a template where the tokenizer has none (the
   bundled SentencePiece model, as a base model's): the run keeps its text, so a resume, eval,
-  sample, preview and export use it without the flag; a text run says it is unused."""
+  sample, preview and export use it without the flag."""
   chats = [
     {"messages": [{"role": "user", "content": f"what is {a} and {b} ?"},
                   {"role": "assistant", "content": f"{a + b}"}]}
@@ -1360,9 +1360,29 @@ def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path
   resume = ["train", "--resume", "--out", out, "--steps", "5", "--no-progress"]
   assert _cli(*resume, "--chat-template", str(tmp_path / "t.jinja")) == 0
   assert "the chat template is not the one the run used" in capsys.readouterr().out
-  text = ["train", *small, "--steps", "1", "--out", str(tmp_path / "text")]
-  assert _cli(*text, "--chat-template", "chatml") == 0
+  # (With text data it is unused, and says so: test_document_mask_trains_evaluates...)
+
+
+def test_document_mask_trains_evaluates_and_is_noted_when_a_resume_changes_it(tmp_path, capsys):
+  docs = tmp_path / "docs.jsonl"
+  rng = np.random.default_rng(0)
+  words = "the of and to a in that it was her his she he you not be".split()
+  docs.write_text(
+    "".join(json.dumps({"text": " ".join(rng.choice(words, 20))}) + "\n" for _ in range(2000))
+  )
+  out = str(tmp_path / "run")
+  args = ["train", "--data", str(docs), "--steps", "3", "--batch-size", "4", "--seq-len", "64"]
+  args += ["--rank", "8", "--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
+  assert _cli(*args, "--document-mask", "--no-packing", "--out", out) == 2
+  assert "--document-mask: keeps packed documents apart" in capsys.readouterr().err
+  # (--chat-template on text data: unused, and said to be.)
+  masked = ["--document-mask", "--chat-template", "chatml", "--stop-after", "2"]
+  assert _cli(*args, *masked, "--out", out) == 0
   assert '--chat-template renders "messages" records; --data holds text' in capsys.readouterr().out
+  assert _cli("eval", "--checkpoint", out, "--json") == 0  # the run's: with segments
+  assert json.loads(capsys.readouterr().out)["step"] == 2
+  assert _cli("train", "--resume", "--out", out, "--no-document-mask", "--no-progress") == 0
+  assert "--no-document-mask (was --document-mask)" in capsys.readouterr().out
 
 
 def test_none_turns_a_resumed_runs_source_flags_back():
@@ -1619,6 +1639,8 @@ def test_plan_lowers_the_step_a_packed_instruction_run_takes(tmp_path):
   assert "segments" not in trainer.abstract_batch(train.setup(_cfg(tmp_path, "t"), 8192))
   unpacked = train.setup(_cfg(tmp_path, "u", data=str(qa), packing=False), 8192)
   assert "segments" not in trainer.abstract_batch(unpacked)
+  masked = train.setup(_cfg(tmp_path, "d", document_mask=True), 8192)  # packed text, masked
+  assert "segments" in trainer.abstract_batch(masked)
 
 
 def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, poison_stage_gradients):

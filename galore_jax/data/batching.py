@@ -72,6 +72,9 @@ class DataConfig:
     names.
   chat_template: Jinja text that renders ``"messages"`` records in place of the tokenizer's
     chat template (``galore_jax.sft.read_chat_template``); ``None``: the tokenizer's.
+  document_mask: with ``packing``, text batches also carry ``segments`` (``Rows``): a token
+    attends only to its own document, not to the documents packed before it in its row.
+    Instruction examples are kept apart whenever they are packed.
   """
 
   source: str = "builtin"
@@ -82,6 +85,7 @@ class DataConfig:
   tokenizer: str | None = None
   columns: str | None = None
   chat_template: str | None = None
+  document_mask: bool = False
 
   def __post_init__(self):
     if not isinstance(self.source, str) or not self.source.strip():
@@ -107,7 +111,13 @@ def _shuffle_seed(seed: int) -> int:
 
 class Rows:
   """Builds a {'inputs', 'targets', 'mask'} batch of `batch_size` rows from token
-  windows of up to seq_len + 1 tokens; missing rows / tokens are padding (mask 0)."""
+  windows of up to seq_len + 1 tokens; missing rows / tokens are padding (mask 0).
+
+  ``document_eos``: the EOS id, for ``DataConfig.document_mask``: the batch also gets
+  ``segments``, each document of a packed row its own (EOS starts one), so that a token
+  attends only to the tokens of its document."""
+
+  document_eos: int | None = None
 
   def __init__(self, batch_size: int, seq_len: int, pad: int):
     self.batch_size, self.seq_len, self.pad = batch_size, seq_len, pad
@@ -123,13 +133,19 @@ class Rows:
       mask[r, : max(len(w) - 1, 0)] = 1.0
     return self.finish(buf, mask)
 
-  @staticmethod
-  def finish(buf: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    return {
+  def finish(self, buf: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    out = {
       "inputs": np.ascontiguousarray(buf[:, :-1]),
       "targets": np.ascontiguousarray(buf[:, 1:]),
       "mask": mask,
     }
+    if self.document_eos is not None:
+      # A document's segment begins at the EOS before it, as a sampled document begins at
+      # EOS (`sample --prompt ""`); every target stays trained, the next document's first
+      # token after an EOS included.
+      is_eos = out["inputs"] == self.document_eos
+      out["segments"] = (1 + np.cumsum(is_eos, axis=1, dtype=np.int32)).astype(np.int32)
+    return out
 
 
 class _WindowBatch(Rows):
@@ -317,7 +333,10 @@ def _in_memory_index(config: DataConfig, docs: _TokenDocs, eos: int, pad: int) -
   n_tok = len(docs.stream)  # each document + EOS
   if config.packing:
     n = max(n_tok - 1, 0) // L
-    return SplitIndex(n, B, _WindowBatch(docs.stream, B, L, pad), docs.num_docs, n, n_tok)
+    windows = _WindowBatch(docs.stream, B, L, pad)
+    if config.document_mask:
+      windows.document_eos = eos
+    return SplitIndex(n, B, windows, docs.num_docs, n, n_tok)
   nd = docs.num_docs
   return SplitIndex(nd, B, _DocBatch(docs, B, L, eos, pad), nd, nd, n_tok)
 
@@ -332,6 +351,8 @@ def _tfds_index(config: DataConfig, split: str, sp, eos: int, pad: int) -> Split
   n = len(src)
   B, L = config.batch_size, config.seq_len
   make = _TfdsBatch(src, sp, B, L, eos, pad, pack=config.packing)
+  if config.packing and config.document_mask:
+    make.document_eos = eos
   threads = max(1, min(4, os.cpu_count() or 1))
   if not config.packing:
     return SplitIndex(n, B, make, n, n, None, threads)
