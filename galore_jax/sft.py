@@ -699,30 +699,16 @@ def _empty(source: str, split: str, total: int) -> ValueError:
 
 
 class _ExampleBatch(data.Rows):
-  """Example indices -> one example per row; ``mask`` is 1 where the target is trained."""
+  """Row indices -> rows of examples: ``rows`` (:func:`pack_rows`) packs several into a row,
+  and the batch then carries ``segments``; None: one example per row (no segments). ``mask``
+  is 1 where the target is trained and of the same example as its input."""
 
-  def __init__(self, examples: _Examples, batch_size: int, seq_len: int, pad: int):
+  def __init__(
+    self, examples: _Examples, batch_size: int, seq_len: int, pad, rows: PackedRows | None = None
+  ):
     super().__init__(batch_size, seq_len, pad)
-    self.examples = examples
-
-  def __call__(self, idx) -> dict[str, np.ndarray]:
-    buf, mask = self.empty()
-    ex = self.examples
-    for r, i in enumerate(np.asarray(idx, dtype=np.int64).reshape(-1)):
-      start, end = int(ex.starts[i]), int(ex.starts[i + 1])
-      n = min(end - start, self.seq_len + 1)
-      buf[r, :n] = ex.tokens[start : start + n]
-      mask[r, : max(n - 1, 0)] = ex.trained[start + 1 : start + n]  # target j is token j + 1
-    return self.finish(buf, mask)
-
-
-class _PackedExampleBatch(data.Rows):
-  """Packed-row indices -> rows of several examples (:func:`pack_rows`) with ``segments``;
-  ``mask`` is 1 where the target is trained and of the same example as its input."""
-
-  def __init__(self, examples: _Examples, rows: PackedRows, batch_size: int, seq_len: int, pad):
-    super().__init__(batch_size, seq_len, pad)
-    self.examples, self.rows = examples, rows
+    self.examples, self.packed = examples, rows is not None
+    self.rows = rows if rows is not None else PackedRows.one_per_row(len(examples))
 
   def __call__(self, idx) -> dict[str, np.ndarray]:
     buf, _ = self.empty()
@@ -739,10 +725,12 @@ class _PackedExampleBatch(data.Rows):
         seg[r, at : at + n] = k + 1
         at += n
     # Target j is token j + 1: trained, and of the example whose token j predicts it (an
-    # example's first token is never the target of the one before it).
+    # example's first token is never the target of the one before it; nor is padding).
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-    mask = (trained[:, 1:] & same).astype(np.float32)
-    return {**self.finish(buf, mask), "segments": np.ascontiguousarray(seg[:, :-1])}
+    batch = self.finish(buf, (trained[:, 1:] & same).astype(np.float32))
+    if self.packed:
+      batch["segments"] = np.ascontiguousarray(seg[:, :-1])
+    return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -755,6 +743,10 @@ class PackedRows:
 
   def __len__(self) -> int:
     return len(self.starts) - 1
+
+  @classmethod
+  def one_per_row(cls, n: int) -> PackedRows:
+    return cls(np.arange(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64))
 
 
 def pack_rows(lengths: np.ndarray, capacity: int) -> PackedRows:
@@ -837,7 +829,7 @@ def split_index(
     return data.SplitIndex(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
   rows = pack_rows(np.diff(examples.starts), L + 1)
   return data.SplitIndex(
-    len(rows), B, _PackedExampleBatch(examples, rows, B, L, pad), n, len(rows), n_tok
+    len(rows), B, _ExampleBatch(examples, B, L, pad, rows), n, len(rows), n_tok
   )
 
 

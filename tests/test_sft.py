@@ -171,7 +171,7 @@ def test_a_packed_row_never_trains_a_target_across_examples():
   ex = sft._Examples(tokens, np.ones(9, bool), np.array([0, 3, 7, 9]), np.zeros((3, 2), np.int64))
   rows = sft.pack_rows(lengths, 10)
   assert len(rows) == 1
-  b = sft._PackedExampleBatch(ex, rows, 1, 9, pad=0)([0])
+  b = sft._ExampleBatch(ex, 1, 9, pad=0, rows=rows)([0])
   np.testing.assert_array_equal(b["inputs"][0], [10, 11, 12, 13, 14, 15, 16, 17, 18])
   np.testing.assert_array_equal(b["segments"][0], [1, 1, 1, 2, 2, 2, 2, 3, 3])
   np.testing.assert_array_equal(b["mask"][0], [1, 1, 0, 1, 1, 1, 0, 1, 0])

@@ -1604,7 +1604,7 @@ def test_packed_examples_train_as_they_do_one_per_row(jitted_steps):
   rows = sft.pack_rows(lengths, 33)
   assert len(rows) <= 6
   one_per_row = sft._ExampleBatch(ex, 8, 32, pad=0)(np.arange(8))
-  packed = sft._PackedExampleBatch(ex, rows, 8, 32, pad=0)(np.arange(len(rows)))
+  packed = sft._ExampleBatch(ex, 8, 32, pad=0, rows=rows)(np.arange(len(rows)))
   assert packed["mask"].sum() == one_per_row["mask"].sum() == trained.sum()
   add_axis = lambda b: jax.tree.map(lambda x: jnp.asarray(x)[None], b)
   out = {}
