@@ -78,21 +78,27 @@ def finished_steps(ckpt_dir: str) -> list[int]:
     return []
 
 
-def saved_record(out: str, key: str, kind: type = dict) -> tuple[int, Any] | None:
-  """``(step, record)``: the value under ``key`` (of type ``kind``) in the metadata of the
-  newest checkpoint in run directory ``out`` whose metadata reads and has it
-  (:func:`finished_steps`), or None. Read as JSON, without orbax: ``train --resume`` takes
-  the run's flags from it before a multi-process job has joined."""
+def saved_meta(out: str, key: str) -> tuple[int, dict[str, Any]] | None:
+  """``(step, metadata)`` of the newest checkpoint in run directory ``out`` whose metadata
+  reads and has a dict under ``key`` (:func:`finished_steps`), or None. Read as JSON, without
+  orbax: ``train --resume`` takes the run's flags from it before a multi-process job has
+  joined."""
   ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
   for step in finished_steps(ckpt_dir):
     try:
       with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
-        record = json.load(f).get(key)
-    except (OSError, ValueError, AttributeError):
+        meta = json.load(f)
+    except (OSError, ValueError):
       continue  # an unreadable one: the trainer's own read reports it
-    if isinstance(record, kind):
-      return step, record
+    if isinstance(meta, dict) and isinstance(meta.get(key), dict):
+      return step, meta
   return None
+
+
+def saved_record(out: str, key: str) -> tuple[int, dict[str, Any]] | None:
+  """``(step, record)``: the dict under ``key`` in :func:`saved_meta`'s metadata, or None."""
+  found = saved_meta(out, key)
+  return None if found is None else (found[0], found[1][key])
 
 
 def saved_train_config(out: str) -> tuple[int, dict[str, Any]] | None:

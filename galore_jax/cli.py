@@ -387,16 +387,11 @@ def _train_config(args):
     {"model"} if args.model is None else set()
   )
   values = {k: v for k, v in vars(args).items() if k in fields}
-  for name in ("eval_data", "columns", "chat_template"):  # a resume's way back to the default
+  for name in ("eval_data", "columns"):  # a resume's way back to the default
     if values.get(name) == "none":
       values[name] = None
-  if values.get("chat_template"):  # its text: the run keeps it, not a path that may go
-    from galore_jax.sft import read_chat_template
-
-    try:
-      values["chat_template"] = read_chat_template(values["chat_template"])
-    except (OSError, ValueError) as e:
-      raise ConfigError("--chat-template", str(e)) from e
+  if "chat_template" in values:
+    values["chat_template"] = _chat_template_flag(values["chat_template"])
   return TrainConfig(**values)
 
 
@@ -416,18 +411,18 @@ def _given_train_flags(argv: list[str]) -> set[str]:
   return set(vars(probe.parse_args(argv))) - {"command", "fn"}
 
 
-def _examples_one_per_row(out: str, step: int) -> bool:
-  """Whether checkpoint ``step`` of run ``out`` is of instruction data that a version before
-  examples were packed laid out one per row (its record of the data's form, but not of the
-  rows): its resume continues that way."""
-  from galore_jax import checkpoint
+def _examples_one_per_row(meta: dict) -> bool:
+  """Whether a checkpoint's metadata is of instruction data that a version before examples
+  were packed laid out one per row (its record of the data's form, but not of the rows):
+  its resume continues that way."""
   from galore_jax.sft import FORM_NAMES
 
-  form = checkpoint.saved_record(out, "data_format", str)
-  position = checkpoint.saved_record(out, "data_position")
-  if form is None or position is None or form[0] != step or position[0] != step:
-    return False
-  return form[1] in FORM_NAMES and "example_rows" not in position[1]
+  position = meta.get("data_position")
+  return (
+    meta.get("data_format") in FORM_NAMES
+    and isinstance(position, dict)
+    and "example_rows" not in position
+  )
 
 
 def _with_the_runs_flags(cfg, given: set[str] | None):
@@ -440,11 +435,12 @@ def _with_the_runs_flags(cfg, given: set[str] | None):
 
   if not cfg.resume or given is None or not cfg.out:  # (no --out: the trainer says so)
     return cfg, None
-  found = checkpoint.saved_train_config(cfg.out)
+  found = checkpoint.saved_meta(cfg.out, "train_config")
   if found is None:
     return cfg, None
-  step, saved = found
-  if _examples_one_per_row(cfg.out, step):  # (its train_config says packing, for text)
+  step, meta = found
+  saved = meta["train_config"]
+  if _examples_one_per_row(meta):  # (its train_config says packing, for text)
     saved = {**saved, "packing": False}
   skip = set(_PER_INVOCATION) | given
   if given & {"model", "init_from"}:  # the architecture named here, one way or the other
@@ -736,6 +732,22 @@ def _read_prompts(path: str) -> list[_Prompt]:
   if not records:
     raise ConfigError("--prompts", f"{path} holds no prompt")
   return records
+
+
+def _chat_template_flag(given: str | None, recorded: str | None = None) -> str | None:
+  """``--chat-template`` as the template's text (the run keeps the text, not a path that may
+  go): a file's or a preset's (``sft.read_chat_template``), else the run's (``recorded``);
+  ``none``: the tokenizer's own. A bad one is a ``--chat-template`` error here."""
+  from galore_jax.config import ConfigError
+
+  if given is None or given == "none":
+    return recorded if given is None else None
+  from galore_jax.sft import read_chat_template  # (the data pipeline: only when named)
+
+  try:
+    return read_chat_template(given)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--chat-template", str(e)) from e
 
 
 def _columns_flag(given: str | None, recorded: str | None) -> str | None:
@@ -1110,12 +1122,7 @@ def _cmd_preview(args) -> int:
     tokenizer = hub.local_dir(args.init_from, flag="--init-from", need="tokenizer", log=say)
   else:
     tokenizer = None  # the bundled one
-  template = run.get("chat_template") if args.chat_template is None else None
-  if args.chat_template not in (None, "none"):
-    try:
-      template = sft.read_chat_template(args.chat_template)
-    except (OSError, ValueError) as e:
-      raise ConfigError("--chat-template", str(e)) from e
+  template = _chat_template_flag(args.chat_template, run.get("chat_template"))
   try:
     tok = data.load_tokenizer(tokenizer, template)
   except (OSError, ValueError) as e:

@@ -421,6 +421,13 @@ def _init_generation_config(cfg: TrainConfig) -> dict | None:
 _ON_OFF = ("grad_clip", "weight_decay", "adafactor_beta1")
 
 
+def saved_data_format(saved: dict[str, Any], form: str) -> str:
+  """The data's form a checkpoint's metadata ``saved`` recorded, for a run that reads its
+  data as ``form`` now. Not recorded (saved before runs recorded it): ``form`` itself,
+  except that Alpaca records were then read as text."""
+  return saved.get("data_format", "text" if form == "alpaca" else form)
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   """A resume must rebuild the same state and continue the same data order."""
   a, b = saved.get("compat", {}), current["compat"]
@@ -453,9 +460,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
   pos_a, pos_b = dict(saved.get("data_position", {})), current["data_position"]
   if "source" in pos_a:  # older runs stored a relative --data as typed
     pos_a["source"] = absolute_source(pos_a["source"])
-  form = current.get("data_format", "text")
-  # As the resume's form note reads it: before runs recorded it, Alpaca records were text.
-  was_form = saved.get("data_format", "text" if form == "alpaca" else form)
+  was_form = saved_data_format(saved, current.get("data_format", "text"))
   if "example_rows" in pos_b and was_form == "text":  # rows of text before (noted)
     pos_b = {k: v for k, v in pos_b.items() if k != "example_rows"}
   elif "example_rows" in pos_b:
@@ -1228,8 +1233,7 @@ def _train_loop(
         "are not the ones its run would have read"
       )
     form = meta["data_format"]
-    # Not recorded: saved before runs recorded it, when Alpaca records were read as text.
-    was_form = saved.get("data_format", "text" if form == "alpaca" else form)
+    was_form = saved_data_format(saved, form)
     if was_form != form:
       from galore_jax.sft import FORM_NAMES
 
