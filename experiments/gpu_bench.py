@@ -255,8 +255,12 @@ def build_jobs(args) -> list[dict]:
     for opt in args.optimizers:
       job = dict(b, kind="jax", optimizer=opt, name=f"{model}/jax/{opt}", svd=args.svd)
       job["probe_svds"] = args.probe_svds
-      if args.profile_steps and (model == models[0] or smoke):
+      first_model = model == models[0] or smoke
+      if args.profile_steps and first_model:
         job["profile_steps"] = args.profile_steps
+      if args.profile_refresh and first_model and opt == "galore_adamw":
+        job["profile_refresh"] = True
+      if (args.profile_steps or args.profile_refresh) and first_model:
         if out_dir and opt == "galore_adamw":  # the device tool brings back 8 files at most
           job["profile_out"] = os.path.join(out_dir, f"trace_{model}_{opt}.json.gz")
       if opt == "galore_adamw8bit" and not smoke:
@@ -617,6 +621,12 @@ def parse_args(argv):
     default=0,
     help="trace this many plain steps of the first model's cases with jax.profiler and break "
     "the device time down by stage (experiments/profile_breakdown.py); 0: off",
+  )
+  p.add_argument(
+    "--profile-refresh",
+    action="store_true",
+    help="also trace one refresh step of the first model's GaLore case, after the timed "
+    "ones (its breakdown: refresh_profile; the trace: trace_MODEL_galore_adamw_refresh)",
   )
   p.add_argument("--refresh-cost", action="store_true")
   p.add_argument("--refresh-models", type=csv, default=["llama_1b"])

@@ -246,9 +246,12 @@ def _time_normal(
   return times, loop_s
 
 
-def _profile(case: _JaxCase, counts, steps: int, out_path: str | None) -> dict:
-  """A ``jax.profiler`` trace of ``steps`` plain steps, broken down by stage and kind
-  (``profile_breakdown.py``); the trace is copied to ``out_path`` when given."""
+def _profile(
+  case: _JaxCase, counts, steps: int, out_path: str | None, write_hlo: bool = True
+) -> dict:
+  """A ``jax.profiler`` trace of ``steps`` steps at ``counts``, broken down by stage and kind
+  (``profile_breakdown.py``); the trace is copied to ``out_path`` when given, with the
+  compiled HLO beside it unless ``write_hlo`` is False (a second trace of the same step)."""
   import glob
   import os
   import shutil
@@ -271,6 +274,7 @@ def _profile(case: _JaxCase, counts, steps: int, out_path: str | None) -> dict:
 
       shutil.copyfile(found[0], out_path)
       result["trace_file"] = os.path.basename(out_path)
+    if out_path and write_hlo:
       hlo_path = out_path.replace("trace_", "hlo_").replace(".json.gz", ".txt.gz")
       with gzip.open(hlo_path, "wt") as f:
         f.write(hlo)
@@ -418,6 +422,22 @@ def worker_jax(spec, res, save):
       res,
       save,
     )
+    if spec.get("profile_refresh") and res.get("refresh_times_s"):
+      # Where a refresh step's time goes (the decompositions, their triangular solves, the
+      # host round trips of the refresh's branches), after the timed ones have warmed it.
+      at = (len(res["refresh_times_s"]) + 1) * T
+      try:
+        out = spec.get("profile_out")
+        res["refresh_profile"] = _profile(
+          case,
+          iter([at]),
+          1,
+          out and out.replace(".json.gz", "_refresh.json.gz"),
+          write_hlo=not spec.get("profile_steps"),
+        )
+      except Exception as e:  # noqa: BLE001 - the timings above stand without it
+        res["refresh_profile"] = {"error": f"{type(e).__name__}: {e}"}
+      save()
   mem = _jax_memory()
   res.update(
     peak_bytes=mem and mem["peak_bytes_in_use"],

@@ -14,12 +14,14 @@
 #
 # Budget (GPU_CHECKS_BUDGET, default 570 s), in the order GPU_CHECKS names. The checks owed
 # to issues #11 and #16 do not fit one call (each llama_1b compile takes about a minute), so
-# they are two calls, each a fresh machine:
-#   1. GPU_CHECKS=bench1b GPU_CHECKS_BUDGET=390 bash experiments/gpu_checks.sh
+# they are two calls; the second right after the first finds the machine warm (30 s). The
+# 2026-11-30 run took 316 s and 481 s (README, "GPU benchmark", third run):
+#   1. GPU_CHECKS=bench1b GPU_CHECKS_BUDGET=395 bash experiments/gpu_checks.sh (timeout 425)
 #      llama_1b in one run: the peak matmul rate, GaLore (svd subspace: its refresh step is
-#      issue #11's target; exact and randomized predicted from per-shape probes), a
-#      jax.profiler breakdown of its steady step, the reference, AdamW, 8-bit GaLore.
-#   2. GPU_CHECKS="memory7b smaller" GPU_CHECKS_BUDGET=350 bash experiments/gpu_checks.sh
+#      issue #11's target, timed three times and then traced; exact and randomized predicted
+#      from per-shape probes), a jax.profiler breakdown of its steady step, the reference,
+#      AdamW, 8-bit GaLore.
+#   2. GPU_CHECKS="memory7b packed smaller" GPU_CHECKS_BUDGET=490 bash experiments/gpu_checks.sh
 #      llama_7b 8-bit GaLore under a 24 GB cap: compile time, steady and refresh-step peak,
 #      then a second start through the step and compilation caches (#16); then llama_350m
 #      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
@@ -125,6 +127,7 @@ bench1b() {
   echo "== bench1b: ${left} s (elapsed ${SECONDS} s)"
   timeout $(( left + 10 )) "$PY" experiments/gpu_bench.py --models llama_1b --svd subspace \
       --refresh-cost --refresh-variants subspace:synchronous --profile-steps 3 \
+      --refresh-reps 3 --profile-refresh \
       --job-timeout 200 --time-budget "$left" --json "$OUT/gpu_bench.json" \
       ${WHEEL:+--galore-torch "$WHEEL"} ${GPU_BENCH_ARGS:-}
   echo "== bench1b rc=$? after ${SECONDS} s"

@@ -42,6 +42,9 @@ _COPY = re.compile(r"copy|transpose|memcpy|memset", re.IGNORECASE)
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
 
 
+_DEDUP = re.compile(r'deduplicated_name="([^"]*)"')
+
+
 def op_names(hlo_text: str) -> dict[str, str]:
   """HLO instruction name -> its ``metadata.op_name`` (JAX's name stack)."""
   out = {}
@@ -49,6 +52,28 @@ def op_names(hlo_text: str) -> dict[str, str]:
     m = _INSTR.match(line)
     if m:
       out[m.group(1)] = m.group(2)
+  return out
+
+
+def kernel_op_names(hlo_text: str) -> dict[str, str]:
+  """Kernel name -> ``op_name``, for events whose ``hlo_op`` is not an instruction.
+
+  XLA's GPU runtime records the kernels it replays from a CUDA graph (a command buffer)
+  under the command buffer's name (``hlo_op: command_buffer_N``), which is not in the HLO
+  text. A fusion's kernel is named after the fusion with ``.`` written ``_``
+  (``gemm_fusion_dot.196`` runs as ``gemm_fusion_dot_196``), or after the instruction it was
+  deduplicated with, so those kernels can still be placed. Library kernels (cuBLAS
+  ``nvjet_*``, cuDNN) carry no such name and stay unattributed.
+  """
+  out: dict[str, str] = {}
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    out.setdefault(m.group(1).replace(".", "_"), m.group(2))
+    d = _DEDUP.search(line)
+    if d:
+      out.setdefault(d.group(1).replace(".", "_"), m.group(2))
   return out
 
 
@@ -91,6 +116,7 @@ def device_events(trace: dict | list) -> list[dict]:
 def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 25) -> dict:
   """Device seconds per step by stage, by kind, and the ``top`` kernels."""
   names = op_names(hlo_text)
+  by_kernel_name = kernel_op_names(hlo_text)
   by_stage: dict[str, float] = collections.Counter()
   by_kind: dict[str, float] = collections.Counter()
   by_both: dict[str, float] = collections.Counter()
@@ -102,7 +128,7 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 25) -> d
     args = e.get("args", {}) or {}
     instr = str(args.get("hlo_op") or args.get("long_name") or "")
     kernel = str(e.get("name", ""))
-    st = stage(names.get(instr))
+    st = stage(names.get(instr) or by_kernel_name.get(kernel))
     kd = kind(kernel, instr)
     by_stage[st] += dur
     by_kind[kd] += dur
@@ -150,7 +176,8 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=1)
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  with open(args.hlo) as f:
+  opener = gzip.open if args.hlo.endswith(".gz") else open
+  with opener(args.hlo, "rt") as f:
     b = breakdown(load_trace(args.trace), f.read(), args.steps)
   print(format_breakdown(b))
   if args.json:

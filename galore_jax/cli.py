@@ -68,8 +68,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     "--svd",
     default=d.svd,
     choices=SVD_METHODS,
-    help="how a refresh finds the projector: exact (the reference's SVD, the default), "
-    "randomized, or subspace (warm-started block power iteration: matmuls, no SVD)",
+    help="how a refresh finds the projector: subspace (the default: warm-started block power "
+    "iteration, matmuls and small factorisations, no SVD), exact (the reference's SVD) or "
+    "randomized",
   )
   g.add_argument(
     "--subspace-iters",

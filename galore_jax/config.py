@@ -68,7 +68,10 @@ class TrainConfig:
   rank: int = 64
   update_proj_gap: int = 50  # paper: 200 over 10K+ steps; 50 refreshes the main job 3 times
   galore_scale: float = 0.25
-  svd: str = "exact"
+  # The trainer refreshes by warm-started subspace iteration: on an H200 one llama_1b
+  # refresh costs 0.69 s against 55 s for the exact SVD (README, "GPU benchmark"), and its
+  # training curve matches exact's within 0.5 %. galore_adamw's own default stays exact.
+  svd: str = "subspace"
   subspace_iters: int = 2  # block power rounds per refresh with svd="subspace"
   refresh_schedule: str = "synchronous"
   # What Adam's moments do when a projector changes: keep (the reference), reproject (the

@@ -133,7 +133,9 @@ def test_the_trainers_galore_adafactor_and_its_per_layer_update():
   time through ``restrict_state`` (the per-layer step) gives the whole-tree update."""
   from galore_jax import config, model, optimizer, train
 
-  cfg = config.TrainConfig(optimizer="galore_adafactor", rank=4, weight_decay=0.1, steps=10)
+  cfg = config.TrainConfig(
+    optimizer="galore_adafactor", rank=4, weight_decay=0.1, steps=10, svd="exact"
+  )  # the reference's refresh, as the library factory's default
   _, shapes = train.abstract_model(model.get_config("llama_tiny", vocab_size=64, num_layers=2))
   rng = np.random.default_rng(2)
   draw = lambda: jax.tree.map(

@@ -23,8 +23,13 @@ def test_v1_checkpoint_restores_and_continues(tmp_path, monkeypatch):
     model_lib.LlamaConfig(**expected["model_config"]),
   )
   shutil.copytree(V1 / "run", tmp_path / "run")
+  # The v1 run refreshed with the exact SVD, then the trainer's default; a library resume
+  # names it (the CLI takes it from the checkpoint; a different one is refused).
   cfg = train.TrainConfig(
-    out=str(tmp_path / "run"), tokenizer=str(V1 / "tok.model"), resume=True, **expected["config"]
+    out=str(tmp_path / "run"),
+    tokenizer=str(V1 / "tok.model"),
+    resume=True,
+    **{"svd": "exact", **expected["config"]},
   )
 
   step, _ = checkpoint.read_meta(cfg.out)

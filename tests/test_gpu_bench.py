@@ -37,6 +37,9 @@ def smoke(bench, tmp_path_factory):
       "300",
       "--profile-steps",
       "1",
+      "--profile-refresh",
+      "--refresh-reps",
+      "2",
     ]
   )
   return returned, json.loads(path.read_text())
@@ -186,6 +189,12 @@ def test_smoke_profile(smoke):
   out = Path(data["meta"]["args"]["json"]).parent
   assert (out / prof["trace_file"]).stat().st_size > 0
   assert (out / prof["hlo_file"]).stat().st_size > 0
+  # --profile-refresh: one more refresh step traced after the timed ones, beside the
+  # steady step's trace (the HLO is the same step's, written once)
+  assert len(res["refresh_times_s"]) == 2, res["refresh_times_s"]
+  refresh = res["refresh_profile"]
+  assert "error" not in refresh and refresh["steps"] == 1, refresh
+  assert (out / refresh["trace_file"]).stat().st_size > 0 and "hlo_file" not in refresh
 
 
 def test_compile_probe_runs_and_its_weightwise_patch_refreshes_one_weight_at_a_time(

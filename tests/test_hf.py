@@ -646,7 +646,7 @@ def test_init_from_export_matches_transformers(trained_run, capsys):
   card = huggingface_hub.ModelCard.load(r["out"] / "README.md")
   assert card.data.base_model is None and "galore" in card.data.tags
   assert "Fine-tuned from `init` with GaLore" in card.text
-  assert "| GaLore | rank 8, projectors refreshed every 2 steps (`exact`)" in card.text
+  assert "| GaLore | rank 8, projectors refreshed every 2 steps (`subspace`)" in card.text
   last_eval = [m for m in metrics if "eval_loss" in m][-1]
   assert f"| validation loss | {last_eval['eval_loss']:.4f} at step 4 |" in card.text
   assert "prompt/completion records" in card.text

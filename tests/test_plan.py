@@ -324,10 +324,10 @@ def test_refresh_workspace_counts_the_matrices_refreshed_together():
   transient = lambda **kw: plan.svd_transient_bytes(
     plan.build(_cfg(**{"model": "llama_60m", "optimizer": "galore_adamw", "rank": r, **kw}))
   )
-  assert transient() == exact  # per-layer step: one matrix at a time
-  assert transient(svd="subspace") == 3 * iterative  # a stage's gate, up, down together
+  assert transient(svd="exact") == exact  # per-layer step: one matrix at a time
+  assert transient() == 3 * iterative  # the default subspace: a stage's gate, up, down together
   # Whole-gradient step: every leaf of one shape; the exact SVD keeps gate/up (16) apart
   # from down (8), the iterative methods batch all 24 (a shape with its transpose).
-  assert transient(per_layer_updates=False) == 16 * exact
+  assert transient(per_layer_updates=False, svd="exact") == 16 * exact
   assert transient(per_layer_updates=False, svd="subspace") == 24 * iterative
   assert transient(optimizer="adamw") == 0

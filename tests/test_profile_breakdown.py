@@ -76,3 +76,35 @@ def test_cli_reads_gzipped_trace(pb, tmp_path):
   out = tmp_path / "b.json"
   assert pb.main([str(trace), str(hlo), "--steps", "2", "--json", str(out)]) == 0
   assert json.loads(out.read_text())["by_stage_s"]["forward"] == pytest.approx(400e-6)
+
+
+def test_kernels_replayed_from_a_command_buffer_are_placed_by_their_fusion_name(pb, tmp_path):
+  """On a GPU, kernels run inside a CUDA graph carry the command buffer's name as their
+  ``hlo_op`` (not in the HLO text); a fusion's kernel is named after the fusion (``.`` as
+  ``_``) or after the fusion it was deduplicated with. Library kernels stay unattributed."""
+  hlo = """
+  %gemm_fusion_dot.196 = bf16[8,8] fusion(%a), metadata={op_name="jit(s)/transpose(jvp())/dot"}
+  %gemm_fusion_dot_general.4 = bf16[4,8] fusion(%g), metadata={op_name="jit(step)/cond/branch_1_fun/galore_project/dot_general" deduplicated_name="gemm_fusion_dot_general.2"}
+"""  # noqa: E501
+  ev = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  for name, dur in (
+    ("gemm_fusion_dot_196", 300),
+    ("gemm_fusion_dot_general_2", 40),  # the deduplicated kernel
+    ("nvjet_sm90_tst_128x128", 60),
+  ):
+    ev.append(
+      {"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": dur, "name": name,
+       "args": {"hlo_op": "command_buffer_1"}}
+    )  # fmt: skip
+  b = pb.breakdown({"traceEvents": ev}, hlo, steps=1)
+  assert b["by_stage_s"] == pytest.approx(
+    {"backward": 300e-6, "galore_project": 40e-6, "unattributed": 60e-6}
+  )
+  # the CLI reads the gzipped HLO text gpu_bench.py writes
+  trace, hlo_gz = tmp_path / "t.json", tmp_path / "h.txt.gz"
+  trace.write_text(json.dumps({"traceEvents": ev}))
+  with gzip.open(hlo_gz, "wt") as f:
+    f.write(hlo)
+  out = tmp_path / "b.json"
+  assert pb.main([str(trace), str(hlo_gz), "--json", str(out)]) == 0
+  assert json.loads(out.read_text())["by_stage_s"]["backward"] == pytest.approx(300e-6)
