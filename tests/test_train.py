@@ -1430,6 +1430,22 @@ def test_a_resume_names_the_switches_it_takes_from_the_run(tmp_path):
   assert resume("--eval-data", "none")[0].eval_data is None  # back to the held-out documents
 
 
+def test_a_run_of_the_exact_svd_resumes_with_it_after_the_default_changed(tmp_path):
+  # Runs saved before the trainer's default became --svd subspace refreshed with the exact
+  # SVD, as their train_config records: a resume without --svd keeps it and says so.
+  from galore_jax import cli
+
+  assert train.TrainConfig().svd == "subspace"
+  step = tmp_path / "run" / "checkpoints" / "5" / "meta"
+  step.mkdir(parents=True)
+  saved = dataclasses.asdict(train.TrainConfig(out=str(tmp_path / "run"), svd="exact"))
+  (step / "metadata").write_text(json.dumps({"train_config": saved}))
+  argv = ["train", "--resume", "--out", str(tmp_path / "run")]
+  args = cli.build_parser().parse_args(argv)
+  cfg, note = cli._with_the_runs_flags(cli._train_config(args), cli._given_train_flags(argv))
+  assert cfg.svd == "exact" and "--svd exact" in note
+
+
 def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
   import sentencepiece as spm
 
