@@ -37,7 +37,7 @@
 #   GPU_CHECKS=oom: out of memory mid-run (experiments/gpu_oom_check.py, about a minute):
 #      does the failed step leave its donated inputs, so that train saves the step before?
 #   GPU_CHECKS="adafactor7b clip7b": the llama_7b peak under the 24 GB cap with
-#      --optimizer galore_adafactor (planned 16.40 GB), then 8-bit GaLore with --grad-clip 1
+#      --optimizer galore_adafactor (planned 16.70 GB with --svd subspace), then 8-bit GaLore with --grad-clip 1
 #      --per-layer-clip (the clip's second backward pass); each a 7B compile (~3 minutes).
 # GPU_CHECKS=bench and GPU_CHECKS=memory are the older whole-bench and memory calls.
 # Each stage's figures are in $OUT as soon as its subprocess writes them.

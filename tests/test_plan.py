@@ -292,7 +292,10 @@ def test_lowrank_accumulation_is_planned_and_compiled():
   """--grad-accum with GaLore keeps the per-layer step. Its compiled peak grows by at most its
   float32 accumulators (low-rank for projected matrices), well under the whole gradient's
   float32 copy that the whole-gradient step accumulates into."""
-  f32 = dict(param_dtype="float32", dtype="float32", per_layer_updates=True)
+  # The exact SVD refreshes one matrix at a time. (With the default subspace method a
+  # stage's unit refreshes together, and on jax 0.12 XLA then scheduled the accumulating
+  # step below the plain one, 1.23 MB against 1.27 MB, so the bound has nothing to check.)
+  f32 = dict(param_dtype="float32", dtype="float32", per_layer_updates=True, svd="exact")
   one, acc = _compiled(**f32), _compiled(grad_accum=4, **f32)
   assert acc["per_layer_updates"] and acc["xla"]["step"] == "train.make_layerwise_step"
   accum = acc["accumulator_bytes"]

@@ -89,7 +89,10 @@ def test_data_axis_changes_only_the_activations():
 
 def test_compiled_per_device_peak():
   """The step compiled with the trainer's shardings over fsdp=4: XLA's per-device figure."""
-  kw = dict(optimizer="galore_adamw", rank=16, batch_size=4, seq_len=16)
+  # The exact SVD: the analytic plan counts a refresh's gradient gathered, which the exact
+  # SVD does; the subspace method works on the sharded gradient, so its compiled peak is
+  # lower than that count (13 % at this toy size on jax 0.12: conservative, README).
+  kw = dict(optimizer="galore_adamw", rank=16, batch_size=4, seq_len=16, svd="exact")
   # One device analytically (suite time; test_plan.py compares analytic plans with XLA).
   single = plan.plan(_cfg(**kw), vocab_size=128, overrides=TINY, suggest=False, compile=False)
   sharded = plan.plan(_cfg(mesh="fsdp=4", **kw), vocab_size=128, overrides=TINY, suggest=False)
