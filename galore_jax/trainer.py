@@ -328,6 +328,23 @@ def tokenizer_hash(sp) -> str:
   return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
 
 
+def optimizer_compat(cfg: TrainConfig) -> dict[str, Any]:
+  """The ``compat`` entries of the optimizer's settings: the configuration alone gives them,
+  so a resume that changes one is refused before the data is loaded."""
+  return {
+    "optimizer": cfg.optimizer,
+    "rank": cfg.rank if cfg.is_galore else None,
+    "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
+    "svd": cfg.svd if cfg.is_galore else None,
+    "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
+    "projector_dtype": cfg.projector_dtype if cfg.is_galore else None,
+    "grad_clip": cfg.grad_clip > 0,
+    "weight_decay": cfg.weight_decay > 0,
+    # With a first moment the state holds one more array per weight.
+    "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.is_adafactor else None,
+  }
+
+
 def run_meta(cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None) -> dict[str, Any]:
   """Checkpoint metadata; the ``compat`` part must match for a resume. ``hf_config``:
   ``--init-from``'s config.json as kept before (None: read from the directory)."""
@@ -340,16 +357,7 @@ def run_meta(cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None) -> d
       "model_config": {
         k: v for k, v in model_lib.config_record(run.model_cfg).items() if k not in _NOT_IN_STATE
       },
-      "optimizer": cfg.optimizer,
-      "rank": cfg.rank if cfg.is_galore else None,
-      "update_proj_gap": cfg.update_proj_gap if cfg.is_galore else None,
-      "svd": cfg.svd if cfg.is_galore else None,
-      "refresh_schedule": cfg.refresh_schedule if cfg.is_galore else None,
-      "projector_dtype": cfg.projector_dtype if cfg.is_galore else None,
-      "grad_clip": cfg.grad_clip > 0,
-      "weight_decay": cfg.weight_decay > 0,
-      # With a first moment the state holds one more array per weight.
-      "adafactor_beta1": cfg.adafactor_beta1 > 0 if cfg.is_adafactor else None,
+      **optimizer_compat(cfg),
     },
     # peak_lr: the rate --lr unset stood for, so that a resume under other defaults names it.
     # A Hugging Face cache path as ORG/NAME@COMMIT: another cache (or machine) finds it too.
@@ -430,6 +438,18 @@ def saved_data_format(saved: dict[str, Any], form: str) -> str:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   """A resume must rebuild the same state and continue the same data order."""
+  _check_compat_entries(saved, current, where)
+  _check_data_position(saved, current, where)
+
+
+def check_optimizer_compatible(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+  """:func:`check_compatible`'s optimizer part, from the configuration alone (before the
+  data is loaded, which for a large source takes minutes)."""
+  current = {"compat": optimizer_compat(cfg), "train_config": dataclasses.asdict(cfg)}
+  _check_compat_entries(saved, current, where)
+
+
+def _check_compat_entries(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   a, b = saved.get("compat", {}), current["compat"]
   for key in b:
     if key == "model_config" and a.get("model") == b["model"]:
@@ -457,6 +477,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
         _COMPAT_FLAGS[key],
         f"checkpoint {where} was saved with {key}={a.get(key)!r}, this run has {b[key]!r}",
       )
+
+
+def _check_data_position(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   pos_a, pos_b = dict(saved.get("data_position", {})), current["data_position"]
   if "source" in pos_a:  # older runs stored a relative --data as typed
     pos_a["source"] = absolute_source(pos_a["source"])
@@ -1183,6 +1206,10 @@ def _train_loop(
         signals.received, None, "before the first step; nothing was written"
       )
 
+  if cfg.resume and existing is not None:
+    # A changed optimizer setting is refused now, not after minutes of loading data.
+    start, saved = checkpoint.read_meta(ckpt_dir, existing)
+    check_optimizer_compatible(saved, cfg, f"{ckpt_dir}/{start}")
   if hooks.data is None:
     startup_check()  # a signal that came before: not minutes of tokenizing first
     try:

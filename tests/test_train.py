@@ -1195,6 +1195,24 @@ def finished_run(tmp_path_factory):
   return out
 
 
+def test_a_changed_optimizer_setting_is_refused_before_the_data_loads(finished_run, monkeypatch):
+  # The optimizer's settings come from the configuration alone, so a resume that changes
+  # one is refused at once, not after the data load (minutes for a large source).
+  def no_load(*args, **kwargs):
+    raise AssertionError("the data was loaded before the refusal")
+
+  monkeypatch.setattr(trainer, "load_data", no_load)
+  run = train.TrainConfig(out=str(finished_run), steps=6, resume=True, **SMALL)
+  other = "exact" if run.svd != "exact" else "subspace"
+  with pytest.raises(config.ConfigError, match="^--svd: checkpoint .* was saved with svd="):
+    train.train(dataclasses.replace(run, svd=other), log=_quiet)
+  with pytest.raises(config.ConfigError, match="^--rank: "):
+    train.train(dataclasses.replace(run, rank=run.rank * 2), log=_quiet)
+  # The same run resumed as it was gets past the check, to the data load.
+  with pytest.raises(AssertionError, match="the data was loaded"):
+    train.train(run, log=_quiet)
+
+
 def test_existing_run_without_resume_is_refused(finished_run, capsys):
   assert _cli("train", "--out", str(finished_run), "--steps", "2") == 2
   assert "--resume" in capsys.readouterr().err
