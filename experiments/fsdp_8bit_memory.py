@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
       model=args.model,
       optimizer=optimizer,
       rank=args.rank,
+      svd="exact",  # as the README's figures were taken (the trainer's default is subspace)
       mesh=args.mesh,
       batch_size=args.batch_size,
       seq_len=args.seq_len,

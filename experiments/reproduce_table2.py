@@ -345,6 +345,7 @@ class RunSpec:
       rank=self.rank or 1,
       update_proj_gap=s.update_proj_gap,
       galore_scale=0.25,
+      svd="exact",  # the paper's refresh (the trainer's default is subspace)
       lr=self.lr,
       steps=self.steps,
       batch_size=s.batch_size,

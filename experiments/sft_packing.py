@@ -130,6 +130,7 @@ def main(argv=None) -> int:
       batch_size=args.batch_size,
       optimizer="galore_adamw",
       rank=64,
+      svd="exact",  # as the README's figures were taken (the trainer's default is subspace)
       steps=1000,
       out=str(out / "unused"),
     )
