@@ -442,11 +442,25 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
   _check_data_position(saved, current, where)
 
 
-def check_optimizer_compatible(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
-  """:func:`check_compatible`'s optimizer part, from the configuration alone (before the
-  data is loaded, which for a large source takes minutes)."""
+# The data order's parts that the configuration alone gives, whatever the data's form.
+_CONFIG_DATA_POSITION = ("seed", "batch_size", "grad_accum", "seq_len")
+
+
+def check_config_compatible(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+  """The parts of :func:`check_compatible` that the configuration alone gives: the optimizer's
+  settings and the batch shape and seed of the data order. Run before the data is loaded
+  (minutes for a large source); the rest waits for the tokenizer, model and data."""
   current = {"compat": optimizer_compat(cfg), "train_config": dataclasses.asdict(cfg)}
   _check_compat_entries(saved, current, where)
+  pos_a = saved.get("data_position", {})
+  position = {k: getattr(cfg, k) for k in _CONFIG_DATA_POSITION}
+  changed = [k for k in _CONFIG_DATA_POSITION if pos_a.get(k) != position[k]]
+  if changed:  # the message check_compatible gives for them, before the data load
+    raise ConfigError(
+      "--" + changed[0].replace("_", "-"),
+      f"checkpoint {where} was trained on data {pos_a}; resuming with "
+      f"a different {', '.join(changed)} would not continue its data order",
+    )
 
 
 def _check_compat_entries(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -1207,9 +1221,10 @@ def _train_loop(
       )
 
   if cfg.resume and existing is not None:
-    # A changed optimizer setting is refused now, not after minutes of loading data.
+    # A changed optimizer setting or batch shape is refused now, not after minutes of
+    # loading data.
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
-    check_optimizer_compatible(saved, cfg, f"{ckpt_dir}/{start}")
+    check_config_compatible(saved, cfg, f"{ckpt_dir}/{start}")
   if hooks.data is None:
     startup_check()  # a signal that came before: not minutes of tokenizing first
     try:

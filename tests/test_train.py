@@ -1195,9 +1195,12 @@ def finished_run(tmp_path_factory):
   return out
 
 
-def test_a_changed_optimizer_setting_is_refused_before_the_data_loads(finished_run, monkeypatch):
-  # The optimizer's settings come from the configuration alone, so a resume that changes
-  # one is refused at once, not after the data load (minutes for a large source).
+def test_a_changed_optimizer_setting_or_batch_shape_is_refused_before_the_data_loads(
+  finished_run, monkeypatch
+):
+  # The optimizer's settings and the batch shape come from the configuration alone, so a
+  # resume that changes one is refused at once, not after the data load (minutes for a
+  # large source).
   def no_load(*args, **kwargs):
     raise AssertionError("the data was loaded before the refusal")
 
@@ -1208,6 +1211,10 @@ def test_a_changed_optimizer_setting_is_refused_before_the_data_loads(finished_r
     train.train(dataclasses.replace(run, svd=other), log=_quiet)
   with pytest.raises(config.ConfigError, match="^--rank: "):
     train.train(dataclasses.replace(run, rank=run.rank * 2), log=_quiet)
+  with pytest.raises(config.ConfigError, match="^--batch-size: .*a different batch_size would"):
+    train.train(dataclasses.replace(run, batch_size=run.batch_size * 2), log=_quiet)
+  with pytest.raises(config.ConfigError, match="^--seed: "):
+    train.train(dataclasses.replace(run, seed=run.seed + 1), log=_quiet)
   # The same run resumed as it was gets past the check, to the data load.
   with pytest.raises(AssertionError, match="the data was loaded"):
     train.train(run, log=_quiet)
