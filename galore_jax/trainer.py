@@ -455,12 +455,21 @@ def check_config_compatible(saved: dict[str, Any], cfg: TrainConfig, where: str)
   pos_a = saved.get("data_position", {})
   position = {k: getattr(cfg, k) for k in _CONFIG_DATA_POSITION}
   changed = [k for k in _CONFIG_DATA_POSITION if pos_a.get(k) != position[k]]
-  if changed:  # the message check_compatible gives for them, before the data load
-    raise ConfigError(
-      "--" + changed[0].replace("_", "-"),
-      f"checkpoint {where} was trained on data {pos_a}; resuming with "
-      f"a different {', '.join(changed)} would not continue its data order",
-    )
+  if changed:
+    _refuse_data_order(pos_a, changed, where)
+
+
+def _refuse_data_order(pos_a: dict[str, Any], changed: list[str], where: str) -> None:
+  """The error for a resume whose data order (``changed`` entries of the checkpoint's
+  ``data_position`` ``pos_a``) differs, naming the first one's flag."""
+  flag = {"source": "--data", "example_rows": "--packing"}.get(
+    changed[0], "--" + changed[0].replace("_", "-")
+  )
+  raise ConfigError(
+    flag,
+    f"checkpoint {where} was trained on data {pos_a}; resuming with "
+    f"a different {', '.join(changed)} would not continue its data order",
+  )
 
 
 def _check_compat_entries(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -515,14 +524,7 @@ def _check_data_position(saved: dict[str, Any], current: dict[str, Any], where: 
       f"has them {pos_b['example_rows']}, which would not continue its data order",
     )
   if changed:
-    flag = {"source": "--data", "example_rows": "--packing"}.get(
-      changed[0], "--" + changed[0].replace("_", "-")
-    )
-    raise ConfigError(
-      flag,
-      f"checkpoint {where} was trained on data {pos_a}; resuming with "
-      f"a different {', '.join(changed)} would not continue its data order",
-    )
+    _refuse_data_order(pos_a, changed, where)
 
 
 # ---------------------------------------------------------------------------
@@ -1220,7 +1222,7 @@ def _train_loop(
         signals.received, None, "before the first step; nothing was written"
       )
 
-  if cfg.resume and existing is not None:
+  if cfg.resume:  # (_check_out found its checkpoint)
     # A changed optimizer setting or batch shape is refused now, not after minutes of
     # loading data.
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
@@ -1253,8 +1255,7 @@ def _train_loop(
   if meta["data_format"] != "text":  # part of the data order since examples are packed
     meta["data_position"]["example_rows"] = "packed" if cfg.packing else "one per row"
 
-  if cfg.resume:
-    start, saved = checkpoint.read_meta(ckpt_dir, existing)
+  if cfg.resume:  # start, saved: read before the data load
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
     if changes := resume_changes(saved.get("train_config", {}), cfg, start):
       log(f"galore-jax: note: {changes}")
