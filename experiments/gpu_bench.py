@@ -230,6 +230,7 @@ def build_jobs(args) -> list[dict]:
     steps=args.steps,
     loop_steps=args.loop_steps,
     refresh_reps=args.refresh_reps,
+    refresh_programs=args.refresh_programs,
   )
   out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
   overrides = SMOKE_OVERRIDES if smoke else None
@@ -606,6 +607,13 @@ def parse_args(argv):
     choices=("exact", "randomized", "subspace"),
     help="refresh method of the GaLore cases (their refresh step; the refresh-cost table "
     "takes that case as the svd:synchronous variant)",
+  )
+  p.add_argument(
+    "--refresh-programs",
+    default="auto",
+    choices=("auto", "one", "two"),
+    help="the trainer's --refresh-programs for the GaLore cases (auto: two programs on a "
+    "GPU, with and without the refresh, one elsewhere; the steady steps run the second)",
   )
   p.add_argument(
     "--probe-svds",

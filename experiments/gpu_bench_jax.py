@@ -110,6 +110,9 @@ def _train_config(spec, train, **kw):
     seed=0,
   )
   fields.update(kw)
+  synchronous = fields.get("refresh_schedule", "synchronous") == "synchronous"
+  if spec.get("refresh_programs") and fields["optimizer"].startswith("galore_") and synchronous:
+    fields["refresh_programs"] = spec["refresh_programs"]  # (what the GaLore cases can take)
   cfg = train.TrainConfig(**fields)
   train.validate(cfg)
   return cfg
@@ -162,29 +165,63 @@ class _JaxCase:
       "mask": np.ones((cfg.batch_size, cfg.seq_len), np.float32),
     }
     self.batch = train.device_batch(self.run, host, 1)
-    step = train.compile_train_step(self.run)
-    t = time.perf_counter()
-    lowered = step.lower(self.params, self.opt_state, self.batch)
-    lower_s = time.perf_counter() - t
-    if count_ops:
-      progress(lowered_ops=lowered_op_counts(lowered.as_text()))
-    t = time.perf_counter()
-    self.step = lowered.compile()
-    self.compile_s = lower_s + time.perf_counter() - t  # lowering + compiling, not counting
-    progress(lower_s=lower_s, compile_s=self.compile_s)
+    # The trainer's programs: on a GPU with GaLore's synchronous schedule, one for refresh
+    # steps and one without refresh code (train.refresh_programs). The plain one is compiled
+    # here, so that the steady figures come first; the refresh one when a step first needs
+    # it (its lowering and compile times are then added to the report's "programs").
+    self.split = cfg.is_galore and train.refresh_programs(cfg) == 2
+    self._train, self._progress, self._count_ops = train, progress, count_ops
+    self.programs: dict = {}
+    self.program_times: dict = {}
+    self.lowered_ops: dict = {}
+    self.step = self._compile("not_due" if self.split else "scheduled")  # steady steps
+    self.compile_s = sum(self.program_times[next(iter(self.programs))].values())
+    self.last_program = self.step
     self.skipped = 0
     self.losses: list[float] = []
 
   def set_count(self, value: int) -> None:
     self.opt_state = self.galore.with_galore_count(self.opt_state, value)
 
+  def _compile(self, name: str):
+    """Lowers and compiles the trainer's program ``name`` ("scheduled", "due", "not_due")
+    for this case's arguments; reports its times (and, with ``count_ops``, its size)."""
+    step = self._train.compile_train_step(self.run, name)
+    t = time.perf_counter()
+    lowered = step.lower(self.params, self.opt_state, self.batch)
+    lower_s = time.perf_counter() - t
+    if self._count_ops:
+      self.lowered_ops[name] = lowered_op_counts(lowered.as_text())
+      self._progress(lowered_ops=self.lowered_ops if self.split else self.lowered_ops[name])
+    t = time.perf_counter()
+    self.programs[name] = lowered.compile()
+    self.program_times[name] = {"lower_s": lower_s, "compile_s": time.perf_counter() - t}
+    first = self.program_times[next(iter(self.program_times))]
+    self._progress(
+      lower_s=first["lower_s"],
+      compile_s=first["lower_s"] + first["compile_s"],  # lowering + compiling, no first call
+      **({"programs": self.program_times} if self.split else {}),
+    )
+    return self.programs[name]
+
+  def program(self, count: int | None):
+    """The program the trainer would run at GaLore ``count`` (None: the state's own)."""
+    if not self.split:
+      return self.programs["scheduled"]
+    if count is None:
+      count = int(self.jax.device_get(self.galore.galore_count(self.opt_state)))
+    name = "due" if self.galore.refresh_due(count, self.cfg.update_proj_gap) else "not_due"
+    self.last_program = self.programs.get(name) or self._compile(name)
+    return self.last_program
+
   def timed_step(self, count: int | None = None) -> float:
     """One step (at GaLore ``count`` if given), synchronised; returns seconds."""
     if count is not None and self.cfg.is_galore:
       self.set_count(count)
       self.jax.block_until_ready(self.opt_state)
+    step = self.program(count)
     t = time.perf_counter()
-    self.params, self.opt_state, m = self.step(self.params, self.opt_state, self.batch)
+    self.params, self.opt_state, m = step(self.params, self.opt_state, self.batch)
     self.jax.block_until_ready((self.params, self.opt_state, m))
     dt = time.perf_counter() - t
     self._record(m)
@@ -195,10 +232,13 @@ class _JaxCase:
     if start_count is not None and self.cfg.is_galore:
       self.set_count(start_count)
       self.jax.block_until_ready(self.opt_state)
+    # The callers start past the last refresh count, so one program serves every step (no
+    # per-step read of the count, which would synchronise the loop).
+    step = self.program(start_count)
     ms = []
     t = time.perf_counter()
     for _ in range(n):
-      self.params, self.opt_state, m = self.step(self.params, self.opt_state, self.batch)
+      self.params, self.opt_state, m = step(self.params, self.opt_state, self.batch)
       ms.append(m)
     self.jax.block_until_ready((self.params, self.opt_state, ms))
     dt = (time.perf_counter() - t) / max(n, 1)
@@ -267,7 +307,7 @@ def _profile(
     found = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
     if not found:
       return {"error": f"no perfetto trace in {d}"}
-    hlo = case.step.as_text()  # megabytes at llama_1b: rendered once
+    hlo = case.last_program.as_text()  # megabytes at llama_1b: rendered once
     result = profile_breakdown.breakdown(profile_breakdown.load_trace(found[0]), hlo, steps)
     if out_path:
       import gzip
@@ -433,7 +473,8 @@ def worker_jax(spec, res, save):
           iter([at]),
           1,
           out and out.replace(".json.gz", "_refresh.json.gz"),
-          write_hlo=not spec.get("profile_steps"),
+          # (the steady trace's HLO is this one's, unless the refresh is its own program)
+          write_hlo=not spec.get("profile_steps") or case.split,
         )
       except Exception as e:  # noqa: BLE001 - the timings above stand without it
         res["refresh_profile"] = {"error": f"{type(e).__name__}: {e}"}

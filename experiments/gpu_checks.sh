@@ -15,16 +15,20 @@
 # Budget (GPU_CHECKS_BUDGET, default 570 s), in the order GPU_CHECKS names. The checks owed
 # to issues #11 and #16 do not fit one call (each llama_1b compile takes about a minute), so
 # they are two calls; the second right after the first finds the machine warm (30 s). The
-# 2026-11-30 run took 316 s and 481 s (README, "GPU benchmark", third run):
-#   1. GPU_CHECKS=bench1b GPU_CHECKS_BUDGET=395 bash experiments/gpu_checks.sh (timeout 425)
+# 2026-11-30 run took 316 s and 481 s (README, "GPU benchmark", third run); since then the
+# GaLore step is two programs on a GPU (--refresh-programs auto), each compiled, so:
+#   1. GPU_CHECKS=bench1b GPU_CHECKS_BUDGET=420 bash experiments/gpu_checks.sh (timeout 450)
 #      llama_1b in one run: the peak matmul rate, GaLore (svd subspace: its refresh step is
 #      issue #11's target, timed three times and then traced; exact and randomized predicted
-#      from per-shape probes), a jax.profiler breakdown of its steady step, the reference,
-#      AdamW, 8-bit GaLore.
-#   2. GPU_CHECKS="memory7b packed smaller" GPU_CHECKS_BUDGET=490 bash experiments/gpu_checks.sh
-#      llama_7b 8-bit GaLore under a 24 GB cap: compile time, steady and refresh-step peak,
-#      then a second start through the step and compilation caches (#16); then llama_350m
-#      and llama_60m GaLore vs the reference and llama_1b's staggered subspace refresh.
+#      from per-shape probes), a jax.profiler breakdown of its steady step (the program
+#      without refresh code), the reference, AdamW, 8-bit GaLore.
+#   2. GPU_CHECKS=memory7b GPU_CHECKS_BUDGET=380 bash experiments/gpu_checks.sh (timeout 400)
+#      llama_7b 8-bit GaLore under a 24 GB cap: the plain program's compile time and steady
+#      peak, then the refresh program's compile time, its refresh-step peak and the first
+#      refresh (count 0), then a second start through the step and compilation caches (#16),
+#      which loads only the plain program.
+#   Later: GPU_CHECKS="packed smaller sample1b oom": llama_350m and llama_60m GaLore vs the
+#      reference and llama_1b's staggered subspace refresh, and the checks below.
 #   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
 #      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
 #      in time: the subspace step with XLA's compile statistics, then without Triton GEMM
@@ -138,7 +142,7 @@ bench1b() {
 # <= 15 s).
 memory7b() {
   local left; left=$(left_s 10)
-  (( left > ${MEMORY7B_S:-280} )) && left=${MEMORY7B_S:-280}
+  (( left > ${MEMORY7B_S:-370} )) && left=${MEMORY7B_S:-370}
   echo "== memory7b: ${left} s (elapsed ${SECONDS} s)"
   rm -rf runs/jax-cache-7b
   timeout $(( left + 5 )) "$PY" experiments/gpu_memory_check.py --cases llama_7b \
@@ -152,7 +156,7 @@ memory7b() {
 variant7b() {
   local name=$1; shift
   local left; left=$(left_s 10)
-  (( left > ${MEMORY7B_S:-280} )) && left=${MEMORY7B_S:-280}
+  (( left > ${MEMORY7B_S:-370} )) && left=${MEMORY7B_S:-370}
   echo "== ${name}: ${left} s (elapsed ${SECONDS} s)"
   timeout $(( left + 5 )) "$PY" experiments/gpu_memory_check.py --cases llama_7b "$@" \
       --timeout $(( left - 5 )) --budget "$left" --json "$OUT/memory_${name}.json" \

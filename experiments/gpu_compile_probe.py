@@ -79,9 +79,11 @@ def child(args) -> dict:
   )
   cfg = _train_config(spec, train, optimizer=args.optimizer, svd=args.svd)
 
-  def progress(lower_s=None, compile_s=None, lowered_ops=None, **_):
+  def progress(lower_s=None, compile_s=None, lowered_ops=None, programs=None, **_):
     if lowered_ops is not None:
       out["lowered_ops"] = lowered_ops
+    if programs is not None:  # two programs (a GPU's default): each one's times
+      out["programs"] = {k: {n: round(v, 1) for n, v in t.items()} for k, t in programs.items()}
     if lower_s is not None:  # the case's compile_s counts from the start of lowering
       out.update(lower_s=round(lower_s, 1), compile_s=round(compile_s - lower_s, 1))
       print("PROGRESS " + json.dumps(out), flush=True)
@@ -90,7 +92,8 @@ def child(args) -> dict:
   from galore_jax import xla_memory
 
   # XLA's plan for the compiled step (refresh included): what refreshing together costs.
-  memory = xla_memory.compiled_memory(case.step)
+  # (On a GPU the trainer's step is two programs: the refresh one, compiled here.)
+  memory = xla_memory.compiled_memory(case.program(0))
   out.update(temp_bytes=memory["temp_bytes"], planned_peak_bytes=memory["peak_bytes"])
   print("PROGRESS " + json.dumps(out), flush=True)
   if args.compile_only:

@@ -66,6 +66,7 @@ def run_case(
   first_step_only: bool = False,
   optimizer: str = "galore_adamw8bit",
   per_layer_clip: bool = False,
+  refresh_programs: str = "auto",
 ):
   """In the capped child process: plan, then train ``steps`` steps; returns a dict.
 
@@ -73,6 +74,7 @@ def run_case(
   the CLI's default); ``first_step_only`` stops after the first step (a second start's
   measurement: seconds from the parent's spawn to the first step's result).
   ``per_layer_clip``: ``--grad-clip 1 --per-layer-clip`` (the clip's second backward pass).
+  ``refresh_programs``: the trainer's ``--refresh-programs``.
   """
   import jax
 
@@ -98,6 +100,7 @@ def run_case(
     steps=max(steps, 10),
     update_proj_gap=200,
     svd=svd,
+    refresh_programs=refresh_programs,
     progress=False,
     grad_clip=1.0 if per_layer_clip else 0.0,
     per_layer_clip=per_layer_clip,
@@ -125,22 +128,55 @@ def run_case(
     }
 
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch())
-  t0 = time.perf_counter()
   args = (run.abstract_params, run.abstract_opt, spec)
-  # With the compilation cache, as the CLI: through the traced-step cache, so a second
-  # start neither traces nor compiles the step (its lower_seconds: deserializing it).
-  step_fn = (
-    train.cached_train_step(run, args=args) if compile_cache else train.compile_train_step(run)
-  )
-  lowered = step_fn.lower(*args)
-  t1 = time.perf_counter()
-  step = lowered.compile()
+  # The trainer's programs: on a GPU with GaLore's synchronous schedule one for refresh
+  # steps and one without refresh code (train.refresh_programs), each compiled when first
+  # needed, as the trainer does. With the compilation cache, as the CLI: through the
+  # traced-step cache, so a second start neither traces nor compiles (its lower_seconds:
+  # deserializing).
+  split = cfg.is_galore and train.refresh_programs(cfg) == 2
+  programs = train.cached_train_step(run) if compile_cache and split else None  # builds none
+  compiled: dict = {}
+
+  def program(name: str):
+    """The compiled program ``name`` ("scheduled", "due", "not_due"), built on first use."""
+    if name not in compiled:
+      t0 = time.perf_counter()
+      if programs is not None:
+        step_fn = programs.program(name, args)
+      elif compile_cache:
+        step_fn = train.cached_train_step(run, args=args)
+      else:
+        step_fn = train.compile_train_step(run, name)
+      lowered = step_fn.lower(*args)
+      t1 = time.perf_counter()
+      compiled[name] = lowered.compile()
+      out.setdefault("programs", {})[name] = {
+        "lower_seconds": round(t1 - t0, 1),
+        "compile_seconds": round(time.perf_counter() - t1, 1),
+      }
+    return compiled[name]
+
+  def for_count(count: int):
+    if not split:
+      return program("scheduled")
+    return program("due" if galore.refresh_due(count, cfg.update_proj_gap) else "not_due")
+
+  # The first program: a resume's first step (count 1, below) does not refresh; with two
+  # programs a fresh start also begins with the plain one here, so that the steady figures
+  # (and the plain program's compile time) are safe before the refresh program compiles;
+  # its first refresh (count 0) is timed last. With one program, a fresh start steps from
+  # count 0 as the trainer does. Each plan is the compiler's prediction for that program.
+  first = 1 if first_step_only or split else 0
+  step = for_count(first)
+  name = next(iter(compiled))
   memory = plan.compiled_memory(step)
   out.update(
-    lower_seconds=round(t1 - t0, 1),
-    compile_seconds=round(time.perf_counter() - t1, 1),
+    lower_seconds=out["programs"][name]["lower_seconds"],
+    compile_seconds=out["programs"][name]["compile_seconds"],
     planned_peak_bytes=memory["peak_bytes"],
     planned_temp_bytes=memory["temp_bytes"],
+    planned_program=name,
     planned_source=f"memory_analysis ({jax.default_backend()})",
     weights_bytes=galore.state_bytes(run.abstract_params),
     optimizer_bytes=galore.state_bytes(run.abstract_opt),
@@ -155,14 +191,15 @@ def run_case(
   )
   times = []
   spawned = float(os.environ.get("GPU_MEMORY_CHECK_SPAWN", "nan"))
-  if first_step_only:
+  if first:
     # A second start stands for a resume, whose first step is a plain one (or a warm
     # refresh at a multiple of T), not count 0's first refresh from a random start (its
     # Rayleigh-Ritz eigh: 12 s of the 7B first step on an H200).
     opt_state = galore.with_galore_count(opt_state, 1)
     jax.block_until_ready(opt_state)
-  for _ in range(1 if first_step_only else steps):
+  for i in range(1 if first_step_only else steps):
     batch_arrays = random_batch()
+    step = for_count(first + i)  # (the steps are not skipped: counts advance by one)
     out.setdefault("first_step_start_since_spawn_s", round(time.time() - spawned, 1))
     t = time.perf_counter()
     params, opt_state, m = step(params, opt_state, batch_arrays)
@@ -182,8 +219,13 @@ def run_case(
   print("PROGRESS " + json.dumps(out), flush=True)
   if first_step_only:
     return out
+  if split:  # the refresh program: its compile time and plan, before it runs
+    memory = plan.compiled_memory(for_count(0))
+    out.update(planned_peak_bytes_refresh=memory["peak_bytes"])
+    print("PROGRESS " + json.dumps(out), flush=True)
   # A later period's refresh (count = T), after the steady figures are safe.
   opt_state = galore.with_galore_count(opt_state, cfg.update_proj_gap)
+  step = for_count(cfg.update_proj_gap)
   t = time.perf_counter()
   params, opt_state, m = step(params, opt_state, random_batch())
   jax.block_until_ready((params, opt_state, m))
@@ -193,6 +235,13 @@ def run_case(
     refresh_loss=float(m["loss"]),
     peak_bytes_after_refresh=stats.get("peak_bytes_in_use"),
   )
+  if split:  # a fresh run's first step: the first refresh (count 0), from a random start
+    print("PROGRESS " + json.dumps(out), flush=True)
+    opt_state = galore.with_galore_count(opt_state, 0)
+    t = time.perf_counter()
+    params, opt_state, m = for_count(0)(params, opt_state, random_batch())
+    jax.block_until_ready((params, opt_state, m))
+    out.update(first_refresh_seconds=round(time.perf_counter() - t, 3))
   return out
 
 
@@ -211,6 +260,7 @@ def child(args) -> int:
       args.first_step_only,
       args.optimizer,
       args.per_layer_clip,
+      args.refresh_programs,
     )
   except Exception as e:  # noqa: BLE001 - reported, including out-of-memory
     text = f"{type(e).__name__}: {e}"
@@ -268,6 +318,7 @@ def parent(args) -> int:
       "--vocab-size", str(args.vocab_size if not args.cpu_smoke else 512),
       "--svd", args.svd,
       "--optimizer", args.optimizer,
+      "--refresh-programs", args.refresh_programs,
     ]  # fmt: skip
     if args.per_layer_clip:
       cmd.append("--per-layer-clip")
@@ -339,6 +390,17 @@ def format_row(r: dict) -> str:
       if "refresh_step_seconds" in r
       else ""
     )
+    + (
+      f"; the refresh program (lower {r['programs']['due']['lower_seconds']} s + compile "
+      f"{r['programs']['due']['compile_seconds']} s) planned {gb(r['planned_peak_bytes_refresh'])}"
+      if "planned_peak_bytes_refresh" in r
+      else ""
+    )
+    + (
+      f"; first refresh (count 0) {r['first_refresh_seconds']} s"
+      if "first_refresh_seconds" in r
+      else ""
+    )
   )
 
 
@@ -357,6 +419,12 @@ def main(argv=None) -> int:
     "--optimizer",
     default="galore_adamw8bit",
     help="the trainer's --optimizer (default: 8-bit GaLore, the paper's 24 GB setup)",
+  )
+  ap.add_argument(
+    "--refresh-programs",
+    default="auto",
+    choices=("auto", "one", "two"),
+    help="the trainer's --refresh-programs (auto: two programs on a GPU, one elsewhere)",
   )
   ap.add_argument(
     "--per-layer-clip",

@@ -299,6 +299,7 @@ def galore_adafactor(
   projector_dtype: Any = None,
   seed: int = 0,
   refresh_batch_elements: int | None = None,
+  refresh: str = "scheduled",
 ) -> optax.GradientTransformation:
   """The reference ``GaLoreAdafactor`` (galore-torch 1.0) as one optax transformation.
 
@@ -345,6 +346,7 @@ def galore_adafactor(
       projector_dtype=projector_dtype,
       seed=seed,
       refresh_batch_elements=refresh_batch_elements,
+      refresh=refresh,
       inner_params="full",  # the step size reads RMS of the whole weight, as the reference
     ),
     descent,

@@ -33,6 +33,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     LR_SCHEDULES,
     MOMENT_POLICIES,
     OPTIMIZERS,
+    REFRESH_PROGRAMS,
     REFRESH_SCHEDULES,
     REMAT_MODES,
     SVD_METHODS,
@@ -83,6 +84,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     default=d.refresh_schedule,
     choices=REFRESH_SCHEDULES,
     help="synchronous (default: every matrix at steps 0, T, 2T, ...) or staggered over the T steps",
+  )
+  g.add_argument(
+    "--refresh-programs",
+    default=d.refresh_programs,
+    choices=REFRESH_PROGRAMS,
+    help="the train step as one program that decides on the device whether GaLore "
+    "refreshes, or two (with and without a refresh) picked per step on the host; auto "
+    "(default): two on GPUs, where the one program waits on the host for each refresh "
+    "branch's predicate on every step, one elsewhere",
   )
   g.add_argument(
     "--moment-policy",
@@ -399,6 +409,7 @@ def _train_config(args):
 # Flags that belong to one invocation: a resume does not take them from the run.
 _PER_INVOCATION = (
   "resume", "overwrite", "stop_after", "out", "progress", "profile_steps", "time_limit",
+  "refresh_programs",  # how the step is compiled, not what it computes: per machine
 )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ OPTIMIZERS = (
 )
 SVD_METHODS = projector.SVD_METHODS
 REFRESH_SCHEDULES = galore.REFRESH_SCHEDULES
+REFRESH_PROGRAMS = ("auto", "one", "two")
 MOMENT_POLICIES = galore.MOMENT_POLICIES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_MODES = ("none", "full", "save_matmuls")
@@ -74,6 +75,11 @@ class TrainConfig:
   svd: str = "subspace"
   subspace_iters: int = 2  # block power rounds per refresh with svd="subspace"
   refresh_schedule: str = "synchronous"
+  # The train step as one program that decides on the device whether GaLore refreshes, or
+  # two (with and without a refresh) picked per step on the host from the optimizer's
+  # count: "auto" takes two on GPUs, where each refresh branch of the one program is a
+  # host round trip on every step, and one elsewhere (trainer.refresh_programs).
+  refresh_programs: str = "auto"
   # What Adam's moments do when a projector changes: keep (the reference), reproject (the
   # first moment rotated into the new basis) or reset.
   moment_policy: str = "keep"
@@ -363,6 +369,19 @@ def validate(cfg: TrainConfig, hf_config: dict | None = None) -> None:
     raise ConfigError("--subspace-iters", f"must be >= 1, got {cfg.subspace_iters}")
   if cfg.refresh_schedule not in REFRESH_SCHEDULES:
     raise ConfigError("--refresh-schedule", f"must be one of {REFRESH_SCHEDULES}")
+  if cfg.refresh_programs not in REFRESH_PROGRAMS:
+    raise ConfigError(
+      "--refresh-programs",
+      f"must be one of {', '.join(REFRESH_PROGRAMS)}, got {cfg.refresh_programs!r}",
+    )
+  if cfg.refresh_programs == "two" and not (
+    cfg.is_galore and cfg.refresh_schedule == "synchronous"
+  ):
+    raise ConfigError(
+      "--refresh-programs",
+      "two needs a GaLore optimizer with --refresh-schedule synchronous (a staggered "
+      "schedule refreshes some weight at most steps; other optimizers have no refresh)",
+    )
   if cfg.moment_policy not in MOMENT_POLICIES:
     raise ConfigError(
       "--moment-policy", f"must be one of {', '.join(MOMENT_POLICIES)}, got {cfg.moment_policy!r}"
@@ -579,12 +598,17 @@ def adam8bit_layout(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> 
 
 
 def build_optimizer(
-  cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None, *, clip_in_step: bool = False
+  cfg: TrainConfig,
+  mesh: jax.sharding.Mesh | None = None,
+  *,
+  clip_in_step: bool = False,
+  refresh: str = "scheduled",
 ) -> optax.GradientTransformation:
   """The optimizer of ``cfg``; ``mesh``: the run's, for the sharding of the 8-bit update
   (:func:`adam8bit_layout`). ``clip_in_step``: the train step clips by the global norm
   itself (``steps.clips_in_step``), so ``--grad-clip``'s place in the chain holds an
-  identity (the same, empty, state: checkpoints of either step load in the other)."""
+  identity (the same, empty, state: checkpoints of either step load in the other).
+  ``refresh``: :func:`galore_jax.galore`'s, for the trainer's two programs (GaLore only)."""
   sched = lr_schedule(cfg)
   # Adafactor as galore-torch's torchrun_main builds it: the schedule's rate (no relative
   # step size, no parameter scale), a first moment only with --adafactor-beta1, the old
@@ -624,6 +648,7 @@ def build_optimizer(
       seed=cfg.seed,
       refresh_batch_elements=1 if batched_lapack_hangs(cfg) else None,
       inner_params="full" if cfg.is_adafactor else "low_rank",
+      refresh=refresh,
     )
   else:
     core = inner

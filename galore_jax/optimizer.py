@@ -40,6 +40,18 @@ from galore_jax import tree as tree_lib
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 REFRESH_SCHEDULES = ("synchronous", "staggered")
 INNER_PARAMS = ("low_rank", "full")  # what galore() hands its inner optimizer as params
+# Who decides which updates refresh (galore(refresh=)): the update itself, or its caller.
+REFRESH_DECISIONS = ("scheduled", "due", "not_due")
+
+
+def refresh_due(count, update_proj_gap, offset: int = 0):
+  """Whether a leaf of refresh phase ``offset`` refreshes at update ``count`` (the count
+  before it is incremented): at 0 and at ``offset, offset + T, ...``.
+
+  Works on Python ints (a caller deciding on the host, ``galore(refresh="due")``) and on
+  traced arrays (the transform itself) alike."""
+  return (count == 0) | ((count >= offset) & ((count - offset) % update_proj_gap == 0))
+
 
 # (path, leaf) -> (row_axes, col_axes) or None for the default (last two axes).
 MatrixAxesFn = Callable[[tuple, jax.Array], "tuple[tuple[int, ...], tuple[int, ...]] | None"]
@@ -420,6 +432,7 @@ def galore(
   seed: int = 0,
   refresh_batch_elements: int | None = None,
   inner_params: str = "low_rank",
+  refresh: str = "scheduled",
 ) -> optax.GradientTransformation:
   r"""Gradient Low-Rank Projection around an inner optimizer (Zhao et al., 2024).
 
@@ -520,6 +533,19 @@ def galore(
       refreshes every leaf on its own. The trainer passes ``1`` on a CPU mesh of several
       devices (:func:`galore_jax.config.batched_lapack_hangs`): there a batched
       decomposition can hang the step.
+    refresh: who decides which updates refresh. ``"scheduled"`` (default): the update
+      does, from the count, on the device: one ``lax.cond`` per refresh group. On a GPU
+      each such branch that holds a decomposition runs from the host, which first copies
+      the predicate back and waits for it, on every step, refreshing or not (96 host
+      round trips per ``llama_1b`` per-layer step, measured in a profile on an H200).
+      ``"due"`` and ``"not_due"`` (``refresh_schedule="synchronous"`` only) move that
+      decision to the caller: the caller promises that this update's count is, or is not,
+      one of :func:`refresh_due`'s, and the update refreshes every leaf without a branch,
+      or holds no refresh code at all. Compile one step with each and pick one per step
+      on the host from the state's count (:func:`galore_count`), as the trainer does on
+      GPUs (``--refresh-programs``). Both have the state of ``"scheduled"``, and on the
+      counts they promise the same updates; a broken promise is not detected (the update
+      is then that of another schedule).
 
   Faults: if a refresh sees a non-finite or all-zero gradient, or the SVD returns
   non-finite values (non-convergence), the leaf keeps its previous projector;
@@ -556,6 +582,13 @@ def galore(
     raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {moment_policy!r}")
   if inner_params not in INNER_PARAMS:
     raise ValueError(f"inner_params must be one of {INNER_PARAMS}, got {inner_params!r}")
+  if refresh not in REFRESH_DECISIONS:
+    raise ValueError(f"refresh must be one of {REFRESH_DECISIONS}, got {refresh!r}")
+  if refresh != "scheduled" and refresh_schedule != "synchronous":
+    raise ValueError(
+      f"refresh={refresh!r} needs refresh_schedule='synchronous': a staggered schedule "
+      "refreshes different leaves at different counts, so no one promise covers an update"
+    )
   over = _int_arg("oversample", oversample, 0)
   if over is None and svd == "randomized":
     raise ValueError(f"oversample is traced; svd='randomized' needs it static ({_NEEDS_STATIC})")
@@ -684,7 +717,6 @@ def galore(
     Cholesky / SVD instead of one traced program per leaf). Stacking happens inside the
     ``lax.cond``, so steps without a refresh neither pay for nor hold the stacked copy.
     """
-    due = (count == 0) | ((count >= group.offset) & ((count - group.offset) % update_proj_gap == 0))
     flips = group.transposed or (False,) * len(group.leaf_indices)
 
     def compute(_):
@@ -723,7 +755,10 @@ def galore(
     def keep(_):
       return list(old_leaves), jnp.zeros(len(group.sizes), bool)
 
+    if refresh == "due":  # the caller's promise: no branch, no host round trip on a GPU
+      return compute(None)
     # lax.cond runs only the taken branch, so steps without a refresh pay nothing.
+    due = refresh_due(count, update_proj_gap, group.offset)
     return jax.lax.cond(due, compute, keep, None)
 
   def update_fn(updates, state, params=None):
@@ -745,7 +780,7 @@ def galore(
       groups = _refresh_groups(
         layouts, g_mats, old_bases, orient=svd != "exact", max_elements=refresh_batch_elements
       )
-      for group in groups:
+      for group in groups if refresh != "not_due" else ():
         new, flags = refresh_group(
           group,
           [g_mats[i] for i in group.leaf_indices],
@@ -987,6 +1022,7 @@ def galore_adamw(
   projector_dtype: Any = None,
   seed: int = 0,
   refresh_batch_elements: int | None = None,
+  refresh: str = "scheduled",
 ) -> optax.GradientTransformation:
   """The reference ``GaLoreAdamW`` (galore-torch 1.0) as one optax transformation.
 
@@ -1025,6 +1061,7 @@ def galore_adamw(
       projector_dtype=projector_dtype,
       seed=seed,
       refresh_batch_elements=refresh_batch_elements,
+      refresh=refresh,
     ),
     scale_and_decay_updated_weights(learning_rate, weight_decay),
   )
@@ -1055,6 +1092,17 @@ def galore_states(opt_state, *, state_types=None) -> list[GaLoreState]:
   types = _state_types(state_types)
   is_state = lambda x: isinstance(x, types)
   return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def galore_count(opt_state) -> jax.Array:
+  """The refresh clock of ``opt_state``: the ``count`` of its first :func:`galore_states`
+  entry (one transform's state, or several that advance together, as the trainer's).
+
+  Raises ``ValueError`` if ``opt_state`` holds no GaLore state."""
+  states = galore_states(opt_state)
+  if not states:
+    raise ValueError("the optimizer state holds no GaLoreState")
+  return states[0].count
 
 
 def with_galore_count(opt_state, count, *, state_types=None):

@@ -85,6 +85,7 @@ from galore_jax.trainer import (  # noqa: F401
   evaluate,
   init_state,
   load_data,
+  refresh_programs,
   run_meta,
   setup,
   tokenizer_hash,

@@ -235,8 +235,18 @@ def _gc_paused(fn: Callable) -> Callable:
   return traced
 
 
-def _train_step(run: Run):
-  """The run's train step, not yet jitted, and its in/out shardings."""
+def _train_step(run: Run, refresh: str = "scheduled"):
+  """The run's train step, not yet jitted, and its in/out shardings. ``refresh``: the
+  program of :func:`refresh_programs`' pair (``"due"`` / ``"not_due"``), with the run's
+  optimizer built that way (``galore(refresh=)``); ``"scheduled"``: the run's own."""
+  if refresh != "scheduled":
+    tx = build_optimizer(
+      run.cfg,
+      run.mesh,
+      clip_in_step=steps.clips_in_step(run.cfg, run.model_cfg),
+      refresh=refresh,
+    )
+    run = dataclasses.replace(run, tx=tx)
   if run.parametrization is None:
     step = steps.select_train_step(run.graphdef, run.tx, run.cfg, run.model_cfg)
   else:
@@ -245,8 +255,77 @@ def _train_step(run: Run):
   return _gc_paused(step), in_shardings, (run.param_sharding, run.opt_sharding, None)
 
 
-def compile_train_step(run: Run):
-  step, in_shardings, out_shardings = _train_step(run)
+def refresh_programs(cfg: TrainConfig, backend: str | None = None) -> int:
+  """How many programs the trainer compiles its step into (``--refresh-programs``): 2, one
+  holding GaLore's projector refresh and one without it, picked per step on the host
+  (:class:`RefreshPrograms`), or 1, which decides on the device.
+
+  Two only for GaLore's synchronous schedule (a staggered one refreshes some leaf at most
+  counts). ``"auto"`` takes two on GPUs (``backend``, default JAX's): there the one
+  program runs each refresh group's ``lax.cond`` from the host, copying its predicate back
+  and waiting for it on every step, refreshing or not; in an H200 profile of the
+  ``llama_1b`` per-layer step the host sat in 96 such branches a step, 107 of its 121 ms
+  (the README's "GPU benchmark"). A CPU runs branches on the host anyway, so one program
+  there saves the second compilation.
+  """
+  if not (cfg.is_galore and cfg.refresh_schedule == "synchronous"):
+    return 1
+  if cfg.refresh_programs == "auto":
+    return 2 if (backend or jax.default_backend()) == "gpu" else 1
+  return 2 if cfg.refresh_programs == "two" else 1
+
+
+class RefreshPrograms:
+  """The train step as two programs, called like one: ``step(params, opt_state, batch)``.
+
+  Each call reads the optimizer's count (:func:`galore_jax.galore_count`; the step before
+  has ended, so this waits for nothing) and runs the program for steps with a projector
+  refresh (``galore(refresh="due")``) where :func:`galore_jax.refresh_due` says one is due,
+  else the one without refresh code (``"not_due"``). Reading the count, not counting
+  steps, keeps the choice right after skipped steps (which do not advance it), callbacks
+  that replace the state, and resumes. Each program is built (traced, or loaded from the
+  step cache, and compiled) when first needed: a resume between refreshes compiles only
+  the smaller one until the next refresh.
+  """
+
+  NAMES = {"due": "with a projector refresh", "not_due": "without a refresh"}
+
+  def __init__(self, builders: dict[str, Callable], update_proj_gap: int, log=print):
+    self._builders, self._gap, self._log = builders, update_proj_gap, log
+    self._programs: dict[str, Callable] = {}
+    self.built_last_call = False  # the last call compiled (or loaded) a program
+
+  def program(self, name: str, example: tuple) -> Callable:
+    """The ``"due"`` or ``"not_due"`` program for ``example``'s shapes (``(params,
+    opt_state, batch)``, arrays or ``jax.ShapeDtypeStruct``s), built at the first request."""
+    if name not in self._programs:
+      self._programs[name] = self._builders[name](example)
+    return self._programs[name]
+
+  def __call__(self, params, opt_state, batch):
+    from galore_jax import optimizer as galore
+
+    count = galore.galore_count(opt_state)
+    if isinstance(count, jax.Array) and not count.is_fully_addressable:  # several processes
+      count = count.addressable_shards[0].data  # (replicated: every copy is the count)
+    count = int(jax.device_get(count))
+    name = "due" if galore.refresh_due(count, self._gap) else "not_due"
+    new = name not in self._programs
+    if new and self._programs:  # the first one's compilation is the start-up's, said there
+      self._log(f"train step: compiling the program for steps {self.NAMES[name]}")
+    step = self.program(name, (params, opt_state, batch))
+    self.built_last_call = new
+    return step(params, opt_state, batch)
+
+  def _cache_size(self) -> int:
+    """Compilations so far, as on a ``jax.jit`` function (the summary's step_compilations)."""
+    return sum(p._cache_size() for p in self._programs.values())
+
+
+def compile_train_step(run: Run, refresh: str = "scheduled"):
+  """The run's train step, jitted (params and state donated); ``refresh``: one program of
+  :class:`RefreshPrograms`' pair (``"due"`` / ``"not_due"``) instead of the one program."""
+  step, in_shardings, out_shardings = _train_step(run, refresh)
   return jax.jit(
     step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0, 1)
   )
@@ -258,6 +337,7 @@ def compile_train_step(run: Run):
 # must not be added here.
 _NOT_IN_STEP = (
   "out", "resume", "stop_after", "overwrite", "progress", "eval_data", "chat_template",
+  "refresh_programs",  # (each program's key names it: "refresh")
 )  # fmt: skip
 
 
@@ -270,22 +350,30 @@ def cached_train_step(
   batch's shapes, or at once for ``args`` (``(params, opt_state, batch)``, arrays or
   ``jax.ShapeDtypeStruct``s; the result then also has ``lower(...)``, as a jitted step).
   The plain :func:`compile_train_step` when the cache's key cannot name the step: a
-  caller's own optimizer or parametrization (:class:`Hooks`)."""
+  caller's own optimizer or parametrization (:class:`Hooks`). Where :func:`refresh_programs`
+  says two, a :class:`RefreshPrograms` (``args`` unused: its programs are built per need,
+  or by :meth:`RefreshPrograms.program`)."""
   from galore_jax import compile_cache
 
   if hooks is not None and (hooks.tx is not None or hooks.parametrization is not None):
     return compile_train_step(run)
-  step, in_shardings, out_shardings = _train_step(run)
   key = {
     "train_config": {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in _NOT_IN_STEP},
     "model_config": model_lib.config_record(run.model_cfg),
   }
 
-  def build(example):
-    return compile_cache.exported_train_step(
-      step, example, in_shardings=in_shardings, out_shardings=out_shardings, key=key, log=log
+  def builder(refresh: str) -> Callable:
+    step, in_shardings, out_shardings = _train_step(run, refresh)
+    named = key if refresh == "scheduled" else {**key, "refresh": refresh}
+    return lambda example: compile_cache.exported_train_step(
+      step, example, in_shardings=in_shardings, out_shardings=out_shardings, key=named, log=log
     )
 
+  if refresh_programs(run.cfg) == 2:
+    return RefreshPrograms(
+      {name: builder(name) for name in RefreshPrograms.NAMES}, run.cfg.update_proj_gap, log
+    )
+  build = builder("scheduled")
   if args is not None:
     return build(args)
   built: list[Callable] = []
@@ -1544,7 +1632,7 @@ def _train_loop(
       doing = f"the end of step {step}"  # its records, evaluation, checkpoint, callbacks
       now = time.perf_counter()
       step_s = max(now - t_step, 1e-9)
-      if step > start + 1:  # not the compiling one
+      if step > start + 1 and not getattr(step_fn, "built_last_call", False):  # compiled none
         step_times.append(step_s)
       tps = tokens_per_step / step_s
       if profiling and step >= profile[1]:

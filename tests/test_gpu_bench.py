@@ -40,6 +40,9 @@ def smoke(bench, tmp_path_factory):
       "--profile-refresh",
       "--refresh-reps",
       "2",
+      # A GPU's default, forced: the GaLore case runs the trainer's two programs.
+      "--refresh-programs",
+      "two",
     ]
   )
   return returned, json.loads(path.read_text())
@@ -116,6 +119,11 @@ def test_smoke_jax_fields(smoke):
   raw = data["results"]["bench_smoke/jax/galore_adamw"]
   assert raw["skipped_steps"] == 0 and math.isfinite(raw["loss_last"])
   assert len(raw["step_times_s"]) == 2
+  # Two programs: the plain one compiled first (compile_s is its), the refresh one when the
+  # first refresh step needed it.
+  assert set(raw["programs"]) == {"not_due", "due"}
+  assert all(_positive(t["compile_s"]) for t in raw["programs"].values())
+  assert raw["compile_s"] == pytest.approx(sum(raw["programs"]["not_due"].values()))
   assert set(model["ratios"]) >= {"tokens_per_s", "peak_memory", "refresh_s", "same_param_count"}
 
 
@@ -190,11 +198,13 @@ def test_smoke_profile(smoke):
   assert (out / prof["trace_file"]).stat().st_size > 0
   assert (out / prof["hlo_file"]).stat().st_size > 0
   # --profile-refresh: one more refresh step traced after the timed ones, beside the
-  # steady step's trace (the HLO is the same step's, written once)
+  # steady step's trace, with its own program's HLO (two programs; one would be written once)
   assert len(res["refresh_times_s"]) == 2, res["refresh_times_s"]
   refresh = res["refresh_profile"]
   assert "error" not in refresh and refresh["steps"] == 1, refresh
-  assert (out / refresh["trace_file"]).stat().st_size > 0 and "hlo_file" not in refresh
+  assert (out / refresh["trace_file"]).stat().st_size > 0
+  assert refresh["hlo_file"] == prof["hlo_file"].replace(".txt.gz", "_refresh.txt.gz")
+  assert refresh["hlo_instructions_with_op_name"] > prof["hlo_instructions_with_op_name"]
 
 
 def test_compile_probe_runs_and_its_weightwise_patch_refreshes_one_weight_at_a_time(

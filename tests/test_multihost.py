@@ -220,7 +220,9 @@ def runs(tmp_path_factory, tiny_model) -> Runs:
   # it, the others wait; test_only_process_zero_writes_outputs_and_reports counts records).
   (out / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
   (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
-  auto = dict(init_from=tiny_model, resume="auto")
+  # The two-process jobs compile the step as two programs, GPUs' default (the trainer reads
+  # the replicated count from its local copy), the reference as one: the same trajectory.
+  auto = dict(init_from=tiny_model, resume="auto", refresh_programs="two")
   first = Job(tmp, "first", ["--out", str(out), *_flags(stop_after=5, **auto)])
   try:
     cfg = train.TrainConfig(
@@ -260,6 +262,10 @@ def test_two_processes_match_one_process_and_resume_exactly(runs):
   _assert_same_state(reference, out, 10)
   assert "--resume auto: no checkpoint in " in runs.first.output(0)
   assert "resumed from" in runs.second.output(0)
+  # Two programs: the first job began with the refresh one (count 0); the resume (count 5)
+  # with the other, compiling the refresh one at count 8.
+  assert "compiling the program for steps without a refresh" in runs.first.output(0)
+  assert "compiling the program for steps with a projector refresh" in runs.second.output(0)
 
 
 def test_only_process_zero_writes_outputs_and_reports(runs):

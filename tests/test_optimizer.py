@@ -530,3 +530,43 @@ def test_with_galore_count_moves_the_refresh_clock_and_keeps_sharding():
     assert int(after.count) == count + 1
   traced = jax.jit(lambda s: galore_jax.with_galore_count(s, 4))(state)
   assert int(traced.count) == 4
+
+
+@pytest.mark.parametrize("svd", ["exact", "subspace"])
+def test_refresh_decided_by_the_caller_gives_the_scheduled_updates(svd):
+  """galore(refresh="due" / "not_due"), picked per update on the host with refresh_due, as
+  the trainer's two programs do, gives the scheduled transform's updates and states; the
+  "not_due" update holds no refresh code (no branch, no decomposition)."""
+  make = lambda refresh: galore(
+    scale_by_adam_hf(), rank=4, update_proj_gap=3, svd=svd, refresh=refresh
+  )
+  scheduled, due, not_due = make("scheduled"), make("due"), make("not_due")
+  step = lambda tx: jax.jit(lambda g, s, p: tx.update(g, s, p))
+  plain, refreshing, neither = step(scheduled), step(due), step(not_due)
+  s_ref = s_split = scheduled.init(PARAMS)
+  chex.assert_trees_all_equal_shapes_and_dtypes(s_ref, due.init(PARAMS), not_due.init(PARAMS))
+  for t in range(8):  # refreshes at 0, 3, 6
+    g = _grads(jax.random.key(t))
+    u_ref, s_ref = plain(g, s_ref, PARAMS)
+    count = int(galore_jax.galore_count(s_split))
+    assert count == t
+    u, s_split = (refreshing if galore_jax.refresh_due(count, 3) else neither)(g, s_split, PARAMS)
+    chex.assert_trees_all_close(u, u_ref, atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(s_split, s_ref, atol=1e-6, rtol=1e-5)
+  lowered = lambda f: f.lower(_grads(jax.random.key(0)), s_ref, PARAMS).as_text()
+  assert "stablehlo.case" not in lowered(neither) and "custom_call" not in lowered(neither)
+  assert "stablehlo.case" in lowered(plain)
+  # "due" refreshes without the per-group branch: only the method's own branches remain.
+  assert lowered(refreshing).count("stablehlo.case") < lowered(plain).count("stablehlo.case")
+
+
+def test_refresh_decision_arguments_are_checked():
+  with pytest.raises(ValueError, match="refresh must be one of"):
+    galore(scale_by_adam_hf(), rank=4, refresh="sometimes")
+  with pytest.raises(ValueError, match="needs refresh_schedule='synchronous'"):
+    galore(scale_by_adam_hf(), rank=4, refresh="due", refresh_schedule="staggered")
+  with pytest.raises(ValueError, match="no GaLoreState"):
+    galore_jax.galore_count(scale_by_adam_hf().init(PARAMS))
+  assert [galore_jax.refresh_due(c, 5, 2) for c in range(9)] == [
+    True, False, True, False, False, False, False, True, False
+  ]  # fmt: skip

@@ -1113,6 +1113,7 @@ def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
     (["--columns", "body=content"], "--columns"),
     (["--moment-policy", "reproject", "--optimizer", "galore_adamw8bit"], "--moment-policy"),
     (["--moment-policy", "reset", "--optimizer", "adamw"], "--moment-policy"),
+    (["--refresh-programs", "two", "--refresh-schedule", "staggered"], "--refresh-programs"),
     (["--columns", "text=content"], "--columns"),  # the bundled corpus has no columns
   ],
 )
@@ -2031,3 +2032,32 @@ def test_a_run_keeps_a_copy_of_its_tokenizer(tmp_path, monkeypatch):
   assert os.listdir(other) == [] and len(said) == 1
   assert said[0].startswith("galore-jax: warning: could not keep a copy of the tokenizer in ")
   assert "No space left on device" in said[0]
+
+
+def test_two_refresh_programs_train_as_one_and_follow_the_count(tmp_path, monkeypatch):
+  # --refresh-programs two (GPUs' default): steps with a projector refresh run one program,
+  # the others a program without refresh code, chosen from the optimizer's count. The
+  # second step's batch makes the loss NaN: that step is skipped and does not advance the
+  # count, so refreshes (T = 2) come at steps 1, 4, 6, not 1, 3, 5; a choice by step number
+  # would refresh at the wrong steps and train differently.
+  real = trainer.device_batch
+  calls = []
+
+  def poisoned(run, batch, grad_accum, local=False):
+    out = real(run, batch, grad_accum, local=local)
+    if not local:  # an evaluation batch
+      return out
+    calls.append(1)
+    return {**out, "mask": out["mask"] * jnp.nan} if len(calls) % 6 == 2 else out
+
+  monkeypatch.setattr(trainer, "device_batch", poisoned)
+  logged = []
+  cfg = lambda name, programs: _cfg(tmp_path, name, steps=6, refresh_programs=programs)
+  one = train.train(cfg("one", "one"), log=_quiet)
+  two = train.train(cfg("two", "two"), log=logged.append)
+  assert one["step_compilations"] == 1 and two["step_compilations"] == 2
+  assert "train step: compiling the program for steps without a refresh" in logged
+  skipped = [r["skipped"] for r in metrics.read_metrics(cfg("two", "two").out) if "loss" in r]
+  assert skipped == [0, 1, 0, 0, 0, 0]
+  assert np.isnan(one["losses"][1]) and np.isnan(two["losses"][1])
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
