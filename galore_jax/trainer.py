@@ -235,6 +235,24 @@ def _gc_paused(fn: Callable) -> Callable:
   return traced
 
 
+def _on_host(schedule: optax.Schedule) -> Callable[[int], float]:
+  """``schedule(step)`` as a float, by one compiled call on the host's CPU device (where
+  JAX has one): the loop reads the rate every step, and the schedule's jnp operations run
+  eagerly on a GPU would be a dozen kernel launches and a device-to-host copy, queued
+  behind the train step."""
+  compiled = jax.jit(schedule)
+  try:
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's (not a job's device 0)
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    cpu = None
+
+  def at(step: int) -> float:
+    with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+      return float(compiled(step))
+
+  return at
+
+
 def _train_step(run: Run, refresh: str = "scheduled"):
   """The run's train step, not yet jitted, and its in/out shardings. ``refresh``: the
   program of :func:`refresh_programs`' pair (``"due"`` / ``"not_due"``), with the run's
@@ -1451,7 +1469,7 @@ def _train_loop(
       log(f"dropped {dropped} metrics records after step {start} (replayed now)")
   step_fn = cached_train_step(run, hooks, log)
   eval_fn = compile_eval_step(run)
-  lr_at = hooks.lr_at or lr_schedule(cfg)
+  lr_at = hooks.lr_at or _on_host(lr_schedule(cfg))
   eval_count = {"eval_batches": len(val_batches)} if hooks.evaluate is None else {}
   write_checkpoint = hooks.save or (lambda at, p, o, m: checkpoint.save(mngr, at, p, o, m))
   mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints)
@@ -1609,6 +1627,7 @@ def _train_loop(
   kept, doing = (params, opt_state), f"step {start + 1}"
   try:
     batches = train_ds.iterate(start)
+    ahead = None  # the next step's batch, on the device
     while step < end:
       if step == start:
         startup_check()
@@ -1623,11 +1642,17 @@ def _train_loop(
       t_step = time.perf_counter()  # the step and its batch; not evaluation or saving
       for callback in hooks.before_step:
         params, opt_state = callback(step, params, opt_state, writer)
-      batch = device_batch(run, next(batches), cfg.grad_accum, local=True)
-      params, opt_state, m = step_fn(params, opt_state, batch)
+      if ahead is None:
+        ahead = device_batch(run, next(batches), cfg.grad_accum, local=True)
+      params, opt_state, m = step_fn(params, opt_state, ahead)
+      # While the device runs the step, the host reads its learning rate and puts the next
+      # step's batch on the device: the device then waits for neither between the steps.
+      lr_used = float(lr_at(step))
+      ahead = (
+        device_batch(run, next(batches), cfg.grad_accum, local=True) if step + 1 < end else None
+      )
       m = jax.device_get(m)  # the step ran (an error of its outputs is raised here)
       kept = (params, opt_state)
-      lr_used = float(lr_at(step))
       step += 1
       doing = f"the end of step {step}"  # its records, evaluation, checkpoint, callbacks
       now = time.perf_counter()

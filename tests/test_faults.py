@@ -122,6 +122,28 @@ def test_resume_hides_replayed_tensorboard_steps(lines_run):
   assert _tensorboard_view(root / "run" / "tb", "loss") == [1, 2, 3, 4]
 
 
+def test_tensorboard_is_not_fsynced_at_every_step(tmp_path, monkeypatch):
+  """tensorboardX's flush fsyncs: once per record it was a synchronous disk flush between
+  two train steps. Events are flushed every TENSORBOARD_FLUSH_S seconds and at close, and
+  every step is in the file after it."""
+  real, synced = os.fsync, []
+  monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+  writer = metrics.MetricsWriter(str(tmp_path))
+  before = len(synced)  # the new event file's header
+  for step in range(1, 51):
+    writer.write({"step": step, "loss": 1.0 / step})
+  assert len(synced) == before
+  writer.close()
+  assert len(synced) == before + 1
+  assert _tensorboard_view(tmp_path / "tb", "loss") == list(range(1, 51))
+  monkeypatch.setattr(metrics, "TENSORBOARD_FLUSH_S", 0.0)  # then every record is flushed
+  writer = metrics.MetricsWriter(str(tmp_path / "each"))
+  before = len(synced)
+  writer.write({"step": 1, "loss": 1.0})
+  assert len(synced) == before + 1
+  writer.close()
+
+
 def test_paths_are_stored_absolute_and_eval_works_elsewhere(
   lines_run, tmp_path, capsys, monkeypatch
 ):
