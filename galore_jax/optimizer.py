@@ -882,8 +882,10 @@ def scale_by_adam_hf(
   """
 
   def init_fn(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return ScaleByAdamHFState(jnp.zeros([], jnp.int32), zeros, zeros)
+    # Two trees of zeros, not one twice: a state whose leaves share buffers cannot be
+    # donated to a jitted step ("Attempt to donate the same buffer twice").
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return ScaleByAdamHFState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
   def update_fn(updates, state, params=None):
     del params

@@ -379,3 +379,17 @@ def test_exports_are_the_8bit_transforms():
   assert galore_jax.scale_by_adam8bit is adam8bit.scale_by_adam8bit
   assert galore_jax.adamw8bit is adam8bit.adamw8bit
   assert set(galore_jax.__all__) <= set(dir(galore_jax))
+
+
+@by_name
+def test_an_eagerly_created_state_can_be_donated(case):
+  """``tx.init(params)`` outside jit, then a step that donates the state (the usual loop):
+  no two leaves of the state may share a buffer, or the step fails with "Attempt to donate
+  the same buffer twice" (scale_by_adam_hf once gave mu and nu one tree of zeros)."""
+  tx = case.build()
+  state = tx.init(F32_PARAMS)
+  arrays = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+  assert len({x.unsafe_buffer_pointer() for x in arrays}) == len(arrays)
+  step = jax.jit(lambda s: tx.update(_grads(0), s, F32_PARAMS), donate_argnums=0)
+  _, state = step(state)
+  jax.block_until_ready(state)
