@@ -151,8 +151,10 @@ def _restore_numpy(step_dir: Path, item: str):
 
 def _assert_same_state(a: Path, b: Path, step: int) -> None:
   # Gloo's cross-process sums round differently from XLA's in-process ones: parameters agree
-  # to ~5e-6 after 10 steps; GaLore's projectors (singular vectors) move ~10x more.
-  for item, tol in (("params", 1e-5), ("opt_state", 1e-4)):
+  # to ~5e-6 after 10 steps; GaLore's projectors (singular vectors) move ~10x more, and the
+  # two-process jobs' two programs round differently from the reference's one program (on
+  # jax 0.12, entries of a projector's last vector, the least determined, differed by 1.3e-4).
+  for item, tol in (("params", 1e-5), ("opt_state", 3e-4)):
     ta = _restore_numpy(a / "checkpoints" / str(step), item)
     tb = _restore_numpy(b / "checkpoints" / str(step), item)
     assert jax.tree.structure(ta) == jax.tree.structure(tb)
