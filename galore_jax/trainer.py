@@ -335,6 +335,17 @@ class RefreshPrograms:
     self.built_last_call = new
     return step(params, opt_state, batch)
 
+  def build_all(self, params, opt_state, batch) -> None:
+    """Builds and compiles the program not yet built (without running it), for a run that
+    must not meet a compilation mid-way: under ``--time-limit`` the margin for the next
+    step is the recent steps' time, and a resume between refreshes would otherwise compile
+    the refresh program (minutes at 7B on a GPU) at its first refresh."""
+    for name in self.NAMES:
+      if name not in self._programs:
+        self._log(f"train step: compiling the program for steps {self.NAMES[name]} (now: a "
+                  "--time-limit run compiles nothing mid-way)")  # fmt: skip
+        self.program(name, (params, opt_state, batch)).lower(params, opt_state, batch).compile()
+
   def _cache_size(self) -> int:
     """Compilations so far, as on a ``jax.jit`` function (the summary's step_compilations)."""
     return sum(p._cache_size() for p in self._programs.values())
@@ -1690,6 +1701,8 @@ def _train_loop(
           }
         )
       if step == start + 1:  # after the step's own record: line 1 stays step 1's
+        if time_limit is not None and ahead is not None and hasattr(step_fn, "build_all"):
+          step_fn.build_all(params, opt_state, ahead)
         compile_timer.stop()
         writer.write(
           {

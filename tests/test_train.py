@@ -2061,3 +2061,17 @@ def test_two_refresh_programs_train_as_one_and_follow_the_count(tmp_path, monkey
   assert skipped == [0, 1, 0, 0, 0, 0]
   assert np.isnan(one["losses"][1]) and np.isnan(two["losses"][1])
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+
+
+def test_a_time_limited_resume_compiles_both_programs_at_its_start(tmp_path):
+  # With two programs, a resume between refreshes compiles the refresh program at its next
+  # refresh, a pause --time-limit's margin (the recent steps' time) would not foresee. A
+  # --time-limit run compiles it right after its first step instead.
+  cfg = lambda **kw: _cfg(tmp_path, "limited", steps=6, refresh_programs="two", **kw)
+  train.train(cfg(stop_after=3), log=_quiet)  # counts 0..2; the resume starts at 3 (T = 2)
+  logged = []
+  done = train.train(cfg(resume=True, time_limit="1h"), log=logged.append)
+  assert done["step"] == 6 and done["step_compilations"] == 2
+  at_start = "train step: compiling the program for steps with a projector refresh (now: "
+  assert sum(str(line).startswith(at_start) for line in logged) == 1
+  assert "train step: compiling the program for steps with a projector refresh" not in logged
