@@ -407,6 +407,27 @@ def test_tfds_source_end_to_end(tfds_dir, monkeypatch, sp, packing):
   assert first_doc.startswith(first) and len(first) > 20
 
 
+def test_an_unprepared_tfds_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+  """TFDS makes a tmp*tfds directory for a dataset it has no local information for and
+  never removes it (DatasetInfo.initialize_from_bucket): tfds_source removes it."""
+  import tempfile
+
+  import tensorflow_datasets as tfds
+
+  from galore_jax.data import sources
+
+  def unprepared(name, **_):
+    tempfile.mkdtemp("tfds")  # as TFDS does before it finds no prepared split
+    raise NotImplementedError("Random access data source for dataset mnist is not available")
+
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  monkeypatch.setattr(tfds, "data_source", unprepared)
+  (tmp_path / "tmpkepttfds").mkdir()  # another process's: left alone
+  with pytest.raises(ValueError, match="cannot open split 'train' of the TFDS dataset 'mnist'"):
+    sources.tfds_source("tfds:mnist", "train")
+  assert [p.name for p in tmp_path.iterdir()] == ["tmpkepttfds"]
+
+
 def test_tfds_errors(tfds_dir, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
   with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz") as e:

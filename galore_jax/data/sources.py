@@ -27,6 +27,7 @@ import lzma
 import os
 import secrets
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
@@ -1100,6 +1101,22 @@ def path_tokens(
 # ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _tfds_temp_dirs_removed():
+  """Removes the empty ``tmp*tfds`` directories made in the temporary directory while it is
+  open: TFDS makes one for a dataset it has no local information for (to copy that from
+  its GCS bucket, ``DatasetInfo.initialize_from_bucket``) and never removes it, so every
+  ``--data tfds:NAME`` that is not prepared here left one behind."""
+  pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+  before = set(globlib.glob(pattern))
+  try:
+    yield
+  finally:
+    for path in set(globlib.glob(pattern)) - before:
+      with contextlib.suppress(OSError):  # not empty (another process's), or gone
+        os.rmdir(path)
+
+
 def tfds_source(source: str, split: str):
   """The random-access ``tfds.data_source`` of ``split`` of a ``"tfds:NAME"`` source, read
   from ``$TFDS_DATA_DIR`` (nothing is downloaded); raises ValueError if it is empty."""
@@ -1114,7 +1131,8 @@ def tfds_source(source: str, split: str):
     ) from e
   data_dir = os.environ.get("TFDS_DATA_DIR")
   try:
-    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    with _tfds_temp_dirs_removed():
+      src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; re-raise with context
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     where = (
