@@ -363,8 +363,12 @@ def _tiny_tfds_builder():
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   tfds = pytest.importorskip("tensorflow_datasets")
+  from galore_jax.data import sources
+
   data_dir = tmp_path_factory.mktemp("tfds")
-  builder = _tiny_tfds_builder()(config="plain", data_dir=str(data_dir), file_format="array_record")
+  with sources._tfds_temp_dirs_removed():  # (a new builder's tmp*tfds, as in tfds_source)
+    make = _tiny_tfds_builder()
+    builder = make(config="plain", data_dir=str(data_dir), file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   files = sorted(p.name for p in (data_dir / "galore_jax_tiny_text" / "plain" / "1.0.0").iterdir())
   assert any(".array_record-" in f for f in files), files
