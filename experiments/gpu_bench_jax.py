@@ -169,7 +169,7 @@ class _JaxCase:
     # steps and one without refresh code (train.refresh_programs). The plain one is compiled
     # here, so that the steady figures come first; the refresh one when a step first needs
     # it (its lowering and compile times are then added to the report's "programs").
-    self.split = cfg.is_galore and train.refresh_programs(cfg) == 2
+    self.split = train.refresh_programs(cfg) == 2
     self._train, self._progress, self._count_ops = train, progress, count_ops
     self.programs: dict = {}
     self.program_times: dict = {}
@@ -210,7 +210,7 @@ class _JaxCase:
       return self.programs["scheduled"]
     if count is None:
       count = int(self.jax.device_get(self.galore.galore_count(self.opt_state)))
-    name = "due" if self.galore.refresh_due(count, self.cfg.update_proj_gap) else "not_due"
+    name = self._train.RefreshPrograms.name_for(count, self.cfg.update_proj_gap)
     self.last_program = self.programs.get(name) or self._compile(name)
     return self.last_program
 

@@ -134,7 +134,7 @@ def run_case(
   # needed, as the trainer does. With the compilation cache, as the CLI: through the
   # traced-step cache, so a second start neither traces nor compiles (its lower_seconds:
   # deserializing).
-  split = cfg.is_galore and train.refresh_programs(cfg) == 2
+  split = train.refresh_programs(cfg) == 2
   programs = train.cached_train_step(run) if compile_cache and split else None  # builds none
   compiled: dict = {}
 
@@ -160,7 +160,7 @@ def run_case(
   def for_count(count: int):
     if not split:
       return program("scheduled")
-    return program("due" if galore.refresh_due(count, cfg.update_proj_gap) else "not_due")
+    return program(train.RefreshPrograms.name_for(count, cfg.update_proj_gap))
 
   # The first program: a resume's first step (count 1, below) does not refresh; with two
   # programs a fresh start also begins with the plain one here, so that the steady figures

@@ -65,6 +65,7 @@ from galore_jax.trainer import (  # noqa: F401
   _RUN_OUTPUTS,
   Hooks,
   Parametrization,
+  RefreshPrograms,
   Run,
   TrainingDiverged,
   TrainingInterrupted,

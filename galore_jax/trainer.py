@@ -313,6 +313,13 @@ class RefreshPrograms:
     self._programs: dict[str, Callable] = {}
     self.built_last_call = False  # the last call compiled (or loaded) a program
 
+  @staticmethod
+  def name_for(count: int, update_proj_gap: int) -> str:
+    """The program a step at GaLore ``count`` runs: ``"due"`` or ``"not_due"``."""
+    from galore_jax import optimizer as galore
+
+    return "due" if galore.refresh_due(count, update_proj_gap) else "not_due"
+
   def program(self, name: str, example: tuple) -> Callable:
     """The ``"due"`` or ``"not_due"`` program for ``example``'s shapes (``(params,
     opt_state, batch)``, arrays or ``jax.ShapeDtypeStruct``s), built at the first request."""
@@ -327,7 +334,7 @@ class RefreshPrograms:
     if isinstance(count, jax.Array) and not count.is_fully_addressable:  # several processes
       count = count.addressable_shards[0].data  # (replicated: every copy is the count)
     count = int(jax.device_get(count))
-    name = "due" if galore.refresh_due(count, self._gap) else "not_due"
+    name = self.name_for(count, self._gap)
     new = name not in self._programs
     if new and self._programs:  # the first one's compilation is the start-up's, said there
       self._log(f"train step: compiling the program for steps {self.NAMES[name]}")
