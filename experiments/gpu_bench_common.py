@@ -2,7 +2,9 @@
 
 The refresh schedule (which GaLore counts refresh which leaves), the amortised-cost
 arithmetic, the guarded timing of refresh steps and the atomic JSON writes the workers
-report through. Standard library only: every process imports it.
+report through; and, for the GPU checks that run ``train`` itself, synthetic data and an
+optional TensorBoard (the GPU image has no grain, tensorflow-datasets or, maybe,
+tensorboardX). Standard library at import: every process imports it.
 """
 
 from __future__ import annotations
@@ -95,3 +97,53 @@ def refresh_reps(
     res.update(refresh_times_s=times, refresh_s=median(times))
     save()
   return times
+
+
+def synthetic_data(batch_size: int, seq_len: int, batches: int = 64, seed: int = 0):
+  """``(tokenizer, training stream, evaluation batches)`` for ``trainer.Hooks.data``: the
+  bundled tokenizer and uniformly random tokens, without grain or tensorflow-datasets. The
+  stream repeats ``batches`` fixed batches, so a resume reads the ones a straight run would."""
+  import types
+
+  import numpy as np
+  import sentencepiece as spm
+
+  import galore_jax
+
+  tok = Path(galore_jax.__file__).parent / "data" / "tokenizer.model"
+  sp = spm.SentencePieceProcessor(model_file=str(tok))
+  rng = np.random.default_rng(seed)
+
+  def batch(rows):
+    ids = rng.integers(0, sp.get_piece_size(), (rows, seq_len + 1), dtype=np.int32)
+    mask = np.ones((rows, seq_len), np.float32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": mask}
+
+  fixed = [batch(batch_size) for _ in range(batches)]
+
+  def iterate(start):
+    for s in range(start, 10**9):
+      yield fixed[s % len(fixed)]
+
+  stream = types.SimpleNamespace(iterate=iterate, num_tokens=None, fingerprint=None)
+  return sp, stream, [batch(batch_size)]
+
+
+def tensorboard_optional() -> None:
+  """Where tensorboardX is missing, ``train`` writes metrics.jsonl only (no event file)."""
+  try:
+    import tensorboardX  # noqa: F401
+  except ImportError:
+    from galore_jax import metrics
+
+    class _NoTensorBoard:
+      def __init__(self, *_):
+        pass
+
+      def scalars(self, *_):
+        pass
+
+      def close(self):
+        pass
+
+    metrics._TensorBoard = _NoTensorBoard

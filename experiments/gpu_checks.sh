@@ -33,6 +33,9 @@
 #      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
 #      in time: the subspace step with XLA's compile statistics, then without Triton GEMM
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
+#   GPU_CHECKS=train1b: the trainer's own llama_1b step rate, overlapping the next step vs
+#      waiting for each (experiments/loop_overhead.py --compare-wait; about 2-3 minutes); it
+#      fits after memory7b in call 2.
 #   GPU_CHECKS=sample1b: sampling speed of llama_1b (experiments/bench_sample.py); it fits
 #      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
 #   GPU_CHECKS=packed: packed instruction batches (several examples per row, kept apart by
@@ -89,11 +92,12 @@ PYEOF
       smaller) smaller ;;
       compile1b) compile1b ;;
       sample1b) sample1b ;;
+      train1b) train1b ;;
       oom) oom ;;
       packed) packed ;;
       adafactor7b) variant7b adafactor7b --optimizer galore_adafactor ;;
       clip7b) variant7b clip7b --per-layer-clip ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, oom, packed," \
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, train1b, oom, packed," \
         "adafactor7b, clip7b, bench, memory)" ;;
     esac
   done
@@ -199,6 +203,20 @@ sample1b() {
   timeout "$left" "$PY" experiments/bench_sample.py --model llama_1b --dtype bfloat16 \
       --json "$OUT/bench_sample.json" ${SAMPLE_ARGS:-}
   echo "== sample1b rc=$? after ${SECONDS} s"
+}
+
+# Issue #16: the trainer's own step rate at llama_1b (what `galore-jax train` gives), as it
+# runs now (the next step dispatched before the last one's metrics are read) and waiting for
+# each step, as it did before, in one process (experiments/loop_overhead.py; synthetic
+# tokens, no evaluation or checkpoint; two compiles, the second run loads them from a cache).
+train1b() {
+  local left; left=$(left_s 5)
+  echo "== train1b: ${left} s (elapsed ${SECONDS} s)"
+  timeout "$left" "$PY" experiments/loop_overhead.py --real-step --compare-wait \
+      --synthetic-data --steps 60 --json "$OUT/train1b.json" ${TRAIN1B_LOOP_ARGS:-} -- \
+      --model llama_1b --dtype bfloat16 --param-dtype bfloat16 --rank 512 \
+      --update-proj-gap 200 --lr 1e-4 ${TRAIN1B_ARGS:-}
+  echo "== train1b rc=$? after ${SECONDS} s"
 }
 
 # Packed instruction batches through cuDNN's fused attention, the mask as a bias

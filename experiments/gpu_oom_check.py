@@ -27,12 +27,16 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the GPU image has galore_jax only as this checkout
   sys.path.insert(0, str(REPO))
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # gpu_bench_common, when this file is imported by path
+  sys.path.append(HERE)
+
+import gpu_bench_common as common  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -67,53 +71,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{args.fraction:.3f}")
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  import sentencepiece as spm
 
-  import galore_jax
-  from galore_jax import metrics, trainer
+  from galore_jax import trainer
   from galore_jax.config import TrainConfig
 
-  try:
-    import tensorboardX  # noqa: F401
-  except ImportError:  # the GPU image may lack it: metrics.jsonl only
-
-    class _NoTensorBoard:
-      def __init__(self, *_):
-        pass
-
-      def scalars(self, *_):
-        pass
-
-      def close(self):
-        pass
-
-    metrics._TensorBoard = _NoTensorBoard
+  common.tensorboard_optional()
 
   result = {"backend": jax.default_backend(), "device": str(jax.devices()[0])}
   out = args.out or tempfile.mkdtemp(prefix="gpu_oom_")
   shutil.rmtree(out, ignore_errors=True)
-  tok = Path(galore_jax.__file__).parent / "data" / "tokenizer.model"  # the bundled one
-  sp = spm.SentencePieceProcessor(model_file=str(tok))
-  vocab = sp.get_piece_size()
-  rng = np.random.default_rng(0)
-
-  def batch(rows):
-    ids = rng.integers(0, vocab, (rows, args.seq_len + 1), dtype=np.int32)
-    return {
-      "inputs": ids[:, :-1],
-      "targets": ids[:, 1:],
-      "mask": np.ones((rows, args.seq_len), np.float32),
-    }
-
-  fixed = [batch(args.batch_size) for _ in range(args.steps)]  # the same batches on resume
-
-  def iterate(start):
-    for s in range(start, 10**9):
-      yield fixed[s % len(fixed)]
-
-  train_ds = types.SimpleNamespace(iterate=iterate, num_tokens=None, fingerprint=None)
-  val = [batch(args.batch_size)]
+  # The same batches on resume.
+  sp, train_ds, val = common.synthetic_data(args.batch_size, args.seq_len, batches=args.steps)
   model = "llama_tiny" if args.cpu_smoke else args.model
   dtype = "float32" if args.cpu_smoke else "bfloat16"
   cfg = TrainConfig(

@@ -296,14 +296,23 @@ def refresh_programs(cfg: TrainConfig, backend: str | None = None) -> int:
 class RefreshPrograms:
   """The train step as two programs, called like one: ``step(params, opt_state, batch)``.
 
-  Each call reads the optimizer's count (:func:`galore_jax.galore_count`; the step before
-  has ended, so this waits for nothing) and runs the program for steps with a projector
-  refresh (``galore(refresh="due")``) where :func:`galore_jax.refresh_due` says one is due,
-  else the one without refresh code (``"not_due"``). Reading the count, not counting
-  steps, keeps the choice right after skipped steps (which do not advance it), callbacks
-  that replace the state, and resumes. Each program is built (traced, or loaded from the
-  step cache, and compiled) when first needed: a resume between refreshes compiles only
-  the smaller one until the next refresh.
+  Each call runs the program for steps with a projector refresh (``galore(refresh="due")``)
+  where :func:`galore_jax.refresh_due` says one is due at the optimizer's count
+  (:func:`galore_jax.galore_count`), else the one without refresh code (``"not_due"``).
+  Going by the count, not by counting steps, keeps the choice right after skipped steps
+  (which do not advance it), callbacks that replace the state, and resumes.
+
+  Reading the count waits for the step that wrote it, so a call reads it only where it
+  must. A state this object's last call returned has the count that call started from, or
+  one more (a skipped step leaves it), so the counts a call may start from form a range
+  that grows by one a call from the last read. Where no count of it is due (or every one
+  is), the program is known without reading; else the call reads the count, which waits
+  for the step before. A caller that dispatches the next step before the last one ends
+  (the trainer, :func:`_train_loop`) thus waits about once per refresh interval. A state
+  from anywhere else (a restore, a callback's) is read.
+
+  Each program is built (traced, or loaded from the step cache, and compiled) when first
+  needed: a resume between refreshes compiles only the smaller one until the next refresh.
   """
 
   NAMES = {"due": "with a projector refresh", "not_due": "without a refresh"}
@@ -312,6 +321,9 @@ class RefreshPrograms:
     self._builders, self._gap, self._log = builders, update_proj_gap, log
     self._programs: dict[str, Callable] = {}
     self.built_last_call = False  # the last call compiled (or loaded) a program
+    # The count leaf the last call returned, and the range of counts that call started from.
+    self._last: tuple[Any, tuple[int, int]] | None = None
+    self.count_reads = 0  # calls that read the count (waiting for the step before)
 
   @staticmethod
   def name_for(count: int, update_proj_gap: int) -> str:
@@ -327,20 +339,35 @@ class RefreshPrograms:
       self._programs[name] = self._builders[name](example)
     return self._programs[name]
 
-  def __call__(self, params, opt_state, batch):
-    from galore_jax import optimizer as galore
-
-    count = galore.galore_count(opt_state)
+  def _choose(self, count_leaf) -> tuple[str, tuple[int, int]]:
+    """The program for a state whose count is ``count_leaf``, and the range of counts it
+    may hold (one count where it was read)."""
+    if self._last is not None and count_leaf is self._last[0]:  # the last call's output
+      lo, hi = self._last[1][0], self._last[1][1] + 1
+      gap = self._gap
+      any_due = lo == 0 or hi // gap * gap >= lo
+      every_due = gap == 1 or (lo == hi and any_due)
+      if not any_due or every_due:
+        return ("due" if any_due else "not_due"), (lo, hi)
+    count = count_leaf
     if isinstance(count, jax.Array) and not count.is_fully_addressable:  # several processes
       count = count.addressable_shards[0].data  # (replicated: every copy is the count)
     count = int(jax.device_get(count))
-    name = self.name_for(count, self._gap)
+    self.count_reads += 1
+    return self.name_for(count, self._gap), (count, count)
+
+  def __call__(self, params, opt_state, batch):
+    from galore_jax import optimizer as galore
+
+    name, counts = self._choose(galore.galore_count(opt_state))
     new = name not in self._programs
     if new and self._programs:  # the first one's compilation is the start-up's, said there
       self._log(f"train step: compiling the program for steps {self.NAMES[name]}")
     step = self.program(name, (params, opt_state, batch))
     self.built_last_call = new
-    return step(params, opt_state, batch)
+    params, opt_state, m = step(params, opt_state, batch)
+    self._last = (galore.galore_count(opt_state), counts)
+    return params, opt_state, m
 
   def build_all(self, params, opt_state, batch) -> None:
     """Builds and compiles the program not yet built (without running it), for a run that
@@ -946,6 +973,8 @@ def _instruction_note(data_format: str, train_ds=None) -> str:
   """What the model line says of instruction data (nothing for text): which records, that
   the loss is on the replies alone, and how the examples fill the rows, so a user sees how
   their file was read."""
+  if data_format == "text":  # (sft imports the data pipeline: grain, which a GPU image may lack)
+    return ""
   from galore_jax.sft import FORM_NAMES
 
   if data_format not in FORM_NAMES:
@@ -1112,11 +1141,11 @@ def keep_tokenizer(cfg: TrainConfig, sp, log) -> None:
   holds) into ``RUN/tokenizer/``, once, so that the run can be resumed, evaluated and
   exported after they are gone (:func:`run_tokenizer`). The copy is written whole or not
   at all (a rename) and must load as the same tokenizer; a copy that fails only warns."""
-  from galore_jax import data, hf
-
   dest = os.path.join(cfg.out, TOKENIZER_COPY)
   if not cfg.tokenizer or not distributed.is_primary() or os.path.isdir(dest):
     return
+  from galore_jax import data, hf  # (data imports grain, which a GPU image may lack)
+
   source = Path(cfg.tokenizer)
   if source.is_dir():
     source = hf.find_tokenizer(source)
@@ -1562,14 +1591,16 @@ def _train_loop(
   last_save_s = last_eval_s = 0.0
   time_limit = parse_duration(cfg.time_limit)
 
-  def out_of_time(step_s: float) -> bool:
-    """Whether another step and its save might not end within ``--time-limit``: the time
-    left is less than the longest of the recent steps (refresh steps included) plus the
-    last save's duration, and the last evaluation's where the next step evaluates."""
+  def out_of_time(step_s: float, after: int, *, running: bool = False) -> bool:
+    """Whether another step after step ``after`` and its save might not end within
+    ``--time-limit``: the time left is less than the longest of the recent steps (refresh
+    steps included) plus the last save's duration, and the last evaluation's where the next
+    step evaluates. ``running``: step ``after`` may not have ended yet (one step more)."""
     if time_limit is None:
       return False
-    margin = max(step_times, default=step_s) + last_save_s
-    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+    longest = max(step_times, default=step_s)
+    margin = longest * (1 + running) + last_save_s
+    if (after + 1) % cfg.eval_every == 0 or after + 1 == cfg.steps:
       margin += last_eval_s
     return time.perf_counter() - limit_start + margin >= time_limit
 
@@ -1640,6 +1671,71 @@ def _train_loop(
       total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
   last_line = -math.inf  # when `lines` last printed one
+  last_read = -math.inf  # when the last step's metrics were read (it had ended)
+  step_s = 0.0  # the time of the last step whose metrics were read
+
+  def finish(at: int, m, t_started: float, built: bool, lr_used: float):
+    """Reads step ``at``'s metrics, waiting for it to end, and records them; returns them
+    on the host. Raises TrainingDiverged after ``--max-nonfinite`` bad steps in a row."""
+    nonlocal consecutive_bad, last_read, step_s, last_line
+    m = jax.device_get(m)  # the step ran (an error of its outputs is raised here)
+    now = time.perf_counter()
+    # From when the device could start it: its dispatch, or the end of the step before
+    # where it was dispatched while that one ran (then this is the device's step rate).
+    step_s = max(now - max(t_started, last_read), 1e-9)
+    last_read = now
+    if at > start + 1 and not built:  # compiled (or loaded) none
+      step_times.append(step_s)
+    tps = tokens_per_step / step_s
+    memory = metrics.device_memory(local_devices)
+    bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
+    consecutive_bad = consecutive_bad + 1 if bad else 0
+    loss = float(m["loss"])
+    losses.append(loss)
+    if at % cfg.log_every == 0 or at == end:
+      writer.write(
+        {
+          "step": at,
+          "loss": loss,
+          "lr": lr_used,
+          "step_s": step_s,
+          "tokens_per_s": tps,
+          "mfu": metrics.mfu(n_params, tps, peak_tflops, len(devices)),
+          **memory,
+          "grad_norm": float(m["grad_norm"]),
+          "skipped": int(m["skipped"]),
+          **({"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}),
+        }
+      )
+    mem = memory["peak_bytes"]
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(
+        loss=f"{loss:.3f}",
+        tok_s=f"{tps:,.0f}",
+        **({"mem": f"{mem / 2**30:.2f}GiB"} if mem is not None else {}),
+      )
+    elif lines and (now - last_line >= PROGRESS_LINE_S or at in (start + 1, end)):
+      last_line = now
+      log(
+        f"step {at}/{cfg.steps}: loss {loss:.4f}, lr {lr_used:.3g}, {tps:,.0f} tokens/s, "
+        f"{step_s:.3g} s/step" + (f", peak {mem / 2**30:.2f} GiB" if mem is not None else "")
+      )
+    if consecutive_bad >= cfg.max_nonfinite:
+      raise TrainingDiverged(
+        f"{consecutive_bad} consecutive steps with non-finite loss or gradients (steps "
+        f"{at - consecutive_bad + 1}..{at}, not saved); {newest_checkpoint()}. "
+        "Lower --lr or enable --grad-clip."
+      )
+    return m
+
+  # A step may start before the last one's metrics are read: the device then runs the
+  # steps back to back, and the host's time between them (reading and recording metrics,
+  # the next batch, the progress bar, dispatching the step) overlaps the next step instead
+  # of idling the device. Not with callbacks (they see each step's state and metrics), nor
+  # in a job of several processes, which agrees on stop signals after every step.
+  overlap = not (hooks.before_step or hooks.after_step or distributed.is_multiprocess())
+  unread = None  # the last step's (at, metrics, t_started, built, lr), not yet read
   # The state at `step` (a whole step's outputs, before the next step's callbacks), and
   # what the loop is doing: an out-of-memory error names it and saves this state.
   kept, doing = (params, opt_state), f"step {start + 1}"
@@ -1663,21 +1759,35 @@ def _train_loop(
       if ahead is None:
         ahead = device_batch(run, next(batches), cfg.grad_accum, local=True)
       params, opt_state, m = step_fn(params, opt_state, ahead)
+      built = getattr(step_fn, "built_last_call", False)
       # While the device runs the step, the host reads its learning rate and puts the next
       # step's batch on the device: the device then waits for neither between the steps.
       lr_used = float(lr_at(step))
       ahead = (
         device_batch(run, next(batches), cfg.grad_accum, local=True) if step + 1 < end else None
       )
-      m = jax.device_get(m)  # the step ran (an error of its outputs is raised here)
-      kept = (params, opt_state)
-      step += 1
+      if unread is not None:  # the step before, read now that this one is queued
+        pending, unread = unread, None
+        doing = f"step {step}"
+        finish(*pending)
+        doing = f"step {step + 1}"
+      at = step + 1
+      if overlap and not (
+        at == start + 1  # its records time the compilation
+        or at % cfg.eval_every == 0
+        or at == cfg.steps
+        or at % cfg.save_every == 0
+        or at == end
+        or (profiling and at >= profile[1])
+        or signals.received is not None
+        or out_of_time(step_s, at, running=True)
+      ):  # nothing below needs this step's state or metrics now
+        unread = (at, m, t_step, built, lr_used)
+        kept, step = (params, opt_state), at
+        continue
+      m = finish(at, m, t_step, built, lr_used)
+      kept, step = (params, opt_state), at
       doing = f"the end of step {step}"  # its records, evaluation, checkpoint, callbacks
-      now = time.perf_counter()
-      step_s = max(now - t_step, 1e-9)
-      if step > start + 1 and not getattr(step_fn, "built_last_call", False):  # compiled none
-        step_times.append(step_s)
-      tps = tokens_per_step / step_s
       if profiling and step >= profile[1]:
         jax.block_until_ready((params, opt_state))
         jax.profiler.stop_trace()
@@ -1687,26 +1797,6 @@ def _train_loop(
           bar.write(where)
         else:
           log(where)
-      memory = metrics.device_memory(local_devices)
-      bad = int(m["skipped"]) or int(m.get("nonfinite_grads", 0))
-      consecutive_bad = consecutive_bad + 1 if bad else 0
-      loss = float(m["loss"])
-      losses.append(loss)
-      if step % cfg.log_every == 0 or step == end:
-        writer.write(
-          {
-            "step": step,
-            "loss": loss,
-            "lr": lr_used,
-            "step_s": step_s,
-            "tokens_per_s": tps,
-            "mfu": metrics.mfu(n_params, tps, peak_tflops, len(devices)),
-            **memory,
-            "grad_norm": float(m["grad_norm"]),
-            "skipped": int(m["skipped"]),
-            **({"nonfinite_grads": int(m["nonfinite_grads"])} if m.get("nonfinite_grads") else {}),
-          }
-        )
       if step == start + 1:  # after the step's own record: line 1 stays step 1's
         if time_limit is not None and ahead is not None and hasattr(step_fn, "build_all"):
           step_fn.build_all(params, opt_state, ahead)
@@ -1715,28 +1805,8 @@ def _train_loop(
           {
             "step": step,
             "compile_s": compile_timer.seconds,
-            "startup_s": now - t_start,
+            "startup_s": last_read - t_start,
           }
-        )
-      mem = memory["peak_bytes"]
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(
-          loss=f"{loss:.3f}",
-          tok_s=f"{tps:,.0f}",
-          **({"mem": f"{mem / 2**30:.2f}GiB"} if mem is not None else {}),
-        )
-      elif lines and (now - last_line >= PROGRESS_LINE_S or step in (start + 1, end)):
-        last_line = now
-        log(
-          f"step {step}/{cfg.steps}: loss {loss:.4f}, lr {lr_used:.3g}, {tps:,.0f} tokens/s, "
-          f"{step_s:.3g} s/step" + (f", peak {mem / 2**30:.2f} GiB" if mem is not None else "")
-        )
-      if consecutive_bad >= cfg.max_nonfinite:
-        raise TrainingDiverged(
-          f"{consecutive_bad} consecutive steps with non-finite loss or gradients (steps "
-          f"{step - consecutive_bad + 1}..{step}, not saved); {newest_checkpoint()}. "
-          "Lower --lr or enable --grad-clip."
         )
       if step % cfg.eval_every == 0 or step == cfg.steps:
         doing, t_eval = f"the evaluation at step {step}", time.perf_counter()
@@ -1759,7 +1829,7 @@ def _train_loop(
         callback(step, m)
       # Multi-process: a signal to any process stops all after this step (saving is
       # collective), and so does the first process past --time-limit.
-      ask = signals.received or (TIME_UP if step < end and out_of_time(step_s) else None)
+      ask = signals.received or (TIME_UP if step < end and out_of_time(step_s, step) else None)
       if (stop := distributed.agree_signal(ask)) is not None:
         try:
           saved = save(step, last=True)
@@ -1780,6 +1850,12 @@ def _train_loop(
   except RuntimeError as e:
     if not errors.is_out_of_memory(e):
       raise
+    if unread is not None:  # the next step failed to start: whether this one ended well
+      pending, unread = unread, None
+      try:
+        finish(*pending)
+      except Exception:  # noqa: BLE001 - it failed too (or diverged): nothing to save
+        kept = None
     if kept is not None:
       params, opt_state = kept
     raise OutOfMemory(out_of_memory(e)) from e

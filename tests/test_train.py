@@ -2075,3 +2075,93 @@ def test_a_time_limited_resume_compiles_both_programs_at_its_start(tmp_path):
   at_start = "train step: compiling the program for steps with a projector refresh (now: "
   assert sum(str(line).startswith(at_start) for line in logged) == 1
   assert "train step: compiling the program for steps with a projector refresh" not in logged
+
+
+@pytest.mark.parametrize("gap", [1, 2, 7])
+def test_refresh_programs_follow_the_count_reading_it_only_where_it_decides(gap):
+  # A state the last call returned holds that call's count or one more (a skipped step),
+  # so the program is known without reading the count (which waits for the step before)
+  # unless the range of counts it may hold has a due count and one that is not.
+  from galore_jax.optimizer import GaLoreState
+
+  ran = []
+
+  def build(name):
+    def program(params, opt_state, skip):  # a step, skipped or not, that records its name
+      ran.append(name)
+      return params, opt_state._replace(count=opt_state.count + (0 if skip else 1)), {}
+
+    return lambda example: program
+
+  programs = trainer.RefreshPrograms({n: build(n) for n in trainer.RefreshPrograms.NAMES}, gap)
+  state = GaLoreState(count=jnp.zeros([], jnp.int32), projectors=None, inner_state=None)
+  rng = np.random.default_rng(gap)
+  count, expected = 0, []
+  for _ in range(70):
+    skip = bool(rng.random() < 0.2)
+    expected.append(trainer.RefreshPrograms.name_for(count, gap))
+    _, state, _ = programs(None, state, skip)
+    count += not skip
+  assert ran == expected
+  refreshes = expected.count("due")
+  if gap == 1:  # every count is due: only the first call reads
+    assert programs.count_reads == 1
+  else:  # a few reads around each refresh (the due count, the next), none between
+    assert programs.count_reads <= 3 * refreshes + 1
+    assert gap == 2 or programs.count_reads < 70 // 2
+  # A state from elsewhere (a restore, a callback's) is read, whatever its count.
+  reads = programs.count_reads
+  programs(None, state._replace(count=jnp.asarray(count)), False)
+  assert programs.count_reads == reads + 1 and ran[-1] == programs.name_for(count, gap)
+
+
+def test_a_step_starts_before_the_last_ones_metrics_are_read(tmp_path, straight_run, monkeypatch):
+  # The device runs the steps back to back: step k + 1 is dispatched before step k's
+  # metrics are read (reading waits for the step), except where the loop needs a step's
+  # metrics or state at once: the first step (its records time the compilation) and the
+  # last (evaluation, checkpoint). The run and its records are the same.
+  events = []
+  real_step, real_get = trainer.cached_train_step, jax.device_get
+
+  def dispatching(run, hooks, log, **kw):
+    step_fn = real_step(run, hooks, log, **kw)
+
+    def step(*args):
+      events.append("dispatch")
+      return step_fn(*args)
+
+    return step
+
+  def get(x):
+    if isinstance(x, dict) and "skipped" in x:  # a step's metrics
+      events.append("read")
+    return real_get(x)
+
+  monkeypatch.setattr(trainer, "cached_train_step", dispatching)
+  monkeypatch.setattr(jax, "device_get", get)
+  done = train.train(_cfg(tmp_path, "overlap", steps=6), log=_quiet)
+  monkeypatch.undo()
+  d, r = "dispatch", "read"
+  assert events == [d, r, d, d, r, d, r, d, r, d, r, r]
+  np.testing.assert_allclose(done["losses"], straight_run["losses"], rtol=1e-6)
+  records = [r for r in metrics.read_metrics(done["out"]) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in records)
+
+
+def test_an_error_read_after_the_next_step_started_names_its_step(tmp_path, monkeypatch):
+  # An error of a step's outputs is raised where its metrics are read, which is after the
+  # next step has started (and consumed the step's donated state): the message names the
+  # step that failed, and the newest checkpoint, since nothing whole is left to save.
+  real_get, reads = jax.device_get, []
+
+  def get(x):
+    if isinstance(x, dict) and "skipped" in x:
+      reads.append(1)
+      if len(reads) == 3:  # step 3's, read after step 4 was dispatched
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory (injected)")
+    return real_get(x)
+
+  monkeypatch.setattr(jax, "device_get", get)
+  with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; the newest checkpoint is .*/2\."):
+    train.train(_cfg(tmp_path, "late", steps=6, save_every=2), log=_quiet)
