@@ -27,15 +27,16 @@
 #      peak, then the refresh program's compile time, its refresh-step peak and the first
 #      refresh (count 0), then a second start through the step and compilation caches (#16),
 #      which loads only the plain program.
-#   Later: GPU_CHECKS="packed smaller sample1b oom": llama_350m and llama_60m GaLore vs the
-#      reference and llama_1b's staggered subspace refresh, and the checks below.
+#   Later: GPU_CHECKS="train1b packed smaller sample1b oom": the trainer's own llama_1b step
+#      rate (its loop overlapping the steps vs waiting for each), llama_350m and llama_60m
+#      GaLore vs the reference and llama_1b's staggered subspace refresh, and the checks below.
 #   GPU_CHECKS=compile1b: only the compile times of llama_1b's subspace and exact steps
 #      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
 #      in time: the subspace step with XLA's compile statistics, then without Triton GEMM
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
 #   GPU_CHECKS=train1b: the trainer's own llama_1b step rate, overlapping the next step vs
-#      waiting for each (experiments/loop_overhead.py --compare-wait; about 2-3 minutes); it
-#      fits after memory7b in call 2.
+#      waiting for each (experiments/loop_overhead.py --compare-wait; about 2-3 minutes,
+#      estimated: two compiles, then loaded from a cache by the second run).
 #   GPU_CHECKS=sample1b: sampling speed of llama_1b (experiments/bench_sample.py); it fits
 #      after memory7b and smaller in call 2 if they finish early, or in any call's spare time.
 #   GPU_CHECKS=packed: packed instruction batches (several examples per row, kept apart by
