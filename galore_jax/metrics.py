@@ -1,7 +1,8 @@
 """Run metrics: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard.
 
-Training records carry ``step``, ``loss``, ``lr``, ``step_s``, ``tokens_per_s``,
-``mfu``, ``peak_bytes``, ``bytes_in_use`` (and ``grad_norm``, ``skipped``);
+Training records carry ``step``, ``loss``, ``lr``, ``step_s``, ``wait_s`` (the part of
+``step_s`` the loop waited for the device), ``tokens_per_s``, ``mfu``, ``peak_bytes``,
+``bytes_in_use`` (and ``grad_norm``, ``skipped``);
 evaluation records carry ``step``, ``eval_loss`` and ``eval_ppl``; each start writes
 one record with ``compile_s`` and ``startup_s``. ``step`` counts optimizer updates done
 when the record was written, so a record with ``step: 1`` describes the first update.

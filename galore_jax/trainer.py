@@ -1678,8 +1678,12 @@ def _train_loop(
     """Reads step ``at``'s metrics, waiting for it to end, and records them; returns them
     on the host. Raises TrainingDiverged after ``--max-nonfinite`` bad steps in a row."""
     nonlocal consecutive_bad, last_read, step_s, last_line
+    t_wait = time.perf_counter()
     m = jax.device_get(m)  # the step ran (an error of its outputs is raised here)
     now = time.perf_counter()
+    # With steps overlapping, the loop waits here for the device; near 0 means the device
+    # had finished and was waiting for the host (data, logging, a slow disk) instead.
+    wait_s = now - t_wait
     # From when the device could start it: its dispatch, or the end of the step before
     # where it was dispatched while that one ran (then this is the device's step rate).
     step_s = max(now - max(t_started, last_read), 1e-9)
@@ -1699,6 +1703,7 @@ def _train_loop(
           "loss": loss,
           "lr": lr_used,
           "step_s": step_s,
+          "wait_s": wait_s,
           "tokens_per_s": tps,
           "mfu": metrics.mfu(n_params, tps, peak_tflops, len(devices)),
           **memory,

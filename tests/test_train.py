@@ -619,7 +619,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   n_params = 7_358_720  # llama_tiny with the bundled 8192-piece tokenizer
   assert train_recs[2]["step_s"] < 2.5  # the step after the (slowed) evaluation at step 2
   for r in train_recs:
-    assert r["step_s"] > 0
+    assert r["step_s"] > 0 and 0 <= r["wait_s"] <= r["step_s"]
     assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
     assert r["mfu"] == pytest.approx(6 * n_params * r["tokens_per_s"] / 50e12)
     assert r["peak_bytes"] == 3 << 30 and r["bytes_in_use"] == 1 << 30
@@ -627,7 +627,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   (rec,) = [r for r in records if "compile_s" in r]
   assert rec["step"] == 1 and 0 < rec["compile_s"] <= rec["startup_s"]
   assert rec["compile_s"] < train_recs[0]["step_s"] + rec["startup_s"]
-  assert {"step_s", "tokens_per_s", "mfu", "compile_s", "startup_s", "loss"} <= (
+  assert {"step_s", "wait_s", "tokens_per_s", "mfu", "compile_s", "startup_s", "loss"} <= (
     _tensorboard_tags(tb)
   )
   # Each record's wall time (when it was written), in the file only.
@@ -2165,3 +2165,25 @@ def test_an_error_read_after_the_next_step_started_names_its_step(tmp_path, monk
   monkeypatch.setattr(jax, "device_get", get)
   with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; the newest checkpoint is .*/2\."):
     train.train(_cfg(tmp_path, "late", steps=6, save_every=2), log=_quiet)
+
+
+def test_wait_s_tells_a_host_bound_run(tmp_path, monkeypatch):
+  # A slow input (0.3 s a batch, far longer than the step): with steps overlapping the
+  # device finishes each step before the host asks, so the loop hardly waits (wait_s) while
+  # step_s is the host's pace. step_s divides the run's wall time between the steps, each
+  # second once (a step's time from its dispatch would count the overlap twice); where the
+  # host sets the pace, a batch read for the next step is in the step before's time.
+  real = trainer.device_batch
+
+  def slow(run, batch, grad_accum, local=False):
+    if local:
+      time.sleep(0.3)
+    return real(run, batch, grad_accum, local=local)
+
+  monkeypatch.setattr(trainer, "device_batch", slow)
+  done = train.train(_cfg(tmp_path, "slow", steps=6), log=_quiet)
+  records = [r for r in metrics.read_metrics(done["out"]) if "loss" in r]
+  for r in records[1:4]:  # steps 2..4, each read after the next step's batch
+    assert r["step_s"] > 0.25 and r["wait_s"] < 0.1 * r["step_s"], records
+  wall = records[-1]["time"] - records[0]["time"]  # from step 1's end to step 6's
+  assert sum(r["step_s"] for r in records[1:]) == pytest.approx(wall, abs=0.05)
