@@ -1591,6 +1591,14 @@ def _train_loop(
   last_save_s = last_eval_s = 0.0
   time_limit = parse_duration(cfg.time_limit)
 
+  # The steps whose end evaluates or saves: the loop's body, the time limit's margin and
+  # whether the next step may start before a step's metrics are read all ask these.
+  def evaluates(at: int) -> bool:
+    return at % cfg.eval_every == 0 or at == cfg.steps
+
+  def saves(at: int) -> bool:
+    return at % cfg.save_every == 0 or at == end
+
   def out_of_time(step_s: float, after: int, *, running: bool = False) -> bool:
     """Whether another step after step ``after`` and its save might not end within
     ``--time-limit``: the time left is less than the longest of the recent steps (refresh
@@ -1600,7 +1608,7 @@ def _train_loop(
       return False
     longest = max(step_times, default=step_s)
     margin = longest * (1 + running) + last_save_s
-    if (after + 1) % cfg.eval_every == 0 or after + 1 == cfg.steps:
+    if evaluates(after + 1):
       margin += last_eval_s
     return time.perf_counter() - limit_start + margin >= time_limit
 
@@ -1779,10 +1787,8 @@ def _train_loop(
       at = step + 1
       if overlap and not (
         at == start + 1  # its records time the compilation
-        or at % cfg.eval_every == 0
-        or at == cfg.steps
-        or at % cfg.save_every == 0
-        or at == end
+        or evaluates(at)
+        or saves(at)
         or (profiling and at >= profile[1])
         or signals.received is not None
         or out_of_time(step_s, at, running=True)
@@ -1813,7 +1819,7 @@ def _train_loop(
             "startup_s": last_read - t_start,
           }
         )
-      if step % cfg.eval_every == 0 or step == cfg.steps:
+      if evaluates(step):
         doing, t_eval = f"the evaluation at step {step}", time.perf_counter()
         if hooks.evaluate is None:
           last_eval = evaluate(run, params, val_batches, eval_fn)
@@ -1828,7 +1834,7 @@ def _train_loop(
             f"step {step}: eval loss {last_eval[0]:.4f}, ppl {last_eval[1]:.2f}"
             + (f" ({len(val_batches)} batches)" if eval_count else "")
           )
-      if step % cfg.save_every == 0 or step == end:
+      if saves(step):
         save(step, last=step == end)
       for callback in hooks.after_step:
         callback(step, m)
