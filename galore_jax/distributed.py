@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -441,6 +442,58 @@ def agree_signal(received: int | None) -> int | None:
   got = multihost_utils.process_allgather(np.int32(received or 0))
   nonzero = [int(s) for s in np.asarray(got).reshape(-1) if s]
   return received if received else (nonzero[0] if nonzero else None)
+
+
+class LateAgreement:
+  """:func:`agree_signal` one step late, so that a job of several processes can run its
+  steps back to back as one process does (the trainer's overlapped loop).
+
+  :func:`agree_signal` reads its all-gather at once: the host waits for the device's queue
+  to drain, the step in flight included, after every step. Here each call starts the
+  gather of this process's request (queued behind the step the loop just dispatched, ahead
+  of the next) and returns what the previous call's gather came to, which is ready once
+  the step before has ended. Every process calls once per step, in the same order (the
+  gathers are collectives), and reads the same agreed value on the same call, so all
+  still stop after the same step: the one after the step a request was made in.
+  """
+
+  def __init__(self) -> None:
+    self._pending: tuple[int | None, jax.Array] | None = None
+
+  def exchange(self, received: int | None) -> int | None:
+    """Starts agreeing on ``received`` (a signal number, a negative request such as the
+    trainer's time limit, or None) and returns the previous call's agreement: the
+    process's own request if it made one, else the first process's that did (or None)."""
+    agreed = None
+    if self._pending is not None:
+      own, gathered = self._pending
+      nonzero = [int(s) for s in np.asarray(gathered.addressable_data(0)) if s]
+      agreed = own if own else (nonzero[0] if nonzero else None)
+    sharding = _process_sharding()
+    local = np.full((1,), received or 0, np.int32)
+    rows = jax.make_array_from_process_local_data(sharding, local, (jax.process_count(),))
+    gathered = _replicator(sharding)(rows)  # dispatched; read by the next call
+    self._pending = (received, gathered)
+    return agreed
+
+
+def late_agreement() -> LateAgreement | None:
+  """A :class:`LateAgreement` in a job of several processes; None with one."""
+  return LateAgreement() if is_multiprocess() else None
+
+
+@functools.cache
+def _process_sharding() -> jax.sharding.NamedSharding:
+  """One row per process over all the job's devices (each row on its process's devices)."""
+  devices = np.asarray(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+  mesh = jax.sharding.Mesh(devices, ("processes", "local"))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+
+
+@functools.cache
+def _replicator(sharding: jax.sharding.NamedSharding):
+  """The all-gather of an array sharded by ``sharding``: a copy on every device."""
+  return jax.jit(lambda x: x, out_shardings=sharding.update(spec=jax.sharding.PartitionSpec()))
 
 
 def mesh_problem(mesh_devices: int) -> str | None:

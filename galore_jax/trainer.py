@@ -823,6 +823,7 @@ class _Signals:
   def __init__(self):
     self.received: int | None = None
     self.training = False  # set when the first step begins: a signal then saves a step
+    self.late = False  # a job's processes agree on signals a step late (LateAgreement)
     self._old = {}
     self._saving = False
     self._loading = False
@@ -854,7 +855,8 @@ class _Signals:
       return
     name = signal.Signals(signum).name
     if self.training:
-      what = "stopping after the current step, which is saved; send it again to stop without saving"
+      which = "the next step (with the job's other processes)" if self.late else "the current step"
+      what = f"stopping after {which}, which is saved; send it again to stop without saving"
     else:
       what = "stopping before the first step; send it again to stop at once"
     try:  # os.write: a print here could re-enter one the signal interrupted
@@ -1599,11 +1601,12 @@ def _train_loop(
   def saves(at: int) -> bool:
     return at % cfg.save_every == 0 or at == end
 
-  def out_of_time(step_s: float, after: int, *, running: bool = False) -> bool:
+  def out_of_time(step_s: float, after: int, *, running: int = 0) -> bool:
     """Whether another step after step ``after`` and its save might not end within
     ``--time-limit``: the time left is less than the longest of the recent steps (refresh
     steps included) plus the last save's duration, and the last evaluation's where the next
-    step evaluates. ``running``: step ``after`` may not have ended yet (one step more)."""
+    step evaluates. ``running``: how many steps up to ``after`` may not have ended yet
+    (each counts as one step more)."""
     if time_limit is None:
       return False
     longest = max(step_times, default=step_s)
@@ -1745,9 +1748,12 @@ def _train_loop(
   # A step may start before the last one's metrics are read: the device then runs the
   # steps back to back, and the host's time between them (reading and recording metrics,
   # the next batch, the progress bar, dispatching the step) overlaps the next step instead
-  # of idling the device. Not with callbacks (they see each step's state and metrics), nor
-  # in a job of several processes, which agrees on stop signals after every step.
-  overlap = not (hooks.before_step or hooks.after_step or distributed.is_multiprocess())
+  # of idling the device. Not with callbacks (they see each step's state and metrics). A job
+  # of several processes then agrees on stop signals one step late (LateAgreement), so
+  # that no step waits for the one in flight; else it agrees after every step.
+  overlap = not (hooks.before_step or hooks.after_step)
+  late = distributed.late_agreement() if overlap else None
+  agreed = None  # what the processes agreed on (late) during this step
   unread = None  # the last step's (at, metrics, t_started, built, lr), not yet read
   # The state at `step` (a whole step's outputs, before the next step's callbacks), and
   # what the loop is doing: an out-of-memory error names it and saves this state.
@@ -1758,7 +1764,7 @@ def _train_loop(
     while step < end:
       if step == start:
         startup_check()
-        signals.training = True
+        signals.training, signals.late = True, late is not None
       # Callbacks may replace the state (ReLoRA's merge): holding the old one through the
       # step would cost a copy of it, and saving the new one as `step` would run them twice.
       kept = (params, opt_state) if not hooks.before_step else None
@@ -1785,13 +1791,21 @@ def _train_loop(
         finish(*pending)
         doing = f"step {step + 1}"
       at = step + 1
+      if late is not None:
+        # Step `at` is in flight and step at + 1 will be, whatever is agreed now: a request
+        # made now stops the job after step at + 1, so the time limit looks one step further.
+        agreed = late.exchange(
+          signals.received
+          or (TIME_UP if at + 1 < end and out_of_time(step_s, at + 1, running=2) else None)
+        )
       if overlap and not (
         at == start + 1  # its records time the compilation
         or evaluates(at)
         or saves(at)
         or (profiling and at >= profile[1])
         or signals.received is not None
-        or out_of_time(step_s, at, running=True)
+        or agreed is not None
+        or out_of_time(step_s, at, running=1)
       ):  # nothing below needs this step's state or metrics now
         unread = (at, m, t_step, built, lr_used)
         kept, step = (params, opt_state), at
@@ -1838,10 +1852,14 @@ def _train_loop(
         save(step, last=step == end)
       for callback in hooks.after_step:
         callback(step, m)
-      # Multi-process: a signal to any process stops all after this step (saving is
+      # Multi-process: a signal to any process stops all after the same step (saving is
       # collective), and so does the first process past --time-limit.
-      ask = signals.received or (TIME_UP if step < end and out_of_time(step_s, step) else None)
-      if (stop := distributed.agree_signal(ask)) is not None:
+      if late is not None:
+        stop = agreed
+      else:
+        ask = signals.received or (TIME_UP if step < end and out_of_time(step_s, step) else None)
+        stop = distributed.agree_signal(ask)
+      if stop is not None:
         try:
           saved = save(step, last=True)
         except checkpoint.CheckpointWriteError as e:

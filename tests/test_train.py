@@ -21,7 +21,18 @@ import numpy as np
 import pytest
 from small_run import SMALL
 
-from galore_jax import checkpoint, cli, config, data, metrics, sft, steps, train, trainer
+from galore_jax import (
+  checkpoint,
+  cli,
+  config,
+  data,
+  distributed,
+  metrics,
+  sft,
+  steps,
+  train,
+  trainer,
+)
 
 _SESSION_START = time.perf_counter()
 
@@ -2187,3 +2198,53 @@ def test_wait_s_tells_a_host_bound_run(tmp_path, monkeypatch):
     assert r["step_s"] > 0.25 and r["wait_s"] < 0.1 * r["step_s"], records
   wall = records[-1]["time"] - records[0]["time"]  # from step 1's end to step 6's
   assert sum(r["step_s"] for r in records[1:]) == pytest.approx(wall, abs=0.05)
+
+
+def test_a_job_of_several_processes_agrees_on_signals_a_step_late(
+  tmp_path, straight_run, monkeypatch, capfd
+):
+  # A job of several processes runs its steps back to back too: its agreement on stop
+  # signals (a collective, distributed.LateAgreement) is dispatched behind each step and
+  # read a step later, once the step before has ended, never waiting for the one in
+  # flight. Every process exchanges once a step, whatever it received, and a signal stops
+  # them all after the step after the one it came in (here: the one of step 3, after 4).
+  # The real collective, over the one process here; two processes: test_multihost.py.
+  events = []
+  real_step, real_get = trainer.cached_train_step, jax.device_get
+
+  class Recording(distributed.LateAgreement):
+    def exchange(self, received):
+      events.append("agree")
+      return super().exchange(received)
+
+  def dispatching(run, hooks, log, **kw):
+    step_fn = real_step(run, hooks, log, **kw)
+
+    def step(*args):
+      if events.count("dispatch") == 2:  # during step 3, as the host dispatches it
+        os.kill(os.getpid(), signal.SIGTERM)
+      events.append("dispatch")
+      return step_fn(*args)
+
+    return step
+
+  def get(x):
+    if isinstance(x, dict) and "skipped" in x:
+      events.append("read")
+    return real_get(x)
+
+  monkeypatch.setattr(distributed, "late_agreement", Recording)
+  monkeypatch.setattr(trainer, "cached_train_step", dispatching)
+  monkeypatch.setattr(jax, "device_get", get)
+  with pytest.raises(trainer.TrainingInterrupted, match="SIGTERM at step 4; checkpoint saved"):
+    train.train(_cfg(tmp_path, "late", steps=6), log=_quiet)
+  monkeypatch.undo()
+  d, a, r = "dispatch", "agree", "read"
+  assert events == [d, a, r, d, a, d, r, a, r, d, a, r]
+  out = str(tmp_path / "late")
+  assert checkpoint.latest_step(out) == 4
+  assert "SIGTERM: stopping after the next step (with the job's other processes)" in (
+    capfd.readouterr().err
+  )
+  losses = [r["loss"] for r in metrics.read_metrics(out) if "loss" in r]
+  np.testing.assert_allclose(losses, straight_run["losses"][:4], rtol=1e-6)
