@@ -2248,3 +2248,48 @@ def test_a_job_of_several_processes_agrees_on_signals_a_step_late(
   )
   losses = [r["loss"] for r in metrics.read_metrics(out) if "loss" in r]
   np.testing.assert_allclose(losses, straight_run["losses"][:4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("processes", ["one", "several"])
+def test_the_time_limit_counts_the_steps_already_under_way(tmp_path, monkeypatch, processes):
+  # --time-limit with overlapping steps: when the loop decides, one step is in flight (and
+  # in a job of several processes, whose agreement is read a step late, the next one will
+  # be), so the margin counts them. A virtual clock makes it exact: the host takes no time,
+  # the device runs each step in 1 s after the one before, and a save takes 0.5 s. With a
+  # 10 s limit, step 9 and its save end at 9.5 s; step 10's would end at 10.5 s. A margin of
+  # one step fewer runs step 10 past the limit.
+  clock = [0.0]  # seconds since the limit started
+  ends = []  # when each dispatched step ends on the device, oldest first
+  real_step, real_get, real_save = trainer.cached_train_step, jax.device_get, checkpoint.save
+
+  def dispatching(run, hooks, log, **kw):
+    step_fn = real_step(run, hooks, log, **kw)
+
+    def step(*args):
+      ends.append(max([clock[0], *ends[-1:]]) + 1.0)
+      return step_fn(*args)
+
+    return step
+
+  def get(x):
+    if isinstance(x, dict) and "skipped" in x:  # reading a step's metrics waits for it
+      clock[0] = max(clock[0], ends.pop(0))
+    return real_get(x)
+
+  def save(*args, **kw):
+    clock[0] += 0.5
+    return real_save(*args, **kw)
+
+  virtual = types.SimpleNamespace(
+    perf_counter=lambda: clock[0], monotonic=time.monotonic, strftime=time.strftime
+  )
+  monkeypatch.setattr(trainer, "time", virtual)
+  monkeypatch.setattr(trainer, "cached_train_step", dispatching)
+  monkeypatch.setattr(jax, "device_get", get)
+  monkeypatch.setattr(checkpoint, "save", save)
+  if processes == "several":
+    monkeypatch.setattr(distributed, "late_agreement", distributed.LateAgreement)
+  cfg = _cfg(tmp_path, "timed", steps=20, save_every=100, eval_every=100, time_limit="10s")
+  done = trainer.train(cfg, log=_quiet, started=0.0)
+  assert done["step"] == 9 and clock[0] == 9.5
+  assert checkpoint.latest_step(cfg.out) == 9
