@@ -847,16 +847,24 @@ def _open_reply_file(args, records):
   return replies.ReplyFile(args.out, [(r.record, r.line) for r in records], settings, args.prompts)
 
 
-def _trained_format(path: str, step: int) -> str:
+def _trained_format(path: str, step: int, tok) -> str:
   """``sample``'s default ``--format``: the form of the run's ``--data`` as its checkpoint
   recorded it (``"text"`` for a Hugging Face model directory, or a run saved before runs
-  recorded it), with a note when it is not text."""
+  recorded it), with a note when it is not text, or when it is a Hugging Face directory's
+  whose tokenizer ``tok`` has a chat template (an instruct model's, or an export of a
+  fine-tuned run, whose template lays a message out as its training did)."""
   from galore_jax import distributed, sample
 
-  form = sample.data_format(sample.run_meta(path, step))
+  meta = sample.run_meta(path, step)
+  form = sample.data_format(meta)
+  log = distributed.primary_log(functools.partial(print, file=sys.stderr))
   if form != "text":
-    log = distributed.primary_log(functools.partial(print, file=sys.stderr))
     log(f"galore-jax: note: --format {form}: the form of the run's --data")
+  elif meta is None and getattr(tok, "chat_template", None):
+    log(
+      "galore-jax: note: --format text: the prompt is continued as plain text; this model's "
+      "tokenizer has a chat template, which --format chat lays a user message out in"
+    )
   return form
 
 
@@ -874,7 +882,7 @@ def _sample(args, records, reply_file) -> int:
         "--top-k", f"must be in [1, {sp.get_piece_size()}] (the vocabulary), got {args.top_k}"
       )
     if args.format is None:
-      args.format = _trained_format(args.checkpoint, step)
+      args.format = _trained_format(args.checkpoint, step, sp)
     flag = "--prompt" if args.prompts is None else "--prompts"
     prompts.clear()  # a retried read calls again
     for _, prompt, line in records:

@@ -793,8 +793,11 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   assert cli.main(["sample", "--checkpoint", run, "--prompt", q, *flags]) == 0
   out, err = capsys.readouterr()
   assert out == prompt_reply and "note: --format prompt: the form of the run's --data" in err
+  # A Hugging Face directory: text, with a note where its tokenizer has a chat template.
   assert cli.main(["sample", "--checkpoint", str(trained_run["init"]), "--prompt", q, *flags]) == 0
-  assert "--format" not in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "note: --format text: the prompt is continued as plain text; this model's " in err
+  assert "--format chat lays a user message out in" in err
   assert cli.main(["sample", "--checkpoint", run, "--prompt", q, "--format", "chat", *flags]) == 0
   chat_reply = capsys.readouterr().out
   assert "User:" not in chat_reply  # the reply alone
@@ -831,6 +834,10 @@ def test_sample_lays_the_prompt_out_as_training_did(trained_run, tmp_path, capsy
   assert cli.main([*args, "--tokenizer", str(bare / "tokenizer.json")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("galore-jax: error: --format: chat: the tokenizer has no chat template")
+  # A Hugging Face directory sampled through it: text, and no note.
+  init = ["sample", "--checkpoint", str(trained_run["init"]), "--prompt", q, *flags]
+  assert cli.main([*init, "--tokenizer", str(bare / "tokenizer.json")]) == 0
+  assert "--format" not in capsys.readouterr().err
 
 
 def test_a_chat_reply_ends_at_the_templates_end_of_turn_token(tok_dir, tmp_path):
