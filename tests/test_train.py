@@ -2256,8 +2256,8 @@ def test_the_time_limit_counts_the_steps_already_under_way(tmp_path, monkeypatch
   # in a job of several processes, whose agreement is read a step late, the next one will
   # be), so the margin counts them. A virtual clock makes it exact: the host takes no time,
   # the device runs each step in 1 s after the one before, and a save takes 0.5 s. With a
-  # 10 s limit, step 9 and its save end at 9.5 s; step 10's would end at 10.5 s. A margin of
-  # one step fewer runs step 10 past the limit.
+  # 4 s limit, step 3 and its save end at 3.5 s; step 4's would end at 4.5 s. A margin of
+  # one step fewer runs step 4 past the limit.
   clock = [0.0]  # seconds since the limit started
   ends = []  # when each dispatched step ends on the device, oldest first
   real_step, real_get, real_save = trainer.cached_train_step, jax.device_get, checkpoint.save
@@ -2289,7 +2289,7 @@ def test_the_time_limit_counts_the_steps_already_under_way(tmp_path, monkeypatch
   monkeypatch.setattr(checkpoint, "save", save)
   if processes == "several":
     monkeypatch.setattr(distributed, "late_agreement", distributed.LateAgreement)
-  cfg = _cfg(tmp_path, "timed", steps=20, save_every=100, eval_every=100, time_limit="10s")
+  cfg = _cfg(tmp_path, "timed", steps=6, save_every=100, eval_every=100, time_limit="4s")
   done = trainer.train(cfg, log=_quiet, started=0.0)
-  assert done["step"] == 9 and clock[0] == 9.5
-  assert checkpoint.latest_step(cfg.out) == 9
+  assert done["step"] == 3 and clock[0] == 3.5
+  assert checkpoint.latest_step(cfg.out) == 3
