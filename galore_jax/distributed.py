@@ -485,7 +485,8 @@ def late_agreement() -> LateAgreement | None:
 @functools.cache
 def _process_sharding() -> jax.sharding.NamedSharding:
   """One row per process over all the job's devices (each row on its process's devices)."""
-  devices = np.asarray(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+  by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = np.asarray(by_process).reshape(jax.process_count(), jax.local_device_count())
   mesh = jax.sharding.Mesh(devices, ("processes", "local"))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
 
