@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -235,20 +236,28 @@ def _gc_paused(fn: Callable) -> Callable:
   return traced
 
 
-def _on_host(schedule: optax.Schedule) -> Callable[[int], float]:
-  """``schedule(step)`` as a float, by one compiled call on the host's CPU device (where
-  JAX has one): the loop reads the rate every step, and the schedule's jnp operations run
-  eagerly on a GPU would be a dozen kernel launches and a device-to-host copy, queued
-  behind the train step."""
-  compiled = jax.jit(schedule)
+def _on_host(schedule: optax.Schedule, chunk: int = 4096) -> Callable[[int], float]:
+  """``schedule(step)`` as a float, read from a table of ``chunk`` steps that one compiled
+  call on the host's CPU device (where JAX has one) fills when the loop first asks for a
+  step in it. The loop reads the rate every step, while the step before runs: on a GPU the
+  schedule's jnp operations run eagerly would be a dozen kernel launches and a
+  device-to-host copy queued behind that step, and on the CPU backend any computation,
+  even the compiled call, waits for it (its one device runs programs in order), so the
+  host would block there every step and the steps could not overlap."""
+  first = jax.jit(lambda base: jax.vmap(schedule)(base + jnp.arange(chunk)))
   try:
     cpu = jax.local_devices(backend="cpu")[0]  # this process's (not a job's device 0)
   except RuntimeError:  # JAX_PLATFORMS without cpu
     cpu = None
+  table: dict[int, np.ndarray] = {}
 
   def at(step: int) -> float:
-    with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
-      return float(compiled(step))
+    base = step - step % chunk
+    if base not in table:
+      with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+        table.clear()
+        table[base] = np.asarray(first(base))
+    return float(table[base][step - base])
 
   return at
 
