@@ -244,7 +244,7 @@ def _on_host(schedule: optax.Schedule, chunk: int = 4096) -> Callable[[int], flo
   device-to-host copy queued behind that step, and on the CPU backend any computation,
   even the compiled call, waits for it (its one device runs programs in order), so the
   host would block there every step and the steps could not overlap."""
-  first = jax.jit(lambda base: jax.vmap(schedule)(base + jnp.arange(chunk)))
+  fill = jax.jit(lambda base: jax.vmap(schedule)(base + jnp.arange(chunk)))
   try:
     cpu = jax.local_devices(backend="cpu")[0]  # this process's (not a job's device 0)
   except RuntimeError:  # JAX_PLATFORMS without cpu
@@ -256,7 +256,7 @@ def _on_host(schedule: optax.Schedule, chunk: int = 4096) -> Callable[[int], flo
     if base not in table:
       with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
         table.clear()
-        table[base] = np.asarray(first(base))
+        table[base] = np.asarray(fill(base))
     return float(table[base][step - base])
 
   return at
