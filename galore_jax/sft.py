@@ -253,11 +253,15 @@ CHAT_TEMPLATES = {
 def read_chat_template(value: str) -> str:
   """``--chat-template``: a preset's name (:data:`CHAT_TEMPLATES`), a ``tokenizer_config.json``
   (its ``chat_template``), or a file holding the Jinja text (``chat_template.jinja``).
-  ValueError for a file that is missing or holds no template, and for a template Jinja cannot
-  parse (now, not after the data is read)."""
+  ValueError for a file that is missing or holds no template, for a template Jinja cannot
+  parse (now, not after the data is read), and for a preset's name that is also a file's."""
   import jinja2.sandbox
 
   if value in CHAT_TEMPLATES:
+    if Path(value).is_file():  # which one the user means is anyone's guess
+      raise ValueError(
+        f"{value}: both a preset and a file in this directory; write ./{value} for the file"
+      )
     template = CHAT_TEMPLATES[value]
   else:
     path = Path(value).expanduser()

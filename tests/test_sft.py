@@ -177,7 +177,9 @@ def test_a_packed_row_never_trains_a_target_across_examples():
   np.testing.assert_array_equal(b["mask"][0], [1, 1, 0, 1, 1, 1, 0, 1, 0])
 
 
-def test_read_chat_template_takes_a_preset_a_jinja_file_or_a_tokenizer_config(tmp_path):
+def test_read_chat_template_takes_a_preset_a_jinja_file_or_a_tokenizer_config(
+  tmp_path, monkeypatch
+):
   chatml = sft.read_chat_template("chatml")
   assert chatml == sft.CHAT_TEMPLATES["chatml"]
   (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
@@ -197,6 +199,12 @@ def test_read_chat_template_takes_a_preset_a_jinja_file_or_a_tokenizer_config(tm
       sft.read_chat_template(str(bad))
   with pytest.raises(ValueError, match="no such file, and not a preset \\(chatml\\)"):
     sft.read_chat_template("chatmI")
+  # A file named as a preset, in the working directory: neither is taken for the other.
+  (tmp_path / "chatml").write_text("{{ 'mine' }}")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="^chatml: both a preset and a file in this directory; "):
+    sft.read_chat_template("chatml")
+  assert sft.read_chat_template("./chatml") == "{{ 'mine' }}"
   # A library caller's TrainConfig holds the text: a preset's name there is refused, not
   # rendered as the word "chatml" for every conversation.
   from galore_jax import config

@@ -2186,9 +2186,10 @@ def test_an_error_read_after_the_next_step_started_names_its_step(tmp_path, monk
 def test_wait_s_tells_a_host_bound_run(tmp_path, monkeypatch):
   # A slow input (1 s a batch, far longer than the step, even on a loaded machine): with
   # steps overlapping the device finishes each step before the host asks, so the loop
-  # hardly waits (wait_s) while step_s is the host's pace. step_s divides the run's wall time between the steps, each
-  # second once (a step's time from its dispatch would count the overlap twice); where the
-  # host sets the pace, a batch read for the next step is in the step before's time.
+  # hardly waits (wait_s) while step_s is the host's pace. step_s divides the run's wall
+  # time between the steps, each second once (a step's time from its dispatch would count
+  # the overlap twice); where the host sets the pace, a batch read for the next step is in
+  # the step before's time.
   real = trainer.device_batch
 
   def slow(run, batch, grad_accum, local=False):
