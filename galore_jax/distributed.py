@@ -440,8 +440,15 @@ def agree_signal(received: int | None) -> int | None:
   from jax.experimental import multihost_utils
 
   got = multihost_utils.process_allgather(np.int32(received or 0))
-  nonzero = [int(s) for s in np.asarray(got).reshape(-1) if s]
-  return received if received else (nonzero[0] if nonzero else None)
+  return _agreed(received, got)
+
+
+def _agreed(own: int | None, gathered) -> int | None:
+  """What the processes agree on from every process's request (``gathered``, 0 for none):
+  this process's own if it made one (its message names what it received), else the first
+  process's that did."""
+  nonzero = [int(s) for s in np.asarray(gathered).reshape(-1) if s]
+  return own if own else (nonzero[0] if nonzero else None)
 
 
 class LateAgreement:
@@ -467,8 +474,7 @@ class LateAgreement:
     agreed = None
     if self._pending is not None:
       own, gathered = self._pending
-      nonzero = [int(s) for s in np.asarray(gathered.addressable_data(0)) if s]
-      agreed = own if own else (nonzero[0] if nonzero else None)
+      agreed = _agreed(own, gathered.addressable_data(0))
     sharding = _process_sharding()
     local = np.full((1,), received or 0, np.int32)
     rows = jax.make_array_from_process_local_data(sharding, local, (jax.process_count(),))
