@@ -18,13 +18,16 @@ the token cache, shared by processes that read the same source). One real C4 sha
 about 800 MB of text; eight (the README's glob) about 6.4 GB.
 
 ``--sft`` writes instruction records instead (``sft.jsonl``: prompt/completion, as a
-fine-tuning set), read by ``galore_jax.sft``.
+fine-tuning set), read by ``galore_jax.sft``; ``--chat`` conversations (``chat.jsonl``:
+"messages" records of one to three user/assistant turns), rendered in the ChatML preset
+(``--chat-template chatml``) with the loss on the replies.
 
 ``--processes N`` starts N workers at once for each case, as a host's N GPUs (one
 process each) start on the same source: the seconds are the last worker's, the memory
 each worker's, and ``tokenized`` counts the workers that tokenized the files themselves.
 
-    python experiments/data_load.py --dir /tmp/data_load --mb 200 [--txt | --sft] [--processes 4]
+    python experiments/data_load.py --dir /tmp/data_load --mb 200 [--txt | --sft | --chat]
+      [--processes 4]
 """
 
 from __future__ import annotations
@@ -47,17 +50,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_shard(
-  path: Path, megabytes: float, seed: int = 0, txt: bool = False, sft: bool = False
+  path: Path,
+  megabytes: float,
+  seed: int = 0,
+  txt: bool = False,
+  sft: bool = False,
+  chat: bool = False,
 ) -> int:
   """A C4-like JSON-lines shard of about ``megabytes`` MB of JSON (``txt``: plain text;
-  ``sft``: instruction records, a prompt of 1-4 sentences and a completion of 2-10);
+  ``sft``: instruction records, a prompt of 1-4 sentences and a completion of 2-10;
+  ``chat``: conversations of 1-3 turns, each a user message and a reply as ``sft``'s);
   returns its documents."""
   from galore_jax.data import CORPUS_DIR, CORPUS_FILES
 
   text = " ".join(lzma.open(CORPUS_DIR / name, "rt").read() for name in CORPUS_FILES)
   sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if len(s) > 20]
   rng, target, written, docs = random.Random(seed), int(megabytes * 1e6), 0, 0
-  with open(path, "w") if txt or sft else gzip.open(path, "wt", compresslevel=1) as f:
+  plain = txt or sft or chat
+  with open(path, "w") if plain else gzip.open(path, "wt", compresslevel=1) as f:
+    while written < target and chat:
+      messages = []
+      for _ in range(rng.randint(1, 3)):
+        user = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 4)))
+        reply = " ".join(rng.choice(sentences) for _ in range(rng.randint(2, 10)))
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+      line = json.dumps({"messages": messages}) + "\n"
+      f.write(line)
+      written, docs = written + len(line), docs + 1
     while written < target and sft:
       prompt = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 4)))
       completion = " ".join(rng.choice(sentences) for _ in range(rng.randint(2, 10)))
@@ -85,7 +104,7 @@ def status(field: str = "VmHWM") -> int:
     return next(int(x.split()[1]) * 1024 for x in f if x.startswith(f"{field}:"))
 
 
-def measure(source: str) -> dict:
+def measure(source: str, chat: bool = False) -> dict:
   """In this (fresh) process: the seconds and peak memory of loading both splits (what
   ``make_dataset`` and ``eval_batches`` do), then the memory after reading every page of
   the training stream."""
@@ -96,8 +115,9 @@ def measure(source: str) -> dict:
 
   warnings.simplefilter("ignore")  # (instruction records cut by seq_len are counted)
 
-  config = data.DataConfig(source=source, seq_len=256, batch_size=8)
-  sp = data.load_tokenizer()
+  template = sft.read_chat_template("chatml") if chat else None
+  config = data.DataConfig(source=source, seq_len=256, batch_size=8, chat_template=template)
+  sp = data.load_tokenizer(None, template)
   base = status()
   encoded = []
   builders = (sources._TokenBuilder, getattr(sft, "_ExampleBuilder", None))
@@ -140,19 +160,20 @@ def main(argv=None) -> dict:
   ap.add_argument("--mb", type=float, default=200.0, help="MB of JSON lines to write")
   ap.add_argument("--txt", action="store_true", help="a plain-text file instead of JSON lines")
   ap.add_argument("--sft", action="store_true", help="prompt/completion records (fine-tuning)")
+  ap.add_argument("--chat", action="store_true", help='"messages" records in ChatML')
   ap.add_argument("--processes", type=int, default=1, help="workers started at once per case")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
-    print(json.dumps(measure(args.worker)))
+    print(json.dumps(measure(args.worker, chat=args.chat)))
     return {}
   work = Path(args.dir)
   work.mkdir(parents=True, exist_ok=True)
   name = "corpus.txt" if args.txt else "c4-train.00000-of-01024.json.gz"
-  shard = work / ("sft.jsonl" if args.sft else name)
+  shard = work / ("chat.jsonl" if args.chat else "sft.jsonl" if args.sft else name)
   if not shard.is_file():
     t0 = time.perf_counter()
-    n = write_shard(shard, args.mb, txt=args.txt, sft=args.sft)
+    n = write_shard(shard, args.mb, txt=args.txt, sft=args.sft, chat=args.chat)
     print(f"wrote {shard} ({n} documents, {time.perf_counter() - t0:.0f} s)", flush=True)
   cache = work / "cache"
   if cache.exists():
@@ -165,7 +186,7 @@ def main(argv=None) -> dict:
   for case in ("first", "cached"):
     workers = [
       subprocess.Popen(
-        [sys.executable, __file__, "--worker", str(shard)],
+        [sys.executable, __file__, "--worker", str(shard), *(["--chat"] if args.chat else [])],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
