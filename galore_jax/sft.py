@@ -843,17 +843,27 @@ def split_index(
   B, L = config.batch_size, config.seq_len
   # A row holds seq_len + 1 tokens; an example whose reply starts after them trains nothing
   # (its mask is all zero), and a split of only such examples would report a loss of 0.
-  cut = int((examples.first[:, 1] > L).sum())
-  if cut:
-    head = int(examples.first[:, 0].min())
-    what = (
-      f"--data {config.source!r}: {cut} of {n} {'' if split == 'all' else split + ' '}"
-      "example(s) have no trained token "
-      f"within --seq-len {L} (+1) tokens (the shortest prompt before a reply takes {head})"
+  # One with no trained token at all (a conversation without an "assistant" turn, e.g.
+  # roles named "model" or "bot") is told apart: a longer --seq-len would not help it.
+  none = examples.first[:, 1] == _NONE
+  late = (examples.first[:, 1] > L) & ~none
+  of = lambda k: f"{int(k)} of {n} {'' if split == 'all' else split + ' '}example(s)"
+  said = []
+  if late.any():
+    said.append(
+      f"{of(late.sum())} have no trained token within --seq-len {L} (+1) tokens (the "
+      f"earliest reply among them starts at token {int(examples.first[late, 1].min())})"
     )
-    if cut == n:
-      raise ValueError(f"{what}: nothing to learn from; raise --seq-len")
-    warnings.warn(f"{what}: their replies are cut off and add nothing to the loss", stacklevel=2)
+  if none.any():
+    said.append(
+      f'{of(none.sum())} have no trained token at all (only "assistant" turns are trained; '
+      'roles are "system", "user" and "assistant")'
+    )
+  if said and late.sum() + none.sum() == n:
+    todo = "raise --seq-len" if late.any() else "check the roles of the conversations"
+    raise ValueError(f"--data {config.source!r}: {'; '.join(said)}: nothing to learn from; {todo}")
+  for what in said:
+    warnings.warn(f"--data {config.source!r}: {what}: they add nothing to the loss", stacklevel=2)
   if not config.packing:
     return data.SplitIndex(n, B, _ExampleBatch(examples, B, L, pad), n, n, n_tok)
   rows = pack_rows(np.diff(examples.starts), L + 1)

@@ -306,6 +306,42 @@ def test_the_seq_len_warning_is_given_at_every_start(tmp_path, monkeypatch):
     _batches(_write(tmp_path / "cut.jsonl", recs[:30]), seq_len=48)
 
 
+def test_conversations_with_no_assistant_turn_are_told_apart_from_cut_replies(
+  tmp_path, monkeypatch
+):
+  # Replies under a role other than "assistant" ("model", as Gemma's template writes it)
+  # train nothing at any length; the message said "raise --seq-len" and gave the shortest
+  # prompt of all examples (48 tokens, against --seq-len 128) as if it were theirs.
+  monkeypatch.setenv("GALORE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  template = sft.read_chat_template("chatml")
+  chat = lambda user, role: {
+    "messages": [{"role": "user", "content": user}, {"role": role, "content": "it is."}]
+  }
+  cfg = lambda src: data.DataConfig(
+    source=str(src), seq_len=48, batch_size=4, chat_template=template
+  )
+  src = _write(tmp_path / "model.jsonl", [chat(f"what is {i} ?", "model") for i in range(60)])
+  with pytest.raises(ValueError) as e:
+    data.make_dataset(cfg(src), "train")
+  said = str(e.value)
+  assert re.search(r"(\d+) of \1 train example\(s\) have no trained token at all", said), said
+  assert said.endswith("nothing to learn from; check the roles of the conversations")
+  assert "--seq-len" not in said
+  # Mixed with replies past the row: each kind said once, the cut ones with where their
+  # earliest reply starts.
+  long = [chat(f"{i} " + " ".join(["word"] * (40 + i)), "assistant") for i in range(20)]
+  short = [chat(f"what is {i} ?", "assistant") for i in range(40)]
+  src = _write(tmp_path / "mixed.jsonl", long + short + [chat("hi", "model")] * 20)
+  with pytest.warns(UserWarning) as got:
+    data.make_dataset(cfg(src), "train")
+  said = [str(w.message) for w in got if "have no trained token" in str(w.message)]
+  assert len(said) == 2 and "no trained token at all" in said[1], said
+  tok = data.load_tokenizer(None, template)
+  starts = [int(np.argmax(m)) for _, m in sft.tokenize_examples([(r, "") for r in long], tok)]
+  at = re.search(r"\(the earliest reply among them starts at token (\d+)\)", said[0])
+  assert at and int(at[1]) in starts and int(at[1]) > 48, (said, starts)  # (a cut one's)
+
+
 def test_split_fallback_takes_the_example_out_of_tokenized_batches(tmp_path, monkeypatch):
   # No record hashes to 0 mod 100: the one with the smallest hash moves to validation after
   # the train builder has tokenized it (one record per batch here).
