@@ -11,8 +11,10 @@ file (a Hub dataset's usual form) whose rows have these columns, whose records a
   the tokenizer's chat template (``chat_template`` in ``tokenizer_config.json``); the text
   of every assistant turn, as the template renders it (its end-of-turn token included),
   is trained, everything else is not. ShareGPT's ``{"conversations": [{"from": "human",
-  "value": ...}, {"from": "gpt", ...}]}`` is read as these messages (:data:`SHAREGPT_ROLES`);
-  or
+  "value": ...}, {"from": "gpt", ...}]}`` is read as these messages (:data:`SHAREGPT_ROLES`).
+  The template renders as in transformers' ``apply_chat_template`` (its Jinja filters and
+  tags, :func:`_chat_environment`), with the record's ``"tools"`` (tool definitions) as its
+  ``tools``; an assistant turn that calls tools (``"tool_calls"``) may have no content; or
 * ``{"instruction": "...", "input": "...", "output": "..."}`` (Stanford Alpaca's form;
   ``input`` optional): a prompt/completion example whose prompt is the Alpaca template
   around the instruction and input (:data:`ALPACA_PROMPT`) and whose completion is the
@@ -256,7 +258,7 @@ def read_chat_template(value: str) -> str:
   (its ``chat_template``), or a file holding the Jinja text (``chat_template.jinja``).
   ValueError for a file that is missing or holds no template, for a template Jinja cannot
   parse (now, not after the data is read), and for a preset's name that is also a file's."""
-  import jinja2.sandbox
+  import jinja2
 
   if value in CHAT_TEMPLATES:
     if Path(value).is_file():  # which one the user means is anyone's guess
@@ -279,7 +281,7 @@ def read_chat_template(value: str) -> str:
       if not isinstance(template, str):
         raise ValueError(f'{value}: no "chat_template" string in it')
   try:
-    jinja2.sandbox.ImmutableSandboxedEnvironment().parse(template)
+    _chat_environment().parse(template)
   except jinja2.TemplateSyntaxError as e:
     raise ValueError(f"{value}: not a Jinja template ({e.message}, line {e.lineno})") from e
   return template
@@ -289,22 +291,67 @@ def _raise_exception(message):
   raise ValueError(f"chat template: {message}")
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+  # Jinja's own filter sorts keys and escapes non-ASCII and <, >, &, ': a tool call's
+  # arguments would be trained in another form than transformers and vLLM render them.
+  return json.dumps(
+    value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+  )
+
+
+@functools.cache
+def _chat_environment():
+  """The Jinja environment chat templates render in, as transformers' ``apply_chat_template``
+  sets it up: sandboxed, trimmed blocks, ``{% break %}`` / ``{% continue %}``, the
+  ``{% generation %}`` block (which marks assistant text for transformers' assistant mask;
+  here its body is rendered as is: the trained text is found by rendering turn by turn),
+  ``raise_exception`` and transformers' ``tojson``. Not ``strftime_now``: a template that
+  writes today's date (Llama 3.x's system header) takes its own fixed fallback, so the
+  examples do not change with the day they are tokenized on."""
+  import jinja2.ext
+  import jinja2.nodes
+  import jinja2.sandbox
+
+  class Generation(jinja2.ext.Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+  )
+  env.globals["raise_exception"] = _raise_exception
+  env.filters["tojson"] = _tojson
+  return env
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_chat_template(template: str):
   """``template`` compiled once per process. Compiling costs about 9 ms (ChatML's), many
   times the rendering, and tokenizing a conversation renders it two times per reply plus
   one: compiled per rendering, 5 MB of conversations took 68 s to tokenize instead of 1."""
-  import jinja2.sandbox
-
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  env.globals["raise_exception"] = _raise_exception
-  return env.from_string(template)
+  return _chat_environment().from_string(template)
 
 
-def render_chat(template: str, messages: list, *, add_generation_prompt: bool, **specials) -> str:
-  """A chat template rendered as transformers renders it (sandboxed Jinja, trimmed blocks)."""
+def render_chat(
+  template: str, messages: list, *, add_generation_prompt: bool, tools=None, **specials
+) -> str:
+  """A chat template rendered as transformers renders it (:func:`_chat_environment`);
+  ``tools``: a record's tool definitions (JSON schemas), as ``apply_chat_template(tools=)``
+  passes them (``tools`` and ``documents`` are defined, as none, where there are none, as
+  there)."""
   return _compiled_chat_template(template).render(
-    messages=messages, add_generation_prompt=add_generation_prompt, **specials
+    messages=messages,
+    tools=tools,
+    documents=None,
+    add_generation_prompt=add_generation_prompt,
+    **specials,
   )
 
 
@@ -321,15 +368,34 @@ def _chat_renderer(tok, where: str):
   for name, fn in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
     i = getattr(tok, fn)()
     specials[name] = tok.id_to_piece(i) if i >= 0 else ""
-  return lambda msgs, gen: render_chat(template, msgs, add_generation_prompt=gen, **specials)
+  return lambda msgs, gen, tools=None: render_chat(
+    template, msgs, add_generation_prompt=gen, tools=tools, **specials
+  )
 
 
 def _check_messages(messages: Any, where: str) -> None:
+  """A list of ``{"role", "content"}`` objects; an assistant turn that calls tools
+  (``"tool_calls"``, a list) may have no content (``null``), as in OpenAI's format."""
   if not isinstance(messages, list) or not all(
-    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    isinstance(m, dict)
+    and isinstance(m.get("role"), str)
+    and (
+      isinstance(m.get("content"), str)
+      or (m.get("content") is None and isinstance(m.get("tool_calls"), list))
+    )
     for m in messages
   ):
     raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+
+
+def _tools(rec: dict, where: str) -> list | None:
+  """A chat record's ``"tools"`` (tool definitions, passed to the chat template), or None."""
+  tools = rec.get("tools")
+  if tools is not None and not (
+    isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+  ):
+    raise ValueError(f'{where}: "tools" must be a list of objects (JSON schemas of the tools)')
+  return tools
 
 
 def _encode_rendered(tok, texts: list[str]) -> list[list[int]]:
@@ -366,7 +432,8 @@ def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
   ``messages[:i]`` with the generation prompt; every rendering must extend the previous
   one (true of ordinary templates), otherwise the turn boundaries are unknown.
   """
-  render = _chat_renderer(tok, where)
+  chat_render, tools = _chat_renderer(tok, where), _tools(rec, where)
+  render = lambda msgs, gen: chat_render(msgs, gen, tools)
   messages = _messages(rec, where)
   full = render(messages, False)
   pieces: list[tuple[str, bool]] = []
@@ -679,7 +746,9 @@ def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) ->
 
 # Keys the example caches with the files, the tokenizer and its chat template: bump when
 # tokenize_examples lays examples out differently.
-EXAMPLES_FORMAT_VERSION = "2"  # 2: a SentencePiece template's BOS / EOS text as their ids
+# 2: a SentencePiece template's BOS / EOS text as their ids; 3: chat templates render in
+# transformers' environment (its tojson) with a record's "tools".
+EXAMPLES_FORMAT_VERSION = "3"
 
 
 def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[str]]:

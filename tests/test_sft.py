@@ -272,6 +272,61 @@ def test_conversations_compile_their_template_once_and_are_encoded_in_one_call(m
     assert 0 < trained.sum() < len(trained)
 
 
+# A tool-calling template in the style of Qwen2.5's: tool definitions and a call's arguments
+# through tojson, the reply in transformers' {% generation %} block, and {% break %}.
+TOOL_TEMPLATE = (
+  "{%- if tools %}{{ '<|im_start|>system\\nTools:\\n' }}{% for t in tools %}{{ t | tojson }}"
+  "{{ '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+  "{%- for m in messages %}{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+  "{% generation %}{% if m.content %}{{ m.content }}{% endif %}{% for c in m.tool_calls or [] %}"
+  "{{ '<tool_call>' }}{{ c.function | tojson }}{{ '</tool_call>' }}{% endfor %}"
+  "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+  "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+  "{%- if loop.index >= 9 %}{% break %}{% endif %}{%- endfor %}"
+  "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_tool_calls_render_as_transformers_renders_them(tmp_path):
+  # Jinja's own tojson sorts keys and escapes <, >, & and ' (so the model would learn calls
+  # written unlike those transformers and vLLM show it), and {% generation %} / {% break %}
+  # were syntax errors.
+  chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+  tools = [{"type": "function", "function": {"name": "weather", "parameters": {"where": "str"}}}]
+  call = {"function": {"name": "weather", "arguments": {"where": "Orléans <FR> & 'co'"}}}
+  messages = [
+    {"role": "user", "content": "Weather in Orléans?"},
+    {"role": "assistant", "content": None, "tool_calls": [call]},
+    {"role": "tool", "content": "12 C"},
+    {"role": "assistant", "content": "12 degrees."},
+  ] + [{"role": "user", "content": f"again {i}"} for i in range(8)]
+  got = {}
+  for gen, msgs in ((False, messages), (True, messages[:3])):
+    (want,), _ = chat_template_utils.render_jinja_template(
+      [msgs], tools=tools, chat_template=TOOL_TEMPLATE, add_generation_prompt=gen
+    )
+    got[gen] = sft.render_chat(TOOL_TEMPLATE, msgs, add_generation_prompt=gen, tools=tools)
+    assert got[gen] == want, (got[gen], want)
+  assert "\"Orléans <FR> & 'co'\"" in got[True]
+  assert '{"type": "function", "function"' in got[True]
+  assert "again 4" in got[False] and "again 5" not in got[False]  # (the break)
+  # A record's "tools" reach the template; the replies (the call, then the answer) are
+  # what is trained.
+  path = tmp_path / "chat_template.jinja"
+  path.write_text(TOOL_TEMPLATE)
+  tok = data.load_tokenizer(None, sft.read_chat_template(str(path)))
+  ((toks, trained),) = sft.tokenize_examples(
+    [({"messages": messages[:4], "tools": tools}, "")], tok
+  )
+  text = tok.decode(toks.tolist())
+  assert text.startswith("<|im_start|>system\nTools:") and "weather" in text
+  replies = tok.decode(toks[trained].tolist())
+  assert replies.count("<|im_end|>") == 2 and "12 degrees." in replies
+  assert "<tool_call>" in replies and "Weather in" not in replies
+  with pytest.raises(ValueError, match='x:3: "tools" must be a list of objects'):
+    sft.tokenize_examples([({"messages": messages[:4], "tools": "weather"}, "x:3")], tok)
+
+
 def test_a_second_start_reads_the_cached_examples(tmp_path, monkeypatch):
   # Every start (a resume too) used to parse and tokenize the whole set again, twice (once
   # per split). Train's pass caches both splits; later starts map them and tokenize nothing.
