@@ -287,7 +287,7 @@ def read_chat_template(value: str) -> str:
   return template
 
 
-def _raise_exception(message):
+def _raise_exception(message):  # (a record's location is added where it is rendered)
   raise ValueError(f"chat template: {message}")
 
 
@@ -432,8 +432,20 @@ def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
   ``messages[:i]`` with the generation prompt; every rendering must extend the previous
   one (true of ordinary templates), otherwise the turn boundaries are unknown.
   """
+  import jinja2
+
   chat_render, tools = _chat_renderer(tok, where), _tools(rec, where)
-  render = lambda msgs, gen: chat_render(msgs, gen, tools)
+
+  def render(msgs, gen):
+    try:
+      return chat_render(msgs, gen, tools)
+    except ValueError as e:  # the template's raise_exception("...")
+      raise ValueError(f"{where}: {e}") from e
+    except (jinja2.TemplateError, TypeError, LookupError, AttributeError) as e:
+      raise ValueError(
+        f"{where}: the chat template cannot render this record ({type(e).__name__}: {e})"
+      ) from e
+
   messages = _messages(rec, where)
   full = render(messages, False)
   pieces: list[tuple[str, bool]] = []
@@ -925,8 +937,8 @@ def split_index(
     )
   if none.any():
     said.append(
-      f'{of(none.sum())} have no trained token at all (only "assistant" turns are trained; '
-      'roles are "system", "user" and "assistant")'
+      f'{of(none.sum())} have no trained token at all (only "assistant" turns are trained: '
+      'replies under another role, e.g. "model", train nothing)'
     )
   if said and late.sum() + none.sum() == n:
     todo = "raise --seq-len" if late.any() else "check the roles of the conversations"

@@ -325,6 +325,11 @@ def test_tool_calls_render_as_transformers_renders_them(tmp_path):
   assert "<tool_call>" in replies and "Weather in" not in replies
   with pytest.raises(ValueError, match='x:3: "tools" must be a list of objects'):
     sft.tokenize_examples([({"messages": messages[:4], "tools": "weather"}, "x:3")], tok)
+  # A template that cannot render a record (ChatML's preset adds a call's null content to a
+  # string) is an error naming the record, not a traceback from inside the template.
+  chatml = data.load_tokenizer(None, sft.read_chat_template("chatml"))
+  with pytest.raises(ValueError, match=r"^x:4: the chat template cannot render this record \(Ty"):
+    sft.tokenize_examples([({"messages": messages[:4]}, "x:4")], chatml)
 
 
 def test_a_second_start_reads_the_cached_examples(tmp_path, monkeypatch):
