@@ -29,10 +29,12 @@ def test_workers_started_together_tokenize_once(tmp_path, load_experiment, capsy
   assert "2 process(es) per case" in capsys.readouterr().out
 
 
-def test_instruction_records_are_measured_too(tmp_path, load_experiment):
+@pytest.mark.parametrize("kind,file,field", [("sft", "sft.jsonl", '"prompt"'),
+                                             ("chat", "chat.jsonl", '"messages"')])  # fmt: skip
+def test_instruction_records_are_measured_too(tmp_path, load_experiment, kind, file, field):
   data_load = load_experiment("data_load")
-  results = data_load.main(["--dir", str(tmp_path), "--mb", "0.3", "--sft"])
+  results = data_load.main(["--dir", str(tmp_path), "--mb", "0.3", f"--{kind}"])
   [first], [cached] = results["first"], results["cached"]
   assert first["tokenized"] and not cached["tokenized"]
   assert first["tokens"] == cached["tokens"] > 30_000
-  assert '"prompt"' in (tmp_path / "sft.jsonl").read_text().splitlines()[0]
+  assert field in (tmp_path / file).read_text().splitlines()[0]
