@@ -144,6 +144,31 @@ def test_tensorboard_is_not_fsynced_at_every_step(tmp_path, monkeypatch):
   writer.close()
 
 
+def test_tensorboard_is_written_without_importing_torch(tmp_path):
+  """tensorboardX's package imports torch where it is installed (3.3 s of a run's start);
+  the writer imports it with torch hidden, writes the same events, and torch imports as usual
+  afterwards. A fresh process: this one has torch loaded by other tests."""
+  pytest.importorskip("torch")
+  code = (
+    "import sys\n"
+    "from galore_jax import metrics\n"
+    f"w = metrics.MetricsWriter({str(tmp_path)!r})\n"
+    "w.write({'step': 1, 'loss': 2.0}); w.close()\n"
+    "print('torch' in sys.modules)\n"
+    "import torch, tensorboardX\n"
+    "print(torch.ones(2).sum().item())\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["False", "2.0"]
+  assert _tensorboard_view(tmp_path / "tb", "loss") == [1]
+  # torch already loaded (as here): the writer works the same.
+  writer = metrics.MetricsWriter(str(tmp_path / "again"))
+  writer.write({"step": 1, "loss": 2.0})
+  writer.close()
+  assert _tensorboard_view(tmp_path / "again" / "tb", "loss") == [1]
+
+
 def test_paths_are_stored_absolute_and_eval_works_elsewhere(
   lines_run, tmp_path, capsys, monkeypatch
 ):
