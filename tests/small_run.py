@@ -13,3 +13,22 @@ SMALL = dict(
   rank=16,
   update_proj_gap=2,
 )
+
+# A LLaMA smaller than llama_tiny (2 layers of width 64) for tests whose subprocesses only
+# need some model: compiling its step is most of their time, and this step compiles faster.
+TINY_HF = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_layers=2)
+
+
+def write_tiny_hf_model(path, **overrides) -> str:
+  """A Hugging Face directory of ``TINY_HF`` (fields replaced by ``overrides``; config.json,
+  safetensors, the bundled tokenizer) at ``path``, for ``--init-from``."""
+  from flax import nnx
+
+  from galore_jax import data, hf
+  from galore_jax import model as model_lib
+
+  sp = data.load_tokenizer()
+  config = model_lib.LlamaConfig(vocab_size=sp.get_piece_size(), **{**TINY_HF, **overrides})
+  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+  hf.save_pretrained(path, config, params, tokenizer=sp)
+  return str(path)

@@ -231,7 +231,10 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
 
   files = _cache_dataset(offline_cache)  # instruction data, from the Hub too
   run = tmp_path / "run"
-  args = ["train", "--init-from", "acme/tiny-llama", "--steps", "2", "--batch-size", "2"]
+  # --steps 4 throughout (each stop by --stop-after): the learning-rate schedule is compiled
+  # into the step, so the resumes load it from the compilation cache.
+  args = ["train", "--init-from", "acme/tiny-llama", "--steps", "4", "--stop-after", "2"]
+  args += ["--batch-size", "2"]
   args += ["--seq-len", "32", "--rank", "4", "--eval-every", "2", "--eval-batches", "1"]
   args += ["--save-every", "2", "--out", str(run), "--no-progress"]
   args += ["--data", "hf://datasets/acme/arith/data/train-*.parquet"]
@@ -251,7 +254,8 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
   moved = tmp_path / "moved_cache"
   shutil.move(offline_cache, moved)
   monkeypatch.setattr(constants, "HF_HUB_CACHE", str(moved))
-  assert cli.main(["train", "--resume", "--out", str(run), "--steps", "3", "--no-progress"]) == 0
+  resume = ["train", "--resume", "--out", str(run), "--no-progress"]
+  assert cli.main([*resume, "--stop-after", "1"]) == 0
   out = capsys.readouterr().out
   assert "trained steps 2..3" in out and f"in {moved}/datasets--acme--arith" in out
   offline_cache = moved
@@ -269,7 +273,7 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
   assert cli.main(["eval", "--checkpoint", str(run), "--eval-batches", "1"]) == 0
   copy = f"using the copy the run kept in {run / 'tokenizer'}"
   assert copy in capsys.readouterr().err
-  assert cli.main(["train", "--resume", "--out", str(run), "--steps", "4", "--no-progress"]) == 0
+  assert cli.main(resume) == 0
   captured = capsys.readouterr()
   assert "trained steps 3..4" in captured.out and copy in captured.out
   assert f"--init-from acme/tiny-llama@{COMMIT}: not a local path" in captured.out
@@ -340,7 +344,8 @@ def test_a_run_outlives_its_init_from_directory(offline_cache, tmp_path, capsys)
   assert sorted(os.listdir(run / "tokenizer")) == ["tokenizer.model"]
   shutil.rmtree(base)
   capsys.readouterr()
-  assert cli.main(["train", "--resume", "--out", str(run), "--steps", "3", "--no-progress"]) == 0
+  resume = ["train", "--resume", "--out", str(run), "--no-progress"]
+  assert cli.main([*resume, "--stop-after", "1"]) == 0
   out = capsys.readouterr().out
   assert f"--init-from {base}: no such directory; the run goes on with the config.json" in out
   assert f"tokenizer {base}/tokenizer.model cannot be read (no such file)" in out

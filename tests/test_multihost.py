@@ -25,15 +25,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from small_run import write_tiny_hf_model
 
 import galore_jax
 from galore_jax import checkpoint, cli, data, distributed, metrics, train
 
 ROOT = Path(galore_jax.__file__).resolve().parents[1]
 # GaLore over a data=2, fsdp=2 mesh (4 devices in one process, or 2 x 2) on a LLaMA smaller
-# than llama_tiny (2 layers of width 64, given as --init-from): compiling the step is most of
+# than llama_tiny (small_run.TINY_HF, given as --init-from): compiling the step is most of
 # each process's time.
-TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_layers=2)
 # Every run has the same --steps (the learning-rate schedule is compiled into the step, so
 # the later runs load the first ones' compilations from the session's cache) and stops
 # early: --stop-after, or a kill.
@@ -172,18 +172,7 @@ def _assert_same_state(a: Path, b: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-  """A Hugging Face directory (config.json, safetensors, the bundled tokenizer) of TINY."""
-  from flax import nnx
-
-  from galore_jax import hf
-  from galore_jax import model as model_lib
-
-  sp = data.load_tokenizer()
-  config = model_lib.LlamaConfig(vocab_size=sp.get_piece_size(), **TINY)
-  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
-  path = tmp_path_factory.mktemp("tiny") / "model"
-  hf.save_pretrained(path, config, params, tokenizer=sp)
-  return str(path)
+  return write_tiny_hf_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from small_run import SMALL
+from small_run import SMALL, write_tiny_hf_model
 
 from galore_jax import (
   checkpoint,
@@ -1365,7 +1365,9 @@ def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path
   data_file = tmp_path / "chat.jsonl"
   data_file.write_text("".join(json.dumps(r) + "\n" for r in chats))
   out = str(tmp_path / "run")
-  small = ["--steps", "4", "--batch-size", "8", "--seq-len", "64", "--rank", "16"]
+  # --steps 6 throughout, each stop by --stop-after: the learning-rate schedule is compiled
+  # into the step, so the resumes load it from the compilation cache.
+  small = ["--steps", "6", "--batch-size", "8", "--seq-len", "64", "--rank", "16"]
   small += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
   args = ["train", "--data", str(data_file), *small, "--out", out]
   assert _cli(*args) == 2
@@ -1377,7 +1379,7 @@ def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path
   assert "not a Jinja template" in capsys.readouterr().err
   assert _cli(*args, "--chat-template", "chatml", "--stop-after", "2") == 0
   assert "(chat records in the chat template, loss on the replies" in capsys.readouterr().out
-  assert _cli("train", "--resume", "--out", out, "--no-progress") == 0
+  assert _cli("train", "--resume", "--out", out, "--stop-after", "2", "--no-progress") == 0
   said = capsys.readouterr().out
   assert "--chat-template (the run's, " in said and "steps 2..4" in said, said
   assert "template is not the one" not in said
@@ -1400,7 +1402,7 @@ def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path
   assert saved["chat_template"] == sft.CHAT_TEMPLATES["chatml"]
   # Another template on resume is noted (its examples change); none for text data.
   (tmp_path / "t.jinja").write_text(sft.CHAT_TEMPLATES["chatml"].replace("im_", "turn_"))
-  resume = ["train", "--resume", "--out", out, "--steps", "5", "--no-progress"]
+  resume = ["train", "--resume", "--out", out, "--stop-after", "1", "--no-progress"]
   assert _cli(*resume, "--chat-template", str(tmp_path / "t.jinja")) == 0
   assert "the chat template is not the one the run used" in capsys.readouterr().out
   # (With text data it is unused, and says so: test_document_mask_trains_evaluates...)
@@ -1794,18 +1796,31 @@ def test_refresh_together_skips_the_unit_of_a_bad_gradient(tmp_path, poison_stag
 def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
   # memory_analysis of the compiled per-layer steps (8-bit GaLore, remat, a small vocabulary
   # so the decoder blocks dominate; float32 since the CPU widens bf16 dots): their
-  # temporaries hold a few blocks' gradients at most, where the whole gradient is over 4
-  # blocks (4 layers, the embedding and the head). The whole-gradient step's temporaries,
-  # which hold all of it, are compared with the per-layer step's in test_plan.py.
-  cfg = _cfg(tmp_path, "mem", optimizer="galore_adamw8bit", remat="full", batch_size=1, seq_len=8)
-  run = train.setup(cfg, vocab_size=256)
+  # temporaries hold a few blocks' gradients at most, where the whole gradient is over 3
+  # blocks (3 layers of llama_tiny, the embedding and the head: fewer layers, less to
+  # compile). The whole-gradient step's temporaries, which hold all of it, are compared with
+  # the per-layer step's in test_plan.py. The refresh is the exact SVD, one op where the
+  # subspace iteration is many: the gradients' memory is the same, the compile 40 % shorter.
+  cfg = _cfg(
+    tmp_path,
+    "mem",
+    optimizer="galore_adamw8bit",
+    remat="full",
+    batch_size=1,
+    seq_len=8,
+    svd="exact",
+  )
+  from galore_jax import model as model_lib
+
+  model_cfg = model_lib.get_config("llama_tiny", num_layers=3, vocab_size=256)
+  run = train.setup(cfg, vocab_size=256, model_cfg=model_cfg)
   params, opt = run.abstract_params, run.abstract_opt
   batch = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(jax.random.key(0), 1, 8, 256)
   )
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   block = nbytes(params["layers"][0])
-  assert nbytes(params) > 4 * block
+  assert nbytes(params) > 3 * block
   temp = {}
   for name, fn in [
     ("layerwise", train.make_layerwise_step(run.graphdef, run.tx, remat="full")),
@@ -1985,7 +2000,11 @@ def test_galore_whole_gradient_step_runs_on_a_mesh(tmp_path):
   # refreshes each leaf on its own. A subprocess with a timeout, so that a hang fails the
   # test instead of hanging CI.
   out = tmp_path / "wg"
-  cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out)]
+  # llama_tiny's width (jaxlib runs a batch of smaller matrices inline: no hang to see) with
+  # 2 of its 4 layers, which still stack.
+  wide = dict(hidden_size=256, intermediate_size=688)
+  model = write_tiny_hf_model(tmp_path / "model", **wide)
+  cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out), "--init-from", model]
   cmd += ["--mesh", "data=2,fsdp=2", "--no-per-layer-updates", "--steps", "2"]
   cmd += ["--batch-size", "4", "--seq-len", "32", "--rank", "16", "--update-proj-gap", "1"]
   cmd += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
