@@ -337,15 +337,16 @@ def test_a_run_outlives_its_init_from_directory(offline_cache, tmp_path, capsys)
   base = tmp_path / "base"
   shutil.copytree(_cache_model(offline_cache), base, symlinks=False)
   run, exported = tmp_path / "run", tmp_path / "exported"
-  args = ["train", "--init-from", str(base), "--steps", "2", "--batch-size", "2"]
+  # --steps 3 throughout (the first stop by --stop-after): the resume loads the compiled step.
+  args = ["train", "--init-from", str(base), "--steps", "3", "--stop-after", "2"]
+  args += ["--batch-size", "2"]
   args += ["--seq-len", "32", "--rank", "4", "--eval-every", "2", "--eval-batches", "1"]
   args += ["--save-every", "2", "--out", str(run), "--no-progress"]
   assert cli.main(args) == 0
   assert sorted(os.listdir(run / "tokenizer")) == ["tokenizer.model"]
   shutil.rmtree(base)
   capsys.readouterr()
-  resume = ["train", "--resume", "--out", str(run), "--no-progress"]
-  assert cli.main([*resume, "--stop-after", "1"]) == 0
+  assert cli.main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
   out = capsys.readouterr().out
   assert f"--init-from {base}: no such directory; the run goes on with the config.json" in out
   assert f"tokenizer {base}/tokenizer.model cannot be read (no such file)" in out
