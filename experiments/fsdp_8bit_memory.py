@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     run = train.setup(cfg, vocab_size=32000)
     batch = train.abstract_batch(run)
     compiled = (
-      train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, batch).compile()
+      train.compile_train_step(run)
+      .lower(run.abstract_params, run.abstract_opt, batch, train.LR_SPEC)
+      .compile()
     )
     adam8bit.scale_by_adam8bit = plain
     gathers = collections.Counter(

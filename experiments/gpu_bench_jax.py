@@ -165,6 +165,7 @@ class _JaxCase:
       "mask": np.ones((cfg.batch_size, cfg.seq_len), np.float32),
     }
     self.batch = train.device_batch(self.run, host, 1)
+    self.lr = np.float32(cfg.peak_lr)  # the steps' rate (an argument of the trainer's step)
     # The trainer's programs: on a GPU with GaLore's synchronous schedule, one for refresh
     # steps and one without refresh code (train.refresh_programs). The plain one is compiled
     # here, so that the steady figures come first; the refresh one when a step first needs
@@ -188,7 +189,7 @@ class _JaxCase:
     for this case's arguments; reports its times (and, with ``count_ops``, its size)."""
     step = self._train.compile_train_step(self.run, name)
     t = time.perf_counter()
-    lowered = step.lower(self.params, self.opt_state, self.batch)
+    lowered = step.lower(self.params, self.opt_state, self.batch, self.lr)
     lower_s = time.perf_counter() - t
     if self._count_ops:
       self.lowered_ops[name] = lowered_op_counts(lowered.as_text())
@@ -221,7 +222,7 @@ class _JaxCase:
       self.jax.block_until_ready(self.opt_state)
     step = self.program(count)
     t = time.perf_counter()
-    self.params, self.opt_state, m = step(self.params, self.opt_state, self.batch)
+    self.params, self.opt_state, m = step(self.params, self.opt_state, self.batch, self.lr)
     self.jax.block_until_ready((self.params, self.opt_state, m))
     dt = time.perf_counter() - t
     self._record(m)
@@ -238,7 +239,7 @@ class _JaxCase:
     ms = []
     t = time.perf_counter()
     for _ in range(n):
-      self.params, self.opt_state, m = step(self.params, self.opt_state, self.batch)
+      self.params, self.opt_state, m = step(self.params, self.opt_state, self.batch, self.lr)
       ms.append(m)
     self.jax.block_until_ready((self.params, self.opt_state, ms))
     dt = (time.perf_counter() - t) / max(n, 1)

@@ -128,7 +128,8 @@ def run_case(
     }
 
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch())
-  args = (run.abstract_params, run.abstract_opt, spec)
+  args = (run.abstract_params, run.abstract_opt, spec, train.LR_SPEC)
+  lr = np.float32(cfg.peak_lr)  # (the steps' rate: not part of the programs measured)
   # The trainer's programs: on a GPU with GaLore's synchronous schedule one for refresh
   # steps and one without refresh code (train.refresh_programs), each compiled when first
   # needed, as the trainer does. With the compilation cache, as the CLI: through the
@@ -202,7 +203,7 @@ def run_case(
     step = for_count(first + i)  # (the steps are not skipped: counts advance by one)
     out.setdefault("first_step_start_since_spawn_s", round(time.time() - spawned, 1))
     t = time.perf_counter()
-    params, opt_state, m = step(params, opt_state, batch_arrays)
+    params, opt_state, m = step(params, opt_state, batch_arrays, lr)
     jax.block_until_ready((params, opt_state, m))
     times.append(time.perf_counter() - t)
     out.setdefault("losses", []).append(float(m["loss"]))
@@ -227,7 +228,7 @@ def run_case(
   opt_state = galore.with_galore_count(opt_state, cfg.update_proj_gap)
   step = for_count(cfg.update_proj_gap)
   t = time.perf_counter()
-  params, opt_state, m = step(params, opt_state, random_batch())
+  params, opt_state, m = step(params, opt_state, random_batch(), lr)
   jax.block_until_ready((params, opt_state, m))
   stats = device.memory_stats() or {}
   out.update(
@@ -239,7 +240,7 @@ def run_case(
     print("PROGRESS " + json.dumps(out), flush=True)
     opt_state = galore.with_galore_count(opt_state, 0)
     t = time.perf_counter()
-    params, opt_state, m = for_count(0)(params, opt_state, random_batch())
+    params, opt_state, m = for_count(0)(params, opt_state, random_batch(), lr)
     jax.block_until_ready((params, opt_state, m))
     out.update(first_refresh_seconds=round(time.perf_counter() - t, 3))
   return out

@@ -124,11 +124,11 @@ def main(argv=None) -> int:
     def failing(run, hooks, log):
       step_fn, calls = patched(run, hooks, log), []
 
-      def step(params, opt_state, b):
+      def step(params, opt_state, b, lr):
         calls.append(1)
         if len(calls) == args.at + 1:
           raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: injected (--cpu-smoke)")
-        return step_fn(params, opt_state, b)
+        return step_fn(params, opt_state, b, lr)
 
       return step
 

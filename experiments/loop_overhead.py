@@ -73,12 +73,12 @@ def measure(
   def stand_in(run, hooks, log, **kw):
     step_fn, first = real(run, hooks, log, **kw), []
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, lr):
       calls.append(time.perf_counter())
       if real_step:
-        return step_fn(params, opt_state, batch)
+        return step_fn(params, opt_state, batch, lr)
       if not first:
-        first.append(jax.block_until_ready(step_fn(params, opt_state, batch)))
+        first.append(jax.block_until_ready(step_fn(params, opt_state, batch, lr)))
       return first[0]
 
     return step

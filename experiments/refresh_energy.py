@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from galore_jax import optimizer as galore  # noqa: E402
 from galore_jax import projector as proj  # noqa: E402
@@ -100,6 +101,7 @@ def measure(args) -> dict:
   run = train.setup(cfg, sp.get_piece_size())
   params, opt_state = train.init_state(run)
   step_fn = train.compile_train_step(run)
+  lrs = np.asarray(jax.vmap(train.lr_schedule(cfg))(jnp.arange(cfg.steps)), np.float32)
   grad_fn = jax.jit(lambda p, b: train.mean_token_gradient(run.graphdef, p, b)[2])
   batches = train_ds.iterate(0)
   refreshes = []
@@ -111,7 +113,7 @@ def measure(args) -> dict:
       grads = grad_fn(params, batch)
       (galore_state,) = galore.galore_states(opt_state)  # the trainer has one
       old = jax.tree.map(jnp.copy, galore_state.projectors)
-    params, opt_state, m = step_fn(params, opt_state, batch)
+    params, opt_state, m = step_fn(params, opt_state, batch, lrs[step])
     if step % cfg.update_proj_gap != 0:
       if step % 50 == 0:
         print(f"  step {step} ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -42,7 +42,7 @@ def measure(model: str, optimizer: str, rank: int, layers: int | None, vocab: in
   if layers is not None:
     model_cfg = dataclasses.replace(model_cfg, num_layers=layers)
   run = trainer.setup(cfg, vocab, model_cfg=model_cfg)
-  args = (run.abstract_params, run.abstract_opt, trainer.abstract_batch(run))
+  args = (run.abstract_params, run.abstract_opt, trainer.abstract_batch(run), trainer.LR_SPEC)
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     t0 = time.perf_counter()

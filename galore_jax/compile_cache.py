@@ -124,6 +124,7 @@ def _step_key(key: dict, leaves: list, in_tree) -> str:
 
   import jax
   import jaxlib
+  import numpy as np
 
   def version(name: str) -> str:
     try:
@@ -131,7 +132,14 @@ def _step_key(key: dict, leaves: list, in_tree) -> str:
     except metadata.PackageNotFoundError:
       return "-"
 
-  avals = [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
+  avals = [
+    (
+      np.shape(x),
+      str(getattr(x, "dtype", None) or np.result_type(x)),
+      str(getattr(x, "sharding", None)),
+    )
+    for x in leaves
+  ]
   record = {
     "key": key,
     "source": source_digest(),
@@ -173,8 +181,9 @@ def exported_train_step(
   """``jax.jit(step, in_shardings, out_shardings, donate_argnums=(0, 1))`` for ``args``'
   shapes, traced at most once per ``key`` on this machine.
 
-  ``step(params, opt_state, batch) -> (params, opt_state, metrics)`` with ``metrics`` a
-  dict of arrays; ``key`` (JSON-able) must name everything the traced program depends on
+  ``step(params, opt_state, *inputs) -> (params, opt_state, metrics)`` (the trainer's:
+  ``inputs`` = batch and learning rate) with ``metrics`` a dict of arrays; ``key``
+  (JSON-able) must name everything the traced program depends on
   besides the galore_jax sources, the library versions, the devices and the arguments'
   shapes, dtypes and shardings, which the cache adds itself.
 
@@ -261,7 +270,7 @@ def exported_train_step(
 
 class ExportedStep:
   """A train step run through its (deserialized) exported program: called, lowered and
-  compiled like the ``jax.jit`` step it stands for, with ``(params, opt_state, batch)``
+  compiled like the ``jax.jit`` step it stands for, with ``(params, opt_state, *inputs)``
   in and ``(params, opt_state, metrics)`` out (the program itself takes flat leaves)."""
 
   def __init__(self, exported, state_tree):
@@ -278,15 +287,15 @@ class ExportedStep:
     params, opt_state = jax.tree.unflatten(self._state_tree, new_state)
     return params, opt_state, m
 
-  def __call__(self, params, opt_state, batch):
+  def __call__(self, *args):
     import jax
 
-    return self._out(self._call(*jax.tree.leaves((params, opt_state, batch))))
+    return self._out(self._call(*jax.tree.leaves(args)))
 
-  def lower(self, params, opt_state, batch) -> _Stage:
+  def lower(self, *args) -> _Stage:
     import jax
 
-    return _Stage(self._call.lower(*jax.tree.leaves((params, opt_state, batch))), self._out)
+    return _Stage(self._call.lower(*jax.tree.leaves(args)), self._out)
 
   def _cache_size(self) -> int:
     """Compilations so far, as on a ``jax.jit`` function (the summary's step_compilations)."""
@@ -303,10 +312,10 @@ class _Stage:
   def compile(self) -> _Stage:
     return _Stage(self._stage.compile(), self._out)
 
-  def __call__(self, params, opt_state, batch):
+  def __call__(self, *args):
     import jax
 
-    return self._out(self._stage(*jax.tree.leaves((params, opt_state, batch))))
+    return self._out(self._stage(*jax.tree.leaves(args)))
 
   def __getattr__(self, name):
     return getattr(self._stage, name)

@@ -603,13 +603,22 @@ def build_optimizer(
   *,
   clip_in_step: bool = False,
   refresh: str = "scheduled",
+  lr: float | jax.Array | None = None,
 ) -> optax.GradientTransformation:
   """The optimizer of ``cfg``; ``mesh``: the run's, for the sharding of the 8-bit update
   (:func:`adam8bit_layout`). ``clip_in_step``: the train step clips by the global norm
   itself (``steps.clips_in_step``), so ``--grad-clip``'s place in the chain holds an
   identity (the same, empty, state: checkpoints of either step load in the other).
-  ``refresh``: :func:`galore_jax.galore`'s, for the trainer's two programs (GaLore only)."""
-  sched = lr_schedule(cfg)
+  ``refresh``: :func:`galore_jax.galore`'s, for the trainer's two programs (GaLore only).
+
+  ``lr``: the rate of the step being traced (a scalar, usually a traced argument of it),
+  in place of :func:`lr_schedule`. The trainer's step takes the rate as an argument, so
+  that the schedule's settings (``--steps``, ``--lr``, ``--warmup``, ``--schedule``,
+  ``--min-lr-ratio``) are not constants of the compiled program: an lr sweep or a resume
+  that extends the run loads the same compiled step. The transforms that read the rate
+  keep their schedule counts, so the state, and the checkpoints, are the same either way.
+  """
+  sched = lr_schedule(cfg) if lr is None else (lambda count: lr)
   # Adafactor as galore-torch's torchrun_main builds it: the schedule's rate (no relative
   # step size, no parameter scale), a first moment only with --adafactor-beta1, the old
   # weight decayed.

@@ -504,7 +504,8 @@ def compile_estimate(
   many devices; params and optimizer state donated); returns XLA's memory analysis (per
   device), timings and the replayed peaks (:func:`galore_jax.xla_memory.compile_and_replay`).
 
-  ``step_fn`` replaces the trainer's step (experiments; jitted with the inputs' shardings).
+  ``step_fn(params, opt_state, batch, lr)`` replaces the trainer's step (experiments; jitted
+  with the inputs' shardings).
   """
   # The trainer's own optimizer (not p.tx): on a mesh its 8-bit update is sharded
   # (config.adam8bit_layout), which needs the mesh that setup builds.
@@ -516,7 +517,9 @@ def compile_estimate(
   t0 = time.perf_counter()
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-    lowered = jitted.lower(run.abstract_params, run.abstract_opt, trainer.abstract_batch(run))
+    lowered = jitted.lower(
+      run.abstract_params, run.abstract_opt, trainer.abstract_batch(run), trainer.LR_SPEC
+    )
   lower_seconds = round(time.perf_counter() - t0, 1)
   out = xla_memory.compile_and_replay(lowered, replay=replay, keep_dump=keep_dump)
   return {"backend": out.pop("backend"), "lower_seconds": lower_seconds, **out}

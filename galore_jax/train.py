@@ -63,6 +63,7 @@ from galore_jax.trainer import (  # noqa: F401
   _MODEL_CONFIG_FLAGS,
   _NOT_IN_STATE,
   _RUN_OUTPUTS,
+  LR_SPEC,
   Hooks,
   Parametrization,
   RefreshPrograms,

@@ -87,8 +87,10 @@ class Hooks:
     run before the update that follows ``step`` (ReLoRA's merge and reset); ``writer`` is the
     run's :class:`galore_jax.metrics.MetricsWriter`, for records of their own.
   * ``after_step``: callbacks ``(step, metrics)`` after each step's records.
-  * ``lr_at(step)``: the learning rate recorded for the update after ``step`` (default: the
-    config's schedule).
+  * ``lr_at(step)``: the learning rate of the update after ``step`` (default: the config's
+    schedule, :func:`galore_jax.config.lr_schedule`). The run's own optimizer steps at this
+    rate (the train step takes it as an argument) and ``metrics.jsonl`` records it; a
+    caller's ``tx`` keeps its own schedule, and this is then only what is recorded.
   """
 
   model_cfg: model_lib.LlamaConfig | None = None
@@ -138,6 +140,9 @@ class Run:
   abstract_opt: Any
   parametrization: Parametrization | None = None
   dense_sharding: Any = None  # the model's dense params (= param_sharding without one)
+  # Whether ``tx`` is the config's optimizer (build_optimizer), which the train step then
+  # builds at its ``lr`` argument; a caller's own ``tx`` keeps its schedule.
+  own_optimizer: bool = True
 
 
 def abstract_model(model_cfg: model_lib.LlamaConfig, seed: int = 0):
@@ -161,6 +166,7 @@ def setup(
     model_cfg = model_config(cfg, vocab_size, hf_config)
   mesh = sharding.make_mesh(cfg)
   graphdef, dense_params = abstract_model(model_cfg, cfg.seed)
+  own_optimizer = tx is None
   if tx is None:
     tx = build_optimizer(cfg, mesh, clip_in_step=steps.clips_in_step(cfg, model_cfg))
   if parametrization is None:
@@ -186,6 +192,7 @@ def setup(
     with_sh(abstract_opt, opt_sh),
     parametrization,
     sharding.shardings_for(dense_params, mesh),
+    own_optimizer,
   )
 
 
@@ -239,11 +246,12 @@ def _gc_paused(fn: Callable) -> Callable:
 def _on_host(schedule: optax.Schedule, chunk: int = 4096) -> Callable[[int], float]:
   """``schedule(step)`` as a float, read from a table of ``chunk`` steps that one compiled
   call on the host's CPU device (where JAX has one) fills when the loop first asks for a
-  step in it. The loop reads the rate every step, while the step before runs: on a GPU the
-  schedule's jnp operations run eagerly would be a dozen kernel launches and a
-  device-to-host copy queued behind that step, and on the CPU backend any computation,
-  even the compiled call, waits for it (its one device runs programs in order), so the
-  host would block there every step and the steps could not overlap."""
+  step in it. The loop reads each step's rate (the step's argument) while the step before
+  may still run: on a GPU the schedule's jnp operations run eagerly would be a dozen
+  kernel launches and a device-to-host copy queued behind that step, and on the CPU
+  backend any computation, even the compiled call, waits for it (its one device runs
+  programs in order), so the host would block there every step and the steps could not
+  overlap."""
   fill = jax.jit(lambda base: jax.vmap(schedule)(base + jnp.arange(chunk)))
   try:
     cpu = jax.local_devices(backend="cpu")[0]  # this process's (not a job's device 0)
@@ -262,23 +270,37 @@ def _on_host(schedule: optax.Schedule, chunk: int = 4096) -> Callable[[int], flo
   return at
 
 
+# The learning rate the trainer's step takes (its fourth argument), for lowering without one.
+LR_SPEC = jax.ShapeDtypeStruct((), np.float32)
+
+
 def _train_step(run: Run, refresh: str = "scheduled"):
-  """The run's train step, not yet jitted, and its in/out shardings. ``refresh``: the
+  """The run's train step ``step(params, opt_state, batch, lr) -> (params, opt_state,
+  metrics)``, not yet jitted, and its in/out shardings.
+
+  ``lr`` (a float32 scalar) is the rate of this update: the step builds the run's own
+  optimizer at it (``build_optimizer(lr=)``), so the schedule's settings are not part of
+  the program. With a caller's ``tx`` (:class:`Hooks`), ``lr`` is unused. ``refresh``: the
   program of :func:`refresh_programs`' pair (``"due"`` / ``"not_due"``), with the run's
   optimizer built that way (``galore(refresh=)``); ``"scheduled"``: the run's own."""
-  if refresh != "scheduled":
-    tx = build_optimizer(
-      run.cfg,
-      run.mesh,
-      clip_in_step=steps.clips_in_step(run.cfg, run.model_cfg),
-      refresh=refresh,
-    )
-    run = dataclasses.replace(run, tx=tx)
-  if run.parametrization is None:
-    step = steps.select_train_step(run.graphdef, run.tx, run.cfg, run.model_cfg)
-  else:
-    step = steps.make_train_step(run.graphdef, run.tx, materialize=run.parametrization.materialize)
-  in_shardings = (run.param_sharding, run.opt_sharding, sharding.batch_sharding(run.mesh))
+  if refresh != "scheduled" and not run.own_optimizer:
+    raise ValueError("the refresh programs are built from the config's optimizer, not a tx")
+  clip_in_step = steps.clips_in_step(run.cfg, run.model_cfg)
+
+  def step(params, opt_state, batch, lr):
+    tx = run.tx
+    if run.own_optimizer:
+      tx = build_optimizer(run.cfg, run.mesh, clip_in_step=clip_in_step, refresh=refresh, lr=lr)
+    if run.parametrization is None:
+      inner = steps.select_train_step(run.graphdef, tx, run.cfg, run.model_cfg)
+    else:
+      inner = steps.make_train_step(run.graphdef, tx, materialize=run.parametrization.materialize)
+    return inner(params, opt_state, batch)
+
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+  in_shardings = (
+    run.param_sharding, run.opt_sharding, sharding.batch_sharding(run.mesh), replicated
+  )  # fmt: skip
   return _gc_paused(step), in_shardings, (run.param_sharding, run.opt_sharding, None)
 
 
@@ -303,7 +325,7 @@ def refresh_programs(cfg: TrainConfig, backend: str | None = None) -> int:
 
 
 class RefreshPrograms:
-  """The train step as two programs, called like one: ``step(params, opt_state, batch)``.
+  """The train step as two programs, called like one: ``step(params, opt_state, batch, lr)``.
 
   Each call runs the program for steps with a projector refresh (``galore(refresh="due")``)
   where :func:`galore_jax.refresh_due` says one is due at the optimizer's count
@@ -343,7 +365,8 @@ class RefreshPrograms:
 
   def program(self, name: str, example: tuple) -> Callable:
     """The ``"due"`` or ``"not_due"`` program for ``example``'s shapes (``(params,
-    opt_state, batch)``, arrays or ``jax.ShapeDtypeStruct``s), built at the first request."""
+    opt_state, batch, lr)``, arrays or ``jax.ShapeDtypeStruct``s), built at the first
+    request."""
     if name not in self._programs:
       self._programs[name] = self._builders[name](example)
     return self._programs[name]
@@ -365,20 +388,20 @@ class RefreshPrograms:
     self.count_reads += 1
     return self.name_for(count, self._gap), (count, count)
 
-  def __call__(self, params, opt_state, batch):
+  def __call__(self, params, opt_state, batch, lr):
     from galore_jax import optimizer as galore
 
     name, counts = self._choose(galore.galore_count(opt_state))
     new = name not in self._programs
     if new and self._programs:  # the first one's compilation is the start-up's, said there
       self._log(f"train step: compiling the program for steps {self.NAMES[name]}")
-    step = self.program(name, (params, opt_state, batch))
+    step = self.program(name, (params, opt_state, batch, lr))
     self.built_last_call = new
-    params, opt_state, m = step(params, opt_state, batch)
+    params, opt_state, m = step(params, opt_state, batch, lr)
     self._last = (galore.galore_count(opt_state), counts)
     return params, opt_state, m
 
-  def build_all(self, params, opt_state, batch) -> None:
+  def build_all(self, params, opt_state, batch, lr) -> None:
     """Builds and compiles the program not yet built (without running it), for a run that
     must not meet a compilation mid-way: under ``--time-limit`` the margin for the next
     step is the recent steps' time, and a resume between refreshes would otherwise compile
@@ -387,7 +410,8 @@ class RefreshPrograms:
       if name not in self._programs:
         self._log(f"train step: compiling the program for steps {self.NAMES[name]} (now: a "
                   "--time-limit run compiles nothing mid-way)")  # fmt: skip
-        self.program(name, (params, opt_state, batch)).lower(params, opt_state, batch).compile()
+        args = (params, opt_state, batch, lr)
+        self.program(name, args).lower(*args).compile()
 
   def _cache_size(self) -> int:
     """Compilations so far, as on a ``jax.jit`` function (the summary's step_compilations)."""
@@ -395,8 +419,9 @@ class RefreshPrograms:
 
 
 def compile_train_step(run: Run, refresh: str = "scheduled"):
-  """The run's train step, jitted (params and state donated); ``refresh``: one program of
-  :class:`RefreshPrograms`' pair (``"due"`` / ``"not_due"``) instead of the one program."""
+  """The run's train step ``step(params, opt_state, batch, lr)`` (:func:`_train_step`),
+  jitted (params and state donated); ``refresh``: one program of :class:`RefreshPrograms`'
+  pair (``"due"`` / ``"not_due"``) instead of the one program."""
   step, in_shardings, out_shardings = _train_step(run, refresh)
   return jax.jit(
     step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0, 1)
@@ -410,6 +435,8 @@ def compile_train_step(run: Run, refresh: str = "scheduled"):
 _NOT_IN_STEP = (
   "out", "resume", "stop_after", "overwrite", "progress", "eval_data", "chat_template",
   "refresh_programs",  # (each program's key names it: "refresh")
+  # The schedule's: the step takes its rate as an argument (_train_step).
+  "steps", "lr", "warmup", "schedule", "min_lr_ratio",
 )  # fmt: skip
 
 
@@ -419,7 +446,7 @@ def cached_train_step(
   """The run's train step through the traced-step cache
   (:func:`galore_jax.compile_cache.exported_train_step`): a second start of the same
   configuration neither traces nor compiles it. Built at its first call, which gives the
-  batch's shapes, or at once for ``args`` (``(params, opt_state, batch)``, arrays or
+  batch's shapes, or at once for ``args`` (``(params, opt_state, batch, lr)``, arrays or
   ``jax.ShapeDtypeStruct``s; the result then also has ``lower(...)``, as a jitted step).
   The plain :func:`compile_train_step` when the cache's key cannot name the step: a
   caller's own optimizer or parametrization (:class:`Hooks`). Where :func:`refresh_programs`
@@ -450,10 +477,10 @@ def cached_train_step(
     return build(args)
   built: list[Callable] = []
 
-  def first_call(params, opt_state, batch):
+  def first_call(params, opt_state, batch, lr):
     if not built:
-      built.append(build((params, opt_state, batch)))
-    return built[0](params, opt_state, batch)
+      built.append(build((params, opt_state, batch, lr)))
+    return built[0](params, opt_state, batch, lr)
 
   first_call._cache_size = lambda: built[0]._cache_size() if built else 0
   return first_call
@@ -1786,11 +1813,11 @@ def _train_loop(
         params, opt_state = callback(step, params, opt_state, writer)
       if ahead is None:
         ahead = device_batch(run, next(batches), cfg.grad_accum, local=True)
-      params, opt_state, m = step_fn(params, opt_state, ahead)
-      built = getattr(step_fn, "built_last_call", False)
-      # While the device runs the step, the host reads its learning rate and puts the next
-      # step's batch on the device: the device then waits for neither between the steps.
       lr_used = float(lr_at(step))
+      params, opt_state, m = step_fn(params, opt_state, ahead, np.float32(lr_used))
+      built = getattr(step_fn, "built_last_call", False)
+      # While the device runs the step, the host puts the next step's batch on the device:
+      # the device then does not wait for it between the steps.
       ahead = (
         device_batch(run, next(batches), cfg.grad_accum, local=True) if step + 1 < end else None
       )
@@ -1833,7 +1860,7 @@ def _train_loop(
           log(where)
       if step == start + 1:  # after the step's own record: line 1 stays step 1's
         if time_limit is not None and ahead is not None and hasattr(step_fn, "build_all"):
-          step_fn.build_all(params, opt_state, ahead)
+          step_fn.build_all(params, opt_state, ahead, np.float32(lr_at(step)))
         compile_timer.stop()
         writer.write(
           {

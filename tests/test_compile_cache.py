@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from small_run import SMALL
 
-from galore_jax import compile_cache, steps, train
+from galore_jax import compile_cache, metrics, steps, train
 
 # test_train.py's runs of SMALL (--steps 6): the compilations are shared through the
 # session's JAX cache (the exported step is the same program there).
@@ -70,14 +70,35 @@ def test_every_setting_the_step_may_read_is_in_the_key(tmp_path, monkeypatch):
   def key(**kw):
     cfg = train.TrainConfig(out=str(tmp_path / kw.pop("out", "a")), **{**TINY, **kw})
     run = train.setup(cfg, vocab_size=8192)
-    train.cached_train_step(run, args=(run.abstract_params, run.abstract_opt, None))
+    train.cached_train_step(run, args=(run.abstract_params, run.abstract_opt, None, None))
     return keys[-1]
 
   base = key()
   assert key(out="b", resume=True, stop_after=2, progress=True) == base
-  for change in ({"rank": 8}, {"lr": 0.02}, {"steps": 7}, {"seed": 1}, {"eval_every": 5}):
+  # The schedule's settings: the step takes its rate as an argument.
+  assert key(steps=9, lr=0.02, warmup=3, schedule="linear", min_lr_ratio=0.5) == base
+  for change in ({"rank": 8}, {"weight_decay": 0.1}, {"seed": 1}, {"eval_every": 5}):
     assert key(**change) != base, change
   assert key(model="llama_60m") != base
+
+
+def test_runs_that_differ_in_their_schedule_share_the_step_at_their_own_rates(tmp_path, step_cache):
+  # An lr sweep, or a resume that extends the run: one traced (and compiled) step, which
+  # must still train each run at its own rate: the same numbers as that run's step traced
+  # for it alone (the plain jit, with the step cache off).
+  traces, directory = step_cache
+  base, _ = _run(tmp_path, "a", stop_after=3)
+  swept, lines = _run(tmp_path, "b", stop_after=3, steps=12, lr=0.02, warmup=2)
+  assert len(traces) == 1, "a schedule setting made a new program"
+  assert any("traced program from the step cache" in line for line in lines)
+  assert swept["losses"][0] == base["losses"][0] and swept["losses"][2] != base["losses"][2]
+  rates = [r["lr"] for r in metrics.read_metrics(str(tmp_path / "b")) if "lr" in r]
+  np.testing.assert_allclose(rates, [0.0, 0.01, 0.02], rtol=1e-6)  # what it stepped with
+  with pytest.MonkeyPatch.context() as off:
+    off.setattr(compile_cache, "steps_dir", lambda: None)
+    alone, _ = _run(tmp_path, "c", stop_after=3, steps=12, lr=0.02, warmup=2)
+  assert len(traces) == 2
+  np.testing.assert_array_equal(swept["losses"], alone["losses"])
 
 
 def test_a_damaged_entry_is_traced_again_and_replaced(tmp_path, step_cache):
@@ -155,14 +176,14 @@ def test_the_exported_step_is_the_same_program(tmp_path, step_cache):
     "mask": np.ones((cfg.batch_size, cfg.seq_len), np.float32),
   }
   batch = train.device_batch(run, host, 1)
-  args = (run.abstract_params, run.abstract_opt, batch)
+  args = (run.abstract_params, run.abstract_opt, batch, train.LR_SPEC)
   exported = train.cached_train_step(run, args=args).lower(*args).compile()
   plain = train.compile_train_step(run).lower(*args).compile()
   assert xla_memory.compiled_memory(exported) == xla_memory.compiled_memory(plain)
   out = []
   for step in (exported, plain):
     params, opt_state = train.init_state(run)
-    out.append(step(params, opt_state, batch))
+    out.append(step(params, opt_state, batch, np.float32(1e-3)))
   chex.assert_trees_all_equal(out[0], out[1])
   same = jax.tree.map(lambda a, b: a.sharding == b.sharding, out[0][:2], out[1][:2])
   assert all(jax.tree.leaves(same))

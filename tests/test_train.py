@@ -16,6 +16,7 @@ import time
 import types
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +88,7 @@ def _out_of_memory_at(monkeypatch, call: int, *, consumed: bool = False) -> None
   def patched(run, hooks, log):
     step_fn, calls = real(run, hooks, log), []
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, lr):
       calls.append(1)
       if len(calls) == call:
         if consumed:
@@ -96,7 +97,7 @@ def _out_of_memory_at(monkeypatch, call: int, *, consumed: bool = False) -> None
         raise jax.errors.JaxRuntimeError(
           "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.00GiB.\nmore lines"
         )
-      return step_fn(params, opt_state, batch)
+      return step_fn(params, opt_state, batch, lr)
 
     return step
 
@@ -440,7 +441,9 @@ def test_sharded_8bit_update_gathers_neither_its_codes_nor_the_logits(tmp_path, 
     run = train.setup(cfg, vocab, model_cfg=model_cfg)
     step = train.compile_train_step(run)
     batch = train.abstract_batch(run)
-    hlo = step.lower(run.abstract_params, run.abstract_opt, batch).compile().as_text()
+    hlo = (
+      step.lower(run.abstract_params, run.abstract_opt, batch, train.LR_SPEC).compile().as_text()
+    )
     lines = [line for line in hlo.splitlines() if " all-gather(" in line]
     codes = [x for x in lines if "= s8[" in x or "= u8[" in x]
     logits = [x for x in lines if f"[{cfg.batch_size},{cfg.seq_len},{vocab}]" in x]
@@ -755,7 +758,7 @@ def test_the_train_step_is_traced_with_the_garbage_collector_paused(monkeypatch)
 
   monkeypatch.setattr(steps, "select_train_step", select_train_step)
   run = trainer.setup(config.TrainConfig(), 8192)
-  args = (run.abstract_params, run.abstract_opt, trainer.abstract_batch(run))
+  args = (run.abstract_params, run.abstract_opt, trainer.abstract_batch(run), trainer.LR_SPEC)
   assert gc.isenabled()
   trainer.compile_train_step(run).trace(*args)
   assert seen == [False] and gc.isenabled()  # and running again after the trace
@@ -816,6 +819,42 @@ def test_lr_schedules_after_warmup(schedule, at_55, at_100):
   assert float(no_warmup(100)) == pytest.approx(0.0 if schedule == "linear" else 0.01)
   cosine = train.lr_schedule(dataclasses.replace(cfg, schedule="cosine", min_lr_ratio=0.5))
   assert float(cosine(100)) == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize(
+  "optimizer", ["adamw", "galore_adamw", "galore_adamw8bit", "galore_adafactor"]
+)
+def test_the_optimizer_at_a_step_s_rate_is_the_one_with_the_schedule_compiled_in(optimizer):
+  # The trainer's step builds the optimizer at its lr argument (build_optimizer(lr=)), the
+  # host giving the schedule's rate of each step: the same updates and states as the
+  # schedule read from the state's counts, through warm-up, weight decay (which reads the
+  # rate too), Adafactor's own use of the rate and GaLore's refreshes.
+  from galore_jax import model as model_lib
+
+  cfg = train.TrainConfig(
+    optimizer=optimizer, steps=8, warmup=2, lr=0.01, weight_decay=0.1, rank=4,
+    update_proj_gap=2, svd="exact",
+  )  # fmt: skip
+  small = dict(hidden_size=32, intermediate_size=64, num_heads=2, num_layers=1, vocab_size=64)
+  _, abstract = trainer.abstract_model(model_lib.get_config("llama_tiny", **small))
+  rng = np.random.default_rng(0)
+  draw = lambda: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), abstract)
+  scheduled = config.build_optimizer(cfg)
+  with_schedule = jax.jit(scheduled.update)
+  at_rate = jax.jit(lambda g, s, p, lr: config.build_optimizer(cfg, lr=lr).update(g, s, p))
+  sched = config.lr_schedule(cfg)
+  params = draw()
+  state_a = state_b = scheduled.init(params)
+  for k in range(5):  # warm-up (rates 0, 0.005), the peak, decay; refreshes at 0, 2, 4
+    grads = draw()
+    updates_a, state_a = with_schedule(grads, state_a, params)
+    doubled, _ = at_rate(grads, state_b, params, np.float32(2 * sched(k)))
+    updates_b, state_b = at_rate(grads, state_b, params, np.float32(sched(k)))
+    chex.assert_trees_all_close(updates_b, updates_a, rtol=1e-6, atol=1e-9)
+    if k:  # the argument is the rate used (rate 0 at k = 0: no update either way)
+      assert not np.allclose(doubled["lm_head"]["kernel"], updates_a["lm_head"]["kernel"])
+    chex.assert_trees_all_close(state_b, state_a, rtol=1e-6, atol=1e-9)
+    params = optax.apply_updates(params, updates_a)
 
 
 def test_turning_an_on_off_flag_on_or_off_at_resume_is_refused_naming_its_values():
@@ -1696,7 +1735,7 @@ def test_plan_lowers_the_step_a_packed_instruction_run_takes(tmp_path):
   run = train.setup(_cfg(tmp_path, "plan", data=str(qa)), vocab_size=8192)
   batch = trainer.abstract_batch(run)
   assert batch["segments"].shape == batch["inputs"].shape and batch["segments"].dtype == np.int32
-  train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, batch)  # traces
+  train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, batch, train.LR_SPEC)
   assert "segments" not in trainer.abstract_batch(train.setup(_cfg(tmp_path, "t"), 8192))
   unpacked = train.setup(_cfg(tmp_path, "u", data=str(qa), packing=False), 8192)
   assert "segments" not in trainer.abstract_batch(unpacked)
@@ -2119,7 +2158,7 @@ def test_refresh_programs_follow_the_count_reading_it_only_where_it_decides(gap)
   ran = []
 
   def build(name):
-    def program(params, opt_state, skip):  # a step, skipped or not, that records its name
+    def program(params, opt_state, skip, lr):  # a step, skipped or not, recording its name
       ran.append(name)
       return params, opt_state._replace(count=opt_state.count + (0 if skip else 1)), {}
 
@@ -2132,7 +2171,7 @@ def test_refresh_programs_follow_the_count_reading_it_only_where_it_decides(gap)
   for _ in range(70):
     skip = bool(rng.random() < 0.2)
     expected.append(trainer.RefreshPrograms.name_for(count, gap))
-    _, state, _ = programs(None, state, skip)
+    _, state, _ = programs(None, state, skip, None)
     count += not skip
   assert ran == expected
   refreshes = expected.count("due")
@@ -2143,7 +2182,7 @@ def test_refresh_programs_follow_the_count_reading_it_only_where_it_decides(gap)
     assert gap == 2 or programs.count_reads < 70 // 2
   # A state from elsewhere (a restore, a callback's) is read, whatever its count.
   reads = programs.count_reads
-  programs(None, state._replace(count=jnp.asarray(count)), False)
+  programs(None, state._replace(count=jnp.asarray(count)), False, None)
   assert programs.count_reads == reads + 1 and ran[-1] == programs.name_for(count, gap)
 
 
