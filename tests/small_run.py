@@ -1,6 +1,8 @@
 """The small training configuration (``TrainConfig`` fields) that the training tests share:
-runs with the same shapes and ``--steps`` compile the same train step, which the session's
-JAX cache (conftest) and the step cache then serve to every test that uses it."""
+runs with the same shapes and settings compile the same train step (the schedule's settings,
+``--steps``, ``--lr``, ``--warmup``..., are not part of it: the step takes its rate as an
+argument), which the session's JAX cache (conftest) and the step cache then serve to every
+test that uses it."""
 
 SMALL = dict(
   model="llama_tiny",

@@ -231,8 +231,7 @@ def test_a_run_from_a_hub_id_records_its_commit_and_resumes_from_the_cache(
 
   files = _cache_dataset(offline_cache)  # instruction data, from the Hub too
   run = tmp_path / "run"
-  # --steps 4 throughout (each stop by --stop-after): the learning-rate schedule is compiled
-  # into the step, so the resumes load it from the compilation cache.
+  # --steps 4 throughout (each stop by --stop-after): the resumes continue the same schedule.
   args = ["train", "--init-from", "acme/tiny-llama", "--steps", "4", "--stop-after", "2"]
   args += ["--batch-size", "2"]
   args += ["--seq-len", "32", "--rank", "4", "--eval-every", "2", "--eval-batches", "1"]

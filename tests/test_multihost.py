@@ -34,9 +34,8 @@ ROOT = Path(galore_jax.__file__).resolve().parents[1]
 # GaLore over a data=2, fsdp=2 mesh (4 devices in one process, or 2 x 2) on a LLaMA smaller
 # than llama_tiny (small_run.TINY_HF, given as --init-from): compiling the step is most of
 # each process's time.
-# Every run has the same --steps (the learning-rate schedule is compiled into the step, so
-# the later runs load the first ones' compilations from the session's cache) and stops
-# early: --stop-after, or a kill.
+# Every run stops early (--stop-after, or a kill); the later runs load the first ones'
+# compilations from the session's cache.
 RUN = dict(
   optimizer="galore_adamw",
   steps=1000,

@@ -857,6 +857,22 @@ def test_the_optimizer_at_a_step_s_rate_is_the_one_with_the_schedule_compiled_in
     params = optax.apply_updates(params, updates_a)
 
 
+def test_a_caller_s_lr_at_is_the_rate_the_run_s_own_optimizer_steps_at(tmp_path):
+  # Hooks.lr_at gives the step its rate (and is what metrics.jsonl records): at 0 nothing
+  # moves. (Before the rate was an argument of the step, it was only what was recorded.)
+  seen = {}
+
+  def keep(step, params, opt_state, writer):
+    seen[step] = jax.tree.map(np.asarray, params)
+    return params, opt_state
+
+  hooks = trainer.Hooks(lr_at=lambda step: 0.0, before_step=[keep])
+  train.train(_cfg(tmp_path, "still", steps=6, stop_after=3), log=_quiet, hooks=hooks)
+  chex.assert_trees_all_equal(seen[2], seen[0])
+  rates = [r["lr"] for r in metrics.read_metrics(str(tmp_path / "still")) if "lr" in r]
+  assert rates == [0.0, 0.0, 0.0]
+
+
 def test_turning_an_on_off_flag_on_or_off_at_resume_is_refused_naming_its_values():
   def meta(**kw):
     cfg = train.TrainConfig(optimizer="galore_adafactor", **kw)
@@ -1404,8 +1420,7 @@ def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path
   data_file = tmp_path / "chat.jsonl"
   data_file.write_text("".join(json.dumps(r) + "\n" for r in chats))
   out = str(tmp_path / "run")
-  # --steps 6 throughout, each stop by --stop-after: the learning-rate schedule is compiled
-  # into the step, so the resumes load it from the compilation cache.
+  # --steps 6 throughout, each stop by --stop-after: the resumes continue the same schedule.
   small = ["--steps", "6", "--batch-size", "8", "--seq-len", "64", "--rank", "16"]
   small += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
   args = ["train", "--data", str(data_file), *small, "--out", out]
