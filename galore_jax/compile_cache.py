@@ -132,14 +132,10 @@ def _step_key(key: dict, leaves: list, in_tree) -> str:
     except metadata.PackageNotFoundError:
       return "-"
 
-  avals = [
-    (
-      np.shape(x),
-      str(getattr(x, "dtype", None) or np.result_type(x)),
-      str(getattr(x, "sharding", None)),
-    )
-    for x in leaves
-  ]
+  def dtype(x) -> str:  # arrays and ShapeDtypeStructs have one; a Python scalar does not
+    return str(x.dtype if hasattr(x, "dtype") else np.result_type(x))
+
+  avals = [(np.shape(x), dtype(x), str(getattr(x, "sharding", None))) for x in leaves]
   record = {
     "key": key,
     "source": source_digest(),

@@ -138,6 +138,11 @@ def test_the_key_names_sources_and_shapes_and_the_cache_follows_jax_s(tmp_path, 
   assert key != compile_cache._step_key({"a": 2}, [x], tree)
   y = jax.ShapeDtypeStruct((2, 4), np.float32)
   assert key != compile_cache._step_key({"a": 1}, [y], tree)
+  # The rate as the trainer passes it and as a lowering without one names it: one entry.
+  rate = jax.tree.structure((train.LR_SPEC,))
+  named = compile_cache._step_key({"a": 1}, [train.LR_SPEC], rate)
+  assert named == compile_cache._step_key({"a": 1}, [np.float32(1e-3)], rate)
+  assert named != compile_cache._step_key({"a": 1}, [np.float64(1e-3)], rate)
   monkeypatch.setattr(compile_cache, "source_digest", lambda: "edited")
   assert key != compile_cache._step_key({"a": 1}, [x], tree)
 
