@@ -44,12 +44,11 @@ budget; every run is a ``galore-jax train`` run (``galore_jax.trainer.train``: i
 whole-gradient step, loop, checkpoints, metrics and non-finite handling), which differs
 between methods only through the trainer's hooks: how the dense weights are produced
 (``trainer.Parametrization`` with ``lowrank.materialize``; none for AdamW / GaLore),
-ReLoRA's merges (a per-step callback), and the optimizer, which for AdamW and GaLore is
-``galore_jax.config.build_optimizer`` -- the optimizer ``galore-jax train`` builds -- at a
-unit learning rate, its update multiplied by the step's lr read from a table in the
-optimizer state (``scale_by_lr_table``; the schedule is linear in its peak and weight
-decay is 0, so this is the same update, and ReLoRA's re-warm-up is in the table). The
-compiled step is therefore the same for every lr of a method.
+ReLoRA's merges (a per-step callback) and the learning rate of each step
+(``trainer.Hooks.lr_at``: the trainer's schedule, times ReLoRA's re-warm-up after each
+merge). The optimizer is the one ``galore-jax train`` builds
+(``galore_jax.config.build_optimizer``) for every method, and the trainer's step takes
+the rate as an argument, so the compiled step is the same for every lr of a method.
 
 Scales:
 
@@ -105,12 +104,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from galore_jax import checkpoint, config, data, lowrank, metrics, trainer
@@ -412,19 +410,7 @@ def plan_runs(scale: Scale, models: list[ModelSpec], methods: list[str]) -> list
 
 
 # ---------------------------------------------------------------------------
-# The training step shared by every method.
-
-
-def _unit_lr_optimizer(cfg: config.TrainConfig) -> optax.GradientTransformation:
-  """``config.build_optimizer`` with a constant learning rate of 1 (the step scales by lr_t).
-
-  The trainer's schedule is ``peak * f(t)`` and weight decay is 0 here, so
-  ``lr_t * update_with_unit_lr`` is the trainer's update at ``lr_t``
-  (``tests/test_reproduce_table2.py`` checks it against the real schedule).
-  """
-  if cfg.weight_decay:
-    raise ValueError("the lr-as-argument step needs weight_decay 0 (the paper's setting)")
-  return config.build_optimizer(dataclasses.replace(cfg, lr=1.0, warmup=0, min_lr_ratio=1.0))
+# What differs between methods: the learning rate of each step and the parametrisation.
 
 
 def lr_values(rs: RunSpec) -> np.ndarray:
@@ -437,38 +423,6 @@ def lr_values(rs: RunSpec) -> np.ndarray:
     ramp = np.minimum(1.0, (since + 1) / rs.relora_rewarm)
     lrs = np.where(t >= rs.relora_every, lrs * ramp, lrs)  # the first cycle has the global warm-up
   return lrs.astype(np.float32)
-
-
-class LrTableState(NamedTuple):
-  count: jax.Array
-  lrs: jax.Array  # float32 (steps,)
-
-
-def scale_by_lr_table(lrs: np.ndarray) -> optax.GradientTransformation:
-  """Multiplies the ``k``-th update by ``lrs[k]`` (the run's per-step lr, :func:`lr_values`).
-
-  The table is state, not a constant, so the compiled step is the same for every lr of a
-  method (the persistent compilation cache serves the sweep's other lrs). Its counter counts
-  applied updates: a skipped (non-finite) step does not advance it.
-  """
-  table = np.asarray(lrs, np.float32)
-
-  def init(params):
-    del params
-    return LrTableState(jnp.zeros([], jnp.int32), jnp.asarray(table))
-
-  def update(updates, state, params=None):
-    del params
-    lr = state.lrs[jnp.minimum(state.count, state.lrs.shape[0] - 1)]
-    updates = jax.tree.map(lambda u: (lr * u.astype(jnp.float32)).astype(u.dtype), updates)
-    return updates, LrTableState(optax.safe_int32_increment(state.count), state.lrs)
-
-  return optax.GradientTransformation(init, update)
-
-
-def run_optimizer(rs: RunSpec) -> optax.GradientTransformation:
-  """The run's optimizer: ``galore-jax train``'s at lr 1, times the run's lr of each step."""
-  return optax.chain(_unit_lr_optimizer(rs.train_config()), scale_by_lr_table(lr_values(rs)))
 
 
 def parametrization(rs: RunSpec, init_std: float) -> trainer.Parametrization | None:
@@ -567,9 +521,8 @@ class ModelContext:
     return self._dense
 
   def memory(self, rs: RunSpec) -> dict[str, int]:
-    """Weights and optimizer state of the run's method in BF16 bytes, from the real shapes
-    (the optimizer at lr 1: the lr table is bookkeeping of this script, not the method's)."""
-    tx = _unit_lr_optimizer(rs.train_config())
+    """Weights and optimizer state of the run's method in BF16 bytes, from the real shapes."""
+    tx = config.build_optimizer(rs.train_config())
     param = parametrization(rs, self.model_cfg.init_std)
     split = param.split if param else lambda dense: {"trainable": dense, "frozen": {}}
     params = jax.eval_shape(split, self.dense_abstract)
@@ -785,7 +738,6 @@ def train_run(
   hooks = trainer.Hooks(
     model_cfg=ctx.model_cfg,
     data=(ctx.sp, ctx.train_ds, ctx.val_batches),
-    tx=run_optimizer(rs),
     parametrization=parametrization(rs, ctx.model_cfg.init_std),
     init_params=lambda run: jax.device_put(ctx.dense_params(), run.dense_sharding),
     meta={"run": desc},
