@@ -13,6 +13,7 @@
   The CLI keeps a cache directory JAX was given, so no test (in-process or a subprocess)
   writes the user's default one (~/.cache/galore_jax/jax-cache).
 - A token cache (GALORE_JAX_CACHE_DIR) of the session's own, removed at its end.
+- The training tests' small model (``small_run.TEST_MODEL``) among the named models.
 """
 
 import os
@@ -43,8 +44,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from small_run import register_test_model  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+register_test_model()  # small_run.SMALL's model, for this process's runs
 
 
 def pytest_unconfigure(config):

@@ -27,11 +27,11 @@ from small_run import SMALL
 
 from galore_jax import checkpoint, cli, data, metrics, train
 
-# small_run.SMALL as CLI flags (same shapes; with --steps 6, the same lr schedule as
-# test_train.py's runs: their compiled train step is cached).
+# small_run.SMALL as CLI flags: the train step of test_train.py's runs, whose compiled
+# program the session's caches keep.
 SMALL_ARGS = [
-  "--batch-size", "8", "--seq-len", "32", "--rank", "16", "--update-proj-gap", "2",
-  "--eval-every", "1000", "--eval-batches", "2", "--no-progress",
+  "--model", SMALL["model"], "--batch-size", "8", "--seq-len", "32", "--rank", "16",
+  "--update-proj-gap", "2", "--eval-every", "1000", "--eval-batches", "2", "--no-progress",
 ]  # fmt: skip
 
 
@@ -514,7 +514,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tmp_path, monk
   args = ["train", "--out", tmp_path / "run2", "--steps", "6", "--save-every", "2"]
   args += ["--keep-checkpoints", "1", "--batch-size", "8", "--seq-len", "32", "--rank", "16"]
   args += ["--update-proj-gap", "2", "--eval-every", "1000", "--eval-batches", "2", "--no-progress"]
-  code, _, err = _cli(capsys, *args)
+  code, _, err = _cli(capsys, *args, "--model", SMALL["model"])
   assert code == 1
   assert err.startswith("galore-jax: error: checkpoint 6 could not be written in ")
   assert err.endswith("the newest checkpoint is " + str(tmp_path / "run2") + "/checkpoints/2")
@@ -863,6 +863,7 @@ def test_ctrl_c_during_start_up_exits_130_and_writes_nothing(tmp_path):
   # says what it does, and the run stops at the next check.
   out = tmp_path / "new"
   cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--out", str(out), *SMALL_ARGS]
+  cmd += ["--model", "llama_tiny"]  # (the session's test model is not registered there)
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   try:
@@ -906,7 +907,10 @@ def test_ctrl_c_while_the_data_load_stops_at_once(tmp_path, monkeypatch):
   out = tmp_path / "run"
   cmd = [sys.executable, "-m", "galore_jax.cli", "train", "--data", str(src), "--out", str(out)]
   proc = subprocess.Popen(
-    [*cmd, *SMALL_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    [*cmd, *SMALL_ARGS, "--model", "llama_tiny"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   try:
     for line in proc.stderr:

@@ -36,6 +36,7 @@ from galore_jax import (
   train,
   trainer,
 )
+from galore_jax import model as model_lib
 
 _SESSION_START = time.perf_counter()
 
@@ -152,7 +153,8 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
   # From the CLI, in the first step: one line, exit 1, with what to shrink.
   monkeypatch.undo()
   _out_of_memory_at(monkeypatch, 1)
-  small = "--batch-size 8 --seq-len 32 --rank 16 --update-proj-gap 2 --eval-every 1000"
+  small = f"--model {SMALL['model']} --batch-size 8 --seq-len 32 --rank 16 --update-proj-gap 2"
+  small += " --eval-every 1000"
   code = _cli("train", "--out", str(tmp_path / "first"), "--steps", "6", *small.split())
   err = capsys.readouterr().err.strip()
   assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -427,7 +429,6 @@ def test_sharded_8bit_update_gathers_neither_its_codes_nor_the_logits(tmp_path, 
   # model's embedding and head are chunked on one device; they have more block rows (512)
   # than columns (256), so fsdp shards the rows, as in real models.
   from galore_jax import adam8bit
-  from galore_jax import model as model_lib
 
   monkeypatch.setattr(adam8bit, "CHUNK_SIZE", 2**14)
   vocab = 2048
@@ -632,7 +633,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   assert any(f.startswith("events") for f in os.listdir(tb))
   assert out["eval_ppl"] == pytest.approx(eval_recs[-1]["eval_ppl"])
   # Speed, utilisation and memory per logged step.
-  n_params = 7_358_720  # llama_tiny with the bundled 8192-piece tokenizer
+  n_params = model_lib.param_count(model_lib.get_config(SMALL["model"], vocab_size=8192))
   assert train_recs[2]["step_s"] < 2.5  # the step after the (slowed) evaluation at step 2
   for r in train_recs:
     assert r["step_s"] > 0 and 0 <= r["wait_s"] <= r["step_s"]
@@ -656,7 +657,7 @@ def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
   assert list(traces[0].parent.glob("*.trace.json.gz"))  # Chrome trace, for Perfetto
   # --wandb: the same scalars, offline here, the run's configuration attached.
   (init,) = fake.inits
-  assert init["mode"] == "offline" and init["config"]["model"] == "llama_tiny"
+  assert init["mode"] == "offline" and init["config"]["model"] == SMALL["model"]
   assert init["dir"] == str(tmp_path / "run" / "wandb") and fake.finished == 1
   logged = [(step, d) for step, d in fake.logged if "loss" in d]
   assert [step for step, _ in logged] == [1, 2, 3, 4]
@@ -677,7 +678,7 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsy
   progress = [line for line in logged if line.startswith("step ")]
   assert [line.split(":")[0] for line in progress] == ["step 1/6", "step 2", "step 4/6", "step 4"]
   # The start line names the optimizer and the peak rate it resolved (--lr unset here).
-  assert [line for line in logged if line.startswith("model llama_tiny: ")][0].count(
+  assert [line for line in logged if line.startswith(f"model {SMALL['model']}: ")][0].count(
     "; optimizer galore_adamw rank 16, peak lr 0.01; "
   ) == 1
   assert re.fullmatch(
@@ -829,8 +830,6 @@ def test_the_optimizer_at_a_step_s_rate_is_the_one_with_the_schedule_compiled_in
   # host giving the schedule's rate of each step: the same updates and states as the
   # schedule read from the state's counts, through warm-up, weight decay (which reads the
   # rate too), Adafactor's own use of the rate and GaLore's refreshes.
-  from galore_jax import model as model_lib
-
   cfg = train.TrainConfig(
     optimizer=optimizer, steps=8, warmup=2, lr=0.01, weight_decay=0.1, rank=4,
     update_proj_gap=2, svd="exact",
@@ -1000,13 +999,14 @@ def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
   mask = train.galore_mask(run.abstract_params)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   selected = sorted(k for k, v in flat.items() if v)
-  assert len(selected) == 7 * 4
+  assert len(selected) == 7 * run.model_cfg.num_layers
   assert not flat["['embed']['embedding']"] and not flat["['lm_head']['kernel']"]
   # Square q kernel: projected on the input side as torch's (out, in) weight would be.
+  d, f = run.model_cfg.hidden_size, run.model_cfg.intermediate_size
   proj = run.abstract_opt[0].projectors["layers"][0]["attn"]["q_proj"]["kernel"]
-  assert proj.shape == (16, 256)
+  assert proj.shape == (16, d)
   up = run.abstract_opt[0].projectors["layers"][0]["mlp"]["up_proj"]["kernel"]
-  assert up.shape == (256, 16)  # (in=256, out=688) kernel: the 256 side, as torch
+  assert d < f and up.shape == (d, 16)  # (in=d, out=f) kernel: the d side, as torch
 
 
 def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
@@ -1253,6 +1253,8 @@ RESUME_ARGS = [
   "--update-proj-gap",
   "2",
   "--no-progress",
+  "--model",
+  SMALL["model"],
 ]
 
 
@@ -1328,8 +1330,9 @@ def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(finished_run, tmp
   assert _cli("train", "--resume", "--out", str(out), "--stop-after", "1", "--no-progress") == 0
   said = capsys.readouterr().out
   assert (
-    "galore-jax: note: resuming with the run's own flags (checkpoint 2): --rank 16, "
-    "--update-proj-gap 2, --steps 6, --seq-len 32, --eval-every 1000, --eval-batches 2, "
+    "galore-jax: note: resuming with the run's own flags (checkpoint 2): "
+    f"--model {SMALL['model']}, --rank 16, --update-proj-gap 2, --steps 6, --seq-len 32, "
+    "--eval-every 1000, --eval-batches 2, "
     "--save-every 1000; a flag given here overrides its value"
   ) in said, said
   assert "changed" not in said  # nothing about the course changed
@@ -1343,6 +1346,7 @@ def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(finished_run, tmp
   # --resume auto without a checkpoint: a start with the flags as given.
   fresh = tmp_path / "fresh"
   flags = ["--resume", "auto", "--out", str(fresh), "--steps", "6", "--stop-after", "1"]
+  flags += ["--model", SMALL["model"]]
   assert _cli("train", *flags, "--rank", "16", "--seq-len", "32", "--update-proj-gap", "2") == 0
   assert "run's own flags" not in capsys.readouterr().out
 
@@ -1359,6 +1363,7 @@ def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, c
   out = str(tmp_path / "run")
   small = ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--rank", "16"]
   small += ["--update-proj-gap", "2", "--eval-every", "1000", "--eval-batches", "2"]
+  small += ["--model", SMALL["model"]]
   columns = ["--columns", "prompt=question,completion=answer"]
   args = ["train", "--data", str(tmp_path / "qa.jsonl"), *small, "--no-progress", "--out", out]
   assert _cli(*args, *columns, "--stop-after", "3") == 0
@@ -1423,6 +1428,7 @@ def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path
   # --steps 6 throughout, each stop by --stop-after: the resumes continue the same schedule.
   small = ["--steps", "6", "--batch-size", "8", "--seq-len", "64", "--rank", "16"]
   small += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
+  small += ["--model", SMALL["model"]]
   args = ["train", "--data", str(data_file), *small, "--out", out]
   assert _cli(*args) == 2
   assert "--chat-template chatml uses ChatML's" in capsys.readouterr().err
@@ -1472,6 +1478,7 @@ def test_document_mask_trains_evaluates_and_is_noted_when_a_resume_changes_it(tm
   out = str(tmp_path / "run")
   args = ["train", "--data", str(docs), "--steps", "3", "--batch-size", "4", "--seq-len", "64"]
   args += ["--rank", "8", "--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
+  args += ["--model", SMALL["model"]]
   assert _cli(*args, "--document-mask", "--no-packing", "--out", out) == 2
   assert "--document-mask: keeps packed documents apart" in capsys.readouterr().err
   # (--chat-template on text data: unused, and said to be.)
@@ -1864,8 +1871,6 @@ def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
     seq_len=8,
     svd="exact",
   )
-  from galore_jax import model as model_lib
-
   model_cfg = model_lib.get_config("llama_tiny", num_layers=3, vocab_size=256)
   run = train.setup(cfg, vocab_size=256, model_cfg=model_cfg)
   params, opt = run.abstract_params, run.abstract_opt
@@ -1985,9 +1990,10 @@ def test_compile_cache_default_dir_and_none(monkeypatch, tmp_path):
     jax.config.update("jax_enable_compilation_cache", before)
 
 
-def test_second_start_compiles_nothing_new(finished_run, tmp_path):
+def test_second_start_compiles_nothing_new(tmp_path):
   # A fresh process each time, with the default cache directory (GALORE_JAX_CACHE_DIR) and
-  # the thresholds the CLI sets (JAX's defaults cache no CPU compilation under 1 s).
+  # the thresholds the CLI sets (JAX's defaults cache no CPU compilation under 1 s). The
+  # model: a Hugging Face directory (a subprocess does not know SMALL's test model).
   env = {
     k: v
     for k, v in os.environ.items()
@@ -1996,7 +2002,8 @@ def test_second_start_compiles_nothing_new(finished_run, tmp_path):
   env["GALORE_JAX_CACHE_DIR"] = str(tmp_path / "home")
   cache = tmp_path / "home" / "jax-cache"
   # `python -m galore_jax`, the command where the galore-jax script is not on PATH
-  cmd = [sys.executable, "-m", "galore_jax", "eval", "--checkpoint", str(finished_run)]
+  model = write_tiny_hf_model(tmp_path / "model")
+  cmd = [sys.executable, "-m", "galore_jax", "eval", "--checkpoint", model]
   cmd += ["--eval-batches", "1"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr
