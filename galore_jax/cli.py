@@ -1067,11 +1067,18 @@ def _cmd_export(args) -> int:
   if own:
     print("its chat template is the run's --chat-template, which its chat records were laid out in")
   elif template is not None:
-    print(
+    said = (
       f"its chat template lays one user message out as the run's {sft.FORM_NAMES[form]} "
       "(replacing the tokenizer's own): transformers' apply_chat_template and vLLM's chat "
       "endpoint prompt the model as it was trained"
     )
+    if form == "alpaca":
+      given = sft.ALPACA_INPUT_VARIABLE
+      said += (
+        f"; an Alpaca input is its variable {given!r} (transformers: "
+        f"apply_chat_template(messages, {given}=TEXT); vLLM: chat_template_kwargs)"
+      )
+    print(said)
   return 0
 
 

@@ -925,6 +925,25 @@ def model_card(
         "```",
         "",
       ]
+      if form == "alpaca":
+        given = sft.ALPACA_INPUT_VARIABLE
+        with_input = sft.render_chat(
+          chat_template,
+          [{"role": "user", "content": "<your instruction>"}],
+          add_generation_prompt=True,
+          bos_token=bos_token,
+          eos_token="",
+          **{given: "<its input>"},
+        )
+        lines += [
+          f"An Alpaca input goes in the template variable `{given}` "
+          f"(`apply_chat_template(messages, {given}=...)`; vLLM: `chat_template_kwargs`):",
+          "",
+          "```",
+          with_input,
+          "```",
+          "",
+        ]
     else:
       lines += [f"Trained on {sft.FORM_NAMES[form]}, which this directory's tokenizer keeps.", ""]
   return f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines)

@@ -100,19 +100,34 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 
+# The template variable that carries an Alpaca record's "input" at inference: a keyword of
+# transformers' apply_chat_template, or of vLLM's chat_template_kwargs (a message holds only
+# a role and content there).
+ALPACA_INPUT_VARIABLE = "input"
+
+
 def export_chat_template(form: str, tok) -> str | None:
   """For ``export``: a chat template that lays out one user message (and, for training
   elsewhere, its assistant reply) as a run's ``"prompt"`` or ``"alpaca"`` examples held them:
-  ``[BOS] prompt`` or ``[BOS]`` and the Alpaca prompt of the message as the instruction, then
-  the reply and EOS. So ``apply_chat_template`` in transformers, and vLLM's chat endpoint,
-  prompt the fine-tuned model as it was trained. None for other forms (a chat run keeps its
+  ``[BOS] prompt`` or ``[BOS]`` and the Alpaca prompt of the message as the instruction (with
+  the template variable ``input``, where given and not empty, as its input), then the reply
+  and EOS. So ``apply_chat_template`` in transformers, and vLLM's chat endpoint, prompt the
+  fine-tuned model as it was trained. None for other forms (a chat run keeps its
   tokenizer's template; text has none to give), or where no rendering tokenizes as
   training did (:func:`_after_bos`)."""
+  message = "{{ messages[0]['content'] }}"
   if form == "prompt":
-    head = "{{ messages[0]['content'] }}"
+    head = message
   elif form == "alpaca":
-    before, after = ALPACA_PROMPT.split("{instruction}")
-    head = before + "{{ messages[0]['content'] }}" + after
+    given = ALPACA_INPUT_VARIABLE
+    with_input = ALPACA_PROMPT_WITH_INPUT.replace("{instruction}", message)
+    head = (
+      f"{{% if {given} is defined and {given} %}}"
+      + with_input.replace("{input}", f"{{{{ {given} }}}}")
+      + "{% else %}"
+      + ALPACA_PROMPT.replace("{instruction}", message)
+      + "{% endif %}"
+    )
   else:
     return None
   sep = _after_bos(tok)

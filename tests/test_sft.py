@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from galore_jax import data, sft
+from galore_jax import data, hf, sft
 from galore_jax.data import sources
 
 
@@ -706,7 +706,8 @@ def test_the_export_chat_template_tokenizes_as_training_did(tmp_path, pre, after
     initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet() if pre == "byte_level" else [],
   )
   text = sft.ALPACA_PROMPT.format(instruction="Say hi to the world.") + "hi there"
-  tok.train_from_iterator([text, "Below is an instruction."] * 20, bpe)
+  given = sft.ALPACA_PROMPT_WITH_INPUT.format(instruction="Say hi to the world.", input="Be brief.")
+  tok.train_from_iterator([text, given, "Below is an instruction."] * 20, bpe)
   tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(
     json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
@@ -731,6 +732,34 @@ def test_the_export_chat_template_tokenizes_as_training_did(tmp_path, pre, after
       sft.render_chat(
         template, reply[1:], add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
       )
+    # An Alpaca record's input: the template variable (apply_chat_template's keyword, vLLM's
+    # chat_template_kwargs); an empty one is no input, as in training.
+    for given in ("Be brief.", ""):
+      rendered = sft.render_chat(
+        template, user, add_generation_prompt=True, bos_token="<s>", eos_token="</s>",
+        **{sft.ALPACA_INPUT_VARIABLE: given},
+      )  # fmt: skip
+      ids = inner.encode(rendered, add_special_tokens=False).ids
+      ask = {"instruction": "Say hi to the world.", "input": given} if form == "alpaca" else None
+      assert ids == sft.prompt_ids(tok, ask or "Say hi to the world.", form), (form, rendered)
+  # transformers passes apply_chat_template's keywords to the template as the variable.
+  transformers = pytest.importorskip("transformers")
+  auto = transformers.PreTrainedTokenizerFast(
+    tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="</s>"
+  )
+  auto.chat_template = sft.export_chat_template("alpaca", tok)
+  given = {sft.ALPACA_INPUT_VARIABLE: "Be brief."}
+  text = auto.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **given)
+  assert text == sft.render_chat(
+    auto.chat_template, user, add_generation_prompt=True, bos_token="<s>", eos_token="", **given
+  )
+  assert "### Input:\nBe brief.\n\n### Response:\n" in text
+  # The export's model card shows both layouts, and where the input goes.
+  run = {"model": "llama_tiny", "optimizer": "adamw", "data": "alpaca.jsonl", "steps": 4}
+  card = hf.model_card(run, 4, form="alpaca", chat_template=auto.chat_template, bos_token="<s>")
+  assert "### Instruction:\n<your message>\n\n### Response:" in card
+  assert "### Instruction:\n<your instruction>\n\n### Input:\n<its input>\n\n" in card
+  assert f"template variable `{sft.ALPACA_INPUT_VARIABLE}`" in card
   assert (
     sft.export_chat_template("chat", tok) is None and sft.export_chat_template("text", tok) is None
   )
