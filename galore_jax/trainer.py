@@ -363,11 +363,13 @@ class RefreshPrograms:
 
     return "due" if galore.refresh_due(count, update_proj_gap) else "not_due"
 
-  def program(self, name: str, example: tuple) -> Callable:
+  def program(self, name: str, example: tuple, say: str | None = None) -> Callable:
     """The ``"due"`` or ``"not_due"`` program for ``example``'s shapes (``(params,
     opt_state, batch, lr)``, arrays or ``jax.ShapeDtypeStruct``s), built at the first
-    request."""
+    request; ``say``: the log line's ending when it is built then (None: no line)."""
     if name not in self._programs:
+      if say is not None:
+        self._log(f"train step: compiling the program for steps {self.NAMES[name]}{say}")
       self._programs[name] = self._builders[name](example)
     return self._programs[name]
 
@@ -393,9 +395,8 @@ class RefreshPrograms:
 
     name, counts = self._choose(galore.galore_count(opt_state))
     new = name not in self._programs
-    if new and self._programs:  # the first one's compilation is the start-up's, said there
-      self._log(f"train step: compiling the program for steps {self.NAMES[name]}")
-    step = self.program(name, (params, opt_state, batch, lr))
+    # (The first program's compilation is the start-up's, said there.)
+    step = self.program(name, (params, opt_state, batch, lr), say="" if self._programs else None)
     self.built_last_call = new
     params, opt_state, m = step(params, opt_state, batch, lr)
     self._last = (galore.galore_count(opt_state), counts)
@@ -406,12 +407,11 @@ class RefreshPrograms:
     must not meet a compilation mid-way: under ``--time-limit`` the margin for the next
     step is the recent steps' time, and a resume between refreshes would otherwise compile
     the refresh program (minutes at 7B on a GPU) at its first refresh."""
+    args = (params, opt_state, batch, lr)
     for name in self.NAMES:
       if name not in self._programs:
-        self._log(f"train step: compiling the program for steps {self.NAMES[name]} (now: a "
-                  "--time-limit run compiles nothing mid-way)")  # fmt: skip
-        args = (params, opt_state, batch, lr)
-        self.program(name, args).lower(*args).compile()
+        say = " (now: a --time-limit run compiles nothing mid-way)"
+        self.program(name, args, say=say).lower(*args).compile()
 
   def _cache_size(self) -> int:
     """Compilations so far, as on a ``jax.jit`` function (the summary's step_compilations)."""
