@@ -697,9 +697,10 @@ def train_run(
   """Trains one run to the end with the trainer (``galore_jax.trainer.train``) and writes its
   ``result.json``; returns the result.
 
-  The run's method enters through the trainer's hooks: its optimizer (lr as a per-step
-  table), the low-rank parametrisation, ReLoRA's merges (a per-step callback), this
-  model's shared dense init, data and validation batches.
+  The run's method enters through the trainer's hooks: the learning rate of each step
+  (:func:`lr_values`, ReLoRA's re-warm-up included), the low-rank parametrisation, ReLoRA's
+  merges (a per-step callback), this model's shared dense init, data and validation
+  batches. The optimizer is the trainer's own.
   """
   desc = rs.describe(ctx.vocab_size)
   t_start = time.perf_counter()
