@@ -908,41 +908,30 @@ def model_card(
   if form in sft.FORM_NAMES:
     lines += ["## Prompt format", ""]
     if chat_template is not None:
-      example = sft.render_chat(
-        chat_template,
-        [{"role": "user", "content": "<your message>"}],
-        add_generation_prompt=True,
-        bos_token=bos_token,
-        eos_token="",
-      )
+
+      def shown(content: str, **variables) -> list[str]:  # a user message, as rendered
+        text = sft.render_chat(
+          chat_template,
+          [{"role": "user", "content": content}],
+          add_generation_prompt=True,
+          bos_token=bos_token,
+          eos_token="",
+          **variables,
+        )
+        return ["", "```", text, "```", ""]
+
       lines += [
         f"Trained on {sft.FORM_NAMES[form]}. The chat template in `tokenizer_config.json` "
         "lays one user message out as training did (`apply_chat_template(messages, "
         "add_generation_prompt=True)`; vLLM's chat endpoint uses it too):",
-        "",
-        "```",
-        example,
-        "```",
-        "",
+        *shown("<your message>"),
       ]
       if form == "alpaca":
         given = sft.ALPACA_INPUT_VARIABLE
-        with_input = sft.render_chat(
-          chat_template,
-          [{"role": "user", "content": "<your instruction>"}],
-          add_generation_prompt=True,
-          bos_token=bos_token,
-          eos_token="",
-          **{given: "<its input>"},
-        )
         lines += [
           f"An Alpaca input goes in the template variable `{given}` "
           f"(`apply_chat_template(messages, {given}=...)`; vLLM: `chat_template_kwargs`):",
-          "",
-          "```",
-          with_input,
-          "```",
-          "",
+          *shown("<your instruction>", **{given: "<its input>"}),
         ]
     else:
       lines += [f"Trained on {sft.FORM_NAMES[form]}, which this directory's tokenizer keeps.", ""]
