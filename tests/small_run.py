@@ -50,3 +50,14 @@ def write_tiny_hf_model(path, **overrides) -> str:
   params = nnx.to_pure_dict(nnx.state(model_lib.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
   hf.save_pretrained(path, config, params, tokenizer=sp)
   return str(path)
+
+
+def small_config(tmp_path, name, **kw):
+  """``SMALL`` (fields replaced by ``kw``) as a ``TrainConfig`` writing to ``tmp_path/name``."""
+  from galore_jax import train
+
+  return train.TrainConfig(out=str(tmp_path / name), **{**SMALL, **kw})
+
+
+def quiet(*_):
+  """A ``log`` that prints nothing."""

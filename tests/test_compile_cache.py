@@ -1,14 +1,20 @@
-"""The traced-step cache (galore_jax.compile_cache.exported_train_step, through the trainer):
-a second start of one configuration loads the exported step instead of tracing it, with the
-same numbers; a damaged entry, a failing export or a changed key fall back or miss."""
+"""The compile caches (galore_jax.compile_cache). The traced-step cache (exported_train_step,
+through the trainer): a second start of one configuration loads the exported step instead of
+tracing it, with the same numbers; a damaged entry, a failing export or a changed key fall
+back or miss. JAX's persistent compilation cache (--compile-cache): on by default, and a
+second start of a process compiles nothing new."""
+
+import os
+import subprocess
+import sys
 
 import chex
 import jax
 import numpy as np
 import pytest
-from small_run import SMALL
+from small_run import SMALL, write_tiny_hf_model
 
-from galore_jax import compile_cache, metrics, steps, train
+from galore_jax import cli, compile_cache, metrics, steps, train
 
 # test_train.py's runs of SMALL (--steps 6): the compilations are shared through the
 # session's JAX cache (the exported step is the same program there).
@@ -192,3 +198,72 @@ def test_the_exported_step_is_the_same_program(tmp_path, step_cache):
   chex.assert_trees_all_equal(out[0], out[1])
   same = jax.tree.map(lambda a, b: a.sharding == b.sharding, out[0][:2], out[1][:2])
   assert all(jax.tree.leaves(same))
+
+
+def test_compile_cache_flag_on_train_eval_sample_plan():
+  parser = cli.build_parser()
+  for argv in (
+    ["train"],
+    ["eval", "--checkpoint", "r"],
+    ["sample", "--checkpoint", "r", "--prompt", ""],
+    ["plan"],
+  ):
+    assert parser.parse_args(argv).compile_cache is None
+    assert parser.parse_args([*argv, "--compile-cache", "none"]).compile_cache == "none"
+
+
+def test_compile_cache_keeps_jax_dir_and_caches_short_compiles(monkeypatch):
+  names = ("jax_persistent_cache_min_compile_time_secs", "jax_enable_compilation_cache")
+  names += ("jax_persistent_cache_min_entry_size_bytes",)
+  before = {n: getattr(jax.config, n) for n in names}
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+  try:
+    given = jax.config.jax_compilation_cache_dir  # conftest's JAX_COMPILATION_CACHE_DIR
+    assert given and compile_cache.enable(None) == given
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
+
+
+def test_compile_cache_default_dir_and_none(monkeypatch, tmp_path):
+  monkeypatch.delenv("GALORE_JAX_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache.default_dir() == str(tmp_path / "xdg" / "galore_jax" / "jax-cache")
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert compile_cache.default_dir() == str(tmp_path / "home" / ".cache/galore_jax/jax-cache")
+  before = jax.config.jax_enable_compilation_cache
+  try:
+    assert compile_cache.enable("none") is None
+    assert jax.config.jax_enable_compilation_cache is False
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+def test_second_start_compiles_nothing_new(tmp_path):
+  # A fresh process each time, with the default cache directory (GALORE_JAX_CACHE_DIR) and
+  # the thresholds the CLI sets (JAX's defaults cache no CPU compilation under 1 s). The
+  # model: a Hugging Face directory (a subprocess does not know SMALL's test model).
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  }
+  env["GALORE_JAX_CACHE_DIR"] = str(tmp_path / "home")
+  cache = tmp_path / "home" / "jax-cache"
+  # `python -m galore_jax`, the command where the galore-jax script is not on PATH
+  model = write_tiny_hf_model(tmp_path / "model")
+  cmd = [sys.executable, "-m", "galore_jax", "eval", "--checkpoint", model]
+  cmd += ["--eval-batches", "1"]
+  first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr
+  entries = sorted(os.listdir(cache))
+  assert entries, "the first start wrote nothing to the cache"
+  second = subprocess.run(
+    cmd, env={**env, "JAX_LOG_COMPILES": "1"}, capture_output=True, text=True, timeout=300
+  )
+  assert second.returncode == 0, second.stderr
+  assert sorted(os.listdir(cache)) == entries
+  assert "Persistent compilation cache hit" in second.stderr
+  assert second.stdout == first.stdout

@@ -1,7 +1,7 @@
-"""The training loop: resume exactness, sharding, accumulation, faults, outputs."""
+"""The training loop (galore_jax.trainer, galore_jax.train): resume exactness, sharding,
+accumulation, faults, progress lines, the learning rate the step takes, the two refresh
+programs."""
 
-import argparse
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
 import chex
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from small_run import SMALL, write_tiny_hf_model
+from small_run import SMALL, quiet, small_config, write_tiny_hf_model
 
 from galore_jax import (
   checkpoint,
@@ -41,21 +40,13 @@ from galore_jax import model as model_lib
 _SESSION_START = time.perf_counter()
 
 
-def _cfg(tmp_path, name, **kw):
-  return train.TrainConfig(out=str(tmp_path / name), **{**SMALL, **kw})
-
-
-def _quiet(*_):
-  pass
-
-
 # Runs of SMALL that train on the same lr schedule (--steps 6; --stop-after ends them
 # earlier) share one compiled train step through the session's compile cache, and the
 # single-device trajectory below is computed once for every test that compares with it.
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
   """6 steps of SMALL on one device, uninterrupted (the summary of ``train.train``)."""
-  return train.train(_cfg(tmp_path_factory.mktemp("straight"), "run", steps=6), log=_quiet)
+  return train.train(small_config(tmp_path_factory.mktemp("straight"), "run", steps=6), log=quiet)
 
 
 def test_resume_continues_exactly(tmp_path, straight_run):
@@ -67,13 +58,13 @@ def test_resume_continues_exactly(tmp_path, straight_run):
   (killed / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
   logged = []
   first = train.train(
-    _cfg(tmp_path, "split", steps=6, stop_after=3, resume="auto"), log=logged.append
+    small_config(tmp_path, "split", steps=6, stop_after=3, resume="auto"), log=logged.append
   )
   assert first["step"] == 3 and first["start_step"] == 0
   assert any(str(line).startswith("--resume auto: no checkpoint in ") for line in logged)
   assert straight["step_compilations"] == 1  # no recompilation after the first step
   assert checkpoint.latest_step(str(tmp_path / "split")) == 3
-  second = train.train(_cfg(tmp_path, "split", steps=6, resume="auto"), log=_quiet)
+  second = train.train(small_config(tmp_path, "split", steps=6, resume="auto"), log=quiet)
   assert second["start_step"] == 3 and second["step"] == 6
   np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"], rtol=1e-6)
   # One metrics file holds both halves.
@@ -113,21 +104,21 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
   # step is still on the device: it is saved, and the resume continues exactly.
   _out_of_memory_at(monkeypatch, 4)
   with pytest.raises(trainer.OutOfMemory) as e:
-    train.train(_cfg(tmp_path, "oom", steps=6), log=_quiet)
+    train.train(small_config(tmp_path, "oom", steps=6), log=quiet)
   assert str(e.value).startswith(
     "the device ran out of memory in step 4 (RESOURCE_EXHAUSTED: Out of memory while trying "
     f"to allocate 12.00GiB.); step 3 is saved in {tmp_path / 'oom' / 'checkpoints'}/3. "
     "--remat full (which a resume may add) lowers the peak"
   ), e.value
   monkeypatch.undo()
-  resumed = train.train(_cfg(tmp_path, "oom", steps=6, resume=True), log=_quiet)
+  resumed = train.train(small_config(tmp_path, "oom", steps=6, resume=True), log=quiet)
   assert resumed["start_step"] == 3
   np.testing.assert_allclose(resumed["losses"], straight_run["losses"][3:], rtol=1e-6)
 
   # A failed step that consumed its inputs: nothing to save; the newest checkpoint is named.
   _out_of_memory_at(monkeypatch, 3, consumed=True)
   with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; the newest checkpoint is .*/2\."):
-    train.train(_cfg(tmp_path, "gone", steps=6, save_every=2), log=_quiet)
+    train.train(small_config(tmp_path, "gone", steps=6, save_every=2), log=quiet)
   assert checkpoint.latest_step(str(tmp_path / "gone")) == 2
 
   # A run whose callbacks may replace the state before each step keeps none to save.
@@ -135,7 +126,7 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
   monkeypatch.undo()
   _out_of_memory_at(monkeypatch, 3)
   with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; no checkpoint was saved in "):
-    train.train(_cfg(tmp_path, "hooked", steps=6), log=_quiet, hooks=identity)
+    train.train(small_config(tmp_path, "hooked", steps=6), log=quiet, hooks=identity)
 
   # ... and one whose save fails too (a full disk): both said, the newest checkpoint once.
   def no_room(mngr, step, *_):
@@ -145,7 +136,7 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
   monkeypatch.setattr(checkpoint, "save", no_room)
   _out_of_memory_at(monkeypatch, 2)
   with pytest.raises(trainer.OutOfMemory) as e:
-    train.train(_cfg(tmp_path, "full", steps=6), log=_quiet)
+    train.train(small_config(tmp_path, "full", steps=6), log=quiet)
   said = str(e.value)
   assert "; step 1 could not be saved: checkpoint 1 could not be written (full); no " in said
   assert said.count("no checkpoint was saved in") == 1, said
@@ -155,7 +146,7 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
   _out_of_memory_at(monkeypatch, 1)
   small = f"--model {SMALL['model']} --batch-size 8 --seq-len 32 --rank 16 --update-proj-gap 2"
   small += " --eval-every 1000"
-  code = _cli("train", "--out", str(tmp_path / "first"), "--steps", "6", *small.split())
+  code = cli.main(["train", "--out", str(tmp_path / "first"), "--steps", "6", *small.split()])
   err = capsys.readouterr().err.strip()
   assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
   assert err.startswith(
@@ -171,7 +162,7 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3 GiB")
 
   monkeypatch.setattr(trainer, "init_state", full)  # placing the weights, before step 1
-  code = _cli("train", "--out", str(tmp_path / "init"), "--steps", "6", *small.split())
+  code = cli.main(["train", "--out", str(tmp_path / "init"), "--steps", "6", *small.split()])
   err = capsys.readouterr().err.strip()
   assert code == 1 and err == (
     "galore-jax: error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory "
@@ -179,7 +170,7 @@ def test_out_of_memory_saves_the_last_step_and_is_one_line(
     "would shrink it"
   )
   monkeypatch.setattr(trainer, "evaluate", full)
-  code = _cli("eval", "--checkpoint", str(tmp_path / "oom"))
+  code = cli.main(["eval", "--checkpoint", str(tmp_path / "oom")])
   err = capsys.readouterr().err.strip()
   assert code == 1 and err == (
     "galore-jax: error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory "
@@ -240,7 +231,7 @@ def test_a_run_warns_at_its_start_when_its_checkpoints_will_not_fit(tmp_path, mo
   )
   free["bytes"] = 10**5  # less than the SMALL run's state (3.5 MB)
   logged = []
-  train.train(_cfg(tmp_path, "full", steps=6, stop_after=1), log=logged.append)
+  train.train(small_config(tmp_path, "full", steps=6, stop_after=1), log=logged.append)
   assert [str(x) for x in logged if "less than one checkpoint" in str(x)]
 
 
@@ -255,7 +246,7 @@ def test_a_run_whose_saves_take_much_of_its_time_says_so_once(tmp_path, monkeypa
 
   monkeypatch.setattr(checkpoint, "save", slow)
   logged = []
-  train.train(_cfg(tmp_path, "slow", steps=6, save_every=2), log=logged.append)
+  train.train(small_config(tmp_path, "slow", steps=6, save_every=2), log=logged.append)
   notes = [str(x) for x in logged if "to write" in str(x)]
   assert len(notes) == 1, logged  # once: not at step 6 again
   assert re.fullmatch(
@@ -274,48 +265,24 @@ def test_a_time_limit_stops_with_a_checkpoint_and_the_resume_continues_exactly(
   # A batch job's wall-clock limit: the run stops with a checkpoint while another step and
   # its save still fit (here, at once: the first step's compile alone takes longer).
   logged = []
-  first = train.train(_cfg(tmp_path, "timed", steps=6, time_limit="1s"), log=logged.append)
+  first = train.train(small_config(tmp_path, "timed", steps=6, time_limit="1s"), log=logged.append)
   assert first["step"] == 1 and checkpoint.latest_step(str(tmp_path / "timed")) == 1
   assert (
     "stopped at the time limit (--time-limit) after step 1 of 6; checkpoint saved in "
     f"{tmp_path / 'timed' / 'checkpoints'}/1; continue with --resume"
   ) in logged
-  rest = train.train(_cfg(tmp_path, "timed", steps=6, resume=True), log=_quiet)
+  rest = train.train(small_config(tmp_path, "timed", steps=6, resume=True), log=quiet)
   np.testing.assert_allclose(first["losses"] + rest["losses"], straight_run["losses"], rtol=1e-6)
 
   # The limit counts from `started`: the CLI passes its process's start, so the imports and
   # the wait for a job's other processes count (they happen before train is called).
   ago = time.perf_counter() - 3599.5
-  late = trainer.train(_cfg(tmp_path, "late", steps=6, time_limit="1h"), log=_quiet, started=ago)
+  late = trainer.train(
+    small_config(tmp_path, "late", steps=6, time_limit="1h"), log=quiet, started=ago
+  )
   assert late["step"] == 1 and checkpoint.latest_step(str(tmp_path / "late")) == 1
   age = time.perf_counter() - trainer.process_start()
   assert 0.1 < age < time.perf_counter() - _SESSION_START + 300, age  # this process's age
-
-
-class _Started(Exception):
-  pass
-
-
-def test_the_cli_counts_the_time_limit_from_its_process_start(tmp_path, monkeypatch):
-  def fake_train(cfg, *, started=None, **kw):
-    raise _Started(started)
-
-  monkeypatch.setattr(trainer, "train", fake_train)
-  before = time.perf_counter()
-  with pytest.raises(_Started) as e:
-    cli.main(["train", "--steps", "1", "--out", str(tmp_path / "r"), "--time-limit", "1h"])
-  assert e.value.args[0] == pytest.approx(trainer.process_start(), abs=0.05)
-  assert e.value.args[0] < before  # not the call's own time
-
-
-def test_time_limits_are_durations_with_units():
-  seconds = {"23h50m": 85800, "90m": 5400, "1d": 86400, "1.5h": 5400, "45s": 45}
-  seconds |= {"23:50:00": 85800, "10:00": 600, "1-00:00:00": 86400, "2h30m15s": 9015}
-  for spec, want in seconds.items():
-    assert config.parse_duration(spec) == want, spec
-  for bad in ("90", "", "h", "5m3h", "1:2:3:4", "x-1:00", "0s"):
-    with pytest.raises(config.ConfigError, match="^--time-limit: "):
-      config.parse_duration(bad)
 
 
 def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
@@ -330,7 +297,7 @@ def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, straight_run):
 
   def work():
     try:
-      done["summary"] = train.train(_cfg(tmp_path, "thread", steps=6), log=_quiet)
+      done["summary"] = train.train(small_config(tmp_path, "thread", steps=6), log=quiet)
     except BaseException as e:  # reported below, with the test's own assertion
       done["error"] = e
 
@@ -354,8 +321,8 @@ def test_a_resume_notes_that_the_data_files_changed(tmp_path):
       for i, t in enumerate(texts)
     )
   )
-  cfg = _cfg(tmp_path, "fp", data=str(docs), steps=6, stop_after=2, save_every=2)
-  train.train(cfg, log=_quiet)
+  cfg = small_config(tmp_path, "fp", data=str(docs), steps=6, stop_after=2, save_every=2)
+  train.train(cfg, log=quiet)
   logged = []
   train.train(dataclasses.replace(cfg, resume=True), log=logged.append)  # to step 4
   assert not [line for line in logged if "--data" in str(line)]
@@ -388,7 +355,8 @@ def test_a_run_names_the_files_of_its_data_directory_it_does_not_read(tmp_path):
   (tmp_path / "data" / "notes.md").write_text("# notes\n\nnot read from a directory\n")
   logged = []
   train.train(
-    _cfg(tmp_path, "dir", data=str(tmp_path / "data"), steps=6, stop_after=1), log=logged.append
+    small_config(tmp_path, "dir", data=str(tmp_path / "data"), steps=6, stop_after=1),
+    log=logged.append,
   )
   assert [line for line in logged if "not reading" in str(line)] == [
     f"galore-jax: note: --data {tmp_path / 'data'}: not reading its 1 other file (notes.md); "
@@ -400,19 +368,19 @@ def test_a_run_names_the_files_of_its_data_directory_it_does_not_read(tmp_path):
 def test_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path, straight_run):
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   # 3 steps: projector refreshes at counts 0 and 2.
-  cfg = _cfg(tmp_path, "mesh", steps=6, stop_after=3, mesh="data=2,fsdp=4")
-  sharded = train.train(cfg, log=_quiet)
+  cfg = small_config(tmp_path, "mesh", steps=6, stop_after=3, mesh="data=2,fsdp=4")
+  sharded = train.train(cfg, log=quiet)
   assert len(sharded["losses"]) == 3
   np.testing.assert_allclose(sharded["losses"], straight_run["losses"][:3], rtol=1e-4, atol=1e-4)
   # The sharded checkpoint resumed on one device (another mesh: orbax restores onto the new
   # run's shardings) follows the same trajectory. Its step is straight_run's, compiled.
-  resumed = train.train(_cfg(tmp_path, "mesh", steps=6, resume=True), log=_quiet)
+  resumed = train.train(small_config(tmp_path, "mesh", steps=6, resume=True), log=quiet)
   assert resumed["start_step"] == 3 and resumed["step"] == 6
   np.testing.assert_allclose(resumed["losses"], straight_run["losses"][3:], rtol=1e-4, atol=1e-4)
 
 
 def test_mesh_shards_params_and_projectors(tmp_path):
-  run = train.setup(_cfg(tmp_path, "m", mesh="data=2,fsdp=4"), vocab_size=8192)
+  run = train.setup(small_config(tmp_path, "m", mesh="data=2,fsdp=4"), vocab_size=8192)
   specs = [s.spec for s in jax.tree.leaves(run.opt_sharding)]
   assert any("fsdp" in tuple(s) for s in specs)
   galore_state = run.abstract_opt[0]
@@ -438,7 +406,7 @@ def test_sharded_8bit_update_gathers_neither_its_codes_nor_the_logits(tmp_path, 
 
   def gathers(**forced):
     monkeypatch.setattr(adam8bit, "scale_by_adam8bit", lambda **kw: plain(**{**kw, **forced}))
-    cfg = _cfg(tmp_path, "m", optimizer="galore_adamw8bit", rank=8, mesh="fsdp=8")
+    cfg = small_config(tmp_path, "m", optimizer="galore_adamw8bit", rank=8, mesh="fsdp=8")
     run = train.setup(cfg, vocab, model_cfg=model_cfg)
     step = train.compile_train_step(run)
     batch = train.abstract_batch(run)
@@ -463,7 +431,7 @@ def test_grad_accumulation_equals_large_batch(tmp_path, straight_run):
   # straight_run's first 2 steps (SMALL's batch of 8).
   assert SMALL["batch_size"] == 8
   kw = dict(steps=6, stop_after=2, batch_size=4, grad_accum=2, lowrank_accum=False)
-  acc = train.train(_cfg(tmp_path, "acc", **kw), log=_quiet)
+  acc = train.train(small_config(tmp_path, "acc", **kw), log=quiet)
   assert len(acc["losses"]) == 2
   np.testing.assert_allclose(acc["losses"], straight_run["losses"][:2], rtol=2e-5)
 
@@ -496,7 +464,7 @@ def jitted_steps(tmp_path_factory):
       # two steps agree to rounding. (The subspace method's first refresh starts from a
       # pseudo-random matrix drawn per leaf of the tree it updates, which differs between
       # the two steps; test_optimizer.py checks its batched refresh against per-leaf ones.)
-      cfg = _cfg(tmp, "lw", optimizer=optimizer, remat=remat, weight_decay=0.1, svd="exact")
+      cfg = small_config(tmp, "lw", optimizer=optimizer, remat=remat, weight_decay=0.1, svd="exact")
       run = train.setup(cfg, vocab_size=8192)
       whole = jax.jit(train.make_train_step(run.graphdef, run.tx))
       layerwise = jax.jit(train.make_layerwise_step(run.graphdef, run.tx, remat=remat))
@@ -518,41 +486,6 @@ def test_nonfinite_step_is_skipped(jitted_steps, layerwise):
   assert int(m["skipped"]) == 1
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new_params, new_opt)), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
-
-
-def _tensorboard_tags(tb_dir) -> set[str]:
-  """Scalar tags in the TensorBoard event files of ``tb_dir`` (TFRecord framing)."""
-  from tensorboardX.proto import event_pb2
-
-  tags = set()
-  for name in os.listdir(tb_dir):
-    if not name.startswith("events"):
-      continue
-    raw = (Path(tb_dir) / name).read_bytes()
-    pos = 0
-    while pos < len(raw):
-      n = int.from_bytes(raw[pos : pos + 8], "little")
-      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + n])
-      tags |= {v.tag for v in event.summary.value}
-      pos += 12 + n + 4
-  return tags
-
-
-class _FakeWandb:
-  """Stands in for the ``wandb`` module: records ``init`` arguments and logged scalars."""
-
-  def __init__(self):
-    self.inits, self.logged, self.finished = [], [], 0
-
-  def init(self, **kw):
-    self.inits.append(kw)
-    return self
-
-  def log(self, data, step):
-    self.logged.append((step, data))
-
-  def finish(self):
-    self.finished += 1
 
 
 def test_a_mesh_that_leaves_accelerators_idle_says_so():
@@ -583,95 +516,13 @@ def test_a_run_names_its_devices_and_a_cpu_fallback_beside_a_gpu(monkeypatch):
   assert trainer.cpu_fallback_note(jax.devices(), gpu_present=True) is None
 
 
-def test_the_loss_trend_compares_windows_that_do_not_overlap():
-  from galore_jax.cli import loss_trend
-
-  assert loss_trend([5.0] * 4 + [3.0] * 4) == "loss 5.000 (first 4) -> 3.000 (last 4)"
-  assert loss_trend([9.0, 1.0]) == "loss 9.000 (first 1) -> 1.000 (last 1)"
-  assert loss_trend([7.0]) == "loss 7.000 (1 step)"
-  long = [8.0] * 10 + [0.0] * 30 + [2.0] * 10
-  assert loss_trend(long) == "loss 8.000 (first 10) -> 2.000 (last 10)"
-
-
-def test_outputs_metrics_tensorboard_eval(tmp_path, monkeypatch, capsys):
-  fake = _FakeWandb()
-  monkeypatch.setitem(sys.modules, "wandb", fake)
-  monkeypatch.setenv("WANDB_MODE", "offline")
-  cfg = _cfg(
-    tmp_path,
-    "run",
-    steps=6,
-    stop_after=4,  # the compiled step of straight_run
-    eval_every=2,
-    peak_tflops=50.0,
-    profile_steps="1:3",
-    wandb=True,
-  )
-  evaluate, slept = trainer.evaluate, []
-
-  def slow_first_evaluate(*a, **k):  # step_s must not include evaluation
-    if not slept:
-      slept.append(time.sleep(2.5))
-    return evaluate(*a, **k)
-
-  monkeypatch.setattr(trainer, "evaluate", slow_first_evaluate)
-  # As a GPU reports it (CPU devices report no memory: test_peak_tflops_defaults_and_...).
-  gpu_memory = {"peak_bytes": 3 << 30, "bytes_in_use": 1 << 30}
-  monkeypatch.setattr(metrics, "device_memory", lambda devices: dict(gpu_memory))
-  monkeypatch.setattr(trainer, "_is_terminal", lambda stream: True)  # a bar, as in a terminal
-  began = time.time()
-  out = train.train(dataclasses.replace(cfg, progress=True), log=_quiet)
-  bar = capsys.readouterr().err
-  assert "tok_s=" in bar and "mem=3.00GiB" in bar
-  records = metrics.read_metrics(out["out"])
-  train_recs = [r for r in records if "loss" in r]
-  eval_recs = [r for r in records if "eval_loss" in r]
-  assert {"step", "loss", "lr", "tokens_per_s"} <= set(train_recs[0])
-  assert [r["step"] for r in eval_recs] == [2, 4]
-  assert eval_recs[-1]["eval_ppl"] == pytest.approx(np.exp(eval_recs[-1]["eval_loss"]))
-  tb = os.path.join(out["out"], "tb")
-  assert any(f.startswith("events") for f in os.listdir(tb))
-  assert out["eval_ppl"] == pytest.approx(eval_recs[-1]["eval_ppl"])
-  # Speed, utilisation and memory per logged step.
-  n_params = model_lib.param_count(model_lib.get_config(SMALL["model"], vocab_size=8192))
-  assert train_recs[2]["step_s"] < 2.5  # the step after the (slowed) evaluation at step 2
-  for r in train_recs:
-    assert r["step_s"] > 0 and 0 <= r["wait_s"] <= r["step_s"]
-    assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
-    assert r["mfu"] == pytest.approx(6 * n_params * r["tokens_per_s"] / 50e12)
-    assert r["peak_bytes"] == 3 << 30 and r["bytes_in_use"] == 1 << 30
-  # One compile record per start, written when the first step ends.
-  (rec,) = [r for r in records if "compile_s" in r]
-  assert rec["step"] == 1 and 0 < rec["compile_s"] <= rec["startup_s"]
-  assert rec["compile_s"] < train_recs[0]["step_s"] + rec["startup_s"]
-  assert {"step_s", "wait_s", "tokens_per_s", "mfu", "compile_s", "startup_s", "loss"} <= (
-    _tensorboard_tags(tb)
-  )
-  # Each record's wall time (when it was written), in the file only.
-  stamps = [r["time"] for r in records]
-  assert began < stamps[0] and stamps == sorted(stamps) and stamps[-1] <= time.time()
-  assert "time" not in _tensorboard_tags(tb)
-  # --profile-steps 1:3: a jax.profiler trace of steps 2..3, where TensorBoard looks.
-  traces = list((tmp_path / "run" / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
-  assert len(traces) == 1 and traces[0].stat().st_size > 0
-  assert list(traces[0].parent.glob("*.trace.json.gz"))  # Chrome trace, for Perfetto
-  # --wandb: the same scalars, offline here, the run's configuration attached.
-  (init,) = fake.inits
-  assert init["mode"] == "offline" and init["config"]["model"] == SMALL["model"]
-  assert init["dir"] == str(tmp_path / "run" / "wandb") and fake.finished == 1
-  logged = [(step, d) for step, d in fake.logged if "loss" in d]
-  assert [step for step, _ in logged] == [1, 2, 3, 4]
-  assert logged[0][1]["mfu"] == train_recs[0]["mfu"] and logged[0][1]["peak_bytes"] == 3 << 30
-  assert "time" not in logged[0][1]
-
-
 def test_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsys):
   # A batch job's log file (stderr is not a terminal here, under pytest): no tqdm bar, which
   # would redraw itself into one line, but a line for the first and last steps, at most one
   # per PROGRESS_LINE_S between them, and one per evaluation.
   monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 1e9)
   monkeypatch.setattr(metrics, "device_memory", lambda devices: {"peak_bytes": 3 << 30})
-  cfg = _cfg(tmp_path, "lines", steps=6, stop_after=4, eval_every=2, progress=True)
+  cfg = small_config(tmp_path, "lines", steps=6, stop_after=4, eval_every=2, progress=True)
   logged = []
   train.train(cfg, log=logged.append)
   assert "\r" not in capsys.readouterr().err
@@ -703,7 +554,7 @@ def test_first_tokenization_of_a_large_source_shows_progress(tmp_path, monkeypat
   monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 1e9)
   docs = tmp_path / "docs.jsonl"
   docs.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(300)))
-  cfg = _cfg(tmp_path, "p", data=str(docs))
+  cfg = small_config(tmp_path, "p", data=str(docs))
   monkeypatch.setattr(trainer, "DATA_PROGRESS_MIN_BYTES", docs.stat().st_size + 1)
   trainer.load_data(cfg)
   assert capsys.readouterr().err == ""
@@ -771,28 +622,9 @@ def test_the_train_step_is_traced_with_the_garbage_collector_paused(monkeypatch)
     gc.enable()
 
 
-def test_lr_schedule_warmup_then_cosine_to_ten_percent():
-  cfg = train.TrainConfig(steps=100, lr=0.01)
-  sched = train.lr_schedule(cfg)
-  assert float(sched(0)) == 0.0
-  assert float(sched(10)) == pytest.approx(0.01)
-  assert float(sched(100)) == pytest.approx(0.001)
-  assert train.TrainConfig(optimizer="adamw").peak_lr == 1e-3
-
-
-def test_a_fine_tune_defaults_to_a_fine_tuning_rate():
-  # --init-from without --lr: not pretraining's 0.01 / 1e-3, which would overwrite what the
-  # model learned; an explicit --lr still wins.
-  for optimizer in ("galore_adamw", "adamw", "galore_adamw8bit"):
-    cfg = train.TrainConfig(init_from="hf_model", optimizer=optimizer)
-    assert cfg.peak_lr == config.FINETUNE_LR == 2e-5
-    assert dataclasses.replace(cfg, lr=1e-4).peak_lr == 1e-4
-  assert train.TrainConfig().peak_lr == 0.01
-
-
 def test_a_resume_names_the_rate_a_fine_tune_ran_at_under_other_defaults(tmp_path):
   # A checkpoint records the rate --lr unset stood for.
-  plain = _cfg(tmp_path, "lr", lr=None)
+  plain = small_config(tmp_path, "lr", lr=None)
   run = train.setup(plain, vocab_size=8192)
   saved = trainer.run_meta(plain, run, data.load_tokenizer(None))["train_config"]
   assert saved["lr"] is None and saved["peak_lr"] == 0.01
@@ -804,22 +636,6 @@ def test_a_resume_names_the_rate_a_fine_tune_ran_at_under_other_defaults(tmp_pat
   # resume takes this version's default, and says so rather than changing the rate silently.
   line = config.resume_changes(dataclasses.asdict(cfg), cfg, 50)
   assert "--lr 2e-05 (was 0.01)" in line and "the first run's schedule: 0.00" in line
-
-
-@pytest.mark.parametrize(
-  "schedule, at_55, at_100", [("linear", 0.0055, 0.001), ("constant", 0.01, 0.01)]
-)
-def test_lr_schedules_after_warmup(schedule, at_55, at_100):
-  cfg = train.TrainConfig(steps=100, lr=0.01, schedule=schedule)
-  sched = train.lr_schedule(cfg)
-  assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.005)
-  assert float(sched(10)) == pytest.approx(0.01)
-  assert float(sched(55)) == pytest.approx(at_55) and float(sched(100)) == pytest.approx(at_100)
-  no_warmup = train.lr_schedule(dataclasses.replace(cfg, warmup=0, min_lr_ratio=0.0))
-  assert float(no_warmup(0)) == pytest.approx(0.01)
-  assert float(no_warmup(100)) == pytest.approx(0.0 if schedule == "linear" else 0.01)
-  cosine = train.lr_schedule(dataclasses.replace(cfg, schedule="cosine", min_lr_ratio=0.5))
-  assert float(cosine(100)) == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize(
@@ -866,7 +682,7 @@ def test_a_caller_s_lr_at_is_the_rate_the_run_s_own_optimizer_steps_at(tmp_path)
     return params, opt_state
 
   hooks = trainer.Hooks(lr_at=lambda step: 0.0, before_step=[keep])
-  train.train(_cfg(tmp_path, "still", steps=6, stop_after=3), log=_quiet, hooks=hooks)
+  train.train(small_config(tmp_path, "still", steps=6, stop_after=3), log=quiet, hooks=hooks)
   chex.assert_trees_all_equal(seen[2], seen[0])
   rates = [r["lr"] for r in metrics.read_metrics(str(tmp_path / "still")) if "lr" in r]
   assert rates == [0.0, 0.0, 0.0]
@@ -936,24 +752,6 @@ def test_a_checkpoint_of_examples_one_per_row_resumes_only_that_way(tmp_path):
   assert resume(meta("prompt", "packed"))[0].packing and resume(meta("text"))[0].packing
 
 
-def test_resume_changes_name_each_changed_flag_and_the_next_rate():
-  saved = dataclasses.asdict(train.TrainConfig(steps=100, lr=None, svd="subspace"))
-  same = train.TrainConfig(steps=100, lr=0.01, svd="subspace")  # the default rate, spelled out
-  assert config.resume_changes(saved, same, 50) is None
-  line = config.resume_changes(
-    saved, dataclasses.replace(same, steps=200, subspace_iters=3, schedule="constant"), 50
-  )
-  assert line.startswith("resuming at step 50 with changed --steps 200 (was 100), ")
-  assert "--warmup 20 (was 10)" in line and "--schedule constant (was cosine)" in line
-  assert "--subspace-iters 3 (was 2)" in line
-  assert line.endswith("the next step's learning rate is 0.01 (the first run's schedule: 0.006281)")
-  # A checkpoint of a version without --schedule ran the default (cosine), whatever this run's.
-  del saved["schedule"]
-  assert "--schedule linear (was cosine)" in config.resume_changes(
-    saved, dataclasses.replace(same, schedule="linear"), 50
-  )
-
-
 def test_the_moment_policy_reaches_the_optimizer_and_may_change_on_resume():
   """--moment-policy reproject rotates Adam's first moment at a refresh (keep leaves it, reset
   zeroes it); the policy changes no state shape, so a resume may change it (and says so)."""
@@ -995,7 +793,7 @@ def _is_galore(x):
 
 
 def test_galore_targets_only_attention_and_mlp_kernels(tmp_path):
-  run = train.setup(_cfg(tmp_path, "mask"), vocab_size=8192)
+  run = train.setup(small_config(tmp_path, "mask"), vocab_size=8192)
   mask = train.galore_mask(run.abstract_params)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   selected = sorted(k for k, v in flat.items() if v)
@@ -1069,596 +867,7 @@ def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
   records = [r["step"] for r in metrics.read_metrics(str(out)) if "loss" in r]
   assert records == list(range(1, step + 1))
 
-
-def _cli(*args):
-  from galore_jax import cli
-
-  return cli.main(list(args))
-
-
-def test_cli_end_to_end_eval_and_sample(tmp_path, capsys, monkeypatch):
-  out = str(tmp_path / "cli")
-  assert (
-    _cli(
-      "train",
-      "--out",
-      out,
-      "--steps",
-      "500",  # the SIGTERM test's run: the same compiled step
-      "--stop-after",
-      "3",
-      "--batch-size",
-      "2",
-      "--seq-len",
-      "32",
-      "--rank",
-      "16",
-      "--no-progress",
-      "--eval-every",
-      "3",
-      "--eval-batches",
-      "2",
-      # The matmul-only refresh end to end (issue #11): refreshes at steps 1 and 3.
-      "--svd",
-      "subspace",
-      "--update-proj-gap",
-      "2",
-    )
-    == 0
-  )
-  text = capsys.readouterr().out
-  assert "final validation loss" in text and "perplexity" in text
-  assert checkpoint.read_meta(out)[1]["compat"]["svd"] == "subspace"
-  # eval's progress: in a log file, lines on stderr (every batch but the last when
-  # PROGRESS_LINE_S is 0), so that stdout is the JSON result alone; in a terminal, a bar.
-  monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 0.0)
-  assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
-  captured = capsys.readouterr()
-  result = json.loads(captured.out)
-  assert result["step"] == 3 and result["eval_ppl"] > 1
-  assert re.fullmatch(r"eval: 1/2 batches, \d+ s\n", captured.err), captured.err
-  monkeypatch.setattr(trainer, "_is_terminal", lambda stream: True)
-  assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json") == 0
-  captured = capsys.readouterr()
-  assert json.loads(captured.out) == result, captured.out
-  assert "eval:" in captured.err and "| 1/2 [" in captured.err, captured.err
-  monkeypatch.undo()
-  assert (
-    _cli("sample", "--checkpoint", out, "--prompt", "It is a truth", "--max-new-tokens", "5") == 0
-  )
-  assert capsys.readouterr().out.startswith("It is a truth")
-  # The same checkpoint loaded onto a mesh (weights sharded over fsdp): the same numbers.
-  assert _cli("eval", "--checkpoint", out, "--eval-batches", "2", "--json", "--mesh", "fsdp=2") == 0
-  sharded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert sharded["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
-  greedy = ["sample", "--checkpoint", out, "--prompt", "It is", "--temperature", "0"]
-  assert _cli(*greedy, "--max-new-tokens", "6") == 0
-  want = capsys.readouterr().out
-  assert _cli(*greedy, "--max-new-tokens", "6", "--mesh", "data=1,fsdp=2") == 0
-  assert capsys.readouterr().out == want
-  # A file of prompts, two per batch (the last batch filled up with a copy): a JSON line per
-  # prompt with its reply alone, the greedy reply --prompt gives.
-  prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["It is", "", "KING."]))
-  batched = [*greedy[:3], "--prompts", str(prompts), *greedy[5:], "--batch-size", "2"]
-  assert _cli(*batched, "--max-new-tokens", "6") == 0
-  replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [r["prompt"] for r in replies] == ["It is", "", "KING."]
-  assert want == "It is" + replies[0]["completion"] + "\n"
-  # Its reader gone (`| head`): the first batch's line meets a closed pipe, and sampling
-  # stops there with 128 + SIGPIPE, not a traceback.
-  from galore_jax import sample
-
-  batches, generate_batch = [], sample.generate_batch
-  monkeypatch.setattr(
-    sample, "generate_batch", lambda *a, **k: batches.append(1) or generate_batch(*a, **k)
-  )
-  read_end, write_end = os.pipe()
-  os.close(read_end)
-  with open(write_end, "w", buffering=1) as closed, contextlib.redirect_stdout(closed):
-    code = _cli(*batched, "--max-new-tokens", "6", "--batch-size", "1")
-  assert code == 128 + signal.SIGPIPE and len(batches) == 1
-  # A mesh this machine lacks, or one the batch does not divide: one line naming the flag.
-  for args, flag in (
-    (["--mesh", "data=3,fsdp=5"], "--mesh"),
-    (["--mesh", "fsdp=4"], "--batch-size"),
-  ):
-    assert _cli("eval", "--checkpoint", out, "--batch-size", "2", *args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("galore-jax: error: " + flag) and len(err.splitlines()) == 1, err
-
-
-@pytest.mark.parametrize(
-  "args,flag",
-  [
-    (["--model", "llama_huge"], "--model"),
-    (["--rank", "4096"], "--rank"),
-    (["--data", "/nonexistent/corpus.txt"], "--data"),
-    (["--seq-len", "100000"], "--seq-len"),
-    (["--mesh", "data=3,fsdp=5"], "--mesh"),
-    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer"),
-    (["--resume", "auto", "--overwrite"], "--overwrite"),
-    (["--columns", "body=content"], "--columns"),
-    (["--moment-policy", "reproject", "--optimizer", "galore_adamw8bit"], "--moment-policy"),
-    (["--moment-policy", "reset", "--optimizer", "adamw"], "--moment-policy"),
-    (["--refresh-programs", "two", "--refresh-schedule", "staggered"], "--refresh-programs"),
-    (["--columns", "text=content"], "--columns"),  # the bundled corpus has no columns
-  ],
-)
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, flag):
-  assert _cli("train", "--out", str(tmp_path / "bad"), "--no-progress", *args) == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("galore-jax: error: " + flag), err
-  assert len(err.splitlines()) == 1
-  assert err.count(flag + ":") + err.count(flag + " ") == 1, err  # named once, not "--data: --data"
-
-
-def test_cli_empty_data_file(tmp_path, capsys):
-  empty = tmp_path / "empty.txt"
-  empty.write_text("")
-  assert _cli("train", "--out", str(tmp_path / "e"), "--data", str(empty)) == 2
-  assert capsys.readouterr().err.startswith("galore-jax: error: --data")
-
-
-def test_cli_unknown_optimizer_exit_2(capsys):
-  with pytest.raises(SystemExit) as e:
-    _cli("train", "--optimizer", "sgd")
-  assert e.value.code == 2
-  with pytest.raises(SystemExit) as e:  # --resume takes nothing or "auto"
-    _cli("train", "--resume", "always")
-  assert e.value.code == 2 and "invalid choice: 'always'" in capsys.readouterr().err
-
-
-def test_cli_version_is_one_line_naming_the_libraries(capsys, monkeypatch):
-  import galore_jax
-
-  monkeypatch.setenv("COLUMNS", "40")  # argparse would wrap it at the terminal's width
-  with pytest.raises(SystemExit) as e:
-    _cli("--version")
-  out = capsys.readouterr().out
-  assert e.value.code == 0 and out.count("\n") == 1
-  assert out.startswith(f"galore-jax {galore_jax.__version__} (jax {jax.__version__}, jaxlib ")
-  assert "flax " in out and "optax " in out and "orbax-checkpoint " in out
-  from importlib import metadata
-
-  assert metadata.version("galore-jax") == galore_jax.__version__  # pyproject.toml's
-
-
-def test_every_flag_has_help_and_trains_are_in_groups():
-  # Some fifty flags: `train --help` lists them by topic, each with what it does.
-  from galore_jax import cli
-
-  sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-  train_parser = sub.choices["train"]
-  groups = {g.title: g._group_actions for g in train_parser._action_groups}
-  assert [a.dest for a in groups["options"]] == ["help"]
-  assert "model and optimizer" in groups and "data and evaluation" in groups
-  assert len(train_parser._actions) > 45
-  for name, command in sub.choices.items():  # every command's flags say what they do
-    bare = [a.dest for a in command._actions if a.dest != "help" and not a.help]
-    assert not bare, (name, bare)
-
-
-# Flags that resume `finished_run` with its own configuration (SMALL, 2 -> 6 steps).
-RESUME_ARGS = [
-  "--resume",
-  "--steps",
-  "6",
-  "--batch-size",
-  "8",
-  "--seq-len",
-  "32",
-  "--rank",
-  "16",
-  "--update-proj-gap",
-  "2",
-  "--no-progress",
-  "--model",
-  SMALL["model"],
-]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  """A run directory of SMALL with its checkpoint at step 2 (of 6: straight_run's step)."""
-  out = tmp_path_factory.mktemp("done") / "run"
-  train.train(train.TrainConfig(out=str(out), steps=6, stop_after=2, **SMALL), log=_quiet)
-  return out
-
-
-def test_a_changed_optimizer_setting_or_batch_shape_is_refused_before_the_data_loads(
-  finished_run, monkeypatch
-):
-  # The optimizer's settings and the batch shape come from the configuration alone, so a
-  # resume that changes one is refused at once, not after the data load (minutes for a
-  # large source).
-  def no_load(*args, **kwargs):
-    raise AssertionError("the data was loaded before the refusal")
-
-  monkeypatch.setattr(trainer, "load_data", no_load)
-  run = train.TrainConfig(out=str(finished_run), steps=6, resume=True, **SMALL)
-  other = "exact" if run.svd != "exact" else "subspace"
-  with pytest.raises(config.ConfigError, match="^--svd: checkpoint .* was saved with svd="):
-    train.train(dataclasses.replace(run, svd=other), log=_quiet)
-  with pytest.raises(config.ConfigError, match="^--rank: "):
-    train.train(dataclasses.replace(run, rank=run.rank * 2), log=_quiet)
-  with pytest.raises(config.ConfigError, match="^--batch-size: .*a different batch_size would"):
-    train.train(dataclasses.replace(run, batch_size=run.batch_size * 2), log=_quiet)
-  with pytest.raises(config.ConfigError, match="^--seed: "):
-    train.train(dataclasses.replace(run, seed=run.seed + 1), log=_quiet)
-  # The same run resumed as it was gets past the check, to the data load.
-  with pytest.raises(AssertionError, match="the data was loaded"):
-    train.train(run, log=_quiet)
-
-
-def test_existing_run_without_resume_is_refused(finished_run, capsys):
-  assert _cli("train", "--out", str(finished_run), "--steps", "2") == 2
-  assert "--resume" in capsys.readouterr().err
-
-
-def test_resume_with_other_optimizer_is_refused(finished_run, capsys):
-  assert _cli("train", "--out", str(finished_run), *RESUME_ARGS, "--optimizer", "adamw") == 2
-  assert capsys.readouterr().err.startswith("galore-jax: error: --optimizer")
-
-
-def test_a_resume_that_changes_the_runs_course_says_so(finished_run, tmp_path, capsys):
-  import shutil
-
-  out = tmp_path / "run"
-  shutil.copytree(finished_run, out)
-  # The same flags as the first run, all of them (one step, 2 -> 3): no note.
-  same = [*RESUME_ARGS, "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000"]
-  assert _cli("train", "--out", str(out), *same, "--stop-after", "1") == 0
-  assert "note:" not in capsys.readouterr().out
-  # --steps 2: the checkpoint (step 3) is past it, nothing is left to train.
-  flags = [*RESUME_ARGS[:2], "2", *RESUME_ARGS[3:], "--lr", "0.02"]
-  assert _cli("train", "--out", str(out), *flags) == 0
-  assert (
-    "galore-jax: note: resuming at step 3 with changed --steps 2 (was 6), --lr 0.02 (was 0.01)"
-    in capsys.readouterr().out
-  )
-
-
-def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(finished_run, tmp_path, capsys):
-  # `train --resume --out RUN` is the whole command: every flag not given takes the run's
-  # value. Before, each took its default: a resume that forgot --rank or --model failed,
-  # and one that forgot --eval-every, --save-every or --lr silently changed the run.
-  import shutil
-
-  out = tmp_path / "run"
-  shutil.copytree(finished_run, out)
-  assert _cli("train", "--resume", "--out", str(out), "--stop-after", "1", "--no-progress") == 0
-  said = capsys.readouterr().out
-  assert (
-    "galore-jax: note: resuming with the run's own flags (checkpoint 2): "
-    f"--model {SMALL['model']}, --rank 16, --update-proj-gap 2, --steps 6, --seq-len 32, "
-    "--eval-every 1000, --eval-batches 2, "
-    "--save-every 1000; a flag given here overrides its value"
-  ) in said, said
-  assert "changed" not in said  # nothing about the course changed
-  record = checkpoint.saved_train_config(str(out))
-  assert record[0] == 3 and record[1]["rank"] == 16 and record[1]["eval_every"] == 1000
-  # Flags given override (a course flag is noted as changed; a state flag is refused).
-  assert _cli("train", "--resume", "--out", str(out), "--stop-after", "1", "--lr", "0.02") == 0
-  assert "with changed --lr 0.02 (was 0.01)" in capsys.readouterr().out
-  assert _cli("train", "--resume", "--out", str(out), "--rank", "8") == 2
-  assert "galore-jax: error: --rank: checkpoint" in capsys.readouterr().err
-  # --resume auto without a checkpoint: a start with the flags as given.
-  fresh = tmp_path / "fresh"
-  flags = ["--resume", "auto", "--out", str(fresh), "--steps", "6", "--stop-after", "1"]
-  flags += ["--model", SMALL["model"]]
-  assert _cli("train", *flags, "--rank", "16", "--seq-len", "32", "--update-proj-gap", "2") == 0
-  assert "run's own flags" not in capsys.readouterr().out
-
-
-def test_a_run_reads_its_data_through_its_columns_on_resume_and_eval(tmp_path, capsys):
-  """--columns is one of the run's flags: a resume and eval read the files through it (as
-  GSM8K's question / answer records here), and the model line says how they were read."""
-  rows = [
-    {"question": f"what is {a} and {b} ?", "answer": f" {a + b}"}
-    for a in range(20)
-    for b in range(10)
-  ]
-  (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  out = str(tmp_path / "run")
-  small = ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--rank", "16"]
-  small += ["--update-proj-gap", "2", "--eval-every", "1000", "--eval-batches", "2"]
-  small += ["--model", SMALL["model"]]
-  columns = ["--columns", "prompt=question,completion=answer"]
-  args = ["train", "--data", str(tmp_path / "qa.jsonl"), *small, "--no-progress", "--out", out]
-  assert _cli(*args, *columns, "--stop-after", "3") == 0
-  said = capsys.readouterr().out
-  assert re.search(
-    r"\(prompt/completion records, loss on the replies only; 19\d examples packed into "
-    r"\d+ rows \((2|3)\.\d per row\)\)",
-    said,
-  ), said
-  assert _cli("train", "--resume", "--out", out, "--no-progress") == 0
-  said = capsys.readouterr().out
-  assert "--columns prompt=question,completion=answer" in said and "steps 3..6" in said, said
-  assert _cli("eval", "--checkpoint", out, "--json") == 0
-  packed = json.loads(capsys.readouterr().out)
-  assert packed["step"] == 6
-  # Every held-out example, packed or one per row: the same loss.
-  assert _cli("eval", "--checkpoint", out, "--json", "--eval-batches", "all") == 0
-  packed = json.loads(capsys.readouterr().out)
-  assert _cli("eval", "--checkpoint", out, "--json", "--eval-batches", "all", "--no-packing") == 0
-  one_per_row = json.loads(capsys.readouterr().out)
-  assert one_per_row["batches"] >= packed["batches"]
-  assert one_per_row["eval_loss"] == pytest.approx(packed["eval_loss"], rel=1e-5)
-  # preview --checkpoint: the run's data, columns, tokenizer and --seq-len 32.
-  assert _cli("preview", "--checkpoint", out, "--examples", "1") == 0
-  said = capsys.readouterr().out
-  assert said.startswith(f"--data {tmp_path / 'qa.jsonl'}: prompt/completion records;"), said
-  assert "qa.jsonl:1: " in said and "<s>what is 0 and 0 ?[[" in said and "</s>]]" in said
-  # export: a chat template that gives transformers the ids a prompt had in training (the
-  # bundled SentencePiece model, which transformers reads with its own Metaspace rules).
-  assert _cli("export", "--checkpoint", out, "--out", str(tmp_path / "hf")) == 0
-  assert "its chat template lays one user message out" in capsys.readouterr().out
-  try:
-    import transformers
-  except ImportError:  # the reference extra
-    return
-  auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-  q = "what is 7 and 3 ?"
-  text = auto.apply_chat_template(
-    [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-  )
-  ids = auto(text, add_special_tokens=False)["input_ids"]
-  assert ids == sft.prompt_ids(data.load_tokenizer(), q, "prompt"), (text, ids)
-  # Without the mapping the records are not text: one line naming what they hold.
-  assert _cli("eval", "--checkpoint", out, "--columns", "none") == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("galore-jax: error: --data: ") and len(err.splitlines()) == 1
-  assert err.endswith("(its fields: question, answer; --columns text=FIELD reads another)")
-
-
-def test_a_chat_template_for_a_tokenizer_without_one_stays_with_the_run(tmp_path, capsys):
-  """--chat-template gives "messages" records a template where the tokenizer has none (the
-  bundled SentencePiece model, as a base model's): the run keeps its text, so a resume, eval,
-  sample, preview and export use it without the flag."""
-  chats = [
-    {"messages": [{"role": "user", "content": f"what is {a} and {b} ?"},
-                  {"role": "assistant", "content": f"{a + b}"}]}
-    for a in range(20) for b in range(10)
-  ]  # fmt: skip
-  data_file = tmp_path / "chat.jsonl"
-  data_file.write_text("".join(json.dumps(r) + "\n" for r in chats))
-  out = str(tmp_path / "run")
-  # --steps 6 throughout, each stop by --stop-after: the resumes continue the same schedule.
-  small = ["--steps", "6", "--batch-size", "8", "--seq-len", "64", "--rank", "16"]
-  small += ["--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
-  small += ["--model", SMALL["model"]]
-  args = ["train", "--data", str(data_file), *small, "--out", out]
-  assert _cli(*args) == 2
-  assert "--chat-template chatml uses ChatML's" in capsys.readouterr().err
-  assert _cli(*args, "--chat-template", str(tmp_path / "missing.jinja")) == 2
-  assert "--chat-template: " in capsys.readouterr().err
-  (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
-  assert _cli(*args, "--chat-template", str(tmp_path / "bad.jinja")) == 2
-  assert "not a Jinja template" in capsys.readouterr().err
-  assert _cli(*args, "--chat-template", "chatml", "--stop-after", "2") == 0
-  assert "(chat records in the chat template, loss on the replies" in capsys.readouterr().out
-  assert _cli("train", "--resume", "--out", out, "--stop-after", "2", "--no-progress") == 0
-  said = capsys.readouterr().out
-  assert "--chat-template (the run's, " in said and "steps 2..4" in said, said
-  assert "template is not the one" not in said
-  assert _cli("eval", "--checkpoint", out, "--json") == 0
-  assert json.loads(capsys.readouterr().out)["step"] == 4
-  assert _cli("preview", "--checkpoint", out, "--examples", "1") == 0
-  assert "<|im_start|>assistant\n[[" in capsys.readouterr().out
-  # The reply's tail is <|im_end|> and the EOS id (not "</s>" spelt out): sampling stops.
-  tok = data.load_tokenizer(None, sft.read_chat_template("chatml"))
-  ((toks, trained),) = sft.tokenize_examples([(chats[0], "x")], tok)
-  assert toks[-1] == tok.eos_id() and trained[-1] and "</" not in tok.decode(toks.tolist())
-  assert (
-    _cli("sample", "--checkpoint", out, "--prompt", "what is 1 and 2 ?", "--max-new-tokens", "3")
-    == 0
-  )
-  assert "--format chat" in capsys.readouterr().err
-  assert _cli("export", "--checkpoint", out, "--out", str(tmp_path / "hf")) == 0
-  assert "the run's --chat-template" in capsys.readouterr().out
-  saved = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-  assert saved["chat_template"] == sft.CHAT_TEMPLATES["chatml"]
-  # Another template on resume is noted (its examples change); none for text data.
-  (tmp_path / "t.jinja").write_text(sft.CHAT_TEMPLATES["chatml"].replace("im_", "turn_"))
-  resume = ["train", "--resume", "--out", out, "--stop-after", "1", "--no-progress"]
-  assert _cli(*resume, "--chat-template", str(tmp_path / "t.jinja")) == 0
-  assert "the chat template is not the one the run used" in capsys.readouterr().out
   # (With text data it is unused, and says so: test_document_mask_trains_evaluates...)
-
-
-def test_document_mask_trains_evaluates_and_is_noted_when_a_resume_changes_it(tmp_path, capsys):
-  docs = tmp_path / "docs.jsonl"
-  rng = np.random.default_rng(0)
-  words = "the of and to a in that it was her his she he you not be".split()
-  docs.write_text(
-    "".join(json.dumps({"text": " ".join(rng.choice(words, 20))}) + "\n" for _ in range(2000))
-  )
-  out = str(tmp_path / "run")
-  args = ["train", "--data", str(docs), "--steps", "3", "--batch-size", "4", "--seq-len", "64"]
-  args += ["--rank", "8", "--eval-every", "1000", "--eval-batches", "1", "--no-progress"]
-  args += ["--model", SMALL["model"]]
-  assert _cli(*args, "--document-mask", "--no-packing", "--out", out) == 2
-  assert "--document-mask: keeps packed documents apart" in capsys.readouterr().err
-  # (--chat-template on text data: unused, and said to be.)
-  masked = ["--document-mask", "--chat-template", "chatml", "--stop-after", "2"]
-  assert _cli(*args, *masked, "--out", out) == 0
-  assert '--chat-template renders "messages" records; --data holds text' in capsys.readouterr().out
-  assert _cli("eval", "--checkpoint", out, "--json") == 0  # the run's: with segments
-  assert json.loads(capsys.readouterr().out)["step"] == 2
-  assert _cli("train", "--resume", "--out", out, "--no-document-mask", "--no-progress") == 0
-  assert "--no-document-mask (was --document-mask)" in capsys.readouterr().out
-
-
-def test_none_turns_a_resumed_runs_source_flags_back():
-  # --eval-data none / --columns none: a resume's way back to the defaults (a run's value
-  # is otherwise taken for every flag not given).
-  args = cli.build_parser().parse_args(["train", "--columns", "none", "--eval-data", "none"])
-  cfg = cli._train_config(args)
-  assert cfg.columns is None and cfg.eval_data is None
-
-
-def test_a_resume_names_the_switches_it_takes_from_the_run(tmp_path):
-  # Switches a resume takes from the run have both forms, to be turned back (a resume on
-  # a machine without wandb: --no-wandb).
-  from galore_jax import cli
-
-  step = tmp_path / "run" / "checkpoints" / "5" / "meta"
-  step.mkdir(parents=True)
-  saved = dataclasses.asdict(train.TrainConfig(out=str(tmp_path / "run"), init_from="/m"))
-  saved.update(per_layer_updates=False, wandb=True, mesh="data=2", stop_after=3)
-  (step / "metadata").write_text(json.dumps({"train_config": saved}))
-
-  def resume(*flags):
-    argv = ["train", "--resume", "--out", str(tmp_path / "run"), *flags]
-    args = cli.build_parser().parse_args(argv)
-    return cli._with_the_runs_flags(cli._train_config(args), cli._given_train_flags(argv))
-
-  cfg, note = resume()
-  assert note == (
-    "galore-jax: note: resuming with the run's own flags (checkpoint 5): --init-from /m, "
-    "--mesh data=2, --no-per-layer-updates, --wandb; a flag given here overrides its value"
-  )
-  assert cfg.stop_after is None and cfg.resume is True  # the invocation's own
-  saved.update(eval_data="/held_out.jsonl")
-  (step / "metadata").write_text(json.dumps({"train_config": saved}))
-  cfg, note = resume("--no-wandb", "--per-layer-updates", "--model", "llama_60m")
-  assert cfg.eval_data == "/held_out.jsonl"
-  assert not cfg.wandb and cfg.per_layer_updates and cfg.init_from is None
-  assert cfg.model == "llama_60m" and note.endswith(
-    ": --eval-data /held_out.jsonl, --mesh data=2; a flag given here overrides its value"
-  )
-  assert resume("--eval-data", "none")[0].eval_data is None  # back to the held-out documents
-
-
-def test_a_run_of_the_exact_svd_resumes_with_it_after_the_default_changed(tmp_path):
-  # Runs saved before the trainer's default became --svd subspace refreshed with the exact
-  # SVD, as their train_config records: a resume without --svd keeps it and says so.
-  from galore_jax import cli
-
-  assert train.TrainConfig().svd == "subspace"
-  step = tmp_path / "run" / "checkpoints" / "5" / "meta"
-  step.mkdir(parents=True)
-  saved = dataclasses.asdict(train.TrainConfig(out=str(tmp_path / "run"), svd="exact"))
-  (step / "metadata").write_text(json.dumps({"train_config": saved}))
-  argv = ["train", "--resume", "--out", str(tmp_path / "run")]
-  args = cli.build_parser().parse_args(argv)
-  cfg, note = cli._with_the_runs_flags(cli._train_config(args), cli._given_train_flags(argv))
-  assert cfg.svd == "exact" and "--svd exact" in note
-
-
-def test_tokenizer_mismatch_is_refused(finished_run, tmp_path, capsys):
-  import sentencepiece as spm
-
-  from galore_jax import data
-
-  prefix = tmp_path / "other"
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(data.builtin_documents("validation")),
-    model_prefix=str(prefix),
-    vocab_size=300,
-    model_type="bpe",
-    minloglevel=2,
-  )
-  assert _cli("eval", "--checkpoint", str(finished_run), "--tokenizer", f"{prefix}.model") == 2
-  assert capsys.readouterr().err.startswith("galore-jax: error: --tokenizer")
-
-
-def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
-  import shutil
-
-  broken = tmp_path / "broken"
-  shutil.copytree(finished_run, broken)
-  step_dir = broken / "checkpoints" / "2" / "params"
-  for root, _, files in os.walk(step_dir):
-    for f in files:
-      p = os.path.join(root, f)
-      with open(p, "r+b") as fh:
-        fh.truncate(max(0, os.path.getsize(p) // 3))
-  code = _cli("train", "--out", str(broken), *RESUME_ARGS)
-  err = capsys.readouterr().err
-  assert code == 2, err
-  assert "galore-jax: error:" in err and "Traceback" not in err
-  assert "TensorStore" not in err and len(err.strip().splitlines()) == 1, err
-  # With an older checkpoint, the error names it and the way to resume from it (a requeued
-  # job's `--resume auto` would otherwise fail the same way on every start).
-  shutil.copytree(finished_run / "checkpoints" / "2", broken / "checkpoints" / "1")
-  assert _cli("train", "--out", str(broken), *RESUME_ARGS) == 2
-  err = capsys.readouterr().err.strip()
-  ckpts = broken / "checkpoints"
-  assert err.endswith(
-    f"the checkpoint before it is {ckpts}/1: move {ckpts}/2 aside to resume from it, or pass "
-    "it to --checkpoint"
-  ), err
-  shutil.move(ckpts / "2", broken / "2.corrupt")
-  assert _cli("train", "--out", str(broken), *RESUME_ARGS, "--stop-after", "1") == 0
-  assert "resumed from " + str(ckpts) + "/1" in capsys.readouterr().out
-
-
-def test_a_checkpoint_pruned_while_read_is_not_called_corrupt(
-  finished_run, tmp_path, capsys, monkeypatch
-):
-  # eval of a run that is still training: the run may prune the checkpoint eval is reading
-  # (--keep-checkpoints). eval reads the latest one again; if that keeps failing, the error
-  # says what happened instead of calling the checkpoint corrupt.
-  import shutil
-
-  import orbax.checkpoint as ocp
-
-  def run_with_steps(name):  # checkpoints 2..5 (copies of step 2)
-    run = tmp_path / name
-    shutil.copytree(finished_run, run)
-    for step in (3, 4, 5):
-      shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / str(step))
-    return run
-
-  real, calls = ocp.CheckpointManager.restore, []
-
-  def pruned(self, step, *args, **kwargs):
-    calls.append(step)
-    shutil.rmtree(os.path.join(str(self.directory), str(step)))
-    raise FileNotFoundError(f"{self.directory}/{step}/meta")
-
-  with monkeypatch.context() as m:  # every read pruned: three tries, then one line
-    m.setattr(ocp.CheckpointManager, "restore", pruned)
-    run = run_with_steps("always")
-    assert _cli("eval", "--checkpoint", str(run)) == 2
-  err = capsys.readouterr().err.strip()
-  assert "was removed while it was being read" in err and "corrupt" not in err, err
-  assert len(err.splitlines()) == 1 and calls == [5, 4, 3]
-  # Pruned once, as when the run saves a newer checkpoint: the (new) latest one is read.
-  calls.clear()
-
-  def pruned_once(self, step, *args, **kwargs):
-    if not calls:
-      return pruned(self, step)
-    calls.append(step)
-    return real(self, step, *args, **kwargs)
-
-  monkeypatch.setattr(ocp.CheckpointManager, "restore", pruned_once)
-  run = run_with_steps("once")
-  assert _cli("eval", "--checkpoint", str(run), "--json") == 0
-  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
-  # A step the user named is not swapped for another.
-  calls.clear()
-  assert _cli("eval", "--checkpoint", str(run / "checkpoints" / "3")) == 2
-  assert "checkpoints/3 was removed" in capsys.readouterr().err and calls == [3]
-
-
-def test_a_read_error_without_a_message_is_still_one_line(finished_run, capsys, monkeypatch):
-  # The report takes the first line of orbax's error; one with an empty message (an OSError()
-  # from a storage layer) must not turn that into an IndexError and a traceback.
-  import orbax.checkpoint as ocp
-
-  def fail(*args, **kwargs):
-    raise OSError()
-
-  monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
-  assert _cli("eval", "--checkpoint", str(finished_run)) == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("galore-jax: error:") and err.endswith("OSError: OSError"), err
-  assert len(err.splitlines()) == 1
 
 
 def test_diverging_run_stops_with_clear_error(tmp_path, monkeypatch):
@@ -1666,9 +875,9 @@ def test_diverging_run_stops_with_clear_error(tmp_path, monkeypatch):
   # run stops with an error instead of idling through the remaining steps.
   real_loss = steps.summed_cross_entropy
   monkeypatch.setattr(steps, "summed_cross_entropy", lambda *a: real_loss(*a) * jnp.nan)
-  cfg = _cfg(tmp_path, "diverge", steps=40, max_nonfinite=3)
+  cfg = small_config(tmp_path, "diverge", steps=40, max_nonfinite=3)
   with pytest.raises(train.TrainingDiverged, match="3 consecutive steps"):
-    train.train(cfg, log=_quiet)
+    train.train(cfg, log=quiet)
   records = [r for r in metrics.read_metrics(cfg.out) if "loss" in r]
   assert [r["skipped"] for r in records] == [1, 1, 1]
 
@@ -1712,7 +921,6 @@ def test_packed_examples_train_as_they_do_one_per_row(jitted_steps):
   # Instruction examples packed several to a row (sft.pack_rows, the batch's "segments")
   # give the loss, token count, gradient norm and update of the same examples one per row,
   # in the whole-gradient and the per-layer step: packing saves padding, nothing else.
-  from galore_jax import sft
 
   run, whole, layerwise = jitted_steps()
   rng = np.random.default_rng(0)
@@ -1754,14 +962,14 @@ def test_plan_lowers_the_step_a_packed_instruction_run_takes(tmp_path):
   qa.write_text(
     "".join(json.dumps({"prompt": f"{i} ?", "completion": " ok"}) + "\n" for i in range(9))
   )
-  run = train.setup(_cfg(tmp_path, "plan", data=str(qa)), vocab_size=8192)
+  run = train.setup(small_config(tmp_path, "plan", data=str(qa)), vocab_size=8192)
   batch = trainer.abstract_batch(run)
   assert batch["segments"].shape == batch["inputs"].shape and batch["segments"].dtype == np.int32
   train.compile_train_step(run).lower(run.abstract_params, run.abstract_opt, batch, train.LR_SPEC)
-  assert "segments" not in trainer.abstract_batch(train.setup(_cfg(tmp_path, "t"), 8192))
-  unpacked = train.setup(_cfg(tmp_path, "u", data=str(qa), packing=False), 8192)
+  assert "segments" not in trainer.abstract_batch(train.setup(small_config(tmp_path, "t"), 8192))
+  unpacked = train.setup(small_config(tmp_path, "u", data=str(qa), packing=False), 8192)
   assert "segments" not in trainer.abstract_batch(unpacked)
-  masked = train.setup(_cfg(tmp_path, "d", document_mask=True), 8192)  # packed text, masked
+  masked = train.setup(small_config(tmp_path, "d", document_mask=True), 8192)  # packed text, masked
   assert "segments" in trainer.abstract_batch(masked)
 
 
@@ -1769,7 +977,7 @@ def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, poison_
   # A finite loss whose layer-1 gradients are NaN: layer 1 keeps its weights and optimizer
   # state, every other weight is updated, the step counts once.
   poison_stage_gradients(lambda n: n in (3, 4))  # one stage per half block: layer 1 is 3, 4
-  run = train.setup(_cfg(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
+  run = train.setup(small_config(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
   params, opt_state = train.init_state(run)
   before = jax.tree.map(np.asarray, (params, opt_state))
   step = jax.jit(train.make_layerwise_step(run.graphdef, run.tx))
@@ -1795,7 +1003,7 @@ def test_layerwise_step_refreshing_a_stage_together_equals_whole_gradient_step(t
   # as one unit, so their projectors refresh as one batch: one power-iteration loop per unit,
   # 2 per layer instead of 7, and the numbers of the whole-gradient step over 3 steps with
   # refreshes at counts 0 and 2.
-  run = train.setup(_cfg(tmp_path, "together", svd="subspace"), vocab_size=8192)
+  run = train.setup(small_config(tmp_path, "together", svd="subspace"), vocab_size=8192)
   fn = train.make_layerwise_step(run.graphdef, run.tx, refresh_together=True)
   lowered = jax.jit(fn).lower(run.abstract_params, run.abstract_opt, _batch(jax.random.key(0)))
   assert lowered.as_text().count("stablehlo.while") == 2 * run.model_cfg.num_layers
@@ -1839,7 +1047,7 @@ def test_refresh_together_skips_the_unit_of_a_bad_gradient(tmp_path, poison_stag
   poison_stage_gradients(  # layer 1's attention half is the third stage
     lambda n: n == 3, where=lambda path: "q_proj" in jax.tree_util.keystr(path)
   )
-  run = train.setup(_cfg(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
+  run = train.setup(small_config(tmp_path, "poison", warmup=0), vocab_size=8192)  # lr > 0 at step 0
   params, opt_state = train.init_state(run)
   before = jax.tree.map(np.asarray, params["layers"][1])
   step = train.make_layerwise_step(run.graphdef, run.tx, refresh_together=True)
@@ -1862,7 +1070,7 @@ def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
   # compile). The whole-gradient step's temporaries, which hold all of it, are compared with
   # the per-layer step's in test_plan.py. The refresh is the exact SVD, one op where the
   # subspace iteration is many: the gradients' memory is the same, the compile 40 % shorter.
-  cfg = _cfg(
+  cfg = small_config(
     tmp_path,
     "mem",
     optimizer="galore_adamw8bit",
@@ -1892,167 +1100,6 @@ def test_layerwise_step_keeps_one_layers_gradient_alive(tmp_path):
   # Measured: 1.40 blocks each (the whole-gradient step: 8.9).
   assert temp["layerwise"] < 2 * block, (temp, block)
   assert temp["clipped"] < 1.2 * temp["layerwise"], (temp, block)
-
-
-@pytest.mark.parametrize(
-  "args,why",
-  [
-    (["--profile-steps", "3"], "expected A:B"),
-    (["--profile-steps", "3:2"], "less than"),
-    (["--profile-steps", "2:2"], "less than"),
-    (["--profile-steps=-1:2"], "expected A:B"),
-    (["--profile-steps", "1:9"], "--steps 5"),
-    (["--peak-tflops", "0"], "> 0"),
-    (["--peak-tflops", "nan"], "> 0"),
-  ],
-)
-def test_cli_bad_observability_flags_are_one_line_exit_2(tmp_path, capsys, args, why):
-  assert _cli("train", "--out", str(tmp_path / "bad"), "--steps", "5", *args) == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith(f"galore-jax: error: {args[0].split('=')[0]}: ") and why in err, err
-  assert len(err.splitlines()) == 1
-  assert not (tmp_path / "bad").exists()
-
-
-def test_cli_compile_cache_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
-  afile = tmp_path / "file"
-  afile.write_text("")
-  assert _cli("plan", "--no-compile", "--compile-cache", str(afile)) == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("galore-jax: error: --compile-cache: ") and len(err.splitlines()) == 1
-  assert "is not a directory" in err
-
-
-def test_peak_tflops_defaults_and_device_memory():
-  assert metrics.default_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-  assert metrics.default_peak_tflops("NVIDIA H100 PCIe") == 756.0
-  assert metrics.default_peak_tflops("NVIDIA H200") == 989.0
-  assert metrics.default_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-  assert metrics.default_peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
-  assert metrics.default_peak_tflops(jax.devices()[0].device_kind) is None  # cpu
-  assert metrics.mfu(10, 100.0, None, 1) is None
-
-  class Gpu:
-    def __init__(self, peak, used):
-      self.stats = {"peak_bytes_in_use": peak, "bytes_in_use": used, "bytes_limit": 1 << 40}
-
-    def memory_stats(self):
-      return self.stats
-
-  assert metrics.device_memory([Gpu(5, 3), Gpu(7, 2)]) == {"peak_bytes": 7, "bytes_in_use": 3}
-  assert metrics.device_memory(jax.devices()[:1]) == {"peak_bytes": None, "bytes_in_use": None}
-
-
-def test_compile_cache_flag_on_train_eval_sample_plan():
-  from galore_jax import cli
-
-  parser = cli.build_parser()
-  for argv in (
-    ["train"],
-    ["eval", "--checkpoint", "r"],
-    ["sample", "--checkpoint", "r", "--prompt", ""],
-    ["plan"],
-  ):
-    assert parser.parse_args(argv).compile_cache is None
-    assert parser.parse_args([*argv, "--compile-cache", "none"]).compile_cache == "none"
-
-
-def test_compile_cache_keeps_jax_dir_and_caches_short_compiles(monkeypatch):
-  from galore_jax import compile_cache
-
-  names = ("jax_persistent_cache_min_compile_time_secs", "jax_enable_compilation_cache")
-  names += ("jax_persistent_cache_min_entry_size_bytes",)
-  before = {n: getattr(jax.config, n) for n in names}
-  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
-  try:
-    given = jax.config.jax_compilation_cache_dir  # conftest's JAX_COMPILATION_CACHE_DIR
-    assert given and compile_cache.enable(None) == given
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-  finally:
-    for n, v in before.items():
-      jax.config.update(n, v)
-
-
-def test_compile_cache_default_dir_and_none(monkeypatch, tmp_path):
-  from galore_jax import compile_cache
-
-  monkeypatch.delenv("GALORE_JAX_CACHE_DIR", raising=False)
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert compile_cache.default_dir() == str(tmp_path / "xdg" / "galore_jax" / "jax-cache")
-  monkeypatch.delenv("XDG_CACHE_HOME")
-  monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert compile_cache.default_dir() == str(tmp_path / "home" / ".cache/galore_jax/jax-cache")
-  before = jax.config.jax_enable_compilation_cache
-  try:
-    assert compile_cache.enable("none") is None
-    assert jax.config.jax_enable_compilation_cache is False
-  finally:
-    jax.config.update("jax_enable_compilation_cache", before)
-
-
-def test_second_start_compiles_nothing_new(tmp_path):
-  # A fresh process each time, with the default cache directory (GALORE_JAX_CACHE_DIR) and
-  # the thresholds the CLI sets (JAX's defaults cache no CPU compilation under 1 s). The
-  # model: a Hugging Face directory (a subprocess does not know SMALL's test model).
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-  }
-  env["GALORE_JAX_CACHE_DIR"] = str(tmp_path / "home")
-  cache = tmp_path / "home" / "jax-cache"
-  # `python -m galore_jax`, the command where the galore-jax script is not on PATH
-  model = write_tiny_hf_model(tmp_path / "model")
-  cmd = [sys.executable, "-m", "galore_jax", "eval", "--checkpoint", model]
-  cmd += ["--eval-batches", "1"]
-  first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-  assert first.returncode == 0, first.stderr
-  entries = sorted(os.listdir(cache))
-  assert entries, "the first start wrote nothing to the cache"
-  second = subprocess.run(
-    cmd, env={**env, "JAX_LOG_COMPILES": "1"}, capture_output=True, text=True, timeout=300
-  )
-  assert second.returncode == 0, second.stderr
-  assert sorted(os.listdir(cache)) == entries
-  assert "Persistent compilation cache hit" in second.stderr
-  assert second.stdout == first.stdout
-
-
-def test_cli_wandb_without_the_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
-  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
-  assert _cli("train", "--out", str(tmp_path / "w"), "--wandb") == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("galore-jax: error: --wandb: ") and "galore-jax[wandb]" in err
-  assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists()
-
-
-def test_wandb_is_offline_without_network_or_api_key(tmp_path, monkeypatch):
-  monkeypatch.delenv("WANDB_MODE", raising=False)
-  monkeypatch.delenv("WANDB_API_KEY", raising=False)
-  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-  assert metrics.wandb_mode() == "offline"
-  monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-  monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens on :443
-  assert metrics.wandb_mode() == "offline"
-  monkeypatch.setenv("WANDB_MODE", "disabled")
-  assert metrics.wandb_mode() == "disabled"
-
-
-def test_wandb_run_dir_is_a_run_output_and_its_id_is_kept(tmp_path, capsys, monkeypatch):
-  (tmp_path / "old" / "wandb").mkdir(parents=True)
-  assert _cli("train", "--out", str(tmp_path / "old"), "--steps", "2") == 2
-  assert "wandb" in capsys.readouterr().err
-  fake = _FakeWandb()
-  monkeypatch.setitem(sys.modules, "wandb", fake)
-  monkeypatch.setenv("WANDB_MODE", "offline")
-  for _ in range(2):  # a resume continues the same W&B run
-    metrics.start_wandb(str(tmp_path / "new"), {"model": "llama_tiny"})
-  assert fake.inits[0]["id"] == fake.inits[1]["id"] and fake.inits[1]["resume"] == "allow"
-  writer = metrics.MetricsWriter(str(tmp_path / "new"), tensorboard=False, wandb_config={})
-  writer.write({"step": 1, "loss": 2.0, "mfu": None, "peak_bytes": None})
-  writer.close()
-  assert fake.logged == [(1, {"loss": 2.0})]  # nulls are left out, as in TensorBoard
-  assert metrics.read_metrics(str(tmp_path / "new"))[0]["mfu"] is None
 
 
 def test_galore_whole_gradient_step_runs_on_a_mesh(tmp_path):
@@ -2145,8 +1192,8 @@ def test_two_refresh_programs_train_as_one_and_follow_the_count(tmp_path, monkey
 
   monkeypatch.setattr(trainer, "device_batch", poisoned)
   logged = []
-  cfg = lambda name, programs: _cfg(tmp_path, name, steps=6, refresh_programs=programs)
-  one = train.train(cfg("one", "one"), log=_quiet)
+  cfg = lambda name, programs: small_config(tmp_path, name, steps=6, refresh_programs=programs)
+  one = train.train(cfg("one", "one"), log=quiet)
   two = train.train(cfg("two", "two"), log=logged.append)
   assert one["step_compilations"] == 1 and two["step_compilations"] == 2
   assert "train step: compiling the program for steps without a refresh" in logged
@@ -2160,8 +1207,8 @@ def test_a_time_limited_resume_compiles_both_programs_at_its_start(tmp_path):
   # With two programs, a resume between refreshes compiles the refresh program at its next
   # refresh, a pause --time-limit's margin (the recent steps' time) would not foresee. A
   # --time-limit run compiles it right after its first step instead.
-  cfg = lambda **kw: _cfg(tmp_path, "limited", steps=6, refresh_programs="two", **kw)
-  train.train(cfg(stop_after=3), log=_quiet)  # counts 0..2; the resume starts at 3 (T = 2)
+  cfg = lambda **kw: small_config(tmp_path, "limited", steps=6, refresh_programs="two", **kw)
+  train.train(cfg(stop_after=3), log=quiet)  # counts 0..2; the resume starts at 3 (T = 2)
   logged = []
   done = train.train(cfg(resume=True, time_limit="1h"), log=logged.append)
   assert done["step"] == 6 and done["step_compilations"] == 2
@@ -2232,7 +1279,7 @@ def test_a_step_starts_before_the_last_ones_metrics_are_read(tmp_path, straight_
 
   monkeypatch.setattr(trainer, "cached_train_step", dispatching)
   monkeypatch.setattr(jax, "device_get", get)
-  done = train.train(_cfg(tmp_path, "overlap", steps=6), log=_quiet)
+  done = train.train(small_config(tmp_path, "overlap", steps=6), log=quiet)
   monkeypatch.undo()
   d, r = "dispatch", "read"
   assert events == [d, r, d, d, r, d, r, d, r, d, r, r]
@@ -2260,7 +1307,7 @@ def test_an_error_read_after_the_next_step_started_names_its_step(tmp_path, monk
 
   monkeypatch.setattr(jax, "device_get", get)
   with pytest.raises(trainer.OutOfMemory, match=r"in step 3 .*; the newest checkpoint is .*/2\."):
-    train.train(_cfg(tmp_path, "late", steps=6, save_every=2), log=_quiet)
+    train.train(small_config(tmp_path, "late", steps=6, save_every=2), log=quiet)
 
 
 def test_wait_s_tells_a_host_bound_run(tmp_path, monkeypatch):
@@ -2278,7 +1325,7 @@ def test_wait_s_tells_a_host_bound_run(tmp_path, monkeypatch):
     return real(run, batch, grad_accum, local=local)
 
   monkeypatch.setattr(trainer, "device_batch", slow)
-  done = train.train(_cfg(tmp_path, "slow", steps=6), log=_quiet)
+  done = train.train(small_config(tmp_path, "slow", steps=6), log=quiet)
   records = [r for r in metrics.read_metrics(done["out"]) if "loss" in r]
   for r in records[1:4]:  # steps 2..4, each read after the next step's batch
     assert r["step_s"] > 0.9 and r["wait_s"] < 0.1 * r["step_s"], records
@@ -2323,7 +1370,7 @@ def test_a_job_of_several_processes_agrees_on_signals_a_step_late(
   monkeypatch.setattr(trainer, "cached_train_step", dispatching)
   monkeypatch.setattr(jax, "device_get", get)
   with pytest.raises(trainer.TrainingInterrupted, match="SIGTERM at step 4; checkpoint saved"):
-    train.train(_cfg(tmp_path, "late", steps=6), log=_quiet)
+    train.train(small_config(tmp_path, "late", steps=6), log=quiet)
   monkeypatch.undo()
   d, a, r = "dispatch", "agree", "read"
   assert events == [d, a, r, d, a, d, r, a, r, d, a, r]
@@ -2375,8 +1422,8 @@ def test_the_time_limit_counts_the_steps_already_under_way(tmp_path, monkeypatch
   monkeypatch.setattr(checkpoint, "save", save)
   if processes == "several":
     monkeypatch.setattr(distributed, "late_agreement", distributed.LateAgreement)
-  cfg = _cfg(tmp_path, "timed", steps=6, save_every=100, eval_every=100, time_limit="4s")
-  done = trainer.train(cfg, log=_quiet, started=0.0)
+  cfg = small_config(tmp_path, "timed", steps=6, save_every=100, eval_every=100, time_limit="4s")
+  done = trainer.train(cfg, log=quiet, started=0.0)
   assert done["step"] == 3 and clock[0] == 3.5
   assert checkpoint.latest_step(cfg.out) == 3
 
