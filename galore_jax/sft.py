@@ -234,19 +234,25 @@ def instruction_format(files: Sequence[Path], columns: dict[str, str] | None = N
   return None
 
 
-def packs_examples(source: str, columns: str | None, packing: bool) -> bool:
-  """Whether batches of ``--data source`` are packed instruction examples, with segment ids
-  (``packing`` on, and local files whose first record is an instruction record). Reads one
+def source_format(source: str, columns: str | None) -> str:
+  """The form the data load will find ``--data source`` in: :func:`instruction_format` of
+  its first record (``"prompt"``, ``"chat"``, ``"alpaca"``), else ``"text"``. Reads one
   record; a source that is not local files (the bundled corpus, TFDS, a Hub dataset not
-  fetched) or cannot be read counts as text. For ``plan``, which lowers the step without
-  reading the data."""
-  if not packing or not sources.is_path_source(source) or source.startswith("hf://"):
-    return False
+  fetched) or cannot be read counts as text (the load reports what is wrong with it)."""
+  if not sources.is_path_source(source) or source.startswith("hf://"):
+    return "text"
   try:
     files = sources._resolve_paths(source)
-    return instruction_format(files, sources.parse_columns(columns)) is not None
+    return instruction_format(files, sources.parse_columns(columns)) or "text"
   except (OSError, ValueError):
-    return False
+    return "text"
+
+
+def packs_examples(source: str, columns: str | None, packing: bool) -> bool:
+  """Whether batches of ``--data source`` are packed instruction examples, with segment ids
+  (``packing`` on, and a :func:`source_format` other than text). For ``plan``, which lowers
+  the step without reading the data."""
+  return packing and source_format(source, columns) != "text"
 
 
 # --chat-template presets, for tokenizers that have no chat template of their own (a base

@@ -532,9 +532,13 @@ def optimizer_compat(cfg: TrainConfig) -> dict[str, Any]:
   }
 
 
-def run_meta(cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None) -> dict[str, Any]:
-  """Checkpoint metadata; the ``compat`` part must match for a resume. ``hf_config``:
-  ``--init-from``'s config.json as kept before (None: read from the directory)."""
+def run_meta(
+  cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None, data_format: str = "text"
+) -> dict[str, Any]:
+  """Checkpoint metadata; the ``compat`` part and the data order must match for a resume.
+  ``hf_config``: ``--init-from``'s config.json as kept before (None: read from the
+  directory); ``data_format``: the form the data was read in (``sample`` lays a prompt out
+  the same way by default)."""
   return {
     "compat": {
       # The tokenizer first: another vocabulary also changes the model's shapes.
@@ -558,15 +562,26 @@ def run_meta(cfg: TrainConfig, run: Run, sp, hf_config: dict | None = None) -> d
     },
     **({"hf_config": hf_config or _init_config(cfg)} if cfg.init_from else {}),
     **({"hf_generation_config": gen} if (gen := _init_generation_config(cfg)) else {}),
-    "data_position": {
-      "seed": cfg.seed,
-      "source": hub.pinned(cfg.data),
-      "batch_size": cfg.batch_size,
-      "grad_accum": cfg.grad_accum,
-      "seq_len": cfg.seq_len,
-      "packing": cfg.packing,
-    },
+    "data_position": data_position(cfg, data_format),
+    "data_format": data_format,
   }
+
+
+def data_position(cfg: TrainConfig, data_format: str) -> dict[str, Any]:
+  """The data order a checkpoint records (``data_position``), for data read in
+  ``data_format`` (``"text"``, or the form of instruction records, whose rows are part of
+  it since examples are packed)."""
+  position = {
+    "seed": cfg.seed,
+    "source": hub.pinned(cfg.data),
+    "batch_size": cfg.batch_size,
+    "grad_accum": cfg.grad_accum,
+    "seq_len": cfg.seq_len,
+    "packing": cfg.packing,
+  }
+  if data_format != "text":
+    position["example_rows"] = "packed" if cfg.packing else "one per row"
+  return position
 
 
 # Model settings that change no saved array (compute dtype, rematerialisation) may differ
@@ -629,16 +644,24 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
   _check_data_position(saved, current, where)
 
 
-# The data order's parts that the configuration alone gives, whatever the data's form.
+# The data order's parts that the configuration alone gives, whatever the data.
 _CONFIG_DATA_POSITION = ("seed", "batch_size", "grad_accum", "seq_len")
 
 
-def check_config_compatible(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
-  """The parts of :func:`check_compatible` that the configuration alone gives: the optimizer's
-  settings and the batch shape and seed of the data order. Run before the data is loaded
-  (minutes for a large source); the rest waits for the tokenizer, model and data."""
+def check_config_compatible(
+  saved: dict[str, Any], cfg: TrainConfig, where: str, data_format: str | None = None
+) -> None:
+  """The parts of :func:`check_compatible` that come before the data is loaded (minutes for
+  a large source): the optimizer's settings, and the data order, whole where the form the
+  data will be read in is given (``data_format``, from its first record:
+  :func:`galore_jax.sft.source_format`), else its batch shape and seed (a caller's own
+  data). The rest waits for the tokenizer and model."""
   current = {"compat": optimizer_compat(cfg), "train_config": dataclasses.asdict(cfg)}
   _check_compat_entries(saved, current, where)
+  if data_format is not None:
+    position = data_position(cfg, data_format)
+    _check_data_position(saved, {"data_position": position, "data_format": data_format}, where)
+    return
   pos_a = saved.get("data_position", {})
   position = {k: getattr(cfg, k) for k in _CONFIG_DATA_POSITION}
   changed = [k for k in _CONFIG_DATA_POSITION if pos_a.get(k) != position[k]]
@@ -1414,10 +1437,15 @@ def _train_loop(
       )
 
   if cfg.resume:  # (_check_out found its checkpoint)
-    # A changed optimizer setting or batch shape is refused now, not after minutes of
-    # loading data.
+    # A changed optimizer setting, batch shape or data source is refused now, not after
+    # minutes of loading data (one record of it tells the form the load will find).
     start, saved = checkpoint.read_meta(ckpt_dir, existing)
-    check_config_compatible(saved, cfg, f"{ckpt_dir}/{start}")
+    expected_format = None
+    if hooks.data is None:
+      from galore_jax import sft  # (imports the data pipeline, as the load does)
+
+      expected_format = sft.source_format(cfg.data, cfg.columns)
+    check_config_compatible(saved, cfg, f"{ckpt_dir}/{start}", expected_format)
   if hooks.data is None:
     startup_check()  # a signal that came before: not minutes of tokenizing first
     try:
@@ -1438,15 +1466,12 @@ def _train_loop(
     parametrization=hooks.parametrization,
     model_cfg=hooks.model_cfg,
   )
-  meta = {**run_meta(cfg, run, sp, hf_config), **hooks.meta}
+  data_format = getattr(train_ds, "data_format", "text")
+  meta = {**run_meta(cfg, run, sp, hf_config, data_format), **hooks.meta}
   if fingerprint := getattr(train_ds, "fingerprint", None):
     meta["data_fingerprint"] = fingerprint
-  # How the data laid its examples out: `sample` lays a prompt out the same way by default.
-  meta["data_format"] = getattr(train_ds, "data_format", "text")
-  if meta["data_format"] != "text":  # part of the data order since examples are packed
-    meta["data_position"]["example_rows"] = "packed" if cfg.packing else "one per row"
 
-  if cfg.resume:  # start, saved: read before the data load
+  if cfg.resume:  # start, saved: read before the data load (checked again: the data's own)
     check_compatible(saved, meta, f"{ckpt_dir}/{start}")
     if changes := resume_changes(saved.get("train_config", {}), cfg, start):
       log(f"galore-jax: note: {changes}")
@@ -1466,19 +1491,18 @@ def _train_loop(
         "removed or edited, or --columns reads them otherwise): the batches from here on "
         "are not the ones its run would have read"
       )
-    form = meta["data_format"]
-    was_form = saved_data_format(saved, form)
-    if was_form != form:
+    was_form = saved_data_format(saved, data_format)
+    if was_form != data_format:
       from galore_jax.sft import FORM_NAMES
 
       read_as = lambda f: FORM_NAMES.get(f, "text")
       log(
-        f"galore-jax: note: --data is read as {read_as(form)}, where the run before step "
+        f"galore-jax: note: --data is read as {read_as(data_format)}, where the run before step "
         f"{start} read it as {read_as(was_form)}: its examples and loss are not the same "
         "across it"
       )
     was_template = saved.get("train_config", {}).get("chat_template")
-    if form == "chat" and was_template != cfg.chat_template:
+    if data_format == "chat" and was_template != cfg.chat_template:
       log(
         f"galore-jax: note: the chat template is not the one the run used before step {start} "
         "(--chat-template, or the tokenizer's own): its examples are laid out otherwise from "
@@ -1506,16 +1530,16 @@ def _train_loop(
     + (f" rank {cfg.rank}" if cfg.is_galore else "")
     + f", peak lr {cfg.peak_lr:g}"
     + f"; {train_ds.num_tokens or 'streamed'} training tokens"
-    + _instruction_note(meta["data_format"], train_ds)
+    + _instruction_note(data_format, train_ds)
     + f"; mesh {dict(run.mesh.shape)} "
     f"on {describe_devices(run.mesh.devices.flat)}"
   )
-  if cfg.document_mask and meta["data_format"] != "text":
+  if cfg.document_mask and data_format != "text":
     log(
       "galore-jax: note: --document-mask keeps packed text documents apart; instruction "
       "examples are kept apart whenever they are packed, so it changes nothing here"
     )
-  if cfg.chat_template and meta["data_format"] != "chat":
+  if cfg.chat_template and data_format != "chat":
     from galore_jax.sft import FORM_NAMES
 
     log(

@@ -244,12 +244,12 @@ def finished_run(tmp_path_factory):
   return out
 
 
-def test_a_changed_optimizer_setting_or_batch_shape_is_refused_before_the_data_loads(
-  finished_run, monkeypatch
+def test_a_changed_optimizer_setting_batch_shape_or_data_is_refused_before_the_data_loads(
+  finished_run, tmp_path, monkeypatch
 ):
-  # The optimizer's settings and the batch shape come from the configuration alone, so a
-  # resume that changes one is refused at once, not after the data load (minutes for a
-  # large source).
+  # The optimizer's settings, the batch shape and the data order come from the
+  # configuration and the data's first record, so a resume that changes one is refused at
+  # once, not after the data load (minutes for a large source).
   def no_load(*args, **kwargs):
     raise AssertionError("the data was loaded before the refusal")
 
@@ -264,6 +264,12 @@ def test_a_changed_optimizer_setting_or_batch_shape_is_refused_before_the_data_l
     train.train(dataclasses.replace(run, batch_size=run.batch_size * 2), log=quiet)
   with pytest.raises(config.ConfigError, match="^--seed: "):
     train.train(dataclasses.replace(run, seed=run.seed + 1), log=quiet)
+  other = tmp_path / "other.txt"
+  other.write_text("Another text than the bundled corpus. " * 100)
+  with pytest.raises(config.ConfigError, match="^--data: .*a different source would not"):
+    train.train(dataclasses.replace(run, data=str(other)), log=quiet)
+  with pytest.raises(config.ConfigError, match="^--packing: .*a different packing would not"):
+    train.train(dataclasses.replace(run, packing=False), log=quiet)
   # The same run resumed as it was gets past the check, to the data load.
   with pytest.raises(AssertionError, match="the data was loaded"):
     train.train(run, log=quiet)

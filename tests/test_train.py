@@ -973,6 +973,33 @@ def test_plan_lowers_the_step_a_packed_instruction_run_takes(tmp_path):
   assert "segments" in trainer.abstract_batch(masked)
 
 
+def test_instruction_examples_laid_out_otherwise_are_refused_before_the_data_loads(tmp_path):
+  # The form of --data (its first record) tells, before the load, whether its examples'
+  # rows are part of the data order: a resume of a packed instruction run with --no-packing
+  # is refused there; text data has no rows of examples.
+  qa = tmp_path / "qa.jsonl"
+  qa.write_text(
+    "".join(json.dumps({"prompt": f"{i} ?", "completion": " ok"}) + "\n" for i in range(9))
+  )
+  text = tmp_path / "text.txt"
+  text.write_text("plain text\n")
+  assert sft.source_format(str(qa), None) == "prompt"
+  assert [sft.source_format(s, None) for s in (str(text), "builtin", "tfds:c4")] == ["text"] * 3
+  assert sft.source_format(str(tmp_path / "missing.jsonl"), None) == "text"  # the load says
+  cfg = small_config(tmp_path, "sft", data=str(qa))
+  saved = {
+    "compat": trainer.optimizer_compat(cfg),
+    "data_position": trainer.data_position(cfg, "prompt"),
+    "data_format": "prompt",
+  }
+  assert saved["data_position"]["example_rows"] == "packed"
+  trainer.check_config_compatible(saved, cfg, "C", "prompt")
+  with pytest.raises(config.ConfigError, match="^--packing: checkpoint C had its instruction"):
+    trainer.check_config_compatible(saved, dataclasses.replace(cfg, packing=False), "C", "prompt")
+  # Without the data's form (a caller's own data): its batch shape and seed only.
+  trainer.check_config_compatible(saved, dataclasses.replace(cfg, packing=False), "C")
+
+
 def test_layerwise_step_skips_only_weights_with_a_bad_gradient(tmp_path, poison_stage_gradients):
   # A finite loss whose layer-1 gradients are NaN: layer 1 keeps its weights and optimizer
   # state, every other weight is updated, the step counts once.
