@@ -177,6 +177,45 @@ def test_json_lines_are_read_as_a_stream(tmp_path):
   assert seen[-1] == (f.stat().st_size, f.stat().st_size)
 
 
+def test_a_json_array_is_read_one_item_at_a_time(tmp_path, monkeypatch):
+  # A .json file of one array (Alpaca's layout, instruction sets of gigabytes) is decoded an
+  # item at a time: its first record comes before the rest is read (a bad later item does
+  # not stop it), and the progress in bytes grows with it. The old reader parsed it whole:
+  # every start's look at its first record read all of it, in several times its size.
+  rng = np.random.default_rng(2)
+  texts = [rng.bytes(3000).hex() for _ in range(1500)]  # 9 MB (a chunk is 1 MB), ~5 MB .gz
+  f = tmp_path / "alpaca.json.gz"
+  with gzip.open(f, "wt") as out:
+    out.write("[\n" + ",\n".join(json.dumps({"text": t}, indent=2) for t in texts))
+    out.write(',\n{"text": }\n]\n')
+  records = gd.json_records(f)
+  assert next(records) == ({"text": texts[0]}, f"{f} [item 0]")
+  with pytest.raises(ValueError, match=r"alpaca\.json\.gz \[item 1500\]: invalid JSON"):
+    list(records)
+  seen = []
+  docs = sources._all_documents([f], progress=lambda done, total: seen.append(done))
+  assert next(docs) == texts[0] and seen[0] < f.stat().st_size / 4, (seen, f.stat().st_size)
+  # The same values as json.loads, however the chunks cut them (numbers, escapes, nesting,
+  # an array on one line or over many).
+  items = [0, -12.5e-3, 7, 'a"b\\c\u2028é', [1, [2, {}]], {"k": [True, None]}, 10**20, 3.25]
+  g = tmp_path / "mixed.json"
+  for chunk in (1, 2, 3, 7):
+    monkeypatch.setattr(sources, "_JSON_CHUNK", chunk)
+    for text in (json.dumps(items), json.dumps(items, indent=1), "  []  ", "[\n]"):
+      g.write_text(text, encoding="utf-8")
+      assert [r for r, _ in gd.json_records(g)] == json.loads(text), (chunk, text)
+    for text, why in (
+      ("[1, 2", r"\[item 2\]: expected ',' or ']' in the JSON array, found its end"),
+      ("[1 2]", r"\[item 1\]: expected ',' or ']' in the JSON array, found '2'"),
+      ("[1,", r"\[item 1\]: the JSON array ends early"),
+      ("[1,]", r"\[item 1\]: invalid JSON"),
+      ("[1] [2]", r"mixed\.json: more after its JSON array"),
+    ):
+      g.write_text(text)
+      with pytest.raises(ValueError, match=why):
+        list(gd.json_records(g))
+
+
 @pytest.mark.parametrize("blank_lines", [True, False])
 def test_txt_files_are_read_as_a_stream(tmp_path, blank_lines):
   # A .txt file's documents come as its lines are read (a file of one sentence per line,

@@ -25,6 +25,7 @@ import itertools
 import json
 import lzma
 import os
+import re
 import secrets
 import sys
 import tempfile
@@ -804,9 +805,10 @@ def _reading(path: Path, newline: str | None = "\n"):
 
 def json_records(path: Path, at=None) -> Iterator[tuple[Any, str]]:
   """``(record, where)`` for each JSON record of a .jsonl / .json file (compressed or not),
-  ``where`` naming it for errors. JSON lines are read one line at a time, so memory does
-  not grow with the file; a .json file holding one array or object (possibly over many
-  lines) is parsed whole. ``at(n)``: as for :func:`_file_documents`."""
+  ``where`` naming it for errors. JSON lines are read one line at a time, and a .json file
+  holding one array (Alpaca's layout) one item at a time, so memory does not grow with the
+  file; a .json file holding one object over many lines is parsed whole. ``at(n)``: as for
+  :func:`_file_documents`."""
   fmt, _ = file_kind(path)
   if fmt in (".txt", ".parquet"):
     raise ValueError(f"{path}: a {fmt} file holds no JSON records")
@@ -825,23 +827,20 @@ def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[A
     lineno, line = next(((n, x) for n, x in lines if x.strip()), (0, ""))
     if not line:
       return
+    if line.lstrip().startswith("["):  # one array: not parsed whole (a line may be all of it)
+      yield from _json_array_items(line, text, path)
+      return
     try:
       first = json.loads(line)
-    except json.JSONDecodeError as e:
-      first = e
-    if isinstance(first, (list, json.JSONDecodeError)):  # not a record per line: one value
+    except json.JSONDecodeError as e:  # not a record per line: one object over many lines
       try:
         whole = json.loads(line + text.read())
       except json.JSONDecodeError:
         whole = None
-      if isinstance(whole, list):
-        yield from ((rec, f"{path} [item {i}]") for i, rec in enumerate(whole))
-        return
-      if isinstance(whole, dict):
-        yield whole, str(path)
-        return
-      if isinstance(first, json.JSONDecodeError):
-        raise ValueError(f"{path}:{lineno}: invalid JSON line: {first}") from first
+      if not isinstance(whole, dict):
+        raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+      yield whole, str(path)
+      return
     yield first, f"{path}:{lineno}"
   for lineno, line in lines:
     if not line.strip():
@@ -851,6 +850,69 @@ def _json_records(text: io.TextIOBase, fmt: str, path: Path) -> Iterator[tuple[A
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
     yield rec, f"{path}:{lineno}"
+
+
+# Characters of a .json array read at a time (more for an item that is longer).
+_JSON_CHUNK = 1 << 20
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_NUMBER_PART = re.compile(r"[0-9.eE+-]*")  # what may follow a number cut by a chunk's end
+
+
+def _json_array_items(head: str, text: io.TextIOBase, path: Path) -> Iterator[tuple[Any, str]]:
+  """The items of the JSON array that opens ``head`` (a file's first non-blank line; ``text``
+  the rest of the file), each decoded when it is reached: memory holds one item and the
+  chunk it is in, not the file (an instruction set of gigabytes as one array), and the
+  first item comes without reading the rest. Invalid JSON, or anything after the array, is
+  a ValueError naming the item."""
+  decoder = json.JSONDecoder()
+  buf, pos, eof = head, head.index("[") + 1, False
+
+  def read_more():  # keeps what is not decoded yet; reads at least as much again
+    nonlocal buf, pos, eof
+    chunk = text.read(max(_JSON_CHUNK, len(buf) - pos))
+    buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+
+  def next_char() -> str:  # the next character that is not whitespace ("" at the end)
+    nonlocal pos
+    while True:
+      pos = _JSON_SPACE.match(buf, pos).end()
+      if pos < len(buf) or eof:
+        return buf[pos : pos + 1]
+      read_more()
+
+  i = 0
+  if next_char() == "]":
+    pos += 1
+  else:
+    while True:
+      if not next_char():
+        raise ValueError(f"{path} [item {i}]: the JSON array ends early")
+      while True:  # an item may go on in the next chunk (a number, however short)
+        try:
+          item, end = decoder.raw_decode(buf, pos)
+          if eof or not _JSON_NUMBER_PART.fullmatch(buf, end):
+            break
+        except json.JSONDecodeError as e:
+          if eof:
+            raise ValueError(f"{path} [item {i}]: invalid JSON: {e}") from e
+        read_more()
+      pos = end
+      yield item, f"{path} [item {i}]"
+      i += 1
+      c = next_char()
+      if c == "]":
+        pos += 1
+        break
+      if c != ",":
+        raise ValueError(
+          f"{path} [item {i}]: expected ',' or ']' in the JSON array, found "
+          + (repr(c) if c else "its end")
+        )
+      pos += 1
+  if next_char():
+    raise ValueError(
+      f"{path}: more after its JSON array (a .json file holds one array, one object or JSON lines)"
+    )
 
 
 def _parquet(raw, path: Path):
