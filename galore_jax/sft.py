@@ -419,31 +419,82 @@ def _tools(rec: dict, where: str) -> list | None:
   return tools
 
 
-def _encode_rendered(tok, texts: list[str]) -> list[list[int]]:
-  """Token ids of each text a chat template rendered, in one batched call. A
-  ``tokenizer.json`` finds its special tokens in text itself; a SentencePiece model reads
-  ``<s>`` / ``</s>`` as plain characters, so the BOS and EOS pieces a template writes
-  (``bos_token``, ``eos_token``) become their ids here (else a reply's EOS would be trained
-  as three pieces, and sampling never stop)."""
-  if not texts:
-    return []
+def _encode_rendered(tok, conversations: list[list[str]]) -> list[list[list[int]]]:
+  """Token ids of each piece of each conversation a chat template rendered (its text cut
+  into turns), in batched calls, as transformers' tokenizer of the exported model encodes
+  the whole text. A ``tokenizer.json`` finds its special tokens in text itself. A
+  SentencePiece model reads its control pieces (``<s>``, ``</s>``, turn markers such as
+  Mistral's ``[INST]``) as plain characters, so those a template writes become their ids
+  here (:func:`_control_pieces`; else a reply's EOS would be trained as three pieces, and
+  sampling never stop), and only the text that starts a conversation gets its word-start
+  marker (``▁``, the dummy prefix), not each turn's text or the text after a control piece
+  (:func:`_without_word_start`; else a reply ``yes`` after ``assistant\\n`` trained as
+  ``▁yes``, which transformers' tokenizer never gives there)."""
   if hasattr(tok, "tok"):  # galore_jax.hf's tokenizer.json wrapper
-    return [list(ids) for ids in tok.encode(texts)]
-  specials = {tok.id_to_piece(i): i for i in (tok.bos_id(), tok.eos_id()) if i >= 0}
-  cut = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-  parts = [cut.split(t) if cut and any(s in t for s in specials) else [t] for t in texts]
-  plain = [p for ps in parts for p in ps if p and p not in specials]
-  encoded = iter(tok.encode(plain) if plain else [])
+    flat = [text for conversation in conversations for text in conversation]
+    encoded = iter(tok.encode(flat) if flat else [])
+    return [[list(next(encoded)) for _ in conversation] for conversation in conversations]
+  specials, cut = _control_pieces(tok)
+  starts, within = [], []  # plain text that starts a conversation, and the rest
+  layout = []  # per conversation, per piece: control ids, and "start" / "within" for text
+  for conversation in conversations:
+    at_start, pieces = True, []
+    for text in conversation:
+      parts = []
+      for part in cut.split(text) if cut else [text]:
+        if part in specials:
+          parts.append(specials[part])
+        elif part:
+          (starts if at_start else within).append(part)
+          parts.append("start" if at_start else "within")
+        at_start = at_start and not part
+      pieces.append(parts)
+    layout.append(pieces)
+  encoded = {
+    "start": iter(tok.encode(starts) if starts else []),
+    "within": iter(_without_word_start(tok).encode(within) if within else []),
+  }
   out = []
-  for ps in parts:
-    ids: list[int] = []
-    for p in ps:
-      if p in specials:
-        ids.append(specials[p])
-      elif p:
-        ids += next(encoded)
-    out.append(ids)
+  for pieces in layout:
+    ids_of_pieces = []
+    for parts in pieces:
+      ids: list[int] = []
+      for part in parts:
+        if isinstance(part, str):
+          ids += next(encoded[part])
+        else:
+          ids.append(part)
+      ids_of_pieces.append(ids)
+    out.append(ids_of_pieces)
   return out
+
+
+@functools.lru_cache(maxsize=8)
+def _without_word_start(tok):
+  """A SentencePiece model ``tok`` without its dummy prefix (the ``▁`` it puts before every
+  text it encodes), for text that does not start the input: transformers' tokenizer of
+  the model puts it only at the start (Metaspace's ``prepend_scheme="first"``)."""
+  import sentencepiece as spm
+  from sentencepiece import sentencepiece_model_pb2
+
+  proto = sentencepiece_model_pb2.ModelProto.FromString(tok.serialized_model_proto())
+  if not proto.normalizer_spec.add_dummy_prefix:
+    return tok
+  proto.normalizer_spec.add_dummy_prefix = False
+  return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+@functools.lru_cache(maxsize=8)
+def _control_pieces(tok) -> tuple[dict[str, int], re.Pattern | None]:
+  """A SentencePiece model's control pieces by their text (the pieces it never finds in
+  text; user-defined ones it does), and a pattern that splits a text around them. Read
+  once per tokenizer (a pass over the vocabulary)."""
+  pieces = {tok.id_to_piece(i): i for i in range(tok.get_piece_size()) if tok.is_control(i)}
+  if not pieces:
+    return pieces, None
+  # Longest first: the alternation takes the first piece that matches where it tries.
+  longest_first = sorted(pieces, key=len, reverse=True)
+  return pieces, re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
 
 def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
@@ -499,7 +550,7 @@ def tokenize_examples(
   c_ids = tok.encode([c for _, c in texts]) if texts else []
   by_prompt = iter(zip(p_ids, c_ids, strict=True))
   chats = [_chat_segments(r, w, tok) for r, w in records if _kind(r) == "chat"]
-  pieces = iter(_encode_rendered(tok, [text for segments in chats for text, _ in segments]))
+  pieces = iter(_encode_rendered(tok, [[text for text, _ in segments] for segments in chats]))
   by_chat = iter(chats)
   for r, w in records:
     kind = _kind(r)
@@ -509,8 +560,7 @@ def tokenize_examples(
       trained = [False] * (len(prefix) + len(p)) + [True] * (len(c) + 1)
     elif kind == "chat":
       toks, trained = [], []
-      for _, flag in next(by_chat):
-        ids = next(pieces)
+      for (_, flag), ids in zip(next(by_chat), next(pieces), strict=True):
         toks += ids
         trained += [flag] * len(ids)
     else:
@@ -589,7 +639,7 @@ def prompt_ids(
       break
     kept.append(text)
     at += len(text)
-  return [i for ids in _encode_rendered(tok, kept) for i in ids]
+  return [i for ids in _encode_rendered(tok, [kept])[0] for i in ids]
 
 
 def reply_end_ids(tok, fmt: str) -> set[int]:
@@ -606,9 +656,11 @@ def reply_end_ids(tok, fmt: str) -> set[int]:
 
 def _added_special_ids(tok) -> set[int]:
   """The special tokens a ``tokenizer.json`` adds (a chat template's turn markers, Qwen's
-  ``<|im_end|>``); none for a SentencePiece model."""
+  ``<|im_end|>``), or a SentencePiece model's control pieces other than BOS and EOS."""
   added = getattr(getattr(tok, "tok", None), "get_added_tokens_decoder", None)
-  return set() if added is None else {int(i) for i, t in added().items() if t.special}
+  if added is None:
+    return set(_control_pieces(tok)[0].values()) - {tok.bos_id(), tok.eos_id()}
+  return {int(i) for i, t in added().items() if t.special}
 
 
 def show_example(tok, toks: np.ndarray, trained: np.ndarray, seq_len: int, where: str) -> str:
@@ -780,8 +832,10 @@ def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) ->
 # Keys the example caches with the files, the tokenizer and its chat template: bump when
 # tokenize_examples lays examples out differently.
 # 2: a SentencePiece template's BOS / EOS text as their ids; 3: chat templates render in
-# transformers' environment (its tojson) with a record's "tools".
-EXAMPLES_FORMAT_VERSION = "3"
+# transformers' environment (its tojson) with a record's "tools"; 4: every control piece of
+# a SentencePiece model as its id, and its word-start marker only where a conversation
+# starts.
+EXAMPLES_FORMAT_VERSION = "4"
 
 
 def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[str]]:

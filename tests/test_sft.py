@@ -232,6 +232,65 @@ def test_chatml_on_a_sentencepiece_tokenizer_trains_the_reply_and_its_eos():
   assert sft.reply_end_ids(tok, "chat") == {tok.eos_id()}
 
 
+@pytest.mark.parametrize("markers", [False, True])
+def test_a_sentencepiece_chat_is_tokenized_as_transformers_tokenizes_its_export(
+  tmp_path, load_experiment, markers
+):
+  # transformers' tokenizer of the exported tokenizer.model (what vLLM and generate() see)
+  # encodes the rendered conversation whole: training's tokens, cut into turns, and the
+  # prompt of `sample` must be its ids. A model's own turn markers as control pieces
+  # (Mistral's [INST]; here ChatML's), which SentencePiece reads as characters, are one
+  # token each, the end of a turn ends a sampled reply, and preview names them. Before, only
+  # BOS and EOS were mapped, and each turn's text got SentencePiece's word-start marker
+  # (a reply "yes" after "assistant\n" trained as "▁yes").
+  pytest.importorskip("transformers")
+  from transformers import AutoTokenizer
+
+  chatml = sft.read_chat_template("chatml")
+  if markers:
+    import sentencepiece as spm
+
+    options = load_experiment("train_tokenizer").TRAINING_OPTIONS
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(data.builtin_documents("validation")),
+      model_prefix=str(tmp_path / "chat"),
+      **{**options, "vocab_size": 700},
+      control_symbols=["<|im_start|>", "<|im_end|>", "<|im_end|>!"],  # one the prefix of one
+    )
+    tok = data.load_tokenizer(tmp_path / "chat.model", chatml)
+  else:
+    tok = data.load_tokenizer(None, chatml)
+  (tmp_path / "export").mkdir()
+  hf.save_tokenizer(tok, tmp_path / "export", chatml)
+  exported = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+  rng = random.Random(0)
+  words = "hi yes no the cat sat . , ! ? 12 3.5 I We hello\n don't  two".split(" ")
+  say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+  for _ in range(40):
+    messages = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 3)):
+      messages += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+    ((toks, trained),) = sft.tokenize_examples([({"messages": messages}, "x")], tok)
+    want = exported.apply_chat_template(messages, tokenize=True, return_dict=True)
+    assert toks.tolist() == want["input_ids"], messages
+    prompt = exported.apply_chat_template(
+      messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    assert sft.prompt_ids(tok, messages[:-1], "chat") == prompt["input_ids"]
+    assert trained[len(prompt["input_ids"])] and not trained[len(prompt["input_ids"]) - 1]
+  if not markers:
+    assert sft.reply_end_ids(tok, "chat") == {tok.eos_id()}
+    return
+  start, end = tok.piece_to_id("<|im_start|>"), tok.piece_to_id("<|im_end|>")
+  assert tok.is_control(end) and tok.encode("<|im_end|>") != [end]  # read as characters
+  assert list(toks).count(start) == list(toks).count(end) == len(messages)
+  assert sft.reply_end_ids(tok, "chat") == {tok.eos_id(), end}
+  shown = sft.show_example(tok, toks, trained, 512, "x")
+  assert shown.count("<|im_end|>") == len(messages) and "<|im_end|>!" not in shown
+  ((ids,),) = sft._encode_rendered(tok, [["a<|im_end|>!b"]])
+  assert tok.piece_to_id("<|im_end|>!") in ids and end not in ids
+
+
 def test_conversations_compile_their_template_once_and_are_encoded_in_one_call(monkeypatch):
   # Compiled per rendering (about 9 ms each, a conversation rendering 2 times per reply plus
   # one) and encoded a piece per call, 5 MB of ChatML conversations took 68 s to tokenize;
