@@ -547,7 +547,10 @@ def tokenize_examples(
   # conversation's pieces are many and short).
   texts = [_prompt_completion(r, w) for r, w in records if _kind(r) in ("prompt", "alpaca")]
   p_ids = tok.encode([p for p, _ in texts]) if texts else []
-  c_ids = tok.encode([c for _, c in texts]) if texts else []
+  # A completion goes on from its prompt: a SentencePiece model gives it no word-start
+  # marker of its own (as transformers' tokenizer of the export, encoding both at once).
+  after = tok if hasattr(tok, "tok") else _without_word_start(tok)
+  c_ids = after.encode([c for _, c in texts]) if texts else []
   by_prompt = iter(zip(p_ids, c_ids, strict=True))
   chats = [_chat_segments(r, w, tok) for r, w in records if _kind(r) == "chat"]
   pieces = iter(_encode_rendered(tok, [[text for text, _ in segments] for segments in chats]))
@@ -834,7 +837,7 @@ def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) ->
 # 2: a SentencePiece template's BOS / EOS text as their ids; 3: chat templates render in
 # transformers' environment (its tojson) with a record's "tools"; 4: every control piece of
 # a SentencePiece model as its id, and its word-start marker only where a conversation
-# starts.
+# or a prompt starts.
 EXAMPLES_FORMAT_VERSION = "4"
 
 

@@ -291,6 +291,35 @@ def test_a_sentencepiece_chat_is_tokenized_as_transformers_tokenizes_its_export(
   assert tok.piece_to_id("<|im_end|>!") in ids and end not in ids
 
 
+@pytest.mark.parametrize("form", ["prompt", "alpaca"])
+def test_a_sentencepiece_completion_is_tokenized_as_transformers_tokenizes_the_export(
+  tmp_path, form
+):
+  # The export's chat template renders [BOS] prompt completion EOS, which transformers'
+  # tokenizer of the exported tokenizer.model encodes whole: the completion goes on from
+  # the prompt without a word-start marker of its own. Before, each completion was encoded
+  # alone, with one: " ten" trained as "▁", "▁ten" and "ten" as "▁ten" (4 of these 4 differed).
+  pytest.importorskip("transformers")
+  from transformers import AutoTokenizer
+
+  tok = data.load_tokenizer()
+  hf.save_tokenizer(tok, tmp_path, sft.export_chat_template(form, tok))
+  exported = AutoTokenizer.from_pretrained(str(tmp_path))
+  for q, c in [
+    ("what is 7 ?", " ten"),
+    ("what is 7 ?", "ten"),
+    ("Hi.", " hi\nbye"),
+    ("x", "  two"),
+  ]:
+    rec = {"prompt": q, "completion": c} if form == "prompt" else {"instruction": q, "output": c}
+    ((toks, trained),) = sft.tokenize_examples([(rec, "x")], tok)
+    turns = [{"role": "user", "content": q}, {"role": "assistant", "content": c}]
+    want = exported.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+    assert toks.tolist() == want, (c, [tok.id_to_piece(i) for i in toks[-6:]])
+    prompt = exported.apply_chat_template(turns[:1], tokenize=True, return_dict=True)
+    assert sft.prompt_ids(tok, q, form) == prompt["input_ids"] == toks[: (~trained).sum()].tolist()
+
+
 def test_conversations_compile_their_template_once_and_are_encoded_in_one_call(monkeypatch):
   # Compiled per rendering (about 9 ms each, a conversation rendering 2 times per reply plus
   # one) and encoded a piece per call, 5 MB of ChatML conversations took 68 s to tokenize;
@@ -571,9 +600,10 @@ def test_alpaca_records_train_on_the_output_after_the_alpaca_prompt(tmp_path, mo
   for (toks, trained), prompt, rec, ask in zip(
     got, [with_input, without, without], recs, asks, strict=True
   ):
-    head, tail = [sp.bos_id(), *sp.encode(prompt)], [*sp.encode(rec["output"]), sp.eos_id()]
-    assert toks.tolist() == head + tail
-    assert trained.tolist() == [False] * len(head) + [True] * len(tail)
+    # The output goes on from the prompt, as the whole text is encoded.
+    head, whole = [sp.bos_id(), *sp.encode(prompt)], sp.encode(prompt + rec["output"])
+    assert toks.tolist() == [sp.bos_id(), *whole, sp.eos_id()]
+    assert trained.tolist() == [False] * len(head) + [True] * (len(whole) + 2 - len(head))
     assert sft.prompt_ids(sp, ask, "alpaca") == head  # the example's untrained head
   for bad, says in [
     ({"instruction": 3, "output": "x"}, '"instruction" and "input" must be strings'),
