@@ -666,19 +666,30 @@ def check_config_compatible(
   position = {k: getattr(cfg, k) for k in _CONFIG_DATA_POSITION}
   changed = [k for k in _CONFIG_DATA_POSITION if pos_a.get(k) != position[k]]
   if changed:
-    _refuse_data_order(pos_a, changed, where)
+    _refuse_data_order(pos_a, position, changed, where)
 
 
-def _refuse_data_order(pos_a: dict[str, Any], changed: list[str], where: str) -> None:
-  """The error for a resume whose data order (``changed`` entries of the checkpoint's
-  ``data_position`` ``pos_a``) differs, naming the first one's flag."""
-  flag = {"source": "--data", "example_rows": "--packing"}.get(
-    changed[0], "--" + changed[0].replace("_", "-")
-  )
+def _refuse_data_order(
+  pos_a: dict[str, Any], pos_b: dict[str, Any], changed: list[str], where: str
+) -> None:
+  """The error for a resume whose data order (``pos_b``) differs from its checkpoint's
+  (``pos_a``) in ``changed``: the first one's flag, with both values."""
+  flags = {"source": "--data", "example_rows": "--packing"}
+  flag = lambda key: flags.get(key, "--" + key.replace("_", "-"))
+
+  def value(key: str, position: dict[str, Any]) -> str:
+    v = position.get(key)
+    if key == "packing":
+      return "--packing" if v else "--no-packing"
+    return f"{flag(key)} {v}"
+
+  first, others = changed[0], [flag(k) for k in changed[1:]]
   raise ConfigError(
-    flag,
-    f"checkpoint {where} was trained on data {pos_a}; resuming with "
-    f"a different {', '.join(changed)} would not continue its data order",
+    flag(first),
+    f"checkpoint {where} was trained with {value(first, pos_a)}, this run has "
+    f"{value(first, pos_b)}"
+    + (f" ({', '.join(others)} changed too)" if others else "")
+    + ": a resume must continue the checkpoint's data order (a new --out starts another run)",
   )
 
 
@@ -734,7 +745,7 @@ def _check_data_position(saved: dict[str, Any], current: dict[str, Any], where: 
       f"has them {pos_b['example_rows']}, which would not continue its data order",
     )
   if changed:
-    _refuse_data_order(pos_a, changed, where)
+    _refuse_data_order(pos_a, pos_b, changed, where)
 
 
 # ---------------------------------------------------------------------------
