@@ -535,6 +535,24 @@ def _chat_segments(rec: dict, where: str, tok) -> list[tuple[str, bool]]:
   return [(t, trained) for t, trained in pieces if t]
 
 
+def _completion_ids(tok, texts: list[tuple[str, str]], p_ids: list) -> list[list[int]]:
+  """The ids of each completion as going on from its prompt (``p_ids``: the prompts' ids),
+  as transformers' tokenizer of the export encodes the rendered example whole: the whole
+  text's ids after the prompt's, where they begin with them. Encoded alone, a completion
+  would get the word-start marker of a SentencePiece model or a Metaspace tokenizer
+  (Llama 2's ``tokenizer.json``): ``ten`` after ``Response:\\n`` trained as ``▁ten``. Where
+  the whole text merges across the boundary (a prompt ending in a space), the completion
+  is encoded alone, without that marker where the tokenizer is SentencePiece."""
+  if not texts:
+    return []
+  whole = tok.encode([p + c for p, c in texts])
+  alone = [i for i, (p, w) in enumerate(zip(p_ids, whole, strict=True)) if w[: len(p)] != p]
+  after = tok if hasattr(tok, "tok") else _without_word_start(tok)
+  by_alone = after.encode([texts[i][1] for i in alone]) if alone else []
+  encoded = dict(zip(alone, by_alone, strict=True))
+  return [encoded.get(i, w[len(p) :]) for i, (p, w) in enumerate(zip(p_ids, whole, strict=True))]
+
+
 def tokenize_examples(
   records: Sequence[tuple[Any, str]], tok
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -547,10 +565,7 @@ def tokenize_examples(
   # conversation's pieces are many and short).
   texts = [_prompt_completion(r, w) for r, w in records if _kind(r) in ("prompt", "alpaca")]
   p_ids = tok.encode([p for p, _ in texts]) if texts else []
-  # A completion goes on from its prompt: a SentencePiece model gives it no word-start
-  # marker of its own (as transformers' tokenizer of the export, encoding both at once).
-  after = tok if hasattr(tok, "tok") else _without_word_start(tok)
-  c_ids = after.encode([c for _, c in texts]) if texts else []
+  c_ids = _completion_ids(tok, texts, p_ids)
   by_prompt = iter(zip(p_ids, c_ids, strict=True))
   chats = [_chat_segments(r, w, tok) for r, w in records if _kind(r) == "chat"]
   pieces = iter(_encode_rendered(tok, [[text for text, _ in segments] for segments in chats]))

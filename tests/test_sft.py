@@ -817,6 +817,18 @@ def test_the_export_chat_template_tokenizes_as_training_did(tmp_path, pre, after
       template, reply, add_generation_prompt=False, bos_token="<s>", eos_token="</s>"
     )
     assert full == rendered + "hi there</s>"
+    # Training's reply goes on from the prompt, as the rendered example encodes whole (a
+    # Metaspace tokenizer gave a reply encoded alone a word-start marker: "hi" as "▁hi").
+    for said in ("yes sir", " yes sir"):  # (no piece of this tokenizer spans the boundary)
+      rec = {"prompt": "Say hi to the world.", "completion": said}
+      if form == "alpaca":
+        rec = {"instruction": "Say hi to the world.", "output": said}
+      ((toks, _),) = sft.tokenize_examples([(rec, "x")], tok)
+      example = [*user, {"role": "assistant", "content": said}]
+      whole = sft.render_chat(
+        template, example, add_generation_prompt=False, bos_token="<s>", eos_token="</s>"
+      )
+      assert inner.encode(whole, add_special_tokens=False).ids == toks.tolist(), (form, said)
     with pytest.raises(ValueError, match="give one user message"):
       sft.render_chat(
         template, reply[1:], add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
