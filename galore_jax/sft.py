@@ -851,8 +851,8 @@ def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) ->
 # tokenize_examples lays examples out differently.
 # 2: a SentencePiece template's BOS / EOS text as their ids; 3: chat templates render in
 # transformers' environment (its tojson) with a record's "tools"; 4: every control piece of
-# a SentencePiece model as its id, and its word-start marker only where a conversation
-# or a prompt starts.
+# a SentencePiece model as its id, its word-start marker only where a conversation or a
+# prompt starts, and a completion's ids as its prompt's whole text gives them.
 EXAMPLES_FORMAT_VERSION = "4"
 
 
