@@ -831,7 +831,7 @@ def test_sigterm_at_a_save_step_saves_once_and_exits_143(tmp_path):
     "1000",
     "--save-every",
     "1",
-    # As the CLI end-to-end test below, so the two share one compiled step.
+    # As test_cli.py's end-to-end test, so the two share one compiled step.
     "--svd",
     "subspace",
     "--update-proj-gap",
