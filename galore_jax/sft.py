@@ -419,27 +419,46 @@ def _tools(rec: dict, where: str) -> list | None:
   return tools
 
 
-def _encode_rendered(tok, conversations: list[list[str]]) -> list[list[list[int]]]:
-  """Token ids of each piece of each conversation a chat template rendered (its text cut
-  into turns), in batched calls, as transformers' tokenizer of the exported model encodes
-  the whole text. A ``tokenizer.json`` finds its special tokens in text itself. A
+def _encode_rendered(
+  tok, conversations: list[list[tuple[str, bool]]]
+) -> list[tuple[list[int], list[bool]]]:
+  """Token ids of each conversation a chat template rendered, given as (text, trained)
+  pieces (its turns), and whether each id is trained, in batched calls, as transformers'
+  tokenizer of the exported model encodes the whole text.
+
+  A ``tokenizer.json`` encodes each conversation whole, and an id is trained where its
+  characters overlap a trained piece (the rule of transformers'
+  ``return_assistant_tokens_mask``): cut at the turns, a Metaspace tokenizer (Llama 2's)
+  gave each turn its word-start marker (a reply ``yes`` trained as ``▁yes``). A
   SentencePiece model reads its control pieces (``<s>``, ``</s>``, turn markers such as
   Mistral's ``[INST]``) as plain characters, so those a template writes become their ids
   here (:func:`_control_pieces`; else a reply's EOS would be trained as three pieces, and
   sampling never stop), and only the text that starts a conversation gets its word-start
   marker (``▁``, the dummy prefix), not each turn's text or the text after a control piece
   (:func:`_without_word_start`; else a reply ``yes`` after ``assistant\\n`` trained as
-  ``▁yes``, which transformers' tokenizer never gives there)."""
+  ``▁yes``, which transformers' tokenizer never gives there). Its turns are still encoded
+  one by one: where the whole text would merge across a turn's start (a generation prompt
+  that ends in a space), its ids differ from transformers' there."""
   if hasattr(tok, "tok"):  # galore_jax.hf's tokenizer.json wrapper
-    flat = [text for conversation in conversations for text in conversation]
-    encoded = iter(tok.encode(flat) if flat else [])
-    return [[list(next(encoded)) for _ in conversation] for conversation in conversations]
+    texts = ["".join(text for text, _ in pieces) for pieces in conversations]
+    encoded = tok.tok.encode_batch(texts, add_special_tokens=False) if texts else []
+    out = []
+    for pieces, text, enc in zip(conversations, texts, encoded, strict=True):
+      chars = np.concatenate([np.full(len(t), flag, bool) for t, flag in pieces] + [[False]])
+      # trained characters before each position: a token [s, e) overlaps a trained piece
+      # where the count grows over it; an empty token (a lone inserted marker) is trained
+      # where the character it stands at is.
+      before = np.concatenate([[0], np.cumsum(chars)])
+      s, e = np.asarray(enc.offsets, np.int64).reshape(-1, 2).T
+      trained = np.where(e > s, before[e] > before[s], chars[np.minimum(s, len(text))])
+      out.append((list(enc.ids), trained.tolist()))
+    return out
   specials, cut = _control_pieces(tok)
   starts, within = [], []  # plain text that starts a conversation, and the rest
-  layout = []  # per conversation, per piece: control ids, and "start" / "within" for text
+  layout = []  # per conversation, per piece: its flag, control ids and "start" / "within"
   for conversation in conversations:
     at_start, pieces = True, []
-    for text in conversation:
+    for text, flag in conversation:
       parts = []
       for part in cut.split(text) if cut else [text]:
         if part in specials:
@@ -448,7 +467,7 @@ def _encode_rendered(tok, conversations: list[list[str]]) -> list[list[list[int]
           (starts if at_start else within).append(part)
           parts.append("start" if at_start else "within")
         at_start = at_start and not part
-      pieces.append(parts)
+      pieces.append((flag, parts))
     layout.append(pieces)
   encoded = {
     "start": iter(tok.encode(starts) if starts else []),
@@ -456,16 +475,14 @@ def _encode_rendered(tok, conversations: list[list[str]]) -> list[list[list[int]
   }
   out = []
   for pieces in layout:
-    ids_of_pieces = []
-    for parts in pieces:
-      ids: list[int] = []
+    ids: list[int] = []
+    trained: list[bool] = []
+    for flag, parts in pieces:
       for part in parts:
-        if isinstance(part, str):
-          ids += next(encoded[part])
-        else:
-          ids.append(part)
-      ids_of_pieces.append(ids)
-    out.append(ids_of_pieces)
+        part_ids = next(encoded[part]) if isinstance(part, str) else [part]
+        ids += part_ids
+        trained += [flag] * len(part_ids)
+    out.append((ids, trained))
   return out
 
 
@@ -560,16 +577,15 @@ def tokenize_examples(
   eos, bos = tok.eos_id(), tok.bos_id()
   prefix = [bos] if bos >= 0 else []
   out: list[tuple[np.ndarray, np.ndarray]] = []
-  # Prompts, completions and the pieces of conversations are tokenized in three batched
-  # calls (the fast tokenizer's threads; SentencePiece's per-call cost, where a
-  # conversation's pieces are many and short).
+  # Prompts, completions and conversations are tokenized in batched calls (the fast
+  # tokenizer's threads; SentencePiece's per-call cost, where a conversation's pieces are
+  # many and short).
   texts = [_prompt_completion(r, w) for r, w in records if _kind(r) in ("prompt", "alpaca")]
   p_ids = tok.encode([p for p, _ in texts]) if texts else []
   c_ids = _completion_ids(tok, texts, p_ids)
   by_prompt = iter(zip(p_ids, c_ids, strict=True))
   chats = [_chat_segments(r, w, tok) for r, w in records if _kind(r) == "chat"]
-  pieces = iter(_encode_rendered(tok, [[text for text, _ in segments] for segments in chats]))
-  by_chat = iter(chats)
+  by_chat = iter(_encode_rendered(tok, chats))
   for r, w in records:
     kind = _kind(r)
     if kind in ("prompt", "alpaca"):
@@ -577,10 +593,7 @@ def tokenize_examples(
       toks = prefix + list(p) + list(c) + [eos]
       trained = [False] * (len(prefix) + len(p)) + [True] * (len(c) + 1)
     elif kind == "chat":
-      toks, trained = [], []
-      for (_, flag), ids in zip(next(by_chat), next(pieces), strict=True):
-        toks += ids
-        trained += [flag] * len(ids)
+      toks, trained = next(by_chat)
     else:
       raise ValueError(
         f'{w}: expected {{"prompt", "completion"}}, {{"messages"}}, {{"conversations"}} or '
@@ -657,7 +670,7 @@ def prompt_ids(
       break
     kept.append(text)
     at += len(text)
-  return [i for ids in _encode_rendered(tok, [kept])[0] for i in ids]
+  return _encode_rendered(tok, [[(text, False) for text in kept]])[0][0]
 
 
 def reply_end_ids(tok, fmt: str) -> set[int]:
@@ -852,8 +865,9 @@ def _load_examples(keys: tuple[list[str], list[str]], *, verify: bool = True) ->
 # 2: a SentencePiece template's BOS / EOS text as their ids; 3: chat templates render in
 # transformers' environment (its tojson) with a record's "tools"; 4: every control piece of
 # a SentencePiece model as its id, its word-start marker only where a conversation or a
-# prompt starts, and a completion's ids as its prompt's whole text gives them.
-EXAMPLES_FORMAT_VERSION = "4"
+# prompt starts, and a completion's ids as its prompt's whole text gives them; 5: a
+# tokenizer.json encodes a conversation whole, training the ids that overlap a reply.
+EXAMPLES_FORMAT_VERSION = "5"
 
 
 def _cache_keys(key_parts: Sequence[str], split: str) -> tuple[list[str], list[str]]:

@@ -287,8 +287,81 @@ def test_a_sentencepiece_chat_is_tokenized_as_transformers_tokenizes_its_export(
   assert sft.reply_end_ids(tok, "chat") == {tok.eos_id(), end}
   shown = sft.show_example(tok, toks, trained, 512, "x")
   assert shown.count("<|im_end|>") == len(messages) and "<|im_end|>!" not in shown
-  ((ids,),) = sft._encode_rendered(tok, [["a<|im_end|>!b"]])
+  ((ids, _),) = sft._encode_rendered(tok, [[("a<|im_end|>!b", False)]])
   assert tok.piece_to_id("<|im_end|>!") in ids and end not in ids
+
+
+# ChatML with the reply in transformers' {% generation %} block (its assistant-token mask);
+# the second template's generation prompt ends in a space, which a byte-level BPE merges
+# with the reply's first word (" hi": a token that overlaps the reply, so is trained).
+_MASKED_TEMPLATES = (
+  "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+  "{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+  "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+  "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{% endfor %}"
+  "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}"
+  "{{ '<|im_start|>assistant\\n' }}{% endif %}",
+  "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' %}"
+  "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+  "{% else %}{{ m['content'] + '\\n' }}{% endif %}{% endfor %}"
+  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+)
+
+
+@pytest.mark.parametrize("pre", ["byte_level", "metaspace_first", "metaspace_always"])
+def test_a_tokenizer_json_chat_is_tokenized_as_transformers_tokenizes_it(tmp_path, pre):
+  # transformers encodes a rendered conversation whole, and marks the tokens that overlap
+  # the {% generation %} text (return_assistant_tokens_mask): training's tokens and mask,
+  # and sample's prompt, must be its. Before, each turn was encoded alone: a Metaspace
+  # tokenizer (Llama 2's tokenizer.json) gave each turn's text its word-start marker (all 40
+  # conversations differed, 23 of 40 sample prompts).
+  tokenizers = pytest.importorskip("tokenizers")
+  transformers = pytest.importorskip("transformers")
+  inner = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  byte_level = pre == "byte_level"
+  inner.pre_tokenizer = (
+    tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if byte_level
+    else tokenizers.pre_tokenizers.Metaspace(prepend_scheme=pre.split("_")[1])
+  )
+  inner.decoder = tokenizers.decoders.ByteLevel() if byte_level else tokenizers.decoders.Metaspace()
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+    show_progress=False,
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet() if byte_level else [],
+  )
+  inner.train_from_iterator(list(data.builtin_documents("validation"))[:200], trainer)
+  inner.save(str(tmp_path / "tokenizer.json"))
+  rng = random.Random(0)
+  words = "hi yes no the cat sat . , ! ? 12 3.5 I We hello\n don't  two".split(" ")
+  say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+  spans = 0
+  for template in _MASKED_TEMPLATES:
+    (tmp_path / "tokenizer_config.json").write_text(
+      json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": template})
+    )
+    tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+    auto = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="<|im_end|>"
+    )
+    auto.chat_template = template
+    for _ in range(40):
+      messages = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
+      for _ in range(rng.randint(1, 3)):
+        messages += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+      ((toks, trained),) = sft.tokenize_examples([({"messages": messages}, "x")], tok)
+      want = auto.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+      )
+      assert toks.tolist() == want["input_ids"], messages
+      assert trained.tolist() == [bool(m) for m in want["assistant_masks"]], messages
+      prompt = auto.apply_chat_template(
+        messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
+      )["input_ids"]
+      assert sft.prompt_ids(tok, messages[:-1], "chat") == prompt
+      spans += toks.tolist()[: len(prompt)] != prompt  # a token spans the reply's start
+  assert spans > 0  # the second template's rule was exercised
 
 
 @pytest.mark.parametrize("form", ["prompt", "alpaca"])
