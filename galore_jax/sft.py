@@ -443,14 +443,21 @@ def _encode_rendered(
     texts = ["".join(text for text, _ in pieces) for pieces in conversations]
     encoded = tok.tok.encode_batch(texts, add_special_tokens=False) if texts else []
     out = []
-    for pieces, text, enc in zip(conversations, texts, encoded, strict=True):
-      chars = np.concatenate([np.full(len(t), flag, bool) for t, flag in pieces] + [[False]])
-      # trained characters before each position: a token [s, e) overlaps a trained piece
-      # where the count grows over it; an empty token (a lone inserted marker) is trained
-      # where the character it stands at is.
-      before = np.concatenate([[0], np.cumsum(chars)])
-      s, e = np.asarray(enc.offsets, np.int64).reshape(-1, 2).T
-      trained = np.where(e > s, before[e] > before[s], chars[np.minimum(s, len(text))])
+    for pieces, enc in zip(conversations, encoded, strict=True):
+      trained = np.zeros(len(enc.ids), bool)
+      at = 0
+      for text, flag in pieces:
+        a, b = at, at + len(text)
+        at = b
+        if not flag:
+          continue
+        # The tokens that cover the piece's first and last characters, and those between
+        # (a character no token covers, e.g. one a normalizer drops, is passed over).
+        first = next((t for c in range(a, b) if (t := enc.char_to_token(c)) is not None), None)
+        if first is None:
+          continue
+        last = next(t for c in range(b - 1, a - 1, -1) if (t := enc.char_to_token(c)) is not None)
+        trained[first : last + 1] = True
       out.append((list(enc.ids), trained.tolist()))
     return out
   specials, cut = _control_pieces(tok)

@@ -364,6 +364,41 @@ def test_a_tokenizer_json_chat_is_tokenized_as_transformers_tokenizes_it(tmp_pat
   assert spans > 0  # the second template's rule was exercised
 
 
+def test_a_reply_characters_no_token_covers_are_passed_over(tmp_path):
+  # A normalizer that drops characters ("x" here) leaves them without a token: a reply's
+  # trained tokens are those of its other characters, and a reply of dropped characters
+  # alone trains nothing without ending the marking of the replies after it (transformers
+  # stops marking there).
+  tokenizers = pytest.importorskip("tokenizers")
+  inner = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  inner.normalizer = tokenizers.normalizers.Replace("x", "")
+  inner.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  inner.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+    show_progress=False,
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+  )
+  inner.train_from_iterator(["user assistant hi there yes no"] * 20, trainer)
+  inner.save(str(tmp_path / "tokenizer.json"))
+  template = (  # the separator before a turn: a reply's piece is its content alone
+    "{% for m in messages %}{% if not loop.first %}|{% endif %}{{ m['role'] + ':' }}"
+    "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}|assistant:{% endif %}"
+  )
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({"eos_token": "</s>", "chat_template": template})
+  )
+  tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+  turns = ["xhix", "xx", "yes"]
+  messages = [m for t in turns for m in ({"role": "user", "content": "no"},
+                                         {"role": "assistant", "content": t})]  # fmt: skip
+  ((toks, trained),) = sft.tokenize_examples([({"messages": messages}, "x")], tok)
+  assert tok.decode(toks[trained].tolist()) == "hiyes"
+  whole = "user:no|assistant:hi|user:no|assistant:|user:no|assistant:yes"
+  assert tok.decode(toks.tolist()) == whole
+
+
 @pytest.mark.parametrize("form", ["prompt", "alpaca"])
 def test_a_sentencepiece_completion_is_tokenized_as_transformers_tokenizes_the_export(
   tmp_path, form
