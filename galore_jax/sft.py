@@ -630,9 +630,10 @@ def prompt_ids(
     ``{"instruction", "input"}`` dict, as an ``{"instruction", "input", "output"}`` example
     holds it before its output.
 
-  The last three are the untrained head of :func:`tokenize_examples`' own example, each piece
-  tokenized as training tokenized it (earlier assistant turns on their own), so a prompt is
-  tokenized exactly as in training. ``ValueError`` if the tokenizer has no chat template;
+  The last three are the untrained head of :func:`tokenize_examples`' own example, tokenized
+  as training tokenized it, so a prompt is tokenized as in training (a chat's text through
+  the generation prompt is encoded by itself, as transformers encodes a generation prompt:
+  it differs from training's ids only where a token spans the reply's start). ``ValueError`` if the tokenizer has no chat template;
   starting with ``where`` for messages the template cannot render as a prompt (another
   format, no turn, the assistant's turn last, roles the template refuses).
   """
