@@ -1,10 +1,18 @@
 """Seconds to trace and to lower the trainer's train step, and the lowered module's size, on
-abstract inputs (no weights are allocated; nothing is compiled). Each run is one fresh
-process's figure: alternate old and new code in separate runs to compare (this machine's
-speed drifts).
+abstract inputs (no weights are allocated), and with ``--compile`` the seconds XLA takes to
+compile it for this process's backend. Each run is one fresh process's figure: alternate
+old and new code in separate runs to compare (this machine's speed drifts).
 
     python experiments/trace_time.py --model llama_7b --optimizer galore_adamw8bit
     python experiments/trace_time.py --model llama_7b --optimizer adamw --layers 8,16,32
+    python experiments/trace_time.py --model llama_1b --rank 512 --layers 2,6 --compile
+
+With several ``--layers`` counts and ``--compile``, a last line gives the seconds each layer
+adds (least squares over the counts) and what that predicts at the model's own depth: the
+part of the compile time that grows with the unrolled blocks (what compiling one block for
+all of them, e.g. a scan over stacked layers, would save). ``--refresh due`` / ``not_due``
+measures one of the two programs the trainer compiles on a GPU (``trainer.refresh_programs``).
+JAX's persistent compilation cache is bypassed, so every compile is a real one.
 
 Defaults: rank 1024, 1 x 256 tokens, remat full, bfloat16, svd subspace (the 24 GB setup).
 """
@@ -19,13 +27,24 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 
-def measure(model: str, optimizer: str, rank: int, layers: int | None, vocab: int) -> dict:
-  from galore_jax import config, trainer
+def measure(
+  model: str,
+  optimizer: str,
+  rank: int,
+  layers: int | None,
+  vocab: int,
+  compile: bool = False,
+  refresh: str = "scheduled",
+) -> dict:
+  from galore_jax import compile_cache, config, trainer
 
   cfg = config.TrainConfig(
     model=model,
@@ -46,18 +65,42 @@ def measure(model: str, optimizer: str, rank: int, layers: int | None, vocab: in
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     t0 = time.perf_counter()
-    traced = trainer.compile_train_step(run).trace(*args)
+    traced = trainer.compile_train_step(run, refresh).trace(*args)
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-  return {
+    if compile:
+      with compile_cache.bypassed():
+        lowered.compile()
+    t3 = time.perf_counter()
+  row = {
     "model": model,
     "optimizer": optimizer,
+    "refresh": refresh,
     "layers": model_cfg.num_layers,
     "trace_s": round(t1 - t0, 2),
     "lower_s": round(t2 - t1, 2),
     "lowered_lines": len(lowered.as_text().splitlines()),
   }
+  if compile:
+    row["compile_s"] = round(t3 - t2, 2)
+    row["backend"] = jax.default_backend()
+  return row
+
+
+def per_layer(rows: list[dict], model_layers: int) -> dict:
+  """Seconds each layer adds to tracing, lowering and compiling (least-squares slopes over
+  the rows' layer counts), and the compile time they predict at ``model_layers``."""
+  x = np.array([r["layers"] for r in rows], float)
+  out: dict = {"layers_measured": [r["layers"] for r in rows], "model_layers": model_layers}
+  for key in ("trace_s", "lower_s", "compile_s"):
+    slope, intercept = np.polyfit(x, [r[key] for r in rows], 1)
+    out[f"{key}_per_layer"] = round(float(slope), 3)
+    out[f"{key}_fixed"] = round(float(intercept), 2)
+  out["compile_s_predicted"] = round(
+    out["compile_s_fixed"] + out["compile_s_per_layer"] * model_layers, 1
+  )
+  return out
 
 
 def main(argv=None) -> int:
@@ -69,12 +112,20 @@ def main(argv=None) -> int:
   p.add_argument(
     "--layers", default=None, help="comma-separated layer counts (default: the model's)"
   )
+  p.add_argument("--compile", action="store_true", help="also compile the lowered step")
+  p.add_argument("--refresh", default="scheduled", choices=("scheduled", "due", "not_due"))
   args = p.parse_args(argv)
   counts = [int(x) for x in args.layers.split(",")] if args.layers else [None]
+  rows = []
   for layers in counts:
-    print(
-      json.dumps(measure(args.model, args.optimizer, args.rank, layers, args.vocab)), flush=True
+    rows.append(
+      measure(args.model, args.optimizer, args.rank, layers, args.vocab, args.compile, args.refresh)
     )
+    print(json.dumps(rows[-1]), flush=True)
+  if args.compile and len(set(counts)) > 1 and None not in counts:
+    from galore_jax import model as model_lib
+
+    print(json.dumps(per_layer(rows, model_lib.get_config(args.model).num_layers)), flush=True)
   return 0
 
 

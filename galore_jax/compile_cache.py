@@ -86,6 +86,27 @@ def enable(spec: str | None) -> str | None:
   return path
 
 
+@contextlib.contextmanager
+def bypassed():
+  """JAX's persistent compilation cache off inside the block, so that a compilation there is
+  a real one (a hit would load the executable: no XLA dump, no compile time to measure), and
+  back on after it where it was on. JAX decides once per process whether the cache is in
+  use, so that decision is reset both ways."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  if not jax.config.jax_enable_compilation_cache:
+    yield
+    return
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+
+
 # ---------------------------------------------------------------------------
 # The traced-step cache: JAX's cache above keys a compilation by the lowered program, so a
 # second start still traces and lowers the train step first (16-17 s for the llama_7b 8-bit

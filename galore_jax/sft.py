@@ -633,9 +633,10 @@ def prompt_ids(
   The last three are the untrained head of :func:`tokenize_examples`' own example, tokenized
   as training tokenized it, so a prompt is tokenized as in training (a chat's text through
   the generation prompt is encoded by itself, as transformers encodes a generation prompt:
-  it differs from training's ids only where a token spans the reply's start). ``ValueError`` if the tokenizer has no chat template;
-  starting with ``where`` for messages the template cannot render as a prompt (another
-  format, no turn, the assistant's turn last, roles the template refuses).
+  it differs from training's ids only where a token spans the reply's start).
+  ``ValueError`` if the tokenizer has no chat template; starting with ``where`` for messages
+  the template cannot render as a prompt (another format, no turn, the assistant's turn
+  last, roles the template refuses).
   """
   if isinstance(prompt, dict) and fmt == "alpaca":
     prompt = alpaca_prompt(prompt.get("instruction"), prompt.get("input"), where)

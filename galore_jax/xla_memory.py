@@ -387,21 +387,11 @@ def replay_live_ranges(dump_dir: str) -> dict[str, Any]:
 
 def _compile_with_dump(lowered, dump_dir: str):
   """Compiles with ``xla_dump_to``, bypassing JAX's persistent compilation cache: a cache
-  hit loads the executable without compiling it, so XLA would write no dump. The cache
-  is switched back on (and re-read from its directory) afterwards."""
-  options = {"xla_dump_to": dump_dir}
-  if not jax.config.jax_enable_compilation_cache:
-    return lowered.compile(options)
-  from jax.experimental.compilation_cache import compilation_cache
+  hit loads the executable without compiling it, so XLA would write no dump."""
+  from galore_jax import compile_cache
 
-  # JAX decides once per process whether the cache is in use: reset that decision.
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
-  try:
-    return lowered.compile(options)
-  finally:
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()
+  with compile_cache.bypassed():
+    return lowered.compile({"xla_dump_to": dump_dir})
 
 
 def compile_and_replay(

@@ -5,6 +5,7 @@ back or miss. JAX's persistent compilation cache (--compile-cache): on by defaul
 second start of a process compiles nothing new."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -224,6 +225,27 @@ def test_compile_cache_keeps_jax_dir_and_caches_short_compiles(monkeypatch):
   finally:
     for n, v in before.items():
       jax.config.update(n, v)
+
+
+def test_compiles_bypass_the_persistent_cache_and_leave_it_on(tmp_path):
+  # A hit would time loading the executable. The conftest's cache is on in this process.
+  assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+  cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+  # Programs of this test's own (its directory's inode in them), cached however short
+  # their compile.
+  shortest = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  f = lambda x, k: jax.jit(lambda x: jax.numpy.sin(x) * k + tmp_path.stat().st_ino).lower(x)
+  try:
+    before = set(cache.iterdir())
+    with compile_cache.bypassed():
+      assert not jax.config.jax_enable_compilation_cache
+      f(jax.numpy.ones((7, 3)), 3.25).compile()
+    assert jax.config.jax_enable_compilation_cache and set(cache.iterdir()) == before
+    f(jax.numpy.ones((7, 3)), 4.25).compile()  # and the cache is in use again after it
+    assert len(set(cache.iterdir()) - before) == 1
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", shortest)
 
 
 def test_compile_cache_default_dir_and_none(monkeypatch, tmp_path):
