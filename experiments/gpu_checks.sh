@@ -34,6 +34,9 @@
 #      (experiments/gpu_compile_probe.py), e.g. if the subspace step in (1) does not compile
 #      in time: the subspace step with XLA's compile statistics, then without Triton GEMM
 #      fusion, then exact (COMPILE_VARIANTS to choose others, e.g. "subspace:weightwise|").
+#   GPU_CHECKS=compileslope: the seconds each llama_7b block adds to its 8-bit step's
+#      compile (experiments/trace_time.py at 2 and 6 layers, about a minute); it fits after
+#      memory7b in call 2 when that finishes early, or in any call's spare time.
 #   GPU_CHECKS=train1b: the trainer's own llama_1b step rate, overlapping the next step vs
 #      waiting for each (experiments/loop_overhead.py --compare-wait; about 2-3 minutes,
 #      estimated: two compiles, then loaded from a cache by the second run).
@@ -92,13 +95,14 @@ PYEOF
       memory7b) memory7b ;;
       smaller) smaller ;;
       compile1b) compile1b ;;
+      compileslope) compileslope ;;
       sample1b) sample1b ;;
       train1b) train1b ;;
       oom) oom ;;
       packed) packed ;;
       adafactor7b) variant7b adafactor7b --optimizer galore_adafactor ;;
       clip7b) variant7b clip7b --per-layer-clip ;;
-      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, sample1b, train1b, oom, packed," \
+      *) echo "unknown check $check (bench1b, memory7b, smaller, compile1b, compileslope, sample1b, train1b, oom, packed," \
         "adafactor7b, clip7b, bench, memory)" ;;
     esac
   done
@@ -194,6 +198,21 @@ compile1b() {
       --timeout 200 --budget "$left" \
       --json "$OUT/compile_probe.json" --log "$OUT/compile_probe.log" ${COMPILE_ARGS:-}
   echo "== compile1b rc=$? after ${SECONDS} s"
+}
+
+# Issue #16: the seconds each llama_7b block adds to compiling the 8-bit GaLore step (the
+# program without refresh code, the one a resume compiles), measured at 2 and 6 layers
+# (experiments/trace_time.py --compile; about a minute, estimated): how much of the 114 s
+# grows with the 32 unrolled blocks, i.e. what compiling one block for all of them (a scan
+# over stacked layers) could save. On 2 CPU cores llama_1b's step adds 1.45 s a layer.
+compileslope() {
+  local left; left=$(left_s 5)
+  echo "== compileslope: ${left} s (elapsed ${SECONDS} s)"
+  timeout "$left" "$PY" experiments/trace_time.py --model llama_7b --layers 2,6 --compile \
+      --refresh not_due ${SLOPE_ARGS:-} > "$OUT/compile_slope.jsonl"
+  local rc=$?
+  cat "$OUT/compile_slope.jsonl"
+  echo "== compileslope rc=$rc after ${SECONDS} s"
 }
 
 # Sampling llama_1b in bfloat16: no cache vs the key / value cache, one prompt at a time vs

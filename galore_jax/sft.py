@@ -451,12 +451,16 @@ def _encode_rendered(
         at = b
         if not flag:
           continue
-        # The tokens that cover the piece's first and last characters, and those between
-        # (a character no token covers, e.g. one a normalizer drops, is passed over).
+        # The tokens from the first that covers the piece's first character to the last
+        # that covers its last one (a character no token covers, e.g. one a normalizer
+        # drops, is passed over; two tokens may cover one character, e.g. Metaspace's
+        # marker and an unknown character's <unk>, where transformers marks only the first).
         first = next((t for c in range(a, b) if (t := enc.char_to_token(c)) is not None), None)
         if first is None:
           continue
         last = next(t for c in range(b - 1, a - 1, -1) if (t := enc.char_to_token(c)) is not None)
+        while last + 1 < len(trained) and (enc.token_to_chars(last + 1) or (b,))[0] < b:
+          last += 1
         trained[first : last + 1] = True
       out.append((list(enc.ids), trained.tolist()))
     return out
