@@ -204,7 +204,7 @@ compile1b() {
 # program without refresh code, the one a resume compiles), measured at 2 and 6 layers
 # (experiments/trace_time.py --compile; about a minute, estimated): how much of the 114 s
 # grows with the 32 unrolled blocks, i.e. what compiling one block for all of them (a scan
-# over stacked layers) could save. On 2 CPU cores llama_1b's step adds 1.45 s a layer.
+# over stacked layers) could save. On 2 CPU cores llama_1b's step adds 1.43 s a layer.
 compileslope() {
   local left; left=$(left_s 5)
   echo "== compileslope: ${left} s (elapsed ${SECONDS} s)"
