@@ -41,7 +41,7 @@ def measure(
   rank: int,
   layers: int | None,
   vocab: int,
-  compile: bool = False,
+  with_compile: bool = False,
   refresh: str = "scheduled",
 ) -> dict:
   from galore_jax import compile_cache, config, trainer
@@ -69,7 +69,7 @@ def measure(
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-    if compile:
+    if with_compile:
       with compile_cache.bypassed():
         lowered.compile()
     t3 = time.perf_counter()
@@ -82,7 +82,7 @@ def measure(
     "lower_s": round(t2 - t1, 2),
     "lowered_lines": len(lowered.as_text().splitlines()),
   }
-  if compile:
+  if with_compile:
     row["compile_s"] = round(t3 - t2, 2)
     row["backend"] = jax.default_backend()
   return row
