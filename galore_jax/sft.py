@@ -436,32 +436,19 @@ def _encode_rendered(
   sampling never stop), and only the text that starts a conversation gets its word-start
   marker (``▁``, the dummy prefix), not each turn's text or the text after a control piece
   (:func:`_without_word_start`; else a reply ``yes`` after ``assistant\\n`` trained as
-  ``▁yes``, which transformers' tokenizer never gives there). Its turns are still encoded
-  one by one: where the whole text would merge across a turn's start (a generation prompt
-  that ends in a space), its ids differ from transformers' there."""
+  ``▁yes``, which transformers' tokenizer never gives there). A SentencePiece model's turns
+  are still encoded one by one: where the whole text would merge across a turn's start (a
+  generation prompt that ends in a space), its ids differ from transformers' there."""
   if hasattr(tok, "tok"):  # galore_jax.hf's tokenizer.json wrapper
     texts = ["".join(text for text, _ in pieces) for pieces in conversations]
     encoded = tok.tok.encode_batch(texts, add_special_tokens=False) if texts else []
     out = []
     for pieces, enc in zip(conversations, encoded, strict=True):
       trained = np.zeros(len(enc.ids), bool)
-      at = 0
-      for text, flag in pieces:
-        a, b = at, at + len(text)
-        at = b
-        if not flag:
-          continue
-        # The tokens from the first that covers the piece's first character to the last
-        # that covers its last one (a character no token covers, e.g. one a normalizer
-        # drops, is passed over; two tokens may cover one character, e.g. Metaspace's
-        # marker and an unknown character's <unk>, where transformers marks only the first).
-        first = next((t for c in range(a, b) if (t := enc.char_to_token(c)) is not None), None)
-        if first is None:
-          continue
-        last = next(t for c in range(b - 1, a - 1, -1) if (t := enc.char_to_token(c)) is not None)
-        while last + 1 < len(trained) and (enc.token_to_chars(last + 1) or (b,))[0] < b:
-          last += 1
-        trained[first : last + 1] = True
+      ends = np.cumsum([len(text) for text, _ in pieces])
+      for (text, flag), b in zip(pieces, ends, strict=True):
+        if flag and (span := _covering_tokens(enc, int(b) - len(text), int(b))):
+          trained[span[0] : span[1] + 1] = True
       out.append((list(enc.ids), trained.tolist()))
     return out
   specials, cut = _control_pieces(tok)
@@ -495,6 +482,21 @@ def _encode_rendered(
         trained += [flag] * len(part_ids)
     out.append((ids, trained))
   return out
+
+
+def _covering_tokens(enc, a: int, b: int) -> tuple[int, int] | None:
+  """The first and last token of a ``tokenizers`` encoding that cover characters ``a..b-1``
+  of its text: from the first that covers the first character to the last that covers the
+  last one. A character no token covers (one a normalizer drops) is passed over; two tokens
+  may cover one character (Metaspace's marker and an unknown character's ``<unk>``), where
+  transformers' ``char_to_token`` names only the first. None if no token covers any."""
+  first = next((t for c in range(a, b) if (t := enc.char_to_token(c)) is not None), None)
+  if first is None:
+    return None
+  last = next(t for c in range(b - 1, a - 1, -1) if (t := enc.char_to_token(c)) is not None)
+  while last + 1 < len(enc) and (enc.token_to_chars(last + 1) or (b,))[0] < b:
+    last += 1
+  return first, last
 
 
 @functools.lru_cache(maxsize=8)
